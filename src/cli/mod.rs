@@ -1,0 +1,7 @@
+//! The command line (clap). Only this edge uses `anyhow`.
+
+use std::process::ExitCode;
+
+pub fn main() -> ExitCode {
+    ExitCode::SUCCESS
+}

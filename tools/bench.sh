@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Side-by-side fio benchmark: twinblk against qemu-nbd on the same file, in one invocation,
+# alternating runs so that drift on a shared machine hits both alike. Prints a table of ratios.
+#
+#   tools/bench.sh [--runtime SECONDS] [--rounds N] [--size 1G] [--file PATH] [--only NAME,...]
+#
+# Columns: every server in SERVERS (default: qemu-nbd and twinblk serve). Ratios are against the
+# first column. Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk.
+set -euo pipefail
+
+runtime=15 rounds=2 size=1G file=/var/tmp/twinblk-bench.img only=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runtime) runtime=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --size) size=$2; shift 2 ;;
+        --file) file=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+twinblk=${TWINBLK:-$root/target/release/twinblk}
+for tool in fio qemu-nbd python3; do
+    command -v "$tool" >/dev/null || { echo "bench.sh: $tool is missing (apt-get install fio qemu-utils python3)" >&2; exit 1; }
+done
+[ -x "$twinblk" ] || (cd "$root" && cargo build --release --quiet)
+
+work=$(mktemp -d /var/tmp/twinblk-bench.XXXXXX)
+server_pid=""
+cleanup() {
+    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Written extents, not a sparse file: the first write to a hole costs the file system more than
+# the servers under test, and would favour whichever runs second.
+if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne "$(numfmt --from=iec "$size")" ]; then
+    echo "preparing $file ($size)..." >&2
+    rm -f "$file"
+    fio --name=fill --filename="$file" --size="$size" --rw=write --bs=1M --direct=1 \
+        --ioengine=psync --end_fsync=1 --output=/dev/null
+fi
+
+sock=$work/nbd.sock
+uri="nbd+unix:///?socket=$sock"
+
+wait_socket() {
+    for _ in $(seq 1 100); do
+        [ -S "$sock" ] && nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "bench.sh: server did not come up on $sock" >&2
+    return 1
+}
+
+start_server() {
+    rm -f "$sock"
+    case "$1" in
+        qemu-nbd)
+            qemu-nbd -f raw --cache=none --aio=io_uring -t -k "$sock" "$file" & ;;
+        twinblk)
+            "$twinblk" serve --disk "$file" --listen "unix:$sock" --log-level warn & ;;
+        twinblk-threads)
+            "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine threads --log-level warn & ;;
+        *) echo "bench.sh: unknown server $1" >&2; exit 2 ;;
+    esac
+    server_pid=$!
+    wait_socket
+}
+
+stop_server() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+}
+
+# name | fio arguments | metric (iops, lat_us, bw_mbs)
+workloads=(
+    "4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32|iops"
+    "4k-randwrite-qd1-lat|--rw=randwrite --bs=4k --iodepth=1|lat_us"
+    "1M-seqwrite-qd8|--rw=write --bs=1M --iodepth=8|bw_mbs"
+    "4k-randread-qd32|--rw=randread --bs=4k --iodepth=32|iops"
+    "4k-randwrite-qd32-fsync32|--rw=randwrite --bs=4k --iodepth=32 --fsync=32|iops"
+)
+servers=(${SERVERS:-qemu-nbd twinblk})
+
+results=$work/results.txt
+: > "$results"
+for w in "${workloads[@]}"; do
+    IFS='|' read -r name args metric <<<"$w"
+    if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
+    for round in $(seq 1 "$rounds"); do
+        for s in "${servers[@]}"; do
+            start_server "$s"
+            # shellcheck disable=SC2086
+            fio --name="$name" --ioengine=nbd --uri="$uri" $args --size="$size" \
+                --runtime="$runtime" --time_based --ramp_time=2 --norandommap --randrepeat=0 \
+                --output-format=json --output="$work/out.json"
+            stop_server
+            value=$(python3 - "$work/out.json" "$metric" <<'PY'
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+side = "read" if job["read"]["io_bytes"] > 0 and job["write"]["io_bytes"] == 0 else "write"
+d = job[side]
+metric = sys.argv[2]
+if metric == "iops":
+    print(f'{d["iops"]:.0f}')
+elif metric == "bw_mbs":
+    print(f'{d["bw_bytes"] / 1e6:.1f}')
+else:
+    print(f'{d["lat_ns"]["mean"] / 1000:.1f}')
+PY
+)
+            echo "$name $metric $s $round $value" >> "$results"
+            echo "  $name round $round $s: $value $metric" >&2
+        done
+    done
+done
+
+python3 - "$results" "${servers[@]}" <<'PY'
+import sys, statistics
+rows, servers = {}, sys.argv[2:]
+for line in open(sys.argv[1]):
+    name, metric, server, _round, value = line.split()
+    rows.setdefault((name, metric), {}).setdefault(server, []).append(float(value))
+base = servers[0]
+head = f'{"workload":28} {"metric":7}' + "".join(f"{s:>16}" for s in servers)
+head += "".join(f'{s + "/" + base:>24}' for s in servers[1:])
+print(head)
+for (name, metric), by in rows.items():
+    med = {s: statistics.median(by[s]) for s in servers if s in by}
+    line = f"{name:28} {metric:7}" + "".join(f"{med.get(s, float('nan')):>16.1f}" for s in servers)
+    for s in servers[1:]:
+        ratio = med[s] / med[base] if med.get(base) else float("nan")
+        # For latency lower is better: show base/s so that > 1 always means "s is better".
+        if metric == "lat_us":
+            ratio = med[base] / med[s] if med.get(s) else float("nan")
+        line += f"{ratio:>24.2f}"
+    print(line)
+print("\nratios: > 1.00 means better than " + base + " (latency ratios are inverted so that holds)")
+PY

@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod cli;
+pub mod control;
 pub mod disk;
 pub mod nbd;
 pub mod serve;

@@ -6,6 +6,8 @@
 
 pub mod addr;
 pub mod cli;
+pub mod config;
 pub mod disk;
 pub mod nbd;
+pub mod net;
 pub mod serve;

@@ -463,22 +463,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .strip_suffix("iB")
         .or_else(|| t.strip_suffix('B'))
         .unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?} has an unknown size suffix {c:?}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
+    let (digits, suffix) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], Some(c)),
+        _ => (t, None),
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("{s:?} is not a size"));
     }
+    let shift = match suffix.map(|c| c.to_ascii_uppercase()) {
+        None => 0,
+        Some('K') => 10,
+        Some('M') => 20,
+        Some('G') => 30,
+        Some('T') => 40,
+        Some(c) => return Err(format!("{s:?} has an unknown size suffix {c:?}")),
+    };
     let n: u64 = digits.parse().map_err(|_| format!("{s:?} is too large"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))

@@ -25,6 +25,15 @@ pub(crate) enum ReadEnd {
     Protocol(String),
 }
 
+impl std::fmt::Display for ReadEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadEnd::Finished => f.write_str("the peer finished the stream"),
+            ReadEnd::Failed(e) | ReadEnd::Protocol(e) => f.write_str(e),
+        }
+    }
+}
+
 pub(crate) struct FrameReader {
     stream: RecvStream,
     /// Received bytes not yet consumed: the tail of the last chunk.

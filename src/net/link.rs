@@ -169,6 +169,14 @@ impl From<ConnectionError> for CloseReason {
             let c = u64::from(code);
             (0x100..0x200).contains(&c)
         };
+        // TLS alert 120, no_application_protocol: the ALPN ids differ.
+        let hint = |code: quinn::TransportErrorCode| {
+            if u64::from(code) == 0x100 + 120 {
+                " (ALPN mismatch: the nodes speak different twinblk protocol versions; upgrade one)"
+            } else {
+                ""
+            }
+        };
         match e {
             ConnectionError::TimedOut => CloseReason::TimedOut,
             ConnectionError::ApplicationClosed(a) => CloseReason::PeerClosed {
@@ -178,11 +186,15 @@ impl From<ConnectionError> for CloseReason {
             ConnectionError::LocallyClosed => CloseReason::LocallyClosed,
             ConnectionError::Reset => CloseReason::Reset,
             ConnectionError::TransportError(t) if is_crypto(t.code) => {
-                CloseReason::Tls(format!("we refused: {}", t.reason))
+                CloseReason::Tls(format!("we refused: {}{}", t.reason, hint(t.code)))
             }
             ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => {
                 let why = String::from_utf8_lossy(&c.reason);
-                CloseReason::Tls(format!("the peer refused: {} {why}", c.error_code))
+                CloseReason::Tls(format!(
+                    "the peer refused: {} {why}{}",
+                    c.error_code,
+                    hint(c.error_code)
+                ))
             }
             other => CloseReason::Transport(other.to_string()),
         }
@@ -418,10 +430,22 @@ impl PeerLink {
         let transport = Arc::new(transport_config(&cfg.tuning)?);
         let auth_log: AuthLog = Arc::new(Mutex::new(None));
         let id = &cfg.identity;
-        let server_tls =
-            tls::server_config(id, &cfg.peer_name, &cfg.peer_pin, &cfg.alpn, &auth_log)?;
-        let client_tls =
-            tls::client_config(id, &cfg.peer_name, &cfg.peer_pin, &cfg.alpn, &auth_log)?;
+        let server_tls = tls::server_config(
+            id,
+            &cfg.local_name,
+            &cfg.peer_name,
+            &cfg.peer_pin,
+            &cfg.alpn,
+            &auth_log,
+        )?;
+        let client_tls = tls::client_config(
+            id,
+            &cfg.local_name,
+            &cfg.peer_name,
+            &cfg.peer_pin,
+            &cfg.alpn,
+            &auth_log,
+        )?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server_tls)
                 .map_err(|e| NetError::TlsSetup(format!("QUIC server: {e}")))?,
@@ -551,7 +575,7 @@ impl PeerLink {
     fn setup_failed(&self, conn: &quinn::Connection, detail: String) -> NetError {
         // A close the peer sent explains more than our failed read does.
         let detail = match conn.close_reason() {
-            Some(r) => format!("{detail} ({})", CloseReason::from(r)),
+            Some(r) => format!("{}; while {detail}", CloseReason::from(r)),
             None => {
                 let code = if detail.contains("mismatch") {
                     close_code::MISMATCH
@@ -610,7 +634,7 @@ impl PeerLink {
         let theirs = ctl_reader
             .next()
             .await
-            .map_err(|e| fail("reading the peer's hello", &format!("{e:?}")))?;
+            .map_err(|e| fail("reading the peer's hello", &e))?;
         let theirs = Hello::decode(&theirs).ok_or("the peer's hello is malformed")?;
         if theirs.resource != c.resource
             || theirs.from != c.peer_name
@@ -647,10 +671,7 @@ impl PeerLink {
                 .await
                 .map_err(|e| fail("accepting a data stream", &e))?;
             let mut r = FrameReader::new(s);
-            let idx = r
-                .next()
-                .await
-                .map_err(|e| fail("data stream header", &format!("{e:?}")))?;
+            let idx = r.next().await.map_err(|e| fail("data stream header", &e))?;
             match idx.as_ref() {
                 [i] if *i < n && !data_recv.iter().any(|(j, _)| j == i) => data_recv.push((*i, r)),
                 _ => return Err(format!("bad data stream header {idx:?}")),

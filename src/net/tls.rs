@@ -19,13 +19,21 @@ use rustls::{
 use std::sync::{Arc, Mutex};
 
 /// The certificate a peer presented is not the pinned one.
-#[derive(Debug, thiserror::Error)]
-#[error("certificate presented by {peer_role} (expected node {peer:?}) has pin {seen}, but the resource file pins {expected}; if {peer:?} got a new key, update its `cert` (or `pin`) in the resource file on this node")]
+#[derive(thiserror::Error)]
+#[error("certificate presented by {peer_role} (expected node {peer:?}) has pin {seen}, but the resource file pins {expected}; if {peer:?} got a new key, update its `cert` (or `pin`) in the resource file of node {local:?}")]
 pub struct PinMismatch {
+    pub local: String,
     pub peer: String,
     pub peer_role: &'static str,
     pub seen: String,
     pub expected: String,
+}
+
+// rustls shows a verifier's error with `{:?}`; make that the readable text.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Where the last refused certificate is recorded, so `status` can show it.
@@ -33,6 +41,7 @@ pub type AuthLog = Arc<Mutex<Option<String>>>;
 
 #[derive(Debug)]
 pub(crate) struct PinnedVerifier {
+    local: String,
     peer: String,
     pin: String,
     algs: WebPkiSupportedAlgorithms,
@@ -50,6 +59,7 @@ impl PinnedVerifier {
             return Ok(());
         }
         let err = PinMismatch {
+            local: self.local.clone(),
             peer: self.peer.clone(),
             peer_role,
             seen,
@@ -159,8 +169,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn verifier(peer: &str, pin: &str, log: &AuthLog) -> Arc<PinnedVerifier> {
+fn verifier(local: &str, peer: &str, pin: &str, log: &AuthLog) -> Arc<PinnedVerifier> {
     Arc::new(PinnedVerifier {
+        local: local.to_string(),
         peer: peer.to_string(),
         pin: pin.to_ascii_lowercase(),
         algs: provider().signature_verification_algorithms,
@@ -175,6 +186,7 @@ fn tls_err(what: &str) -> impl Fn(rustls::Error) -> NetError + '_ {
 /// rustls client config for dialing `peer`.
 pub(crate) fn client_config(
     id: &Identity,
+    local: &str,
     peer: &str,
     pin: &str,
     alpn: &[u8],
@@ -184,7 +196,7 @@ pub(crate) fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS 1.3 client"))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier(peer, pin, log))
+        .with_custom_certificate_verifier(verifier(local, peer, pin, log))
         .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(tls_err("our certificate/key"))?;
     c.alpn_protocols = vec![alpn.to_vec()];
@@ -196,6 +208,7 @@ pub(crate) fn client_config(
 /// rustls server config accepting only `peer`.
 pub(crate) fn server_config(
     id: &Identity,
+    local: &str,
     peer: &str,
     pin: &str,
     alpn: &[u8],
@@ -204,7 +217,7 @@ pub(crate) fn server_config(
     let mut s = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS 1.3 server"))?
-        .with_client_cert_verifier(verifier(peer, pin, log))
+        .with_client_cert_verifier(verifier(local, peer, pin, log))
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(tls_err("our certificate/key"))?;
     s.alpn_protocols = vec![alpn.to_vec()];

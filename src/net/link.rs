@@ -46,11 +46,12 @@ pub struct Tuning {
     pub conn_window: u64,
     /// Frames a `FrameSender` queues before `send` waits. Default 64.
     pub send_queue: usize,
-    /// Frames the merged receive channel buffers before readers stop reading. Default 256.
+    /// Received frames buffered (control and data each) before readers stop reading and QUIC
+    /// flow control holds the peer back. Default 64.
     pub recv_queue: usize,
     /// Upper bound for path MTU discovery (UDP payload). Default 1452 (Ethernet, IPv4/IPv6).
     pub mtu_upper_bound: u16,
-    /// UDP socket buffer size requested with SO_RCVBUF/SO_SNDBUF. Default 8 MiB.
+    /// UDP socket buffer size requested with SO_RCVBUF/SO_SNDBUF; 0 keeps the system's. Default 8 MiB.
     pub socket_buffer: usize,
 }
 
@@ -66,7 +67,7 @@ impl Default for Tuning {
             stream_window: c::DEFAULT_WINDOW,
             conn_window: 2 * c::DEFAULT_WINDOW,
             send_queue: 64,
-            recv_queue: 256,
+            recv_queue: 64,
             mtu_upper_bound: 1452,
             socket_buffer: 8 << 20,
         }
@@ -215,6 +216,27 @@ pub struct Frame {
     pub bytes: Bytes,
 }
 
+/// Received frames from all streams. Control frames are delivered before queued data frames, so
+/// acks and state changes are not stuck behind a backlog of extents.
+#[derive(Debug)]
+pub struct FrameRx {
+    control: mpsc::Receiver<Bytes>,
+    data: mpsc::Receiver<(u8, Bytes)>,
+}
+
+impl FrameRx {
+    /// The next frame, control first; `None` once the connection is gone and all frames are read.
+    /// Cancel-safe (usable in `select!`).
+    pub async fn recv(&mut self) -> Option<Frame> {
+        tokio::select! {
+            biased;
+            Some(bytes) = self.control.recv() => Some(Frame { stream: StreamKind::Control, bytes }),
+            Some((i, bytes)) = self.data.recv() => Some(Frame { stream: StreamKind::Data(i), bytes }),
+            else => None,
+        }
+    }
+}
+
 /// Sends frames on one stream. Frames on one sender arrive in order; there is no order between
 /// senders. Cloneable; the stream is finished when the last clone is dropped.
 #[derive(Debug, Clone)]
@@ -324,7 +346,7 @@ pub struct PeerConn {
     /// The data streams for write extents; pick one per extent (e.g. by seq).
     pub data: Vec<FrameSender>,
     /// Every received frame, from all streams, tagged with its stream.
-    pub rx: mpsc::Receiver<Frame>,
+    pub rx: FrameRx,
     pub handle: ConnHandle,
     pub peer: String,
     pub remote_addr: SocketAddr,
@@ -460,8 +482,12 @@ impl PeerLink {
             addr,
             detail: "no tokio runtime is running".into(),
         })?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), sock, runtime)
-            .map_err(|e| NetError::Bind {
+        let mut ec = EndpointConfig::default();
+        // Datagrams up to the MTU discovery bound must be receivable, or discovery stops at 1472.
+        ec.max_udp_payload_size(cfg.tuning.mtu_upper_bound.clamp(1472, 65_527))
+            .map_err(|e| NetError::TlsSetup(format!("max UDP payload: {e}")))?;
+        let endpoint =
+            Endpoint::new(ec, Some(server), sock, runtime).map_err(|e| NetError::Bind {
                 addr,
                 detail: e.to_string(),
             })?;
@@ -692,21 +718,24 @@ impl PeerLink {
         };
         let control = sender(ctl_send);
         let data = data_send.into_iter().map(sender).collect();
-        let (frame_tx, rx) = mpsc::channel(t.recv_queue.max(1));
-        tokio::spawn(reader_task(
-            ctl_reader,
-            StreamKind::Control,
-            frame_tx.clone(),
-            conn.clone(),
-        ));
+        let (ctl_tx, ctl_rx) = mpsc::channel(t.recv_queue.max(1));
+        let (data_tx, data_rx) = mpsc::channel(t.recv_queue.max(1));
+        tokio::spawn(reader_task(ctl_reader, conn.clone(), move |bytes| {
+            let tx = ctl_tx.clone();
+            async move { tx.send(bytes).await.is_ok() }
+        }));
         for (i, r) in data_recv {
-            tokio::spawn(reader_task(
-                r,
-                StreamKind::Data(i),
-                frame_tx.clone(),
-                conn.clone(),
-            ));
+            let tx = data_tx.clone();
+            tokio::spawn(reader_task(r, conn.clone(), move |bytes| {
+                let tx = tx.clone();
+                async move { tx.send((i, bytes)).await.is_ok() }
+            }));
         }
+        drop(data_tx);
+        let rx = FrameRx {
+            control: ctl_rx,
+            data: data_rx,
+        };
         tracing::info!(peer = %c.peer_name, remote = %conn.remote_address(), dialer, "connected");
         Ok(PeerConn {
             control,
@@ -735,14 +764,14 @@ impl PeerLink {
     async fn dial_loop(self, tx: mpsc::Sender<PeerConn>, status: Arc<Mutex<ConnectorStatus>>) {
         let t = self.inner.cfg.tuning.clone();
         // Nobody should dial us; refuse so a misconfigured peer learns it quickly.
-        let refuser = {
+        let _refuser = {
             let ep = self.inner.endpoint.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 while let Some(inc) = ep.accept().await {
                     tracing::warn!(remote = %inc.remote_address(), "refusing an incoming connection: the node whose name sorts first dials, and that is us");
                     inc.refuse();
                 }
-            })
+            }))
         };
         let mut delay = t.retry_min;
         loop {
@@ -776,7 +805,6 @@ impl PeerLink {
             }
             tokio::time::sleep(delay).await;
         }
-        refuser.abort();
     }
 
     async fn accept_loop(self, tx: mpsc::Sender<PeerConn>, status: Arc<Mutex<ConnectorStatus>>) {
@@ -815,6 +843,15 @@ impl PeerLink {
                 }),
             }
         }
+    }
+}
+
+/// Stops a helper task when its owner stops (the connector task is aborted, not ended).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -863,27 +900,27 @@ impl Drop for Connector {
     }
 }
 
-async fn reader_task(
-    mut r: FrameReader,
-    stream: StreamKind,
-    tx: mpsc::Sender<Frame>,
-    conn: quinn::Connection,
-) {
+/// Reads frames from one stream and hands each to `deliver` until it returns false.
+async fn reader_task<F, Fut>(mut r: FrameReader, conn: quinn::Connection, deliver: F)
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     loop {
         match r.next().await {
             Ok(bytes) => {
-                if tx.send(Frame { stream, bytes }).await.is_err() {
+                if !deliver(bytes).await {
                     return;
                 }
             }
             Err(ReadEnd::Finished) => return,
             Err(ReadEnd::Failed(e)) => {
-                tracing::debug!(?stream, "stream ended: {e}");
+                tracing::debug!("stream ended: {e}");
                 return;
             }
             Err(ReadEnd::Protocol(e)) => {
                 // A broken stream means lost frames: end the connection rather than go on.
-                tracing::warn!(?stream, "closing the connection: {e}");
+                tracing::warn!("closing the connection: {e}");
                 conn.close(VarInt::from_u32(close_code::PROTOCOL), e.as_bytes());
                 return;
             }
@@ -914,6 +951,9 @@ fn transport_config(t: &Tuning) -> Result<TransportConfig, NetError> {
 /// unless we are allowed to force them. Best effort: failure only costs throughput.
 fn set_socket_buffers(sock: &UdpSocket, size: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
+    if size == 0 {
+        return;
+    }
     if setsockopt(sock, sockopt::RcvBufForce, &size).is_err() {
         let _ = setsockopt(sock, sockopt::RcvBuf, &size);
     }

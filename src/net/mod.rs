@@ -26,7 +26,7 @@ mod tls;
 
 pub use keys::{keygen, load_cert, load_key, pin_of_cert_file, pin_of_der, Identity, KeyError};
 pub use link::{
-    close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameSender,
+    close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameRx, FrameSender,
     LinkConfig, PeerConn, PeerLink, StreamKind, TrySendError, Tuning,
 };
 pub use tls::PinMismatch;

@@ -5,7 +5,7 @@
 //! cargo bench --bench net_throughput -- --mib 256 tuned    # chosen variants, 256 MiB
 //!
 //! Variants: baseline (quinn's default windows, 1 data stream, system socket buffers),
-//! tuned (the crate defaults), tuned+mtu8952 (MTU discovery up to jumbo frames), and `+` modifiers (see `tuning`),
+//! tuned (the crate defaults), tuned+mtu6500 (MTU discovery up to jumbo frames, = config max-mtu 6500), and `+` modifiers (see `tuning`),
 //! tcp (reference). Each reports MB/s and messages/s for 1 MiB and 4 KiB messages and the
 //! round-trip time of a 4 KiB ping-pong on the control stream.
 
@@ -218,7 +218,7 @@ fn main() {
         args.drain(i..(i + 2).min(args.len()));
     }
     let variants: Vec<String> = if args.is_empty() {
-        ["baseline", "tuned", "tuned+mtu8952", "tcp"]
+        ["baseline", "tuned", "tuned+mtu6500", "tcp"]
             .iter()
             .map(|s| s.to_string())
             .collect()

@@ -46,6 +46,13 @@ pub const DEFAULT_DATA_STREAMS: u8 = 4;
 /// Must be at least the bandwidth-delay product of the link; 32 MiB covers 10 Gbit/s at 25 ms.
 pub const DEFAULT_WINDOW: u64 = 32 << 20;
 
+/// Default `max-mtu`: upper bound of QUIC path MTU discovery (UDP payload bytes). 1452 fits
+/// 1500-byte Ethernet under IPv4 and IPv6.
+pub const DEFAULT_MAX_MTU: u16 = 1452;
+/// Largest `max-mtu`: quinn sends up to 10 datagrams per GSO call and the kernel caps a GSO
+/// send at 64 KiB, so bigger datagrams fail to send and discovery falls back to 1200.
+pub const MAX_MAX_MTU: u16 = 6500;
+
 /// Replication protocol, DRBD's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -85,6 +92,7 @@ pub struct Resource {
     pub connect_retry: Duration,
     pub data_streams: u8,
     pub window: u64,
+    pub max_mtu: u16,
 }
 
 /// One `[node.NAME]` table.
@@ -142,6 +150,7 @@ struct RawResource {
     connect_retry: Option<String>,
     data_streams: Option<i64>,
     window: Option<String>,
+    max_mtu: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +284,17 @@ impl Config {
                 ))
             }
         };
+        let max_mtu = match r.max_mtu {
+            None => DEFAULT_MAX_MTU,
+            Some(n) if (1200..=i64::from(MAX_MAX_MTU)).contains(&n) => n as u16,
+            Some(n) => {
+                return Err(bad(
+                    "resource.max-mtu",
+                    format!("{n} is out of range"),
+                    "give the largest UDP payload the path carries, between 1200 and 6500: 1452 for 1500-byte Ethernet, 6500 for jumbo frames",
+                ))
+            }
+        };
         let resource = Resource {
             name: r.name,
             protocol,
@@ -284,6 +304,7 @@ impl Config {
             connect_retry,
             data_streams,
             window,
+            max_mtu,
         };
 
         if raw.node.len() != 2 {

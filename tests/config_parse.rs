@@ -53,6 +53,7 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(r.connect_retry, Duration::from_secs(5));
     assert_eq!(r.data_streams, 4);
     assert_eq!(r.window, 32 << 20);
+    assert_eq!(r.max_mtu, 1452);
     let a = c.node_named("alpha").unwrap();
     assert_eq!(a.address, "127.0.0.1:7789".parse().unwrap());
     assert_eq!(a.nbd, NbdListen::Unix("/run/twinblk/r0-alpha.nbd".into()));
@@ -72,7 +73,8 @@ ping-interval = "500ms"
 timeout = "3s"
 connect-retry = "10s"
 data-streams = 8
-window = "16M""#;
+window = "16M"
+max-mtu = 6500"#;
     let pin = format!("sha256:{}", "AB".repeat(32));
     let a = format!("{NODE_A}size = \"1G\"\npin = \"{pin}\"\n");
     let c = Config::from_str(&with(res, &a, NODE_B)).unwrap();
@@ -84,6 +86,7 @@ window = "16M""#;
     assert_eq!(r.connect_retry, Duration::from_secs(10));
     assert_eq!(r.data_streams, 8);
     assert_eq!(r.window, 16 << 20);
+    assert_eq!(r.max_mtu, 6500);
     let a = c.node_named("alpha").unwrap();
     assert_eq!(a.size, Some(1 << 30));
     assert_eq!(a.pin.as_deref(), Some(pin.to_ascii_lowercase().as_str()));
@@ -213,6 +216,10 @@ fn bad_values_name_key_and_fix() {
         (
             with("data-streams = 65", NODE_A, NODE_B),
             &["resource.data-streams"],
+        ),
+        (
+            with("max-mtu = 9000", NODE_A, NODE_B),
+            &["resource.max-mtu", "between 1200 and 6500"],
         ),
         (
             with(

@@ -49,7 +49,8 @@ pub struct Tuning {
     /// Received frames buffered (control and data each) before readers stop reading and QUIC
     /// flow control holds the peer back. Default 64.
     pub recv_queue: usize,
-    /// Upper bound for path MTU discovery (UDP payload). Default 1452 (Ethernet, IPv4/IPv6).
+    /// Upper bound for path MTU discovery (UDP payload, `max-mtu`), clamped to 1200..=6500 (see
+    /// `config::MAX_MAX_MTU`). Default 1452 (Ethernet, IPv4/IPv6).
     pub mtu_upper_bound: u16,
     /// UDP socket buffer size requested with SO_RCVBUF/SO_SNDBUF; 0 keeps the system's. Default 8 MiB.
     pub socket_buffer: usize,
@@ -122,6 +123,7 @@ impl LinkConfig {
                 data_streams: r.data_streams,
                 stream_window: r.window,
                 conn_window: 2 * r.window,
+                mtu_upper_bound: r.max_mtu,
                 ..Tuning::default()
             },
         })
@@ -484,7 +486,7 @@ impl PeerLink {
         })?;
         let mut ec = EndpointConfig::default();
         // Datagrams up to the MTU discovery bound must be receivable, or discovery stops at 1472.
-        ec.max_udp_payload_size(cfg.tuning.mtu_upper_bound.clamp(1472, 65_527))
+        ec.max_udp_payload_size(mtu_bound(&cfg.tuning).max(1472))
             .map_err(|e| NetError::TlsSetup(format!("max UDP payload: {e}")))?;
         let endpoint =
             Endpoint::new(ec, Some(server), sock, runtime).map_err(|e| NetError::Bind {
@@ -928,6 +930,10 @@ where
     }
 }
 
+fn mtu_bound(t: &Tuning) -> u16 {
+    t.mtu_upper_bound.clamp(1200, crate::config::MAX_MAX_MTU)
+}
+
 fn transport_config(t: &Tuning) -> Result<TransportConfig, NetError> {
     let bad = |what: &str| NetError::TlsSetup(format!("transport setting {what} is out of range"));
     let mut tc = TransportConfig::default();
@@ -942,7 +948,7 @@ fn transport_config(t: &Tuning) -> Result<TransportConfig, NetError> {
     tc.max_concurrent_bidi_streams(VarInt::from_u32(1));
     tc.datagram_receive_buffer_size(None);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(t.mtu_upper_bound);
+    mtu.upper_bound(mtu_bound(t));
     tc.mtu_discovery_config(Some(mtu));
     Ok(tc)
 }

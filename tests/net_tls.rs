@@ -393,12 +393,15 @@ async fn killed_peer_is_detected_and_connector_reconnects_when_it_returns() {
     assert_eq!(recv(&mut cb).await.bytes, Bytes::from_static(b"one"));
     assert!(connector.status().connected);
 
-    // Kill beta: its tasks vanish without closing anything.
-    drop(cb);
+    // Kill beta: its tasks vanish without closing anything. Its PeerConn is dropped only after
+    // its runtime is gone, when closing it can no longer send anything.
     drop(beta_conns);
-    tokio::task::spawn_blocking(move || rt.shutdown_background())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        rt.shutdown_background();
+        drop(cb);
+    })
+    .await
+    .unwrap();
     let why = tokio::time::timeout(Duration::from_secs(30), ca.closed())
         .await
         .expect("the dead peer is noticed");
@@ -451,4 +454,15 @@ async fn acceptor_replaces_an_old_connection_when_the_dialer_returns() {
     assert_eq!(recv(&mut c2).await.bytes, Bytes::from_static(b"new"));
     c2.control.send(Bytes::from_static(b"back")).await.unwrap();
     assert_eq!(recv(&mut cb2).await.bytes, Bytes::from_static(b"back"));
+
+    // Dropping a PeerConn (and everything taken from it) closes the connection.
+    let tx = c2.data[0].clone();
+    drop(c2);
+    tx.send(Bytes::from_static(b"last")).await.unwrap();
+    assert_eq!(recv(&mut cb2).await.bytes, Bytes::from_static(b"last"));
+    drop(tx);
+    assert!(matches!(
+        cb2.closed().await,
+        CloseReason::PeerClosed { code: 0, .. }
+    ));
 }

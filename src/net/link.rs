@@ -224,6 +224,21 @@ pub struct Frame {
 pub struct FrameRx {
     control: mpsc::Receiver<Bytes>,
     data: mpsc::Receiver<(u8, Bytes)>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+/// Closes the connection when the last of `PeerConn`, its senders and its `FrameRx` is dropped,
+/// so a connection nobody uses cannot linger (kept alive by keep-alives) and block reconnects.
+#[derive(Debug)]
+struct CloseOnDrop(quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(
+            VarInt::from_u32(close_code::DISCONNECT),
+            b"connection dropped by its owner",
+        );
+    }
 }
 
 impl FrameRx {
@@ -246,6 +261,7 @@ pub struct FrameSender {
     tx: mpsc::Sender<Bytes>,
     conn: quinn::Connection,
     peer: Arc<str>,
+    _guard: Arc<CloseOnDrop>,
 }
 
 /// Why `try_send` did not queue a frame.
@@ -303,7 +319,8 @@ fn check_len(len: usize) -> Result<(), NetError> {
     Ok(())
 }
 
-/// A cheap handle to watch or close a connection from elsewhere.
+/// A cheap handle to watch or close a connection from elsewhere. It does not keep the
+/// connection open: that ends when `PeerConn`, its senders and its receiver are all dropped.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
     conn: quinn::Connection,
@@ -336,7 +353,8 @@ impl ConnHandle {
     }
 }
 
-/// An established, authenticated connection to the peer.
+/// An established, authenticated connection to the peer. Dropping it together with its senders
+/// and receiver closes the connection (code 0); [`PeerConn::disconnect`] closes it at once.
 ///
 /// Frames from every stream arrive on `rx`; it yields `None` once the connection is gone (then
 /// [`PeerConn::close_reason`] says why). Fields are public so the driver can move the senders
@@ -352,6 +370,7 @@ pub struct PeerConn {
     pub handle: ConnHandle,
     pub peer: String,
     pub remote_addr: SocketAddr,
+    _guard: Arc<CloseOnDrop>,
 }
 
 impl PeerConn {
@@ -709,6 +728,7 @@ impl PeerLink {
         // From here on, tasks own the streams.
         let t = &c.tuning;
         let peer: Arc<str> = Arc::from(c.peer_name.as_str());
+        let guard = Arc::new(CloseOnDrop(conn.clone()));
         let sender = |stream: quinn::SendStream| {
             let (tx, rx) = mpsc::channel(t.send_queue.max(1));
             tokio::spawn(writer_task(stream, rx));
@@ -716,6 +736,7 @@ impl PeerLink {
                 tx,
                 conn: conn.clone(),
                 peer: peer.clone(),
+                _guard: guard.clone(),
             }
         };
         let control = sender(ctl_send);
@@ -737,6 +758,7 @@ impl PeerLink {
         let rx = FrameRx {
             control: ctl_rx,
             data: data_rx,
+            _guard: guard.clone(),
         };
         tracing::info!(peer = %c.peer_name, remote = %conn.remote_address(), dialer, "connected");
         Ok(PeerConn {
@@ -746,6 +768,7 @@ impl PeerLink {
             handle: ConnHandle { conn: conn.clone() },
             peer: c.peer_name.clone(),
             remote_addr: conn.remote_address(),
+            _guard: guard,
         })
     }
 

@@ -990,3 +990,127 @@ fn set_socket_buffers(sock: &UdpSocket, size: usize) {
         let _ = setsockopt(sock, sockopt::SndBuf, &size);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::keys::keygen;
+
+    /// Two endpoints with a raw, authenticated QUIC connection (no setup exchange), so a test can
+    /// write bytes the `FrameSender` would never produce.
+    async fn raw_pair() -> (quinn::Connection, quinn::Connection, PeerLink, PeerLink) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ka, ca, pa) = keygen("alpha", dir.path(), false).unwrap();
+        let (kb, cb, pb) = keygen("beta", dir.path(), false).unwrap();
+        let (sa, sb) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let cfg = |me: &str, ma, id, peer: &str, paddr, pin: String| LinkConfig {
+            resource: "r0".into(),
+            local_name: me.into(),
+            local_addr: ma,
+            identity: id,
+            peer_name: peer.into(),
+            peer_addr: paddr,
+            peer_pin: pin,
+            alpn: ALPN.to_vec(),
+            tuning: Tuning::default(),
+        };
+        let ia = Identity::load(&ca, &ka).unwrap();
+        let ib = Identity::load(&cb, &kb).unwrap();
+        let a = PeerLink::from_socket(cfg("alpha", aa, ia, "beta", ab, pb), sa).unwrap();
+        let b = PeerLink::from_socket(cfg("beta", ab, ib, "alpha", aa, pa), sb).unwrap();
+        let connecting = a
+            .inner
+            .endpoint
+            .connect_with(a.inner.client.clone(), ab, "beta")
+            .unwrap();
+        let (ca, cb) = tokio::join!(connecting, async {
+            b.inner.endpoint.accept().await.unwrap().await
+        });
+        (ca.unwrap(), cb.unwrap(), a, b)
+    }
+
+    async fn read_after(bytes: &[u8]) -> Vec<Result<Bytes, String>> {
+        let (ca, cb, _a, _b) = raw_pair().await;
+        let mut s = ca.open_uni().await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        s.finish().unwrap();
+        let mut r = FrameReader::new(cb.accept_uni().await.unwrap());
+        let mut out = Vec::new();
+        loop {
+            match r.next().await {
+                Ok(b) => out.push(Ok(b)),
+                Err(ReadEnd::Finished) => return out,
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_are_reassembled_across_chunks_and_split_when_coalesced() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        for f in [&b"ab"[..], &b""[..], &big[..], &b"z"[..]] {
+            wire.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            wire.extend_from_slice(f);
+        }
+        let got = read_after(&wire).await;
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].as_deref().unwrap(), b"ab");
+        assert_eq!(got[1].as_deref().unwrap(), b"");
+        assert_eq!(got[2].as_deref().unwrap(), &big[..]);
+        assert_eq!(got[3].as_deref().unwrap(), b"z");
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_protocol_errors() {
+        let too_big = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let got = read_after(&too_big).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("over the") && e.contains("limit"), "{e}");
+
+        let mut cut = 10u32.to_le_bytes().to_vec();
+        cut.extend_from_slice(b"12345");
+        let got = read_after(&cut).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("finished inside"), "{e}");
+
+        let got = read_after(&[1, 0]).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("finished inside"), "{e}");
+    }
+
+    #[test]
+    fn hello_round_trips_and_rejects_garbage() {
+        let h = Hello {
+            streams: 4,
+            resource: "r0".into(),
+            from: "alpha".into(),
+            to: "beta".into(),
+        };
+        let d = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(
+            (
+                d.streams,
+                d.resource.as_str(),
+                d.from.as_str(),
+                d.to.as_str()
+            ),
+            (4, "r0", "alpha", "beta")
+        );
+        let enc = h.encode();
+        for cut in 0..enc.len() {
+            assert!(
+                Hello::decode(&enc[..cut]).is_none(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+        assert!(Hello::decode(b"XXHELLO1\x04\x02r0").is_none());
+    }
+}

@@ -6,7 +6,9 @@
 
 pub mod addr;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod disk;
 pub mod nbd;
+pub mod net;
 pub mod serve;

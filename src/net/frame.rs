@@ -1,0 +1,164 @@
+//! Length-prefixed frames on QUIC streams: `u32` little-endian length, then that many bytes.
+//!
+//! The reader hands out `Bytes` that slice quinn's receive chunks when a frame fits in one, and
+//! copies once otherwise. The writer coalesces small frames into one buffer (a copy that costs
+//! less than a chunk per frame) and passes large payloads through as their own `Bytes`.
+
+use super::MAX_FRAME;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+/// Frames up to this size are copied into a coalescing buffer; larger ones go out zero-copy.
+const COALESCE_MAX: usize = 16 << 10;
+/// Bytes gathered before one write call; bounds the latency a batch adds.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Why a stream stopped yielding frames.
+#[derive(Debug)]
+pub(crate) enum ReadEnd {
+    /// The peer finished the stream at a frame boundary.
+    Finished,
+    /// The stream or connection failed; quinn's error text.
+    Failed(String),
+    /// The peer broke the framing: too large, or finished mid-frame.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ReadEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadEnd::Finished => f.write_str("the peer finished the stream"),
+            ReadEnd::Failed(e) | ReadEnd::Protocol(e) => f.write_str(e),
+        }
+    }
+}
+
+pub(crate) struct FrameReader {
+    stream: RecvStream,
+    /// Received bytes not yet consumed: the tail of the last chunk.
+    buf: Bytes,
+}
+
+impl FrameReader {
+    pub(crate) fn new(stream: RecvStream) -> Self {
+        FrameReader {
+            stream,
+            buf: Bytes::new(),
+        }
+    }
+
+    /// The next complete frame.
+    pub(crate) async fn next(&mut self) -> Result<Bytes, ReadEnd> {
+        let mut hdr = match self.take(4).await? {
+            Some(h) => h,
+            None => return Err(ReadEnd::Finished),
+        };
+        let len = hdr.get_u32_le() as usize;
+        if len > MAX_FRAME {
+            return Err(ReadEnd::Protocol(format!(
+                "peer sent a frame of {len} bytes, over the {MAX_FRAME}-byte limit"
+            )));
+        }
+        match self.take(len).await? {
+            Some(b) => Ok(b),
+            None => Err(ReadEnd::Protocol(format!(
+                "stream finished inside a {len}-byte frame"
+            ))),
+        }
+    }
+
+    /// Exactly `n` bytes; `None` if the stream finished before the first of them.
+    async fn take(&mut self, n: usize) -> Result<Option<Bytes>, ReadEnd> {
+        if self.buf.len() >= n {
+            return Ok(Some(self.buf.split_to(n)));
+        }
+        if self.buf.is_empty() {
+            // Common case for big chunks: the frame lies within the next chunk; slice it.
+            match self.chunk().await? {
+                None => return Ok(None),
+                Some(c) if c.len() >= n => {
+                    self.buf = c;
+                    return Ok(Some(self.buf.split_to(n)));
+                }
+                Some(c) => self.buf = c,
+            }
+        }
+        let mut out = BytesMut::with_capacity(n);
+        out.put(std::mem::take(&mut self.buf));
+        while out.len() < n {
+            let c = match self.chunk().await? {
+                Some(c) => c,
+                None => {
+                    return Err(ReadEnd::Protocol(format!(
+                        "stream finished inside a frame ({} of {n} bytes)",
+                        out.len()
+                    )))
+                }
+            };
+            let need = n - out.len();
+            if c.len() <= need {
+                out.put(c);
+            } else {
+                out.put(c.slice(..need));
+                self.buf = c.slice(need..);
+            }
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    async fn chunk(&mut self) -> Result<Option<Bytes>, ReadEnd> {
+        match self.stream.read_chunk(usize::MAX, true).await {
+            Ok(Some(c)) => Ok(Some(c.bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(ReadEnd::Failed(e.to_string())),
+        }
+    }
+}
+
+fn header(len: usize) -> [u8; 4] {
+    // Callers check len <= MAX_FRAME, which fits in u32.
+    (len as u32).to_le_bytes()
+}
+
+/// Writes one frame directly (used during connection setup, before the writer task runs).
+pub(crate) async fn write_frame(stream: &mut SendStream, payload: &[u8]) -> Result<(), String> {
+    let mut b = BytesMut::with_capacity(4 + payload.len());
+    b.put_slice(&header(payload.len()));
+    b.put_slice(payload);
+    stream.write_all(&b).await.map_err(|e| e.to_string())
+}
+
+/// Drains `rx` onto `stream` until the channel closes (then finishes the stream) or a write fails.
+pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::Receiver<Bytes>) {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
+    let mut small = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut pending = 0usize;
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            pending += 4 + frame.len();
+            if frame.len() <= COALESCE_MAX {
+                small.reserve(4 + frame.len());
+                small.put_slice(&header(frame.len()));
+                small.put(frame);
+            } else {
+                small.put_slice(&header(frame.len()));
+                chunks.push(small.split().freeze());
+                chunks.push(frame);
+            }
+            if pending < BATCH_BYTES && chunks.len() < 62 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !small.is_empty() {
+            chunks.push(small.split().freeze());
+        }
+        if let Err(e) = stream.write_all_chunks(&mut chunks).await {
+            tracing::debug!("data stream write ended: {e}");
+            return;
+        }
+        chunks.clear();
+    }
+    let _ = stream.finish();
+}

@@ -1,0 +1,1116 @@
+//! The QUIC endpoint, connection setup, per-connection stream tasks and the reconnect loop.
+
+use super::frame::{write_frame, writer_task, FrameReader, ReadEnd};
+use super::keys::Identity;
+use super::tls::{self, AuthLog};
+use super::{NetError, ALPN, MAX_FRAME};
+use crate::config::Config;
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use std::fmt;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Application close codes sent in QUIC CONNECTION_CLOSE. The driver may use codes >= 16.
+pub mod close_code {
+    /// Deliberate disconnect (admin command, shutdown).
+    pub const DISCONNECT: u32 = 0;
+    /// The peer broke framing or the setup exchange.
+    pub const PROTOCOL: u32 = 1;
+    /// A newer connection from the same peer replaced this one.
+    pub const REPLACED: u32 = 2;
+    /// Setup exchange found a different resource, node names or stream count.
+    pub const MISMATCH: u32 = 3;
+}
+
+/// Knobs with their defaults; [`LinkConfig::from_config`] fills them from the resource file.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// QUIC keep-alive (`ping-interval`). Default 1 s.
+    pub keep_alive: Duration,
+    /// QUIC idle timeout (`timeout`): a peer silent this long is dead. Default 5 s.
+    pub idle_timeout: Duration,
+    /// First reconnect delay; doubles per failed attempt. Default 100 ms.
+    pub retry_min: Duration,
+    /// Cap of the reconnect delay (`connect-retry`). Default 5 s.
+    pub retry_max: Duration,
+    /// Data streams per direction (`data-streams`). Default 4.
+    pub data_streams: u8,
+    /// Per-stream receive window (`window`). Default 32 MiB.
+    pub stream_window: u64,
+    /// Connection receive window and send window. Default 2 x `window`.
+    pub conn_window: u64,
+    /// Frames a `FrameSender` queues before `send` waits. Default 64.
+    pub send_queue: usize,
+    /// Received frames buffered (control and data each) before readers stop reading and QUIC
+    /// flow control holds the peer back. Default 64.
+    pub recv_queue: usize,
+    /// Upper bound for path MTU discovery (UDP payload, `max-mtu`), clamped to 1200..=6500 (see
+    /// `config::MAX_MAX_MTU`). Default 1452 (Ethernet, IPv4/IPv6).
+    pub mtu_upper_bound: u16,
+    /// UDP socket buffer size requested with SO_RCVBUF/SO_SNDBUF; 0 keeps the system's. Default 8 MiB.
+    pub socket_buffer: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        use crate::config as c;
+        Tuning {
+            keep_alive: c::DEFAULT_PING_INTERVAL,
+            idle_timeout: c::DEFAULT_TIMEOUT,
+            retry_min: Duration::from_millis(100),
+            retry_max: c::DEFAULT_CONNECT_RETRY,
+            data_streams: c::DEFAULT_DATA_STREAMS,
+            stream_window: c::DEFAULT_WINDOW,
+            conn_window: 2 * c::DEFAULT_WINDOW,
+            send_queue: 64,
+            recv_queue: 64,
+            mtu_upper_bound: 1452,
+            socket_buffer: 8 << 20,
+        }
+    }
+}
+
+/// Everything one side of the link needs.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub resource: String,
+    pub local_name: String,
+    pub local_addr: SocketAddr,
+    pub identity: Identity,
+    pub peer_name: String,
+    pub peer_addr: SocketAddr,
+    /// `sha256:<hex>` of the peer's DER certificate.
+    pub peer_pin: String,
+    /// ALPN we offer and accept; [`ALPN`] except in tests of version mismatch.
+    pub alpn: Vec<u8>,
+    pub tuning: Tuning,
+}
+
+impl LinkConfig {
+    /// Builds the link config of node `local` from a resource file: loads our key and cert, and
+    /// takes the peer's pin from `pin` or, if absent, from its `cert` file.
+    pub fn from_config(cfg: &Config, local: &str) -> Result<LinkConfig, NetError> {
+        let me = cfg
+            .node_named(local)
+            .map_err(|e| NetError::Key(e.to_string()))?;
+        let peer = cfg
+            .peer_of(local)
+            .map_err(|e| NetError::Key(e.to_string()))?;
+        let identity = Identity::load(&me.cert, &me.key)?;
+        let peer_pin = match &peer.pin {
+            Some(p) => p.clone(),
+            None => super::keys::pin_of_cert_file(&peer.cert)?,
+        };
+        let r = &cfg.resource;
+        Ok(LinkConfig {
+            resource: r.name.clone(),
+            local_name: me.name.clone(),
+            local_addr: me.address,
+            identity,
+            peer_name: peer.name.clone(),
+            peer_addr: peer.address,
+            peer_pin,
+            alpn: ALPN.to_vec(),
+            tuning: Tuning {
+                keep_alive: r.ping_interval,
+                idle_timeout: r.timeout,
+                retry_max: r.connect_retry,
+                data_streams: r.data_streams,
+                stream_window: r.window,
+                conn_window: 2 * r.window,
+                mtu_upper_bound: r.max_mtu,
+                ..Tuning::default()
+            },
+        })
+    }
+}
+
+/// Why a connection ended (or never started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Nothing heard from the peer for the idle timeout: dead peer or broken network.
+    TimedOut,
+    /// The peer closed the connection deliberately.
+    PeerClosed { code: u64, reason: String },
+    /// We closed it (`disconnect`, replacement, endpoint shutdown).
+    LocallyClosed,
+    /// The TLS handshake failed: a certificate that is not the pinned one, or an ALPN mismatch.
+    /// The text says which side refused and, for a pin mismatch, which cert was seen.
+    Tls(String),
+    /// Another QUIC transport error.
+    Transport(String),
+    /// The peer's endpoint no longer knows this connection (it restarted).
+    Reset,
+    /// The setup exchange failed or the connection attempt timed out.
+    Setup(String),
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::TimedOut => f.write_str("timed out: nothing heard from the peer"),
+            CloseReason::PeerClosed { code, reason } => {
+                write!(f, "closed by the peer (code {code}): {reason}")
+            }
+            CloseReason::LocallyClosed => f.write_str("closed locally"),
+            CloseReason::Tls(s) => write!(f, "TLS handshake refused: {s}"),
+            CloseReason::Transport(s) => write!(f, "QUIC transport error: {s}"),
+            CloseReason::Reset => f.write_str("reset by the peer (it restarted)"),
+            CloseReason::Setup(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl From<ConnectionError> for CloseReason {
+    fn from(e: ConnectionError) -> Self {
+        let is_crypto = |code: quinn::TransportErrorCode| {
+            let c = u64::from(code);
+            (0x100..0x200).contains(&c)
+        };
+        // TLS alert 120, no_application_protocol: the ALPN ids differ.
+        let hint = |code: quinn::TransportErrorCode| {
+            if u64::from(code) == 0x100 + 120 {
+                " (ALPN mismatch: the nodes speak different twinblk protocol versions; upgrade one)"
+            } else {
+                ""
+            }
+        };
+        match e {
+            ConnectionError::TimedOut => CloseReason::TimedOut,
+            ConnectionError::ApplicationClosed(a) => CloseReason::PeerClosed {
+                code: a.error_code.into_inner(),
+                reason: String::from_utf8_lossy(&a.reason).into_owned(),
+            },
+            ConnectionError::LocallyClosed => CloseReason::LocallyClosed,
+            ConnectionError::Reset => CloseReason::Reset,
+            ConnectionError::TransportError(t) if is_crypto(t.code) => {
+                CloseReason::Tls(format!("we refused: {}{}", t.reason, hint(t.code)))
+            }
+            ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => {
+                let why = String::from_utf8_lossy(&c.reason);
+                CloseReason::Tls(format!(
+                    "the peer refused: {} {why}{}",
+                    c.error_code,
+                    hint(c.error_code)
+                ))
+            }
+            other => CloseReason::Transport(other.to_string()),
+        }
+    }
+}
+
+/// Which stream a frame arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Control,
+    Data(u8),
+}
+
+/// One complete received frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub stream: StreamKind,
+    pub bytes: Bytes,
+}
+
+/// Received frames from all streams. Control frames are delivered before queued data frames, so
+/// acks and state changes are not stuck behind a backlog of extents.
+#[derive(Debug)]
+pub struct FrameRx {
+    control: mpsc::Receiver<Bytes>,
+    data: mpsc::Receiver<(u8, Bytes)>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+/// Closes the connection when the last of `PeerConn`, its senders and its `FrameRx` is dropped,
+/// so a connection nobody uses cannot linger (kept alive by keep-alives) and block reconnects.
+#[derive(Debug)]
+struct CloseOnDrop(quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(
+            VarInt::from_u32(close_code::DISCONNECT),
+            b"connection dropped by its owner",
+        );
+    }
+}
+
+impl FrameRx {
+    /// The next frame, control first; `None` once the connection is gone and all frames are read.
+    /// Cancel-safe (usable in `select!`).
+    pub async fn recv(&mut self) -> Option<Frame> {
+        tokio::select! {
+            biased;
+            Some(bytes) = self.control.recv() => Some(Frame { stream: StreamKind::Control, bytes }),
+            Some((i, bytes)) = self.data.recv() => Some(Frame { stream: StreamKind::Data(i), bytes }),
+            else => None,
+        }
+    }
+}
+
+/// Sends frames on one stream. Frames on one sender arrive in order; there is no order between
+/// senders. Cloneable; the stream is finished when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct FrameSender {
+    tx: mpsc::Sender<Bytes>,
+    conn: quinn::Connection,
+    peer: Arc<str>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+/// Why `try_send` did not queue a frame.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The queue is full; here is the frame back.
+    Full(Bytes),
+    Failed(NetError),
+}
+
+impl FrameSender {
+    /// Queues a frame, waiting while the queue is full (QUIC flow control pushes back here).
+    /// The payload is not copied if it is larger than 16 KiB.
+    pub async fn send(&self, frame: Bytes) -> Result<(), NetError> {
+        check_len(frame.len())?;
+        if self.conn.close_reason().is_some() {
+            return Err(self.closed_err());
+        }
+        self.tx.send(frame).await.map_err(|_| self.closed_err())
+    }
+
+    /// Queues a frame if there is room, without waiting.
+    pub fn try_send(&self, frame: Bytes) -> Result<(), TrySendError> {
+        if let Err(e) = check_len(frame.len()) {
+            return Err(TrySendError::Failed(e));
+        }
+        if self.conn.close_reason().is_some() {
+            return Err(TrySendError::Failed(self.closed_err()));
+        }
+        self.tx.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(f) => TrySendError::Full(f),
+            mpsc::error::TrySendError::Closed(_) => TrySendError::Failed(self.closed_err()),
+        })
+    }
+
+    fn closed_err(&self) -> NetError {
+        NetError::Closed {
+            peer: self.peer.to_string(),
+            reason: self
+                .conn
+                .close_reason()
+                .map(CloseReason::from)
+                .unwrap_or(CloseReason::Setup("the stream's writer stopped".into())),
+        }
+    }
+}
+
+fn check_len(len: usize) -> Result<(), NetError> {
+    if len > MAX_FRAME {
+        return Err(NetError::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(())
+}
+
+/// A cheap handle to watch or close a connection from elsewhere. It does not keep the
+/// connection open: that ends when `PeerConn`, its senders and its receiver are all dropped.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    conn: quinn::Connection,
+}
+
+impl ConnHandle {
+    /// Closes the connection at once (queued, unsent frames are dropped) and tells the peer why.
+    pub fn disconnect(&self, code: u32, reason: &str) {
+        self.conn.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    /// Resolves when the connection has ended, with the reason.
+    pub async fn closed(&self) -> CloseReason {
+        self.conn.closed().await.into()
+    }
+
+    /// The reason, if the connection has ended.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.conn.close_reason().map(Into::into)
+    }
+
+    /// Smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    /// quinn's counters (bytes, packets, lost packets, congestion window...).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+}
+
+/// An established, authenticated connection to the peer. Dropping it together with its senders
+/// and receiver closes the connection (code 0); [`PeerConn::disconnect`] closes it at once.
+///
+/// Frames from every stream arrive on `rx`; it yields `None` once the connection is gone (then
+/// [`PeerConn::close_reason`] says why). Fields are public so the driver can move the senders
+/// into separate tasks.
+#[derive(Debug)]
+pub struct PeerConn {
+    /// The control stream: handshake, acks, role changes. Sent at higher priority than data.
+    pub control: FrameSender,
+    /// The data streams for write extents; pick one per extent (e.g. by seq).
+    pub data: Vec<FrameSender>,
+    /// Every received frame, from all streams, tagged with its stream.
+    pub rx: FrameRx,
+    pub handle: ConnHandle,
+    pub peer: String,
+    pub remote_addr: SocketAddr,
+    _guard: Arc<CloseOnDrop>,
+}
+
+impl PeerConn {
+    pub fn disconnect(&self, code: u32, reason: &str) {
+        self.handle.disconnect(code, reason)
+    }
+
+    pub async fn closed(&self) -> CloseReason {
+        self.handle.closed().await
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.handle.close_reason()
+    }
+}
+
+/// The setup exchange on the control stream, sent by both sides as the first frame: it makes
+/// sure both sides agree on resource, names and stream count, and (for the dialer) proves that
+/// the acceptor accepted our certificate before we report the link as up.
+struct Hello {
+    streams: u8,
+    resource: String,
+    from: String,
+    to: String,
+}
+
+const HELLO_MAGIC: &[u8; 8] = b"TBHELLO1";
+
+impl Hello {
+    fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(64);
+        b.put_slice(HELLO_MAGIC);
+        b.put_u8(self.streams);
+        for s in [&self.resource, &self.from, &self.to] {
+            // Names are validated as at most 63 ASCII bytes by the config.
+            let s = &s.as_bytes()[..s.len().min(255)];
+            b.put_u8(s.len() as u8);
+            b.put_slice(s);
+        }
+        b.freeze()
+    }
+
+    fn decode(b: &[u8]) -> Option<Hello> {
+        let rest = b.strip_prefix(HELLO_MAGIC.as_slice())?;
+        let (&streams, mut rest) = rest.split_first()?;
+        let mut take = || -> Option<String> {
+            let (&n, r) = rest.split_first()?;
+            let (s, r) = r.split_at_checked(n as usize)?;
+            rest = r;
+            String::from_utf8(s.to_vec()).ok()
+        };
+        let resource = take()?;
+        let from = take()?;
+        let to = take()?;
+        Some(Hello {
+            streams,
+            resource,
+            from,
+            to,
+        })
+    }
+}
+
+struct LinkInner {
+    cfg: LinkConfig,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    auth_log: AuthLog,
+}
+
+/// One node's QUIC endpoint for one resource, bound to its address.
+#[derive(Clone)]
+pub struct PeerLink {
+    inner: Arc<LinkInner>,
+}
+
+impl fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("local", &self.inner.cfg.local_name)
+            .field("peer", &self.inner.cfg.peer_name)
+            .finish()
+    }
+}
+
+impl PeerLink {
+    /// Binds the UDP socket at `cfg.local_addr`. Needs a tokio runtime.
+    pub fn bind(cfg: LinkConfig) -> Result<PeerLink, NetError> {
+        let sock = UdpSocket::bind(cfg.local_addr).map_err(|e| NetError::Bind {
+            addr: cfg.local_addr,
+            detail: e.to_string(),
+        })?;
+        Self::from_socket(cfg, sock)
+    }
+
+    /// Uses an already bound socket (tests bind port 0 first to learn the addresses).
+    pub fn from_socket(cfg: LinkConfig, sock: UdpSocket) -> Result<PeerLink, NetError> {
+        let addr = sock.local_addr().unwrap_or(cfg.local_addr);
+        set_socket_buffers(&sock, cfg.tuning.socket_buffer);
+        let transport = Arc::new(transport_config(&cfg.tuning)?);
+        let auth_log: AuthLog = Arc::new(Mutex::new(None));
+        let id = &cfg.identity;
+        let server_tls = tls::server_config(
+            id,
+            &cfg.local_name,
+            &cfg.peer_name,
+            &cfg.peer_pin,
+            &cfg.alpn,
+            &auth_log,
+        )?;
+        let client_tls = tls::client_config(
+            id,
+            &cfg.local_name,
+            &cfg.peer_name,
+            &cfg.peer_pin,
+            &cfg.alpn,
+            &auth_log,
+        )?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls)
+                .map_err(|e| NetError::TlsSetup(format!("QUIC server: {e}")))?,
+        ));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls)
+                .map_err(|e| NetError::TlsSetup(format!("QUIC client: {e}")))?,
+        ));
+        client.transport_config(transport);
+        let runtime = quinn::default_runtime().ok_or_else(|| NetError::Bind {
+            addr,
+            detail: "no tokio runtime is running".into(),
+        })?;
+        let mut ec = EndpointConfig::default();
+        // Datagrams up to the MTU discovery bound must be receivable, or discovery stops at 1472.
+        ec.max_udp_payload_size(mtu_bound(&cfg.tuning).max(1472))
+            .map_err(|e| NetError::TlsSetup(format!("max UDP payload: {e}")))?;
+        let endpoint =
+            Endpoint::new(ec, Some(server), sock, runtime).map_err(|e| NetError::Bind {
+                addr,
+                detail: e.to_string(),
+            })?;
+        Ok(PeerLink {
+            inner: Arc::new(LinkInner {
+                cfg,
+                endpoint,
+                client,
+                auth_log,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    pub fn config(&self) -> &LinkConfig {
+        &self.inner.cfg
+    }
+
+    /// True if this node dials (its name sorts before the peer's); the peer accepts.
+    pub fn dials(&self) -> bool {
+        self.inner.cfg.local_name < self.inner.cfg.peer_name
+    }
+
+    /// The last certificate refusal (seen vs expected pin), for `status`.
+    pub fn last_auth_error(&self) -> Option<String> {
+        self.inner.auth_log.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Closes every connection and the endpoint; the UDP port is released once quinn's tasks end.
+    pub fn close(&self, reason: &str) {
+        self.inner
+            .endpoint
+            .close(VarInt::from_u32(close_code::DISCONNECT), reason.as_bytes());
+    }
+
+    /// Dials the peer once: QUIC + TLS handshake, then the setup exchange and stream opening.
+    pub async fn connect(&self) -> Result<PeerConn, NetError> {
+        let c = &self.inner.cfg;
+        let err = |reason: CloseReason| NetError::Connect {
+            peer: c.peer_name.clone(),
+            addr: c.peer_addr,
+            reason,
+        };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client.clone(), c.peer_addr, &c.peer_name)
+            .map_err(|e| err(CloseReason::Setup(e.to_string())))?;
+        let limit = c.tuning.idle_timeout;
+        let conn = match tokio::time::timeout(limit, connecting).await {
+            Err(_) => {
+                return Err(err(CloseReason::Setup(format!(
+                    "no answer within {limit:?}; is twinblk up on {}?",
+                    c.peer_name
+                ))))
+            }
+            Ok(Err(e)) => {
+                let e = err(e.into());
+                tracing::warn!("{e}");
+                return Err(e);
+            }
+            Ok(Ok(conn)) => conn,
+        };
+        match tokio::time::timeout(limit, self.setup(conn.clone(), true)).await {
+            Ok(Ok(pc)) => Ok(pc),
+            Ok(Err(e)) => Err(self.setup_failed(&conn, e)),
+            Err(_) => Err(self.setup_failed(
+                &conn,
+                format!("setup exchange did not finish within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Accepts the next connection from the peer. Refused handshakes come back as errors (and
+    /// are logged); call again to keep accepting.
+    pub async fn accept(&self) -> Result<PeerConn, NetError> {
+        let incoming = self
+            .inner
+            .endpoint
+            .accept()
+            .await
+            .ok_or(NetError::EndpointClosed)?;
+        let remote = incoming.remote_address();
+        let limit = self.inner.cfg.tuning.idle_timeout;
+        let conn = match tokio::time::timeout(limit, incoming).await {
+            Err(_) => {
+                return Err(NetError::Accept(CloseReason::Setup(format!(
+                    "handshake from {remote} did not finish within {limit:?}"
+                ))))
+            }
+            Ok(Err(e)) => {
+                let e = NetError::Accept(e.into());
+                tracing::warn!(%remote, "{e}");
+                return Err(e);
+            }
+            Ok(Ok(conn)) => conn,
+        };
+        match tokio::time::timeout(limit, self.setup(conn.clone(), false)).await {
+            Ok(Ok(pc)) => Ok(pc),
+            Ok(Err(e)) => Err(self.setup_failed(&conn, e)),
+            Err(_) => Err(self.setup_failed(
+                &conn,
+                format!("setup exchange did not finish within {limit:?}"),
+            )),
+        }
+    }
+
+    fn setup_failed(&self, conn: &quinn::Connection, detail: String) -> NetError {
+        // A close the peer sent explains more than our failed read does.
+        let detail = match conn.close_reason() {
+            Some(r) => format!("{}; while {detail}", CloseReason::from(r)),
+            None => {
+                let code = if detail.contains("mismatch") {
+                    close_code::MISMATCH
+                } else {
+                    close_code::PROTOCOL
+                };
+                conn.close(VarInt::from_u32(code), detail.as_bytes());
+                detail
+            }
+        };
+        let e = NetError::Setup {
+            peer: self.inner.cfg.peer_name.clone(),
+            detail,
+        };
+        tracing::warn!("{e}");
+        e
+    }
+
+    async fn setup(&self, conn: quinn::Connection, dialer: bool) -> Result<PeerConn, String> {
+        let c = &self.inner.cfg;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        if alpn.as_deref() != Some(c.alpn.as_slice()) {
+            return Err(format!(
+                "ALPN mismatch: peer negotiated {:?}, we speak {:?}",
+                alpn.map(|a| String::from_utf8_lossy(&a).into_owned()),
+                String::from_utf8_lossy(&c.alpn)
+            ));
+        }
+        let n = c.tuning.data_streams;
+        let ours = Hello {
+            streams: n,
+            resource: c.resource.clone(),
+            from: c.local_name.clone(),
+            to: c.peer_name.clone(),
+        }
+        .encode();
+        let fail = |what: &str, e: &dyn fmt::Display| format!("{what}: {e}");
+
+        let (mut ctl_send, ctl_recv) = if dialer {
+            conn.open_bi().await
+        } else {
+            conn.accept_bi().await
+        }
+        .map_err(|e| fail("control stream", &e))?;
+        let mut ctl_reader = FrameReader::new(ctl_recv);
+        let _ = ctl_send.set_priority(1);
+
+        if dialer {
+            write_frame(&mut ctl_send, &ours)
+                .await
+                .map_err(|e| fail("sending hello", &e))?;
+        }
+        let theirs = ctl_reader
+            .next()
+            .await
+            .map_err(|e| fail("reading the peer's hello", &e))?;
+        let theirs = Hello::decode(&theirs).ok_or("the peer's hello is malformed")?;
+        if theirs.resource != c.resource
+            || theirs.from != c.peer_name
+            || theirs.to != c.local_name
+            || theirs.streams != n
+        {
+            return Err(format!(
+                "resource mismatch: the peer says resource {:?}, from {:?} to {:?}, {} data streams; we expect resource {:?}, from {:?} to {:?}, {n} data streams; both nodes must use the same resource file",
+                theirs.resource, theirs.from, theirs.to, theirs.streams, c.resource, c.peer_name, c.local_name
+            ));
+        }
+        if !dialer {
+            write_frame(&mut ctl_send, &ours)
+                .await
+                .map_err(|e| fail("sending hello", &e))?;
+        }
+
+        // Our data streams; the first frame on each names its index.
+        let mut data_send = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let mut s = conn
+                .open_uni()
+                .await
+                .map_err(|e| fail("opening a data stream", &e))?;
+            write_frame(&mut s, &[i])
+                .await
+                .map_err(|e| fail("data stream", &e))?;
+            data_send.push(s);
+        }
+        let mut data_recv = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let s = conn
+                .accept_uni()
+                .await
+                .map_err(|e| fail("accepting a data stream", &e))?;
+            let mut r = FrameReader::new(s);
+            let idx = r.next().await.map_err(|e| fail("data stream header", &e))?;
+            match idx.as_ref() {
+                [i] if *i < n && !data_recv.iter().any(|(j, _)| j == i) => data_recv.push((*i, r)),
+                _ => return Err(format!("bad data stream header {idx:?}")),
+            }
+        }
+
+        // From here on, tasks own the streams.
+        let t = &c.tuning;
+        let peer: Arc<str> = Arc::from(c.peer_name.as_str());
+        let guard = Arc::new(CloseOnDrop(conn.clone()));
+        let sender = |stream: quinn::SendStream| {
+            let (tx, rx) = mpsc::channel(t.send_queue.max(1));
+            tokio::spawn(writer_task(stream, rx));
+            FrameSender {
+                tx,
+                conn: conn.clone(),
+                peer: peer.clone(),
+                _guard: guard.clone(),
+            }
+        };
+        let control = sender(ctl_send);
+        let data = data_send.into_iter().map(sender).collect();
+        let (ctl_tx, ctl_rx) = mpsc::channel(t.recv_queue.max(1));
+        let (data_tx, data_rx) = mpsc::channel(t.recv_queue.max(1));
+        tokio::spawn(reader_task(ctl_reader, conn.clone(), move |bytes| {
+            let tx = ctl_tx.clone();
+            async move { tx.send(bytes).await.is_ok() }
+        }));
+        for (i, r) in data_recv {
+            let tx = data_tx.clone();
+            tokio::spawn(reader_task(r, conn.clone(), move |bytes| {
+                let tx = tx.clone();
+                async move { tx.send((i, bytes)).await.is_ok() }
+            }));
+        }
+        drop(data_tx);
+        let rx = FrameRx {
+            control: ctl_rx,
+            data: data_rx,
+            _guard: guard.clone(),
+        };
+        tracing::info!(peer = %c.peer_name, remote = %conn.remote_address(), dialer, "connected");
+        Ok(PeerConn {
+            control,
+            data,
+            rx,
+            handle: ConnHandle { conn: conn.clone() },
+            peer: c.peer_name.clone(),
+            remote_addr: conn.remote_address(),
+            _guard: guard,
+        })
+    }
+
+    /// Starts the reconnect loop for this node's role: dial with backoff, or accept.
+    pub fn connector(&self) -> Connector {
+        let (tx, rx) = mpsc::channel(1);
+        let status = Arc::new(Mutex::new(ConnectorStatus::default()));
+        let link = self.clone();
+        let st = status.clone();
+        let task = if self.dials() {
+            tokio::spawn(async move { link.dial_loop(tx, st).await })
+        } else {
+            tokio::spawn(async move { link.accept_loop(tx, st).await })
+        };
+        Connector { rx, status, task }
+    }
+
+    async fn dial_loop(self, tx: mpsc::Sender<PeerConn>, status: Arc<Mutex<ConnectorStatus>>) {
+        let t = self.inner.cfg.tuning.clone();
+        // Nobody should dial us; refuse so a misconfigured peer learns it quickly.
+        let _refuser = {
+            let ep = self.inner.endpoint.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                while let Some(inc) = ep.accept().await {
+                    tracing::warn!(remote = %inc.remote_address(), "refusing an incoming connection: the node whose name sorts first dials, and that is us");
+                    inc.refuse();
+                }
+            }))
+        };
+        let mut delay = t.retry_min;
+        loop {
+            set_status(&status, |s| s.attempts += 1);
+            match self.connect().await {
+                Ok(conn) => {
+                    delay = t.retry_min;
+                    let handle = conn.handle.clone();
+                    set_status(&status, |s| {
+                        s.connected = true;
+                        s.connections += 1;
+                        s.attempts = 0;
+                    });
+                    if tx.send(conn).await.is_err() {
+                        break;
+                    }
+                    let why = handle.closed().await;
+                    tracing::info!(peer = %self.inner.cfg.peer_name, "connection ended: {why}");
+                    set_status(&status, |s| {
+                        s.connected = false;
+                        s.last_error = Some(why.to_string());
+                    });
+                }
+                Err(e) => {
+                    set_status(&status, |s| s.last_error = Some(e.to_string()));
+                    if matches!(e, NetError::EndpointClosed) {
+                        break;
+                    }
+                    delay = (delay * 2).min(t.retry_max);
+                }
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn accept_loop(self, tx: mpsc::Sender<PeerConn>, status: Arc<Mutex<ConnectorStatus>>) {
+        let mut current: Option<ConnHandle> = None;
+        loop {
+            match self.accept().await {
+                Ok(conn) => {
+                    if let Some(old) = current.take() {
+                        if old.close_reason().is_none() {
+                            tracing::info!(peer = %conn.peer, "a new connection from the peer replaces the old one");
+                            old.disconnect(close_code::REPLACED, "replaced by a newer connection");
+                        }
+                    }
+                    current = Some(conn.handle.clone());
+                    set_status(&status, |s| {
+                        s.connected = true;
+                        s.connections += 1;
+                    });
+                    let handle = conn.handle.clone();
+                    let st = status.clone();
+                    tokio::spawn(async move {
+                        let why = handle.closed().await;
+                        set_status(&st, |s| {
+                            s.connected = false;
+                            s.last_error = Some(why.to_string());
+                        });
+                    });
+                    if tx.send(conn).await.is_err() {
+                        break;
+                    }
+                }
+                Err(NetError::EndpointClosed) => break,
+                Err(e) => set_status(&status, |s| {
+                    s.attempts += 1;
+                    s.last_error = Some(e.to_string());
+                }),
+            }
+        }
+    }
+}
+
+/// Stops a helper task when its owner stops (the connector task is aborted, not ended).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn set_status(st: &Mutex<ConnectorStatus>, f: impl FnOnce(&mut ConnectorStatus)) {
+    if let Ok(mut s) = st.lock() {
+        f(&mut s);
+    }
+}
+
+/// What the connector is doing, for `status`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorStatus {
+    /// A connection is up (it may have just died unnoticed: see the idle timeout).
+    pub connected: bool,
+    /// Failed attempts since the last connection.
+    pub attempts: u32,
+    /// Connections established so far.
+    pub connections: u64,
+    /// Why the last attempt failed or the last connection ended.
+    pub last_error: Option<String>,
+}
+
+/// The reconnect loop. Yields each new connection; dropping it stops the loop (and leaves any
+/// delivered connection alone).
+#[derive(Debug)]
+pub struct Connector {
+    rx: mpsc::Receiver<PeerConn>,
+    status: Arc<Mutex<ConnectorStatus>>,
+    task: JoinHandle<()>,
+}
+
+impl Connector {
+    /// The next established connection; `None` once the endpoint is closed.
+    pub async fn next(&mut self) -> Option<PeerConn> {
+        self.rx.recv().await
+    }
+
+    pub fn status(&self) -> ConnectorStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads frames from one stream and hands each to `deliver` until it returns false.
+async fn reader_task<F, Fut>(mut r: FrameReader, conn: quinn::Connection, deliver: F)
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        match r.next().await {
+            Ok(bytes) => {
+                if !deliver(bytes).await {
+                    return;
+                }
+            }
+            Err(ReadEnd::Finished) => return,
+            Err(ReadEnd::Failed(e)) => {
+                tracing::debug!("stream ended: {e}");
+                return;
+            }
+            Err(ReadEnd::Protocol(e)) => {
+                // A broken stream means lost frames: end the connection rather than go on.
+                tracing::warn!("closing the connection: {e}");
+                conn.close(VarInt::from_u32(close_code::PROTOCOL), e.as_bytes());
+                return;
+            }
+        }
+    }
+}
+
+fn mtu_bound(t: &Tuning) -> u16 {
+    t.mtu_upper_bound.clamp(1200, crate::config::MAX_MAX_MTU)
+}
+
+fn transport_config(t: &Tuning) -> Result<TransportConfig, NetError> {
+    let bad = |what: &str| NetError::TlsSetup(format!("transport setting {what} is out of range"));
+    let mut tc = TransportConfig::default();
+    tc.keep_alive_interval(Some(t.keep_alive));
+    tc.max_idle_timeout(Some(
+        IdleTimeout::try_from(t.idle_timeout).map_err(|_| bad("timeout"))?,
+    ));
+    tc.stream_receive_window(VarInt::from_u64(t.stream_window).map_err(|_| bad("window"))?);
+    tc.receive_window(VarInt::from_u64(t.conn_window).map_err(|_| bad("window"))?);
+    tc.send_window(t.conn_window);
+    tc.max_concurrent_uni_streams(VarInt::from_u32(u32::from(t.data_streams)));
+    tc.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    tc.datagram_receive_buffer_size(None);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(mtu_bound(t));
+    tc.mtu_discovery_config(Some(mtu));
+    Ok(tc)
+}
+
+/// Larger UDP buffers absorb bursts at high rates; the kernel caps them at net.core.[rw]mem_max
+/// unless we are allowed to force them. Best effort: failure only costs throughput.
+fn set_socket_buffers(sock: &UdpSocket, size: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if size == 0 {
+        return;
+    }
+    if setsockopt(sock, sockopt::RcvBufForce, &size).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &size);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &size).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &size);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::keys::keygen;
+
+    /// Two endpoints with a raw, authenticated QUIC connection (no setup exchange), so a test can
+    /// write bytes the `FrameSender` would never produce.
+    async fn raw_pair() -> (quinn::Connection, quinn::Connection, PeerLink, PeerLink) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ka, ca, pa) = keygen("alpha", dir.path(), false).unwrap();
+        let (kb, cb, pb) = keygen("beta", dir.path(), false).unwrap();
+        let (sa, sb) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let cfg = |me: &str, ma, id, peer: &str, paddr, pin: String| LinkConfig {
+            resource: "r0".into(),
+            local_name: me.into(),
+            local_addr: ma,
+            identity: id,
+            peer_name: peer.into(),
+            peer_addr: paddr,
+            peer_pin: pin,
+            alpn: ALPN.to_vec(),
+            tuning: Tuning::default(),
+        };
+        let ia = Identity::load(&ca, &ka).unwrap();
+        let ib = Identity::load(&cb, &kb).unwrap();
+        let a = PeerLink::from_socket(cfg("alpha", aa, ia, "beta", ab, pb), sa).unwrap();
+        let b = PeerLink::from_socket(cfg("beta", ab, ib, "alpha", aa, pa), sb).unwrap();
+        let connecting = a
+            .inner
+            .endpoint
+            .connect_with(a.inner.client.clone(), ab, "beta")
+            .unwrap();
+        let (ca, cb) = tokio::join!(connecting, async {
+            b.inner.endpoint.accept().await.unwrap().await
+        });
+        (ca.unwrap(), cb.unwrap(), a, b)
+    }
+
+    async fn read_after(bytes: &[u8]) -> Vec<Result<Bytes, String>> {
+        let (ca, cb, _a, _b) = raw_pair().await;
+        let mut s = ca.open_uni().await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        s.finish().unwrap();
+        let mut r = FrameReader::new(cb.accept_uni().await.unwrap());
+        let mut out = Vec::new();
+        loop {
+            match r.next().await {
+                Ok(b) => out.push(Ok(b)),
+                Err(ReadEnd::Finished) => return out,
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_are_reassembled_across_chunks_and_split_when_coalesced() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        for f in [&b"ab"[..], &b""[..], &big[..], &b"z"[..]] {
+            wire.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            wire.extend_from_slice(f);
+        }
+        let got = read_after(&wire).await;
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].as_deref().unwrap(), b"ab");
+        assert_eq!(got[1].as_deref().unwrap(), b"");
+        assert_eq!(got[2].as_deref().unwrap(), &big[..]);
+        assert_eq!(got[3].as_deref().unwrap(), b"z");
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_protocol_errors() {
+        let too_big = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let got = read_after(&too_big).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("over the") && e.contains("limit"), "{e}");
+
+        let mut cut = 10u32.to_le_bytes().to_vec();
+        cut.extend_from_slice(b"12345");
+        let got = read_after(&cut).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("finished inside"), "{e}");
+
+        let got = read_after(&[1, 0]).await;
+        let e = got[0].as_ref().unwrap_err();
+        assert!(e.contains("finished inside"), "{e}");
+    }
+
+    #[test]
+    fn hello_round_trips_and_rejects_garbage() {
+        let h = Hello {
+            streams: 4,
+            resource: "r0".into(),
+            from: "alpha".into(),
+            to: "beta".into(),
+        };
+        let d = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(
+            (
+                d.streams,
+                d.resource.as_str(),
+                d.from.as_str(),
+                d.to.as_str()
+            ),
+            (4, "r0", "alpha", "beta")
+        );
+        let enc = h.encode();
+        for cut in 0..enc.len() {
+            assert!(
+                Hello::decode(&enc[..cut]).is_none(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+        assert!(Hello::decode(b"XXHELLO1\x04\x02r0").is_none());
+    }
+}

@@ -67,10 +67,7 @@ mod tests {
             "tcp:127.0.0.1:10809".parse(),
             Ok(ListenAddr::Tcp("127.0.0.1:10809".into()))
         );
-        assert_eq!(
-            "tcp:[::1]:0".parse(),
-            Ok(ListenAddr::Tcp("[::1]:0".into()))
-        );
+        assert_eq!("tcp:[::1]:0".parse(), Ok(ListenAddr::Tcp("[::1]:0".into())));
         assert!("tcp:host".parse::<ListenAddr>().is_err());
         assert!("tcp:host:99999".parse::<ListenAddr>().is_err());
         assert!("tcp::80".parse::<ListenAddr>().is_err());

@@ -85,7 +85,9 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
             let l = UnixListener::bind(path).map_err(err)?;
             Ok(Listener::Unix(l, path.clone()))
         }
-        ListenAddr::Tcp(hp) => Ok(Listener::Tcp(TcpListener::bind(hp.as_str()).await.map_err(err)?)),
+        ListenAddr::Tcp(hp) => Ok(Listener::Tcp(
+            TcpListener::bind(hp.as_str()).await.map_err(err)?,
+        )),
     }
 }
 

@@ -11,7 +11,11 @@ use crate::disk::{CacheMode, DiskOptions, EngineKind};
 use crate::serve::ServeConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "twinblk", version, about = "A replicated block device in userspace")]
+#[command(
+    name = "twinblk",
+    version,
+    about = "A replicated block device in userspace"
+)]
 struct Cli {
     /// Log filter, RUST_LOG syntax (e.g. `info`, `twinblk=debug`). Default: $RUST_LOG, else info.
     #[arg(long, global = true, value_name = "FILTER")]
@@ -80,7 +84,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("{s:?}: unknown suffix {suffix:?} (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown suffix {suffix:?} (use K, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("{s:?}: too large"))

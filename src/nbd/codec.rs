@@ -241,7 +241,12 @@ impl Handshake {
         }
     }
 
-    fn info_or_go(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Option<HandshakeStatus> {
+    fn info_or_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<HandshakeStatus> {
         let Some(req) = parse_info_request(data) else {
             option_reply(out, option, REP_ERR_INVALID, &[]);
             return None;
@@ -379,18 +384,29 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<RequestHeader>, FatalError> {
     }))
 }
 
-/// Decode one whole request (header and payload) from `buf`. Returns the header, its payload
-/// and the bytes consumed; `Ok(None)` means more bytes are needed. The server itself uses
-/// [`parse_header`] so WRITE payloads can land directly in a disk buffer.
-pub fn decode_request(buf: &[u8]) -> Result<Option<(RequestHeader, &[u8], usize)>, FatalError> {
-    let Some(h) = parse_header(buf)? else {
+/// One whole request as [`decode_request`] finds it in a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub header: RequestHeader,
+    /// The WRITE payload (empty for other commands).
+    pub payload: &'a [u8],
+    /// Bytes of the buffer this request used.
+    pub consumed: usize,
+}
+
+/// Decode one whole request (header and payload) from `buf`; `Ok(None)` means more bytes are
+/// needed. The server itself uses [`parse_header`] so WRITE payloads can land directly in a
+/// disk buffer.
+pub fn decode_request(buf: &[u8]) -> Result<Option<Decoded<'_>>, FatalError> {
+    let Some(header) = parse_header(buf)? else {
         return Ok(None);
     };
-    let end = REQUEST_HEADER_LEN + h.payload_len() as usize;
-    match buf.get(REQUEST_HEADER_LEN..end) {
-        Some(payload) => Ok(Some((h, payload, end))),
-        None => Ok(None),
-    }
+    let end = REQUEST_HEADER_LEN + header.payload_len() as usize;
+    Ok(buf.get(REQUEST_HEADER_LEN..end).map(|payload| Decoded {
+        header,
+        payload,
+        consumed: end,
+    }))
 }
 
 /// Encode a request (client side: tests, benches, tools).
@@ -513,7 +529,13 @@ pub fn encode_read_reply_header(
 
 /// An error reply. With structured replies, a READ's error is an NBD_REPLY_TYPE_ERROR chunk
 /// (a simple reply is not allowed for reads there); other commands use simple replies.
-pub fn encode_error_reply(out: &mut Vec<u8>, structured: bool, read: bool, cookie: u64, error: u32) {
+pub fn encode_error_reply(
+    out: &mut Vec<u8>,
+    structured: bool,
+    read: bool,
+    cookie: u64,
+    error: u32,
+) {
     if structured && read {
         out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
         out.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
@@ -569,9 +591,12 @@ pub fn decode_reply(
             )))
         }
         STRUCTURED_REPLY_MAGIC => {
-            let (Some(flags), Some(kind), Some(cookie), Some(len)) =
-                (be_u16(buf, 4), be_u16(buf, 6), be_u64(buf, 8), be_u32(buf, 16))
-            else {
+            let (Some(flags), Some(kind), Some(cookie), Some(len)) = (
+                be_u16(buf, 4),
+                be_u16(buf, 6),
+                be_u64(buf, 8),
+                be_u32(buf, 16),
+            ) else {
                 return Ok(None);
             };
             let end = STRUCTURED_REPLY_HEADER_LEN.saturating_add(len as usize);

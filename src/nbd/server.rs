@@ -120,7 +120,11 @@ impl Server {
             }
         };
         wr.write_all(&out).await?;
-        debug!(structured = negotiated.structured, flags = negotiated.flags, "transmission");
+        debug!(
+            structured = negotiated.structured,
+            flags = negotiated.flags,
+            "transmission"
+        );
 
         let t = Transmission {
             size: self.export.size,
@@ -190,26 +194,40 @@ impl Server {
                             // Client gone mid-payload: this write was never acknowledged.
                             return Ok(());
                         }
-                        self.spawn(&tx, permit, h.cookie, offset, false, move |d: Disk| async move {
-                            if len == 0 {
-                                return if fua { flush(&d).await } else { Outcome::Ok };
-                            }
-                            match d.write(offset, data, fua).await {
-                                Ok(()) => Outcome::Ok,
-                                Err(e) => disk_error(&e),
-                            }
-                        });
+                        self.spawn(
+                            &tx,
+                            permit,
+                            h.cookie,
+                            offset,
+                            false,
+                            move |d: Disk| async move {
+                                if len == 0 {
+                                    return if fua { flush(&d).await } else { Outcome::Ok };
+                                }
+                                match d.write(offset, data, fua).await {
+                                    Ok(()) => Outcome::Ok,
+                                    Err(e) => disk_error(&e),
+                                }
+                            },
+                        );
                     }
                     Ok(Command::Read { offset, len }) => {
-                        self.spawn(&tx, permit, h.cookie, offset, true, move |d: Disk| async move {
-                            if len == 0 {
-                                return Outcome::Data(None);
-                            }
-                            match d.read(offset, len).await {
-                                Ok(b) => Outcome::Data(Some(b)),
-                                Err(e) => disk_error(&e),
-                            }
-                        });
+                        self.spawn(
+                            &tx,
+                            permit,
+                            h.cookie,
+                            offset,
+                            true,
+                            move |d: Disk| async move {
+                                if len == 0 {
+                                    return Outcome::Data(None);
+                                }
+                                match d.read(offset, len).await {
+                                    Ok(b) => Outcome::Data(Some(b)),
+                                    Err(e) => disk_error(&e),
+                                }
+                            },
+                        );
                     }
                     Ok(Command::Flush) => {
                         self.spawn(&tx, permit, h.cookie, 0, false, move |d: Disk| async move {
@@ -217,18 +235,25 @@ impl Server {
                         });
                     }
                     Ok(Command::Trim { offset, len, fua }) => {
-                        self.spawn(&tx, permit, h.cookie, offset, false, move |d: Disk| async move {
-                            if len > 0 {
-                                if let Err(e) = d.trim(offset, len.into()).await {
-                                    return disk_error(&e);
+                        self.spawn(
+                            &tx,
+                            permit,
+                            h.cookie,
+                            offset,
+                            false,
+                            move |d: Disk| async move {
+                                if len > 0 {
+                                    if let Err(e) = d.trim(offset, len.into()).await {
+                                        return disk_error(&e);
+                                    }
                                 }
-                            }
-                            if fua {
-                                flush(&d).await
-                            } else {
-                                Outcome::Ok
-                            }
-                        });
+                                if fua {
+                                    flush(&d).await
+                                } else {
+                                    Outcome::Ok
+                                }
+                            },
+                        );
                     }
                     Ok(Command::WriteZeroes {
                         offset,
@@ -239,18 +264,27 @@ impl Server {
                     }) => {
                         // FAST_ZERO: on a regular file, zeroing is a fallocate (fast), so
                         // we always attempt it; the disk layer reports ENOTSUP otherwise.
-                        self.spawn(&tx, permit, h.cookie, offset, false, move |d: Disk| async move {
-                            if len > 0 {
-                                if let Err(e) = d.write_zeroes(offset, len.into(), !no_hole).await {
-                                    return disk_error(&e);
+                        self.spawn(
+                            &tx,
+                            permit,
+                            h.cookie,
+                            offset,
+                            false,
+                            move |d: Disk| async move {
+                                if len > 0 {
+                                    if let Err(e) =
+                                        d.write_zeroes(offset, len.into(), !no_hole).await
+                                    {
+                                        return disk_error(&e);
+                                    }
                                 }
-                            }
-                            if fua {
-                                flush(&d).await
-                            } else {
-                                Outcome::Ok
-                            }
-                        });
+                                if fua {
+                                    flush(&d).await
+                                } else {
+                                    Outcome::Ok
+                                }
+                            },
+                        );
                     }
                 }
             }
@@ -326,45 +360,80 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 }
                 Outcome::Data(b) => {
                     let len = b.as_ref().map_or(0, |b| b.len() as u32);
-                    codec::encode_read_reply_header(&mut headers, structured, d.cookie, d.offset, len)
+                    codec::encode_read_reply_header(
+                        &mut headers,
+                        structured,
+                        d.cookie,
+                        d.offset,
+                        len,
+                    )
                 }
             }
             ends.push(headers.len());
         }
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        let mut start = 0;
-        let mut pending_hdr = 0..0;
+        // Headers are contiguous in `headers`; runs of them go out as one slice, split only
+        // where read data sits between them.
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+        let mut run_start = 0;
         for (d, &end) in batch.iter().zip(&ends) {
-            // Adjacent headers without data between them go out as one slice.
-            pending_hdr = if pending_hdr.is_empty() { start..end } else { pending_hdr.start..end };
-            start = end;
             if let Outcome::Data(Some(b)) = &d.outcome {
                 if !b.is_empty() {
-                    iov.push(IoSlice::new(headers.get(pending_hdr.clone()).unwrap_or(&[])));
-                    iov.push(IoSlice::new(b));
-                    pending_hdr = end..end;
+                    parts.push(headers.get(run_start..end).unwrap_or_default());
+                    parts.push(b);
+                    run_start = end;
                 }
             }
         }
-        if !pending_hdr.is_empty() {
-            iov.push(IoSlice::new(headers.get(pending_hdr).unwrap_or(&[])));
+        if run_start < headers.len() {
+            parts.push(headers.get(run_start..).unwrap_or_default());
         }
-        write_all_vectored(&mut wr, &mut iov).await?;
+        let mut iov = Vec::with_capacity(parts.len().min(MAX_IOV));
+        write_all_vectored(&mut wr, &parts, &mut iov).await?;
         drop(iov);
+        drop(parts);
         batch.clear();
     }
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
+/// Write all of `parts` with as few vectored writes as the socket allows.
+async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
     wr: &mut W,
-    mut iov: &mut [IoSlice<'_>],
+    parts: &[&'a [u8]],
+    iov: &mut Vec<IoSlice<'a>>,
 ) -> io::Result<()> {
-    while !iov.is_empty() {
-        let n = wr.write_vectored(iov).await?;
+    let (mut i, mut off) = (0, 0);
+    while i < parts.len() {
+        iov.clear();
+        iov.extend(
+            parts
+                .get(i..)
+                .unwrap_or_default()
+                .iter()
+                .take(MAX_IOV)
+                .enumerate()
+                .map(|(k, p)| {
+                    IoSlice::new(if k == 0 {
+                        p.get(off..).unwrap_or_default()
+                    } else {
+                        p
+                    })
+                }),
+        );
+        let mut n = wr.write_vectored(iov).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        IoSlice::advance_slices(&mut iov, n);
+        // Skip what was written: whole parts, then a partial one.
+        while let Some(p) = parts.get(i) {
+            let left = p.len() - off;
+            if n < left {
+                off += n;
+                break;
+            }
+            n -= left;
+            i += 1;
+            off = 0;
+        }
     }
     Ok(())
 }

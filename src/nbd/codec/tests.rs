@@ -459,7 +459,7 @@ proptest! {
     fn reply_round_trip(cookie in any::<u64>(), offset in any::<u64>(), len in 0u32..5000, structured in any::<bool>(), err in 1u32..200) {
         let mut b = Vec::new();
         encode_read_reply_header(&mut b, structured, cookie, offset, len);
-        b.extend(std::iter::repeat_n(0xa5u8, len as usize));
+        b.resize(b.len() + len as usize, 0xa5);
         encode_error_reply(&mut b, structured, true, cookie ^ 1, err);
         let (r, data, used) = decode_reply(&b, len as usize).unwrap().unwrap();
         match r {

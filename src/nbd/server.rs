@@ -29,6 +29,8 @@ const PERMIT_UNIT: usize = 4096;
 const INFLIGHT_BYTES: usize = 128 * 1024 * 1024;
 /// Most iovecs per writev (IOV_MAX is 1024).
 const MAX_IOV: usize = 1024;
+/// A client that connects and never finishes negotiating is dropped after this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection may take to drain its replies at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,6 +40,8 @@ pub enum ServeError {
     Handshake(#[from] codec::HandshakeError),
     #[error("protocol: {0}")]
     Protocol(#[from] codec::FatalError),
+    #[error("client did not finish the handshake within {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
     #[error("socket: {0}")]
     Io(#[from] io::Error),
 }
@@ -92,34 +96,13 @@ impl Server {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = InBuf::new();
-        let mut out = Vec::with_capacity(512);
-        let mut hs = Handshake::new(self.export.clone(), &mut out);
-        let negotiated = loop {
-            if !out.is_empty() {
-                wr.write_all(&out).await?;
-                out.clear();
-            }
-            let (used, status) = hs.feed(buf.data(), &mut out)?;
-            buf.consume(used);
-            match status {
-                HandshakeStatus::Done(n) => break n,
-                HandshakeStatus::Close => {
-                    wr.write_all(&out).await?;
-                    debug!("client aborted the handshake");
-                    return Ok(());
-                }
-                HandshakeStatus::NeedMore => {
-                    if !out.is_empty() {
-                        continue;
-                    }
-                    if buf.fill(&mut rd, &mut shutdown).await? == 0 {
-                        debug!("client left during the handshake");
-                        return Ok(());
-                    }
-                }
-            }
+        let hs = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.handshake(&mut rd, &mut wr, &mut buf, &mut shutdown),
+        );
+        let Some(negotiated) = hs.await.map_err(|_| ServeError::HandshakeTimeout)?? else {
+            return Ok(());
         };
-        wr.write_all(&out).await?;
         debug!(
             structured = negotiated.structured,
             flags = negotiated.flags,
@@ -147,6 +130,50 @@ impl Server {
             Some(Ok(Ok(()))) => {}
         }
         result
+    }
+
+    /// Run the handshake; `None` if the client left or aborted.
+    async fn handshake<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut InBuf,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<codec::Negotiated>, ServeError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = Vec::with_capacity(512);
+        let mut hs = Handshake::new(self.export.clone(), &mut out);
+        loop {
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+                out.clear();
+            }
+            let (used, status) = hs.feed(buf.data(), &mut out)?;
+            buf.consume(used);
+            match status {
+                HandshakeStatus::Done(n) => {
+                    wr.write_all(&out).await?;
+                    return Ok(Some(n));
+                }
+                HandshakeStatus::Close => {
+                    wr.write_all(&out).await?;
+                    debug!("client aborted the handshake");
+                    return Ok(None);
+                }
+                HandshakeStatus::NeedMore => {
+                    if !out.is_empty() {
+                        continue;
+                    }
+                    if buf.fill(rd, shutdown).await? == 0 {
+                        debug!("client left during the handshake");
+                        return Ok(None);
+                    }
+                }
+            }
+        }
     }
 
     async fn read_requests<R: AsyncRead + Unpin>(

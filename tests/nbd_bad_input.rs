@@ -39,6 +39,11 @@ fn out_of_range_and_bad_commands_get_errors_and_connection_survives() {
             assert_eq!(c.reply(0).unwrap(), (3, ENOSPC, vec![]));
             c.send(CMD_WRITE_ZEROES, 0, 4, SIZE - 1, 2, &[]);
             assert_eq!(c.reply(0).unwrap(), (4, ENOSPC, vec![]));
+            // Huge lengths on commands without payload are fine to receive (and refuse).
+            c.send(CMD_WRITE_ZEROES, 0, 40, 0, u32::MAX, &[]);
+            assert_eq!(c.reply(0).unwrap(), (40, ENOSPC, vec![]));
+            c.send(CMD_TRIM, 0, 41, 0, 1 << 30, &[]);
+            assert_eq!(c.reply(0).unwrap(), (41, EINVAL, vec![]));
             // Unknown command, unknown flag, flag on the wrong command.
             c.send(77, 0, 5, 0, 0, &[]);
             assert_eq!(c.reply(0).unwrap(), (5, EINVAL, vec![]));

@@ -27,6 +27,7 @@ const READ_BUF: usize = 256 * 1024;
 /// units of `PERMIT_UNIT`. Bounds memory; a client sending faster just waits.
 const PERMIT_UNIT: usize = 4096;
 const INFLIGHT_BYTES: usize = 128 * 1024 * 1024;
+const MAX_PERMITS: usize = INFLIGHT_BYTES / PERMIT_UNIT;
 /// Most iovecs per writev (IOV_MAX is 1024).
 const MAX_IOV: usize = 1024;
 /// A client that connects and never finishes negotiating is dropped after this long.
@@ -184,11 +185,17 @@ impl Server {
         t: Transmission,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ServeError> {
-        let permits = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
+        let permits = Arc::new(Semaphore::new(MAX_PERMITS));
         loop {
             while let Some(h) = codec::parse_header(buf.data())? {
                 buf.consume(REQUEST_HEADER_LEN);
-                let units = (h.len as usize).div_ceil(PERMIT_UNIT).clamp(1, 1 << 16) as u32;
+                // Only READ/WRITE hold buffers (≤ MAX_PAYLOAD, checked by parse_header);
+                // TRIM/WRITE_ZEROES lengths may be huge but cost no memory.
+                let units = if matches!(h.kind, proto::CMD_READ | proto::CMD_WRITE) {
+                    (h.len as usize).div_ceil(PERMIT_UNIT).clamp(1, MAX_PERMITS) as u32
+                } else {
+                    1
+                };
                 let permit = tokio::select! {
                     p = permits.clone().acquire_many_owned(units) => p.ok(),
                     _ = shutdown.wait_for(|s| *s) => return Ok(()),

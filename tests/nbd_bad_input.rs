@@ -261,6 +261,8 @@ fn stale_socket_is_replaced_but_live_one_is_not() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // --size 1M created the file at exactly that size.
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20);
     // A second server on the same live socket must refuse and leave it alone.
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_twinblk"))
         .args(["serve", "--size", "1M", "--listen"])

@@ -1,1 +1,179 @@
+//! `twinblk serve`: export one disk over NBD until SIGINT/SIGTERM.
 
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::addr::ListenAddr;
+use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::nbd::server::{run_connection, Connections, Server};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub disk: PathBuf,
+    pub listen: ListenAddr,
+    pub export: String,
+    pub disk_options: DiskOptions,
+    /// 0: a current-thread runtime; otherwise that many worker threads.
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("opening disk: {0}")]
+    Disk(#[from] DiskError),
+    #[error("{path}: another server is listening on this socket; stop it or pick another path")]
+    SocketInUse { path: PathBuf },
+    #[error("{path}: exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: ListenAddr, source: io::Error },
+    #[error("starting the runtime: {0}")]
+    Runtime(io::Error),
+    #[error("flushing the disk at exit: {0}")]
+    Flush(DiskError),
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            if let Err(e) = std::fs::remove_file(&*path) {
+                warn!("removing {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Remove a socket file left by a dead server; refuse if a live one answers there.
+fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ServeError::SocketInUse {
+            path: path.to_owned(),
+        });
+    }
+    info!("removing stale socket {}", path.display());
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
+    let err = |source| ServeError::Listen {
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Unix(path) => {
+            clear_stale_socket(path)?;
+            let l = UnixListener::bind(path).map_err(err)?;
+            Ok(Listener::Unix(l, path.clone()))
+        }
+        ListenAddr::Tcp(hp) => Ok(Listener::Tcp(
+            TcpListener::bind(hp.as_str()).await.map_err(err)?,
+        )),
+    }
+}
+
+/// Run the server in the foreground; returns after a signal, once in-flight requests are done
+/// and the disk is flushed.
+pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    let rt = if cfg.threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(ServeError::Runtime)?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let disk = Disk::open(&cfg.disk, &cfg.disk_options)?;
+    let description = format!("twinblk {}", cfg.disk.display());
+    let server = Server::new(disk.clone(), cfg.export.clone(), description);
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+    let listener = bind(&cfg.listen).await?;
+    let shown = match &listener {
+        Listener::Tcp(l) => l
+            .local_addr()
+            .map(|a| format!("tcp:{a}"))
+            .unwrap_or_else(|_| cfg.listen.to_string()),
+        Listener::Unix(..) => cfg.listen.to_string(),
+    };
+    info!(
+        "serving {} ({} bytes{}) as export {:?} on {shown}",
+        cfg.disk.display(),
+        disk.size(),
+        if disk.read_only() { ", read-only" } else { "" },
+        cfg.export
+    );
+    // Tests and scripts wait for this line.
+    println!("listening on {shown}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = Connections::new();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = accept(&listener) => match r {
+                Ok(Accepted::Unix(s)) => {
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(run_connection(server.clone(), rd, wr, "unix".into(), stop_rx.clone()));
+                }
+                Ok(Accepted::Tcp(s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(run_connection(server.clone(), rd, wr, peer.to_string(), stop_rx.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    drop(server);
+    disk.flush().await.map_err(ServeError::Flush)?;
+    info!("disk flushed; exiting");
+    Ok(())
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+async fn accept(l: &Listener) -> io::Result<Accepted> {
+    match l {
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+    }
+}

@@ -2,6 +2,165 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::addr::ListenAddr;
+use crate::disk::{CacheMode, DiskOptions, EngineKind};
+use crate::serve::ServeConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twinblk",
+    version,
+    about = "A replicated block device in userspace"
+)]
+struct Cli {
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `twinblk=debug`). Default: $RUST_LOG, else info.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a file or block device over NBD (no replication) until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The file or block device to export.
+    #[arg(long, value_name = "PATH")]
+    disk: std::path::PathBuf,
+    /// Where to listen: unix:/path (or a bare path) or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    listen: ListenAddr,
+    /// Create or extend a regular file to this size (suffixes K, M, G, T: powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    size: Option<u64>,
+    /// Export read-only: writes fail with EPERM.
+    #[arg(long)]
+    read_only: bool,
+    /// The export's name; clients may also use the empty name.
+    #[arg(long, value_name = "NAME", default_value = "twinblk")]
+    export: String,
+    /// Page cache use: none (O_DIRECT) or writeback.
+    #[arg(long, value_enum, default_value_t = Cache::None)]
+    cache: Cache,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = Engine::Uring)]
+    engine: Engine,
+    /// Runtime worker threads; 0 runs everything on one thread.
+    #[arg(long, default_value_t = 0, hide = true)]
+    threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Cache {
+    None,
+    Writeback,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Engine {
+    Uring,
+    Threads,
+}
+
+/// Parse a byte count with an optional binary suffix: 4096, 512K, 1G, 2T (also KiB/MiB/GiB/TiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown suffix {suffix:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).with_context(|| format!("--log-level {l:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let cfg = ServeConfig {
+        disk: a.disk,
+        listen: a.listen,
+        export: a.export,
+        disk_options: DiskOptions {
+            cache: match a.cache {
+                Cache::None => CacheMode::None,
+                Cache::Writeback => CacheMode::Writeback,
+            },
+            read_only: a.read_only,
+            size: a.size,
+            engine: match a.engine {
+                Engine::Uring => EngineKind::Uring,
+                Engine::Threads => EngineKind::Threads,
+            },
+        },
+        threads: a.threads,
+    };
+    crate::serve::run(cfg)?;
+    Ok(())
+}
+
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("twinblk: {e:#}");
+        return ExitCode::from(2);
+    }
+    let r = match cli.command {
+        Command::Serve(a) => serve(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

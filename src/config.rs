@@ -21,6 +21,7 @@
 //! because the person reading it is usually an operator at a console, not a developer.
 //! README.config.md documents every key; keep it in step with the defaults below.
 
+use crate::addr::ListenAddr;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -62,15 +63,6 @@ pub enum Protocol {
     Async,
 }
 
-/// Where the NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdListen {
-    /// `unix:/path/to/socket`
-    Unix(PathBuf),
-    /// `tcp:host:port`
-    Tcp(SocketAddr),
-}
-
 /// A validated resource file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -101,7 +93,7 @@ pub struct Node {
     pub name: String,
     pub address: SocketAddr,
     pub disk: PathBuf,
-    pub nbd: NbdListen,
+    pub nbd: ListenAddr,
     pub admin: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -461,19 +453,12 @@ fn valid_pin(s: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn parse_nbd(s: &str) -> Result<NbdListen, String> {
-    if let Some(p) = s.strip_prefix("unix:") {
-        if p.is_empty() {
-            return Err("the unix socket path is empty".into());
-        }
-        Ok(NbdListen::Unix(PathBuf::from(p)))
-    } else if let Some(a) = s.strip_prefix("tcp:") {
-        a.parse()
-            .map(NbdListen::Tcp)
-            .map_err(|_| format!("{a:?} is not an IP address with a port"))
-    } else {
-        Err(format!("{s:?} names no transport"))
+fn parse_nbd(s: &str) -> Result<ListenAddr, String> {
+    // The resource file always names the kind, unlike `serve --listen` where a bare path means unix.
+    if !(s.starts_with("unix:") || s.starts_with("tcp:")) {
+        return Err(format!("{s:?} names no transport"));
     }
+    s.parse().map_err(|e: crate::addr::AddrError| e.to_string())
 }
 
 /// Parses `"4096"`, `"512K"`, `"64M"`, `"1G"`, `"2T"` (binary multiples; a trailing `B` or `iB` is

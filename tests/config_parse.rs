@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use twinblk::config::{parse_duration, parse_size, Config, ConfigError, NbdListen, Protocol};
+use twinblk::addr::ListenAddr;
+use twinblk::config::{parse_duration, parse_size, Config, ConfigError, Protocol};
 
 const NODE_A: &str = r#"
 [node.alpha]
@@ -56,12 +57,12 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(r.max_mtu, 1452);
     let a = c.node_named("alpha").unwrap();
     assert_eq!(a.address, "127.0.0.1:7789".parse().unwrap());
-    assert_eq!(a.nbd, NbdListen::Unix("/run/twinblk/r0-alpha.nbd".into()));
+    assert_eq!(a.nbd, ListenAddr::Unix("/run/twinblk/r0-alpha.nbd".into()));
     assert_eq!(a.size, None);
     assert_eq!(a.pin, None);
     let b = c.peer_of("alpha").unwrap();
     assert_eq!(b.name, "beta");
-    assert_eq!(b.nbd, NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()));
+    assert_eq!(b.nbd, ListenAddr::Tcp("127.0.0.1:10809".into()));
     assert_eq!(c.peer_of("beta").unwrap().name, "alpha");
 }
 
@@ -251,7 +252,7 @@ fn bad_values_name_key_and_fix() {
                 NODE_A,
                 &NODE_B.replace("tcp:127.0.0.1:10809", "tcp:localhost"),
             ),
-            &["node.beta.nbd", "not an IP address"],
+            &["node.beta.nbd", "needs HOST:PORT"],
         ),
         (
             with("", NODE_A, &NODE_B.replace("tcp:127.0.0.1:10809", "unix:")),

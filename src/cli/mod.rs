@@ -28,6 +28,21 @@ struct Cli {
 enum Command {
     /// Export a file or block device over NBD (no replication) until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Generate this node's QUIC/TLS identity (NAME.key, NAME.crt) and print its SHA-256 pin.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// The node's name, as in the resource file's `[node.NAME]` (the certificate's CN).
+    #[arg(long)]
+    name: String,
+    /// Directory for NAME.key (mode 0600) and NAME.crt.
+    #[arg(long, value_name = "DIR", default_value = "/etc/twinblk")]
+    out: std::path::PathBuf,
+    /// Replace existing NAME.key/NAME.crt (the peer's pin must then be updated).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,7 +54,7 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     listen: ListenAddr,
     /// Create or extend a regular file to this size (suffixes K, M, G, T: powers of 1024).
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = crate::config::parse_size)]
     size: Option<u64>,
     /// Export read-only: writes fail with EPERM.
     #[arg(long)]
@@ -68,30 +83,6 @@ enum Cache {
 enum Engine {
     Uring,
     Threads,
-}
-
-/// Parse a byte count with an optional binary suffix: 4096, 512K, 1G, 2T (also KiB/MiB/GiB/TiB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with an optional K/M/G/T suffix"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown suffix {suffix:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -130,6 +121,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let (key, crt, pin) = crate::net::keys::keygen(&a.name, &a.out, a.force)?;
+    eprintln!("wrote {} and {}", key.display(), crt.display());
+    println!("{pin}");
+    Ok(())
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
@@ -138,6 +137,7 @@ pub fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Serve(a) => serve(a),
+        Command::Keygen(a) => keygen(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,22 +145,5 @@ pub fn main() -> ExitCode {
             eprintln!("twinblk: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("1gib"), Ok(1 << 30));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

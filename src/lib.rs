@@ -9,3 +9,5 @@ pub mod cli;
 pub mod disk;
 pub mod nbd;
 pub mod serve;
+#[cfg(target_os = "linux")]
+pub mod ublk_target;

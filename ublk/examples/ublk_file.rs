@@ -167,6 +167,13 @@ fn main() {
     use std::io::Write;
     use std::sync::Arc;
 
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage =
         "usage: ublk_file FILE [--size BYTES] [--queues N] [--depth N] [--recover ID] [--inline]";

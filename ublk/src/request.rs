@@ -48,6 +48,10 @@ pub fn decode(
     buf_len: usize,
 ) -> Result<Request, i32> {
     let op = op_flags & 0xff;
+    if op == OP_FLUSH {
+        // A flush carries no range: its sector fields are whatever the block layer left there.
+        return Ok(Request::Flush);
+    }
     let offset = start_sector
         .checked_mul(1 << SECTOR_SHIFT)
         .ok_or(libc_errno::EINVAL)?;
@@ -72,7 +76,6 @@ pub fn decode(
                 }
             })
         }
-        OP_FLUSH => Ok(Request::Flush),
         OP_DISCARD | OP_WRITE_ZEROES => {
             if !in_range(len) {
                 return Err(libc_errno::EIO);
@@ -174,6 +177,11 @@ mod tests {
     #[test]
     fn decodes_flush_discard_write_zeroes() {
         assert_eq!(decode(OP_FLUSH, 0, 0, SIZE, BUF), Ok(Request::Flush));
+        // Seen on a real kernel: a flush's sector fields are not meaningful and may be anything.
+        assert_eq!(
+            decode(OP_FLUSH, u64::MAX, u32::MAX, SIZE, BUF),
+            Ok(Request::Flush)
+        );
         // Discard and write-zeroes are not limited by the data buffer.
         assert_eq!(
             decode(OP_DISCARD, 0, 2048, SIZE, BUF),

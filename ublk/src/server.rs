@@ -243,18 +243,23 @@ pub fn serve<T: BlockTarget>(
         tracing::info!(%path, "stopping ublk device");
     }
     // Stopping aborts every queue's pending commands, which ends the queue threads.
-    if let Err(e) = ctrl.kill_dev() {
-        tracing::debug!("ublk STOP_DEV: {e}");
+    match ctrl.kill_dev() {
+        Ok(_) => tracing::debug!("ublk STOP_DEV done"),
+        Err(e) => tracing::debug!("ublk STOP_DEV: {e}"),
     }
     for t in threads {
         if t.join().is_err() {
             tracing::error!("a ublk queue thread panicked");
         }
     }
+    tracing::debug!("ublk queue threads ended");
     let _ = ctrl.stop_dev();
+    // DEL_DEV waits until the char device /dev/ublkcN is closed, and `dev` holds it open.
+    drop(dev);
     // A control created with ADD_DEV deletes on drop; a recovered one does not: delete it here.
-    if let Err(e) = ctrl.del_dev() {
-        tracing::debug!("ublk DEL_DEV: {e}");
+    match ctrl.del_dev() {
+        Ok(_) => tracing::debug!("ublk DEL_DEV done"),
+        Err(e) => tracing::debug!("ublk DEL_DEV: {e}"),
     }
     started.map(|_| ())
 }

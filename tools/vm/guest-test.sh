@@ -180,7 +180,8 @@ for stage in $STAGES; do
             ;;
         *) status=FAIL; detail="unknown stage"; rc=1 ;;
     esac
-    echo "TWINBLK-VM-RESULT stage=$stage status=$status secs=$(($(date +%s) - start))"
+    extra=""; [ "$status" = SKIP ] && extra=" $detail"
+    echo "TWINBLK-VM-RESULT stage=$stage status=$status secs=$(($(date +%s) - start))$extra"
     if [ "$status" = FAIL ]; then
         {
             echo "$detail" | grep -v -E '^TWINBLK-VM-PERF'

@@ -12,3 +12,5 @@ pub mod disk;
 pub mod nbd;
 pub mod net;
 pub mod serve;
+#[cfg(target_os = "linux")]
+pub mod ublk_target;

@@ -1,0 +1,177 @@
+//! twinblk's disk as a ublk block target: `twinblk_ublk::BlockTarget` for [`Disk`].
+//!
+//! ublk queue threads run their own single-threaded executor, not tokio, so every disk call is
+//! spawned on the given tokio runtime and its result comes back over a oneshot channel (which any
+//! executor can await). Data is copied between the ublk request buffer and the disk's aligned
+//! buffers: the request buffer belongs to the queue, the disk wants its own.
+
+use crate::disk::{Disk, DiskError};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+use twinblk_ublk::{BlockTarget, IoFuture, UblkError, UblkOptions};
+
+pub struct DiskTarget {
+    disk: Disk,
+    rt: Handle,
+}
+
+impl DiskTarget {
+    pub fn new(disk: Disk, rt: Handle) -> DiskTarget {
+        DiskTarget { disk, rt }
+    }
+
+    /// Run `io` on the runtime; resolves to its result, or EIO if the runtime dropped it.
+    fn on_runtime<T: Send + 'static>(
+        &self,
+        io: impl Future<Output = Result<T, DiskError>> + Send + 'static,
+    ) -> impl Future<Output = Result<T, i32>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(io.await);
+        });
+        async move {
+            match rx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => {
+                    tracing::warn!("ublk request failed: {e}");
+                    Err(e.errno())
+                }
+                Err(_) => Err(libc::EIO),
+            }
+        }
+    }
+}
+
+impl BlockTarget for DiskTarget {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn logical_block_size(&self) -> u32 {
+        self.disk.block_size()
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a> {
+        let Ok(len) = u32::try_from(buf.len()) else {
+            return Box::pin(async { Err(libc::EINVAL) });
+        };
+        let disk = self.disk.clone();
+        let io = self.on_runtime(async move { disk.read(offset, len).await });
+        Box::pin(async move {
+            let data = io.await?;
+            match data.get(..buf.len()) {
+                Some(d) => {
+                    buf.copy_from_slice(d);
+                    Ok(())
+                }
+                None => Err(libc::EIO),
+            }
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, data: &'a [u8], fua: bool) -> IoFuture<'a> {
+        if self.disk.read_only() {
+            return Box::pin(async { Err(libc::EROFS) });
+        }
+        let mut b = self.disk.alloc(data.len());
+        b.copy_from_slice(data);
+        let disk = self.disk.clone();
+        Box::pin(self.on_runtime(async move { disk.write(offset, b, fua).await }))
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        let disk = self.disk.clone();
+        Box::pin(self.on_runtime(async move { disk.flush().await }))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        if self.disk.read_only() {
+            return Box::pin(async { Err(libc::EROFS) });
+        }
+        let disk = self.disk.clone();
+        Box::pin(self.on_runtime(async move { disk.trim(offset, len).await }))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
+        if self.disk.read_only() {
+            return Box::pin(async { Err(libc::EROFS) });
+        }
+        let disk = self.disk.clone();
+        Box::pin(self.on_runtime(async move { disk.write_zeroes(offset, len, may_unmap).await }))
+    }
+}
+
+/// Expose `disk` as `/dev/ublkbN` until stopped, then delete the device (see
+/// [`twinblk_ublk::serve`]). Blocks the calling thread: call it from a plain thread or
+/// `spawn_blocking`, never from inside an async task. `rt` runs the disk I/O.
+pub fn serve_ublk(
+    disk: Disk,
+    rt: Handle,
+    opts: &UblkOptions,
+    ready: impl FnOnce(&str),
+) -> Result<(), UblkError> {
+    twinblk_ublk::serve(Arc::new(DiskTarget::new(disk, rt)), opts, ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+
+    /// Drive the target's futures from a plain thread (as a ublk queue does), with the disk I/O
+    /// on a tokio runtime, against a real file.
+    #[test]
+    fn disk_target_round_trips_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let disk = Disk::open(
+            &path,
+            &DiskOptions {
+                size: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = DiskTarget::new(disk, rt.handle().clone());
+        assert_eq!(t.size(), 1 << 20);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        // Not inside the runtime: this thread has no tokio context, like a ublk queue thread.
+        futures_block_on(t.write(4096, &data, true)).unwrap();
+        futures_block_on(t.flush()).unwrap();
+        let mut back = vec![0u8; 8192];
+        futures_block_on(t.read(4096, &mut back)).unwrap();
+        assert_eq!(back, data);
+        futures_block_on(t.write_zeroes(4096, 4096, false)).unwrap();
+        futures_block_on(t.read(4096, &mut back)).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&back[4096..], &data[4096..]);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[8192..12288], &data[4096..]);
+    }
+
+    /// A minimal block_on for the test: park the thread until woken.
+    fn futures_block_on<F: Future>(f: F) -> F::Output {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+}

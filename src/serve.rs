@@ -16,7 +16,9 @@ use crate::nbd::server::{run_connection, Connections, Server};
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub disk: PathBuf,
-    pub listen: ListenAddr,
+    /// NBD listen address; `None` when only a ublk device is served.
+    pub listen: Option<ListenAddr>,
+    pub ublk: Option<UblkConfig>,
     pub export: String,
     pub disk_options: DiskOptions,
     /// 0: a current-thread runtime; otherwise that many worker threads.
@@ -37,6 +39,17 @@ pub enum ServeError {
     Runtime(io::Error),
     #[error("flushing the disk at exit: {0}")]
     Flush(DiskError),
+    #[error("ublk: {0}")]
+    Ublk(#[from] twinblk_ublk::UblkError),
+}
+
+/// What `serve --ublk` needs besides the disk.
+#[derive(Debug, Clone, Default)]
+pub struct UblkConfig {
+    pub queues: u16,
+    pub depth: u16,
+    /// Re-attach to the existing /dev/ublkbN left by a crashed server.
+    pub recover: Option<i32>,
 }
 
 enum Listener {
@@ -94,6 +107,9 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
 /// Run the server in the foreground; returns after a signal, once in-flight requests are done
 /// and the disk is flushed.
 pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    if let Some(ublk) = cfg.ublk.clone() {
+        return run_ublk(cfg, ublk);
+    }
     let rt = if cfg.threads == 0 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -108,19 +124,74 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     rt.block_on(serve(cfg))
 }
 
+/// `serve --ublk`: the ublk queues run on their own threads (libublk's executor) and hand each
+/// request to the disk on a multi-thread runtime; this thread blocks in the ublk server until a
+/// signal stops it, then flushes. The device is deleted on the way out (or left for `--recover`
+/// if the process is killed).
+#[cfg(target_os = "linux")]
+fn run_ublk(cfg: ServeConfig, u: UblkConfig) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let disk = rt.block_on(async { Disk::open(&cfg.disk, &cfg.disk_options) })?;
+    let stop = twinblk_ublk::StopHandle::new().map_err(ServeError::Runtime)?;
+    let opts = twinblk_ublk::UblkOptions {
+        queues: u.queues,
+        depth: u.depth,
+        recover: u.recover,
+        handle_signals: false,
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
+    let signals = rt.block_on(async {
+        let term = signal(SignalKind::terminate())?;
+        let int = signal(SignalKind::interrupt())?;
+        Ok::<_, io::Error>((term, int))
+    });
+    let (mut sigterm, mut sigint) = signals.map_err(ServeError::Runtime)?;
+    rt.spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+        }
+        stop.stop();
+    });
+    let path = cfg.disk.display().to_string();
+    let size = disk.size();
+    let served = crate::ublk_target::serve_ublk(disk.clone(), rt.handle().clone(), &opts, |dev| {
+        info!("serving {path} ({size} bytes) as {dev}");
+        // Tests and scripts wait for this line.
+        println!("ublk device {dev}");
+    });
+    rt.block_on(disk.flush()).map_err(ServeError::Flush)?;
+    served?;
+    info!("disk flushed; exiting");
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_ublk(_cfg: ServeConfig, _u: UblkConfig) -> Result<(), ServeError> {
+    Err(twinblk_ublk::UblkError::Unsupported.into())
+}
+
 async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let Some(listen) = cfg.listen.clone() else {
+        return Ok(());
+    };
     let disk = Disk::open(&cfg.disk, &cfg.disk_options)?;
     let description = format!("twinblk {}", cfg.disk.display());
     let server = Server::new(disk.clone(), cfg.export.clone(), description);
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
-    let listener = bind(&cfg.listen).await?;
+    let listener = bind(&listen).await?;
     let shown = match &listener {
         Listener::Tcp(l) => l
             .local_addr()
             .map(|a| format!("tcp:{a}"))
-            .unwrap_or_else(|_| cfg.listen.to_string()),
-        Listener::Unix(..) => cfg.listen.to_string(),
+            .unwrap_or_else(|_| listen.to_string()),
+        Listener::Unix(..) => listen.to_string(),
     };
     info!(
         "serving {} ({} bytes{}) as export {:?} on {shown}",

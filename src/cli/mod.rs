@@ -51,8 +51,22 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     disk: std::path::PathBuf,
     /// Where to listen: unix:/path (or a bare path) or tcp:HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
-    listen: ListenAddr,
+    #[arg(long, value_name = "ADDR", required_unless_present = "ublk")]
+    listen: Option<ListenAddr>,
+    /// Serve the disk as a kernel block device /dev/ublkbN (Linux >= 6.0, module ublk_drv)
+    /// instead of over NBD.
+    #[arg(long, conflicts_with = "listen")]
+    ublk: bool,
+    /// ublk: hardware queues (one serving thread each).
+    #[arg(long, default_value_t = 1, requires = "ublk")]
+    queues: u16,
+    /// ublk: requests in flight per queue.
+    #[arg(long, default_value_t = 64, requires = "ublk")]
+    depth: u16,
+    /// ublk: re-attach to /dev/ublkbN left by a crashed server (the file system on it only
+    /// sees a pause).
+    #[arg(long, value_name = "N", requires = "ublk")]
+    recover: Option<i32>,
     /// Create or extend a regular file to this size (suffixes K, M, G, T: powers of 1024).
     #[arg(long, value_name = "BYTES", value_parser = crate::config::parse_size)]
     size: Option<u64>,
@@ -102,6 +116,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig {
         disk: a.disk,
         listen: a.listen,
+        ublk: a.ublk.then_some(crate::serve::UblkConfig {
+            queues: a.queues,
+            depth: a.depth,
+            recover: a.recover,
+        }),
         export: a.export,
         disk_options: DiskOptions {
             cache: match a.cache {
@@ -129,6 +148,22 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The error and its causes, each said once: our error types already put their source into
+/// their own message, so printing the whole chain would repeat it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+    }
+    out
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
@@ -142,7 +177,7 @@ pub fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("twinblk: {e:#}");
+            eprintln!("twinblk: {}", describe(&e));
             ExitCode::FAILURE
         }
     }

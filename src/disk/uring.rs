@@ -64,24 +64,6 @@ impl Uring {
     /// Sets up the ring; fails (so the caller can fall back to threads) if io_uring is missing,
     /// forbidden, or lacks an opcode we need.
     pub fn new(file: Arc<File>, is_block_device: bool) -> io::Result<Uring> {
-        let ring: IoUring = IoUring::builder().build(RING_ENTRIES)?;
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for code in [
-            opcode::Read::CODE,
-            opcode::Write::CODE,
-            opcode::Fsync::CODE,
-            opcode::Fallocate::CODE,
-            opcode::PollAdd::CODE,
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring opcode {code} not supported by this kernel"),
-                ));
-            }
-        }
-        ring.submitter().register_files(&[file.as_raw_fd()])?;
         // SAFETY: eventfd returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -102,10 +84,24 @@ impl Uring {
         } else {
             None
         };
+        // The ring is created on its own thread: with SINGLE_ISSUER only the creating thread may
+        // submit.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let tq = q.clone();
         thread::Builder::new()
             .name("twinblk-uring".into())
-            .spawn(move || RingThread::new(ring, tq, file).run())?;
+            .spawn(move || match setup_ring(&file) {
+                Ok(ring) => {
+                    let _ = ready_tx.send(Ok(()));
+                    RingThread::new(ring, tq, file).run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("io_uring thread died during setup")))?;
         Ok(Uring { q, aux })
     }
 
@@ -137,6 +133,38 @@ impl Drop for Uring {
         self.q.lock().shutdown = true;
         self.q.wake();
     }
+}
+
+/// Builds the ring (with the flags that cut completion overhead for a single dedicated thread,
+/// when the kernel has them), checks the opcodes we need, and registers the file.
+fn setup_ring(file: &File) -> io::Result<IoUring> {
+    let ring: IoUring = match IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+    {
+        Ok(r) => r,
+        // Kernels before 6.1: plain ring.
+        Err(_) => IoUring::builder().build(RING_ENTRIES)?,
+    };
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [
+        opcode::Read::CODE,
+        opcode::Write::CODE,
+        opcode::Fsync::CODE,
+        opcode::Fallocate::CODE,
+        opcode::PollAdd::CODE,
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring opcode {code} not supported by this kernel"),
+            ));
+        }
+    }
+    ring.submitter().register_files(&[file.as_raw_fd()])?;
+    Ok(ring)
 }
 
 struct InFlight {

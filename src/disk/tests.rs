@@ -572,10 +572,9 @@ fn errno_mapping() {
 }
 
 #[test]
-fn uring_default_engine_is_usable() {
+fn default_engine_is_usable() {
     let f = tmpfile();
     let d = Disk::open(f.path(), &opts(EngineKind::default(), 1 << 20)).unwrap();
-    // On this kernel io_uring works; elsewhere the fallback must still serve I/O.
     rt().block_on(async {
         d.write(0, d.alloc(4096), false).await.unwrap();
         d.read(0, 4096).await.unwrap();

@@ -6,6 +6,8 @@
 
 pub mod addr;
 pub mod cli;
+pub mod core;
 pub mod disk;
 pub mod nbd;
 pub mod serve;
+pub mod wire;

@@ -289,7 +289,9 @@ pub enum Action {
     },
     Emit(StateChange),
     SaveMeta(Meta),
+    /// Close connection `conn` (the core already treats it as gone).
     CloseConnection {
+        conn: u64,
         reason: String,
     },
     AdminDone {
@@ -429,7 +431,9 @@ pub struct Replica {
     max_peer_gen: u64,
     last_refusal: Option<String>,
     reqs: HashMap<ReqId, ClientReq>,
-    admit_q: VecDeque<(ReqId, Op)>,
+    /// Requests waiting for admission, each with "a write completed since the previous
+    /// submission" (an epoch boundary is decided at submission, not at admission).
+    admit_q: VecDeque<(ReqId, Op, bool)>,
     issue_q: VecDeque<Issue>,
     epoch: u64,
     epoch_has_writes: bool,
@@ -691,14 +695,15 @@ impl Replica {
             });
             return;
         }
-        self.admit_q.push_back((req, op));
+        let boundary = std::mem::take(&mut self.completion_seen);
+        self.admit_q.push_back((req, op, boundary));
         self.admit(out);
     }
 
     /// Moves requests from the admission queue into the issue queue while allowed (not during a
     /// handshake; async: while the send buffer has room).
     fn admit(&mut self, out: &mut Vec<Action>) {
-        while let Some((_, op)) = self.admit_q.front() {
+        while let Some((_, op, _)) = self.admit_q.front() {
             if self.handshaking() {
                 break;
             }
@@ -712,15 +717,15 @@ impl Replica {
                     break;
                 }
             }
-            let Some((req, op)) = self.admit_q.pop_front() else {
+            let Some((req, op, boundary)) = self.admit_q.pop_front() else {
                 break;
             };
-            self.admit_one(req, op, out);
+            self.admit_one(req, op, boundary, out);
         }
         self.pump_issue(out);
     }
 
-    fn admit_one(&mut self, req: ReqId, op: Op, out: &mut Vec<Action>) {
+    fn admit_one(&mut self, req: ReqId, op: Op, boundary: bool, out: &mut Vec<Action>) {
         let (dop, offset, len, data, fua) = match op {
             Op::Flush => {
                 let io = self.new_io(IoKind::ClientFlush { req }, 0, 0);
@@ -741,7 +746,6 @@ impl Replica {
                 });
                 self.epoch += 1;
                 self.epoch_has_writes = false;
-                self.completion_seen = false;
                 return;
             }
             Op::Write { offset, data, fua } => {
@@ -751,16 +755,13 @@ impl Replica {
             Op::Trim { offset, len } => (DataOp::Trim, offset, len, Bytes::new(), false),
             Op::Zero { offset, len } => (DataOp::Zero, offset, len, Bytes::new(), false),
         };
-        if self.completion_seen {
-            if self.epoch_has_writes {
-                self.issue_q.push_back(Issue::Barrier {
-                    epoch: self.epoch,
-                    flush_req: None,
-                });
-                self.epoch += 1;
-                self.epoch_has_writes = false;
-            }
-            self.completion_seen = false;
+        if boundary && self.epoch_has_writes {
+            self.issue_q.push_back(Issue::Barrier {
+                epoch: self.epoch,
+                flush_req: None,
+            });
+            self.epoch += 1;
+            self.epoch_has_writes = false;
         }
         self.epoch_has_writes = true;
         self.reqs.insert(
@@ -1109,7 +1110,7 @@ impl Replica {
             disk: self.disk,
             current_gen: self.current_gen,
             bitmap_gen: self.bitmap_gen,
-            bitmap_known: self.bitmap_known || self.bitmap_gen.is_none() && !self.crashed_primary,
+            bitmap_known: self.bitmap_known,
             dirty: !self.bitmap.is_clean(),
             crashed_primary: self.crashed_primary,
         }
@@ -1118,6 +1119,7 @@ impl Replica {
     fn connection_up(&mut self, conn: u64, out: &mut Vec<Action>) {
         if !self.want_connect {
             out.push(Action::CloseConnection {
+                conn,
                 reason: "administratively disconnected: run `twinblk connect`".into(),
             });
             return;
@@ -1152,11 +1154,12 @@ impl Replica {
 
     /// Closes the current connection from our side.
     fn close(&mut self, reason: &str, out: &mut Vec<Action>) {
-        if self.conn.is_none() {
+        let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
             return;
-        }
+        };
         tracing::warn!(resource = %self.cfg.resource, reason, "closing peer connection");
         out.push(Action::CloseConnection {
+            conn,
             reason: reason.to_owned(),
         });
         self.lose_connection(reason, out);

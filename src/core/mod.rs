@@ -960,14 +960,25 @@ impl Replica {
                     }
                     r.local = false;
                 }
-                if result.is_err() {
-                    // The peer may have it and we do not: resync the region on reconnect.
+                let failed = result.is_err();
+                if failed {
+                    // The peer may have it and we do not: the region must be resynced, and only
+                    // a new handshake starts a resync, so drop the connection (it reconnects).
                     self.bitmap.set_bytes(offset, len);
                     if self.bitmap_gen.is_none() {
                         self.bitmap_gen = Some(self.current_gen);
                     }
                 }
                 self.try_complete(req, out);
+                if failed && self.conn.is_some() {
+                    self.close(
+                        &format!(
+                            "local write failed at offset {offset} (+{len}): reconnecting to \
+                             resync the region; check this node's backing disk"
+                        ),
+                        out,
+                    );
+                }
                 self.pump_issue(out);
             }
             IoKind::ClientFlush { req } => {

@@ -7,7 +7,7 @@ pub mod oracle;
 pub mod rng;
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use twinblk::core::{
@@ -126,10 +126,12 @@ pub struct World {
     outstanding: HashMap<u64, ClientReq>,
     next_req: u64,
     oracle: Oracle,
-    replicated_tags: HashSet<u64>,
+    /// Tags of writes shipped by the primary -> connection epoch they were shipped in.
+    replicated_tags: HashMap<u64, u64>,
     /// Bumped whenever the primary's connection changes (flush confirmation bookkeeping).
     conn_epoch: u64,
     healing: bool,
+    b_prev_repl: ReplState,
     trace: Vec<String>,
     pub events: u64,
 }
@@ -170,9 +172,10 @@ impl World {
             outstanding: HashMap::new(),
             next_req: 1,
             oracle: Oracle::new(cfg.blocks),
-            replicated_tags: HashSet::new(),
+            replicated_tags: HashMap::new(),
             conn_epoch: 0,
             healing: false,
+            b_prev_repl: ReplState::StandAlone,
             trace: Vec::new(),
             events: 0,
             cfg,
@@ -319,9 +322,7 @@ impl World {
                 if self.conn == Some(conn) {
                     let c = conn;
                     self.conn = None;
-                    if node == A {
-                        self.conn_epoch += 1;
-                    }
+                    self.conn_epoch += 1;
                     let d = self.rng.range(10 * US, 200 * US);
                     self.schedule(d, Ev::ConnDown { node: 1 - node, conn: c, reason });
                 }
@@ -351,7 +352,7 @@ impl World {
         if from == A {
             if let PeerMsg::Data(e) = &msg {
                 if !e.data.is_empty() {
-                    self.replicated_tags.insert(tag_of(&e.data));
+                    self.replicated_tags.insert(tag_of(&e.data), self.conn_epoch);
                 }
             }
         }
@@ -511,7 +512,7 @@ impl World {
         match r {
             ClientReq::Write { tag, first, n, fua, zero } => {
                 self.oracle.client_completed(tag, first, n, result.is_ok());
-                let confirmed = sync && result.is_ok() && confirmable && !zero && self.replicated_tags.contains(&tag);
+                let confirmed = sync && result.is_ok() && confirmable && !zero && self.replicated_tags.get(&tag) == Some(&self.conn_epoch);
                 if confirmed {
                     if let Err(e) = self.oracle.confirm_write(tag, first, n, fua, &self.nodes[B].disk) {
                         self.fail(format!("sync write tag {tag} acked to the client: {e}"));
@@ -560,7 +561,7 @@ impl World {
                     return true;
                 }
                 if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
-                    let d = match &op { DiskOp::Write { offset, data, .. } => format!("write block {} tag {}", offset / BS as u64, tag_of(data)), o => format!("{o:?}") };
+                    let d = match &op { DiskOp::Write { offset, data, .. } => format!("write block {} tags {:?}", offset / BS as u64, data.chunks(BS).map(tag_of).collect::<Vec<_>>()), o => format!("{o:?}") };
                     self.log(format!("node {node} disk io {io} done: {d}"));
                 }
                 let disk = &mut self.nodes[node].disk;
@@ -638,7 +639,10 @@ impl World {
         let Some(st) = self.status(B) else { return Ok(()) };
         let in_sync = st.disk == DiskState::UpToDate
             && matches!(st.repl, ReplState::Established | ReplState::Connecting | ReplState::StandAlone);
-        if st.repl == ReplState::Established && st.disk == DiskState::UpToDate {
+        // Valid again only once a new connection reaches Established after the primary crashed.
+        let entered = st.repl == ReplState::Established && self.b_prev_repl != ReplState::Established;
+        self.b_prev_repl = st.repl;
+        if entered && st.disk == DiskState::UpToDate && self.conn.is_some() && self.alive(A) {
             self.oracle.secondary_valid = true;
         }
         if st.disk != DiskState::UpToDate {

@@ -14,6 +14,8 @@ pub struct Version {
     pub tag: u64,
     /// Lost in a primary crash (still recognisable on the secondary, but no longer the truth).
     pub lost: bool,
+    /// The write failed on the primary: its content may or may not be anywhere.
+    pub failed: bool,
 }
 
 pub struct Oracle {
@@ -53,6 +55,7 @@ impl Oracle {
             epoch: 0,
             tag: 0,
             lost: false,
+            failed: false,
         };
         Oracle {
             history: vec![vec![init]; blocks],
@@ -85,6 +88,7 @@ impl Oracle {
                 epoch: self.epoch,
                 tag,
                 lost: false,
+                failed: false,
             });
         }
         if zero {
@@ -101,10 +105,28 @@ impl Oracle {
 
     pub fn client_completed(&mut self, tag: u64, first: usize, n: usize, ok: bool) {
         self.completed_since = true;
-        for b in first..first + n {
-            self.tainted[b] = !ok;
+        if ok {
+            return;
         }
-        let _ = tag;
+        for b in first..first + n {
+            if let Some(o) = self.order_of(b, tag) {
+                for v in self.history[b].iter_mut().filter(|v| v.order == o) {
+                    v.failed = true;
+                }
+            }
+        }
+    }
+
+    /// The version a block effectively holds: a failed write counts as the one before it.
+    fn effective(&self, b: usize, v: &Version) -> u64 {
+        if !v.failed {
+            return v.order;
+        }
+        self.history[b]
+            .iter()
+            .rev()
+            .find(|e| e.order < v.order && !e.failed && !e.lost)
+            .map_or(0, |e| e.order)
     }
 
     fn order_of(&self, b: usize, tag: u64) -> Option<u64> {
@@ -213,7 +235,7 @@ impl Oracle {
 
     fn latest(&self, b: usize, k: u64) -> Version {
         let h = &self.history[b];
-        h.iter().rev().find(|v| v.epoch <= k && !v.lost).copied().unwrap_or(h[0])
+        h.iter().rev().find(|v| v.epoch <= k && !v.lost && !v.failed).copied().unwrap_or(h[0])
     }
 
     /// The image equals the client's data as of the end of some epoch k, except blocks written
@@ -236,7 +258,7 @@ impl Oracle {
             let bad = cands.iter().enumerate().find(|(b, c)| {
                 let Some(c) = c else { return false };
                 let l = self.latest(*b, k);
-                !c.iter().any(|v| v.order == l.order || v.epoch == k + 1)
+                !c.iter().any(|v| self.effective(*b, v) == l.order || v.epoch == k + 1)
             });
             match bad {
                 None => return Ok(()),

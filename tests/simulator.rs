@@ -1,7 +1,7 @@
 //! Deterministic simulation of two twinblk nodes (see tests/sim/). Runs many seeds; a failing
 //! seed prints the command that replays it exactly.
 //!
-//! `TWINBLK_SIM_SEEDS=N` runs N seeds (default 300), `TWINBLK_SIM_SEED=S` replays one seed.
+//! `TWINBLK_SIM_SEEDS=N` runs N seeds (default 2000), `TWINBLK_SIM_SEED=S` replays one seed.
 
 mod sim;
 
@@ -23,7 +23,7 @@ fn seeds() -> Vec<u64> {
     let n = std::env::var("TWINBLK_SIM_SEEDS")
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(300u64);
+        .unwrap_or(2000u64);
     (1..=n).collect()
 }
 
@@ -52,31 +52,41 @@ fn fault_free_runs_converge() {
     }
 }
 
-/// Runs seeds with a deliberately broken core and returns how many the checker caught.
-fn caught(bug: InjectedBug, sync_only: bool, seeds: u64) -> u64 {
-    let mut n = 0;
+/// Runs seeds with a deliberately broken core; returns the checker's messages for the seeds it
+/// caught.
+fn caught(bug: InjectedBug, sync_only: bool, seeds: u64) -> Vec<String> {
+    let mut msgs = Vec::new();
     for seed in 1..=seeds {
         let mut cfg = SimConfig::for_seed(seed);
         cfg.bug = bug;
         if sync_only {
             cfg.protocol = twinblk::core::Protocol::Sync;
         }
-        let r = std::panic::catch_unwind(move || run_seed(cfg));
-        if r.is_err() {
-            n += 1;
+        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg)) {
+            let m = p
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "non-string panic".into());
+            msgs.push(m);
         }
     }
-    n
+    msgs
 }
 
 #[test]
 fn checker_catches_acks_without_peer() {
-    let n = caught(InjectedBug::AckWithoutPeer, true, 40);
-    assert!(n > 0, "no seed caught sync writes acked before the peer had them");
+    let msgs = caught(InjectedBug::AckWithoutPeer, true, 40);
+    assert!(
+        msgs.iter().any(|m| m.contains("acked to the client")),
+        "no seed caught sync writes acked before the peer had them: {msgs:?}"
+    );
 }
 
 #[test]
 fn checker_catches_forgotten_in_flight_regions() {
-    let n = caught(InjectedBug::ForgetInFlightOnDisconnect, false, 60);
-    assert!(n > 0, "no seed caught a resync that skipped regions in flight at a disconnect");
+    let msgs = caught(InjectedBug::ForgetInFlightOnDisconnect, false, 60);
+    assert!(
+        !msgs.is_empty() && msgs.iter().all(|m| m.contains("invariant violated")),
+        "no seed caught a resync that skipped regions in flight at a disconnect: {msgs:?}"
+    );
 }

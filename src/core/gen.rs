@@ -86,7 +86,8 @@ fn raw_decide(me: &Hello, peer: &Hello) -> Decision {
     let peer_src = |full: bool| Decision::Target { full };
     if !good(me.disk) && !good(peer.disk) {
         return Decision::Refuse(
-            "neither node has UpToDate data: make one Primary with `twinblk primary --force`".into(),
+            "neither node has UpToDate data: make one Primary with `twinblk primary --force`"
+                .into(),
         );
     }
     if me.current_gen == peer.current_gen {

@@ -169,7 +169,9 @@ pub enum ReplState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminCmd {
     /// Become Primary. `force` allows an Inconsistent/Outdated disk (first promotion).
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
     Demote,
     Connect,
     Disconnect,
@@ -234,16 +236,36 @@ pub enum Event {
 /// One structured state change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateChange {
-    Role { from: Role, to: Role },
-    Disk { from: DiskState, to: DiskState },
-    Repl { from: ReplState, to: ReplState },
-    PeerDisk { to: Option<DiskState> },
-    PeerRole { to: Option<Role> },
-    ResyncStarted { blocks: u64, full: bool },
+    Role {
+        from: Role,
+        to: Role,
+    },
+    Disk {
+        from: DiskState,
+        to: DiskState,
+    },
+    Repl {
+        from: ReplState,
+        to: ReplState,
+    },
+    PeerDisk {
+        to: Option<DiskState>,
+    },
+    PeerRole {
+        to: Option<Role>,
+    },
+    ResyncStarted {
+        blocks: u64,
+        full: bool,
+    },
     ResyncFinished,
     /// The connection was refused (by this node or the peer) before any data moved.
-    Refused { reason: String },
-    ConnectionLost { reason: String },
+    Refused {
+        reason: String,
+    },
+    ConnectionLost {
+        reason: String,
+    },
 }
 
 /// Output of the core. See the module docs for who must do what.
@@ -542,7 +564,10 @@ impl Replica {
                 let result = self.may_serve(offset, len as u64);
                 match result {
                     Ok(()) => out.push(Action::ServeRead { req, offset, len }),
-                    Err(e) => out.push(Action::CompleteClient { req, result: Err(e) }),
+                    Err(e) => out.push(Action::CompleteClient {
+                        req,
+                        result: Err(e),
+                    }),
                 }
             }
             Event::DiskDone { io, result } => self.disk_done(io, result, out),
@@ -675,7 +700,10 @@ impl Replica {
         if self.disk != DiskState::UpToDate {
             return Err(EIO);
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.cfg.size) {
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > self.cfg.size)
+        {
             return Err(EINVAL);
         }
         Ok(())
@@ -685,7 +713,10 @@ impl Replica {
 
     fn client_op(&mut self, req: ReqId, offset: u64, len: u64, op: Op, out: &mut Vec<Action>) {
         if let Err(e) = self.may_serve(offset, len) {
-            out.push(Action::CompleteClient { req, result: Err(e) });
+            out.push(Action::CompleteClient {
+                req,
+                result: Err(e),
+            });
             return;
         }
         if matches!(op, Op::Write { .. }) && len > crate::wire::MAX_PAYLOAD as u64 {
@@ -879,7 +910,8 @@ impl Replica {
         if self.replicating() {
             let seq = self.next_seq();
             let bytes = data.len() as u64;
-            wait_peer = self.cfg.protocol == Protocol::Sync && self.cfg.bug != InjectedBug::AckWithoutPeer;
+            wait_peer =
+                self.cfg.protocol == Protocol::Sync && self.cfg.bug != InjectedBug::AckWithoutPeer;
             if let Some(c) = self.conn.as_mut() {
                 c.sendbuf += bytes;
                 c.awaiting_ack
@@ -1417,9 +1449,11 @@ impl Replica {
             _ => None,
         };
         if let Some((off, len)) = range {
-            if off.checked_add(len).is_none_or(|end| end > self.cfg.size) {
+            if off.checked_add(len).map_or(true, |end| end > self.cfg.size) {
                 self.close(
-                    &format!("peer data at offset {off} (+{len}) lies beyond the device: protocol error"),
+                    &format!(
+                        "peer data at offset {off} (+{len}) lies beyond the device: protocol error"
+                    ),
                     out,
                 );
                 return;
@@ -1473,7 +1507,8 @@ impl Replica {
                     PeerMsg::ResyncData { offset, data, .. } => {
                         c.reorder_bytes = c.reorder_bytes.saturating_sub(data.len() as u64);
                         if !sync_target {
-                            protocol_error = Some("peer sent resync data, but this node is not SyncTarget");
+                            protocol_error =
+                                Some("peer sent resync data, but this node is not SyncTarget");
                             break;
                         }
                         Apply::Resync { offset, data }
@@ -1649,7 +1684,9 @@ impl Replica {
                     return Ok(());
                 }
                 if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
-                    return Err("the peer is Primary: demote it first (`twinblk secondary` there)".into());
+                    return Err(
+                        "the peer is Primary: demote it first (`twinblk secondary` there)".into(),
+                    );
                 }
                 if self.repl == ReplState::SyncTarget {
                     return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
@@ -1662,7 +1699,8 @@ impl Replica {
                             self.disk
                         ));
                     }
-                    self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+                    self.current_gen =
+                        gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
                     self.bitmap_gen = None;
                     self.bitmap.clear_all();
                     self.bitmap_known = true;

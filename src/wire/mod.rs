@@ -113,21 +113,41 @@ pub enum PeerMsg {
     Hello(Hello),
     State(PeerState),
     /// The sender refuses this connection; the reason is for `status`.
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
     /// A replicated write extent (data stream, sequenced).
     Data(Extent),
     /// Closes epoch `epoch`: the receiver flushes once all of the epoch is on its disk, then acks.
-    Barrier { seq: u64, epoch: u64 },
+    Barrier {
+        seq: u64,
+        epoch: u64,
+    },
     /// Resync payload for `[offset, offset+len)` (data stream, sequenced).
-    ResyncData { seq: u64, offset: u64, crc32: u32, data: Bytes },
+    ResyncData {
+        seq: u64,
+        offset: u64,
+        crc32: u32,
+        data: Bytes,
+    },
     /// End of resync: the target flushes, becomes UpToDate with generation `gen`.
-    ResyncDone { seq: u64, gen: u64 },
+    ResyncDone {
+        seq: u64,
+        gen: u64,
+    },
     /// The extent with this seq is on the receiver's disk (stable if it was FUA).
-    WriteAck { seq: u64 },
+    WriteAck {
+        seq: u64,
+    },
     /// All of epoch `epoch` is stable on the receiver's disk.
-    BarrierAck { epoch: u64 },
+    BarrierAck {
+        epoch: u64,
+    },
     /// Resync data at `offset` is on the target's disk.
-    ResyncAck { offset: u64, len: u32 },
+    ResyncAck {
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[repr(u16)]

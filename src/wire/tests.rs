@@ -167,8 +167,14 @@ fn frame_reader_reassembles_split_stream() {
 fn arb_msg() -> impl Strategy<Value = PeerMsg> {
     let data = proptest::collection::vec(any::<u8>(), 0..3000).prop_map(Bytes::from);
     prop_oneof![
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), data.clone()).prop_map(
-            |(seq, epoch, offset, flags, data)| {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            data.clone()
+        )
+            .prop_map(|(seq, epoch, offset, flags, data)| {
                 PeerMsg::Data(Extent {
                     seq,
                     epoch,
@@ -179,8 +185,7 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
                     crc32: crc32fast::hash(&data),
                     data,
                 })
-            }
-        ),
+            }),
         (any::<u64>(), any::<u64>(), data).prop_map(|(seq, offset, data)| PeerMsg::ResyncData {
             seq,
             offset,
@@ -190,16 +195,23 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
         (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| PeerMsg::Barrier { seq, epoch }),
         any::<u64>().prop_map(|seq| PeerMsg::WriteAck { seq }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncAck { offset, len }),
-        (".{0,40}", any::<u64>(), any::<u64>(), any::<bool>(), any::<Option<u64>>()).prop_map(
-            |(resource, node_id, current_gen, dirty, bitmap_gen)| PeerMsg::Hello(Hello {
-                resource,
-                node_id,
-                current_gen,
-                dirty,
-                bitmap_gen,
-                ..hello()
-            })
-        ),
+        (
+            ".{0,40}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(
+                |(resource, node_id, current_gen, dirty, bitmap_gen)| PeerMsg::Hello(Hello {
+                    resource,
+                    node_id,
+                    current_gen,
+                    dirty,
+                    bitmap_gen,
+                    ..hello()
+                })
+            ),
         ".{0,80}".prop_map(|reason| PeerMsg::Refuse { reason }),
     ]
 }

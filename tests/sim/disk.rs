@@ -23,7 +23,7 @@ impl SimDisk {
             writes_in_flight: Vec::new(),
         }
     }
-    pub fn block<'a>(img: &'a [u8], b: usize) -> &'a [u8] {
+    pub fn block(img: &[u8], b: usize) -> &[u8] {
         &img[b * BS..(b + 1) * BS]
     }
     /// Applies a completed write (byte range must be block aligned in the simulation).

@@ -64,14 +64,36 @@ enum DiskOp {
 
 #[derive(Debug)]
 enum Ev {
-    Disk { node: usize, inc: u64, io: IoId, op: DiskOp, fail: Option<i32> },
-    Deliver { to: usize, conn: u64, frame: Bytes },
-    ConnUp { conn: u64 },
-    ConnDown { node: usize, conn: u64, reason: String },
-    Timer { node: usize, inc: u64, kind: TimerKind },
+    Disk {
+        node: usize,
+        inc: u64,
+        io: IoId,
+        op: DiskOp,
+        fail: Option<i32>,
+    },
+    Deliver {
+        to: usize,
+        conn: u64,
+        frame: Bytes,
+    },
+    ConnUp {
+        conn: u64,
+    },
+    ConnDown {
+        node: usize,
+        conn: u64,
+        reason: String,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+        kind: TimerKind,
+    },
     ClientTick,
     Fault,
-    Restart { node: usize },
+    Restart {
+        node: usize,
+    },
 }
 
 struct Scheduled {
@@ -106,8 +128,17 @@ struct Node {
 /// An outstanding client request at the primary.
 #[derive(Debug, Clone)]
 pub enum ClientReq {
-    Write { tag: u64, first: usize, n: usize, fua: bool, zero: bool },
-    Flush { conn_epoch: u64, snapshot: Vec<u64> },
+    Write {
+        tag: u64,
+        first: usize,
+        n: usize,
+        fua: bool,
+        zero: bool,
+    },
+    Flush {
+        conn_epoch: u64,
+        snapshot: Vec<u64>,
+    },
 }
 
 pub struct World {
@@ -213,7 +244,12 @@ impl World {
     }
 
     fn start(&mut self, node: usize) {
-        let mut cfg = Config::new("r0", node as u64 + 1, (self.cfg.blocks * BS) as u64, self.cfg.protocol);
+        let mut cfg = Config::new(
+            "r0",
+            node as u64 + 1,
+            (self.cfg.blocks * BS) as u64,
+            self.cfg.protocol,
+        );
         cfg.send_buffer = 6 * BS as u64;
         cfg.resync_chunk = 4 * BS as u64;
         cfg.resync_window = 3;
@@ -222,7 +258,10 @@ impl World {
         let n = &mut self.nodes[node];
         n.inc += 1;
         n.replica = Some(Replica::new(cfg, n.meta));
-        self.log(format!("node {node} starts with {:?}", self.nodes[node].meta));
+        self.log(format!(
+            "node {node} starts with {:?}",
+            self.nodes[node].meta
+        ));
     }
 
     fn admin(&mut self, node: usize, cmd: AdminCmd) {
@@ -243,10 +282,18 @@ impl World {
             return;
         };
         let is_down = matches!(ev, Event::ConnectionDown { .. })
-            || matches!(ev, Event::Admin { cmd: AdminCmd::Disconnect, .. });
+            || matches!(
+                ev,
+                Event::Admin {
+                    cmd: AdminCmd::Disconnect,
+                    ..
+                }
+            );
         let mut out = Vec::new();
         r.handle(ev, self.now, &mut out);
-        let closes = out.iter().any(|a| matches!(a, Action::CloseConnection { .. }));
+        let closes = out
+            .iter()
+            .any(|a| matches!(a, Action::CloseConnection { .. }));
         let confirmable = !is_down && !closes;
         for a in out {
             self.act(node, a, confirmable);
@@ -257,7 +304,15 @@ impl World {
     }
 
     fn fail(&mut self, e: String) -> ! {
-        let tail = self.trace.iter().rev().take(60).rev().cloned().collect::<Vec<_>>().join("\n");
+        let tail = self
+            .trace
+            .iter()
+            .rev()
+            .take(60)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
         panic!(
             "invariant violated (seed {}): {e}\n--- last events ---\n{tail}\n\
              replay: TWINBLK_SIM_SEED={} cargo test --test simulator -- --nocapture",
@@ -267,39 +322,99 @@ impl World {
 
     fn act(&mut self, node: usize, a: Action, confirmable: bool) {
         let inc = self.nodes[node].inc;
-        let fail_rate = if self.cfg.faults && !self.healing { 400 } else { 0 };
+        let fail_rate = if self.cfg.faults && !self.healing {
+            400
+        } else {
+            0
+        };
         match a {
-            Action::DiskWrite { io, offset, data, fua } => {
+            Action::DiskWrite {
+                io,
+                offset,
+                data,
+                fua,
+            } => {
                 self.check_no_overlap(node, io, offset, data.len() as u64);
-                if node == A {
-                    if let Some(t) = data.get(..8).map(|_| tag_of(&data)) {
-                        let _ = t;
-                    }
-                }
                 let fail = (fail_rate > 0 && self.rng.one_in(fail_rate)).then_some(libc::EIO);
                 let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(d, Ev::Disk { node, inc, io, op: DiskOp::Write { offset, data, fua }, fail });
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Write { offset, data, fua },
+                        fail,
+                    },
+                );
             }
             Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
                 self.check_no_overlap(node, io, offset, len as u64);
                 let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(d, Ev::Disk { node, inc, io, op: DiskOp::Zero { offset, len: len as u64 }, fail: None });
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Zero {
+                            offset,
+                            len: len as u64,
+                        },
+                        fail: None,
+                    },
+                );
             }
             Action::DiskFlush { io } => {
                 let d = self.rng.range(20 * US, 800 * US);
-                self.schedule(d, Ev::Disk { node, inc, io, op: DiskOp::Flush, fail: None });
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Flush,
+                        fail: None,
+                    },
+                );
             }
             Action::DiskRead { io, offset, len } => {
                 let fail = (fail_rate > 0 && self.rng.one_in(fail_rate * 4)).then_some(libc::EIO);
                 let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(d, Ev::Disk { node, inc, io, op: DiskOp::Read { offset, len: len as u64 }, fail });
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Read {
+                            offset,
+                            len: len as u64,
+                        },
+                        fail,
+                    },
+                );
             }
             Action::ServeRead { .. } => {}
             Action::Send(msg) => {
                 if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
                     let m = match &msg {
-                        PeerMsg::Data(e) => format!("Data seq {} epoch {} off {} len {} tag {}", e.seq, e.epoch, e.offset / BS as u64, e.len, tag_of(&e.data)),
-                        PeerMsg::ResyncData { seq, offset, data, .. } => format!("ResyncData seq {seq} block {} n {} tag {}", offset / BS as u64, data.len() / BS, tag_of(data)),
+                        PeerMsg::Data(e) => format!(
+                            "Data seq {} epoch {} off {} len {} tag {}",
+                            e.seq,
+                            e.epoch,
+                            e.offset / BS as u64,
+                            e.len,
+                            tag_of(&e.data)
+                        ),
+                        PeerMsg::ResyncData {
+                            seq, offset, data, ..
+                        } => format!(
+                            "ResyncData seq {seq} block {} n {} tag {}",
+                            offset / BS as u64,
+                            data.len() / BS,
+                            tag_of(data)
+                        ),
                         m => format!("{m:?}"),
                     };
                     self.log(format!("node {node} sends {m}"));
@@ -324,7 +439,14 @@ impl World {
                     self.conn = None;
                     self.conn_epoch += 1;
                     let d = self.rng.range(10 * US, 200 * US);
-                    self.schedule(d, Ev::ConnDown { node: 1 - node, conn: c, reason });
+                    self.schedule(
+                        d,
+                        Ev::ConnDown {
+                            node: 1 - node,
+                            conn: c,
+                            reason,
+                        },
+                    );
                 }
             }
             Action::AdminDone { result, .. } => {
@@ -342,9 +464,14 @@ impl World {
             .iter()
             .any(|&(_, o, l)| offset < o + l && o < offset + len);
         if clash {
-            self.fail(format!("node {node}: core issued a write at {offset}+{len} overlapping one in flight"));
+            self.fail(format!(
+                "node {node}: core issued a write at {offset}+{len} overlapping one in flight"
+            ));
         }
-        self.nodes[node].disk.writes_in_flight.push((io, offset, len));
+        self.nodes[node]
+            .disk
+            .writes_in_flight
+            .push((io, offset, len));
     }
 
     fn send(&mut self, from: usize, msg: PeerMsg) {
@@ -352,7 +479,8 @@ impl World {
         if from == A {
             if let PeerMsg::Data(e) = &msg {
                 if !e.data.is_empty() {
-                    self.replicated_tags.insert(tag_of(&e.data), self.conn_epoch);
+                    self.replicated_tags
+                        .insert(tag_of(&e.data), self.conn_epoch);
                 }
             }
         }
@@ -365,7 +493,12 @@ impl World {
             Err(e) => self.fail(format!("encode failed: {e}")),
         };
         // Rare corruption of a data payload: the receiver must catch it with the crc.
-        if self.cfg.faults && !self.healing && stream != 0 && frame.len() > 100 && self.rng.one_in(3000) {
+        if self.cfg.faults
+            && !self.healing
+            && stream != 0
+            && frame.len() > 100
+            && self.rng.one_in(3000)
+        {
             let mut v = frame.to_vec();
             let i = v.len() - 1 - self.rng.below(50) as usize;
             v[i] ^= 0x10;
@@ -377,7 +510,14 @@ impl World {
         let at = (self.now + d).max(*last + 1);
         *last = at;
         let delay = at - self.now;
-        self.schedule(delay, Ev::Deliver { to: 1 - from, conn, frame });
+        self.schedule(
+            delay,
+            Ev::Deliver {
+                to: 1 - from,
+                conn,
+                frame,
+            },
+        );
     }
 
     fn maybe_connect(&mut self) {
@@ -400,7 +540,14 @@ impl World {
             self.log(format!("net drops connection {c}: {why}"));
             for n in [A, B] {
                 let d = self.rng.range(10 * US, 500 * US);
-                self.schedule(d, Ev::ConnDown { node: n, conn: c, reason: why.into() });
+                self.schedule(
+                    d,
+                    Ev::ConnDown {
+                        node: n,
+                        conn: c,
+                        reason: why.into(),
+                    },
+                );
             }
         }
     }
@@ -433,7 +580,14 @@ impl World {
         if let Some(c) = self.conn.take() {
             self.conn_epoch += 1;
             let d = self.rng.range(10 * US, 500 * US);
-            self.schedule(d, Ev::ConnDown { node: 1 - node, conn: c, reason: "peer crashed".into() });
+            self.schedule(
+                d,
+                Ev::ConnDown {
+                    node: 1 - node,
+                    conn: c,
+                    reason: "peer crashed".into(),
+                },
+            );
         }
         let d = self.rng.range(500 * US, 5000 * US);
         self.schedule(d, Ev::Restart { node });
@@ -471,7 +625,13 @@ impl World {
         let roll = self.rng.below(100);
         if roll < 10 {
             let snapshot = self.oracle.confirmed_vol.clone();
-            self.outstanding.insert(req, ClientReq::Flush { conn_epoch: self.conn_epoch, snapshot });
+            self.outstanding.insert(
+                req,
+                ClientReq::Flush {
+                    conn_epoch: self.conn_epoch,
+                    snapshot,
+                },
+            );
             self.oracle.client_flush();
             self.feed(A, Event::ClientFlush { req });
             return;
@@ -480,7 +640,16 @@ impl World {
         let n = (self.rng.range(1, 4) as usize).min(blocks - first);
         if roll < 18 {
             let tag = self.oracle.client_write(first, n, true);
-            self.outstanding.insert(req, ClientReq::Write { tag, first, n, fua: false, zero: true });
+            self.outstanding.insert(
+                req,
+                ClientReq::Write {
+                    tag,
+                    first,
+                    n,
+                    fua: false,
+                    zero: true,
+                },
+            );
             let (offset, len) = ((first * BS) as u64, (n * BS) as u32);
             let ev = if roll < 14 {
                 Event::ClientTrim { req, offset, len }
@@ -491,7 +660,14 @@ impl World {
             return;
         }
         if roll < 20 {
-            self.feed(A, Event::ClientRead { req, offset: (first * BS) as u64, len: BS as u32 });
+            self.feed(
+                A,
+                Event::ClientRead {
+                    req,
+                    offset: (first * BS) as u64,
+                    len: BS as u32,
+                },
+            );
             return;
         }
         let tag = self.oracle.client_write(first, n, false);
@@ -500,30 +676,74 @@ impl World {
         for _ in 0..n {
             data.extend_from_slice(&block_for(tag));
         }
-        self.outstanding.insert(req, ClientReq::Write { tag, first, n, fua, zero: false });
-        self.log(format!("client: write tag {tag} blocks {first}+{n} fua {fua}"));
-        self.feed(A, Event::ClientWrite { req, offset: (first * BS) as u64, data: Bytes::from(data), fua });
+        self.outstanding.insert(
+            req,
+            ClientReq::Write {
+                tag,
+                first,
+                n,
+                fua,
+                zero: false,
+            },
+        );
+        self.log(format!(
+            "client: write tag {tag} blocks {first}+{n} fua {fua}"
+        ));
+        self.feed(
+            A,
+            Event::ClientWrite {
+                req,
+                offset: (first * BS) as u64,
+                data: Bytes::from(data),
+                fua,
+            },
+        );
     }
 
     fn client_done(&mut self, req: u64, result: Result<(), i32>, confirmable: bool) {
-        let Some(r) = self.outstanding.remove(&req) else { return };
-        self.log(format!("client: {r:?} done {result:?} confirmable {confirmable}"));
+        let Some(r) = self.outstanding.remove(&req) else {
+            return;
+        };
+        self.log(format!(
+            "client: {r:?} done {result:?} confirmable {confirmable}"
+        ));
         let sync = self.cfg.protocol == Protocol::Sync;
         match r {
-            ClientReq::Write { tag, first, n, fua, zero } => {
+            ClientReq::Write {
+                tag,
+                first,
+                n,
+                fua,
+                zero,
+            } => {
                 self.oracle.client_completed(tag, first, n, result.is_ok());
-                let confirmed = sync && result.is_ok() && confirmable && !zero && self.replicated_tags.get(&tag) == Some(&self.conn_epoch);
+                let confirmed = sync
+                    && result.is_ok()
+                    && confirmable
+                    && !zero
+                    && self.replicated_tags.get(&tag) == Some(&self.conn_epoch);
                 if confirmed {
-                    if let Err(e) = self.oracle.confirm_write(tag, first, n, fua, &self.nodes[B].disk) {
+                    if let Err(e) =
+                        self.oracle
+                            .confirm_write(tag, first, n, fua, &self.nodes[B].disk)
+                    {
                         self.fail(format!("sync write tag {tag} acked to the client: {e}"));
                     }
                 }
             }
-            ClientReq::Flush { conn_epoch, snapshot } => {
+            ClientReq::Flush {
+                conn_epoch,
+                snapshot,
+            } => {
                 let was_replicating = self.status(A).is_some_and(|s| {
                     matches!(s.repl, ReplState::Established | ReplState::SyncSource)
                 });
-                if sync && result.is_ok() && confirmable && conn_epoch == self.conn_epoch && was_replicating {
+                if sync
+                    && result.is_ok()
+                    && confirmable
+                    && conn_epoch == self.conn_epoch
+                    && was_replicating
+                {
                     if let Err(e) = self.oracle.confirm_flush(&snapshot, &self.nodes[B].disk) {
                         self.fail(format!("sync flush acked to the client: {e}"));
                     }
@@ -552,16 +772,31 @@ impl World {
     }
 
     fn step(&mut self) -> bool {
-        let Some(s) = self.queue.pop() else { return false };
+        let Some(s) = self.queue.pop() else {
+            return false;
+        };
         self.now = s.at;
         self.events += 1;
         match s.ev {
-            Ev::Disk { node, inc, io, op, fail } => {
+            Ev::Disk {
+                node,
+                inc,
+                io,
+                op,
+                fail,
+            } => {
                 if self.nodes[node].inc != inc || !self.alive(node) {
                     return true;
                 }
                 if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
-                    let d = match &op { DiskOp::Write { offset, data, .. } => format!("write block {} tags {:?}", offset / BS as u64, data.chunks(BS).map(tag_of).collect::<Vec<_>>()), o => format!("{o:?}") };
+                    let d = match &op {
+                        DiskOp::Write { offset, data, .. } => format!(
+                            "write block {} tags {:?}",
+                            offset / BS as u64,
+                            data.chunks(BS).map(tag_of).collect::<Vec<_>>()
+                        ),
+                        o => format!("{o:?}"),
+                    };
                     self.log(format!("node {node} disk io {io} done: {d}"));
                 }
                 let disk = &mut self.nodes[node].disk;
@@ -580,7 +815,9 @@ impl World {
                         disk.flush();
                         Ok(None)
                     }
-                    (None, DiskOp::Read { offset, len }) => Ok(Some(Bytes::from(disk.read(offset, len)))),
+                    (None, DiskOp::Read { offset, len }) => {
+                        Ok(Some(Bytes::from(disk.read(offset, len))))
+                    }
                 };
                 if let Err(e) = result {
                     self.log(format!("node {node} disk io {io} fails errno {e}"));
@@ -604,7 +841,11 @@ impl World {
             }
             Ev::ConnUp { conn } => {
                 self.connecting = false;
-                if self.conn.is_some() || !self.alive(A) || !self.alive(B) || self.now < self.partitioned_until {
+                if self.conn.is_some()
+                    || !self.alive(A)
+                    || !self.alive(B)
+                    || self.now < self.partitioned_until
+                {
                     return true;
                 }
                 self.conn = Some(conn);
@@ -636,11 +877,17 @@ impl World {
         if node != B {
             return Ok(());
         }
-        let Some(st) = self.status(B) else { return Ok(()) };
+        let Some(st) = self.status(B) else {
+            return Ok(());
+        };
         let in_sync = st.disk == DiskState::UpToDate
-            && matches!(st.repl, ReplState::Established | ReplState::Connecting | ReplState::StandAlone);
+            && matches!(
+                st.repl,
+                ReplState::Established | ReplState::Connecting | ReplState::StandAlone
+            );
         // Valid again only once a new connection reaches Established after the primary crashed.
-        let entered = st.repl == ReplState::Established && self.b_prev_repl != ReplState::Established;
+        let entered =
+            st.repl == ReplState::Established && self.b_prev_repl != ReplState::Established;
         self.b_prev_repl = st.repl;
         if entered && st.disk == DiskState::UpToDate && self.conn.is_some() && self.alive(A) {
             self.oracle.secondary_valid = true;
@@ -657,14 +904,19 @@ impl World {
     }
 
     fn quiet(&self) -> bool {
-        let (Some(a), Some(b)) = (self.status(A), self.status(B)) else { return false };
+        let (Some(a), Some(b)) = (self.status(A), self.status(B)) else {
+            return false;
+        };
         a.role == Role::Primary
             && a.repl == ReplState::Established
             && b.repl == ReplState::Established
             && a.disk == DiskState::UpToDate
             && b.disk == DiskState::UpToDate
             && self.outstanding.is_empty()
-            && self.queue.iter().all(|s| matches!(s.ev, Ev::Timer { .. } | Ev::ClientTick))
+            && self
+                .queue
+                .iter()
+                .all(|s| matches!(s.ev, Ev::Timer { .. } | Ev::ClientTick))
     }
 
     /// Runs the workload with faults, then heals everything and checks convergence.
@@ -711,7 +963,10 @@ impl World {
             let first = (0..self.cfg.blocks)
                 .find(|&i| SimDisk::block(a, i) != SimDisk::block(b, i))
                 .unwrap_or(0);
-            let (ta, tb) = (tag_of(SimDisk::block(a, first)), tag_of(SimDisk::block(b, first)));
+            let (ta, tb) = (
+                tag_of(SimDisk::block(a, first)),
+                tag_of(SimDisk::block(b, first)),
+            );
             self.fail(format!(
                 "after reconnect and resync the disks differ, first at block {first} (A tag {ta}, B tag {tb})"
             ));

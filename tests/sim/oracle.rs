@@ -28,8 +28,6 @@ pub struct Oracle {
     pub confirmed_vol: Vec<u64>,
     /// Per block: newest version promised stable on the secondary.
     pub confirmed_dur: Vec<u64>,
-    /// Blocks whose last write failed on the primary: content unspecified until rewritten.
-    tainted: Vec<bool>,
     /// The secondary has been in sync since the primary last crashed.
     pub secondary_valid: bool,
 }
@@ -65,7 +63,6 @@ impl Oracle {
             next_tag: 1,
             confirmed_vol: vec![0; blocks],
             confirmed_dur: vec![0; blocks],
-            tainted: vec![false; blocks],
             secondary_valid: false,
         }
     }
@@ -133,35 +130,63 @@ impl Oracle {
         if tag & (1 << 63) != 0 {
             return Some(tag & !(1 << 63));
         }
-        self.history[b].iter().rev().find(|v| v.tag == tag).map(|v| v.order)
+        self.history[b]
+            .iter()
+            .rev()
+            .find(|v| v.tag == tag)
+            .map(|v| v.order)
     }
 
     fn candidates(&self, img: &[u8], b: usize) -> Result<Vec<Version>, String> {
         let tag = block_tag(SimDisk::block(img, b)).map_err(|e| format!("block {b}: {e}"))?;
-        let c: Vec<Version> = self.history[b].iter().copied().filter(|v| v.tag == tag).collect();
+        let c: Vec<Version> = self.history[b]
+            .iter()
+            .copied()
+            .filter(|v| v.tag == tag)
+            .collect();
         if c.is_empty() {
-            return Err(format!("block {b} holds tag {tag}, never written there (or lost history)"));
+            return Err(format!(
+                "block {b} holds tag {tag}, never written there (or lost history)"
+            ));
         }
         Ok(c)
     }
 
     fn best_order(&self, img: &[u8], b: usize) -> Result<u64, String> {
-        Ok(self.candidates(img, b)?.iter().map(|v| v.order).max().unwrap_or(0))
+        Ok(self
+            .candidates(img, b)?
+            .iter()
+            .map(|v| v.order)
+            .max()
+            .unwrap_or(0))
     }
 
-    pub fn confirm_write(&mut self, tag: u64, first: usize, n: usize, fua: bool, sec: &SimDisk) -> Result<(), String> {
+    pub fn confirm_write(
+        &mut self,
+        tag: u64,
+        first: usize,
+        n: usize,
+        fua: bool,
+        sec: &SimDisk,
+    ) -> Result<(), String> {
         for b in first..first + n {
-            let Some(o) = self.order_of(b, tag) else { continue };
+            let Some(o) = self.order_of(b, tag) else {
+                continue;
+            };
             self.confirmed_vol[b] = self.confirmed_vol[b].max(o);
             let have = self.best_order(&sec.volatile, b)?;
             if have < o {
-                return Err(format!("block {b} on the secondary is at version {have}, older than acked {o}"));
+                return Err(format!(
+                    "block {b} on the secondary is at version {have}, older than acked {o}"
+                ));
             }
             if fua {
                 self.confirmed_dur[b] = self.confirmed_dur[b].max(o);
                 let have = self.best_order(&sec.durable, b)?;
                 if have < o {
-                    return Err(format!("FUA block {b} not stable on the secondary ({have} < {o})"));
+                    return Err(format!(
+                        "FUA block {b} not stable on the secondary ({have} < {o})"
+                    ));
                 }
             }
         }
@@ -216,11 +241,14 @@ impl Oracle {
     pub fn rebase(&mut self, prim: &SimDisk) -> Result<(), String> {
         for b in 0..self.history.len() {
             let c = self.candidates(&prim.volatile, b)?;
-            let best = c.iter().max_by_key(|v| v.order).map(|v| v.order).unwrap_or(0);
+            let best = c
+                .iter()
+                .max_by_key(|v| v.order)
+                .map(|v| v.order)
+                .unwrap_or(0);
             for v in self.history[b].iter_mut() {
                 v.lost |= v.order > best;
             }
-            self.tainted[b] = false;
         }
         self.secondary_valid = false;
         Ok(())
@@ -235,7 +263,11 @@ impl Oracle {
 
     fn latest(&self, b: usize, k: u64) -> Version {
         let h = &self.history[b];
-        h.iter().rev().find(|v| v.epoch <= k && !v.lost && !v.failed).copied().unwrap_or(h[0])
+        h.iter()
+            .rev()
+            .find(|v| v.epoch <= k && !v.lost && !v.failed)
+            .copied()
+            .unwrap_or(h[0])
     }
 
     /// The image equals the client's data as of the end of some epoch k, except blocks written
@@ -244,10 +276,6 @@ impl Oracle {
         let mut cands = Vec::with_capacity(self.history.len());
         let (mut lo, mut hi) = (0u64, 0u64);
         for b in 0..self.history.len() {
-            if self.tainted[b] {
-                cands.push(None);
-                continue;
-            }
             let c = self.candidates(img, b)?;
             lo = lo.max(c.iter().map(|v| v.epoch).min().unwrap_or(0));
             hi = hi.max(c.iter().map(|v| v.epoch).max().unwrap_or(0));
@@ -258,14 +286,17 @@ impl Oracle {
             let bad = cands.iter().enumerate().find(|(b, c)| {
                 let Some(c) = c else { return false };
                 let l = self.latest(*b, k);
-                !c.iter().any(|v| self.effective(*b, v) == l.order || v.epoch == k + 1)
+                !c.iter()
+                    .any(|v| self.effective(*b, v) == l.order || v.epoch == k + 1)
             });
             match bad {
                 None => return Ok(()),
                 Some((b, c)) => {
                     first_bad += &format!(
                         "for epoch {k}: block {b} holds {:?}, expected {:?} or epoch {}",
-                        c, self.latest(b, k), k + 1
+                        c,
+                        self.latest(b, k),
+                        k + 1
                     );
                 }
             }
@@ -273,7 +304,14 @@ impl Oracle {
         let summary: Vec<String> = cands
             .iter()
             .enumerate()
-            .filter_map(|(b, c)| c.as_ref().map(|c| format!("{b}:{:?}", c.iter().map(|v| (v.tag, v.epoch)).collect::<Vec<_>>())))
+            .filter_map(|(b, c)| {
+                c.as_ref().map(|c| {
+                    format!(
+                        "{b}:{:?}",
+                        c.iter().map(|v| (v.tag, v.epoch)).collect::<Vec<_>>()
+                    )
+                })
+            })
             .collect();
         Err(format!("{first_bad}\nimage: {}", summary.join(" ")))
     }

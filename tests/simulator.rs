@@ -10,10 +10,10 @@ use std::time::Instant;
 use sim::{SimConfig, World};
 use twinblk::core::InjectedBug;
 
-fn run_seed(cfg: SimConfig) -> u64 {
+fn run_seed(cfg: SimConfig) -> World {
     let mut w = World::new(cfg);
     w.run();
-    w.events
+    w
 }
 
 fn seeds() -> Vec<u64> {
@@ -32,8 +32,13 @@ fn random_workloads_with_faults() {
     let t = Instant::now();
     let seeds = seeds();
     let mut events = 0;
+    let mut stats = std::collections::BTreeMap::new();
     for &seed in &seeds {
-        events += run_seed(SimConfig::for_seed(seed));
+        let w = run_seed(SimConfig::for_seed(seed));
+        events += w.events;
+        for (k, v) in w.stats {
+            *stats.entry(k).or_insert(0u64) += v;
+        }
     }
     let secs = t.elapsed().as_secs_f64();
     println!(
@@ -41,6 +46,7 @@ fn random_workloads_with_faults() {
         seeds.len(),
         seeds.len() as f64 / secs
     );
+    println!("coverage: {stats:?}");
 }
 
 #[test]
@@ -48,7 +54,21 @@ fn fault_free_runs_converge() {
     for seed in 1..=30 {
         let mut cfg = SimConfig::for_seed(seed);
         cfg.faults = false;
-        run_seed(cfg);
+        let sync = cfg.protocol == twinblk::core::Protocol::Sync;
+        let w = run_seed(cfg);
+        let n = |k: &str| w.stats.get(k).copied().unwrap_or(0);
+        assert_eq!(
+            n("resync full"),
+            1,
+            "seed {seed}: exactly the initial full sync"
+        );
+        assert_eq!(n("resync finished"), 1, "seed {seed}");
+        if sync {
+            assert!(
+                n("sync acks checked on secondary") > 0,
+                "seed {seed}: checker idle"
+            );
+        }
     }
 }
 
@@ -62,7 +82,7 @@ fn caught(bug: InjectedBug, sync_only: bool, seeds: u64) -> Vec<String> {
         if sync_only {
             cfg.protocol = twinblk::core::Protocol::Sync;
         }
-        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg)) {
+        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
             let m = p
                 .downcast_ref::<String>()
                 .cloned()

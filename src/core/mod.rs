@@ -22,9 +22,10 @@
 //!   drop them.
 //! * Connections: when the transport has a connection, send [`Event::ConnectionUp`] with a fresh
 //!   id; deliver decoded messages as [`Event::Peer`] with that id; report its loss with
-//!   [`Event::ConnectionDown`]. After [`Action::CloseConnection`] close it; the core already
-//!   treats it as gone (a later `ConnectionDown` for it is ignored). Only connect while
-//!   [`Status::want_connection`] is true (then retry with backoff).
+//!   [`Event::ConnectionDown`]. After [`Action::CloseConnection`] close the connection it names;
+//!   the core already treats it as gone (a later `ConnectionDown` for it is ignored). Only connect
+//!   while [`Status::want_connection`] is true (then retry with backoff). Events for a connection
+//!   id that is not the current one are ignored, so stale deliveries are harmless.
 //! * [`Action::ArmTimer`]: deliver [`Event::Timer`] with that kind at (or after) `at` nanos.
 //!   Re-arming replaces nothing: stale timers are recognised and ignored by the core.
 //! * [`Action::CompleteClient`]: answer the client request (`Err(errno)` as the NBD error).
@@ -47,6 +48,18 @@
 //! * Every written region not known stable on the peer (sent, not barrier-acked; or written
 //!   while disconnected) is in the dirty bitmap; reconnecting resyncs it (or everything when the
 //!   bitmap cannot be trusted) before the peer is UpToDate again.
+//! * Handshake: both sides send [`Hello`] and apply the same [`gen::decide`]: no sync, bitmap or
+//!   full resync (which side is source), or refusal (other resource, other size, two Primaries,
+//!   split brain) with a reason in [`Status::last_refusal`] and [`StateChange::Refused`].
+//! * A local write error on the Primary fails that request and, if connected, reconnects so the
+//!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
+//!
+//! # Not yet here
+//!
+//! * Ahead/Behind (pull-ahead): the hook is `Replica::admit`, where async writes now wait for room
+//!   in the send buffer; Ahead would instead mark the region dirty and skip the send.
+//! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync,
+//!   persistent bitmap / activity log, DRBD's full generation-id history.
 
 pub mod bitmap;
 pub mod gen;

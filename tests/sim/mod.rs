@@ -165,6 +165,8 @@ pub struct World {
     b_prev_repl: ReplState,
     trace: Vec<String>,
     pub events: u64,
+    /// What happened, for the coverage summary.
+    pub stats: std::collections::BTreeMap<&'static str, u64>,
 }
 
 fn tag_of(data: &[u8]) -> u64 {
@@ -209,6 +211,7 @@ impl World {
             b_prev_repl: ReplState::StandAlone,
             trace: Vec::new(),
             events: 0,
+            stats: Default::default(),
             cfg,
         };
         w.start(A);
@@ -430,10 +433,31 @@ impl World {
                 let d = at.saturating_sub(self.now);
                 self.schedule(d, Ev::Timer { node, inc, kind });
             }
-            Action::Emit(c) => self.log(format!("node {node} {c:?}")),
+            Action::Emit(c) => {
+                let k = match &c {
+                    twinblk::core::StateChange::ResyncStarted { full: true, .. } if node == A => {
+                        Some("resync full")
+                    }
+                    twinblk::core::StateChange::ResyncStarted { full: false, .. } if node == A => {
+                        Some("resync bitmap")
+                    }
+                    twinblk::core::StateChange::ResyncFinished if node == B => {
+                        Some("resync finished")
+                    }
+                    twinblk::core::StateChange::Refused { .. } => Some("refused"),
+                    _ => None,
+                };
+                if let Some(k) = k {
+                    *self.stats.entry(k).or_default() += 1;
+                }
+                self.log(format!("node {node} {c:?}"))
+            }
             Action::SaveMeta(m) => self.nodes[node].meta = m,
             Action::CloseConnection { conn, reason } => {
                 self.log(format!("node {node} closes {conn}: {reason}"));
+                if reason.contains("crc32") {
+                    *self.stats.entry("crc mismatch caught").or_default() += 1;
+                }
                 if self.conn == Some(conn) {
                     let c = conn;
                     self.conn = None;
@@ -557,6 +581,14 @@ impl World {
             return;
         }
         self.log(format!("CRASH node {node}"));
+        *self
+            .stats
+            .entry(if node == A {
+                "crash primary"
+            } else {
+                "crash secondary"
+            })
+            .or_default() += 1;
         if node == A {
             if let Err(e) = self.oracle.primary_crash(&self.nodes[B].disk) {
                 self.fail(format!("when the primary was killed: {e}"));
@@ -723,6 +755,10 @@ impl World {
                     && !zero
                     && self.replicated_tags.get(&tag) == Some(&self.conn_epoch);
                 if confirmed {
+                    *self
+                        .stats
+                        .entry("sync acks checked on secondary")
+                        .or_default() += 1;
                     if let Err(e) =
                         self.oracle
                             .confirm_write(tag, first, n, fua, &self.nodes[B].disk)
@@ -820,6 +856,7 @@ impl World {
                     }
                 };
                 if let Err(e) = result {
+                    *self.stats.entry("disk io error").or_default() += 1;
                     self.log(format!("node {node} disk io {io} fails errno {e}"));
                 }
                 self.feed(node, Event::DiskDone { io, result });

@@ -433,6 +433,7 @@ struct Conn {
     send_seq: u64,
     recv_next: u64,
     reorder: BTreeMap<u64, PeerMsg>,
+    /// Payload bytes received and not yet handed to the disk (reorder buffer + apply queue).
     reorder_bytes: u64,
     apply_q: VecDeque<Apply>,
     fence_in_flight: bool,
@@ -1491,7 +1492,9 @@ impl Replica {
         }
         c.reorder.insert(seq, m);
         c.reorder_bytes += size;
-        if c.reorder.len() > REORDER_MAX_MSGS || c.reorder_bytes > REORDER_MAX_BYTES {
+        if c.reorder.len() + c.apply_q.len() > REORDER_MAX_MSGS
+            || c.reorder_bytes > REORDER_MAX_BYTES
+        {
             self.close("peer overran the reorder window: protocol error", out);
             return;
         }
@@ -1513,12 +1516,8 @@ impl Replica {
             while let Some(m) = c.reorder.remove(&c.recv_next) {
                 c.recv_next += 1;
                 let item = match m {
-                    PeerMsg::Data(e) => {
-                        c.reorder_bytes = c.reorder_bytes.saturating_sub(e.data.len() as u64);
-                        Apply::Write(e)
-                    }
+                    PeerMsg::Data(e) => Apply::Write(e),
                     PeerMsg::ResyncData { offset, data, .. } => {
-                        c.reorder_bytes = c.reorder_bytes.saturating_sub(data.len() as u64);
                         if !sync_target {
                             protocol_error =
                                 Some("peer sent resync data, but this node is not SyncTarget");
@@ -1561,7 +1560,16 @@ impl Replica {
                         i += 1;
                         continue;
                     }
-                    let item = self.conn.as_mut().and_then(|c| c.apply_q.remove(i));
+                    let item = self.conn.as_mut().and_then(|c| {
+                        let item = c.apply_q.remove(i);
+                        let bytes = match &item {
+                            Some(Apply::Write(e)) => e.data.len() as u64,
+                            Some(Apply::Resync { data, .. }) => data.len() as u64,
+                            _ => 0,
+                        };
+                        c.reorder_bytes = c.reorder_bytes.saturating_sub(bytes);
+                        item
+                    });
                     match item {
                         Some(Apply::Write(e)) => {
                             let io = self.new_io(

@@ -1421,8 +1421,10 @@ impl Replica {
                 self.save_meta(out);
             }
             Decision::Target { full } => {
+                // `bitmap_known` stays as it was: whether this disk only lacks what the source's
+                // bitmap names depends on the source actually running this resync, which an
+                // interrupted handshake may never have started; Done sets it.
                 self.set_disk(DiskState::Inconsistent, out);
-                self.bitmap_known = true;
                 self.save_meta(out);
                 out.push(Action::Emit(StateChange::ResyncStarted { blocks: 0, full }));
                 self.set_repl(ReplState::SyncTarget, out);

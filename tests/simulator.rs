@@ -35,6 +35,11 @@ fn random_workloads_with_faults() {
     let mut stats = std::collections::BTreeMap::new();
     for &seed in &seeds {
         let w = run_seed(SimConfig::for_seed(seed));
+        if std::env::var_os("TWINBLK_SIM_SHOW_REFUSALS").is_some()
+            && w.stats.contains_key("refused")
+        {
+            println!("seed {seed} saw a refusal");
+        }
         events += w.events;
         for (k, v) in w.stats {
             *stats.entry(k).or_insert(0u64) += v;

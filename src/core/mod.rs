@@ -1141,8 +1141,10 @@ impl Replica {
     }
 
     /// The receiving side could not write peer data: its disk no longer matches anything.
+    /// (The region is not marked here: our bitmap names changes the *peer* lacks. The sender still
+    /// has it in its transfer log, unacked, and marks it when the connection drops.)
     fn secondary_disk_error(&mut self, offset: u64, len: u64, errno: i32, out: &mut Vec<Action>) {
-        self.bitmap.set_bytes(offset, len);
+        let _ = len;
         self.set_disk(DiskState::Inconsistent, out);
         self.save_meta(out);
         if self.conn.is_some() {
@@ -1449,7 +1451,8 @@ impl Replica {
                 PeerMsg::ResyncData { offset, data, .. } => (*offset, data.len() as u64),
                 _ => (0, 0),
             };
-            self.bitmap.set_bytes(off, len);
+            // Not marked in our bitmap (it names what the peer lacks): the sender never gets an
+            // ack for it, so the region is in its transfer log and becomes dirty there.
             self.close(
                 &format!(
                     "crc32 mismatch in peer data at offset {off} (+{len}): network or memory \

@@ -413,7 +413,19 @@ fn crc_mismatch_closes_connection_and_marks_region() {
     assert!(out
         .iter()
         .any(|x| matches!(x, Action::CloseConnection { reason, .. } if reason.contains("crc32"))));
-    assert!(b.bitmap().get(9));
+    // The sender learns of the loss and marks the unacked region for resync.
+    a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "peer closed".into(),
+        },
+        0,
+    );
+    assert!(a.bitmap().get(9));
+    assert!(
+        !b.bitmap().get(9),
+        "the receiver's bitmap names only what its peer lacks"
+    );
 }
 
 #[test]

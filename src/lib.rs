@@ -8,9 +8,11 @@ pub mod addr;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod core;
 pub mod disk;
 pub mod nbd;
 pub mod net;
 pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod ublk_target;
+pub mod wire;

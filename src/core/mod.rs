@@ -1,0 +1,1774 @@
+//! The sans-IO replication core: one [`Replica`] per resource and node. No I/O, no clocks, no
+//! tokio: the driver (node.rs) feeds it [`Event`]s and executes the [`Action`]s it returns.
+//!
+//! # Driver contract
+//!
+//! ```text
+//! let mut r = Replica::new(config, meta_loaded_from_disk);
+//! loop { let ev = next_event(); out.clear(); r.handle(ev, now_nanos, &mut out); execute(&out) }
+//! ```
+//!
+//! * Execute actions **in order**. [`Action::SaveMeta`] must be durable before any later action of
+//!   the same batch runs (it guards e.g. "Inconsistent" before resync data touches the disk).
+//! * Every `Disk*` action carries an [`IoId`]; report exactly one [`Event::DiskDone`] for it, with
+//!   `Ok(Some(bytes))` for a `DiskRead`, `Ok(None)` otherwise, `Err(errno)` on failure. Disk actions
+//!   of one batch may run concurrently; the core never emits two overlapping writes at once.
+//! * `DiskWrite`/`DiskTrim`/`DiskZero` complete when the data is written (in the device's cache);
+//!   with `fua: true` when it is stable. `DiskFlush` completes when everything completed before it
+//!   was issued is stable.
+//! * [`Action::Send`] messages go to the peer of the *current* connection, on the stream
+//!   [`PeerMsg::stream`] names: control messages in order on one stream; data messages may use
+//!   several streams (the receiver restores their order by `seq`). If the connection is gone,
+//!   drop them.
+//! * Connections: when the transport has a connection, send [`Event::ConnectionUp`] with a fresh
+//!   id; deliver decoded messages as [`Event::Peer`] with that id; report its loss with
+//!   [`Event::ConnectionDown`]. After [`Action::CloseConnection`] close the connection it names;
+//!   the core already treats it as gone (a later `ConnectionDown` for it is ignored). Only connect
+//!   while [`Status::want_connection`] is true (then retry with backoff). Events for a connection
+//!   id that is not the current one are ignored, so stale deliveries are harmless.
+//! * [`Action::ArmTimer`]: deliver [`Event::Timer`] with that kind at (or after) `at` nanos.
+//!   Re-arming replaces nothing: stale timers are recognised and ignored by the core.
+//! * [`Action::CompleteClient`]: answer the client request (`Err(errno)` as the NBD error).
+//! * [`Action::ServeRead`]: read `len` bytes at `offset` from the local disk and answer the client
+//!   directly (the core only decides that this node may serve reads).
+//! * [`Action::Emit`]: one structured state change for logs, `status` and the events stream.
+//! * [`Action::AdminDone`]: the answer to an [`Event::Admin`] with the same tag.
+//!
+//! # What the core guarantees
+//!
+//! * protocol `Sync` (DRBD C): a write completes once it is on the local disk and the peer acked it
+//!   on its disk (with FUA/FLUSH: stable there). If the connection is lost, waiting writes complete
+//!   once the loss is reported, and their regions go to the dirty bitmap.
+//! * protocol `Async` (DRBD A): a write completes once local and queued; the bytes sent but not
+//!   acked by the peer are bounded by `send_buffer` (new writes wait for room: back-pressure).
+//! * Write order: a new epoch starts when a write is submitted after a write completed, and at
+//!   every FLUSH. The peer applies one epoch's writes concurrently, flushes at the epoch's barrier,
+//!   and only then starts the next epoch. Overlapping writes are applied in submission order on
+//!   both nodes.
+//! * Every written region not known stable on the peer (sent, not barrier-acked; or written
+//!   while disconnected) is in the dirty bitmap; reconnecting resyncs it (or everything when the
+//!   bitmap cannot be trusted) before the peer is UpToDate again.
+//! * Handshake: both sides send [`Hello`] and apply the same [`gen::decide`]: no sync, bitmap or
+//!   full resync (which side is source), or refusal (other resource, other size, two Primaries,
+//!   split brain) with a reason in [`Status::last_refusal`] and [`StateChange::Refused`].
+//! * A local write error on the Primary fails that request and, if connected, reconnects so the
+//!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
+//!
+//! # Not yet here
+//!
+//! * Ahead/Behind (pull-ahead): the hook is `Replica::admit`, where async writes now wait for room
+//!   in the send buffer; Ahead would instead mark the region dirty and skip the send.
+//! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync,
+//!   persistent bitmap / activity log, DRBD's full generation-id history.
+
+pub mod bitmap;
+pub mod gen;
+pub mod resync;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+
+pub use crate::wire::{DataOp, DiskState, Extent, Hello, PeerMsg, PeerState, Role, FLAG_FUA};
+use bitmap::{Bitmap, BLOCK};
+use gen::Decision;
+use resync::ResyncSource;
+
+/// Identifies a client request (chosen by the driver, unique among requests in flight).
+pub type ReqId = u64;
+/// Identifies one local disk operation (chosen by the core).
+pub type IoId = u64;
+
+const EPERM: i32 = libc::EPERM;
+const EINVAL: i32 = libc::EINVAL;
+const EIO: i32 = libc::EIO;
+
+/// Replication protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// DRBD C: done when both disks have it.
+    Sync,
+    /// DRBD A: done when the local disk has it and it is queued for the peer.
+    Async,
+}
+
+/// Deliberate bugs, for tests proving the simulator's invariant checks can fail. Never set this
+/// outside tests.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InjectedBug {
+    #[default]
+    None,
+    /// Sync writes complete without waiting for the peer's ack.
+    AckWithoutPeer,
+    /// Regions in flight at a disconnect are not marked dirty.
+    ForgetInFlightOnDisconnect,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub resource: String,
+    pub node_id: u64,
+    /// Device size in bytes (both nodes must agree).
+    pub size: u64,
+    pub protocol: Protocol,
+    /// Async: bytes sent but not yet acked by the peer before new writes wait.
+    pub send_buffer: u64,
+    /// Resync request size in bytes.
+    pub resync_chunk: u64,
+    /// Resync requests in flight.
+    pub resync_window: usize,
+    /// How long a handshake may take before the connection is closed, in nanoseconds.
+    pub handshake_timeout: u64,
+    #[doc(hidden)]
+    pub bug: InjectedBug,
+}
+
+impl Config {
+    pub fn new(resource: &str, node_id: u64, size: u64, protocol: Protocol) -> Config {
+        Config {
+            resource: resource.to_owned(),
+            node_id,
+            size,
+            protocol,
+            send_buffer: 8 << 20,
+            resync_chunk: 256 << 10,
+            resync_window: 8,
+            handshake_timeout: 10_000_000_000,
+            bug: InjectedBug::None,
+        }
+    }
+}
+
+/// What the driver persists for the core ([`Action::SaveMeta`]) and hands back to
+/// [`Replica::new`] after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub current_gen: u64,
+    pub bitmap_gen: Option<u64>,
+    pub disk: DiskState,
+    /// The node was Primary when this was saved: after a restart it counts as a crashed primary.
+    pub primary: bool,
+}
+
+impl Meta {
+    /// Metadata of a freshly created device: no data generation yet, Inconsistent.
+    pub fn new_device() -> Meta {
+        Meta {
+            current_gen: 0,
+            bitmap_gen: None,
+            disk: DiskState::Inconsistent,
+            primary: false,
+        }
+    }
+}
+
+/// Replication (connection) state, DRBD vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplState {
+    /// Not connected and not trying to (administratively, or after a refusal).
+    StandAlone,
+    /// Trying to connect, or handshaking.
+    Connecting,
+    Established,
+    SyncSource,
+    SyncTarget,
+    /// Reserved: pull-ahead mode (async, congested link).
+    Ahead,
+    /// Reserved: the peer of an Ahead node.
+    Behind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCmd {
+    /// Become Primary. `force` allows an Inconsistent/Outdated disk (first promotion).
+    Promote {
+        force: bool,
+    },
+    Demote,
+    Connect,
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    /// Handshake deadline for connection `conn`.
+    Handshake { conn: u64 },
+}
+
+/// Input to the core.
+#[derive(Debug, Clone)]
+pub enum Event {
+    ClientWrite {
+        req: ReqId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    ClientTrim {
+        req: ReqId,
+        offset: u64,
+        len: u32,
+    },
+    ClientWriteZeroes {
+        req: ReqId,
+        offset: u64,
+        len: u32,
+    },
+    ClientFlush {
+        req: ReqId,
+    },
+    ClientRead {
+        req: ReqId,
+        offset: u64,
+        len: u32,
+    },
+    /// A `Disk*` action finished.
+    DiskDone {
+        io: IoId,
+        result: Result<Option<Bytes>, i32>,
+    },
+    ConnectionUp {
+        conn: u64,
+    },
+    ConnectionDown {
+        conn: u64,
+        reason: String,
+    },
+    Peer {
+        conn: u64,
+        msg: PeerMsg,
+    },
+    Timer(TimerKind),
+    Admin {
+        tag: u64,
+        cmd: AdminCmd,
+    },
+}
+
+/// One structured state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    Role {
+        from: Role,
+        to: Role,
+    },
+    Disk {
+        from: DiskState,
+        to: DiskState,
+    },
+    Repl {
+        from: ReplState,
+        to: ReplState,
+    },
+    PeerDisk {
+        to: Option<DiskState>,
+    },
+    PeerRole {
+        to: Option<Role>,
+    },
+    ResyncStarted {
+        blocks: u64,
+        full: bool,
+    },
+    ResyncFinished,
+    /// The connection was refused (by this node or the peer) before any data moved.
+    Refused {
+        reason: String,
+    },
+    ConnectionLost {
+        reason: String,
+    },
+}
+
+/// Output of the core. See the module docs for who must do what.
+#[derive(Debug, Clone)]
+pub enum Action {
+    DiskWrite {
+        io: IoId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    DiskTrim {
+        io: IoId,
+        offset: u64,
+        len: u32,
+    },
+    DiskZero {
+        io: IoId,
+        offset: u64,
+        len: u32,
+    },
+    DiskFlush {
+        io: IoId,
+    },
+    DiskRead {
+        io: IoId,
+        offset: u64,
+        len: u32,
+    },
+    ServeRead {
+        req: ReqId,
+        offset: u64,
+        len: u32,
+    },
+    Send(PeerMsg),
+    CompleteClient {
+        req: ReqId,
+        result: Result<(), i32>,
+    },
+    ArmTimer {
+        kind: TimerKind,
+        at: u64,
+    },
+    Emit(StateChange),
+    SaveMeta(Meta),
+    /// Close connection `conn` (the core already treats it as gone).
+    CloseConnection {
+        conn: u64,
+        reason: String,
+    },
+    AdminDone {
+        tag: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// A snapshot for `twinblk status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub role: Role,
+    pub disk: DiskState,
+    pub repl: ReplState,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
+    pub current_gen: u64,
+    pub dirty_blocks: u64,
+    /// (blocks left, blocks at start) while SyncSource.
+    pub resync: Option<(u64, u64)>,
+    pub want_connection: bool,
+    pub last_refusal: Option<String>,
+    pub requests_in_flight: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, data: Bytes, fua: bool },
+    Trim { offset: u64, len: u32 },
+    Zero { offset: u64, len: u32 },
+    Flush,
+}
+
+#[derive(Debug)]
+struct ClientReq {
+    /// Waiting in the issue queue (write not yet on its way; flush: barrier not yet sent).
+    unissued: bool,
+    local: bool,
+    peer: bool,
+    err: Option<i32>,
+    write: bool,
+}
+
+#[derive(Debug)]
+enum Issue {
+    Write {
+        req: ReqId,
+        op: DataOp,
+        offset: u64,
+        len: u32,
+        data: Bytes,
+        fua: bool,
+        epoch: u64,
+    },
+    Barrier {
+        epoch: u64,
+        flush_req: Option<ReqId>,
+    },
+}
+
+#[derive(Debug)]
+enum IoKind {
+    Client { req: ReqId },
+    ClientFlush { req: ReqId },
+    Peer { conn: u64, seq: u64 },
+    PeerResync { conn: u64 },
+    ResyncRead { conn: u64, first: u64 },
+    BarrierFlush { conn: u64, epoch: u64 },
+    DoneFlush { conn: u64, gen: u64 },
+}
+
+#[derive(Debug)]
+struct Io {
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+}
+
+#[derive(Debug)]
+enum Apply {
+    Write(Extent),
+    Resync { offset: u64, data: Bytes },
+    Barrier { epoch: u64 },
+    Done { gen: u64 },
+}
+
+impl Apply {
+    fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Apply::Write(e) => Some((e.offset, e.len as u64)),
+            Apply::Resync { offset, data } => Some((*offset, data.len() as u64)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    sent_hello: Hello,
+    decided: bool,
+    peer_role: Option<Role>,
+    peer_disk: Option<DiskState>,
+    send_seq: u64,
+    recv_next: u64,
+    reorder: BTreeMap<u64, PeerMsg>,
+    /// Payload bytes received and not yet handed to the disk (reorder buffer + apply queue).
+    reorder_bytes: u64,
+    apply_q: VecDeque<Apply>,
+    fence_in_flight: bool,
+    /// Async buffer: payload bytes sent and not yet acked.
+    sendbuf: u64,
+    /// seq -> (client request waiting for this ack, payload bytes).
+    awaiting_ack: HashMap<u64, (Option<ReqId>, u64)>,
+    barrier_waiters: BTreeMap<u64, Vec<ReqId>>,
+}
+
+const REORDER_MAX_MSGS: usize = 1 << 16;
+const REORDER_MAX_BYTES: u64 = 256 << 20;
+
+fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.1 > 0 && b.1 > 0 && a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
+}
+
+/// The replication state machine for one resource on one node.
+pub struct Replica {
+    cfg: Config,
+    role: Role,
+    disk: DiskState,
+    repl: ReplState,
+    want_connect: bool,
+    current_gen: u64,
+    bitmap_gen: Option<u64>,
+    crashed_primary: bool,
+    bitmap_known: bool,
+    bitmap: Bitmap,
+    needs_gen_bump: bool,
+    max_peer_gen: u64,
+    last_refusal: Option<String>,
+    reqs: HashMap<ReqId, ClientReq>,
+    /// Requests waiting for admission, each with "a write completed since the previous
+    /// submission" (an epoch boundary is decided at submission, not at admission).
+    admit_q: VecDeque<(ReqId, Op, bool)>,
+    issue_q: VecDeque<Issue>,
+    epoch: u64,
+    epoch_has_writes: bool,
+    completion_seen: bool,
+    next_io: IoId,
+    inflight: HashMap<IoId, Io>,
+    conn: Option<Conn>,
+    /// Transfer log: (epoch, offset, len) of writes sent but not yet barrier-acked.
+    tl: VecDeque<(u64, u64, u64)>,
+    resync: Option<ResyncSource>,
+    now: u64,
+}
+
+impl Replica {
+    /// A replica starting as Secondary, not connected, from persisted `meta`.
+    pub fn new(cfg: Config, meta: Meta) -> Replica {
+        let bitmap = Bitmap::new(cfg.size, BLOCK);
+        Replica {
+            role: Role::Secondary,
+            disk: meta.disk,
+            repl: ReplState::StandAlone,
+            want_connect: false,
+            current_gen: meta.current_gen,
+            bitmap_gen: meta.bitmap_gen,
+            crashed_primary: meta.primary,
+            bitmap_known: false,
+            bitmap,
+            needs_gen_bump: true,
+            max_peer_gen: 0,
+            last_refusal: None,
+            reqs: HashMap::new(),
+            admit_q: VecDeque::new(),
+            issue_q: VecDeque::new(),
+            epoch: 1,
+            epoch_has_writes: false,
+            completion_seen: false,
+            next_io: 1,
+            inflight: HashMap::new(),
+            conn: None,
+            tl: VecDeque::new(),
+            resync: None,
+            now: 0,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The metadata the driver should hold (same as the last [`Action::SaveMeta`]).
+    pub fn meta(&self) -> Meta {
+        Meta {
+            current_gen: self.current_gen,
+            bitmap_gen: self.bitmap_gen,
+            disk: self.disk,
+            primary: self.role == Role::Primary,
+        }
+    }
+
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+
+    pub fn status(&self) -> Status {
+        let c = self.conn.as_ref();
+        Status {
+            role: self.role,
+            disk: self.disk,
+            repl: self.repl,
+            peer_role: c.and_then(|c| c.peer_role),
+            peer_disk: c.and_then(|c| c.peer_disk),
+            current_gen: self.current_gen,
+            dirty_blocks: self.bitmap.count(),
+            resync: self
+                .resync
+                .as_ref()
+                .map(|r| (r.remaining(&self.bitmap), r.total)),
+            want_connection: self.want_connect,
+            last_refusal: self.last_refusal.clone(),
+            requests_in_flight: self.reqs.len() + self.admit_q.len(),
+        }
+    }
+
+    /// Feeds one event; appends the resulting actions to `out`.
+    pub fn handle(&mut self, ev: Event, now: u64, out: &mut Vec<Action>) {
+        self.now = now;
+        match ev {
+            Event::ClientWrite {
+                req,
+                offset,
+                data,
+                fua,
+            } => {
+                let len = data.len() as u64;
+                self.client_op(req, offset, len, Op::Write { offset, data, fua }, out)
+            }
+            Event::ClientTrim { req, offset, len } => {
+                self.client_op(req, offset, len as u64, Op::Trim { offset, len }, out)
+            }
+            Event::ClientWriteZeroes { req, offset, len } => {
+                self.client_op(req, offset, len as u64, Op::Zero { offset, len }, out)
+            }
+            Event::ClientFlush { req } => self.client_op(req, 0, 0, Op::Flush, out),
+            Event::ClientRead { req, offset, len } => {
+                let result = self.may_serve(offset, len as u64);
+                match result {
+                    Ok(()) => out.push(Action::ServeRead { req, offset, len }),
+                    Err(e) => out.push(Action::CompleteClient {
+                        req,
+                        result: Err(e),
+                    }),
+                }
+            }
+            Event::DiskDone { io, result } => self.disk_done(io, result, out),
+            Event::ConnectionUp { conn } => self.connection_up(conn, out),
+            Event::ConnectionDown { conn, reason } => {
+                if self.conn.as_ref().is_some_and(|c| c.id == conn) {
+                    self.lose_connection(&reason, out);
+                }
+            }
+            Event::Peer { conn, msg } => {
+                if self.conn.as_ref().is_some_and(|c| c.id == conn) {
+                    self.peer_msg(msg, out);
+                }
+            }
+            Event::Timer(TimerKind::Handshake { conn }) => {
+                if self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.id == conn && !c.decided)
+                {
+                    self.close(
+                        "handshake timed out: the peer did not answer; check it runs twinblk",
+                        out,
+                    );
+                }
+            }
+            Event::Admin { tag, cmd } => {
+                let result = self.admin(cmd, out);
+                out.push(Action::AdminDone { tag, result });
+            }
+        }
+    }
+
+    /// Convenience wrapper around [`Replica::handle`].
+    pub fn handle_vec(&mut self, ev: Event, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.handle(ev, now, &mut out);
+        out
+    }
+
+    // ---- small helpers ----
+
+    fn new_io(&mut self, kind: IoKind, offset: u64, len: u64) -> IoId {
+        let io = self.next_io;
+        self.next_io += 1;
+        self.inflight.insert(io, Io { kind, offset, len });
+        io
+    }
+
+    fn overlaps_inflight(&self, r: (u64, u64)) -> bool {
+        self.inflight
+            .values()
+            .any(|io| overlap((io.offset, io.len), r))
+    }
+
+    fn replicating(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.decided)
+            && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
+    }
+
+    fn handshaking(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.decided)
+    }
+
+    fn set_role(&mut self, to: Role, out: &mut Vec<Action>) {
+        if self.role != to {
+            out.push(Action::Emit(StateChange::Role {
+                from: self.role,
+                to,
+            }));
+            self.role = to;
+        }
+    }
+
+    fn set_disk(&mut self, to: DiskState, out: &mut Vec<Action>) {
+        if self.disk != to {
+            out.push(Action::Emit(StateChange::Disk {
+                from: self.disk,
+                to,
+            }));
+            self.disk = to;
+        }
+    }
+
+    fn set_repl(&mut self, to: ReplState, out: &mut Vec<Action>) {
+        if self.repl != to {
+            tracing::info!(resource = %self.cfg.resource, from = ?self.repl, ?to, "replication state");
+            out.push(Action::Emit(StateChange::Repl {
+                from: self.repl,
+                to,
+            }));
+            self.repl = to;
+        }
+    }
+
+    fn save_meta(&self, out: &mut Vec<Action>) {
+        out.push(Action::SaveMeta(self.meta()));
+    }
+
+    fn send(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
+        if self.conn.is_some() {
+            out.push(Action::Send(msg));
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        match self.conn.as_mut() {
+            Some(c) => {
+                c.send_seq += 1;
+                c.send_seq
+            }
+            None => 0,
+        }
+    }
+
+    fn send_state(&mut self, out: &mut Vec<Action>) {
+        if self.conn.as_ref().is_some_and(|c| c.decided) {
+            let m = PeerMsg::State(PeerState {
+                role: self.role,
+                disk: self.disk,
+            });
+            self.send(m, out);
+        }
+    }
+
+    fn may_serve(&self, offset: u64, len: u64) -> Result<(), i32> {
+        if self.role != Role::Primary {
+            return Err(EPERM);
+        }
+        if self.disk != DiskState::UpToDate {
+            return Err(EIO);
+        }
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > self.cfg.size)
+        {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    // ---- client side (primary) ----
+
+    fn client_op(&mut self, req: ReqId, offset: u64, len: u64, op: Op, out: &mut Vec<Action>) {
+        if let Err(e) = self.may_serve(offset, len) {
+            out.push(Action::CompleteClient {
+                req,
+                result: Err(e),
+            });
+            return;
+        }
+        if matches!(op, Op::Write { .. }) && len > crate::wire::MAX_PAYLOAD as u64 {
+            out.push(Action::CompleteClient {
+                req,
+                result: Err(EINVAL),
+            });
+            return;
+        }
+        let boundary = std::mem::take(&mut self.completion_seen);
+        self.admit_q.push_back((req, op, boundary));
+        self.admit(out);
+    }
+
+    /// Moves requests from the admission queue into the issue queue while allowed (not during a
+    /// handshake; async: while the send buffer has room).
+    fn admit(&mut self, out: &mut Vec<Action>) {
+        while let Some((_, op, _)) = self.admit_q.front() {
+            if self.handshaking() {
+                break;
+            }
+            let bytes = match op {
+                Op::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            };
+            if self.cfg.protocol == Protocol::Async && self.replicating() {
+                let used = self.conn.as_ref().map_or(0, |c| c.sendbuf);
+                if used > 0 && used + bytes > self.cfg.send_buffer {
+                    break;
+                }
+            }
+            let Some((req, op, boundary)) = self.admit_q.pop_front() else {
+                break;
+            };
+            self.admit_one(req, op, boundary, out);
+        }
+        self.pump_issue(out);
+    }
+
+    fn admit_one(&mut self, req: ReqId, op: Op, boundary: bool, out: &mut Vec<Action>) {
+        let (dop, offset, len, data, fua) = match op {
+            Op::Flush => {
+                let io = self.new_io(IoKind::ClientFlush { req }, 0, 0);
+                self.reqs.insert(
+                    req,
+                    ClientReq {
+                        unissued: true,
+                        local: true,
+                        peer: false,
+                        err: None,
+                        write: false,
+                    },
+                );
+                out.push(Action::DiskFlush { io });
+                self.issue_q.push_back(Issue::Barrier {
+                    epoch: self.epoch,
+                    flush_req: Some(req),
+                });
+                self.epoch += 1;
+                self.epoch_has_writes = false;
+                return;
+            }
+            Op::Write { offset, data, fua } => {
+                let len = data.len() as u32;
+                (DataOp::Write, offset, len, data, fua)
+            }
+            Op::Trim { offset, len } => (DataOp::Trim, offset, len, Bytes::new(), false),
+            Op::Zero { offset, len } => (DataOp::Zero, offset, len, Bytes::new(), false),
+        };
+        if boundary && self.epoch_has_writes {
+            self.issue_q.push_back(Issue::Barrier {
+                epoch: self.epoch,
+                flush_req: None,
+            });
+            self.epoch += 1;
+            self.epoch_has_writes = false;
+        }
+        self.epoch_has_writes = true;
+        self.reqs.insert(
+            req,
+            ClientReq {
+                unissued: true,
+                local: false,
+                peer: false,
+                err: None,
+                write: true,
+            },
+        );
+        self.issue_q.push_back(Issue::Write {
+            req,
+            op: dop,
+            offset,
+            len,
+            data,
+            fua,
+            epoch: self.epoch,
+        });
+    }
+
+    /// Issues queued writes and barriers: a write waits for overlapping in-flight disk ops and
+    /// for earlier queued overlapping writes; a barrier is a fence nothing passes.
+    fn pump_issue(&mut self, out: &mut Vec<Action>) {
+        if self.handshaking() {
+            return;
+        }
+        let mut i = 0;
+        let mut blocked: Vec<(u64, u64)> = Vec::new();
+        while i < self.issue_q.len() {
+            let Some(item) = self.issue_q.get(i) else {
+                break;
+            };
+            match item {
+                Issue::Barrier { .. } => {
+                    if i != 0 {
+                        break;
+                    }
+                    if let Some(Issue::Barrier { epoch, flush_req }) = self.issue_q.pop_front() {
+                        self.issue_barrier(epoch, flush_req, out);
+                    }
+                }
+                Issue::Write { offset, len, .. } => {
+                    let r = (*offset, (*len as u64).max(1));
+                    if self.overlaps_inflight(r) || blocked.iter().any(|b| overlap(*b, r)) {
+                        blocked.push(r);
+                        i += 1;
+                        continue;
+                    }
+                    if let Some(Issue::Write {
+                        req,
+                        op,
+                        offset,
+                        len,
+                        data,
+                        fua,
+                        epoch,
+                    }) = self.issue_q.remove(i)
+                    {
+                        self.issue_write(req, op, offset, len, data, fua, epoch, out);
+                    }
+                }
+            }
+        }
+        self.pump_resync(out);
+    }
+
+    fn issue_barrier(&mut self, epoch: u64, flush_req: Option<ReqId>, out: &mut Vec<Action>) {
+        let replicating = self.replicating();
+        if replicating {
+            let seq = self.next_seq();
+            self.send(PeerMsg::Barrier { seq, epoch }, out);
+        }
+        if let Some(req) = flush_req {
+            let wait_peer = replicating && self.cfg.protocol == Protocol::Sync;
+            if wait_peer {
+                if let Some(c) = self.conn.as_mut() {
+                    c.barrier_waiters.entry(epoch).or_default().push(req);
+                }
+            }
+            if let Some(r) = self.reqs.get_mut(&req) {
+                r.unissued = false;
+                r.peer = wait_peer;
+            }
+            self.try_complete(req, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue_write(
+        &mut self,
+        req: ReqId,
+        op: DataOp,
+        offset: u64,
+        len: u32,
+        data: Bytes,
+        fua: bool,
+        epoch: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let io = self.new_io(IoKind::Client { req }, offset, len as u64);
+        match op {
+            DataOp::Write => out.push(Action::DiskWrite {
+                io,
+                offset,
+                data: data.clone(),
+                fua,
+            }),
+            DataOp::Trim => out.push(Action::DiskTrim { io, offset, len }),
+            DataOp::Zero => out.push(Action::DiskZero { io, offset, len }),
+        }
+        let mut wait_peer = false;
+        if self.replicating() {
+            let seq = self.next_seq();
+            let bytes = data.len() as u64;
+            wait_peer =
+                self.cfg.protocol == Protocol::Sync && self.cfg.bug != InjectedBug::AckWithoutPeer;
+            if let Some(c) = self.conn.as_mut() {
+                c.sendbuf += bytes;
+                c.awaiting_ack
+                    .insert(seq, (wait_peer.then_some(req), bytes));
+            }
+            self.tl.push_back((epoch, offset, len as u64));
+            let crc32 = crc32fast::hash(&data);
+            let msg = PeerMsg::Data(Extent {
+                seq,
+                epoch,
+                offset,
+                len,
+                op,
+                flags: if fua { FLAG_FUA } else { 0 },
+                crc32,
+                data,
+            });
+            self.send(msg, out);
+        } else {
+            self.mark_dirty_unreplicated(offset, len as u64, out);
+        }
+        if let Some(r) = self.reqs.get_mut(&req) {
+            r.unissued = false;
+            r.local = true;
+            r.peer = wait_peer;
+        }
+    }
+
+    /// A write the peer will not get now: remember it, and (first time since we lost the peer)
+    /// start a new data generation so the peer's generation names what the bitmap is relative to.
+    fn mark_dirty_unreplicated(&mut self, offset: u64, len: u64, out: &mut Vec<Action>) {
+        self.bitmap.set_bytes(offset, len);
+        if self.role == Role::Primary && self.needs_gen_bump {
+            if self.bitmap_gen.is_none() {
+                self.bitmap_gen = Some(self.current_gen);
+            }
+            self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+            self.needs_gen_bump = false;
+            self.save_meta(out);
+        } else if self.bitmap_gen.is_none() {
+            self.bitmap_gen = Some(self.current_gen);
+            self.save_meta(out);
+        }
+    }
+
+    fn try_complete(&mut self, req: ReqId, out: &mut Vec<Action>) {
+        let done = self
+            .reqs
+            .get(&req)
+            .is_some_and(|r| !r.unissued && !r.local && !r.peer);
+        if done {
+            if let Some(r) = self.reqs.remove(&req) {
+                if r.write {
+                    self.completion_seen = true;
+                }
+                out.push(Action::CompleteClient {
+                    req,
+                    result: r.err.map_or(Ok(()), Err),
+                });
+            }
+        }
+    }
+
+    // ---- disk completions ----
+
+    fn disk_done(&mut self, io: IoId, result: Result<Option<Bytes>, i32>, out: &mut Vec<Action>) {
+        let Some(Io { kind, offset, len }) = self.inflight.remove(&io) else {
+            tracing::warn!(io, "completion for unknown disk io ignored");
+            return;
+        };
+        let cur = self.conn.as_ref().map(|c| c.id);
+        match kind {
+            IoKind::Client { req } => {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    if let Err(e) = result {
+                        tracing::warn!(offset, len, errno = e, "local write failed");
+                        r.err = Some(e);
+                    }
+                    r.local = false;
+                }
+                let failed = result.is_err();
+                if failed {
+                    // The peer may have it and we do not: the region must be resynced, and only
+                    // a new handshake starts a resync, so drop the connection (it reconnects).
+                    self.bitmap.set_bytes(offset, len);
+                    if self.bitmap_gen.is_none() {
+                        self.bitmap_gen = Some(self.current_gen);
+                    }
+                }
+                self.try_complete(req, out);
+                if failed && self.conn.is_some() {
+                    self.close(
+                        &format!(
+                            "local write failed at offset {offset} (+{len}): reconnecting to \
+                             resync the region; check this node's backing disk"
+                        ),
+                        out,
+                    );
+                }
+                self.pump_issue(out);
+            }
+            IoKind::ClientFlush { req } => {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    if let Err(e) = result {
+                        r.err = Some(e);
+                    }
+                    r.local = false;
+                }
+                self.try_complete(req, out);
+            }
+            IoKind::Peer { conn, seq } => {
+                if let Err(e) = result {
+                    self.secondary_disk_error(offset, len, e, out);
+                } else if cur == Some(conn) {
+                    self.send(PeerMsg::WriteAck { seq }, out);
+                }
+                self.pump_apply(out);
+            }
+            IoKind::PeerResync { conn } => {
+                if let Err(e) = result {
+                    self.secondary_disk_error(offset, len, e, out);
+                } else if cur == Some(conn) {
+                    self.send(
+                        PeerMsg::ResyncAck {
+                            offset,
+                            len: len as u32,
+                        },
+                        out,
+                    );
+                }
+                self.pump_apply(out);
+            }
+            IoKind::ResyncRead { conn, first } => {
+                let live = cur == Some(conn) && self.repl == ReplState::SyncSource;
+                match result {
+                    Ok(Some(data)) if live && data.len() as u64 == len => {
+                        let seq = self.next_seq();
+                        let crc32 = crc32fast::hash(&data);
+                        self.send(
+                            PeerMsg::ResyncData {
+                                seq,
+                                offset,
+                                crc32,
+                                data,
+                            },
+                            out,
+                        );
+                    }
+                    Ok(_) if !live => {}
+                    Ok(_) => {
+                        if let Some(rs) = self.resync.as_mut() {
+                            rs.abandon(first);
+                        }
+                        self.close("resync read returned a short buffer: driver bug", out);
+                    }
+                    Err(e) => {
+                        if let Some(rs) = self.resync.as_mut() {
+                            rs.abandon(first);
+                        }
+                        if live {
+                            self.close(
+                                &format!(
+                                    "resync read failed at offset {offset} (errno {e}): \
+                                     check this node's backing disk"
+                                ),
+                                out,
+                            );
+                        }
+                    }
+                }
+                self.pump_issue(out);
+            }
+            IoKind::BarrierFlush { conn, epoch } => {
+                if cur != Some(conn) {
+                    return;
+                }
+                if let Err(e) = result {
+                    self.secondary_disk_error(0, 0, e, out);
+                    return;
+                }
+                if let Some(c) = self.conn.as_mut() {
+                    c.fence_in_flight = false;
+                    c.apply_q.pop_front();
+                }
+                self.send(PeerMsg::BarrierAck { epoch }, out);
+                self.pump_apply(out);
+            }
+            IoKind::DoneFlush { conn, gen } => {
+                if cur != Some(conn) {
+                    return;
+                }
+                if let Err(e) = result {
+                    self.secondary_disk_error(0, 0, e, out);
+                    return;
+                }
+                if let Some(c) = self.conn.as_mut() {
+                    c.fence_in_flight = false;
+                    c.apply_q.pop_front();
+                }
+                self.current_gen = gen;
+                self.bitmap_gen = None;
+                self.bitmap.clear_all();
+                self.bitmap_known = true;
+                self.crashed_primary = false;
+                self.set_disk(DiskState::UpToDate, out);
+                self.save_meta(out);
+                self.set_repl(ReplState::Established, out);
+                out.push(Action::Emit(StateChange::ResyncFinished));
+                self.send_state(out);
+                self.pump_apply(out);
+            }
+        }
+    }
+
+    /// The receiving side could not write peer data: its disk no longer matches anything.
+    /// (The region is not marked here: our bitmap names changes the *peer* lacks. The sender still
+    /// has it in its transfer log, unacked, and marks it when the connection drops.)
+    fn secondary_disk_error(&mut self, offset: u64, len: u64, errno: i32, out: &mut Vec<Action>) {
+        let _ = len;
+        self.set_disk(DiskState::Inconsistent, out);
+        self.save_meta(out);
+        if self.conn.is_some() {
+            self.close(
+                &format!(
+                    "local disk error (errno {errno}) writing peer data at offset {offset}: \
+                     check this node's backing disk, then reconnect to resync"
+                ),
+                out,
+            );
+        }
+    }
+
+    // ---- connection lifecycle ----
+
+    fn my_hello(&self) -> Hello {
+        Hello {
+            resource: self.cfg.resource.clone(),
+            node_id: self.cfg.node_id,
+            size: self.cfg.size,
+            role: self.role,
+            disk: self.disk,
+            current_gen: self.current_gen,
+            bitmap_gen: self.bitmap_gen,
+            bitmap_known: self.bitmap_known,
+            dirty: !self.bitmap.is_clean(),
+            crashed_primary: self.crashed_primary,
+        }
+    }
+
+    fn connection_up(&mut self, conn: u64, out: &mut Vec<Action>) {
+        if !self.want_connect {
+            out.push(Action::CloseConnection {
+                conn,
+                reason: "administratively disconnected: run `twinblk connect`".into(),
+            });
+            return;
+        }
+        if self.conn.is_some() {
+            self.close("replaced by a new connection", out);
+        }
+        let hello = self.my_hello();
+        self.conn = Some(Conn {
+            id: conn,
+            sent_hello: hello.clone(),
+            decided: false,
+            peer_role: None,
+            peer_disk: None,
+            send_seq: 0,
+            recv_next: 1,
+            reorder: BTreeMap::new(),
+            reorder_bytes: 0,
+            apply_q: VecDeque::new(),
+            fence_in_flight: false,
+            sendbuf: 0,
+            awaiting_ack: HashMap::new(),
+            barrier_waiters: BTreeMap::new(),
+        });
+        self.set_repl(ReplState::Connecting, out);
+        out.push(Action::Send(PeerMsg::Hello(hello)));
+        out.push(Action::ArmTimer {
+            kind: TimerKind::Handshake { conn },
+            at: self.now.saturating_add(self.cfg.handshake_timeout),
+        });
+    }
+
+    /// Closes the current connection from our side.
+    fn close(&mut self, reason: &str, out: &mut Vec<Action>) {
+        let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
+            return;
+        };
+        tracing::warn!(resource = %self.cfg.resource, reason, "closing peer connection");
+        out.push(Action::CloseConnection {
+            conn,
+            reason: reason.to_owned(),
+        });
+        self.lose_connection(reason, out);
+    }
+
+    fn lose_connection(&mut self, reason: &str, out: &mut Vec<Action>) {
+        let Some(c) = self.conn.take() else {
+            return;
+        };
+        for (_, (req, _)) in c.awaiting_ack {
+            if let Some(req) = req {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.peer = false;
+                }
+                self.try_complete(req, out);
+            }
+        }
+        for (_, reqs) in c.barrier_waiters {
+            for req in reqs {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.peer = false;
+                }
+                self.try_complete(req, out);
+            }
+        }
+        let tl = std::mem::take(&mut self.tl);
+        if self.cfg.bug != InjectedBug::ForgetInFlightOnDisconnect {
+            for (_, off, len) in tl {
+                self.bitmap.set_bytes(off, len);
+            }
+        }
+        if !self.bitmap.is_clean() && self.bitmap_gen.is_none() {
+            self.bitmap_gen = Some(self.current_gen);
+        }
+        self.resync = None;
+        self.needs_gen_bump = true;
+        out.push(Action::Emit(StateChange::ConnectionLost {
+            reason: reason.to_owned(),
+        }));
+        if c.peer_disk.is_some() {
+            out.push(Action::Emit(StateChange::PeerDisk { to: None }));
+        }
+        let next = if self.want_connect {
+            ReplState::Connecting
+        } else {
+            ReplState::StandAlone
+        };
+        self.set_repl(next, out);
+        self.save_meta(out);
+        self.admit(out);
+    }
+
+    fn refuse(&mut self, reason: String, out: &mut Vec<Action>) {
+        self.last_refusal = Some(reason.clone());
+        self.want_connect = false;
+        out.push(Action::Emit(StateChange::Refused {
+            reason: reason.clone(),
+        }));
+        self.send(
+            PeerMsg::Refuse {
+                reason: reason.clone(),
+            },
+            out,
+        );
+        self.close(&reason, out);
+    }
+
+    fn peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
+        match msg {
+            PeerMsg::Hello(h) => self.peer_hello(h, out),
+            PeerMsg::Refuse { reason } => {
+                self.last_refusal = Some(format!("peer refused: {reason}"));
+                self.want_connect = false;
+                out.push(Action::Emit(StateChange::Refused {
+                    reason: format!("peer refused: {reason}"),
+                }));
+                self.close(&format!("peer refused: {reason}"), out);
+            }
+            PeerMsg::State(s) => {
+                if let Some(c) = self.conn.as_mut() {
+                    let role_changed = c.peer_role != Some(s.role);
+                    let disk_changed = c.peer_disk != Some(s.disk);
+                    c.peer_role = Some(s.role);
+                    c.peer_disk = Some(s.disk);
+                    if role_changed {
+                        out.push(Action::Emit(StateChange::PeerRole { to: Some(s.role) }));
+                    }
+                    if disk_changed {
+                        out.push(Action::Emit(StateChange::PeerDisk { to: Some(s.disk) }));
+                    }
+                }
+                if s.role == Role::Primary && self.role == Role::Primary {
+                    self.refuse(
+                        "both nodes are Primary (split brain): demote one with `twinblk secondary`"
+                            .into(),
+                        out,
+                    );
+                }
+            }
+            PeerMsg::WriteAck { seq } => {
+                let mut req = None;
+                if let Some(c) = self.conn.as_mut() {
+                    if let Some((r, bytes)) = c.awaiting_ack.remove(&seq) {
+                        c.sendbuf = c.sendbuf.saturating_sub(bytes);
+                        req = r;
+                    }
+                }
+                if let Some(req) = req {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.peer = false;
+                    }
+                    self.try_complete(req, out);
+                }
+                self.admit(out);
+            }
+            PeerMsg::BarrierAck { epoch } => {
+                self.tl.retain(|&(e, _, _)| e > epoch);
+                let mut done = Vec::new();
+                if let Some(c) = self.conn.as_mut() {
+                    while let Some((&e, _)) = c.barrier_waiters.first_key_value() {
+                        if e > epoch {
+                            break;
+                        }
+                        if let Some((_, reqs)) = c.barrier_waiters.pop_first() {
+                            done.extend(reqs);
+                        }
+                    }
+                }
+                for req in done {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.peer = false;
+                    }
+                    self.try_complete(req, out);
+                }
+            }
+            PeerMsg::ResyncAck { offset, len } => {
+                if self.repl != ReplState::SyncSource {
+                    return;
+                }
+                let acked = self
+                    .resync
+                    .as_mut()
+                    .is_some_and(|rs| rs.acked(offset / BLOCK));
+                if acked {
+                    self.bitmap.clear_bytes(offset, len as u64);
+                }
+                self.pump_resync(out);
+            }
+            m @ (PeerMsg::Data(_)
+            | PeerMsg::Barrier { .. }
+            | PeerMsg::ResyncData { .. }
+            | PeerMsg::ResyncDone { .. }) => self.sequenced(m, out),
+        }
+    }
+
+    fn peer_hello(&mut self, h: Hello, out: &mut Vec<Action>) {
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        if c.decided {
+            self.close("peer sent a second hello: protocol error", out);
+            return;
+        }
+        c.peer_role = Some(h.role);
+        c.peer_disk = Some(h.disk);
+        let mine = c.sent_hello.clone();
+        self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
+        let d = gen::decide(&mine, &h);
+        tracing::info!(resource = %self.cfg.resource, ?d, "handshake decided");
+        match d {
+            Decision::Refuse(reason) => {
+                self.refuse(reason, out);
+                return;
+            }
+            Decision::NoSync => {
+                if self.bitmap.is_clean() {
+                    self.bitmap_gen = None;
+                }
+                self.crashed_primary = false;
+                self.bitmap_known = true;
+                self.set_repl(ReplState::Established, out);
+                self.save_meta(out);
+            }
+            Decision::Source { full } => {
+                if full {
+                    self.bitmap.set_all();
+                }
+                self.bitmap_known = true;
+                self.bitmap_gen = Some(h.current_gen);
+                let rs = ResyncSource::new(
+                    &self.bitmap,
+                    self.cfg.resync_chunk,
+                    self.cfg.resync_window,
+                    full,
+                );
+                out.push(Action::Emit(StateChange::ResyncStarted {
+                    blocks: rs.total,
+                    full,
+                }));
+                self.resync = Some(rs);
+                self.set_repl(ReplState::SyncSource, out);
+                self.save_meta(out);
+            }
+            Decision::Target { full } => {
+                // `bitmap_known` stays as it was: whether this disk only lacks what the source's
+                // bitmap names depends on the source actually running this resync, which an
+                // interrupted handshake may never have started; Done sets it.
+                self.set_disk(DiskState::Inconsistent, out);
+                self.save_meta(out);
+                out.push(Action::Emit(StateChange::ResyncStarted { blocks: 0, full }));
+                self.set_repl(ReplState::SyncTarget, out);
+            }
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.decided = true;
+        }
+        out.push(Action::Emit(StateChange::PeerDisk { to: Some(h.disk) }));
+        self.pump_apply(out);
+        self.admit(out);
+    }
+
+    /// Data-stream messages: checked, then buffered until their turn by seq.
+    fn sequenced(&mut self, m: PeerMsg, out: &mut Vec<Action>) {
+        let Some(seq) = m.seq() else {
+            return;
+        };
+        if !m.crc_ok() {
+            let (off, len) = match &m {
+                PeerMsg::Data(e) => (e.offset, e.len as u64),
+                PeerMsg::ResyncData { offset, data, .. } => (*offset, data.len() as u64),
+                _ => (0, 0),
+            };
+            // Not marked in our bitmap (it names what the peer lacks): the sender never gets an
+            // ack for it, so the region is in its transfer log and becomes dirty there.
+            self.close(
+                &format!(
+                    "crc32 mismatch in peer data at offset {off} (+{len}): network or memory \
+                     corruption; the region will be resynced"
+                ),
+                out,
+            );
+            return;
+        }
+        let range = match &m {
+            PeerMsg::Data(e) => Some((e.offset, e.len as u64)),
+            PeerMsg::ResyncData { offset, data, .. } => Some((*offset, data.len() as u64)),
+            _ => None,
+        };
+        if let Some((off, len)) = range {
+            if off.checked_add(len).map_or(true, |end| end > self.cfg.size) {
+                self.close(
+                    &format!(
+                        "peer data at offset {off} (+{len}) lies beyond the device: protocol error"
+                    ),
+                    out,
+                );
+                return;
+            }
+        }
+        if self.role == Role::Primary && matches!(m, PeerMsg::Data(_) | PeerMsg::ResyncData { .. })
+        {
+            self.close("peer sent writes to a Primary: protocol error", out);
+            return;
+        }
+        let size = match &m {
+            PeerMsg::Data(e) => e.data.len() as u64,
+            PeerMsg::ResyncData { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        if seq < c.recv_next || c.reorder.contains_key(&seq) {
+            self.close("peer repeated a data sequence number: protocol error", out);
+            return;
+        }
+        c.reorder.insert(seq, m);
+        c.reorder_bytes += size;
+        if c.reorder.len() + c.apply_q.len() > REORDER_MAX_MSGS
+            || c.reorder_bytes > REORDER_MAX_BYTES
+        {
+            self.close("peer overran the reorder window: protocol error", out);
+            return;
+        }
+        self.pump_apply(out);
+    }
+
+    /// Receiver side: moves in-order messages to the apply queue and issues them; a barrier (or
+    /// resync-done) waits for everything before it, flushes, and only then lets later items go.
+    fn pump_apply(&mut self, out: &mut Vec<Action>) {
+        let sync_target = self.repl == ReplState::SyncTarget;
+        let mut protocol_error = None;
+        {
+            let Some(c) = self.conn.as_mut() else {
+                return;
+            };
+            if !c.decided {
+                return;
+            }
+            while let Some(m) = c.reorder.remove(&c.recv_next) {
+                c.recv_next += 1;
+                let item = match m {
+                    PeerMsg::Data(e) => Apply::Write(e),
+                    PeerMsg::ResyncData { offset, data, .. } => {
+                        if !sync_target {
+                            protocol_error =
+                                Some("peer sent resync data, but this node is not SyncTarget");
+                            break;
+                        }
+                        Apply::Resync { offset, data }
+                    }
+                    PeerMsg::Barrier { epoch, .. } => Apply::Barrier { epoch },
+                    PeerMsg::ResyncDone { gen, .. } => {
+                        if !sync_target {
+                            protocol_error = Some("peer ended a resync this node is not part of");
+                            break;
+                        }
+                        Apply::Done { gen }
+                    }
+                    _ => continue,
+                };
+                c.apply_q.push_back(item);
+            }
+        }
+        if let Some(why) = protocol_error {
+            self.close(&format!("{why}: protocol error"), out);
+            return;
+        }
+        let mut i = 0;
+        let mut blocked: Vec<(u64, u64)> = Vec::new();
+        loop {
+            let Some(c) = self.conn.as_ref() else {
+                return;
+            };
+            let conn = c.id;
+            let Some(item) = c.apply_q.get(i) else {
+                break;
+            };
+            match item.range() {
+                Some(r) => {
+                    let r = (r.0, r.1.max(1));
+                    if self.overlaps_inflight(r) || blocked.iter().any(|b| overlap(*b, r)) {
+                        blocked.push(r);
+                        i += 1;
+                        continue;
+                    }
+                    let item = self.conn.as_mut().and_then(|c| {
+                        let item = c.apply_q.remove(i);
+                        let bytes = match &item {
+                            Some(Apply::Write(e)) => e.data.len() as u64,
+                            Some(Apply::Resync { data, .. }) => data.len() as u64,
+                            _ => 0,
+                        };
+                        c.reorder_bytes = c.reorder_bytes.saturating_sub(bytes);
+                        item
+                    });
+                    match item {
+                        Some(Apply::Write(e)) => {
+                            let io = self.new_io(
+                                IoKind::Peer { conn, seq: e.seq },
+                                e.offset,
+                                e.len as u64,
+                            );
+                            out.push(match e.op {
+                                DataOp::Write => Action::DiskWrite {
+                                    io,
+                                    offset: e.offset,
+                                    data: e.data,
+                                    fua: e.flags & FLAG_FUA != 0,
+                                },
+                                DataOp::Trim => Action::DiskTrim {
+                                    io,
+                                    offset: e.offset,
+                                    len: e.len,
+                                },
+                                DataOp::Zero => Action::DiskZero {
+                                    io,
+                                    offset: e.offset,
+                                    len: e.len,
+                                },
+                            });
+                        }
+                        Some(Apply::Resync { offset, data }) => {
+                            let io =
+                                self.new_io(IoKind::PeerResync { conn }, offset, data.len() as u64);
+                            out.push(Action::DiskWrite {
+                                io,
+                                offset,
+                                data,
+                                fua: false,
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                None => {
+                    // A fence: only at the front, with no peer write still in flight.
+                    let peer_writes_in_flight = self.inflight.values().any(|io| {
+                        matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
+                    });
+                    if i != 0 || c.fence_in_flight || peer_writes_in_flight {
+                        break;
+                    }
+                    let kind = match item {
+                        Apply::Barrier { epoch } => IoKind::BarrierFlush {
+                            conn,
+                            epoch: *epoch,
+                        },
+                        Apply::Done { gen } => IoKind::DoneFlush { conn, gen: *gen },
+                        _ => break,
+                    };
+                    let io = self.new_io(kind, 0, 0);
+                    if let Some(c) = self.conn.as_mut() {
+                        c.fence_in_flight = true;
+                    }
+                    out.push(Action::DiskFlush { io });
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sync source: keeps the resync window full; ends the resync when all is acked.
+    fn pump_resync(&mut self, out: &mut Vec<Action>) {
+        if self.repl != ReplState::SyncSource {
+            return;
+        }
+        let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
+            return;
+        };
+        loop {
+            let Some(rs) = self.resync.as_mut() else {
+                return;
+            };
+            let Some((first, n)) = rs.next_chunk(&self.bitmap) else {
+                break;
+            };
+            let rs_done = |s: &mut Self| {
+                if let Some(rs) = s.resync.as_mut() {
+                    rs.abandon(first);
+                }
+            };
+            let offset = first * BLOCK;
+            let len = (n * BLOCK).min(self.cfg.size.saturating_sub(offset));
+            let r = (offset, len);
+            let queued_overlap = self.issue_q.iter().any(|i| match i {
+                Issue::Write { offset, len, .. } => overlap((*offset, (*len as u64).max(1)), r),
+                Issue::Barrier { .. } => false,
+            });
+            if len == 0 || self.overlaps_inflight(r) || queued_overlap {
+                // Application writes go first; retry this chunk later.
+                rs_done(self);
+                break;
+            }
+            let io = self.new_io(IoKind::ResyncRead { conn, first }, offset, len);
+            out.push(Action::DiskRead {
+                io,
+                offset,
+                len: len as u32,
+            });
+        }
+        let finished = self
+            .resync
+            .as_ref()
+            .is_some_and(|rs| rs.finished(&self.bitmap));
+        let reads_in_flight = self
+            .inflight
+            .values()
+            .any(|io| matches!(io.kind, IoKind::ResyncRead { conn: c, .. } if c == conn));
+        if finished && !reads_in_flight {
+            let seq = self.next_seq();
+            let gen = self.current_gen;
+            self.send(PeerMsg::ResyncDone { seq, gen }, out);
+            self.resync = None;
+            self.bitmap_gen = None;
+            self.crashed_primary = false;
+            self.set_repl(ReplState::Established, out);
+            out.push(Action::Emit(StateChange::ResyncFinished));
+            self.save_meta(out);
+        }
+    }
+
+    // ---- admin ----
+
+    fn admin(&mut self, cmd: AdminCmd, out: &mut Vec<Action>) -> Result<(), String> {
+        match cmd {
+            AdminCmd::Promote { force } => {
+                if self.role == Role::Primary {
+                    return Ok(());
+                }
+                if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
+                    return Err(
+                        "the peer is Primary: demote it first (`twinblk secondary` there)".into(),
+                    );
+                }
+                if self.repl == ReplState::SyncTarget {
+                    return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
+                }
+                if self.disk != DiskState::UpToDate {
+                    if !force {
+                        return Err(format!(
+                            "the disk is {:?}, not UpToDate: only an UpToDate node can become Primary \
+                             (use --force for the very first promotion of a new resource)",
+                            self.disk
+                        ));
+                    }
+                    self.current_gen =
+                        gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+                    self.bitmap_gen = None;
+                    self.bitmap.clear_all();
+                    self.bitmap_known = true;
+                    self.set_disk(DiskState::UpToDate, out);
+                }
+                self.set_role(Role::Primary, out);
+                self.save_meta(out);
+                self.send_state(out);
+                Ok(())
+            }
+            AdminCmd::Demote => {
+                if self.role == Role::Secondary {
+                    return Ok(());
+                }
+                let n = self.reqs.len() + self.admit_q.len();
+                if n > 0 {
+                    return Err(format!(
+                        "{n} client requests in flight: stop the clients (disconnect NBD) first"
+                    ));
+                }
+                self.set_role(Role::Secondary, out);
+                self.save_meta(out);
+                self.send_state(out);
+                Ok(())
+            }
+            AdminCmd::Connect => {
+                self.want_connect = true;
+                self.last_refusal = None;
+                if self.repl == ReplState::StandAlone {
+                    self.set_repl(ReplState::Connecting, out);
+                }
+                Ok(())
+            }
+            AdminCmd::Disconnect => {
+                self.want_connect = false;
+                self.close("administratively disconnected", out);
+                self.set_repl(ReplState::StandAlone, out);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

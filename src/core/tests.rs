@@ -1,0 +1,477 @@
+use super::*;
+
+const SIZE: u64 = 64 * BLOCK;
+
+fn cfg(node: u64, protocol: Protocol) -> Config {
+    Config::new("r0", node, SIZE, protocol)
+}
+
+fn synced_meta() -> Meta {
+    Meta {
+        current_gen: 0x10001,
+        bitmap_gen: None,
+        disk: DiskState::UpToDate,
+        primary: false,
+    }
+}
+
+fn sends(out: &[Action]) -> Vec<PeerMsg> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Send(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn writes(out: &[Action]) -> Vec<(IoId, u64)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::DiskWrite { io, offset, .. } => Some((*io, *offset)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn flushes(out: &[Action]) -> Vec<IoId> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::DiskFlush { io } => Some(*io),
+            _ => None,
+        })
+        .collect()
+}
+
+fn completions(out: &[Action]) -> Vec<(ReqId, Result<(), i32>)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::CompleteClient { req, result } => Some((*req, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn deliver(to: &mut Replica, msgs: Vec<PeerMsg>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for m in msgs {
+        // Through the real codec, as the driver would.
+        let bytes = crate::wire::encode(&m).expect("encode");
+        let (m, _) = crate::wire::decode(&bytes)
+            .expect("decode")
+            .expect("whole frame");
+        to.handle(Event::Peer { conn: 1, msg: m }, 0, &mut out);
+    }
+    out
+}
+
+/// Two nodes with identical data, A Primary, connected and Established.
+fn pair(protocol: Protocol) -> (Replica, Replica) {
+    let mut a = Replica::new(cfg(1, protocol), synced_meta());
+    let mut b = Replica::new(cfg(2, protocol), synced_meta());
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    a.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    b.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    deliver(&mut b, ha);
+    deliver(&mut a, hb);
+    assert_eq!(a.status().repl, ReplState::Established);
+    assert_eq!(b.status().repl, ReplState::Established);
+    (a, b)
+}
+
+fn write(r: &mut Replica, req: ReqId, block: u64, n: u64) -> Vec<Action> {
+    let data = Bytes::from(vec![req as u8; (n * BLOCK) as usize]);
+    r.handle_vec(
+        Event::ClientWrite {
+            req,
+            offset: block * BLOCK,
+            data,
+            fua: false,
+        },
+        0,
+    )
+}
+
+fn done(r: &mut Replica, io: IoId) -> Vec<Action> {
+    r.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Ok(None),
+        },
+        0,
+    )
+}
+
+#[test]
+fn secondary_refuses_client_io() {
+    let (_, mut b) = pair(Protocol::Sync);
+    let out = write(&mut b, 7, 0, 1);
+    assert_eq!(completions(&out), vec![(7, Err(libc::EPERM))]);
+    assert!(writes(&out).is_empty());
+    let out = b.handle_vec(
+        Event::ClientRead {
+            req: 8,
+            offset: 0,
+            len: 4096,
+        },
+        0,
+    );
+    assert_eq!(completions(&out), vec![(8, Err(libc::EPERM))]);
+}
+
+#[test]
+fn sync_write_waits_for_local_and_peer() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let out = write(&mut a, 1, 3, 2);
+    let w = writes(&out);
+    assert_eq!(w.len(), 1);
+    let msgs = sends(&out);
+    assert!(
+        matches!(&msgs[..], [PeerMsg::Data(e)] if e.offset == 3 * BLOCK && e.crc32 == crc32fast::hash(&e.data))
+    );
+    // Local completion alone is not enough.
+    assert!(completions(&done(&mut a, w[0].0)).is_empty());
+    // The secondary writes, then acks.
+    let out_b = deliver(&mut b, msgs);
+    let wb = writes(&out_b);
+    assert_eq!(wb.len(), 1);
+    assert!(
+        sends(&out_b).is_empty(),
+        "no ack before the disk write completes"
+    );
+    let acks = sends(&done(&mut b, wb[0].0));
+    assert_eq!(acks, vec![PeerMsg::WriteAck { seq: 1 }]);
+    assert_eq!(completions(&deliver(&mut a, acks)), vec![(1, Ok(()))]);
+}
+
+#[test]
+fn async_write_completes_locally_and_back_pressures() {
+    let mut c = cfg(1, Protocol::Async);
+    c.send_buffer = 2 * BLOCK;
+    let mut a = Replica::new(c, synced_meta());
+    let mut b = Replica::new(cfg(2, Protocol::Async), synced_meta());
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    for r in [&mut a, &mut b] {
+        r.handle_vec(
+            Event::Admin {
+                tag: 2,
+                cmd: AdminCmd::Connect,
+            },
+            0,
+        );
+    }
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    deliver(&mut b, ha);
+    deliver(&mut a, hb);
+
+    let o1 = write(&mut a, 1, 0, 2);
+    assert_eq!(
+        completions(&done(&mut a, writes(&o1)[0].0)),
+        vec![(1, Ok(()))]
+    );
+    // The buffer is full (2 blocks unacked): the next write waits, not even issued locally.
+    let o2 = write(&mut a, 2, 10, 1);
+    assert!(writes(&o2).is_empty() && sends(&o2).is_empty());
+    assert_eq!(a.status().requests_in_flight, 1);
+    // The peer acks the first: room again, the second goes.
+    let ob = deliver(&mut b, sends(&o1));
+    let ack = sends(&done(&mut b, writes(&ob)[0].0));
+    let o3 = deliver(&mut a, ack);
+    assert_eq!(writes(&o3).len(), 1);
+}
+
+#[test]
+fn overlapping_writes_are_ordered_on_the_primary() {
+    let (mut a, _) = pair(Protocol::Sync);
+    let o1 = write(&mut a, 1, 4, 4);
+    let o2 = write(&mut a, 2, 6, 1); // overlaps the first
+    let o3 = write(&mut a, 3, 20, 1); // does not
+    assert_eq!(writes(&o1).len(), 1);
+    assert!(writes(&o2).is_empty(), "overlapping write must wait");
+    assert_eq!(writes(&o3).len(), 1, "independent write goes at once");
+    let o4 = done(&mut a, writes(&o1)[0].0);
+    assert_eq!(writes(&o4), vec![(writes(&o4)[0].0, 6 * BLOCK)]);
+}
+
+#[test]
+fn write_after_completion_opens_new_epoch_with_barrier() {
+    let (mut a, _) = pair(Protocol::Async);
+    let o1 = write(&mut a, 1, 0, 1);
+    let e1 = match &sends(&o1)[..] {
+        [PeerMsg::Data(e)] => e.epoch,
+        other => panic!("{other:?}"),
+    };
+    // A second write before anything completed: same epoch, no barrier.
+    let o2 = write(&mut a, 2, 1, 1);
+    assert!(matches!(&sends(&o2)[..], [PeerMsg::Data(e)] if e.epoch == e1));
+    done(&mut a, writes(&o1)[0].0);
+    let o3 = write(&mut a, 3, 2, 1);
+    match &sends(&o3)[..] {
+        [PeerMsg::Barrier { epoch, .. }, PeerMsg::Data(e)] => {
+            assert_eq!(*epoch, e1);
+            assert_eq!(e.epoch, e1 + 1);
+        }
+        other => panic!("expected barrier then data, got {other:?}"),
+    }
+}
+
+#[test]
+fn secondary_holds_next_epoch_until_barrier_flushed() {
+    let (mut a, mut b) = pair(Protocol::Async);
+    let o1 = write(&mut a, 1, 0, 1);
+    done(&mut a, writes(&o1)[0].0);
+    let o2 = write(&mut a, 2, 8, 1);
+    let mut msgs = sends(&o1);
+    msgs.extend(sends(&o2)); // data(e1), barrier(e1), data(e2)
+    msgs.reverse(); // arrive out of order: the seq restores it
+    let ob = deliver(&mut b, msgs);
+    let wb = writes(&ob);
+    assert_eq!(wb.len(), 1, "only epoch 1's write may start");
+    assert_eq!(wb[0].1, 0);
+    let ob2 = done(&mut b, wb[0].0);
+    let fl = flushes(&ob2);
+    assert_eq!(fl.len(), 1, "barrier flushes once the epoch is on disk");
+    assert!(writes(&ob2).is_empty());
+    let ob3 = done(&mut b, fl[0]);
+    assert!(sends(&ob3)
+        .iter()
+        .any(|m| matches!(m, PeerMsg::BarrierAck { .. })));
+    assert_eq!(
+        writes(&ob3).iter().map(|w| w.1).collect::<Vec<_>>(),
+        vec![8 * BLOCK]
+    );
+}
+
+#[test]
+fn sync_flush_waits_for_peer_barrier_ack() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let of = a.handle_vec(Event::ClientFlush { req: 9 }, 0);
+    let fl = flushes(&of);
+    assert_eq!(fl.len(), 1);
+    assert!(completions(&done(&mut a, fl[0])).is_empty());
+    let ob = deliver(&mut b, sends(&of));
+    let ack = sends(&done(&mut b, flushes(&ob)[0]));
+    assert_eq!(completions(&deliver(&mut a, ack)), vec![(9, Ok(()))]);
+}
+
+#[test]
+fn disconnect_completes_waiting_writes_and_marks_them_dirty() {
+    let (mut a, _) = pair(Protocol::Sync);
+    let o1 = write(&mut a, 1, 5, 2);
+    done(&mut a, writes(&o1)[0].0);
+    let out = a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "test".into(),
+        },
+        0,
+    );
+    assert_eq!(completions(&out), vec![(1, Ok(()))]);
+    assert_eq!(a.status().repl, ReplState::Connecting);
+    assert!(a.bitmap().get(5) && a.bitmap().get(6) && !a.bitmap().get(7));
+    // Writes while disconnected are served locally and remembered.
+    let o2 = write(&mut a, 2, 30, 1);
+    assert!(sends(&o2).is_empty());
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::Emit(StateChange::ConnectionLost { .. }))));
+    assert_eq!(
+        completions(&done(&mut a, writes(&o2)[0].0)),
+        vec![(2, Ok(()))]
+    );
+    assert_eq!(a.status().dirty_blocks, 3);
+}
+
+#[test]
+fn reconnect_resyncs_dirty_blocks_then_target_is_up_to_date() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "x".into(),
+        },
+        0,
+    );
+    b.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "x".into(),
+        },
+        0,
+    );
+    let o = write(&mut a, 1, 12, 1);
+    done(&mut a, writes(&o)[0].0);
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    deliver(&mut b, ha);
+    assert_eq!(b.status().repl, ReplState::SyncTarget);
+    assert_eq!(b.status().disk, DiskState::Inconsistent);
+    let oa = deliver(&mut a, hb);
+    assert_eq!(a.status().repl, ReplState::SyncSource);
+    let reads: Vec<_> = oa
+        .iter()
+        .filter_map(|x| match x {
+            Action::DiskRead { io, offset, len } => Some((*io, *offset, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads.len(), 1, "only the dirty block is read");
+    assert_eq!(reads[0].1, 12 * BLOCK);
+    let data = Bytes::from(vec![1u8; BLOCK as usize]);
+    let oa2 = a.handle_vec(
+        Event::DiskDone {
+            io: reads[0].0,
+            result: Ok(Some(data)),
+        },
+        0,
+    );
+    let ob = deliver(&mut b, sends(&oa2));
+    let ack = sends(&done(&mut b, writes(&ob)[0].0));
+    let oa3 = deliver(&mut a, ack);
+    assert_eq!(a.status().repl, ReplState::Established);
+    assert_eq!(a.status().dirty_blocks, 0);
+    let ob2 = deliver(&mut b, sends(&oa3)); // ResyncDone: flush first
+    let ob3 = done(&mut b, flushes(&ob2)[0]);
+    assert_eq!(b.status().disk, DiskState::UpToDate);
+    assert_eq!(b.status().current_gen, a.status().current_gen);
+    assert!(ob3
+        .iter()
+        .any(|x| matches!(x, Action::SaveMeta(m) if m.disk == DiskState::UpToDate)));
+}
+
+#[test]
+fn handshake_refuses_other_size_before_data_moves() {
+    let mut a = Replica::new(cfg(1, Protocol::Sync), synced_meta());
+    let mut other = cfg(2, Protocol::Sync);
+    other.size = SIZE * 2;
+    let mut b = Replica::new(other, synced_meta());
+    for r in [&mut a, &mut b] {
+        r.handle_vec(
+            Event::Admin {
+                tag: 1,
+                cmd: AdminCmd::Connect,
+            },
+            0,
+        );
+    }
+    let _ = a.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let out = deliver(&mut a, hb);
+    assert!(out.iter().any(
+        |x| matches!(x, Action::CloseConnection { reason, .. } if reason.contains("sizes differ"))
+    ));
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::Emit(StateChange::Refused { .. }))));
+    assert!(sends(&out)
+        .iter()
+        .all(|m| matches!(m, PeerMsg::Refuse { .. })));
+    let st = a.status();
+    assert_eq!(st.repl, ReplState::StandAlone);
+    assert!(st.last_refusal.is_some_and(|r| r.contains("sizes differ")));
+}
+
+#[test]
+fn crc_mismatch_closes_connection_and_marks_region() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let o = write(&mut a, 1, 9, 1);
+    let mut msgs = sends(&o);
+    if let Some(PeerMsg::Data(e)) = msgs.first_mut() {
+        e.crc32 ^= 1;
+    }
+    let out = deliver(&mut b, msgs);
+    assert!(
+        writes(&out).is_empty(),
+        "corrupt data never reaches the disk"
+    );
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::CloseConnection { reason, .. } if reason.contains("crc32"))));
+    // The sender learns of the loss and marks the unacked region for resync.
+    a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "peer closed".into(),
+        },
+        0,
+    );
+    assert!(a.bitmap().get(9));
+    assert!(
+        !b.bitmap().get(9),
+        "the receiver's bitmap names only what its peer lacks"
+    );
+}
+
+#[test]
+fn promotion_rules() {
+    let mut n = Replica::new(cfg(1, Protocol::Sync), Meta::new_device());
+    let out = n.handle_vec(
+        Event::Admin {
+            tag: 4,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert!(out.iter().any(
+        |x| matches!(x, Action::AdminDone { tag: 4, result: Err(e) } if e.contains("--force"))
+    ));
+    let out = n.handle_vec(
+        Event::Admin {
+            tag: 5,
+            cmd: AdminCmd::Promote { force: true },
+        },
+        0,
+    );
+    assert!(out.iter().any(|x| matches!(
+        x,
+        Action::AdminDone {
+            tag: 5,
+            result: Ok(())
+        }
+    )));
+    assert_eq!(n.status().role, Role::Primary);
+    assert_eq!(n.status().disk, DiskState::UpToDate);
+    assert!(n.meta().primary && n.meta().current_gen != 0);
+    // Demotion refuses while requests are in flight.
+    let _ = write(&mut n, 1, 0, 1);
+    let out = n.handle_vec(
+        Event::Admin {
+            tag: 6,
+            cmd: AdminCmd::Demote,
+        },
+        0,
+    );
+    assert!(out.iter().any(|x| matches!(
+        x,
+        Action::AdminDone {
+            tag: 6,
+            result: Err(_)
+        }
+    )));
+}

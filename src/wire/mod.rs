@@ -1,0 +1,613 @@
+//! The peer wire codec: `PeerMsg` <-> bytes. Pure: no I/O, no tokio.
+//!
+//! Frame = 12-byte little-endian header `{magic u32, version u16, kind u16, body_len u32}` + body.
+//! Hot messages (data extents, resync data, acks, barriers) have a fixed little-endian body header
+//! (zerocopy structs) followed by the raw payload, so encoding is a header write plus a payload
+//! copy (or none at all with [`encode_parts`]) and decoding is a bounds check plus a zero-copy
+//! `Bytes::slice`. Control messages (hello, state, refuse, resync-done) are postcard-encoded serde
+//! structs.
+//!
+//! Every data payload carries the crc32 the sender computed over it (`crc32fast`); the codec
+//! carries it, the replication core verifies it before the data reaches a disk (so an in-process
+//! driver that skips the codec is checked too). [`PeerMsg::crc_ok`] is the check.
+//!
+//! Decoding never panics and never trusts a length beyond [`MAX_BODY`].
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// "TWBK" little-endian.
+pub const MAGIC: u32 = 0x4b42_5754;
+/// Wire format version; a peer speaking another version is refused at the first frame.
+pub const VERSION: u16 = 1;
+/// Largest payload carried by one data message.
+pub const MAX_PAYLOAD: usize = 32 << 20;
+/// Largest body accepted: the largest payload plus room for the body header.
+pub const MAX_BODY: usize = MAX_PAYLOAD + 4096;
+/// Frame header length.
+pub const HEADER_LEN: usize = 12;
+
+/// Which transport stream a message should travel on. Messages on the same stream must be
+/// delivered in order; data messages may be spread over several streams and reordered freely
+/// (they carry a per-connection sequence number and the receiver restores the order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Control,
+    Data,
+}
+
+/// Node role (DRBD vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// State of a node's backing disk (DRBD vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskState {
+    UpToDate,
+    Inconsistent,
+    Outdated,
+    Diskless,
+}
+
+/// What a data extent does on the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum DataOp {
+    Write = 1,
+    Trim = 2,
+    Zero = 3,
+}
+
+/// Flag bit: the write is FUA (stable on the peer's disk before the ack).
+pub const FLAG_FUA: u32 = 1;
+
+/// One replicated client write (or trim / write-zeroes: then `data` is empty and `len` says how
+/// much). `seq` is the per-connection stream sequence number shared by all data messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub seq: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub op: DataOp,
+    pub flags: u32,
+    pub crc32: u32,
+    pub data: Bytes,
+}
+
+/// First message on a connection, sent by both sides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub resource: String,
+    pub node_id: u64,
+    pub size: u64,
+    pub role: Role,
+    pub disk: DiskState,
+    /// The data generation of this node's disk (see `core::gen`).
+    pub current_gen: u64,
+    /// The generation the dirty bitmap is relative to, if any.
+    pub bitmap_gen: Option<u64>,
+    /// The in-memory bitmap covers every change since `bitmap_gen` (false after a restart).
+    pub bitmap_known: bool,
+    /// This node has dirty bits (writes the peer may lack).
+    pub dirty: bool,
+    /// This node crashed (restarted) while Primary: its recent writes are unknown.
+    pub crashed_primary: bool,
+}
+
+/// Role / disk state update, sent when either changes while connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerState {
+    pub role: Role,
+    pub disk: DiskState,
+}
+
+/// A peer message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMsg {
+    Hello(Hello),
+    State(PeerState),
+    /// The sender refuses this connection; the reason is for `status`.
+    Refuse {
+        reason: String,
+    },
+    /// A replicated write extent (data stream, sequenced).
+    Data(Extent),
+    /// Closes epoch `epoch`: the receiver flushes once all of the epoch is on its disk, then acks.
+    Barrier {
+        seq: u64,
+        epoch: u64,
+    },
+    /// Resync payload for `[offset, offset+len)` (data stream, sequenced).
+    ResyncData {
+        seq: u64,
+        offset: u64,
+        crc32: u32,
+        data: Bytes,
+    },
+    /// End of resync: the target flushes, becomes UpToDate with generation `gen`.
+    ResyncDone {
+        seq: u64,
+        gen: u64,
+    },
+    /// The extent with this seq is on the receiver's disk (stable if it was FUA).
+    WriteAck {
+        seq: u64,
+    },
+    /// All of epoch `epoch` is stable on the receiver's disk.
+    BarrierAck {
+        epoch: u64,
+    },
+    /// Resync data at `offset` is on the target's disk.
+    ResyncAck {
+        offset: u64,
+        len: u32,
+    },
+}
+
+#[repr(u16)]
+#[derive(Clone, Copy)]
+enum Kind {
+    Hello = 1,
+    State = 2,
+    Refuse = 3,
+    Data = 10,
+    Barrier = 11,
+    ResyncData = 12,
+    ResyncDone = 13,
+    WriteAck = 20,
+    BarrierAck = 21,
+    ResyncAck = 22,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::State,
+            3 => Kind::Refuse,
+            10 => Kind::Data,
+            11 => Kind::Barrier,
+            12 => Kind::ResyncData,
+            13 => Kind::ResyncDone,
+            20 => Kind::WriteAck,
+            21 => Kind::BarrierAck,
+            22 => Kind::ResyncAck,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct FrameHeader {
+    magic: U32,
+    version: U16,
+    kind: U16,
+    len: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct DataHeader {
+    seq: U64,
+    epoch: U64,
+    offset: U64,
+    len: U32,
+    op: U16,
+    _pad: U16,
+    flags: U32,
+    crc32: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct ResyncHeader {
+    seq: U64,
+    offset: U64,
+    len: U32,
+    crc32: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct TwoU64 {
+    a: U64,
+    b: U64,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct OneU64 {
+    a: U64,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct ResyncAckBody {
+    offset: U64,
+    len: U32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResyncDoneBody {
+    seq: u64,
+    gen: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RefuseBody {
+    reason: String,
+}
+
+/// Why a frame could not be decoded. Any of these means the peer is broken or hostile: close the
+/// connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("bad frame magic {0:#x}: the peer is not a twinblk node")]
+    BadMagic(u32),
+    #[error("peer speaks wire version {0}, this node speaks {VERSION}: upgrade one side")]
+    BadVersion(u16),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("frame body of {0} bytes exceeds the {MAX_BODY}-byte cap")]
+    TooLong(u64),
+    #[error("malformed {kind} body: {why}")]
+    Malformed { kind: &'static str, why: String },
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte cap")]
+    PayloadTooLong(usize),
+    #[error("control message does not serialize: {0}")]
+    Encode(String),
+}
+
+fn malformed(kind: &'static str, why: impl Into<String>) -> WireError {
+    WireError::Malformed {
+        kind,
+        why: why.into(),
+    }
+}
+
+impl PeerMsg {
+    /// The stream this message should travel on.
+    pub fn stream(&self) -> Stream {
+        match self {
+            PeerMsg::Data(_)
+            | PeerMsg::Barrier { .. }
+            | PeerMsg::ResyncData { .. }
+            | PeerMsg::ResyncDone { .. } => Stream::Data,
+            _ => Stream::Control,
+        }
+    }
+
+    /// The data-stream sequence number, for sequenced messages.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            PeerMsg::Data(e) => Some(e.seq),
+            PeerMsg::Barrier { seq, .. }
+            | PeerMsg::ResyncData { seq, .. }
+            | PeerMsg::ResyncDone { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// Does the payload match its crc32? (true for messages without payload)
+    pub fn crc_ok(&self) -> bool {
+        match self {
+            PeerMsg::Data(e) => crc32fast::hash(&e.data) == e.crc32,
+            PeerMsg::ResyncData { crc32, data, .. } => crc32fast::hash(data) == *crc32,
+            _ => true,
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            PeerMsg::Hello(_) => Kind::Hello,
+            PeerMsg::State(_) => Kind::State,
+            PeerMsg::Refuse { .. } => Kind::Refuse,
+            PeerMsg::Data(_) => Kind::Data,
+            PeerMsg::Barrier { .. } => Kind::Barrier,
+            PeerMsg::ResyncData { .. } => Kind::ResyncData,
+            PeerMsg::ResyncDone { .. } => Kind::ResyncDone,
+            PeerMsg::WriteAck { .. } => Kind::WriteAck,
+            PeerMsg::BarrierAck { .. } => Kind::BarrierAck,
+            PeerMsg::ResyncAck { .. } => Kind::ResyncAck,
+        }
+    }
+}
+
+fn postcard_err(e: postcard::Error) -> WireError {
+    WireError::Encode(e.to_string())
+}
+
+/// Encodes `msg` as a frame header plus body header, and the payload (shared, not copied)
+/// separately: the transport writes `head` then `payload` (vectored) to avoid a copy.
+pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
+    let mut head = BytesMut::with_capacity(HEADER_LEN + 48);
+    let mut payload = Bytes::new();
+    let mut body = BytesMut::new();
+    match msg {
+        PeerMsg::Hello(h) => body.extend_from_slice(&postcard::to_stdvec(h).map_err(postcard_err)?),
+        PeerMsg::State(s) => body.extend_from_slice(&postcard::to_stdvec(s).map_err(postcard_err)?),
+        PeerMsg::Refuse { reason } => body.extend_from_slice(
+            &postcard::to_stdvec(&RefuseBody {
+                reason: reason.clone(),
+            })
+            .map_err(postcard_err)?,
+        ),
+        PeerMsg::ResyncDone { seq, gen } => body.extend_from_slice(
+            &postcard::to_stdvec(&ResyncDoneBody {
+                seq: *seq,
+                gen: *gen,
+            })
+            .map_err(postcard_err)?,
+        ),
+        PeerMsg::Data(e) => {
+            if e.data.len() > MAX_PAYLOAD {
+                return Err(WireError::PayloadTooLong(e.data.len()));
+            }
+            let h = DataHeader {
+                seq: e.seq.into(),
+                epoch: e.epoch.into(),
+                offset: e.offset.into(),
+                len: e.len.into(),
+                op: (e.op as u16).into(),
+                _pad: 0.into(),
+                flags: e.flags.into(),
+                crc32: e.crc32.into(),
+            };
+            body.extend_from_slice(h.as_bytes());
+            payload = e.data.clone();
+        }
+        PeerMsg::ResyncData {
+            seq,
+            offset,
+            crc32,
+            data,
+        } => {
+            if data.len() > MAX_PAYLOAD {
+                return Err(WireError::PayloadTooLong(data.len()));
+            }
+            let h = ResyncHeader {
+                seq: (*seq).into(),
+                offset: (*offset).into(),
+                len: (data.len() as u32).into(),
+                crc32: (*crc32).into(),
+            };
+            body.extend_from_slice(h.as_bytes());
+            payload = data.clone();
+        }
+        PeerMsg::Barrier { seq, epoch } => body.extend_from_slice(
+            TwoU64 {
+                a: (*seq).into(),
+                b: (*epoch).into(),
+            }
+            .as_bytes(),
+        ),
+        PeerMsg::WriteAck { seq } => body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes()),
+        PeerMsg::BarrierAck { epoch } => {
+            body.extend_from_slice(OneU64 { a: (*epoch).into() }.as_bytes())
+        }
+        PeerMsg::ResyncAck { offset, len } => body.extend_from_slice(
+            ResyncAckBody {
+                offset: (*offset).into(),
+                len: (*len).into(),
+            }
+            .as_bytes(),
+        ),
+    }
+    let total = body.len() + payload.len();
+    if total > MAX_BODY {
+        return Err(WireError::TooLong(total as u64));
+    }
+    let fh = FrameHeader {
+        magic: MAGIC.into(),
+        version: VERSION.into(),
+        kind: (msg.kind() as u16).into(),
+        len: (total as u32).into(),
+    };
+    head.extend_from_slice(fh.as_bytes());
+    head.extend_from_slice(&body);
+    Ok((head, payload))
+}
+
+/// Encodes `msg` as one contiguous frame appended to `out`.
+pub fn encode_into(msg: &PeerMsg, out: &mut BytesMut) -> Result<(), WireError> {
+    let (head, payload) = encode_parts(msg)?;
+    out.reserve(head.len() + payload.len());
+    out.put_slice(&head);
+    out.put_slice(&payload);
+    Ok(())
+}
+
+/// Encodes `msg` as one contiguous frame.
+pub fn encode(msg: &PeerMsg) -> Result<Bytes, WireError> {
+    let mut out = BytesMut::new();
+    encode_into(msg, &mut out)?;
+    Ok(out.freeze())
+}
+
+/// Reads a frame header from the first [`HEADER_LEN`] bytes of `buf`; returns the body length.
+/// `Ok(None)` if fewer than `HEADER_LEN` bytes are available.
+pub fn peek_body_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Ok((h, _)) = FrameHeader::read_from_prefix(buf) else {
+        return Ok(None);
+    };
+    check_header(&h).map(Some)
+}
+
+fn check_header(h: &FrameHeader) -> Result<usize, WireError> {
+    if h.magic.get() != MAGIC {
+        return Err(WireError::BadMagic(h.magic.get()));
+    }
+    if h.version.get() != VERSION {
+        return Err(WireError::BadVersion(h.version.get()));
+    }
+    let len = h.len.get() as u64;
+    if len > MAX_BODY as u64 {
+        return Err(WireError::TooLong(len));
+    }
+    Kind::from_u16(h.kind.get()).ok_or(WireError::UnknownKind(h.kind.get()))?;
+    Ok(len as usize)
+}
+
+/// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
+/// else the message and the number of bytes consumed. Payloads are zero-copy slices of `buf`.
+pub fn decode(buf: &Bytes) -> Result<Option<(PeerMsg, usize)>, WireError> {
+    let Ok((h, _)) = FrameHeader::read_from_prefix(buf) else {
+        return Ok(None);
+    };
+    let len = check_header(&h)?;
+    let total = HEADER_LEN + len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let kind = Kind::from_u16(h.kind.get()).ok_or(WireError::UnknownKind(h.kind.get()))?;
+    let body = buf.slice(HEADER_LEN..total);
+    Ok(Some((decode_body(kind, body)?, total)))
+}
+
+fn fixed<T: FromBytes + KnownLayout + Immutable>(
+    body: &[u8],
+    kind: &'static str,
+) -> Result<T, WireError> {
+    match T::read_from_bytes(body) {
+        Ok(v) => Ok(v),
+        Err(_) => Err(malformed(kind, format!("body is {} bytes", body.len()))),
+    }
+}
+
+fn control<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &'static str) -> Result<T, WireError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(malformed(kind, format!("{} trailing bytes", rest.len()))),
+        Err(e) => Err(malformed(kind, e.to_string())),
+    }
+}
+
+fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
+    Ok(match kind {
+        Kind::Hello => PeerMsg::Hello(control(&body, "hello")?),
+        Kind::State => PeerMsg::State(control(&body, "state")?),
+        Kind::Refuse => PeerMsg::Refuse {
+            reason: control::<RefuseBody>(&body, "refuse")?.reason,
+        },
+        Kind::ResyncDone => {
+            let b: ResyncDoneBody = control(&body, "resync-done")?;
+            PeerMsg::ResyncDone {
+                seq: b.seq,
+                gen: b.gen,
+            }
+        }
+        Kind::Data => {
+            let Ok((h, _)) = DataHeader::read_from_prefix(&body) else {
+                return Err(malformed("data", "short header"));
+            };
+            let hl = std::mem::size_of::<DataHeader>();
+            let data = body.slice(hl..);
+            let op = match h.op.get() {
+                1 => DataOp::Write,
+                2 => DataOp::Trim,
+                3 => DataOp::Zero,
+                other => return Err(malformed("data", format!("unknown op {other}"))),
+            };
+            let plen = data.len();
+            let ok = match op {
+                DataOp::Write => plen == h.len.get() as usize,
+                DataOp::Trim | DataOp::Zero => plen == 0,
+            };
+            if !ok {
+                return Err(malformed(
+                    "data",
+                    format!("payload {plen} bytes for len {}", h.len.get()),
+                ));
+            }
+            PeerMsg::Data(Extent {
+                seq: h.seq.get(),
+                epoch: h.epoch.get(),
+                offset: h.offset.get(),
+                len: h.len.get(),
+                op,
+                flags: h.flags.get(),
+                crc32: h.crc32.get(),
+                data,
+            })
+        }
+        Kind::ResyncData => {
+            let Ok((h, _)) = ResyncHeader::read_from_prefix(&body) else {
+                return Err(malformed("resync-data", "short header"));
+            };
+            let data = body.slice(std::mem::size_of::<ResyncHeader>()..);
+            if data.len() != h.len.get() as usize {
+                return Err(malformed(
+                    "resync-data",
+                    format!("payload {} bytes for len {}", data.len(), h.len.get()),
+                ));
+            }
+            PeerMsg::ResyncData {
+                seq: h.seq.get(),
+                offset: h.offset.get(),
+                crc32: h.crc32.get(),
+                data,
+            }
+        }
+        Kind::Barrier => {
+            let b: TwoU64 = fixed(&body, "barrier")?;
+            PeerMsg::Barrier {
+                seq: b.a.get(),
+                epoch: b.b.get(),
+            }
+        }
+        Kind::WriteAck => PeerMsg::WriteAck {
+            seq: fixed::<OneU64>(&body, "write-ack")?.a.get(),
+        },
+        Kind::BarrierAck => PeerMsg::BarrierAck {
+            epoch: fixed::<OneU64>(&body, "barrier-ack")?.a.get(),
+        },
+        Kind::ResyncAck => {
+            let b: ResyncAckBody = fixed(&body, "resync-ack")?;
+            PeerMsg::ResyncAck {
+                offset: b.offset.get(),
+                len: b.len.get(),
+            }
+        }
+    })
+}
+
+/// Reassembles frames from a byte stream: push received chunks, pop messages.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Appends received bytes.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+    /// The next complete message, if any. After an error the stream is unusable: close it.
+    pub fn next_msg(&mut self) -> Result<Option<PeerMsg>, WireError> {
+        let Some(len) = peek_body_len(&self.buf)? else {
+            return Ok(None);
+        };
+        if self.buf.len() < HEADER_LEN + len {
+            self.buf.reserve(HEADER_LEN + len - self.buf.len());
+            return Ok(None);
+        }
+        let frame = self.buf.split_to(HEADER_LEN + len).freeze();
+        match decode(&frame)? {
+            Some((m, _)) => Ok(Some(m)),
+            None => Err(malformed("frame", "incomplete after length check")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+use super::*;
+use proptest::prelude::*;
+
+fn hello() -> Hello {
+    Hello {
+        resource: "r0".into(),
+        node_id: 7,
+        size: 1 << 30,
+        role: Role::Primary,
+        disk: DiskState::UpToDate,
+        current_gen: 0x1234,
+        bitmap_gen: Some(9),
+        bitmap_known: true,
+        dirty: false,
+        crashed_primary: false,
+    }
+}
+
+fn roundtrip(m: &PeerMsg) {
+    let bytes = encode(m).expect("encode");
+    let (back, used) = decode(&bytes).expect("decode").expect("complete");
+    assert_eq!(used, bytes.len());
+    assert_eq!(&back, m);
+    // Every strict prefix is "need more", never an error or a panic.
+    for cut in 0..bytes.len() {
+        assert_eq!(decode(&bytes.slice(..cut)), Ok(None), "prefix {cut}");
+    }
+}
+
+#[test]
+fn every_kind_roundtrips() {
+    let data = Bytes::from(vec![0xab; 4096]);
+    let msgs = vec![
+        PeerMsg::Hello(hello()),
+        PeerMsg::State(PeerState {
+            role: Role::Secondary,
+            disk: DiskState::Inconsistent,
+        }),
+        PeerMsg::Refuse {
+            reason: "size differs".into(),
+        },
+        PeerMsg::Data(Extent {
+            seq: 1,
+            epoch: 2,
+            offset: 4096,
+            len: 4096,
+            op: DataOp::Write,
+            flags: FLAG_FUA,
+            crc32: crc32fast::hash(&data),
+            data: data.clone(),
+        }),
+        PeerMsg::Data(Extent {
+            seq: 3,
+            epoch: 2,
+            offset: 0,
+            len: 1 << 20,
+            op: DataOp::Trim,
+            flags: 0,
+            crc32: 0,
+            data: Bytes::new(),
+        }),
+        PeerMsg::Barrier { seq: 5, epoch: 2 },
+        PeerMsg::ResyncData {
+            seq: 6,
+            offset: 8192,
+            crc32: crc32fast::hash(&data),
+            data,
+        },
+        PeerMsg::ResyncDone { seq: 7, gen: 99 },
+        PeerMsg::WriteAck { seq: 1 },
+        PeerMsg::BarrierAck { epoch: 2 },
+        PeerMsg::ResyncAck {
+            offset: 8192,
+            len: 4096,
+        },
+    ];
+    for m in &msgs {
+        roundtrip(m);
+        assert!(m.crc_ok());
+    }
+}
+
+#[test]
+fn rejects_bad_magic_version_kind_and_huge_length() {
+    let good = encode(&PeerMsg::WriteAck { seq: 1 }).unwrap();
+    let mut b = good.to_vec();
+    b[0] ^= 1;
+    assert!(matches!(
+        decode(&Bytes::from(b)),
+        Err(WireError::BadMagic(_))
+    ));
+    let mut b = good.to_vec();
+    b[4] = 9;
+    assert!(matches!(
+        decode(&Bytes::from(b)),
+        Err(WireError::BadVersion(9))
+    ));
+    let mut b = good.to_vec();
+    b[6] = 200;
+    assert!(matches!(
+        decode(&Bytes::from(b)),
+        Err(WireError::UnknownKind(200))
+    ));
+    let mut b = good.to_vec();
+    b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode(&Bytes::from(b)),
+        Err(WireError::TooLong(_))
+    ));
+}
+
+#[test]
+fn payload_length_mismatch_is_malformed() {
+    let data = Bytes::from_static(b"hello");
+    let m = PeerMsg::Data(Extent {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        len: 6, // lies about its payload
+        op: DataOp::Write,
+        flags: 0,
+        crc32: crc32fast::hash(&data),
+        data,
+    });
+    let bytes = encode(&m).unwrap();
+    assert!(matches!(decode(&bytes), Err(WireError::Malformed { .. })));
+}
+
+#[test]
+fn corrupted_payload_fails_crc() {
+    let data = Bytes::from(vec![1u8; 512]);
+    let m = PeerMsg::ResyncData {
+        seq: 1,
+        offset: 0,
+        crc32: crc32fast::hash(&data),
+        data,
+    };
+    let mut b = encode(&m).unwrap().to_vec();
+    let last = b.len() - 1;
+    b[last] ^= 0x40;
+    let (back, _) = decode(&Bytes::from(b)).unwrap().unwrap();
+    assert!(!back.crc_ok());
+}
+
+#[test]
+fn frame_reader_reassembles_split_stream() {
+    let mut stream = BytesMut::new();
+    let msgs = [
+        PeerMsg::Hello(hello()),
+        PeerMsg::Barrier { seq: 1, epoch: 1 },
+        PeerMsg::WriteAck { seq: 3 },
+    ];
+    for m in &msgs {
+        encode_into(m, &mut stream).unwrap();
+    }
+    let mut r = FrameReader::new();
+    let mut got = vec![];
+    for chunk in stream.chunks(5) {
+        r.push(chunk);
+        while let Some(m) = r.next_msg().unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+}
+
+fn arb_msg() -> impl Strategy<Value = PeerMsg> {
+    let data = proptest::collection::vec(any::<u8>(), 0..3000).prop_map(Bytes::from);
+    prop_oneof![
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            data.clone()
+        )
+            .prop_map(|(seq, epoch, offset, flags, data)| {
+                PeerMsg::Data(Extent {
+                    seq,
+                    epoch,
+                    offset,
+                    len: data.len() as u32,
+                    op: DataOp::Write,
+                    flags,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                })
+            }),
+        (any::<u64>(), any::<u64>(), data).prop_map(|(seq, offset, data)| PeerMsg::ResyncData {
+            seq,
+            offset,
+            crc32: crc32fast::hash(&data),
+            data
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| PeerMsg::Barrier { seq, epoch }),
+        any::<u64>().prop_map(|seq| PeerMsg::WriteAck { seq }),
+        (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncAck { offset, len }),
+        (
+            ".{0,40}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(
+                |(resource, node_id, current_gen, dirty, bitmap_gen)| PeerMsg::Hello(Hello {
+                    resource,
+                    node_id,
+                    current_gen,
+                    dirty,
+                    bitmap_gen,
+                    ..hello()
+                })
+            ),
+        ".{0,80}".prop_map(|reason| PeerMsg::Refuse { reason }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn roundtrip_any(m in arb_msg()) {
+        let bytes = encode(&m).unwrap();
+        let (back, used) = decode(&bytes).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(back, m);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = decode(&Bytes::from(b.clone()));
+        let mut r = FrameReader::new();
+        r.push(&b);
+        while let Ok(Some(_)) = r.next_msg() {}
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(m in arb_msg(), pos in any::<usize>(), bit in 0u8..8) {
+        let mut b = encode(&m).unwrap().to_vec();
+        let i = pos % b.len();
+        b[i] ^= 1 << bit;
+        let _ = decode(&Bytes::from(b));
+    }
+}

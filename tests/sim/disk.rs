@@ -1,0 +1,65 @@
+//! A simulated disk with a volatile write cache: completed writes are visible at once but only
+//! stable after a flush (or FUA); a crash keeps a random subset of the cached blocks.
+
+use super::rng::Rng;
+
+pub const BS: usize = 4096;
+
+pub struct SimDisk {
+    pub volatile: Vec<u8>,
+    pub durable: Vec<u8>,
+    /// Cached (not yet stable) block writes, oldest first: (block, contents).
+    cache: Vec<(usize, Vec<u8>)>,
+    /// Writes in flight: (io, offset, len), to check the core never overlaps two.
+    pub writes_in_flight: Vec<(u64, u64, u64)>,
+}
+
+impl SimDisk {
+    pub fn new(blocks: usize) -> SimDisk {
+        SimDisk {
+            volatile: vec![0; blocks * BS],
+            durable: vec![0; blocks * BS],
+            cache: Vec::new(),
+            writes_in_flight: Vec::new(),
+        }
+    }
+    pub fn block(img: &[u8], b: usize) -> &[u8] {
+        &img[b * BS..(b + 1) * BS]
+    }
+    /// Applies a completed write (byte range must be block aligned in the simulation).
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
+        let off = offset as usize;
+        self.volatile[off..off + data.len()].copy_from_slice(data);
+        for (i, chunk) in data.chunks(BS).enumerate() {
+            let b = off / BS + i;
+            if fua {
+                self.cache.retain(|(cb, _)| *cb != b);
+                self.durable[b * BS..(b + 1) * BS].copy_from_slice(chunk);
+            } else {
+                self.cache.push((b, chunk.to_vec()));
+            }
+        }
+    }
+    pub fn zero(&mut self, offset: u64, len: u64) {
+        let z = vec![0u8; len as usize];
+        self.write(offset, &z, false);
+    }
+    pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.volatile[offset as usize..(offset + len) as usize].to_vec()
+    }
+    pub fn flush(&mut self) {
+        for (b, data) in self.cache.drain(..) {
+            self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
+        }
+    }
+    /// Power loss: each cached block write independently survives or not.
+    pub fn crash(&mut self, rng: &mut Rng) {
+        for (b, data) in self.cache.drain(..) {
+            if rng.one_in(2) {
+                self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
+            }
+        }
+        self.volatile = self.durable.clone();
+        self.writes_in_flight.clear();
+    }
+}

@@ -1,0 +1,1015 @@
+//! The deterministic simulator: two nodes built from the real `Replica`, simulated disks and a
+//! simulated network, every peer message through the real wire codec. Single-threaded; the
+//! whole run is a function of the seed.
+
+pub mod disk;
+pub mod oracle;
+pub mod rng;
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+use bytes::Bytes;
+use twinblk::core::{
+    Action, AdminCmd, Config, DiskState, Event, InjectedBug, IoId, Meta, PeerMsg, Protocol,
+    ReplState, Replica, Role, TimerKind,
+};
+use twinblk::wire::{self, Stream};
+
+use disk::{SimDisk, BS};
+use oracle::Oracle;
+use rng::Rng;
+
+const A: usize = 0;
+const B: usize = 1;
+const US: u64 = 1_000;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub protocol: Protocol,
+    pub blocks: usize,
+    pub client_ops: u64,
+    pub queue_depth: usize,
+    pub faults: bool,
+    pub bug: InjectedBug,
+}
+
+impl SimConfig {
+    pub fn for_seed(seed: u64) -> SimConfig {
+        let mut r = Rng::new(seed);
+        SimConfig {
+            seed,
+            protocol: if r.one_in(2) {
+                Protocol::Sync
+            } else {
+                Protocol::Async
+            },
+            blocks: 64,
+            client_ops: r.range(60, 250),
+            queue_depth: r.range(1, 8) as usize,
+            faults: true,
+            bug: InjectedBug::None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum DiskOp {
+    Write { offset: u64, data: Bytes, fua: bool },
+    Zero { offset: u64, len: u64 },
+    Flush,
+    Read { offset: u64, len: u64 },
+}
+
+#[derive(Debug)]
+enum Ev {
+    Disk {
+        node: usize,
+        inc: u64,
+        io: IoId,
+        op: DiskOp,
+        fail: Option<i32>,
+    },
+    Deliver {
+        to: usize,
+        conn: u64,
+        frame: Bytes,
+    },
+    ConnUp {
+        conn: u64,
+    },
+    ConnDown {
+        node: usize,
+        conn: u64,
+        reason: String,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+        kind: TimerKind,
+    },
+    ClientTick,
+    Fault,
+    Restart {
+        node: usize,
+    },
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Node {
+    replica: Option<Replica>,
+    disk: SimDisk,
+    meta: Meta,
+    inc: u64,
+}
+
+/// An outstanding client request at the primary.
+#[derive(Debug, Clone)]
+pub enum ClientReq {
+    Write {
+        tag: u64,
+        first: usize,
+        n: usize,
+        fua: bool,
+        zero: bool,
+    },
+    Flush {
+        conn_epoch: u64,
+        snapshot: Vec<u64>,
+    },
+}
+
+pub struct World {
+    pub cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: [Node; 2],
+    conn: Option<u64>,
+    next_conn: u64,
+    connecting: bool,
+    partitioned_until: u64,
+    stream_last: HashMap<(usize, u8), u64>,
+    ops_left: u64,
+    outstanding: HashMap<u64, ClientReq>,
+    next_req: u64,
+    oracle: Oracle,
+    /// Tags of writes shipped by the primary -> connection epoch they were shipped in.
+    replicated_tags: HashMap<u64, u64>,
+    /// Bumped whenever the primary's connection changes (flush confirmation bookkeeping).
+    conn_epoch: u64,
+    healing: bool,
+    b_prev_repl: ReplState,
+    trace: Vec<String>,
+    pub events: u64,
+    /// What happened, for the coverage summary.
+    pub stats: std::collections::BTreeMap<&'static str, u64>,
+}
+
+fn tag_of(data: &[u8]) -> u64 {
+    data.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .unwrap_or(0)
+}
+
+pub fn block_for(tag: u64) -> Vec<u8> {
+    let mut v = vec![(tag as u8) | 1; BS];
+    v[..8].copy_from_slice(&tag.to_le_bytes());
+    v[BS - 8..].copy_from_slice(&tag.to_le_bytes());
+    v
+}
+
+impl World {
+    pub fn new(cfg: SimConfig) -> World {
+        let mk = || Node {
+            replica: None,
+            disk: SimDisk::new(cfg.blocks),
+            meta: Meta::new_device(),
+            inc: 0,
+        };
+        let mut w = World {
+            rng: Rng::new(cfg.seed.wrapping_mul(31).wrapping_add(7)),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: [mk(), mk()],
+            conn: None,
+            next_conn: 1,
+            connecting: false,
+            partitioned_until: 0,
+            stream_last: HashMap::new(),
+            ops_left: cfg.client_ops,
+            outstanding: HashMap::new(),
+            next_req: 1,
+            oracle: Oracle::new(cfg.blocks),
+            replicated_tags: HashMap::new(),
+            conn_epoch: 0,
+            healing: false,
+            b_prev_repl: ReplState::StandAlone,
+            trace: Vec::new(),
+            events: 0,
+            stats: Default::default(),
+            cfg,
+        };
+        w.start(A);
+        w.start(B);
+        w.admin(A, AdminCmd::Promote { force: true });
+        w.admin(A, AdminCmd::Connect);
+        w.admin(B, AdminCmd::Connect);
+        w.schedule(10 * US, Ev::ClientTick);
+        if w.cfg.faults {
+            let d = w.rng.range(200 * US, 3000 * US);
+            w.schedule(d, Ev::Fault);
+        }
+        w
+    }
+
+    fn log(&mut self, s: String) {
+        if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
+            eprintln!("[{:>10}] {s}", self.now);
+        }
+        if self.trace.len() > 400 {
+            self.trace.drain(..200);
+        }
+        self.trace.push(format!("[{:>10}] {s}", self.now));
+    }
+
+    fn schedule(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at: self.now + delay,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn start(&mut self, node: usize) {
+        let mut cfg = Config::new(
+            "r0",
+            node as u64 + 1,
+            (self.cfg.blocks * BS) as u64,
+            self.cfg.protocol,
+        );
+        cfg.send_buffer = 6 * BS as u64;
+        cfg.resync_chunk = 4 * BS as u64;
+        cfg.resync_window = 3;
+        cfg.handshake_timeout = 50_000 * US;
+        cfg.bug = self.cfg.bug;
+        let n = &mut self.nodes[node];
+        n.inc += 1;
+        n.replica = Some(Replica::new(cfg, n.meta));
+        self.log(format!(
+            "node {node} starts with {:?}",
+            self.nodes[node].meta
+        ));
+    }
+
+    fn admin(&mut self, node: usize, cmd: AdminCmd) {
+        self.feed(node, Event::Admin { tag: 0, cmd });
+    }
+
+    fn alive(&self, node: usize) -> bool {
+        self.nodes[node].replica.is_some()
+    }
+
+    pub fn status(&self, node: usize) -> Option<twinblk::core::Status> {
+        self.nodes[node].replica.as_ref().map(|r| r.status())
+    }
+
+    /// Feeds one event to a node and executes the actions.
+    fn feed(&mut self, node: usize, ev: Event) {
+        let Some(r) = self.nodes[node].replica.as_mut() else {
+            return;
+        };
+        let is_down = matches!(ev, Event::ConnectionDown { .. })
+            || matches!(
+                ev,
+                Event::Admin {
+                    cmd: AdminCmd::Disconnect,
+                    ..
+                }
+            );
+        let mut out = Vec::new();
+        r.handle(ev, self.now, &mut out);
+        let closes = out
+            .iter()
+            .any(|a| matches!(a, Action::CloseConnection { .. }));
+        let confirmable = !is_down && !closes;
+        for a in out {
+            self.act(node, a, confirmable);
+        }
+        if let Err(e) = self.check_step(node) {
+            self.fail(e);
+        }
+    }
+
+    fn fail(&mut self, e: String) -> ! {
+        let tail = self
+            .trace
+            .iter()
+            .rev()
+            .take(60)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        panic!(
+            "invariant violated (seed {}): {e}\n--- last events ---\n{tail}\n\
+             replay: TWINBLK_SIM_SEED={} cargo test --test simulator -- --nocapture",
+            self.cfg.seed, self.cfg.seed
+        );
+    }
+
+    fn act(&mut self, node: usize, a: Action, confirmable: bool) {
+        let inc = self.nodes[node].inc;
+        let fail_rate = if self.cfg.faults && !self.healing {
+            400
+        } else {
+            0
+        };
+        match a {
+            Action::DiskWrite {
+                io,
+                offset,
+                data,
+                fua,
+            } => {
+                self.check_no_overlap(node, io, offset, data.len() as u64);
+                let fail = (fail_rate > 0 && self.rng.one_in(fail_rate)).then_some(libc::EIO);
+                let d = self.rng.range(5 * US, 300 * US);
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Write { offset, data, fua },
+                        fail,
+                    },
+                );
+            }
+            Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
+                self.check_no_overlap(node, io, offset, len as u64);
+                let d = self.rng.range(5 * US, 300 * US);
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Zero {
+                            offset,
+                            len: len as u64,
+                        },
+                        fail: None,
+                    },
+                );
+            }
+            Action::DiskFlush { io } => {
+                let d = self.rng.range(20 * US, 800 * US);
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Flush,
+                        fail: None,
+                    },
+                );
+            }
+            Action::DiskRead { io, offset, len } => {
+                let fail = (fail_rate > 0 && self.rng.one_in(fail_rate * 4)).then_some(libc::EIO);
+                let d = self.rng.range(5 * US, 300 * US);
+                self.schedule(
+                    d,
+                    Ev::Disk {
+                        node,
+                        inc,
+                        io,
+                        op: DiskOp::Read {
+                            offset,
+                            len: len as u64,
+                        },
+                        fail,
+                    },
+                );
+            }
+            Action::ServeRead { .. } => {}
+            Action::Send(msg) => {
+                if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
+                    let m = match &msg {
+                        PeerMsg::Data(e) => format!(
+                            "Data seq {} epoch {} off {} len {} tag {}",
+                            e.seq,
+                            e.epoch,
+                            e.offset / BS as u64,
+                            e.len,
+                            tag_of(&e.data)
+                        ),
+                        PeerMsg::ResyncData {
+                            seq, offset, data, ..
+                        } => format!(
+                            "ResyncData seq {seq} block {} n {} tag {}",
+                            offset / BS as u64,
+                            data.len() / BS,
+                            tag_of(data)
+                        ),
+                        m => format!("{m:?}"),
+                    };
+                    self.log(format!("node {node} sends {m}"));
+                }
+                self.send(node, msg)
+            }
+            Action::CompleteClient { req, result } => {
+                if node == A {
+                    self.client_done(req, result, confirmable);
+                }
+            }
+            Action::ArmTimer { kind, at } => {
+                let d = at.saturating_sub(self.now);
+                self.schedule(d, Ev::Timer { node, inc, kind });
+            }
+            Action::Emit(c) => {
+                let k = match &c {
+                    twinblk::core::StateChange::ResyncStarted { full: true, .. } if node == A => {
+                        Some("resync full")
+                    }
+                    twinblk::core::StateChange::ResyncStarted { full: false, .. } if node == A => {
+                        Some("resync bitmap")
+                    }
+                    twinblk::core::StateChange::ResyncFinished if node == B => {
+                        Some("resync finished")
+                    }
+                    twinblk::core::StateChange::Refused { .. } => Some("refused"),
+                    _ => None,
+                };
+                if let Some(k) = k {
+                    *self.stats.entry(k).or_default() += 1;
+                }
+                self.log(format!("node {node} {c:?}"))
+            }
+            Action::SaveMeta(m) => self.nodes[node].meta = m,
+            Action::CloseConnection { conn, reason } => {
+                self.log(format!("node {node} closes {conn}: {reason}"));
+                if reason.contains("crc32") {
+                    *self.stats.entry("crc mismatch caught").or_default() += 1;
+                }
+                if self.conn == Some(conn) {
+                    let c = conn;
+                    self.conn = None;
+                    self.conn_epoch += 1;
+                    let d = self.rng.range(10 * US, 200 * US);
+                    self.schedule(
+                        d,
+                        Ev::ConnDown {
+                            node: 1 - node,
+                            conn: c,
+                            reason,
+                        },
+                    );
+                }
+            }
+            Action::AdminDone { result, .. } => {
+                if let Err(e) = result {
+                    self.log(format!("node {node} admin refused: {e}"));
+                }
+            }
+        }
+    }
+
+    fn check_no_overlap(&mut self, node: usize, io: u64, offset: u64, len: u64) {
+        let clash = self.nodes[node]
+            .disk
+            .writes_in_flight
+            .iter()
+            .any(|&(_, o, l)| offset < o + l && o < offset + len);
+        if clash {
+            self.fail(format!(
+                "node {node}: core issued a write at {offset}+{len} overlapping one in flight"
+            ));
+        }
+        self.nodes[node]
+            .disk
+            .writes_in_flight
+            .push((io, offset, len));
+    }
+
+    fn send(&mut self, from: usize, msg: PeerMsg) {
+        let Some(conn) = self.conn else { return };
+        if from == A {
+            if let PeerMsg::Data(e) = &msg {
+                if !e.data.is_empty() {
+                    self.replicated_tags
+                        .insert(tag_of(&e.data), self.conn_epoch);
+                }
+            }
+        }
+        let stream = match msg.stream() {
+            Stream::Control => 0u8,
+            Stream::Data => 1 + self.rng.below(2) as u8,
+        };
+        let mut frame = match wire::encode(&msg) {
+            Ok(f) => f,
+            Err(e) => self.fail(format!("encode failed: {e}")),
+        };
+        // Rare corruption of a data payload: the receiver must catch it with the crc.
+        if self.cfg.faults
+            && !self.healing
+            && stream != 0
+            && frame.len() > 100
+            && self.rng.one_in(3000)
+        {
+            let mut v = frame.to_vec();
+            let i = v.len() - 1 - self.rng.below(50) as usize;
+            v[i] ^= 0x10;
+            frame = Bytes::from(v);
+            self.log(format!("net corrupts a frame from {from}"));
+        }
+        let d = self.rng.range(20 * US, 400 * US);
+        let last = self.stream_last.entry((from, stream)).or_insert(0);
+        let at = (self.now + d).max(*last + 1);
+        *last = at;
+        let delay = at - self.now;
+        self.schedule(
+            delay,
+            Ev::Deliver {
+                to: 1 - from,
+                conn,
+                frame,
+            },
+        );
+    }
+
+    fn maybe_connect(&mut self) {
+        if self.conn.is_some() || self.connecting || self.now < self.partitioned_until {
+            return;
+        }
+        let want = |w: &World, n| w.status(n).is_some_and(|s| s.want_connection);
+        if want(self, A) && want(self, B) {
+            self.connecting = true;
+            let d = self.rng.range(100 * US, 2000 * US);
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            self.schedule(d, Ev::ConnUp { conn });
+        }
+    }
+
+    fn drop_connection(&mut self, why: &str) {
+        if let Some(c) = self.conn.take() {
+            self.conn_epoch += 1;
+            self.log(format!("net drops connection {c}: {why}"));
+            for n in [A, B] {
+                let d = self.rng.range(10 * US, 500 * US);
+                self.schedule(
+                    d,
+                    Ev::ConnDown {
+                        node: n,
+                        conn: c,
+                        reason: why.into(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn crash(&mut self, node: usize) {
+        if !self.alive(node) {
+            return;
+        }
+        self.log(format!("CRASH node {node}"));
+        *self
+            .stats
+            .entry(if node == A {
+                "crash primary"
+            } else {
+                "crash secondary"
+            })
+            .or_default() += 1;
+        if node == A {
+            if let Err(e) = self.oracle.primary_crash(&self.nodes[B].disk) {
+                self.fail(format!("when the primary was killed: {e}"));
+            }
+        }
+        self.nodes[node].replica = None;
+        let mut rng = self.rng.clone();
+        self.nodes[node].disk.crash(&mut rng);
+        self.rng = rng;
+        if node == A {
+            self.outstanding.clear();
+            if let Err(e) = self.oracle.rebase(&self.nodes[A].disk) {
+                self.fail(format!("primary's disk after crash: {e}"));
+            }
+        } else {
+            let was_ok = self.oracle.secondary_valid;
+            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk, was_ok) {
+                self.fail(format!("secondary's disk after crash: {e}"));
+            }
+        }
+        if let Some(c) = self.conn.take() {
+            self.conn_epoch += 1;
+            let d = self.rng.range(10 * US, 500 * US);
+            self.schedule(
+                d,
+                Ev::ConnDown {
+                    node: 1 - node,
+                    conn: c,
+                    reason: "peer crashed".into(),
+                },
+            );
+        }
+        let d = self.rng.range(500 * US, 5000 * US);
+        self.schedule(d, Ev::Restart { node });
+    }
+
+    fn restart(&mut self, node: usize) {
+        if self.alive(node) {
+            return;
+        }
+        self.start(node);
+        if node == A {
+            self.conn_epoch += 1;
+            self.admin(A, AdminCmd::Promote { force: false });
+        }
+        self.admin(node, AdminCmd::Connect);
+    }
+
+    fn client_tick(&mut self) {
+        let d = self.rng.range(5 * US, 200 * US);
+        if !self.healing || !self.outstanding.is_empty() {
+            self.schedule(d, Ev::ClientTick);
+        }
+        if self.healing || self.ops_left == 0 || self.outstanding.len() >= self.cfg.queue_depth {
+            return;
+        }
+        let Some(st) = self.status(A) else { return };
+        if st.role != Role::Primary {
+            self.admin(A, AdminCmd::Promote { force: false });
+            return;
+        }
+        self.ops_left -= 1;
+        let req = self.next_req;
+        self.next_req += 1;
+        let blocks = self.cfg.blocks;
+        let roll = self.rng.below(100);
+        if roll < 10 {
+            let snapshot = self.oracle.confirmed_vol.clone();
+            self.outstanding.insert(
+                req,
+                ClientReq::Flush {
+                    conn_epoch: self.conn_epoch,
+                    snapshot,
+                },
+            );
+            self.oracle.client_flush();
+            self.feed(A, Event::ClientFlush { req });
+            return;
+        }
+        let first = self.rng.below(blocks as u64) as usize;
+        let n = (self.rng.range(1, 4) as usize).min(blocks - first);
+        if roll < 18 {
+            let tag = self.oracle.client_write(first, n, true);
+            self.outstanding.insert(
+                req,
+                ClientReq::Write {
+                    tag,
+                    first,
+                    n,
+                    fua: false,
+                    zero: true,
+                },
+            );
+            let (offset, len) = ((first * BS) as u64, (n * BS) as u32);
+            let ev = if roll < 14 {
+                Event::ClientTrim { req, offset, len }
+            } else {
+                Event::ClientWriteZeroes { req, offset, len }
+            };
+            self.feed(A, ev);
+            return;
+        }
+        if roll < 20 {
+            self.feed(
+                A,
+                Event::ClientRead {
+                    req,
+                    offset: (first * BS) as u64,
+                    len: BS as u32,
+                },
+            );
+            return;
+        }
+        let tag = self.oracle.client_write(first, n, false);
+        let fua = self.rng.one_in(8);
+        let mut data = Vec::with_capacity(n * BS);
+        for _ in 0..n {
+            data.extend_from_slice(&block_for(tag));
+        }
+        self.outstanding.insert(
+            req,
+            ClientReq::Write {
+                tag,
+                first,
+                n,
+                fua,
+                zero: false,
+            },
+        );
+        self.log(format!(
+            "client: write tag {tag} blocks {first}+{n} fua {fua}"
+        ));
+        self.feed(
+            A,
+            Event::ClientWrite {
+                req,
+                offset: (first * BS) as u64,
+                data: Bytes::from(data),
+                fua,
+            },
+        );
+    }
+
+    fn client_done(&mut self, req: u64, result: Result<(), i32>, confirmable: bool) {
+        let Some(r) = self.outstanding.remove(&req) else {
+            return;
+        };
+        self.log(format!(
+            "client: {r:?} done {result:?} confirmable {confirmable}"
+        ));
+        let sync = self.cfg.protocol == Protocol::Sync;
+        match r {
+            ClientReq::Write {
+                tag,
+                first,
+                n,
+                fua,
+                zero,
+            } => {
+                self.oracle.client_completed(tag, first, n, result.is_ok());
+                let confirmed = sync
+                    && result.is_ok()
+                    && confirmable
+                    && !zero
+                    && self.replicated_tags.get(&tag) == Some(&self.conn_epoch);
+                if confirmed {
+                    *self
+                        .stats
+                        .entry("sync acks checked on secondary")
+                        .or_default() += 1;
+                    if let Err(e) =
+                        self.oracle
+                            .confirm_write(tag, first, n, fua, &self.nodes[B].disk)
+                    {
+                        self.fail(format!("sync write tag {tag} acked to the client: {e}"));
+                    }
+                }
+            }
+            ClientReq::Flush {
+                conn_epoch,
+                snapshot,
+            } => {
+                let was_replicating = self.status(A).is_some_and(|s| {
+                    matches!(s.repl, ReplState::Established | ReplState::SyncSource)
+                });
+                if sync
+                    && result.is_ok()
+                    && confirmable
+                    && conn_epoch == self.conn_epoch
+                    && was_replicating
+                {
+                    if let Err(e) = self.oracle.confirm_flush(&snapshot, &self.nodes[B].disk) {
+                        self.fail(format!("sync flush acked to the client: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn fault(&mut self) {
+        if self.healing {
+            return;
+        }
+        let d = self.rng.range(300 * US, 6000 * US);
+        self.schedule(d, Ev::Fault);
+        match self.rng.below(10) {
+            0 => self.crash(A),
+            1 | 2 => self.crash(B),
+            3..=5 => self.drop_connection("simulated link failure"),
+            6 => {
+                let d = self.rng.range(1000 * US, 8000 * US);
+                self.partitioned_until = self.now + d;
+                self.drop_connection("simulated partition");
+            }
+            _ => {}
+        }
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(s) = self.queue.pop() else {
+            return false;
+        };
+        self.now = s.at;
+        self.events += 1;
+        match s.ev {
+            Ev::Disk {
+                node,
+                inc,
+                io,
+                op,
+                fail,
+            } => {
+                if self.nodes[node].inc != inc || !self.alive(node) {
+                    return true;
+                }
+                if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
+                    let d = match &op {
+                        DiskOp::Write { offset, data, .. } => format!(
+                            "write block {} tags {:?}",
+                            offset / BS as u64,
+                            data.chunks(BS).map(tag_of).collect::<Vec<_>>()
+                        ),
+                        o => format!("{o:?}"),
+                    };
+                    self.log(format!("node {node} disk io {io} done: {d}"));
+                }
+                let disk = &mut self.nodes[node].disk;
+                disk.writes_in_flight.retain(|&(i, _, _)| i != io);
+                let result = match (fail, op) {
+                    (Some(e), _) => Err(e),
+                    (None, DiskOp::Write { offset, data, fua }) => {
+                        disk.write(offset, &data, fua);
+                        Ok(None)
+                    }
+                    (None, DiskOp::Zero { offset, len }) => {
+                        disk.zero(offset, len);
+                        Ok(None)
+                    }
+                    (None, DiskOp::Flush) => {
+                        disk.flush();
+                        Ok(None)
+                    }
+                    (None, DiskOp::Read { offset, len }) => {
+                        Ok(Some(Bytes::from(disk.read(offset, len))))
+                    }
+                };
+                if let Err(e) = result {
+                    *self.stats.entry("disk io error").or_default() += 1;
+                    self.log(format!("node {node} disk io {io} fails errno {e}"));
+                }
+                self.feed(node, Event::DiskDone { io, result });
+            }
+            Ev::Deliver { to, conn, frame } => {
+                if self.conn != Some(conn) {
+                    return true;
+                }
+                match wire::decode(&frame) {
+                    Ok(Some((msg, used))) if used == frame.len() => {
+                        self.feed(to, Event::Peer { conn, msg });
+                    }
+                    other => {
+                        let why = format!("undecodable frame: {other:?}");
+                        self.log(format!("node {to} {why}"));
+                        self.drop_connection("frame failed to decode");
+                    }
+                }
+            }
+            Ev::ConnUp { conn } => {
+                self.connecting = false;
+                if self.conn.is_some()
+                    || !self.alive(A)
+                    || !self.alive(B)
+                    || self.now < self.partitioned_until
+                {
+                    return true;
+                }
+                self.conn = Some(conn);
+                self.conn_epoch += 1;
+                self.log(format!("net: connection {conn} up"));
+                self.feed(A, Event::ConnectionUp { conn });
+                if self.conn == Some(conn) {
+                    self.feed(B, Event::ConnectionUp { conn });
+                }
+            }
+            Ev::ConnDown { node, conn, reason } => {
+                self.feed(node, Event::ConnectionDown { conn, reason });
+            }
+            Ev::Timer { node, inc, kind } => {
+                if self.nodes[node].inc == inc {
+                    self.feed(node, Event::Timer(kind));
+                }
+            }
+            Ev::ClientTick => self.client_tick(),
+            Ev::Fault => self.fault(),
+            Ev::Restart { node } => self.restart(node),
+        }
+        self.maybe_connect();
+        true
+    }
+
+    /// Invariants checked after every event.
+    fn check_step(&mut self, node: usize) -> Result<(), String> {
+        if node != B {
+            return Ok(());
+        }
+        let Some(st) = self.status(B) else {
+            return Ok(());
+        };
+        let in_sync = st.disk == DiskState::UpToDate
+            && matches!(
+                st.repl,
+                ReplState::Established | ReplState::Connecting | ReplState::StandAlone
+            );
+        // Valid again only once a new connection reaches Established after the primary crashed.
+        let entered =
+            st.repl == ReplState::Established && self.b_prev_repl != ReplState::Established;
+        self.b_prev_repl = st.repl;
+        if entered && st.disk == DiskState::UpToDate && self.conn.is_some() && self.alive(A) {
+            self.oracle.secondary_valid = true;
+        }
+        if st.disk != DiskState::UpToDate {
+            self.oracle.secondary_valid = false;
+        }
+        if in_sync && self.oracle.secondary_valid {
+            self.oracle
+                .check_prefix(&self.nodes[B].disk.volatile)
+                .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn quiet(&self) -> bool {
+        let (Some(a), Some(b)) = (self.status(A), self.status(B)) else {
+            return false;
+        };
+        a.role == Role::Primary
+            && a.repl == ReplState::Established
+            && b.repl == ReplState::Established
+            && a.disk == DiskState::UpToDate
+            && b.disk == DiskState::UpToDate
+            && self.outstanding.is_empty()
+            && self
+                .queue
+                .iter()
+                .all(|s| matches!(s.ev, Ev::Timer { .. } | Ev::ClientTick))
+    }
+
+    /// Runs the workload with faults, then heals everything and checks convergence.
+    pub fn run(&mut self) {
+        let mut guard = 0u64;
+        while self.ops_left > 0 || !self.outstanding.is_empty() {
+            if !self.step() {
+                break;
+            }
+            guard += 1;
+            if guard > 2_000_000 {
+                self.fail("workload phase did not finish".into());
+            }
+        }
+        self.healing = true;
+        self.log("=== heal ===".into());
+        self.partitioned_until = 0;
+        for n in [A, B] {
+            if !self.alive(n) {
+                self.restart(n);
+            } else {
+                self.admin(n, AdminCmd::Connect);
+            }
+        }
+        self.maybe_connect();
+        let mut steps = 0u64;
+        while !self.quiet() {
+            if self.status(A).is_some_and(|s| s.role != Role::Primary) {
+                self.admin(A, AdminCmd::Promote { force: false });
+            }
+            if !self.step() {
+                let sa = self.status(A);
+                let sb = self.status(B);
+                self.fail(format!("nodes never converged: A {sa:?}, B {sb:?}"));
+            }
+            steps += 1;
+            if steps > 500_000 {
+                self.fail("heal phase did not converge".into());
+            }
+        }
+        let a = &self.nodes[A].disk.volatile;
+        let b = &self.nodes[B].disk.volatile;
+        if a != b {
+            let first = (0..self.cfg.blocks)
+                .find(|&i| SimDisk::block(a, i) != SimDisk::block(b, i))
+                .unwrap_or(0);
+            let (ta, tb) = (
+                tag_of(SimDisk::block(a, first)),
+                tag_of(SimDisk::block(b, first)),
+            );
+            self.fail(format!(
+                "after reconnect and resync the disks differ, first at block {first} (A tag {ta}, B tag {tb})"
+            ));
+        }
+        if let Err(e) = self.oracle.check_image(a) {
+            self.fail(format!("final primary image: {e}"));
+        }
+    }
+}

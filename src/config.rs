@@ -19,7 +19,7 @@
 //! there), then [`Config::validate`] turns strings like `"5s"` and `"64M"` into typed values and
 //! checks the cross-field rules. Every error names the file, the key and what to do about it,
 //! because the person reading it is usually an operator at a console, not a developer.
-//! README.config.md documents every key; keep it in step with the defaults below.
+//! docs/resource-file.md documents every key; keep it in step with the defaults below.
 
 use crate::addr::ListenAddr;
 use serde::Deserialize;

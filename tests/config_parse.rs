@@ -334,12 +334,13 @@ fn sizes_and_durations() {
 
 #[test]
 fn readme_example_parses() {
-    let text =
-        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.config.md"))
-            .unwrap();
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/resource-file.md"),
+    )
+    .unwrap();
     let start = text
         .find("```toml\n")
-        .expect("README.config.md has a toml example")
+        .expect("docs/resource-file.md has a toml example")
         + 8;
     let end = start + text[start..].find("```").unwrap();
     let c = Config::from_str(&text[start..end]).unwrap();

@@ -5,9 +5,10 @@
 #
 # usage: tools/vm-test.sh [all|ublk|nbd|repl]...      (default: all)
 #   ublk  `twinblk serve --ublk` on a file in the guest: mkfs.ext4, mount, write, remount, check,
-#         fio with verify, fio perf. With TWINBLK_VM_UBLK_SERVER=example the crate's ublk_file
-#         example serves instead, and the stage also kills it under a mounted filesystem and
-#         re-attaches with --recover.
+#         fio with verify, fio perf; kill -9 under a mounted file system and re-attach with
+#         --recover; then the same fio perf jobs through nbd-client -unix to `twinblk serve` on the
+#         same file (the fair ublk/nbd ratio). TWINBLK_VM_UBLK_SERVER=example serves with the
+#         crate's ublk_file example instead.
 #   nbd   `twinblk serve --listen tcp:0.0.0.0:PORT` on the HOST, nbd-client in the guest, same tests.
 #   repl  not yet: needs replication (reported as SKIP, does not fail).
 #
@@ -89,7 +90,7 @@ BUSYBOX="$CACHE/x/busybox-static/bin/busybox"
 [ -x "$BUSYBOX" ] || die "busybox-static holds no bin/busybox"
 
 NBD_CLIENT=""
-if [[ " $STAGES " == *" nbd "* ]]; then
+if [[ " $STAGES " == *" nbd "* || " $STAGES " == *" ublk "* ]]; then  # ublk compares with nbd on the same file
     extract nbd-client "$CACHE/x/nbd-client"
     extract libnl-genl-3-200 "$CACHE/x/libnl-genl"
     NBD_LIBS="$CACHE/x/libnl-genl/lib/x86_64-linux-gnu:$CACHE/x/libnl-genl/usr/lib/x86_64-linux-gnu"

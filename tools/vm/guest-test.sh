@@ -81,16 +81,15 @@ start_ublk_server() { # OUT ERR [extra args]: starts the server, sets SERVER_PID
             ;;
         twinblk)
             if ! "$TWINBLK" serve --help 2>/dev/null | grep -q -- '--ublk'; then
-                echo "twinblk serve has no --ublk option yet (run with TWINBLK_VM_UBLK_SERVER=example)" >"$err"
+                echo "twinblk serve has no --ublk option" >"$err"
                 return 1
             fi
-            local before
-            before=$(ls /dev/ublkb* 2>/dev/null)
             "$TWINBLK" serve --disk /tmp/ublk.img --ublk "$@" >"$out" 2>"$err" &
             SERVER_PID=$!
-            # shellcheck disable=SC2086
-            wait_for 60 sh -c "ls /dev/ublkb* 2>/dev/null | grep -v -x -F '$before' | grep -q ." || return 1
-            DEV=$(ls /dev/ublkb* | grep -v -x -F "$before" | head -n1)
+            # serve prints "ublk device /dev/ublkbN" once the device is live (also on --recover,
+            # where no new device node appears).
+            wait_for 60 grep -q '^ublk device ' "$out" || return 1
+            DEV=$(sed -n 's/^ublk device //p' "$out" | head -n1)
             ;;
         *) echo "unknown UBLK_SERVER=$UBLK_SERVER" >"$err"; return 1 ;;
     esac
@@ -111,7 +110,20 @@ stage_ublk() {
     say "stopping the ublk server with SIGTERM"
     stop_ublk_server "$DEV" || return 1
 
-    if [ "$UBLK_SERVER" = example ]; then
+    # The same file, the same guest, through the kernel's NBD driver instead: the fair ublk/nbd
+    # comparison (the nbd stage's numbers include the slow user-mode network to the host).
+    say "nbd on the same file: twinblk serve on a unix socket + nbd-client -unix /dev/nbd1"
+    "$TWINBLK" serve --disk /tmp/ublk.img --listen unix:/tmp/local-nbd.sock >"$LOG/local-nbd.out" 2>"$LOG/local-nbd.err" &
+    local nbd_pid=$!
+    wait_for 30 test -S /tmp/local-nbd.sock || { show "$LOG/local-nbd.err"; echo "local twinblk serve did not come up"; return 1; }
+    "$NBD_CLIENT" -unix /tmp/local-nbd.sock /dev/nbd1 >"$LOG/nbd-client-local" 2>&1 ||
+        { show "$LOG/nbd-client-local"; echo "nbd-client -unix failed"; return 1; }
+    wait_for 10 sh -c 'test "$(cat /sys/block/nbd1/size)" -gt 0' || { echo "/dev/nbd1 has no size"; return 1; }
+    fio_perf nbd-same-file /dev/nbd1 || { echo "fio perf on /dev/nbd1 failed"; return 1; }
+    "$NBD_CLIENT" -d /dev/nbd1 >>"$LOG/nbd-client-local" 2>&1 || { echo "nbd-client -d /dev/nbd1 failed"; return 1; }
+    kill -TERM "$nbd_pid"; wait "$nbd_pid" || { echo "local twinblk serve exited non-zero after SIGTERM"; return 1; }
+
+    if true; then
         # Crash the server under a mounted filesystem and re-attach with --recover: the
         # filesystem must only see a pause.
         say "recovery test: kill -9 the server under a mounted filesystem"

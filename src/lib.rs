@@ -5,6 +5,7 @@
 //! Arrows point down only: pure modules never import drivers.
 
 pub mod addr;
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control;

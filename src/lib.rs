@@ -13,6 +13,7 @@ pub mod core;
 pub mod disk;
 pub mod nbd;
 pub mod net;
+pub mod node;
 pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod ublk_target;

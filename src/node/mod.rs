@@ -36,6 +36,8 @@ use peer::Current;
 
 /// State changes kept for `status`.
 const KEEP_EVENTS: usize = 32;
+/// How long a graceful shutdown waits for the peer to ack the data it was sent.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything the event loop reacts to.
 pub(super) enum Input {
@@ -280,6 +282,7 @@ impl Node {
             "last_connection_error": conn.and_then(|c| c.last_error).or_else(|| self.last_conn_error.clone()),
             "last_auth_error": self.link.last_auth_error(),
             "requests_in_flight": s.requests_in_flight,
+            "peer_unacked": s.peer_unacked,
             "events": self.events,
         })
     }
@@ -291,13 +294,35 @@ impl Node {
             tag: 0,
             cmd: AdminCmd::Connect,
         });
+        // Set by Shutdown: answer, and the deadline for the peer to ack what it was sent.
+        let mut draining: Option<(oneshot::Sender<Result<(), String>>, tokio::time::Instant)> =
+            None;
         loop {
-            self.sync_connector();
+            if let Some((_, deadline)) = &draining {
+                let s = self.replica.status();
+                let expired = tokio::time::Instant::now() >= *deadline;
+                if s.peer_unacked == 0 || self.current.is_none() || expired {
+                    if expired {
+                        warn!(
+                            unacked = s.peer_unacked,
+                            "the peer did not ack everything in time; it resyncs on reconnect"
+                        );
+                    }
+                    if let Some((reply, _)) = draining.take() {
+                        let r = self.shutdown().await;
+                        let _ = reply.send(r);
+                    }
+                    return;
+                }
+            } else {
+                self.sync_connector();
+            }
             let input = tokio::select! {
                 i = rx.recv() => match i {
                     Some(i) => i,
                     None => return,
                 },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if draining.is_some() => continue,
                 Some(conn) = next_conn(&mut self.connector) => {
                     self.connected(conn);
                     continue;
@@ -354,9 +379,10 @@ impl Node {
                     let _ = reply.send(self.status_json());
                 }
                 Input::Shutdown { reply } => {
-                    let r = self.shutdown().await;
-                    let _ = reply.send(r);
-                    return;
+                    // Stop reconnecting, but let the current connection deliver what it was
+                    // sent (async mode: writes completed locally but not yet on the peer).
+                    self.connector = None;
+                    draining = Some((reply, tokio::time::Instant::now() + SHUTDOWN_DRAIN));
                 }
             }
         }

@@ -243,6 +243,17 @@ fn replicate(protocol: &str) {
     let mut p = Pair::new(protocol, "256M", false);
     p.primary_force();
     p.wait_in_sync();
+    // The Secondary serves the export but refuses writes.
+    let o = p.fio(1, "1M").output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() && text.contains("Operation not permitted"),
+        "a write to the Secondary: {text}"
+    );
     let o = p.fio(0, "256M").output().unwrap();
     assert!(
         o.status.success(),

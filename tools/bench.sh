@@ -78,6 +78,7 @@ start_server() {
 
 # Two `twinblk up` daemons on this machine: alpha (Primary) on $file, serving NBD on $sock; beta on
 # a second file in $work (kept across rounds, so only the first start runs a full initial sync).
+# BENCH_MTU sets the resource's max-mtu (default 1452; 6500 models a jumbo-frame replication link).
 start_pair() {
     local proto=$1 p0=$((20000 + RANDOM % 20000)) n
     [ -f "$work/alpha.key" ] || for n in alpha beta; do
@@ -87,6 +88,7 @@ start_pair() {
 [resource]
 name = "r0"
 protocol = "$proto"
+max-mtu = ${BENCH_MTU:-1452}
 [node.alpha]
 address = "127.0.0.1:$p0"
 disk = "$file"

@@ -315,7 +315,10 @@ fn human_status(s: &serde_json::Value) -> String {
         ("last_connection_error", "connection"),
     ] {
         let connected = s.get("connected").and_then(|c| c.as_bool()) == Some(true);
-        if k == "last_connection_error" && connected {
+        // While a certificate is refused, the connection error only repeats it.
+        let auth = s.get("last_auth_error").and_then(|a| a.as_str());
+        let repeats = auth.is_some_and(|a| f(k).contains(a));
+        if k == "last_connection_error" && (connected || repeats) {
             continue;
         }
         if !matches!(s.get(k), None | Some(serde_json::Value::Null)) {

@@ -188,6 +188,8 @@ impl Pair {
 
     fn fio(&self, i: usize, size: &str) -> Command {
         let mut c = Command::new(FIO);
+        // fio leaves a verify state file in its working directory.
+        c.current_dir(self.dir.path());
         c.args([
             "--name=repl",
             "--ioengine=nbd",

@@ -5,6 +5,7 @@
 //! Arrows point down only: pure modules never import drivers.
 
 pub mod addr;
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod core;
 pub mod disk;
 pub mod nbd;
 pub mod net;
+pub mod node;
 pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod ublk_target;

@@ -52,7 +52,7 @@ pub struct UblkConfig {
     pub recover: Option<i32>,
 }
 
-enum Listener {
+pub(crate) enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
 }
@@ -87,7 +87,7 @@ fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
+pub(crate) async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
     let err = |source| ServeError::Listen {
         addr: addr.clone(),
         source,
@@ -237,12 +237,12 @@ async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-enum Accepted {
+pub(crate) enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
 }
 
-async fn accept(l: &Listener) -> io::Result<Accepted> {
+pub(crate) async fn accept(l: &Listener) -> io::Result<Accepted> {
     match l {
         Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),

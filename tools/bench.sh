@@ -29,9 +29,11 @@ done
 [ -x "$twinblk" ] || (cd "$root" && cargo build --release --quiet)
 
 work=$(mktemp -d /var/tmp/twinblk-bench.XXXXXX)
-server_pid=""
+server_pid="" peer_pid=""
 cleanup() {
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    [ -n "$peer_pid" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
+    rm -f "$file.twinblk-meta"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -66,16 +68,68 @@ start_server() {
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring --log-level warn >/dev/null & ;;
         twinblk-threads)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine threads --log-level warn >/dev/null & ;;
+        twinblk-sync|twinblk-async)
+            start_pair "${1#twinblk-}"; return ;;
         *) echo "bench.sh: unknown server $1" >&2; exit 2 ;;
     esac
     server_pid=$!
     wait_socket
 }
 
+# Two `twinblk up` daemons on this machine: alpha (Primary) on $file, serving NBD on $sock; beta on
+# a second file in $work (kept across rounds, so only the first start runs a full initial sync).
+# BENCH_MTU sets the resource's max-mtu (default 1452; 6500 models a jumbo-frame replication link).
+start_pair() {
+    local proto=$1 p0=$((20000 + RANDOM % 20000)) n
+    [ -f "$work/alpha.key" ] || for n in alpha beta; do
+        "$twinblk" keygen --name "$n" --out "$work" >/dev/null 2>&1
+    done
+    cat > "$work/r0.toml" <<EOF2
+[resource]
+name = "r0"
+protocol = "$proto"
+max-mtu = ${BENCH_MTU:-1452}
+[node.alpha]
+address = "127.0.0.1:$p0"
+disk = "$file"
+nbd = "unix:$sock"
+admin = "$work/alpha.sock"
+cert = "$work/alpha.crt"
+key = "$work/alpha.key"
+[node.beta]
+address = "127.0.0.1:$((p0 + 1))"
+disk = "$work/beta.img"
+nbd = "unix:$work/beta.nbd"
+admin = "$work/beta.sock"
+cert = "$work/beta.crt"
+key = "$work/beta.key"
+size = "$size"
+EOF2
+    "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null &
+    peer_pid=$!
+    "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null &
+    server_pid=$!
+    wait_socket
+    "$twinblk" primary r0 --config "$work/r0.toml" --node alpha --force >/dev/null
+    echo "waiting for the initial sync ($proto)..." >&2
+    for _ in $(seq 1 3000); do
+        "$twinblk" status r0 --config "$work/r0.toml" --node beta --json 2>/dev/null |
+            grep -q '"disk":"UpToDate".*"repl":"Established"' && return 0
+        sleep 0.2
+    done
+    echo "bench.sh: the pair did not get in sync" >&2
+    return 1
+}
+
 stop_server() {
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
     server_pid=""
+    if [ -n "$peer_pid" ]; then
+        kill "$peer_pid" 2>/dev/null || true
+        wait "$peer_pid" 2>/dev/null || true
+        peer_pid=""
+    fi
 }
 
 # name | fio arguments | metric (iops, lat_us, bw_mbs)

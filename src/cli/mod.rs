@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::addr::ListenAddr;
+use crate::control::{self, Request, Response};
 use crate::disk::{CacheMode, DiskOptions, EngineKind};
 use crate::serve::ServeConfig;
 
@@ -30,6 +31,91 @@ enum Command {
     Serve(ServeArgs),
     /// Generate this node's QUIC/TLS identity (NAME.key, NAME.crt) and print its SHA-256 pin.
     Keygen(KeygenArgs),
+    /// Run a resource on this node in the foreground (replication, NBD, admin socket) until
+    /// SIGINT/SIGTERM or `twinblk down`.
+    Up(ResArgs),
+    /// Make this node Primary (`--force` for the first promotion of an Inconsistent disk).
+    Primary {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Promote even though this node's disk is not UpToDate (first promotion: its data
+        /// becomes the reference and the peer is fully synced from it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node Secondary.
+    Secondary(ResArgs),
+    /// Show roles, disk states, replication state and resync progress.
+    Status {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect to the peer again (after `disconnect` or a refusal).
+    Connect {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Resolve a split brain by discarding this node's changes (not implemented yet).
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Disconnect from the peer and stay StandAlone.
+    Disconnect(ResArgs),
+    /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
+    Down(ResArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ResArgs {
+    /// The resource's name.
+    resource: String,
+    /// Its resource file. Default: /etc/twinblk/RESOURCE.toml.
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
+    /// This node's name in the resource file. Default: the host name.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+}
+
+impl ResArgs {
+    fn config_path(&self) -> std::path::PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| format!("/etc/twinblk/{}.toml", self.resource).into())
+    }
+
+    fn node_name(&self) -> anyhow::Result<String> {
+        if let Some(n) = &self.node {
+            return Ok(n.clone());
+        }
+        let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (or pass --node)")?;
+        Ok(h.trim().to_owned())
+    }
+
+    /// Load the resource file and check it names this resource.
+    fn load(&self) -> anyhow::Result<(crate::config::Config, String)> {
+        let path = self.config_path();
+        let cfg = crate::config::Config::load(&path)?;
+        if cfg.resource.name != self.resource {
+            anyhow::bail!(
+                "{} describes resource {:?}, not {:?}; pass the right --config",
+                path.display(),
+                cfg.resource.name,
+                self.resource
+            );
+        }
+        let node = self.node_name()?;
+        cfg.node_named(&node)?;
+        Ok((cfg, node))
+    }
+
+    fn admin_socket(&self) -> anyhow::Result<std::path::PathBuf> {
+        let (cfg, node) = self.load()?;
+        Ok(cfg.node_named(&node)?.admin.clone())
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +226,108 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn up(a: ResArgs) -> anyhow::Result<()> {
+    let (_, node) = a.load()?;
+    crate::node::daemon::run(&a.config_path(), &node)?;
+    Ok(())
+}
+
+/// Send one admin request; print its answer, fail on an error answer.
+fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
+    let path = res.admin_socket()?;
+    let mut outcome: anyhow::Result<()> = Err(anyhow::anyhow!(
+        "the daemon closed the admin connection without an answer"
+    ));
+    control::request(&path, &req, |resp| {
+        outcome = match resp {
+            Response::Ok { message } => {
+                println!("{}: {message}", res.resource);
+                Ok(())
+            }
+            Response::Error { message } => Err(anyhow::anyhow!("{message}")),
+            other => Err(anyhow::anyhow!(
+                "unexpected answer from the daemon: {other:?}"
+            )),
+        };
+        false
+    })?;
+    outcome
+}
+
+fn status(res: &ResArgs, json: bool) -> anyhow::Result<()> {
+    let path = res.admin_socket()?;
+    let mut got = None;
+    let mut err = None;
+    control::request(&path, &Request::Status, |resp| {
+        match resp {
+            Response::Status { status } => got = Some(status),
+            Response::Error { message } => err = Some(message),
+            _ => {}
+        }
+        false
+    })?;
+    if let Some(e) = err {
+        anyhow::bail!("{e}");
+    }
+    let s = got.context("the daemon sent no status")?;
+    if json {
+        println!("{s}");
+        return Ok(());
+    }
+    print!("{}", human_status(&s));
+    Ok(())
+}
+
+fn human_status(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let f = |k: &str| match s.get(k) {
+        Some(serde_json::Value::String(v)) => v.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(v) => v.to_string(),
+    };
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} ({}, protocol {})",
+        f("resource"),
+        f("size"),
+        f("protocol")
+    );
+    let _ = writeln!(o, "  role:        {}    disk: {}", f("role"), f("disk"));
+    let _ = writeln!(
+        o,
+        "  peer:        {}    disk: {}",
+        f("peer_role"),
+        f("peer_disk")
+    );
+    let _ = writeln!(o, "  replication: {}", f("repl"));
+    let _ = writeln!(o, "  out of sync: {} bytes", f("out_of_sync_bytes"));
+    if let Some(p) = s
+        .get("resync")
+        .and_then(|r| r.get("percent"))
+        .and_then(|p| p.as_f64())
+    {
+        let _ = writeln!(o, "  resync:      {p:.1}% done");
+    }
+    for (k, label) in [
+        ("last_refusal", "last refusal"),
+        ("last_auth_error", "certificate"),
+        ("last_connection_error", "connection"),
+    ] {
+        let connected = s.get("connected").and_then(|c| c.as_bool()) == Some(true);
+        // While a certificate is refused, the connection error only repeats it.
+        let auth = s.get("last_auth_error").and_then(|a| a.as_str());
+        let repeats = auth.is_some_and(|a| f(k).contains(a));
+        if k == "last_connection_error" && (connected || repeats) {
+            continue;
+        }
+        if !matches!(s.get(k), None | Some(serde_json::Value::Null)) {
+            let _ = writeln!(o, "  {label}: {}", f(k));
+        }
+    }
+    o
+}
+
 fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (key, crt, pin) = crate::net::keys::keygen(&a.name, &a.out, a.force)?;
@@ -173,6 +361,16 @@ pub fn main() -> ExitCode {
     let r = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Keygen(a) => keygen(a),
+        Command::Up(a) => up(a),
+        Command::Primary { res, force } => admin(&res, Request::Primary { force }),
+        Command::Secondary(res) => admin(&res, Request::Secondary),
+        Command::Status { res, json } => status(&res, json),
+        Command::Connect {
+            res,
+            discard_my_data,
+        } => admin(&res, Request::Connect { discard_my_data }),
+        Command::Disconnect(res) => admin(&res, Request::Disconnect),
+        Command::Down(res) => admin(&res, Request::Down),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

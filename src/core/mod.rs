@@ -350,6 +350,9 @@ pub struct Status {
     pub want_connection: bool,
     pub last_refusal: Option<String>,
     pub requests_in_flight: usize,
+    /// Data messages sent on the current connection and not yet acked by the peer (a graceful
+    /// shutdown of an async Primary waits for this to drain).
+    pub peer_unacked: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -551,6 +554,7 @@ impl Replica {
             want_connection: self.want_connect,
             last_refusal: self.last_refusal.clone(),
             requests_in_flight: self.reqs.len() + self.admit_q.len(),
+            peer_unacked: c.map_or(0, |c| c.awaiting_ack.len()),
         }
     }
 

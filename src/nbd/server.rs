@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::{self, Command, Export, Handshake, HandshakeStatus, Transmission};
 use super::proto::{self, REQUEST_HEADER_LEN};
+use crate::backend::{Backend, BackendError};
 use crate::disk::{Disk, IoBuf};
 
 /// Bytes of socket input read at once; many small requests are parsed per read.
@@ -63,13 +64,13 @@ enum Outcome {
 }
 
 /// Serves one export of one disk to any number of connections.
-pub struct Server {
-    disk: Disk,
+pub struct Server<B: Backend = Disk> {
+    disk: B,
     export: Export,
 }
 
-impl Server {
-    pub fn new(disk: Disk, name: String, description: String) -> Arc<Server> {
+impl<B: Backend> Server<B> {
+    pub fn new(disk: B, name: String, description: String) -> Arc<Server<B>> {
         let export = Export {
             name,
             description,
@@ -80,7 +81,7 @@ impl Server {
         Arc::new(Server { disk, export })
     }
 
-    pub fn disk(&self) -> &Disk {
+    pub fn disk(&self) -> &B {
         &self.disk
     }
 
@@ -234,7 +235,7 @@ impl Server {
                             h.cookie,
                             offset,
                             false,
-                            move |d: Disk| async move {
+                            move |d: B| async move {
                                 if len == 0 {
                                     return if fua { flush(&d).await } else { Outcome::Ok };
                                 }
@@ -252,7 +253,7 @@ impl Server {
                             h.cookie,
                             offset,
                             true,
-                            move |d: Disk| async move {
+                            move |d: B| async move {
                                 if len == 0 {
                                     return Outcome::Data(None);
                                 }
@@ -264,7 +265,7 @@ impl Server {
                         );
                     }
                     Ok(Command::Flush) => {
-                        self.spawn(&tx, permit, h.cookie, 0, false, move |d: Disk| async move {
+                        self.spawn(&tx, permit, h.cookie, 0, false, move |d: B| async move {
                             flush(&d).await
                         });
                     }
@@ -275,7 +276,7 @@ impl Server {
                             h.cookie,
                             offset,
                             false,
-                            move |d: Disk| async move {
+                            move |d: B| async move {
                                 if len > 0 {
                                     if let Err(e) = d.trim(offset, len.into()).await {
                                         return disk_error(&e);
@@ -304,7 +305,7 @@ impl Server {
                             h.cookie,
                             offset,
                             false,
-                            move |d: Disk| async move {
+                            move |d: B| async move {
                                 if len > 0 {
                                     if let Err(e) =
                                         d.write_zeroes(offset, len.into(), !no_hole).await
@@ -340,7 +341,7 @@ impl Server {
         read: bool,
         op: F,
     ) where
-        F: FnOnce(Disk) -> Fut + Send + 'static,
+        F: FnOnce(B) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Outcome> + Send + 'static,
     {
         let tx = tx.clone();
@@ -358,14 +359,14 @@ impl Server {
     }
 }
 
-async fn flush(d: &Disk) -> Outcome {
+async fn flush<B: Backend>(d: &B) -> Outcome {
     match d.flush().await {
         Ok(()) => Outcome::Ok,
         Err(e) => disk_error(&e),
     }
 }
 
-fn disk_error(e: &crate::disk::DiskError) -> Outcome {
+fn disk_error<E: BackendError>(e: &E) -> Outcome {
     warn!("disk: {e}");
     Outcome::Err(proto::wire_errno(e.errno()))
 }
@@ -571,13 +572,14 @@ impl InBuf {
 }
 
 /// Run `serve_connection` for a socket's two halves, logging how it ended.
-pub async fn run_connection<R, W>(
-    server: Arc<Server>,
+pub async fn run_connection<B, R, W>(
+    server: Arc<Server<B>>,
     rd: R,
     wr: W,
     peer: String,
     shutdown: watch::Receiver<bool>,
 ) where
+    B: Backend,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {

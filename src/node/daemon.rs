@@ -1,0 +1,187 @@
+//! `twinblk up`: load the resource file, open the disk, start QUIC, the event loop, the admin
+//! socket and the NBD listener; run until SIGINT/SIGTERM or `twinblk down`, then shut down
+//! gracefully (stop NBD, finish what is in flight, flush, save the metadata).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::admin::Admin;
+use super::{meta_file, Input, Node, Replicated};
+use crate::config::{Config, ConfigError, Protocol};
+use crate::control::{self, ControlError};
+use crate::core::{self, Replica};
+use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::nbd::server::{run_connection, Connections, Server};
+use crate::net::{LinkConfig, NetError, PeerLink};
+use crate::serve::{accept, bind, Accepted, Listener, ServeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("opening the disk: {0}")]
+    Disk(#[from] DiskError),
+    #[error("{0}")]
+    Meta(#[from] meta_file::MetaFileError),
+    #[error("{0}")]
+    Net(#[from] NetError),
+    #[error("{0}")]
+    Control(#[from] ControlError),
+    #[error("NBD: {0}")]
+    Nbd(#[from] ServeError),
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("shutting down: {0}")]
+    Shutdown(String),
+}
+
+/// Run node `node` of the resource in `config` in the foreground.
+pub fn run(config: &Path, node: &str) -> Result<(), UpError> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(UpError::Runtime)?;
+    rt.block_on(up(cfg, node))
+}
+
+async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
+    let me = cfg.node_named(name)?.clone();
+    let resource = cfg.resource.name.clone();
+    let disk = Disk::open(
+        &me.disk,
+        &DiskOptions {
+            size: me.size,
+            ..DiskOptions::default()
+        },
+    )?;
+    let meta_path = meta_file::path_for(&me.disk);
+    let meta = meta_file::load(&meta_path)?;
+    // Node ids only need to differ between the two nodes: the resource file sorts them by name.
+    let node_id = cfg
+        .nodes
+        .iter()
+        .position(|n| n.name == me.name)
+        .unwrap_or(0) as u64
+        + 1;
+    let (protocol, pname) = match cfg.resource.protocol {
+        Protocol::Sync => (core::Protocol::Sync, "sync"),
+        Protocol::Async => (core::Protocol::Async, "async"),
+    };
+    let mut ccfg = core::Config::new(&resource, node_id, disk.size(), protocol);
+    ccfg.send_buffer = cfg.resource.send_buffer;
+    let replica = Replica::new(ccfg, meta);
+    let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let node = Node {
+        replica,
+        disk: disk.clone(),
+        meta_path,
+        protocol: pname,
+        tx: tx.clone(),
+        start: Instant::now(),
+        clients: HashMap::new(),
+        admins: HashMap::new(),
+        next_req: 1,
+        next_tag: 1,
+        next_conn: 0,
+        current: None,
+        link,
+        connector: None,
+        last_conn_error: None,
+        user_disconnected: false,
+        retry_pending: false,
+        retry_after: cfg.resource.connect_retry,
+        events: VecDeque::new(),
+        out: Vec::new(),
+    };
+    let event_loop = tokio::spawn(node.run(rx));
+
+    let (down_tx, mut down_rx) = watch::channel(false);
+    let admin_listener = control::bind(&me.admin)?;
+    let admin = tokio::spawn(control::serve(
+        admin_listener,
+        Arc::new(Admin {
+            tx: tx.clone(),
+            down: down_tx,
+        }),
+    ));
+
+    let backend = Replicated {
+        tx: tx.clone(),
+        disk: disk.clone(),
+    };
+    let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));
+    let mut sigterm = signal(SignalKind::terminate()).map_err(UpError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(UpError::Runtime)?;
+    let listener = bind(&me.nbd).await?;
+    let shown = match &listener {
+        Listener::Tcp(l) => l
+            .local_addr()
+            .map(|a| format!("tcp:{a}"))
+            .unwrap_or_else(|_| me.nbd.to_string()),
+        Listener::Unix(..) => me.nbd.to_string(),
+    };
+    info!(
+        resource = %resource,
+        node = %name,
+        "up: {} ({} bytes), NBD on {shown}, admin socket {}",
+        me.disk.display(),
+        disk.size(),
+        me.admin.display()
+    );
+    // Tests and scripts wait for this line.
+    println!("listening on {shown}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = Connections::new();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = down_rx.wait_for(|d| *d) => { info!("twinblk down: shutting down"); break; }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = accept(&listener) => match r {
+                Ok(Accepted::Unix(s)) => {
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(run_connection(server.clone(), rd, wr, "unix".into(), stop_rx.clone()));
+                }
+                Ok(Accepted::Tcp(s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(run_connection(server.clone(), rd, wr, peer.to_string(), stop_rx.clone()));
+                }
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every accepted request gets its answer before the loop stops.
+    while conns.join_next().await.is_some() {}
+    drop(server);
+    let (reply, done) = oneshot::channel();
+    let result = if tx.send(Input::Shutdown { reply }).is_ok() {
+        done.await
+            .unwrap_or_else(|_| Err("the event loop stopped early".into()))
+    } else {
+        Err("the event loop stopped early".into())
+    };
+    admin.abort();
+    let _ = std::fs::remove_file(&me.admin);
+    let _ = event_loop.await;
+    result.map_err(UpError::Shutdown)?;
+    info!("disk flushed, metadata saved; exiting");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Executes the core's `Disk*` actions on the local disk, each in its own task (the core never
+//! emits overlapping writes at once), and reports each as one `DiskDone`.
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::Input;
+use crate::core::{Action, IoId};
+use crate::disk::{Disk, IoBuf};
+
+/// Lets a disk buffer back a `Bytes` without a copy.
+pub(super) struct Owned(pub IoBuf);
+
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Start `action` if it is a disk action; false if it is not one.
+pub(super) fn start(disk: &Disk, action: &Action, tx: &mpsc::UnboundedSender<Input>) -> bool {
+    let disk = disk.clone();
+    let tx = tx.clone();
+    let done = move |io: IoId, result: Result<Option<Bytes>, i32>| {
+        let _ = tx.send(Input::DiskDone { io, result });
+    };
+    match action {
+        Action::DiskWrite {
+            io,
+            offset,
+            data,
+            fua,
+        } => {
+            let (io, offset, fua) = (*io, *offset, *fua);
+            let data = data.clone();
+            tokio::spawn(async move {
+                // The disk wants an aligned buffer; the extent arrived in a network buffer.
+                let buf = IoBuf::copy_from(&data);
+                let r = disk.write(offset, buf, fua).await;
+                done(io, r.map(|()| None).map_err(|e| e.errno()));
+            });
+        }
+        Action::DiskTrim { io, offset, len } => {
+            let (io, offset, len) = (*io, *offset, *len);
+            tokio::spawn(async move {
+                let r = disk.trim(offset, len.into()).await;
+                done(io, r.map(|()| None).map_err(|e| e.errno()));
+            });
+        }
+        Action::DiskZero { io, offset, len } => {
+            let (io, offset, len) = (*io, *offset, *len);
+            tokio::spawn(async move {
+                let r = disk.write_zeroes(offset, len.into(), true).await;
+                done(io, r.map(|()| None).map_err(|e| e.errno()));
+            });
+        }
+        Action::DiskFlush { io } => {
+            let io = *io;
+            tokio::spawn(async move {
+                let r = disk.flush().await;
+                done(io, r.map(|()| None).map_err(|e| e.errno()));
+            });
+        }
+        Action::DiskRead { io, offset, len } => {
+            let (io, offset, len) = (*io, *offset, *len);
+            tokio::spawn(async move {
+                let r = disk.read(offset, len).await;
+                done(
+                    io,
+                    r.map(|b| Some(Bytes::from_owner(Owned(b))))
+                        .map_err(|e| e.errno()),
+                );
+            });
+        }
+        _ => return false,
+    }
+    true
+}

@@ -1,0 +1,409 @@
+//! The per-resource driver (`twinblk up`): one tokio event loop owns the [`Replica`], feeds it
+//! events and executes its actions in order (see the driver contract in `core`).
+//!
+//! * `frontend`: the replicated device the NBD server serves (requests → core events).
+//! * `io`: `Disk*` actions on the local disk, answered as `DiskDone`.
+//! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
+//! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
+//! * `meta_file`: durable, atomic `SaveMeta`.
+//! * `daemon`: process setup, listeners, signals and the graceful shutdown.
+
+mod admin;
+pub mod daemon;
+mod frontend;
+mod io;
+pub mod meta_file;
+mod peer;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+pub use frontend::{Errno, Replicated};
+
+use crate::core::{
+    bitmap::BLOCK, Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind,
+};
+use crate::disk::Disk;
+use crate::net::{Connector, PeerConn, PeerLink};
+use frontend::{ClientOp, ClientReply};
+use peer::Current;
+
+/// State changes kept for `status`.
+const KEEP_EVENTS: usize = 32;
+/// How long a graceful shutdown waits for the peer to ack the data it was sent.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Everything the event loop reacts to.
+pub(super) enum Input {
+    Client {
+        op: ClientOp,
+        reply: oneshot::Sender<ClientReply>,
+    },
+    DiskDone {
+        io: IoId,
+        result: Result<Option<Bytes>, i32>,
+    },
+    Peer {
+        conn: u64,
+        msg: PeerMsg,
+    },
+    ConnDown {
+        conn: u64,
+        reason: String,
+    },
+    Timer(TimerKind),
+    /// Time to connect again after a refusal.
+    Retry,
+    Admin {
+        cmd: AdminCmd,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// Flush, save the metadata, close the connection, then answer and stop.
+    Shutdown {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+struct Node {
+    replica: Replica,
+    disk: Disk,
+    meta_path: PathBuf,
+    protocol: &'static str,
+    tx: mpsc::UnboundedSender<Input>,
+    start: Instant,
+    clients: HashMap<ReqId, oneshot::Sender<ClientReply>>,
+    admins: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    next_req: ReqId,
+    next_tag: u64,
+    next_conn: u64,
+    current: Option<Current>,
+    link: PeerLink,
+    connector: Option<Connector>,
+    last_conn_error: Option<String>,
+    /// The operator said `disconnect`: do not reconnect on our own.
+    user_disconnected: bool,
+    retry_pending: bool,
+    retry_after: std::time::Duration,
+    events: VecDeque<serde_json::Value>,
+    out: Vec<Action>,
+}
+
+impl Node {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn feed(&mut self, ev: Event) {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let now = self.now();
+        self.replica.handle(ev, now, &mut out);
+        for a in out.drain(..) {
+            self.execute(a);
+        }
+        self.out = out;
+    }
+
+    fn execute(&mut self, a: Action) {
+        if io::start(&self.disk, &a, &self.tx) {
+            return;
+        }
+        match a {
+            Action::ServeRead { req, offset, len } => {
+                let Some(reply) = self.clients.remove(&req) else {
+                    return;
+                };
+                let disk = self.disk.clone();
+                tokio::spawn(async move {
+                    let r = disk.read(offset, len).await;
+                    let _ = reply.send(r.map(Some).map_err(|e| e.errno()));
+                });
+            }
+            Action::Send(msg) => {
+                if let Some(c) = &self.current {
+                    c.send(&msg);
+                }
+            }
+            Action::CompleteClient { req, result } => {
+                if let Some(reply) = self.clients.remove(&req) {
+                    let _ = reply.send(result.map(|()| None));
+                }
+            }
+            Action::ArmTimer { kind, at } => {
+                let delay = std::time::Duration::from_nanos(at.saturating_sub(self.now()));
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Input::Timer(kind));
+                });
+            }
+            Action::Emit(change) => self.emit(change),
+            Action::SaveMeta(meta) => {
+                // Durable before the next action runs: the core relies on it.
+                if let Err(e) = meta_file::save(&self.meta_path, &meta) {
+                    // Going on could let data reach the disk that the saved state does not
+                    // cover; stop instead (the supervisor restarts us with the old metadata).
+                    tracing::error!("{e}; stopping so no action runs without its metadata");
+                    std::process::exit(1);
+                }
+            }
+            Action::CloseConnection { conn, reason }
+                if self.current.as_ref().is_some_and(|c| c.id == conn) =>
+            {
+                if let Some(c) = self.current.take() {
+                    c.close(&reason);
+                }
+                self.last_conn_error = Some(reason);
+            }
+            Action::AdminDone { tag, result } => {
+                if let Some(reply) = self.admins.remove(&tag) {
+                    let _ = reply.send(result);
+                }
+            }
+            // Disk actions were started above.
+            _ => {}
+        }
+    }
+
+    fn emit(&mut self, change: StateChange) {
+        let text = format!("{change:?}");
+        match &change {
+            StateChange::Refused { reason } => {
+                warn!(resource = %self.replica.config().resource, change = %text, "connection refused: {reason}")
+            }
+            StateChange::ConnectionLost { reason } => {
+                self.last_conn_error = Some(reason.clone());
+                info!(resource = %self.replica.config().resource, change = %text, "state change")
+            }
+            _ => info!(resource = %self.replica.config().resource, change = %text, "state change"),
+        }
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if self.events.len() == KEEP_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(json!({"time": at, "change": text}));
+    }
+
+    fn client(&mut self, op: ClientOp, reply: oneshot::Sender<ClientReply>) {
+        let req = self.next_req;
+        self.next_req += 1;
+        self.clients.insert(req, reply);
+        let ev = match op {
+            ClientOp::Write { offset, data, fua } => Event::ClientWrite {
+                req,
+                offset,
+                data,
+                fua,
+            },
+            ClientOp::Trim { offset, len } => Event::ClientTrim { req, offset, len },
+            ClientOp::Zero { offset, len } => Event::ClientWriteZeroes { req, offset, len },
+            ClientOp::Flush => Event::ClientFlush { req },
+            ClientOp::Read { offset, len } => Event::ClientRead { req, offset, len },
+        };
+        self.feed(ev);
+    }
+
+    fn connected(&mut self, conn: PeerConn) {
+        if let Some(old) = self.current.take() {
+            old.close("replaced by a newer connection");
+            let conn = old.id;
+            self.feed(Event::ConnectionDown {
+                conn,
+                reason: "replaced by a newer connection".into(),
+            });
+        }
+        self.next_conn += 1;
+        let id = self.next_conn;
+        info!(conn = id, peer = %conn.peer, remote = %conn.remote_addr, "peer connected");
+        self.current = Some(Current::start(id, conn, self.tx.clone()));
+        self.feed(Event::ConnectionUp { conn: id });
+    }
+
+    /// Run the connector exactly while the core wants a connection. After a refusal the core
+    /// stands alone; unless the operator said `disconnect`, try again after `connect-retry`
+    /// (the cause, e.g. no UpToDate node yet, may be gone by then; a split brain is refused
+    /// again before any data moves).
+    fn sync_connector(&mut self) {
+        let want = self.replica.status().want_connection;
+        if !want && !self.user_disconnected && !self.retry_pending {
+            self.retry_pending = true;
+            let tx = self.tx.clone();
+            let delay = self.retry_after;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Input::Retry);
+            });
+        }
+        if want && self.connector.is_none() {
+            self.connector = Some(self.link.connector());
+        } else if !want && self.connector.is_some() {
+            self.connector = None;
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let s = self.replica.status();
+        let conn = self.connector.as_ref().map(|c| c.status());
+        let resync = s.resync.map(|(left, total)| {
+            let done = if total == 0 {
+                100.0
+            } else {
+                100.0 * (total - left) as f64 / total as f64
+            };
+            json!({"blocks_left": left, "blocks_total": total, "percent": done})
+        });
+        json!({
+            "resource": self.replica.config().resource,
+            "protocol": self.protocol,
+            "size": self.replica.config().size,
+            "role": format!("{:?}", s.role),
+            "disk": format!("{:?}", s.disk),
+            "repl": format!("{:?}", s.repl),
+            "peer_role": s.peer_role.map(|r| format!("{r:?}")),
+            "peer_disk": s.peer_disk.map(|d| format!("{d:?}")),
+            "current_gen": s.current_gen,
+            "out_of_sync_bytes": s.dirty_blocks.saturating_mul(BLOCK),
+            "resync": resync,
+            "want_connection": s.want_connection,
+            "connected": self.current.is_some(),
+            "last_refusal": s.last_refusal,
+            "last_connection_error": conn.and_then(|c| c.last_error).or_else(|| self.last_conn_error.clone()),
+            "last_auth_error": self.link.last_auth_error(),
+            "requests_in_flight": s.requests_in_flight,
+            "peer_unacked": s.peer_unacked,
+            "events": self.events,
+        })
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        // `up` means attach and connect, as in DRBD.
+        self.next_tag += 1;
+        self.feed(Event::Admin {
+            tag: 0,
+            cmd: AdminCmd::Connect,
+        });
+        // Set by Shutdown: answer, and the deadline for the peer to ack what it was sent.
+        let mut draining: Option<(oneshot::Sender<Result<(), String>>, tokio::time::Instant)> =
+            None;
+        loop {
+            if let Some((_, deadline)) = &draining {
+                let s = self.replica.status();
+                let expired = tokio::time::Instant::now() >= *deadline;
+                if s.peer_unacked == 0 || self.current.is_none() || expired {
+                    if expired {
+                        warn!(
+                            unacked = s.peer_unacked,
+                            "the peer did not ack everything in time; it resyncs on reconnect"
+                        );
+                    }
+                    if let Some((reply, _)) = draining.take() {
+                        let r = self.shutdown().await;
+                        let _ = reply.send(r);
+                    }
+                    return;
+                }
+            } else {
+                self.sync_connector();
+            }
+            let input = tokio::select! {
+                i = rx.recv() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if draining.is_some() => continue,
+                Some(conn) = next_conn(&mut self.connector) => {
+                    self.connected(conn);
+                    continue;
+                }
+            };
+            match input {
+                Input::Client { op, reply } => self.client(op, reply),
+                Input::DiskDone { io, result } => self.feed(Event::DiskDone { io, result }),
+                Input::Peer { conn, msg } => self.feed(Event::Peer { conn, msg }),
+                Input::ConnDown { conn, reason } => {
+                    if self.current.as_ref().is_some_and(|c| c.id == conn) {
+                        self.current = None;
+                        info!(conn, "peer connection lost: {reason}");
+                        self.last_conn_error = Some(reason.clone());
+                    }
+                    self.feed(Event::ConnectionDown { conn, reason });
+                }
+                Input::Timer(kind) => self.feed(Event::Timer(kind)),
+                Input::Retry => {
+                    self.retry_pending = false;
+                    if !self.user_disconnected && !self.replica.status().want_connection {
+                        self.feed(Event::Admin {
+                            tag: 0,
+                            cmd: AdminCmd::Connect,
+                        });
+                    }
+                }
+                Input::Admin { cmd, reply } => {
+                    let tag = self.next_tag;
+                    self.next_tag += 1;
+                    self.admins.insert(tag, reply);
+                    match cmd {
+                        AdminCmd::Disconnect => self.user_disconnected = true,
+                        AdminCmd::Connect => self.user_disconnected = false,
+                        _ => {}
+                    }
+                    let promote = matches!(cmd, AdminCmd::Promote { .. });
+                    self.feed(Event::Admin { tag, cmd });
+                    // A connection refused because neither side had good data (the usual
+                    // state before the first `primary --force`) is worth retrying now.
+                    let s = self.replica.status();
+                    if promote
+                        && s.role == crate::core::Role::Primary
+                        && !s.want_connection
+                        && !self.user_disconnected
+                    {
+                        self.feed(Event::Admin {
+                            tag: 0,
+                            cmd: AdminCmd::Connect,
+                        });
+                    }
+                }
+                Input::Status { reply } => {
+                    let _ = reply.send(self.status_json());
+                }
+                Input::Shutdown { reply } => {
+                    // Stop reconnecting, but let the current connection deliver what it was
+                    // sent (async mode: writes completed locally but not yet on the peer).
+                    self.connector = None;
+                    draining = Some((reply, tokio::time::Instant::now() + SHUTDOWN_DRAIN));
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> Result<(), String> {
+        self.connector = None;
+        let flushed = self.disk.flush().await.map_err(|e| e.to_string());
+        let saved =
+            meta_file::save(&self.meta_path, &self.replica.meta()).map_err(|e| e.to_string());
+        if let Some(c) = self.current.take() {
+            c.close("the peer is shutting down (twinblk down)");
+        }
+        self.link.close("shutting down");
+        flushed.and(saved)
+    }
+}
+
+async fn next_conn(c: &mut Option<Connector>) -> Option<PeerConn> {
+    match c {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,107 @@
+//! The connection pump: per connection, one task per outgoing stream (so the event loop never
+//! waits for QUIC flow control and each stream keeps its order) and one task decoding incoming
+//! frames into `Input::Peer`, ending with `Input::ConnDown` and the reason.
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::Input;
+use crate::core::PeerMsg;
+use crate::net::{close_code, ConnHandle, FrameSender, PeerConn};
+use crate::wire::{self, Stream};
+
+/// The current connection as the event loop sees it.
+pub(super) struct Current {
+    pub id: u64,
+    control: mpsc::UnboundedSender<Bytes>,
+    data: Vec<mpsc::UnboundedSender<Bytes>>,
+    handle: ConnHandle,
+}
+
+fn forward(sender: FrameSender) -> mpsc::UnboundedSender<Bytes> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if let Err(e) = sender.send(frame).await {
+                debug!("peer stream closed: {e}");
+                return;
+            }
+        }
+    });
+    tx
+}
+
+impl Current {
+    /// Take over `conn` as connection `id`: start its senders and its receive pump.
+    pub fn start(id: u64, conn: PeerConn, events: mpsc::UnboundedSender<Input>) -> Current {
+        let PeerConn {
+            control,
+            data,
+            mut rx,
+            handle,
+            ..
+        } = conn;
+        let current = Current {
+            id,
+            control: forward(control),
+            data: data.into_iter().map(forward).collect(),
+            handle: handle.clone(),
+        };
+        tokio::spawn(async move {
+            let mut reason = None;
+            while let Some(frame) = rx.recv().await {
+                match wire::decode(&frame.bytes) {
+                    Ok(Some((msg, _))) => {
+                        if events.send(Input::Peer { conn: id, msg }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        reason = Some("the peer sent a truncated message".to_owned());
+                        break;
+                    }
+                    Err(e) => {
+                        reason = Some(format!("the peer sent a message we cannot decode: {e}"));
+                        break;
+                    }
+                }
+            }
+            let reason = match reason {
+                Some(r) => {
+                    warn!(conn = id, "closing the connection: {r}");
+                    handle.disconnect(close_code::PROTOCOL, &r);
+                    r
+                }
+                None => handle.closed().await.to_string(),
+            };
+            let _ = events.send(Input::ConnDown { conn: id, reason });
+        });
+        current
+    }
+
+    /// Queue `msg` on the stream it belongs to. Errors mean the connection is going away; its
+    /// loss is reported by the pump.
+    pub fn send(&self, msg: &PeerMsg) {
+        let frame = match wire::encode(msg) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("cannot encode a peer message: {e}");
+                return;
+            }
+        };
+        let tx = match msg.stream() {
+            Stream::Control => &self.control,
+            Stream::Data => {
+                let n = self.data.len().max(1) as u64;
+                let i = msg.seq().unwrap_or(0) % n;
+                self.data.get(i as usize).unwrap_or(&self.control)
+            }
+        };
+        let _ = tx.send(frame);
+    }
+
+    pub fn close(&self, reason: &str) {
+        self.handle.disconnect(close_code::DISCONNECT, reason);
+    }
+}

@@ -10,8 +10,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::addr::ListenAddr;
+use crate::backend::Backend;
 use crate::disk::{Disk, DiskError, DiskOptions};
 use crate::nbd::server::{run_connection, Connections, Server};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -203,12 +205,31 @@ async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
 
+    serve_until(listener, server, async {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+        }
+    })
+    .await;
+    disk.flush().await.map_err(ServeError::Flush)?;
+    info!("disk flushed; exiting");
+    Ok(())
+}
+
+/// Serve NBD connections from `listener` until `stop` completes; then stop accepting, let every
+/// connection finish the requests it has read (each gets its answer), and wait for them.
+pub(crate) async fn serve_until<B: Backend>(
+    listener: Listener,
+    server: Arc<Server<B>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = Connections::new();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = &mut stop => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = accept(&listener) => match r {
                 Ok(Accepted::Unix(s)) => {
@@ -231,18 +252,14 @@ async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     drop(listener);
     let _ = stop_tx.send(true);
     while conns.join_next().await.is_some() {}
-    drop(server);
-    disk.flush().await.map_err(ServeError::Flush)?;
-    info!("disk flushed; exiting");
-    Ok(())
 }
 
-pub(crate) enum Accepted {
+enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
 }
 
-pub(crate) async fn accept(l: &Listener) -> io::Result<Accepted> {
+async fn accept(l: &Listener) -> io::Result<Accepted> {
     match l {
         Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),

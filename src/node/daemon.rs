@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::admin::Admin;
 use super::{meta_file, Input, Node, Replicated};
@@ -17,9 +17,9 @@ use crate::config::{Config, ConfigError, Protocol};
 use crate::control::{self, ControlError};
 use crate::core::{self, Replica};
 use crate::disk::{Disk, DiskError, DiskOptions};
-use crate::nbd::server::{run_connection, Connections, Server};
+use crate::nbd::server::Server;
 use crate::net::{LinkConfig, NetError, PeerLink};
-use crate::serve::{accept, bind, Accepted, Listener, ServeError};
+use crate::serve::{bind, Listener, ServeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -141,36 +141,15 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut conns = Connections::new();
-    loop {
+    crate::serve::serve_until(listener, server, async {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = down_rx.wait_for(|d| *d) => { info!("twinblk down: shutting down"); break; }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = accept(&listener) => match r {
-                Ok(Accepted::Unix(s)) => {
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(run_connection(server.clone(), rd, wr, "unix".into(), stop_rx.clone()));
-                }
-                Ok(Accepted::Tcp(s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(run_connection(server.clone(), rd, wr, peer.to_string(), stop_rx.clone()));
-                }
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+            _ = down_rx.wait_for(|d| *d) => info!("twinblk down: shutting down"),
         }
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    // Every accepted request gets its answer before the loop stops.
-    while conns.join_next().await.is_some() {}
-    drop(server);
+    })
+    .await;
+    // Every accepted request got its answer before serve_until returned.
     let (reply, done) = oneshot::channel();
     let result = if tx.send(Input::Shutdown { reply }).is_ok() {
         done.await

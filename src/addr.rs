@@ -52,6 +52,33 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Why a unix socket path cannot be taken over.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SocketBusy {
+    /// A live server answers on it.
+    InUse,
+    /// The path exists and is not a socket: never delete someone's file.
+    NotASocket,
+}
+
+/// Prepare `path` for binding a unix socket: remove a socket file left by a dead server, refuse
+/// when a live one answers there or when the path is something else.
+pub fn clear_stale_socket(path: &std::path::Path) -> Result<(), SocketBusy> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketBusy::NotASocket);
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(SocketBusy::InUse);
+    }
+    tracing::info!("removing stale socket {}", path.display());
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

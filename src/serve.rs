@@ -1,15 +1,14 @@
 //! `twinblk serve`: export one disk over NBD until SIGINT/SIGTERM.
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::addr::ListenAddr;
+use crate::addr::{clear_stale_socket, ListenAddr, SocketBusy};
 use crate::backend::Backend;
 use crate::disk::{Disk, DiskError, DiskOptions};
 use crate::nbd::server::{run_connection, Connections, Server};
@@ -69,26 +68,6 @@ impl Drop for Listener {
     }
 }
 
-/// Remove a socket file left by a dead server; refuse if a live one answers there.
-fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServeError::NotASocket {
-            path: path.to_owned(),
-        });
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(ServeError::SocketInUse {
-            path: path.to_owned(),
-        });
-    }
-    info!("removing stale socket {}", path.display());
-    let _ = std::fs::remove_file(path);
-    Ok(())
-}
-
 pub(crate) async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
     let err = |source| ServeError::Listen {
         addr: addr.clone(),
@@ -96,7 +75,10 @@ pub(crate) async fn bind(addr: &ListenAddr) -> Result<Listener, ServeError> {
     };
     match addr {
         ListenAddr::Unix(path) => {
-            clear_stale_socket(path)?;
+            clear_stale_socket(path).map_err(|busy| match busy {
+                SocketBusy::InUse => ServeError::SocketInUse { path: path.clone() },
+                SocketBusy::NotASocket => ServeError::NotASocket { path: path.clone() },
+            })?;
             let l = UnixListener::bind(path).map_err(err)?;
             Ok(Listener::Unix(l, path.clone()))
         }

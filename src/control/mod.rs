@@ -89,15 +89,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         path: path.to_owned(),
         source,
     };
-    if path.exists() {
-        match StdUnixStream::connect(path) {
-            Ok(_) => {
-                return Err(ControlError::InUse {
-                    path: path.to_owned(),
-                })
-            }
-            // Nobody answers: a previous daemon died without cleaning up.
-            Err(_) => std::fs::remove_file(path).map_err(io)?,
+    match crate::addr::clear_stale_socket(path) {
+        Ok(()) => {}
+        Err(crate::addr::SocketBusy::InUse) => {
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            })
+        }
+        Err(crate::addr::SocketBusy::NotASocket) => {
+            return Err(ControlError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other("exists and is not a socket; refusing to replace it"),
+            })
         }
     }
     if let Some(dir) = path.parent() {

@@ -140,7 +140,9 @@ fn ext4_on_loop_on_nbdfuse_on_twinblk() {
         expected.push(body);
     }
     // ...and fio with O_DIRECT and verification inside the file system.
+    // fio leaves a verify-state file in its working directory: keep it in the test's directory.
     run(Command::new(&fio)
+        .current_dir(dir.path())
         .args([
             "--name=verify",
             "--rw=randwrite",

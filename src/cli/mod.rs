@@ -97,6 +97,7 @@ enum Cache {
 enum Engine {
     Uring,
     Threads,
+    UringInline,
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -132,6 +133,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             engine: match a.engine {
                 Engine::Uring => EngineKind::Uring,
                 Engine::Threads => EngineKind::Threads,
+                Engine::UringInline => EngineKind::UringInline,
             },
         },
         threads: a.threads,

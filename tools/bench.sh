@@ -66,6 +66,8 @@ start_server() {
             qemu-nbd -f raw --cache=none --aio=io_uring -t -k "$sock" "$file" & ;;
         twinblk)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring --log-level warn >/dev/null & ;;
+        twinblk-inline)
+            "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring-inline --log-level warn >/dev/null & ;;
         twinblk-threads)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine threads --log-level warn >/dev/null & ;;
         twinblk-sync|twinblk-async)

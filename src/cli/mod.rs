@@ -183,6 +183,7 @@ enum Cache {
 enum Engine {
     Uring,
     Threads,
+    UringInline,
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -218,6 +219,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             engine: match a.engine {
                 Engine::Uring => EngineKind::Uring,
                 Engine::Threads => EngineKind::Threads,
+                Engine::UringInline => EngineKind::UringInline,
             },
         },
         threads: a.threads,

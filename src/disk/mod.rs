@@ -21,6 +21,7 @@ mod lock;
 mod op;
 mod threads;
 mod uring;
+mod uring_inline;
 
 #[cfg(test)]
 mod tests;
@@ -58,6 +59,10 @@ pub enum EngineKind {
     /// A pool of threads doing blocking syscalls.
     #[default]
     Threads,
+    /// io_uring submitted from the calling task and reaped by a task on the runtime that opened
+    /// the disk: no thread hop per I/O. Needs a tokio runtime (with I/O) at `Disk::open`; falls
+    /// back to `Uring` without one.
+    UringInline,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -119,6 +124,7 @@ impl DiskError {
 enum Engine {
     Uring(uring::Uring),
     Threads(threads::Threads),
+    UringInline(uring_inline::UringInline),
 }
 
 impl Engine {
@@ -126,6 +132,7 @@ impl Engine {
         match self {
             Engine::Uring(u) => u.submit(op),
             Engine::Threads(t) => t.submit(op),
+            Engine::UringInline(u) => u.submit(op),
         }
     }
 }
@@ -197,17 +204,20 @@ impl Disk {
         }
         let file = Arc::new(b.file);
         let (engine, engine_kind) = match opts.engine {
-            EngineKind::Uring => match uring::Uring::new(file.clone(), b.is_block_device) {
-                Ok(u) => (Engine::Uring(u), EngineKind::Uring),
-                Err(e) => {
-                    tracing::warn!(
-                        path = %path.display(),
-                        "io_uring unavailable ({e}); using the thread-pool disk engine"
-                    );
-                    (threads_engine(path, &file)?, EngineKind::Threads)
-                }
-            },
+            EngineKind::Uring => uring_engine(path, &file, b.is_block_device)?,
             EngineKind::Threads => (threads_engine(path, &file)?, EngineKind::Threads),
+            EngineKind::UringInline => {
+                match uring_inline::UringInline::new(file.clone(), b.is_block_device) {
+                    Ok(u) => (Engine::UringInline(u), EngineKind::UringInline),
+                    Err(e) => {
+                        tracing::debug!(
+                            path = %path.display(),
+                            "inline io_uring unavailable ({e}); trying io_uring on its own thread"
+                        );
+                        uring_engine(path, &file, b.is_block_device)?
+                    }
+                }
+            }
         };
         let io_align = u64::from(b.io_align);
         let zero_align = if b.is_block_device {
@@ -527,6 +537,24 @@ impl Disk {
             offset,
             len,
             source,
+        }
+    }
+}
+
+/// The threaded io_uring engine, or the thread pool if io_uring is unavailable.
+fn uring_engine(
+    path: &Path,
+    file: &Arc<std::fs::File>,
+    is_block_device: bool,
+) -> Result<(Engine, EngineKind), DiskError> {
+    match uring::Uring::new(file.clone(), is_block_device) {
+        Ok(u) => Ok((Engine::Uring(u), EngineKind::Uring)),
+        Err(e) => {
+            tracing::warn!(
+                path = %path.display(),
+                "io_uring unavailable ({e}); using the thread-pool disk engine"
+            );
+            Ok((threads_engine(path, file)?, EngineKind::Threads))
         }
     }
 }

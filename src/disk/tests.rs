@@ -29,8 +29,33 @@ fn opts(engine: EngineKind, size: u64) -> DiskOptions {
     }
 }
 
+/// A long-lived runtime for the inline engine's completion reaper: the tests open disks outside
+/// any runtime and drive them from short-lived ones, so the reaper must live elsewhere (which also
+/// checks that callers on other runtimes are completed correctly).
+fn reaper_rt() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+/// `Disk::open` inside the reaper runtime's context.
+fn open_disk(path: &Path, o: &DiskOptions) -> Result<Disk, DiskError> {
+    let _g = reaper_rt().enter();
+    Disk::open(path, o)
+}
+
+fn open_disk_align(path: &Path, o: &DiskOptions, align: Option<u32>) -> Result<Disk, DiskError> {
+    let _g = reaper_rt().enter();
+    Disk::open_with_align(path, o, align)
+}
+
 fn open(path: &Path, engine: EngineKind, size: u64) -> Disk {
-    let d = Disk::open(path, &opts(engine, size)).expect("open disk");
+    let d = open_disk(path, &opts(engine, size)).expect("open disk");
     assert_eq!(d.engine(), engine, "engine fell back");
     d
 }
@@ -126,7 +151,7 @@ fn unaligned_matches_model(engine: EngineKind) {
     for align in [None, Some(4096)] {
         let f = tmpfile();
         let size = 256 * 1024u64;
-        let d = Disk::open_with_align(f.path(), &opts(engine, size), align).unwrap();
+        let d = open_disk_align(f.path(), &opts(engine, size), align).unwrap();
         let mut model = vec![0u8; size as usize];
         let mut rng = pattern(align.unwrap_or(1) as u64, 4096 * 4);
         let mut next = move || {
@@ -157,7 +182,7 @@ fn unaligned_matches_model(engine: EngineKind) {
 /// read-modify-write of the whole block, so without the range lock updates get lost.
 fn concurrent_rmw_same_block(engine: EngineKind) {
     let f = tmpfile();
-    let d = Disk::open_with_align(f.path(), &opts(engine, 1 << 20), Some(4096)).unwrap();
+    let d = open_disk_align(f.path(), &opts(engine, 1 << 20), Some(4096)).unwrap();
     let rt = rt();
     for round in 0..20u64 {
         let block = (round % 4) * 4096;
@@ -284,7 +309,7 @@ fn read_only_refuses_writes(engine: EngineKind) {
         read_only: true,
         ..Default::default()
     };
-    let d = Disk::open(f.path(), &o).unwrap();
+    let d = open_disk(f.path(), &o).unwrap();
     assert!(d.read_only());
     rt().block_on(async {
         for e in [
@@ -355,7 +380,7 @@ fn block_device(engine: EngineKind, sector: u32) {
         engine,
         ..Default::default()
     };
-    let d = Disk::open(&lo.dev, &o).unwrap();
+    let d = open_disk(&lo.dev, &o).unwrap();
     assert!(d.is_block_device());
     assert_eq!(d.size(), 8 << 20);
     assert_eq!(d.block_size(), sector);
@@ -382,7 +407,7 @@ fn block_device(engine: EngineKind, sector: u32) {
         size: Some(4 << 20),
         ..Default::default()
     };
-    assert!(Disk::open(&lo.dev, &bad).is_err());
+    assert!(open_disk(&lo.dev, &bad).is_err());
 }
 
 /// ENOSPC on a 1 MiB tmpfs (O_DIRECT works on tmpfs since Linux 6.6; buffered otherwise).
@@ -414,11 +439,11 @@ fn enospc_maps_to_enospc(engine: EngineKind) {
     let _um = Umount(dir.path().to_owned());
     let path = dir.path().join("disk.img");
     let mut o = opts(engine, 8 << 20);
-    let d = match Disk::open(&path, &o) {
+    let d = match open_disk(&path, &o) {
         Ok(d) => d,
         Err(_) => {
             o.cache = CacheMode::Writeback;
-            Disk::open(&path, &o).unwrap()
+            open_disk(&path, &o).unwrap()
         }
     };
     rt().block_on(async {
@@ -437,7 +462,7 @@ fn writeback_mode(engine: EngineKind) {
         size: Some(100_000), // no alignment needed without O_DIRECT
         ..Default::default()
     };
-    let d = Disk::open(f.path(), &o).unwrap();
+    let d = open_disk(f.path(), &o).unwrap();
     assert_eq!(d.size(), 100_000);
     rt().block_on(async {
         let data = pattern(11, 777);
@@ -450,7 +475,7 @@ fn writeback_mode(engine: EngineKind) {
     });
 }
 
-macro_rules! for_both_engines {
+macro_rules! for_each_engine {
     ($($name:ident),* $(,)?) => {
         mod uring_engine {
             $( #[test] fn $name() { super::$name(super::EngineKind::Uring) } )*
@@ -458,10 +483,13 @@ macro_rules! for_both_engines {
         mod threads_engine {
             $( #[test] fn $name() { super::$name(super::EngineKind::Threads) } )*
         }
+        mod uring_inline_engine {
+            $( #[test] fn $name() { super::$name(super::EngineKind::UringInline) } )*
+        }
     };
 }
 
-for_both_engines!(
+for_each_engine!(
     aligned_round_trip,
     unaligned_matches_model,
     concurrent_rmw_same_block,
@@ -582,14 +610,34 @@ fn default_engine_is_usable() {
 }
 
 #[test]
+fn inline_without_runtime_falls_back_to_uring() {
+    let f = tmpfile();
+    let d = Disk::open(f.path(), &opts(EngineKind::UringInline, 1 << 20)).unwrap();
+    assert_eq!(d.engine(), EngineKind::Uring);
+    rt().block_on(async {
+        d.write(0, buf(&d, &pattern(13, 4096)), false)
+            .await
+            .unwrap();
+        assert_eq!(&d.read(0, 4096).await.unwrap()[..], &pattern(13, 4096)[..]);
+    });
+}
+
+#[test]
 fn current_thread_runtime_works() {
     let f = tmpfile();
-    for engine in [EngineKind::Uring, EngineKind::Threads] {
-        let d = open(f.path(), engine, 1 << 20);
+    for engine in [
+        EngineKind::Uring,
+        EngineKind::Threads,
+        EngineKind::UringInline,
+    ] {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
+            // Opened on this runtime: the inline engine's reaper runs on the same thread.
+            let d = Disk::open(f.path(), &opts(engine, 1 << 20)).expect("open disk");
+            assert_eq!(d.engine(), engine, "engine fell back");
             let data = pattern(12, 4096);
             let mut set = tokio::task::JoinSet::new();
             for i in 0..64u64 {

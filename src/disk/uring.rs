@@ -17,9 +17,9 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use super::op::{Op, OpKind};
 use super::threads::Threads;
 
-const RING_ENTRIES: u32 = 256;
+pub(super) const RING_ENTRIES: u32 = 256;
 /// Ops in the kernel at once; the CQ (twice the SQ) can then never overflow.
-const MAX_INFLIGHT: usize = RING_ENTRIES as usize;
+pub(super) const MAX_INFLIGHT: usize = RING_ENTRIES as usize;
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Largest byte count one SQE moves; a longer transfer continues as a short one would.
 const MAX_CHUNK: usize = 1 << 30;
@@ -147,6 +147,11 @@ fn setup_ring(file: &File) -> io::Result<IoUring> {
         // Kernels before 6.1: plain ring.
         Err(_) => IoUring::builder().build(RING_ENTRIES)?,
     };
+    check_and_register(ring, file)
+}
+
+/// Checks the opcodes we need and registers the file as fixed file 0.
+pub(super) fn check_and_register(ring: IoUring, file: &File) -> io::Result<IoUring> {
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for code in [
@@ -167,10 +172,10 @@ fn setup_ring(file: &File) -> io::Result<IoUring> {
     Ok(ring)
 }
 
-struct InFlight {
-    op: Op,
+pub(super) struct InFlight {
+    pub(super) op: Op,
     /// Bytes already transferred (read/write), for resuming short transfers.
-    done: usize,
+    pub(super) done: usize,
 }
 
 struct RingThread {
@@ -307,33 +312,7 @@ impl RingThread {
             let Some(mut f) = self.slots.get_mut(slot).and_then(|s| s.take()) else {
                 continue;
             };
-            let outcome = if res < 0 {
-                let errno = -res;
-                if errno == libc::EAGAIN || errno == libc::EINTR {
-                    None
-                } else {
-                    Some(Err(io::Error::from_raw_os_error(errno)))
-                }
-            } else {
-                match &f.op.kind {
-                    OpKind::Read { buf, .. } | OpKind::Write { buf, .. } => {
-                        let n = res as usize;
-                        f.done += n;
-                        if f.done >= buf.len() {
-                            Some(Ok(()))
-                        } else if n == 0 {
-                            Some(Err(if matches!(f.op.kind, OpKind::Read { .. }) {
-                                io::ErrorKind::UnexpectedEof.into()
-                            } else {
-                                io::ErrorKind::WriteZero.into()
-                            }))
-                        } else {
-                            None
-                        }
-                    }
-                    _ => Some(Ok(())),
-                }
-            };
+            let outcome = outcome(&mut f, res);
             match outcome {
                 Some(r) => {
                     f.op.complete(r);
@@ -364,8 +343,39 @@ impl RingThread {
     }
 }
 
+/// What a CQE result means for its op: `Some` when finished (success or error), `None` when the
+/// rest must be resubmitted (a short transfer, EAGAIN or EINTR).
+pub(super) fn outcome(f: &mut InFlight, res: i32) -> Option<io::Result<()>> {
+    if res < 0 {
+        let errno = -res;
+        return if errno == libc::EAGAIN || errno == libc::EINTR {
+            None
+        } else {
+            Some(Err(io::Error::from_raw_os_error(errno)))
+        };
+    }
+    match &f.op.kind {
+        OpKind::Read { buf, .. } | OpKind::Write { buf, .. } => {
+            let n = res as usize;
+            f.done += n;
+            if f.done >= buf.len() {
+                Some(Ok(()))
+            } else if n == 0 {
+                Some(Err(if matches!(f.op.kind, OpKind::Read { .. }) {
+                    io::ErrorKind::UnexpectedEof.into()
+                } else {
+                    io::ErrorKind::WriteZero.into()
+                }))
+            } else {
+                None
+            }
+        }
+        _ => Some(Ok(())),
+    }
+}
+
 /// The SQE for (the rest of) an op.
-fn sqe(f: &InFlight) -> squeue::Entry {
+pub(super) fn sqe(f: &InFlight) -> squeue::Entry {
     let fd = types::Fixed(0);
     match &f.op.kind {
         OpKind::Read { offset, buf } => {

@@ -184,11 +184,18 @@ if [[ " $STAGES " == *" nbd "* ]]; then
     note "host NBD server: $NBD_SERVER on port $NBD_PORT"
 fi
 
+# The guest sees the host's / but has its own tmpfs /tmp and /run: a checkout under /tmp (as CI's
+# may be) would be invisible there, so the guest runs copies kept in the run directory.
+mkdir -p "$RUN/bin"
+cp "$TWINBLK" "$RUN/bin/twinblk"
+GUEST_TWINBLK="$RUN/bin/twinblk" GUEST_UBLK_EXAMPLE=""
+if [ -x "$UBLK_EXAMPLE" ]; then cp "$UBLK_EXAMPLE" "$RUN/bin/ublk_file"; GUEST_UBLK_EXAMPLE="$RUN/bin/ublk_file"; fi
+
 cat >"$RUN/env" <<ENV
 STAGES="$STAGES"
 UBLK_SERVER=$UBLK_SERVER
-TWINBLK="$TWINBLK"
-UBLK_EXAMPLE="$UBLK_EXAMPLE"
+TWINBLK="$GUEST_TWINBLK"
+UBLK_EXAMPLE="$GUEST_UBLK_EXAMPLE"
 NBD_CLIENT="$NBD_CLIENT"
 NBD_PORT=$NBD_PORT
 FIO_RUNTIME=$FIO_RUNTIME

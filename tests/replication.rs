@@ -35,6 +35,8 @@ struct Pair {
     /// Each node's resource file (normally the same file; test (c) gives beta another identity).
     configs: [PathBuf; 2],
     children: [Option<Child>; 2],
+    /// `create-md` ran for this node.
+    created: [bool; 2],
 }
 
 const NAMES: [&str; 2] = ["alpha", "beta"];
@@ -86,6 +88,7 @@ impl Pair {
             dir,
             configs,
             children: [None, None],
+            created: [false, false],
         };
         for i in 0..2 {
             p.start(i);
@@ -94,6 +97,11 @@ impl Pair {
     }
 
     fn start(&mut self, i: usize) {
+        if !self.created[i] {
+            let o = self.cli(i, &["create-md"]);
+            assert!(o.status.success(), "create-md: {o:?}");
+            self.created[i] = true;
+        }
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", NAMES[i]))).unwrap();
         let child = Command::new(bin())
             .args(["up", "r0", "--config"])

@@ -31,6 +31,14 @@ enum Command {
     Serve(ServeArgs),
     /// Generate this node's QUIC/TLS identity (NAME.key, NAME.crt) and print its SHA-256 pin.
     Keygen(KeygenArgs),
+    /// Create this node's metadata for a resource (once, before the first `up`).
+    CreateMd {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Replace existing metadata (this node then needs a full resync).
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a resource on this node in the foreground (replication, NBD, admin socket) until
     /// SIGINT/SIGTERM or `twinblk down`.
     Up(ResArgs),
@@ -228,6 +236,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn create_md(a: ResArgs, force: bool) -> anyhow::Result<()> {
+    let (_, node) = a.load()?;
+    let path = crate::node::daemon::create_md(&a.config_path(), &node, force)?;
+    println!("{}: metadata created at {}", a.resource, path.display());
+    Ok(())
+}
+
 fn up(a: ResArgs) -> anyhow::Result<()> {
     let (_, node) = a.load()?;
     crate::node::daemon::run(&a.config_path(), &node)?;
@@ -363,6 +378,7 @@ pub fn main() -> ExitCode {
     let r = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Keygen(a) => keygen(a),
+        Command::CreateMd { res, force } => create_md(res, force),
         Command::Up(a) => up(a),
         Command::Primary { res, force } => admin(&res, Request::Primary { force }),
         Command::Secondary(res) => admin(&res, Request::Secondary),

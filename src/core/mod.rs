@@ -120,6 +120,11 @@ pub struct Config {
     pub resync_window: usize,
     /// How long a handshake may take before the connection is closed, in nanoseconds.
     pub handshake_timeout: u64,
+    /// Bytes per bitmap bit (set at `create-md`).
+    pub bitmap_block: u64,
+    /// Activity-log size in extents of [`AL_EXTENT`] bytes: a crashed Primary resyncs at most
+    /// this many extents.
+    pub al_extents: usize,
     #[doc(hidden)]
     pub bug: InjectedBug,
 }
@@ -135,17 +140,23 @@ impl Config {
             resync_chunk: 256 << 10,
             resync_window: 8,
             handshake_timeout: 10_000_000_000,
+            bitmap_block: BLOCK,
+            al_extents: 1024,
             bug: InjectedBug::None,
         }
     }
 }
 
 /// What the driver persists for the core ([`Action::SaveMeta`]) and hands back to
-/// [`Replica::new`] after a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// [`Replica::new`] after a restart. meta/ stores it in the superblock (serialized with postcard,
+/// so a new field needs a new metadata format version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
     pub current_gen: u64,
     pub bitmap_gen: Option<u64>,
+    /// The generations before `bitmap_gen`, newest first (DRBD's history ids; 0 = none): they
+    /// let a handshake recognise a peer that is a generation or two behind.
+    pub history: [u64; 2],
     pub disk: DiskState,
     /// The node was Primary when this was saved: after a restart it counts as a crashed primary.
     pub primary: bool,
@@ -157,10 +168,25 @@ impl Meta {
         Meta {
             current_gen: 0,
             bitmap_gen: None,
+            history: [0; 2],
             disk: DiskState::Inconsistent,
             primary: false,
         }
     }
+}
+
+/// Bytes covered by one activity-log extent.
+pub const AL_EXTENT: u64 = 4 << 20;
+
+/// Everything the metadata area holds, handed to [`Replica::restore`] after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub meta: Meta,
+    /// The on-disk bitmap as [`Bitmap`] words: bit `i` of word `w` is block `64 * w + i`
+    /// (blocks of [`Config::bitmap_block`] bytes). Shorter than needed = the rest is clean.
+    pub bitmap: Vec<u64>,
+    /// Extent numbers (of [`AL_EXTENT`] bytes) named by the last activity-log transaction.
+    pub activity_log: Vec<u64>,
 }
 
 /// Replication (connection) state, DRBD vocabulary.
@@ -324,6 +350,18 @@ pub enum Action {
     },
     Emit(StateChange),
     SaveMeta(Meta),
+    /// Persist bitmap words `[first_word, first_word + words.len())` (same layout as
+    /// [`Restored::bitmap`]). Durable before any later action of the batch runs.
+    SaveBitmap {
+        first_word: u64,
+        words: Vec<u64>,
+    },
+    /// Persist the activity log: the complete set of extents that may hold writes the peer has
+    /// not acked. Durable before any later action of the batch runs (a write to an extent
+    /// follows the transaction that names it).
+    SaveActivityLog {
+        extents: Vec<u64>,
+    },
     /// Close connection `conn` (the core already treats it as gone).
     CloseConnection {
         conn: u64,
@@ -487,9 +525,17 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// A replica restarted from its whole metadata area. For now only `meta` is used: the
+    /// persisted bitmap and activity log are ignored, so a restart still means a full resync.
+    // TODO(failover-core): load the bitmap, OR the activity log's extents into it after a
+    // crashed Primary, and trust it (`bitmap_known`).
+    pub fn restore(cfg: Config, restored: Restored) -> Replica {
+        Replica::new(cfg, restored.meta)
+    }
+
     /// A replica starting as Secondary, not connected, from persisted `meta`.
     pub fn new(cfg: Config, meta: Meta) -> Replica {
-        let bitmap = Bitmap::new(cfg.size, BLOCK);
+        let bitmap = Bitmap::new(cfg.size, cfg.bitmap_block);
         Replica {
             role: Role::Secondary,
             disk: meta.disk,
@@ -528,6 +574,7 @@ impl Replica {
         Meta {
             current_gen: self.current_gen,
             bitmap_gen: self.bitmap_gen,
+            history: [0; 2],
             disk: self.disk,
             primary: self.role == Role::Primary,
         }

@@ -10,6 +10,7 @@ fn synced_meta() -> Meta {
     Meta {
         current_gen: 0x10001,
         bitmap_gen: None,
+        history: [0; 2],
         disk: DiskState::UpToDate,
         primary: false,
     }

@@ -41,6 +41,15 @@ pub enum UpError {
     Shutdown(String),
 }
 
+/// `twinblk create-md`: write fresh metadata for node `node` of the resource in `config`.
+pub fn create_md(config: &Path, node: &str, force: bool) -> Result<std::path::PathBuf, UpError> {
+    let cfg = Config::load(config)?;
+    let me = cfg.node_named(node)?;
+    let path = meta_file::path_for(&me.disk);
+    meta_file::create(&path, force)?;
+    Ok(path)
+}
+
 /// Run node `node` of the resource in `config` in the foreground.
 pub fn run(config: &Path, node: &str) -> Result<(), UpError> {
     let cfg = Config::load(config)?;
@@ -63,7 +72,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         },
     )?;
     let meta_path = meta_file::path_for(&me.disk);
-    let meta = meta_file::load(&meta_path)?;
+    let meta = meta_file::load(&meta_path, &resource)?;
     // Node ids only need to differ between the two nodes: the resource file sorts them by name.
     let node_id = cfg
         .nodes
@@ -77,7 +86,14 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     };
     let mut ccfg = core::Config::new(&resource, node_id, disk.size(), protocol);
     ccfg.send_buffer = cfg.resource.send_buffer;
-    let replica = Replica::new(ccfg, meta);
+    let replica = Replica::restore(
+        ccfg,
+        core::Restored {
+            meta,
+            bitmap: Vec::new(),
+            activity_log: Vec::new(),
+        },
+    );
     let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
 
     let (tx, rx) = mpsc::unbounded_channel();

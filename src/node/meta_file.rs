@@ -16,6 +16,10 @@ pub enum MetaFileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no metadata at {path}: create it with `twinblk create-md {resource}` (once, before the first `up`)")]
+    Missing { path: PathBuf, resource: String },
+    #[error("metadata already exists at {path}: `twinblk create-md --force` replaces it, and this node forgets which of its data the peer has (a full resync)")]
+    Exists { path: PathBuf },
     #[error("metadata file {path} is corrupt ({detail}); restore it or remove it to start over as Inconsistent (a full resync)")]
     Corrupt { path: PathBuf, detail: String },
 }
@@ -36,11 +40,27 @@ pub fn path_for(disk: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Load the metadata; a missing file means a fresh device.
-pub fn load(path: &Path) -> Result<Meta, MetaFileError> {
+/// Create the metadata of a fresh device (Inconsistent, no generation); refuses to replace an
+/// existing file unless `force`.
+pub fn create(path: &Path, force: bool) -> Result<(), MetaFileError> {
+    if !force && path.exists() {
+        return Err(MetaFileError::Exists {
+            path: path.to_owned(),
+        });
+    }
+    save(path, &Meta::new_device())
+}
+
+/// Load the metadata of `resource`; it must exist (`twinblk create-md`).
+pub fn load(path: &Path, resource: &str) -> Result<Meta, MetaFileError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Meta::new_device()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MetaFileError::Missing {
+                path: path.to_owned(),
+                resource: resource.to_owned(),
+            })
+        }
         Err(source) => {
             return Err(MetaFileError::Io {
                 path: path.to_owned(),
@@ -61,6 +81,7 @@ pub fn load(path: &Path) -> Result<Meta, MetaFileError> {
     Ok(Meta {
         current_gen: d.current_gen,
         bitmap_gen: d.bitmap_gen,
+        history: [0; 2],
         disk: d.disk,
         primary: d.primary,
     })
@@ -107,16 +128,23 @@ mod tests {
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = path_for(&dir.path().join("d.img"));
-        assert_eq!(load(&p).unwrap(), Meta::new_device());
+        assert!(matches!(load(&p, "r0"), Err(MetaFileError::Missing { .. })));
+        create(&p, false).unwrap();
+        assert_eq!(load(&p, "r0").unwrap(), Meta::new_device());
+        assert!(matches!(
+            create(&p, false),
+            Err(MetaFileError::Exists { .. })
+        ));
         let m = Meta {
             current_gen: 7,
             bitmap_gen: Some(3),
+            history: [0; 2],
             disk: DiskState::UpToDate,
             primary: true,
         };
         save(&p, &m).unwrap();
-        assert_eq!(load(&p).unwrap(), m);
+        assert_eq!(load(&p, "r0").unwrap(), m);
         std::fs::write(&p, b"garbage").unwrap();
-        assert!(matches!(load(&p), Err(MetaFileError::Corrupt { .. })));
+        assert!(matches!(load(&p, "r0"), Err(MetaFileError::Corrupt { .. })));
     }
 }

@@ -156,6 +156,9 @@ impl Node {
                     std::process::exit(1);
                 }
             }
+            // TODO(meta): persist through meta/ once the metadata area exists; the core does
+            // not emit these yet.
+            Action::SaveBitmap { .. } | Action::SaveActivityLog { .. } => {}
             Action::CloseConnection { conn, reason }
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {

@@ -453,6 +453,9 @@ impl World {
                 self.log(format!("node {node} {c:?}"))
             }
             Action::SaveMeta(m) => self.nodes[node].meta = m,
+            // TODO(failover-core): keep the persisted bitmap and activity log per node and hand
+            // them to `Replica::restore` at a restart.
+            Action::SaveBitmap { .. } | Action::SaveActivityLog { .. } => {}
             Action::CloseConnection { conn, reason } => {
                 self.log(format!("node {node} closes {conn}: {reason}"));
                 if reason.contains("crc32") {

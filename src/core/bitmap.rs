@@ -1,5 +1,8 @@
 //! The in-memory dirty bitmap: one bit per block (4 KiB by default) of regions the peer may lack.
-//! The next step persists it (meta/); this type stays the in-memory image.
+//! It also remembers which words changed since they were last persisted, so the core can emit
+//! `SaveBitmap` for just those.
+
+use std::collections::BTreeSet;
 
 /// Default bitmap granularity.
 pub const BLOCK: u64 = 4096;
@@ -10,6 +13,8 @@ pub struct Bitmap {
     blocks: u64,
     block_size: u64,
     set: u64,
+    /// Word indices changed since the last [`Bitmap::take_unsaved`].
+    unsaved: BTreeSet<u64>,
 }
 
 impl Bitmap {
@@ -22,7 +27,58 @@ impl Bitmap {
             blocks,
             block_size,
             set: 0,
+            unsaved: BTreeSet::new(),
         }
+    }
+    /// The raw words (bit `i` of word `w` = block `64 * w + i`).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+    /// Loads persisted words (ORed in; words or bits beyond the device are ignored). The loaded
+    /// state counts as saved.
+    pub fn load_words(&mut self, words: &[u64]) {
+        let tail = self.blocks % 64;
+        let last = self.words.len().saturating_sub(1);
+        for (i, (mine, &v)) in self.words.iter_mut().zip(words).enumerate() {
+            let mask = if i == last && tail != 0 {
+                (1u64 << tail) - 1
+            } else {
+                u64::MAX
+            };
+            let new = *mine | (v & mask);
+            self.set += (new.count_ones() - mine.count_ones()) as u64;
+            *mine = new;
+        }
+        self.unsaved.clear();
+    }
+    /// Number of words changed since they were last persisted.
+    pub fn unsaved_count(&self) -> usize {
+        self.unsaved.len()
+    }
+    /// Marks the words covering blocks `range` as needing persistence.
+    pub fn mark_unsaved(&mut self, range: std::ops::Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let last = (range.end - 1).min(self.blocks.saturating_sub(1)) / 64;
+        for w in range.start / 64..=last {
+            self.unsaved.insert(w);
+        }
+    }
+    /// Takes the changed words among `[first_word, end_word)` as contiguous runs
+    /// `(first_word, words)`, and counts them as saved.
+    pub fn take_unsaved(&mut self, first_word: u64, end_word: u64) -> Vec<(u64, Vec<u64>)> {
+        let picked: Vec<u64> = self.unsaved.range(first_word..end_word).copied().collect();
+        let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
+        for w in picked {
+            self.unsaved.remove(&w);
+            let v = self.words.get(w as usize).copied().unwrap_or(0);
+            match runs.last_mut() {
+                Some((f, ws)) if *f + ws.len() as u64 == w => ws.push(v),
+                _ => runs.push((w, vec![v])),
+            }
+        }
+        runs
     }
     pub fn block_size(&self) -> u64 {
         self.block_size
@@ -55,9 +111,11 @@ impl Bitmap {
             if v && !was {
                 *w |= m;
                 self.set += 1;
+                self.unsaved.insert(block / 64);
             } else if !v && was {
                 *w &= !m;
                 self.set -= 1;
+                self.unsaved.insert(block / 64);
             }
         }
     }
@@ -89,7 +147,12 @@ impl Bitmap {
         }
     }
     pub fn clear_all(&mut self) {
-        self.words.iter_mut().for_each(|w| *w = 0);
+        for (i, w) in self.words.iter_mut().enumerate() {
+            if *w != 0 {
+                self.unsaved.insert(i as u64);
+            }
+            *w = 0;
+        }
         self.set = 0;
     }
     /// The first run of set bits starting at or after `from`, at most `max` blocks long:
@@ -150,6 +213,26 @@ mod tests {
         assert_eq!(bm.count(), 301);
         bm.clear_all();
         assert!(bm.is_clean());
+    }
+
+    #[test]
+    fn unsaved_words_come_out_as_runs() {
+        let mut bm = Bitmap::new(64 * 10 * BLOCK, BLOCK);
+        bm.set_bytes(0, BLOCK);
+        bm.set_bytes(64 * BLOCK, BLOCK);
+        bm.set_bytes(5 * 64 * BLOCK, BLOCK);
+        assert_eq!(bm.unsaved_count(), 3);
+        assert_eq!(bm.take_unsaved(1, 10), vec![(1, vec![1]), (5, vec![1])]);
+        assert_eq!(bm.take_unsaved(0, 10), vec![(0, vec![1])]);
+        assert_eq!(bm.unsaved_count(), 0);
+        bm.set_bytes(0, BLOCK); // no change: nothing to save
+        assert_eq!(bm.unsaved_count(), 0);
+        let mut other = Bitmap::new(64 * 10 * BLOCK, BLOCK);
+        other.load_words(bm.words());
+        assert_eq!(other.count(), 3);
+        assert_eq!(other.unsaved_count(), 0);
+        other.load_words(&[u64::MAX; 20]); // longer than the device: ignored, no panic
+        assert_eq!(other.count(), 640);
     }
 
     #[test]

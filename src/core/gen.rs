@@ -74,7 +74,6 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
 /// generation, and the target has no writes of its own the source does not know.
 fn bitmap_enough(src: &Hello, tgt: &Hello) -> bool {
     src.bitmap_known
-        && !src.crashed_primary
         && (src.bitmap_gen == Some(tgt.current_gen) || src.current_gen == tgt.current_gen)
         && !tgt.dirty
         && !tgt.crashed_primary

@@ -33,6 +33,13 @@
 //!   directly (the core only decides that this node may serve reads).
 //! * [`Action::Emit`]: one structured state change for logs, `status` and the events stream.
 //! * [`Action::AdminDone`]: the answer to an [`Event::Admin`] with the same tag.
+//! * [`Action::SaveBitmap`] / [`Action::SaveActivityLog`]: persist into the metadata area,
+//!   durable before any later action of the batch. Before writing an activity-log transaction,
+//!   make every *completed* data write stable (flush the data device first, DRBD's pre-flush):
+//!   an extent leaves the log only when nothing is in flight in it, and its data must then
+//!   survive a crash. Start a restarted node with [`Replica::restore`] from what was persisted.
+//! * Clean shutdown: after the last I/O, execute the actions of [`Replica::persist`] (changed
+//!   bitmap words, then the metadata).
 //!
 //! # What the core guarantees
 //!
@@ -58,9 +65,9 @@
 //!
 //! * Ahead/Behind (pull-ahead): the hook is `Replica::admit`, where async writes now wait for room
 //!   in the send buffer; Ahead would instead mark the region dirty and skip the send.
-//! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync,
-//!   persistent bitmap / activity log, DRBD's full generation-id history.
+//! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync.
 
+pub mod activity;
 pub mod bitmap;
 pub mod gen;
 pub mod resync;
@@ -70,6 +77,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use bytes::Bytes;
 
 pub use crate::wire::{DataOp, DiskState, Extent, Hello, PeerMsg, PeerState, Role, FLAG_FUA};
+use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
 use gen::Decision;
 use resync::ResyncSource;
@@ -122,9 +130,12 @@ pub struct Config {
     pub handshake_timeout: u64,
     /// Bytes per bitmap bit (set at `create-md`).
     pub bitmap_block: u64,
-    /// Activity-log size in extents of [`AL_EXTENT`] bytes: a crashed Primary resyncs at most
-    /// this many extents.
+    /// Activity-log size in extents of [`Config::al_extent`] bytes: a crashed Primary resyncs
+    /// at most this many extents.
     pub al_extents: usize,
+    /// Bytes per activity-log extent: [`AL_EXTENT`]; smaller only in tests (the simulator's
+    /// devices are a few hundred KiB).
+    pub al_extent: u64,
     #[doc(hidden)]
     pub bug: InjectedBug,
 }
@@ -142,6 +153,7 @@ impl Config {
             handshake_timeout: 10_000_000_000,
             bitmap_block: BLOCK,
             al_extents: 1024,
+            al_extent: AL_EXTENT,
             bug: InjectedBug::None,
         }
     }
@@ -185,7 +197,8 @@ pub struct Restored {
     /// The on-disk bitmap as [`Bitmap`] words: bit `i` of word `w` is block `64 * w + i`
     /// (blocks of [`Config::bitmap_block`] bytes). Shorter than needed = the rest is clean.
     pub bitmap: Vec<u64>,
-    /// Extent numbers (of [`AL_EXTENT`] bytes) named by the last activity-log transaction.
+    /// Extent numbers (of [`Config::al_extent`] bytes) named by the last activity-log
+    /// transaction.
     pub activity_log: Vec<u64>,
 }
 
@@ -521,16 +534,36 @@ pub struct Replica {
     /// Transfer log: (epoch, offset, len) of writes sent but not yet barrier-acked.
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
+    al: ActivityLog,
     now: u64,
 }
 
 impl Replica {
-    /// A replica restarted from its whole metadata area. For now only `meta` is used: the
-    /// persisted bitmap and activity log are ignored, so a restart still means a full resync.
-    // TODO(failover-core): load the bitmap, OR the activity log's extents into it after a
-    // crashed Primary, and trust it (`bitmap_known`).
+    /// A replica restarted from its whole metadata area: the persisted bitmap is loaded and,
+    /// after a crash as Primary (`meta.primary`), every activity-log extent is added to it. The
+    /// result is trusted (`bitmap_known`): the bitmap was persisted whenever an extent left the
+    /// log, so persisted bits plus log extents cover every block this node changed that the
+    /// peer may lack.
     pub fn restore(cfg: Config, restored: Restored) -> Replica {
-        Replica::new(cfg, restored.meta)
+        let mut r = Replica::new(cfg, restored.meta);
+        r.bitmap.load_words(&restored.bitmap);
+        r.al = ActivityLog::restored(r.cfg.al_extents, &restored.activity_log);
+        if restored.meta.primary {
+            let ext = r.cfg.al_extent.max(1);
+            for &e in &restored.activity_log {
+                // These bits exist only in memory: keeping the extents active means they are
+                // persisted when the extent leaves the log.
+                r.bitmap.set_bytes(e.saturating_mul(ext), ext);
+            }
+        }
+        if !r.bitmap.is_clean() && r.bitmap_gen.is_none() {
+            r.bitmap_gen = Some(r.current_gen);
+        }
+        // An Inconsistent node was a resync target: the source cleared bits for resync data
+        // this node acked but may have lost in the crash (not flushed), so nothing short of a
+        // full resync is safe.
+        r.bitmap_known = r.disk != DiskState::Inconsistent;
+        r
     }
 
     /// A replica starting as Secondary, not connected, from persisted `meta`.
@@ -560,6 +593,7 @@ impl Replica {
             conn: None,
             tl: VecDeque::new(),
             resync: None,
+            al: ActivityLog::new(cfg.al_extents),
             now: 0,
             cfg,
         }
@@ -960,6 +994,7 @@ impl Replica {
         epoch: u64,
         out: &mut Vec<Action>,
     ) {
+        self.activate_extents(offset, len as u64, out);
         let io = self.new_io(IoKind::Client { req }, offset, len as u64);
         match op {
             DataOp::Write => out.push(Action::DiskWrite {
@@ -1003,6 +1038,80 @@ impl Replica {
             r.local = true;
             r.peer = wait_peer;
         }
+    }
+
+    /// Before a local client write: makes its extents active in the activity log. The hot path
+    /// (extents already active) emits nothing; otherwise the evicted extents' bitmap words and
+    /// then the new log are persisted, ahead of the write (actions run in order).
+    fn activate_extents(&mut self, offset: u64, len: u64, out: &mut Vec<Action>) {
+        let ext = self.cfg.al_extent.max(1);
+        let first = offset / ext;
+        let last = offset.saturating_add(len.max(1) - 1) / ext;
+        if (first..=last).all(|e| self.al.contains(e)) {
+            // Only refreshes the LRU order: no transaction.
+            self.al.activate(first..=last, |_| true);
+            return;
+        }
+        let pinned = self.pinned_extents();
+        let Some(t) = self.al.activate(first..=last, |e| pinned.contains(&e)) else {
+            return;
+        };
+        for e in t.evicted {
+            let blocks = self.bitmap.block_range(e.saturating_mul(ext), ext);
+            let (w0, w1) = (blocks.start / 64, blocks.end.div_ceil(64));
+            for (first_word, words) in self.bitmap.take_unsaved(w0, w1) {
+                out.push(Action::SaveBitmap { first_word, words });
+            }
+        }
+        out.push(Action::SaveActivityLog {
+            extents: self.al.extents(),
+        });
+    }
+
+    /// Extents that must stay in the activity log: a local client write in flight, or a write
+    /// sent to the peer and not yet barrier-acked (it may be missing there after a crash).
+    fn pinned_extents(&self) -> std::collections::HashSet<u64> {
+        let ext = self.cfg.al_extent.max(1);
+        let mut set = std::collections::HashSet::new();
+        let mut add = |off: u64, len: u64| {
+            let last = off.saturating_add(len.max(1) - 1) / ext;
+            for e in off / ext..=last {
+                set.insert(e);
+            }
+        };
+        for io in self.inflight.values() {
+            if matches!(io.kind, IoKind::Client { .. }) {
+                add(io.offset, io.len);
+            }
+        }
+        for &(_, off, len) in &self.tl {
+            add(off, len);
+        }
+        set
+    }
+
+    /// Persists every bitmap word changed since it was last persisted (after bulk changes, at
+    /// a clean shutdown).
+    fn flush_bitmap(&mut self, out: &mut Vec<Action>) {
+        let words = self.bitmap.words().len() as u64;
+        if self.bitmap.unsaved_count() as u64 > (words / 4).max(1) {
+            self.bitmap.take_unsaved(0, words);
+            out.push(Action::SaveBitmap {
+                first_word: 0,
+                words: self.bitmap.words().to_vec(),
+            });
+            return;
+        }
+        for (first_word, words) in self.bitmap.take_unsaved(0, words) {
+            out.push(Action::SaveBitmap { first_word, words });
+        }
+    }
+
+    /// For a clean shutdown: the actions that persist everything only held in memory (changed
+    /// bitmap words, then the metadata). Execute them like any batch, after the last I/O.
+    pub fn persist(&mut self, out: &mut Vec<Action>) {
+        self.flush_bitmap(out);
+        self.save_meta(out);
     }
 
     /// A write the peer will not get now: remember it, and (first time since we lost the peer)
@@ -1179,6 +1288,7 @@ impl Replica {
                 self.current_gen = gen;
                 self.bitmap_gen = None;
                 self.bitmap.clear_all();
+                self.flush_bitmap(out);
                 self.bitmap_known = true;
                 self.crashed_primary = false;
                 self.set_disk(DiskState::UpToDate, out);
@@ -1306,6 +1416,7 @@ impl Replica {
         }
         self.resync = None;
         self.needs_gen_bump = true;
+        self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
             reason: reason.to_owned(),
         }));
@@ -1409,10 +1520,8 @@ impl Replica {
                 if self.repl != ReplState::SyncSource {
                     return;
                 }
-                let acked = self
-                    .resync
-                    .as_mut()
-                    .is_some_and(|rs| rs.acked(offset / BLOCK));
+                let bs = self.bitmap.block_size();
+                let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(offset / bs));
                 if acked {
                     self.bitmap.clear_bytes(offset, len as u64);
                 }
@@ -1459,6 +1568,7 @@ impl Replica {
                 }
                 self.bitmap_known = true;
                 self.bitmap_gen = Some(h.current_gen);
+                self.flush_bitmap(out);
                 let rs = ResyncSource::new(
                     &self.bitmap,
                     self.cfg.resync_chunk,
@@ -1474,9 +1584,13 @@ impl Replica {
                 self.save_meta(out);
             }
             Decision::Target { full } => {
-                // `bitmap_known` stays as it was: whether this disk only lacks what the source's
-                // bitmap names depends on the source actually running this resync, which an
-                // interrupted handshake may never have started; Done sets it.
+                // From here on, this disk lacks exactly what the source's bitmap names: the
+                // source marked it (persisted) when it decided, clears a bit only once this
+                // node acked the data, and no data moves unless the source decided. An
+                // interrupted resync can therefore resume from the bitmap, unless this node
+                // crashes (acked resync data may not be stable): `restore` clears this again
+                // for an Inconsistent disk.
+                self.bitmap_known = true;
                 self.set_disk(DiskState::Inconsistent, out);
                 self.save_meta(out);
                 out.push(Action::Emit(StateChange::ResyncStarted { blocks: 0, full }));
@@ -1712,8 +1826,9 @@ impl Replica {
                     rs.abandon(first);
                 }
             };
-            let offset = first * BLOCK;
-            let len = (n * BLOCK).min(self.cfg.size.saturating_sub(offset));
+            let bs = self.bitmap.block_size();
+            let offset = first * bs;
+            let len = (n * bs).min(self.cfg.size.saturating_sub(offset));
             let r = (offset, len);
             let queued_overlap = self.issue_q.iter().any(|i| match i {
                 Issue::Write { offset, len, .. } => overlap((*offset, (*len as u64).max(1)), r),
@@ -1746,6 +1861,7 @@ impl Replica {
             self.resync = None;
             self.bitmap_gen = None;
             self.crashed_primary = false;
+            self.flush_bitmap(out);
             self.set_repl(ReplState::Established, out);
             out.push(Action::Emit(StateChange::ResyncFinished));
             self.save_meta(out);
@@ -1780,6 +1896,7 @@ impl Replica {
                         gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
                     self.bitmap_gen = None;
                     self.bitmap.clear_all();
+                    self.flush_bitmap(out);
                     self.bitmap_known = true;
                     self.set_disk(DiskState::UpToDate, out);
                 }

@@ -476,3 +476,109 @@ fn promotion_rules() {
         }
     )));
 }
+
+fn al_cfg(node: u64) -> Config {
+    let mut c = cfg(node, Protocol::Sync);
+    c.al_extent = 8 * BLOCK;
+    c.al_extents = 2;
+    c
+}
+
+fn primary_alone(c: Config, meta: Meta) -> Replica {
+    let mut a = Replica::new(c, meta);
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    a
+}
+
+fn al_saves(out: &[Action]) -> Vec<Vec<u64>> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::SaveActivityLog { extents } => Some(extents.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn activity_log_hot_set_is_free_and_eviction_persists_bits_first() {
+    let mut a = primary_alone(al_cfg(1), synced_meta());
+    // First write to extent 0: one transaction, before the disk write.
+    let out = write(&mut a, 1, 0, 1);
+    assert_eq!(al_saves(&out), vec![vec![0]]);
+    let al_at = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveActivityLog { .. }));
+    let w_at = out
+        .iter()
+        .position(|x| matches!(x, Action::DiskWrite { .. }));
+    assert!(al_at < w_at, "the log names the extent before the write");
+    for (io, _) in writes(&out) {
+        done(&mut a, io);
+    }
+    // Hot set: more writes to extent 0 cost no persistence at all.
+    for req in 2..20 {
+        let out = write(&mut a, req, req % 8, 1);
+        assert!(
+            out.iter().all(|x| !matches!(
+                x,
+                Action::SaveActivityLog { .. } | Action::SaveBitmap { .. }
+            )),
+            "no metadata I/O for a hot extent: {out:?}"
+        );
+        for (io, _) in writes(&out) {
+            done(&mut a, io);
+        }
+    }
+    let out = write(&mut a, 30, 8, 1); // extent 1
+    assert_eq!(al_saves(&out), vec![vec![0, 1]]);
+    for (io, _) in writes(&out) {
+        done(&mut a, io);
+    }
+    // Extent 2: the log is full; extent 0 (least recently used) leaves, its dirty words are
+    // persisted before the new log.
+    let out = write(&mut a, 31, 16, 1);
+    let bm_at = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveBitmap { first_word: 0, .. }));
+    let al_at = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveActivityLog { .. }));
+    assert!(bm_at.is_some() && bm_at < al_at, "{out:?}");
+    assert_eq!(al_saves(&out), vec![vec![1, 2]]);
+}
+
+#[test]
+fn restore_after_primary_crash_adds_the_activity_log() {
+    let mut meta = synced_meta();
+    meta.primary = true;
+    let mut bm = Bitmap::new(SIZE, BLOCK);
+    bm.set_bytes(40 * BLOCK, BLOCK);
+    let r = Replica::restore(
+        al_cfg(1),
+        Restored {
+            meta,
+            bitmap: bm.words().to_vec(),
+            activity_log: vec![1],
+        },
+    );
+    // Block 40 from the persisted bitmap, blocks 8..16 from extent 1.
+    assert_eq!(r.bitmap().count(), 9);
+    assert!(r.bitmap().get(40) && r.bitmap().get(8) && r.bitmap().get(15));
+    assert!(r.my_hello().bitmap_known);
+    // A clean Secondary restart: the log does not count.
+    let r = Replica::restore(
+        al_cfg(1),
+        Restored {
+            meta: synced_meta(),
+            bitmap: Vec::new(),
+            activity_log: vec![1],
+        },
+    );
+    assert!(r.bitmap().is_clean());
+}

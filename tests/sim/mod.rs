@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, HashMap};
 use bytes::Bytes;
 use twinblk::core::{
     Action, AdminCmd, Config, DiskState, Event, InjectedBug, IoId, Meta, PeerMsg, Protocol,
-    ReplState, Replica, Role, TimerKind,
+    ReplState, Replica, Restored, Role, TimerKind,
 };
 use twinblk::wire::{self, Stream};
 
@@ -121,7 +121,10 @@ impl Ord for Scheduled {
 struct Node {
     replica: Option<Replica>,
     disk: SimDisk,
+    /// The persisted metadata area: what survives a crash.
     meta: Meta,
+    bitmap: Vec<u64>,
+    al: Vec<u64>,
     inc: u64,
 }
 
@@ -188,6 +191,8 @@ impl World {
             replica: None,
             disk: SimDisk::new(cfg.blocks),
             meta: Meta::new_device(),
+            bitmap: Vec::new(),
+            al: Vec::new(),
             inc: 0,
         };
         let mut w = World {
@@ -258,9 +263,19 @@ impl World {
         cfg.resync_window = 3;
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
+        // Small extents and log so the 64-block device sees evictions.
+        cfg.al_extent = 8 * BS as u64;
+        cfg.al_extents = 3;
         let n = &mut self.nodes[node];
         n.inc += 1;
-        n.replica = Some(Replica::new(cfg, n.meta));
+        n.replica = Some(Replica::restore(
+            cfg,
+            Restored {
+                meta: n.meta,
+                bitmap: n.bitmap.clone(),
+                activity_log: n.al.clone(),
+            },
+        ));
         self.log(format!(
             "node {node} starts with {:?}",
             self.nodes[node].meta
@@ -453,9 +468,21 @@ impl World {
                 self.log(format!("node {node} {c:?}"))
             }
             Action::SaveMeta(m) => self.nodes[node].meta = m,
-            // TODO(failover-core): keep the persisted bitmap and activity log per node and hand
-            // them to `Replica::restore` at a restart.
-            Action::SaveBitmap { .. } | Action::SaveActivityLog { .. } => {}
+            Action::SaveBitmap { first_word, words } => {
+                let bm = &mut self.nodes[node].bitmap;
+                let end = first_word as usize + words.len();
+                if bm.len() < end {
+                    bm.resize(end, 0);
+                }
+                bm[first_word as usize..end].copy_from_slice(&words);
+            }
+            Action::SaveActivityLog { extents } => {
+                // The driver contract: completed data writes are stable before the log
+                // transaction (DRBD's pre-flush), so an evicted extent's data survives a crash.
+                self.nodes[node].disk.flush();
+                *self.stats.entry("al transaction").or_default() += 1;
+                self.nodes[node].al = extents;
+            }
             Action::CloseConnection { conn, reason } => {
                 self.log(format!("node {node} closes {conn}: {reason}"));
                 if reason.contains("crc32") {

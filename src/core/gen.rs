@@ -1,10 +1,34 @@
-//! Data generations and the handshake decision.
+//! Data generations and the handshake decision, modelled on DRBD's generation ids.
 //!
-//! A simplified form of DRBD's generation ids (the next step brings the full current / bitmap /
-//! history scheme): each node has a `current` generation naming its data. A Primary that writes
-//! while it is not replicating starts a new generation and remembers the old one as `bitmap_gen`:
-//! its dirty bitmap holds every change since `bitmap_gen`. Both sides compute [`decide`] from the
-//! two `Hello`s; the answers are mirror images, so both agree without another round trip.
+//! Each node keeps four ids (see docs/generations.md for the operator's view):
+//! * `current`: names the data on this disk. A Primary starts a new one when it writes while
+//!   not replicating, or when it is promoted while disconnected.
+//! * `bitmap`: the generation the dirty bitmap is relative to (the last one both nodes agreed
+//!   on), `None` when the bitmap is clean and the peer has everything.
+//! * `history[0..2]`: the two bitmap generations before that, newest first.
+//!
+//! Both sides compute [`decide`] from the two `Hello`s; the answers are mirror images, so both
+//! agree without another round trip. The rules, first match wins (`me` / `peer`):
+//!
+//! | #  | condition                                                  | decision                 |
+//! |----|------------------------------------------------------------|--------------------------|
+//! | 1  | resource, size or node id conflict; both Primary           | refuse                   |
+//! | 2  | neither disk UpToDate/Outdated                             | refuse                   |
+//! | 3  | same `current`, neither changed anything since              | no sync                  |
+//! | 4  | same `current`, one side is Primary                        | it is source (bitmaps)   |
+//! | 5  | same `current`, otherwise                                  | the side that changed; if both, the crashed Primary, else the lower node id, is source (bitmaps) |
+//! | 6  | `me.bitmap == peer.current`                                 | me source (bitmaps)      |
+//! | 7  | `peer.bitmap == me.current`                                 | peer source (bitmaps)    |
+//! | 8  | `me.bitmap == peer.bitmap` (both moved on from it)          | split brain              |
+//! | 9  | `peer.current` in `me.history`                              | me source, full          |
+//! | 10 | `me.current` in `peer.history`                              | peer source, full        |
+//! | 11 | one side UpToDate, the other Inconsistent/Outdated (or     | full from the better one |
+//! |    | Outdated vs Inconsistent)                                  |                          |
+//! | 12 | any shared ancestor (bitmap/history ids intersect)          | split brain              |
+//! | 13 | otherwise (unrelated data)                                 | split brain (unrelated)  |
+//!
+//! "(bitmaps)": a resync of the union of both dirty bitmaps (the target sends its own), full
+//! when a bitmap cannot be trusted (see [`bitmap_enough`]). A Primary never becomes a target.
 
 use crate::wire::{DiskState, Hello, Role};
 
@@ -13,10 +37,12 @@ use crate::wire::{DiskState, Hello, Role};
 pub enum Decision {
     /// Disks already identical: Established.
     NoSync,
-    /// This node sends; `full` = every block, else only its dirty bitmap.
+    /// This node sends; `full` = every block, else the union of both dirty bitmaps.
     Source { full: bool },
     /// The peer sends.
     Target { full: bool },
+    /// Both sides changed data since they last agreed: never resolved silently.
+    SplitBrain(String),
     /// Refuse the connection before any data moves.
     Refuse(String),
 }
@@ -53,7 +79,9 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
     }
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Decision::Refuse(
-            "both nodes are Primary (split brain): demote one with `twinblk secondary`".into(),
+            "both nodes are Primary: demote one with `twinblk secondary` (if both wrote, that \
+             is a split brain, reported once one is Secondary)"
+                .into(),
         );
     }
     let raw = raw_decide(me, peer);
@@ -70,57 +98,111 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
     }
 }
 
-/// `src` syncs to `tgt`: only the bitmap is enough when it is known, relative to the target's
-/// generation, and the target has no writes of its own the source does not know.
-fn bitmap_enough(src: &Hello, tgt: &Hello) -> bool {
+/// The target's own changes are known: it sends its bitmap and the source ORs it in.
+fn target_known(tgt: &Hello) -> bool {
+    tgt.bitmap_known || (!tgt.dirty && !tgt.crashed_primary && tgt.disk != DiskState::Inconsistent)
+}
+
+/// `src` syncs to `tgt` by bitmaps (not everything): both bitmaps are trusted and the source's
+/// is relative to the target's generation.
+pub fn bitmap_enough(src: &Hello, tgt: &Hello) -> bool {
     src.bitmap_known
         && (src.bitmap_gen == Some(tgt.current_gen) || src.current_gen == tgt.current_gen)
-        && !tgt.dirty
-        && !tgt.crashed_primary
-        && (tgt.disk != DiskState::Inconsistent || tgt.bitmap_known)
+        && target_known(tgt)
+}
+
+fn changed(h: &Hello) -> bool {
+    h.dirty || h.crashed_primary
+}
+
+fn ancestors(h: &Hello) -> impl Iterator<Item = u64> + '_ {
+    h.bitmap_gen
+        .into_iter()
+        .chain(h.history)
+        .filter(|&g| g != 0)
+}
+
+fn split_brain(me: &Hello, peer: &Hello, what: &str) -> Decision {
+    Decision::SplitBrain(format!(
+        "split brain: {what} (this node generation {:#x}, peer {:#x})",
+        me.current_gen, peer.current_gen
+    ))
 }
 
 fn raw_decide(me: &Hello, peer: &Hello) -> Decision {
     let me_src = |full: bool| Decision::Source { full };
     let peer_src = |full: bool| Decision::Target { full };
+    let me_bm = || me_src(!bitmap_enough(me, peer));
+    let peer_bm = || peer_src(!bitmap_enough(peer, me));
+    // Rule 2.
     if !good(me.disk) && !good(peer.disk) {
         return Decision::Refuse(
             "neither node has UpToDate data: make one Primary with `twinblk primary --force`"
                 .into(),
         );
     }
+    // Rules 3-5.
     if me.current_gen == peer.current_gen {
-        let me_c = me.dirty || me.crashed_primary;
-        let peer_c = peer.dirty || peer.crashed_primary;
-        return match (me_c, peer_c) {
-            (true, true) => Decision::Refuse(
-                "split brain: both nodes have changes the other lacks; discard one side's data"
-                    .into(),
-            ),
-            (true, false) if good(me.disk) => me_src(!bitmap_enough(me, peer)),
-            (false, true) if good(peer.disk) => peer_src(!bitmap_enough(peer, me)),
+        return match (changed(me), changed(peer)) {
             (false, false) if good(me.disk) && good(peer.disk) => Decision::NoSync,
-            _ if good(me.disk) => me_src(!bitmap_enough(me, peer)),
-            _ => peer_src(!bitmap_enough(peer, me)),
+            // The Primary's data wins: the other side's unreplicated changes (a crashed
+            // Primary's log) were never acknowledged in sync mode; the bitmaps' union puts
+            // the Primary's blocks there.
+            _ if me.role == Role::Primary && good(me.disk) => me_bm(),
+            _ if peer.role == Role::Primary && good(peer.disk) => peer_bm(),
+            (true, false) if good(me.disk) => me_bm(),
+            (false, true) if good(peer.disk) => peer_bm(),
+            (true, true) if good(me.disk) && good(peer.disk) => {
+                // Same generation: neither side started new data, so the union of both
+                // bitmaps makes them equal whichever way it flows.
+                let me_first = me
+                    .crashed_primary
+                    .cmp(&peer.crashed_primary)
+                    .then(peer.node_id.cmp(&me.node_id));
+                if me_first.is_gt() {
+                    me_bm()
+                } else {
+                    peer_bm()
+                }
+            }
+            _ if good(me.disk) => me_bm(),
+            _ => peer_bm(),
         };
     }
+    // Rules 6-7.
     if good(me.disk) && me.bitmap_gen == Some(peer.current_gen) {
-        return me_src(!bitmap_enough(me, peer));
+        return me_bm();
     }
     if good(peer.disk) && peer.bitmap_gen == Some(me.current_gen) {
-        return peer_src(!bitmap_enough(peer, me));
+        return peer_bm();
     }
+    // Rule 8.
+    if me.bitmap_gen.is_some() && me.bitmap_gen == peer.bitmap_gen {
+        return split_brain(me, peer, "both nodes changed data since they last agreed");
+    }
+    // Rules 9-10.
+    if good(me.disk) && peer.current_gen != 0 && me.history.contains(&peer.current_gen) {
+        return me_src(true);
+    }
+    if good(peer.disk) && me.current_gen != 0 && peer.history.contains(&me.current_gen) {
+        return peer_src(true);
+    }
+    // Rule 11: a disk that is not good carries no data worth a split-brain report.
     match (me.disk, peer.disk) {
-        (DiskState::UpToDate, d) if d != DiskState::UpToDate => me_src(true),
-        (d, DiskState::UpToDate) if d != DiskState::UpToDate => peer_src(true),
-        (DiskState::Outdated, DiskState::Inconsistent) => me_src(true),
-        (DiskState::Inconsistent, DiskState::Outdated) => peer_src(true),
-        _ => Decision::Refuse(format!(
-            "split brain: unrelated data generations (this node {:#x}, peer {:#x}); \
-             discard one side's data",
-            me.current_gen, peer.current_gen
-        )),
+        (DiskState::UpToDate, d) if d != DiskState::UpToDate => return me_src(true),
+        (d, DiskState::UpToDate) if d != DiskState::UpToDate => return peer_src(true),
+        (DiskState::Outdated, DiskState::Inconsistent) => return me_src(true),
+        (DiskState::Inconsistent, DiskState::Outdated) => return peer_src(true),
+        _ => {}
     }
+    // Rule 12.
+    if ancestors(me).any(|g| g == peer.current_gen || ancestors(peer).any(|p| p == g))
+        || ancestors(peer).any(|g| g == me.current_gen)
+    {
+        return split_brain(me, peer, "both nodes changed data since they last agreed");
+    }
+    // Rule 13.
+    split_brain(me, peer, "unrelated data generations")
 }
 
 #[cfg(test)]
@@ -139,6 +221,8 @@ mod tests {
             bitmap_known: true,
             dirty: false,
             crashed_primary: false,
+            history: [0; 2],
+            dirty_blocks: 0,
         }
     }
 
@@ -154,7 +238,8 @@ mod tests {
         let d = decide(a, b);
         let e = decide(b, a);
         match (&d, &e) {
-            (Decision::Refuse(_), Decision::Refuse(_)) => {}
+            (Decision::Refuse(_), Decision::Refuse(_))
+            | (Decision::SplitBrain(_), Decision::SplitBrain(_)) => {}
             _ => assert_eq!(mirror(&d), e, "decisions must mirror"),
         }
         d
@@ -213,7 +298,34 @@ mod tests {
         a.bitmap_gen = Some(0x10001);
         let mut b = h(2, Role::Secondary, DiskState::UpToDate, 0x30002);
         b.bitmap_gen = Some(0x10001);
-        assert!(matches!(check(&a, &b), Decision::Refuse(r) if r.contains("split brain")));
+        assert!(matches!(check(&a, &b), Decision::SplitBrain(r) if r.contains("split brain")));
+    }
+
+    #[test]
+    fn failover_resyncs_by_bitmaps_and_history_means_full() {
+        // A crashed as Primary at 0x10001 (restored: bitmap = persisted + activity log).
+        let mut a = h(1, Role::Secondary, DiskState::UpToDate, 0x10001);
+        a.crashed_primary = true;
+        a.dirty = true;
+        a.bitmap_gen = Some(0x10001);
+        // B was promoted and wrote: new generation, bitmap relative to A's.
+        let mut b = h(2, Role::Primary, DiskState::UpToDate, 0x20002);
+        b.bitmap_gen = Some(0x10001);
+        b.dirty = true;
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // A's bitmap not trusted (restarted without its metadata): full.
+        a.bitmap_known = false;
+        assert_eq!(check(&b, &a), Decision::Source { full: true });
+        // B promoted but wrote nothing yet: same generation, the Primary wins by bitmaps.
+        a.bitmap_known = true;
+        let b2 = h(2, Role::Primary, DiskState::UpToDate, 0x10001);
+        assert_eq!(check(&b2, &a), Decision::Source { full: false });
+        // A peer two generations behind: B's bitmap does not reach back, full.
+        let mut b3 = h(2, Role::Secondary, DiskState::UpToDate, 0x30002);
+        b3.bitmap_gen = Some(0x20002);
+        b3.history = [0x10001, 0];
+        let c = h(1, Role::Secondary, DiskState::UpToDate, 0x10001);
+        assert_eq!(check(&b3, &c), Decision::Source { full: true });
     }
 
     #[test]

@@ -514,8 +514,11 @@ pub struct Replica {
     want_connect: bool,
     current_gen: u64,
     bitmap_gen: Option<u64>,
+    history: [u64; 2],
     crashed_primary: bool,
     bitmap_known: bool,
+    /// SyncSource by bitmaps: waiting for the target's bitmap before the resync starts.
+    awaiting_peer_bitmap: bool,
     bitmap: Bitmap,
     needs_gen_bump: bool,
     max_peer_gen: u64,
@@ -576,7 +579,9 @@ impl Replica {
             want_connect: false,
             current_gen: meta.current_gen,
             bitmap_gen: meta.bitmap_gen,
+            history: meta.history,
             crashed_primary: meta.primary,
+            awaiting_peer_bitmap: false,
             bitmap_known: false,
             bitmap,
             needs_gen_bump: true,
@@ -608,7 +613,7 @@ impl Replica {
         Meta {
             current_gen: self.current_gen,
             bitmap_gen: self.bitmap_gen,
-            history: [0; 2],
+            history: self.history,
             disk: self.disk,
             primary: self.role == Role::Primary,
         }
@@ -1114,16 +1119,40 @@ impl Replica {
         self.save_meta(out);
     }
 
+    /// Starts a new data generation: the old one becomes the bitmap generation (what the dirty
+    /// bitmap is relative to) or, when there already is one, history.
+    fn new_generation(&mut self) {
+        match self.bitmap_gen {
+            None => self.bitmap_gen = Some(self.current_gen),
+            Some(_) => self.push_history(self.current_gen),
+        }
+        self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+        self.needs_gen_bump = false;
+    }
+
+    fn push_history(&mut self, g: u64) {
+        if g != 0 && self.history[0] != g {
+            self.history = [g, self.history[0]];
+        }
+    }
+
+    /// The bitmap is relative to `to` from now on (or to nothing): the old bitmap generation
+    /// goes to history.
+    fn set_bitmap_gen(&mut self, to: Option<u64>) {
+        if let Some(old) = self.bitmap_gen {
+            if Some(old) != to {
+                self.push_history(old);
+            }
+        }
+        self.bitmap_gen = to;
+    }
+
     /// A write the peer will not get now: remember it, and (first time since we lost the peer)
     /// start a new data generation so the peer's generation names what the bitmap is relative to.
     fn mark_dirty_unreplicated(&mut self, offset: u64, len: u64, out: &mut Vec<Action>) {
         self.bitmap.set_bytes(offset, len);
         if self.role == Role::Primary && self.needs_gen_bump {
-            if self.bitmap_gen.is_none() {
-                self.bitmap_gen = Some(self.current_gen);
-            }
-            self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
-            self.needs_gen_bump = false;
+            self.new_generation();
             self.save_meta(out);
         } else if self.bitmap_gen.is_none() {
             self.bitmap_gen = Some(self.current_gen);
@@ -1208,6 +1237,9 @@ impl Replica {
                 if let Err(e) = result {
                     self.secondary_disk_error(offset, len, e, out);
                 } else if cur == Some(conn) {
+                    // This node's own change there is overwritten: the source's bit goes on
+                    // the ack, ours now (an interrupted resync resumes with what is left).
+                    self.bitmap.clear_bytes(offset, len);
                     self.send(
                         PeerMsg::ResyncAck {
                             offset,
@@ -1285,8 +1317,11 @@ impl Replica {
                     c.fence_in_flight = false;
                     c.apply_q.pop_front();
                 }
+                self.set_bitmap_gen(None);
+                if self.current_gen != gen {
+                    self.push_history(self.current_gen);
+                }
                 self.current_gen = gen;
-                self.bitmap_gen = None;
                 self.bitmap.clear_all();
                 self.flush_bitmap(out);
                 self.bitmap_known = true;
@@ -1333,6 +1368,8 @@ impl Replica {
             bitmap_known: self.bitmap_known,
             dirty: !self.bitmap.is_clean(),
             crashed_primary: self.crashed_primary,
+            history: self.history,
+            dirty_blocks: self.bitmap.count(),
         }
     }
 
@@ -1415,6 +1452,7 @@ impl Replica {
             self.bitmap_gen = Some(self.current_gen);
         }
         self.resync = None;
+        self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
@@ -1516,6 +1554,7 @@ impl Replica {
                     self.try_complete(req, out);
                 }
             }
+            PeerMsg::PeerBitmap { runs, done } => self.peer_bitmap(runs, done, out),
             PeerMsg::ResyncAck { offset, len } => {
                 if self.repl != ReplState::SyncSource {
                     return;
@@ -1553,9 +1592,13 @@ impl Replica {
                 self.refuse(reason, out);
                 return;
             }
+            Decision::SplitBrain(reason) => {
+                self.refuse(reason, out);
+                return;
+            }
             Decision::NoSync => {
                 if self.bitmap.is_clean() {
-                    self.bitmap_gen = None;
+                    self.set_bitmap_gen(None);
                 }
                 self.crashed_primary = false;
                 self.bitmap_known = true;
@@ -1567,21 +1610,15 @@ impl Replica {
                     self.bitmap.set_all();
                 }
                 self.bitmap_known = true;
-                self.bitmap_gen = Some(h.current_gen);
-                self.flush_bitmap(out);
-                let rs = ResyncSource::new(
-                    &self.bitmap,
-                    self.cfg.resync_chunk,
-                    self.cfg.resync_window,
-                    full,
-                );
-                out.push(Action::Emit(StateChange::ResyncStarted {
-                    blocks: rs.total,
-                    full,
-                }));
-                self.resync = Some(rs);
+                self.set_bitmap_gen(Some(h.current_gen));
                 self.set_repl(ReplState::SyncSource, out);
-                self.save_meta(out);
+                if full {
+                    self.start_resync(true, out);
+                } else {
+                    // The target's own changes come first (PeerBitmap); the resync covers both.
+                    self.awaiting_peer_bitmap = true;
+                    self.save_meta(out);
+                }
             }
             Decision::Target { full } => {
                 // From here on, this disk lacks exactly what the source's bitmap names: the
@@ -1593,8 +1630,18 @@ impl Replica {
                 self.bitmap_known = true;
                 self.set_disk(DiskState::Inconsistent, out);
                 self.save_meta(out);
-                out.push(Action::Emit(StateChange::ResyncStarted { blocks: 0, full }));
+                out.push(Action::Emit(StateChange::ResyncStarted {
+                    blocks: if full {
+                        self.bitmap.blocks()
+                    } else {
+                        self.bitmap.count()
+                    },
+                    full,
+                }));
                 self.set_repl(ReplState::SyncTarget, out);
+                if !full {
+                    self.send_bitmap(out);
+                }
             }
         }
         if let Some(c) = self.conn.as_mut() {
@@ -1603,6 +1650,63 @@ impl Replica {
         out.push(Action::Emit(StateChange::PeerDisk { to: Some(h.disk) }));
         self.pump_apply(out);
         self.admit(out);
+    }
+
+    /// Sync source: the resync of everything the bitmap names begins.
+    fn start_resync(&mut self, full: bool, out: &mut Vec<Action>) {
+        self.awaiting_peer_bitmap = false;
+        self.flush_bitmap(out);
+        let rs = ResyncSource::new(
+            &self.bitmap,
+            self.cfg.resync_chunk,
+            self.cfg.resync_window,
+            full,
+        );
+        out.push(Action::Emit(StateChange::ResyncStarted {
+            blocks: rs.total,
+            full,
+        }));
+        self.resync = Some(rs);
+        self.save_meta(out);
+        self.pump_resync(out);
+    }
+
+    /// Sync target: sends its own dirty bitmap (blocks it changed that the source lacks) as
+    /// runs, in pieces small enough for one frame.
+    fn send_bitmap(&mut self, out: &mut Vec<Action>) {
+        const RUNS_PER_MSG: usize = 1 << 16;
+        let mut runs = Vec::new();
+        let mut from = 0;
+        while let Some((first, n)) = self.bitmap.next_run(from, u64::MAX) {
+            runs.push((first, n));
+            from = first + n;
+            if runs.len() == RUNS_PER_MSG {
+                let runs = std::mem::take(&mut runs);
+                self.send(PeerMsg::PeerBitmap { runs, done: false }, out);
+            }
+        }
+        self.send(PeerMsg::PeerBitmap { runs, done: true }, out);
+    }
+
+    /// Sync source: the target's bitmap is ORed into ours; the resync starts after the last
+    /// piece.
+    fn peer_bitmap(&mut self, runs: Vec<(u64, u64)>, done: bool, out: &mut Vec<Action>) {
+        if !(self.repl == ReplState::SyncSource && self.awaiting_peer_bitmap) {
+            self.close(
+                "peer sent its bitmap, but this node is not waiting for one: protocol error",
+                out,
+            );
+            return;
+        }
+        let bs = self.bitmap.block_size();
+        for (first, n) in runs {
+            // Out-of-range runs are clipped by the bitmap.
+            self.bitmap
+                .set_bytes(first.saturating_mul(bs), n.saturating_mul(bs));
+        }
+        if done {
+            self.start_resync(false, out);
+        }
     }
 
     /// Data-stream messages: checked, then buffered until their turn by seq.
@@ -1859,7 +1963,7 @@ impl Replica {
             let gen = self.current_gen;
             self.send(PeerMsg::ResyncDone { seq, gen }, out);
             self.resync = None;
-            self.bitmap_gen = None;
+            self.set_bitmap_gen(None);
             self.crashed_primary = false;
             self.flush_bitmap(out);
             self.set_repl(ReplState::Established, out);
@@ -1900,6 +2004,8 @@ impl Replica {
                     self.bitmap_known = true;
                     self.set_disk(DiskState::UpToDate, out);
                 }
+                // Without a peer, the new generation starts with the first write (so a node
+                // promoted before its peer connects does not cost a resync).
                 self.set_role(Role::Primary, out);
                 self.save_meta(out);
                 self.send_state(out);

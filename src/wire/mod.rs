@@ -21,7 +21,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// "TWBK" little-endian.
 pub const MAGIC: u32 = 0x4b42_5754;
 /// Wire format version; a peer speaking another version is refused at the first frame.
-pub const VERSION: u16 = 1;
+/// 2: `Hello` carries generation history and the changed-block count; `PeerBitmap`.
+pub const VERSION: u16 = 2;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -98,6 +99,11 @@ pub struct Hello {
     pub dirty: bool,
     /// This node crashed (restarted) while Primary: its recent writes are unknown.
     pub crashed_primary: bool,
+    /// The generations before `bitmap_gen`, newest first (0 = none).
+    pub history: [u64; 2],
+    /// Set bits in the dirty bitmap: blocks this node changed that the peer may lack (the
+    /// split-brain report shows both sides' counts).
+    pub dirty_blocks: u64,
 }
 
 /// Role / disk state update, sent when either changes while connected.
@@ -122,6 +128,12 @@ pub enum PeerMsg {
     Barrier {
         seq: u64,
         epoch: u64,
+    },
+    /// The sync target's dirty bitmap, as runs of `(first block, blocks)`; the source resyncs
+    /// the union of both bitmaps. Sent in pieces; `done` marks the last.
+    PeerBitmap {
+        runs: Vec<(u64, u64)>,
+        done: bool,
     },
     /// Resync payload for `[offset, offset+len)` (data stream, sequenced).
     ResyncData {
@@ -156,6 +168,7 @@ enum Kind {
     Hello = 1,
     State = 2,
     Refuse = 3,
+    PeerBitmap = 4,
     Data = 10,
     Barrier = 11,
     ResyncData = 12,
@@ -171,6 +184,7 @@ impl Kind {
             1 => Kind::Hello,
             2 => Kind::State,
             3 => Kind::Refuse,
+            4 => Kind::PeerBitmap,
             10 => Kind::Data,
             11 => Kind::Barrier,
             12 => Kind::ResyncData,
@@ -238,6 +252,12 @@ struct ResyncAckBody {
 struct ResyncDoneBody {
     seq: u64,
     gen: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BitmapBody {
+    runs: Vec<(u64, u64)>,
+    done: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -309,6 +329,7 @@ impl PeerMsg {
             PeerMsg::Hello(_) => Kind::Hello,
             PeerMsg::State(_) => Kind::State,
             PeerMsg::Refuse { .. } => Kind::Refuse,
+            PeerMsg::PeerBitmap { .. } => Kind::PeerBitmap,
             PeerMsg::Data(_) => Kind::Data,
             PeerMsg::Barrier { .. } => Kind::Barrier,
             PeerMsg::ResyncData { .. } => Kind::ResyncData,
@@ -336,6 +357,13 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
         PeerMsg::Refuse { reason } => body.extend_from_slice(
             &postcard::to_stdvec(&RefuseBody {
                 reason: reason.clone(),
+            })
+            .map_err(postcard_err)?,
+        ),
+        PeerMsg::PeerBitmap { runs, done } => body.extend_from_slice(
+            &postcard::to_stdvec(&BitmapBody {
+                runs: runs.clone(),
+                done: *done,
             })
             .map_err(postcard_err)?,
         ),
@@ -496,6 +524,13 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
         Kind::Refuse => PeerMsg::Refuse {
             reason: control::<RefuseBody>(&body, "refuse")?.reason,
         },
+        Kind::PeerBitmap => {
+            let b: BitmapBody = control(&body, "bitmap")?;
+            PeerMsg::PeerBitmap {
+                runs: b.runs,
+                done: b.done,
+            }
+        }
         Kind::ResyncDone => {
             let b: ResyncDoneBody = control(&body, "resync-done")?;
             PeerMsg::ResyncDone {

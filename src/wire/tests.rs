@@ -13,6 +13,8 @@ fn hello() -> Hello {
         bitmap_known: true,
         dirty: false,
         crashed_primary: false,
+        history: [7, 3],
+        dirty_blocks: 12,
     }
 }
 
@@ -213,6 +215,11 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
                 })
             ),
         ".{0,80}".prop_map(|reason| PeerMsg::Refuse { reason }),
+        (
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),
+            any::<bool>()
+        )
+            .prop_map(|(runs, done)| PeerMsg::PeerBitmap { runs, done }),
     ]
 }
 

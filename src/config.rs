@@ -85,6 +85,10 @@ pub struct Resource {
     pub data_streams: u8,
     pub window: u64,
     pub max_mtu: u16,
+    /// Split-brain policy with no Primary (`after-sb-0pri`).
+    pub after_sb_0pri: crate::core::AfterSb0Pri,
+    /// Split-brain policy with one Primary (`after-sb-1pri`).
+    pub after_sb_1pri: crate::core::AfterSb1Pri,
 }
 
 /// One `[node.NAME]` table.
@@ -143,6 +147,10 @@ struct RawResource {
     data_streams: Option<i64>,
     window: Option<String>,
     max_mtu: Option<i64>,
+    #[serde(rename = "after-sb-0pri")]
+    after_sb_0pri: Option<String>,
+    #[serde(rename = "after-sb-1pri")]
+    after_sb_1pri: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +219,30 @@ impl Config {
                 ))
             }
         };
+        use crate::core::{AfterSb0Pri, AfterSb1Pri};
+        let after_sb_0pri = match r.after_sb_0pri.as_deref() {
+            None | Some("disconnect") => AfterSb0Pri::Disconnect,
+            Some("discard-zero-changes") => AfterSb0Pri::DiscardZeroChanges,
+            Some("discard-younger-primary") => AfterSb0Pri::DiscardYoungerPrimary,
+            Some("discard-least-changes") => AfterSb0Pri::DiscardLeastChanges,
+            Some(other) => {
+                return Err(bad(
+                    "resource.after-sb-0pri",
+                    format!("unknown policy {other:?}"),
+                    "use \"disconnect\" (default: the operator decides), \"discard-zero-changes\", \"discard-younger-primary\" or \"discard-least-changes\"",
+                ))
+            }
+        };
+        let after_sb_1pri =
+            match r.after_sb_1pri.as_deref() {
+                None | Some("disconnect") => AfterSb1Pri::Disconnect,
+                Some("discard-secondary") => AfterSb1Pri::DiscardSecondary,
+                Some(other) => return Err(bad(
+                    "resource.after-sb-1pri",
+                    format!("unknown policy {other:?}"),
+                    "use \"disconnect\" (default: the operator decides) or \"discard-secondary\"",
+                )),
+            };
         let size_key = |key: &str, v: Option<&String>, default: u64| -> Result<u64, ConfigError> {
             match v {
                 None => Ok(default),
@@ -297,6 +329,8 @@ impl Config {
             data_streams,
             window,
             max_mtu,
+            after_sb_0pri,
+            after_sb_1pri,
         };
 
         if raw.node.len() != 2 {

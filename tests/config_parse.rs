@@ -346,3 +346,23 @@ fn readme_example_parses() {
     let c = Config::from_str(&text[start..end]).unwrap();
     assert_eq!(c.nodes.len(), 2);
 }
+
+#[test]
+fn split_brain_policies() {
+    use twinblk::core::{AfterSb0Pri, AfterSb1Pri};
+    let c = Config::from_str(&with("", NODE_A, NODE_B)).unwrap();
+    assert_eq!(c.resource.after_sb_0pri, AfterSb0Pri::Disconnect);
+    assert_eq!(c.resource.after_sb_1pri, AfterSb1Pri::Disconnect);
+    let c = Config::from_str(&with(
+        "after-sb-0pri = \"discard-least-changes\"\nafter-sb-1pri = \"discard-secondary\"",
+        NODE_A,
+        NODE_B,
+    ))
+    .unwrap();
+    assert_eq!(c.resource.after_sb_0pri, AfterSb0Pri::DiscardLeastChanges);
+    assert_eq!(c.resource.after_sb_1pri, AfterSb1Pri::DiscardSecondary);
+    let e = err(&with("after-sb-0pri = \"discard-secondary\"", NODE_A, NODE_B));
+    assert_has(&e, &["resource.after-sb-0pri", "discard-zero-changes"]);
+    let e = err(&with("after-sb-1pri = \"yes\"", NODE_A, NODE_B));
+    assert_has(&e, &["resource.after-sb-1pri", "discard-secondary"]);
+}

@@ -60,12 +60,16 @@ enum Command {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
+        /// Also show the generation ids (current, bitmap, history).
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Connect to the peer again (after `disconnect` or a refusal).
     Connect {
         #[command(flatten)]
         res: ResArgs,
-        /// Resolve a split brain by discarding this node's changes (not implemented yet).
+        /// Resolve a split brain: this node becomes the sync target and its changes since the
+        /// nodes last agreed are overwritten with the peer's data. Run `twinblk secondary` first.
         #[arg(long)]
         discard_my_data: bool,
     },
@@ -271,7 +275,7 @@ fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
     outcome
 }
 
-fn status(res: &ResArgs, json: bool) -> anyhow::Result<()> {
+fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
     let path = res.admin_socket()?;
     let mut got = None;
     let mut err = None;
@@ -291,11 +295,11 @@ fn status(res: &ResArgs, json: bool) -> anyhow::Result<()> {
         println!("{s}");
         return Ok(());
     }
-    print!("{}", human_status(&s));
+    print!("{}", human_status(&s, verbose));
     Ok(())
 }
 
-fn human_status(s: &serde_json::Value) -> String {
+fn human_status(s: &serde_json::Value, verbose: bool) -> String {
     use std::fmt::Write;
     let f = |k: &str| match s.get(k) {
         Some(serde_json::Value::String(v)) => v.clone(),
@@ -325,6 +329,46 @@ fn human_status(s: &serde_json::Value) -> String {
         .and_then(|p| p.as_f64())
     {
         let _ = writeln!(o, "  resync:      {p:.1}% done");
+    }
+    if let Some(sb) = s.get("split_brain").filter(|v| !v.is_null()) {
+        let g = |k: &str| match sb.get(k) {
+            Some(serde_json::Value::String(v)) => v.clone(),
+            Some(serde_json::Value::Null) | None => "-".into(),
+            Some(v) => v.to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "  SPLIT BRAIN: both nodes wrote data since they last agreed"
+        );
+        let _ = writeln!(
+            o,
+            "    this node (id {}): generation {}, {} blocks changed ({} bytes)",
+            g("node_id"),
+            g("current_gen"),
+            g("changed_blocks"),
+            g("changed_bytes")
+        );
+        let _ = writeln!(
+            o,
+            "    peer      (id {}): generation {}, {} blocks changed ({} bytes)",
+            g("peer_node_id"),
+            g("peer_current_gen"),
+            g("peer_changed_blocks"),
+            g("peer_changed_bytes")
+        );
+        let _ = writeln!(o, "    last common generation: {}", g("common_gen"));
+        for (k, what) in [
+            ("keep_this_nodes_data", "to keep THIS node's data"),
+            ("keep_peers_data", "to keep the PEER's data"),
+        ] {
+            let _ = writeln!(o, "    {what}:");
+            for c in sb.get(k).and_then(|v| v.as_array()).into_iter().flatten() {
+                let _ = writeln!(o, "      {}", c.as_str().unwrap_or("-"));
+            }
+        }
+    }
+    if let Some(gens) = s.get("generations").filter(|_| verbose) {
+        let _ = writeln!(o, "  generations: {gens}");
     }
     for (k, label) in [
         ("last_refusal", "last refusal"),
@@ -382,7 +426,7 @@ pub fn main() -> ExitCode {
         Command::Up(a) => up(a),
         Command::Primary { res, force } => admin(&res, Request::Primary { force }),
         Command::Secondary(res) => admin(&res, Request::Secondary),
-        Command::Status { res, json } => status(&res, json),
+        Command::Status { res, json, verbose } => status(&res, json, verbose),
         Command::Connect {
             res,
             discard_my_data,

@@ -30,7 +30,7 @@
 //! "(bitmaps)": a resync of the union of both dirty bitmaps (the target sends its own), full
 //! when a bitmap cannot be trusted (see [`bitmap_enough`]). A Primary never becomes a target.
 
-use crate::wire::{DiskState, Hello, Role};
+use crate::wire::{AfterSb0Pri, AfterSb1Pri, DiskState, Hello, Role};
 
 /// What a handshake concluded, from the point of view of the node calling [`decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +84,12 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
                 .into(),
         );
     }
-    let raw = raw_decide(me, peer);
+    let raw = match raw_decide(me, peer) {
+        Decision::SplitBrain(why) => {
+            resolve_split_brain(me, peer).unwrap_or(Decision::SplitBrain(why))
+        }
+        d => d,
+    };
     // Never make a Primary a sync target: it would serve reads from an Inconsistent disk.
     match raw {
         Decision::Target { .. } if me.role == Role::Primary => Decision::Refuse(
@@ -95,6 +100,79 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
                 .into(),
         ),
         d => d,
+    }
+}
+
+/// Split brain, resolved by `connect --discard-my-data` on exactly one side, or else by the
+/// policies when both nodes have the same ones. `None` = stays a split brain.
+fn resolve_split_brain(me: &Hello, peer: &Hello) -> Option<Decision> {
+    // Which side loses its changes: true = this node.
+    let me_loses = match (me.discard_my_data, peer.discard_my_data) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        (true, true) => None,
+        (false, false) => policy_loser(me, peer),
+    }?;
+    Some(if me_loses {
+        Decision::Target {
+            full: !sb_bitmap_enough(peer, me),
+        }
+    } else {
+        Decision::Source {
+            full: !sb_bitmap_enough(me, peer),
+        }
+    })
+}
+
+/// After a split brain, the union of both bitmaps covers every difference when both are
+/// trusted and relative to the same generation (the last one both had).
+fn sb_bitmap_enough(src: &Hello, tgt: &Hello) -> bool {
+    bitmap_enough(src, tgt)
+        || (src.bitmap_known
+            && tgt.bitmap_known
+            && src.bitmap_gen.is_some()
+            && src.bitmap_gen == tgt.bitmap_gen)
+}
+
+/// The automatic policies (DRBD's after-sb-0pri / after-sb-1pri); true = this node loses.
+fn policy_loser(me: &Hello, peer: &Hello) -> Option<bool> {
+    if !(good(me.disk) && good(peer.disk)) {
+        return None;
+    }
+    let younger = || {
+        // Generation counters grow with every new generation: the larger one was started last.
+        let (a, b) = (me.current_gen >> 16, peer.current_gen >> 16);
+        (a != b).then_some(a > b)
+    };
+    match (me.role, peer.role) {
+        (Role::Secondary, Role::Secondary) => {
+            if me.after_sb_0pri != peer.after_sb_0pri {
+                return None;
+            }
+            match me.after_sb_0pri {
+                AfterSb0Pri::Disconnect => None,
+                AfterSb0Pri::DiscardZeroChanges => match (me.dirty_blocks, peer.dirty_blocks) {
+                    (0, p) if p > 0 => Some(true),
+                    (m, 0) if m > 0 => Some(false),
+                    _ => None,
+                },
+                AfterSb0Pri::DiscardYoungerPrimary => younger(),
+                AfterSb0Pri::DiscardLeastChanges => match me.dirty_blocks.cmp(&peer.dirty_blocks) {
+                    std::cmp::Ordering::Less => Some(true),
+                    std::cmp::Ordering::Greater => Some(false),
+                    std::cmp::Ordering::Equal => younger(),
+                },
+            }
+        }
+        (me_role, _) => {
+            if me.after_sb_1pri != peer.after_sb_1pri {
+                return None;
+            }
+            match me.after_sb_1pri {
+                AfterSb1Pri::Disconnect => None,
+                AfterSb1Pri::DiscardSecondary => Some(me_role == Role::Secondary),
+            }
+        }
     }
 }
 
@@ -223,6 +301,9 @@ mod tests {
             crashed_primary: false,
             history: [0; 2],
             dirty_blocks: 0,
+            discard_my_data: false,
+            after_sb_0pri: AfterSb0Pri::Disconnect,
+            after_sb_1pri: AfterSb1Pri::Disconnect,
         }
     }
 
@@ -326,6 +407,59 @@ mod tests {
         b3.history = [0x10001, 0];
         let c = h(1, Role::Secondary, DiskState::UpToDate, 0x10001);
         assert_eq!(check(&b3, &c), Decision::Source { full: true });
+    }
+
+    /// Both moved on from 0x10001 as Primary while partitioned.
+    fn split_pair() -> (Hello, Hello) {
+        let mut a = h(1, Role::Secondary, DiskState::UpToDate, 0x20001);
+        a.bitmap_gen = Some(0x10001);
+        a.dirty = true;
+        a.dirty_blocks = 5;
+        let mut b = h(2, Role::Secondary, DiskState::UpToDate, 0x30002);
+        b.bitmap_gen = Some(0x10001);
+        b.dirty = true;
+        b.dirty_blocks = 9;
+        (a, b)
+    }
+
+    #[test]
+    fn split_brain_resolved_only_by_command_or_policy() {
+        let (mut a, mut b) = split_pair();
+        assert!(matches!(check(&a, &b), Decision::SplitBrain(_)));
+        a.discard_my_data = true;
+        assert_eq!(check(&a, &b), Decision::Target { full: false });
+        b.discard_my_data = true;
+        assert!(
+            matches!(check(&a, &b), Decision::SplitBrain(_)),
+            "both discarding"
+        );
+        let (mut a, mut b) = split_pair();
+        a.after_sb_0pri = AfterSb0Pri::DiscardLeastChanges;
+        assert!(
+            matches!(check(&a, &b), Decision::SplitBrain(_)),
+            "policies differ: not applied"
+        );
+        b.after_sb_0pri = AfterSb0Pri::DiscardLeastChanges;
+        assert_eq!(check(&a, &b), Decision::Target { full: false });
+        a.after_sb_0pri = AfterSb0Pri::DiscardYoungerPrimary;
+        b.after_sb_0pri = AfterSb0Pri::DiscardYoungerPrimary;
+        assert_eq!(check(&a, &b), Decision::Source { full: false });
+        a.after_sb_0pri = AfterSb0Pri::DiscardZeroChanges;
+        b.after_sb_0pri = AfterSb0Pri::DiscardZeroChanges;
+        assert!(matches!(check(&a, &b), Decision::SplitBrain(_)));
+        a.dirty_blocks = 0;
+        assert_eq!(check(&a, &b), Decision::Target { full: false });
+        let (a, mut b) = split_pair();
+        b.role = Role::Primary;
+        assert!(matches!(check(&a, &b), Decision::SplitBrain(_)));
+        let (mut a, mut b) = split_pair();
+        b.role = Role::Primary;
+        a.after_sb_1pri = AfterSb1Pri::DiscardSecondary;
+        b.after_sb_1pri = AfterSb1Pri::DiscardSecondary;
+        assert_eq!(check(&a, &b), Decision::Target { full: false });
+        // An untrusted bitmap on either side: full.
+        a.bitmap_known = false;
+        assert_eq!(check(&a, &b), Decision::Target { full: true });
     }
 
     #[test]

@@ -76,7 +76,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 
-pub use crate::wire::{DataOp, DiskState, Extent, Hello, PeerMsg, PeerState, Role, FLAG_FUA};
+pub use crate::wire::{
+    AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState, Role, FLAG_FUA,
+};
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
 use gen::Decision;
@@ -136,6 +138,10 @@ pub struct Config {
     /// Bytes per activity-log extent: [`AL_EXTENT`]; smaller only in tests (the simulator's
     /// devices are a few hundred KiB).
     pub al_extent: u64,
+    /// Split-brain policy when neither node is Primary (both nodes must agree).
+    pub after_sb_0pri: AfterSb0Pri,
+    /// Split-brain policy when one node is Primary (both nodes must agree).
+    pub after_sb_1pri: AfterSb1Pri,
     #[doc(hidden)]
     pub bug: InjectedBug,
 }
@@ -154,6 +160,8 @@ impl Config {
             bitmap_block: BLOCK,
             al_extents: 1024,
             al_extent: AL_EXTENT,
+            after_sb_0pri: AfterSb0Pri::Disconnect,
+            after_sb_1pri: AfterSb1Pri::Disconnect,
             bug: InjectedBug::None,
         }
     }
@@ -227,6 +235,9 @@ pub enum AdminCmd {
     Demote,
     Connect,
     Disconnect,
+    /// `connect --discard-my-data`: on the next split brain, this node becomes the sync target
+    /// (send `Connect` after it).
+    DiscardMyData,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +397,24 @@ pub enum Action {
     },
 }
 
+/// Why two nodes refuse to connect after a split brain, and how to resolve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitBrain {
+    pub reason: String,
+    pub node_id: u64,
+    pub peer_node_id: u64,
+    pub current_gen: u64,
+    pub peer_current_gen: u64,
+    /// The generation both last agreed on, if they share one.
+    pub common_gen: Option<u64>,
+    /// Blocks this node changed since they last agreed (dirty bitmap bits).
+    pub changed_blocks: u64,
+    pub peer_changed_blocks: u64,
+    /// Ready-to-run commands: keep this node's data, or keep the peer's.
+    pub keep_mine: [String; 2],
+    pub keep_peers: [String; 2],
+}
+
 /// A snapshot for `twinblk status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -404,6 +433,12 @@ pub struct Status {
     /// Data messages sent on the current connection and not yet acked by the peer (a graceful
     /// shutdown of an async Primary waits for this to drain).
     pub peer_unacked: usize,
+    /// Set while the nodes refuse each other after a split brain.
+    pub split_brain: Option<SplitBrain>,
+    /// `connect --discard-my-data` is armed.
+    pub discard_my_data: bool,
+    pub bitmap_gen: Option<u64>,
+    pub history: [u64; 2],
 }
 
 #[derive(Debug, Clone)]
@@ -519,6 +554,8 @@ pub struct Replica {
     bitmap_known: bool,
     /// SyncSource by bitmaps: waiting for the target's bitmap before the resync starts.
     awaiting_peer_bitmap: bool,
+    discard_my_data: bool,
+    split_brain: Option<SplitBrain>,
     bitmap: Bitmap,
     needs_gen_bump: bool,
     max_peer_gen: u64,
@@ -582,6 +619,8 @@ impl Replica {
             history: meta.history,
             crashed_primary: meta.primary,
             awaiting_peer_bitmap: false,
+            discard_my_data: false,
+            split_brain: None,
             bitmap_known: false,
             bitmap,
             needs_gen_bump: true,
@@ -641,6 +680,10 @@ impl Replica {
             last_refusal: self.last_refusal.clone(),
             requests_in_flight: self.reqs.len() + self.admit_q.len(),
             peer_unacked: c.map_or(0, |c| c.awaiting_ack.len()),
+            split_brain: self.split_brain.clone(),
+            discard_my_data: self.discard_my_data,
+            bitmap_gen: self.bitmap_gen,
+            history: self.history,
         }
     }
 
@@ -1370,6 +1413,9 @@ impl Replica {
             crashed_primary: self.crashed_primary,
             history: self.history,
             dirty_blocks: self.bitmap.count(),
+            discard_my_data: self.discard_my_data,
+            after_sb_0pri: self.cfg.after_sb_0pri,
+            after_sb_1pri: self.cfg.after_sb_1pri,
         }
     }
 
@@ -1489,6 +1535,12 @@ impl Replica {
     fn peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::Hello(h) => self.peer_hello(h, out),
+            PeerMsg::Refuse { reason } if self.split_brain.is_some() => {
+                self.close(
+                    &format!("split brain, also seen by the peer: {reason}"),
+                    out,
+                );
+            }
             PeerMsg::Refuse { reason } => {
                 self.last_refusal = Some(format!("peer refused: {reason}"));
                 self.want_connect = false;
@@ -1587,13 +1639,27 @@ impl Replica {
         self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
         let d = gen::decide(&mine, &h);
         tracing::info!(resource = %self.cfg.resource, ?d, "handshake decided");
+        if !matches!(d, Decision::Refuse(_) | Decision::SplitBrain(_)) {
+            self.split_brain = None;
+            self.discard_my_data = false;
+        }
         match d {
             Decision::Refuse(reason) => {
                 self.refuse(reason, out);
                 return;
             }
             Decision::SplitBrain(reason) => {
-                self.refuse(reason, out);
+                self.split_brain = Some(self.split_brain_report(&reason, &mine, &h));
+                tracing::error!(resource = %self.cfg.resource, %reason, "split brain detected");
+                // Not closed yet: the peer must see our hello to detect (and report) the split
+                // brain too, and a close may drop what is still in flight. The peer's Refuse
+                // closes the connection (or the handshake timer does).
+                self.last_refusal = Some(reason.clone());
+                self.want_connect = false;
+                out.push(Action::Emit(StateChange::Refused {
+                    reason: reason.clone(),
+                }));
+                self.send(PeerMsg::Refuse { reason }, out);
                 return;
             }
             Decision::NoSync => {
@@ -1650,6 +1716,39 @@ impl Replica {
         out.push(Action::Emit(StateChange::PeerDisk { to: Some(h.disk) }));
         self.pump_apply(out);
         self.admit(out);
+    }
+
+    fn split_brain_report(&self, reason: &str, me: &Hello, peer: &Hello) -> SplitBrain {
+        let common = me
+            .bitmap_gen
+            .into_iter()
+            .chain(me.history)
+            .find(|&g| g != 0 && (peer.bitmap_gen == Some(g) || peer.history.contains(&g)));
+        let r = &self.cfg.resource;
+        let here = format!("node {}", me.node_id);
+        let there = format!("node {}", peer.node_id);
+        SplitBrain {
+            reason: reason.to_owned(),
+            node_id: me.node_id,
+            peer_node_id: peer.node_id,
+            current_gen: me.current_gen,
+            peer_current_gen: peer.current_gen,
+            common_gen: common,
+            changed_blocks: me.dirty_blocks,
+            peer_changed_blocks: peer.dirty_blocks,
+            keep_mine: [
+                format!(
+                    "on {there}: twinblk secondary {r} && twinblk connect {r} --discard-my-data"
+                ),
+                format!("on {here}: twinblk connect {r}"),
+            ],
+            keep_peers: [
+                format!(
+                    "on {here}: twinblk secondary {r} && twinblk connect {r} --discard-my-data"
+                ),
+                format!("on {there}: twinblk connect {r}"),
+            ],
+        }
     }
 
     /// Sync source: the resync of everything the bitmap names begins.
@@ -2032,6 +2131,17 @@ impl Replica {
                 if self.repl == ReplState::StandAlone {
                     self.set_repl(ReplState::Connecting, out);
                 }
+                Ok(())
+            }
+            AdminCmd::DiscardMyData => {
+                if self.role == Role::Primary {
+                    return Err(
+                        "this node is Primary: demote it first (`twinblk secondary`), then \
+                         discard its data"
+                            .into(),
+                    );
+                }
+                self.discard_my_data = true;
                 Ok(())
             }
             AdminCmd::Disconnect => {

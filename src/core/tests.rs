@@ -809,3 +809,50 @@ fn failover_resyncs_only_the_promoted_nodes_changes_and_the_crashed_primarys_log
     assert_eq!(d.resynced_bytes[1], 18 * BLOCK);
     assert_eq!(d.st(0).current_gen, d.st(1).current_gen);
 }
+
+#[test]
+fn split_brain_is_reported_on_both_nodes_and_resolved_by_discard_my_data() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 1, 1);
+    // Partition; both become Primary and write.
+    d.cut();
+    d.admin(1, AdminCmd::Promote { force: false });
+    d.write(0, 2, 2);
+    d.write(0, 3, 2);
+    d.write(1, 30, 3);
+    // Both demoted (the operator noticed), then they meet again.
+    d.admin(0, AdminCmd::Demote);
+    d.admin(1, AdminCmd::Demote);
+    d.connect();
+    for n in [0, 1] {
+        let st = d.st(n);
+        assert_eq!(st.repl, ReplState::StandAlone, "node {n}");
+        assert!(!st.want_connection, "node {n}: no reconnect loop");
+        let sb = st.split_brain.expect("split brain reported on both nodes");
+        assert_eq!(sb.common_gen, Some(0x10001));
+        assert_ne!(sb.current_gen, sb.peer_current_gen);
+    }
+    let sb = d.st(0).split_brain.expect("report");
+    // A: its 2 writes plus block 1, replicated but never barrier-acked before the cut.
+    assert_eq!((sb.changed_blocks, sb.peer_changed_blocks), (3, 1));
+    assert!(sb.keep_mine[0].contains("twinblk connect r0 --discard-my-data"));
+    // A plain reconnect does not resolve it.
+    d.connect();
+    assert!(d.st(0).split_brain.is_some() && d.st(1).split_brain.is_some());
+    assert!(d.disk[0] != d.disk[1]);
+    // B's changes go.
+    d.admin(1, AdminCmd::DiscardMyData);
+    d.connect();
+    for n in [0, 1] {
+        let st = d.st(n);
+        assert_eq!(st.repl, ReplState::Established, "node {n}");
+        assert_eq!(st.disk, DiskState::UpToDate);
+        assert!(st.split_brain.is_none());
+    }
+    assert!(d.disk[0] == d.disk[1], "identical after the resync");
+    assert_eq!(d.disk[1][(2 * BLOCK) as usize], 2, "A's data kept");
+    // Bitmap-based: A's 3 blocks and B's 1, not the device.
+    assert_eq!(d.resynced_bytes[0], 4 * BLOCK);
+}

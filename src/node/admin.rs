@@ -54,12 +54,31 @@ impl Handler for Admin {
             }
             Request::Secondary => self.admin(AdminCmd::Demote, "now Secondary").await,
             Request::Connect { discard_my_data } => {
-                if discard_my_data {
-                    Response::Error {
-                        message: "--discard-my-data is not implemented yet".into(),
+                let armed = if discard_my_data {
+                    match self
+                        .admin(
+                            AdminCmd::DiscardMyData,
+                            "this node's changes will be discarded",
+                        )
+                        .await
+                    {
+                        e @ Response::Error { .. } => Some(e),
+                        _ => None,
                     }
                 } else {
-                    self.admin(AdminCmd::Connect, "connecting").await
+                    None
+                };
+                match armed {
+                    Some(e) => e,
+                    None if discard_my_data => {
+                        self.admin(
+                            AdminCmd::Connect,
+                            "connecting; on a split brain this node becomes the sync target and \
+                             its changes are overwritten",
+                        )
+                        .await
+                    }
+                    None => self.admin(AdminCmd::Connect, "connecting").await,
                 }
             }
             Request::Disconnect => self.admin(AdminCmd::Disconnect, "disconnected").await,

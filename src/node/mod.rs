@@ -287,6 +287,26 @@ impl Node {
             "requests_in_flight": s.requests_in_flight,
             "peer_unacked": s.peer_unacked,
             "events": self.events,
+            "split_brain": s.split_brain.as_ref().map(|sb| json!({
+                "reason": sb.reason,
+                "node_id": sb.node_id,
+                "peer_node_id": sb.peer_node_id,
+                "current_gen": format!("{:#x}", sb.current_gen),
+                "peer_current_gen": format!("{:#x}", sb.peer_current_gen),
+                "common_gen": sb.common_gen.map(|g| format!("{g:#x}")),
+                "changed_blocks": sb.changed_blocks,
+                "changed_bytes": sb.changed_blocks.saturating_mul(BLOCK),
+                "peer_changed_blocks": sb.peer_changed_blocks,
+                "peer_changed_bytes": sb.peer_changed_blocks.saturating_mul(BLOCK),
+                "keep_this_nodes_data": sb.keep_mine,
+                "keep_peers_data": sb.keep_peers,
+            })),
+            "discard_my_data": s.discard_my_data,
+            "generations": {
+                "current": format!("{:#x}", s.current_gen),
+                "bitmap": s.bitmap_gen.map(|g| format!("{g:#x}")),
+                "history": s.history.map(|g| format!("{g:#x}")),
+            },
         })
     }
 
@@ -346,7 +366,9 @@ impl Node {
                 Input::Timer(kind) => self.feed(Event::Timer(kind)),
                 Input::Retry => {
                     self.retry_pending = false;
-                    if !self.user_disconnected && !self.replica.status().want_connection {
+                    let s = self.replica.status();
+                    // A split brain waits for the operator (or a policy): no reconnect loop.
+                    if !self.user_disconnected && !s.want_connection && s.split_brain.is_none() {
                         self.feed(Event::Admin {
                             tag: 0,
                             cmd: AdminCmd::Connect,

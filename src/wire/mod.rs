@@ -55,6 +55,30 @@ pub enum DiskState {
     Diskless,
 }
 
+/// Automatic split-brain resolution when neither node is Primary (DRBD's after-sb-0pri).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AfterSb0Pri {
+    /// Stay StandAlone and let the operator decide.
+    #[default]
+    Disconnect,
+    /// If only one node changed blocks since they last agreed, the other (unchanged) one
+    /// becomes the sync target.
+    DiscardZeroChanges,
+    /// The node that started its generation last (became Primary last) discards its changes.
+    DiscardYoungerPrimary,
+    /// The node that changed fewer blocks discards its changes.
+    DiscardLeastChanges,
+}
+
+/// Automatic split-brain resolution when one node is Primary (DRBD's after-sb-1pri).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AfterSb1Pri {
+    #[default]
+    Disconnect,
+    /// The Secondary discards its changes.
+    DiscardSecondary,
+}
+
 /// What a data extent does on the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -104,6 +128,11 @@ pub struct Hello {
     /// Set bits in the dirty bitmap: blocks this node changed that the peer may lack (the
     /// split-brain report shows both sides' counts).
     pub dirty_blocks: u64,
+    /// The operator ran `connect --discard-my-data` here: on a split brain this node loses.
+    pub discard_my_data: bool,
+    /// Split-brain policies; applied only when both nodes have the same ones.
+    pub after_sb_0pri: AfterSb0Pri,
+    pub after_sb_1pri: AfterSb1Pri,
 }
 
 /// Role / disk state update, sent when either changes while connected.

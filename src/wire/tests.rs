@@ -15,6 +15,9 @@ fn hello() -> Hello {
         crashed_primary: false,
         history: [7, 3],
         dirty_blocks: 12,
+        discard_my_data: true,
+        after_sb_0pri: AfterSb0Pri::DiscardLeastChanges,
+        after_sb_1pri: AfterSb1Pri::DiscardSecondary,
     }
 }
 

@@ -361,7 +361,11 @@ fn split_brain_policies() {
     .unwrap();
     assert_eq!(c.resource.after_sb_0pri, AfterSb0Pri::DiscardLeastChanges);
     assert_eq!(c.resource.after_sb_1pri, AfterSb1Pri::DiscardSecondary);
-    let e = err(&with("after-sb-0pri = \"discard-secondary\"", NODE_A, NODE_B));
+    let e = err(&with(
+        "after-sb-0pri = \"discard-secondary\"",
+        NODE_A,
+        NODE_B,
+    ));
     assert_has(&e, &["resource.after-sb-0pri", "discard-zero-changes"]);
     let e = err(&with("after-sb-1pri = \"yes\"", NODE_A, NODE_B));
     assert_has(&e, &["resource.after-sb-1pri", "discard-secondary"]);

@@ -75,6 +75,8 @@ enum Command {
     },
     /// Disconnect from the peer and stay StandAlone.
     Disconnect(ResArgs),
+    /// Discard this node's data: it becomes a full sync target of the peer (Secondary only).
+    Invalidate(ResArgs),
     /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
     Down(ResArgs),
 }
@@ -328,7 +330,16 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
         .and_then(|r| r.get("percent"))
         .and_then(|p| p.as_f64())
     {
-        let _ = writeln!(o, "  resync:      {p:.1}% done");
+        let rate = s.get("resync").and_then(|r| r.get("rate_bytes_per_sec"));
+        let eta = s.get("resync").and_then(|r| r.get("eta_secs"));
+        let mut line = format!("  resync:      {p:.1}% done");
+        if let Some(r) = rate.and_then(|r| r.as_u64()) {
+            line += &format!(", {:.1} MiB/s", r as f64 / (1u64 << 20) as f64);
+        }
+        if let Some(e) = eta.and_then(|e| e.as_u64()) {
+            line += &format!(", {}m{:02}s left", e / 60, e % 60);
+        }
+        let _ = writeln!(o, "{line}");
     }
     if let Some(sb) = s.get("split_brain").filter(|v| !v.is_null()) {
         let g = |k: &str| match sb.get(k) {
@@ -432,6 +443,7 @@ pub fn main() -> ExitCode {
             discard_my_data,
         } => admin(&res, Request::Connect { discard_my_data }),
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
+        Command::Invalidate(res) => admin(&res, Request::Invalidate),
         Command::Down(res) => admin(&res, Request::Down),
     };
     match r {

@@ -34,6 +34,8 @@ pub enum Request {
         discard_my_data: bool,
     },
     Disconnect,
+    /// This node becomes a full sync target of the peer.
+    Invalidate,
     Down,
     Events {
         #[serde(default)]

@@ -82,7 +82,7 @@ pub use crate::wire::{
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
 use gen::Decision;
-use resync::ResyncSource;
+use resync::{Progress, ResyncSource};
 
 /// Identifies a client request (chosen by the driver, unique among requests in flight).
 pub type ReqId = u64;
@@ -235,6 +235,9 @@ pub enum AdminCmd {
     Demote,
     Connect,
     Disconnect,
+    /// `twinblk invalidate`: this node's data is thrown away; it becomes a full sync target (at
+    /// once if connected, else at the next connect). Refused on a Primary.
+    Invalidate,
     /// `connect --discard-my-data`: on the next split brain, this node becomes the sync target
     /// (send `Connect` after it).
     DiscardMyData,
@@ -322,6 +325,11 @@ pub enum StateChange {
         full: bool,
     },
     ResyncFinished,
+    /// A new whole percent of the resync is done (on both nodes).
+    ResyncProgress {
+        percent: u64,
+        left_blocks: u64,
+    },
     /// The connection was refused (by this node or the peer) before any data moved.
     Refused {
         reason: String,
@@ -425,8 +433,12 @@ pub struct Status {
     pub peer_disk: Option<DiskState>,
     pub current_gen: u64,
     pub dirty_blocks: u64,
-    /// (blocks left, blocks at start) while SyncSource.
+    /// (blocks left, blocks in this resync) while SyncSource or SyncTarget.
     pub resync: Option<(u64, u64)>,
+    /// Resync rate over the last few seconds, bytes per second.
+    pub resync_rate: Option<u64>,
+    /// Resync time left at that rate, in seconds.
+    pub resync_eta_secs: Option<u64>,
     pub want_connection: bool,
     pub last_refusal: Option<String>,
     pub requests_in_flight: usize,
@@ -556,6 +568,8 @@ pub struct Replica {
     awaiting_peer_bitmap: bool,
     discard_my_data: bool,
     split_brain: Option<SplitBrain>,
+    /// Resync progress, on the source and on the target.
+    progress: Option<Progress>,
     bitmap: Bitmap,
     needs_gen_bump: bool,
     max_peer_gen: u64,
@@ -621,6 +635,7 @@ impl Replica {
             awaiting_peer_bitmap: false,
             discard_my_data: false,
             split_brain: None,
+            progress: None,
             bitmap_known: false,
             bitmap,
             needs_gen_bump: true,
@@ -672,10 +687,15 @@ impl Replica {
             peer_disk: c.and_then(|c| c.peer_disk),
             current_gen: self.current_gen,
             dirty_blocks: self.bitmap.count(),
-            resync: self
-                .resync
+            resync: self.progress.as_ref().map(|p| (p.left, p.total)),
+            resync_rate: self
+                .progress
                 .as_ref()
-                .map(|r| (r.remaining(&self.bitmap), r.total)),
+                .and_then(|p| p.rate(self.bitmap.block_size())),
+            resync_eta_secs: self
+                .progress
+                .as_ref()
+                .and_then(|p| p.eta_secs(self.bitmap.block_size())),
             want_connection: self.want_connect,
             last_refusal: self.last_refusal.clone(),
             requests_in_flight: self.reqs.len() + self.admit_q.len(),
@@ -1372,6 +1392,7 @@ impl Replica {
                 self.set_disk(DiskState::UpToDate, out);
                 self.save_meta(out);
                 self.set_repl(ReplState::Established, out);
+                self.progress = None;
                 out.push(Action::Emit(StateChange::ResyncFinished));
                 self.send_state(out);
                 self.pump_apply(out);
@@ -1498,6 +1519,7 @@ impl Replica {
             self.bitmap_gen = Some(self.current_gen);
         }
         self.resync = None;
+        self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
         self.flush_bitmap(out);
@@ -1607,6 +1629,11 @@ impl Replica {
                 }
             }
             PeerMsg::PeerBitmap { runs, done } => self.peer_bitmap(runs, done, out),
+            PeerMsg::ResyncProgress { total, left } => {
+                if self.repl == ReplState::SyncTarget {
+                    self.note_progress(total, left, out);
+                }
+            }
             PeerMsg::ResyncAck { offset, len } => {
                 if self.repl != ReplState::SyncSource {
                     return;
@@ -1615,6 +1642,10 @@ impl Replica {
                 let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(offset / bs));
                 if acked {
                     self.bitmap.clear_bytes(offset, len as u64);
+                    let total = self.resync.as_ref().map_or(0, |rs| rs.total);
+                    let left = self.bitmap.count();
+                    self.note_progress(total, left, out);
+                    self.send(PeerMsg::ResyncProgress { total, left }, out);
                 }
                 self.pump_resync(out);
             }
@@ -1718,6 +1749,19 @@ impl Replica {
         self.admit(out);
     }
 
+    fn note_progress(&mut self, total: u64, left: u64, out: &mut Vec<Action>) {
+        let now = self.now;
+        let p = self
+            .progress
+            .get_or_insert_with(|| Progress::new(total, now));
+        if let Some(percent) = p.update(total, left, now) {
+            out.push(Action::Emit(StateChange::ResyncProgress {
+                percent,
+                left_blocks: left,
+            }));
+        }
+    }
+
     fn split_brain_report(&self, reason: &str, me: &Hello, peer: &Hello) -> SplitBrain {
         let common = me
             .bitmap_gen
@@ -1765,6 +1809,14 @@ impl Replica {
             blocks: rs.total,
             full,
         }));
+        self.progress = Some(Progress::new(rs.total, self.now));
+        self.send(
+            PeerMsg::ResyncProgress {
+                total: rs.total,
+                left: rs.total,
+            },
+            out,
+        );
         self.resync = Some(rs);
         self.save_meta(out);
         self.pump_resync(out);
@@ -2066,6 +2118,7 @@ impl Replica {
             self.crashed_primary = false;
             self.flush_bitmap(out);
             self.set_repl(ReplState::Established, out);
+            self.progress = None;
             out.push(Action::Emit(StateChange::ResyncFinished));
             self.save_meta(out);
         }
@@ -2126,6 +2179,29 @@ impl Replica {
                 Ok(())
             }
             AdminCmd::Connect => {
+                self.want_connect = true;
+                self.last_refusal = None;
+                if self.repl == ReplState::StandAlone {
+                    self.set_repl(ReplState::Connecting, out);
+                }
+                Ok(())
+            }
+            AdminCmd::Invalidate => {
+                if self.role == Role::Primary {
+                    return Err(
+                        "this node is Primary: demote it first (`twinblk secondary`); a Primary \
+                         cannot become a sync target"
+                            .into(),
+                    );
+                }
+                // Inconsistent with an untrusted bitmap: the next handshake can only make this
+                // node a full sync target.
+                self.set_disk(DiskState::Inconsistent, out);
+                self.bitmap_known = false;
+                self.save_meta(out);
+                if self.conn.is_some() {
+                    self.close("invalidated: reconnecting for a full resync", out);
+                }
                 self.want_connect = true;
                 self.last_refusal = None;
                 if self.repl == ReplState::StandAlone {

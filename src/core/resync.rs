@@ -92,8 +92,94 @@ impl ResyncSource {
     }
 }
 
+/// Resync progress as both nodes report it: blocks total/left, and the rate over the last few
+/// seconds (from samples of `(now, blocks done)`).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub total: u64,
+    pub left: u64,
+    samples: std::collections::VecDeque<(u64, u64)>,
+    last_pct: u64,
+}
+
+/// The rate is measured over about this many nanoseconds.
+const RATE_WINDOW: u64 = 5_000_000_000;
+
+impl Progress {
+    pub fn new(total: u64, now: u64) -> Progress {
+        let mut samples = std::collections::VecDeque::new();
+        samples.push_back((now, 0));
+        Progress {
+            total,
+            left: total,
+            samples,
+            last_pct: 0,
+        }
+    }
+
+    /// Records a new position; `Some(percent)` when a new whole percent was reached.
+    pub fn update(&mut self, total: u64, left: u64, now: u64) -> Option<u64> {
+        self.total = total.max(left);
+        self.left = left;
+        let done = self.total - left;
+        self.samples.push_back((now, done));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|&(t, _)| t.saturating_add(RATE_WINDOW) <= now)
+        {
+            self.samples.pop_front();
+        }
+        let pct = self.percent();
+        (pct != self.last_pct).then(|| {
+            self.last_pct = pct;
+            pct
+        })
+    }
+
+    pub fn percent(&self) -> u64 {
+        (self.total - self.left)
+            .saturating_mul(100)
+            .checked_div(self.total)
+            .unwrap_or(100)
+    }
+
+    /// Bytes per second over the last few seconds, once there is a measurable interval.
+    pub fn rate(&self, block: u64) -> Option<u64> {
+        let (&(t0, d0), &(t1, d1)) = (self.samples.front()?, self.samples.back()?);
+        let dt = t1.checked_sub(t0).filter(|&dt| dt > 0)?;
+        let bytes = d1.saturating_sub(d0).saturating_mul(block) as u128;
+        Some((bytes * 1_000_000_000 / dt as u128) as u64)
+    }
+
+    /// Seconds left at the current rate.
+    pub fn eta_secs(&self, block: u64) -> Option<u64> {
+        let rate = self.rate(block).filter(|&r| r > 0)?;
+        Some(self.left.saturating_mul(block) / rate)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn progress_rate_and_eta() {
+        let s = 1_000_000_000;
+        let mut p = super::Progress::new(100, 0);
+        assert_eq!(p.rate(4096), None);
+        assert_eq!(p.update(100, 90, s), Some(10));
+        assert_eq!(p.update(100, 90, s), None);
+        assert_eq!(p.rate(4096), Some(10 * 4096));
+        assert_eq!(p.eta_secs(4096), Some(9));
+        // Old samples fall out of the window: the rate follows the recent pace.
+        for i in 2..=10u64 {
+            p.update(100, 90 - (i - 1), i * s);
+        }
+        assert_eq!(p.rate(4096), Some(4096));
+        assert_eq!(p.left, 81);
+        assert_eq!(p.eta_secs(4096), Some(81));
+    }
+
     use super::super::bitmap::BLOCK;
     use super::*;
 

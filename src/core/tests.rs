@@ -340,6 +340,10 @@ fn reconnect_resyncs_dirty_blocks_then_target_is_up_to_date() {
         "the source waits for the target's bitmap"
     );
     oa.extend(deliver(&mut a, sends(&ob0)));
+    assert_eq!(a.status().resync, Some((1, 1)));
+    // The target learns the progress from the source.
+    deliver(&mut b, sends(&oa));
+    assert_eq!(b.status().resync, Some((1, 1)), "progress on the target");
     let reads: Vec<_> = oa
         .iter()
         .filter_map(|x| match x {
@@ -855,4 +859,22 @@ fn split_brain_is_reported_on_both_nodes_and_resolved_by_discard_my_data() {
     assert_eq!(d.disk[1][(2 * BLOCK) as usize], 2, "A's data kept");
     // Bitmap-based: A's 3 blocks and B's 1, not the device.
     assert_eq!(d.resynced_bytes[0], 4 * BLOCK);
+}
+
+#[test]
+fn invalidate_makes_this_node_a_full_sync_target() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 7);
+    d.disk[1][5] = 0x55; // silent corruption on B, which no bitmap knows about
+    d.admin(0, AdminCmd::Invalidate);
+    assert_eq!(d.st(0).disk, DiskState::UpToDate, "refused on the Primary");
+    d.admin(1, AdminCmd::Invalidate);
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    d.connect();
+    assert_eq!(d.st(1).disk, DiskState::UpToDate);
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert_eq!(d.resynced_bytes[0], SIZE, "every block");
+    assert!(d.disk[0] == d.disk[1]);
 }

@@ -82,6 +82,13 @@ impl Handler for Admin {
                 }
             }
             Request::Disconnect => self.admin(AdminCmd::Disconnect, "disconnected").await,
+            Request::Invalidate => {
+                self.admin(
+                    AdminCmd::Invalidate,
+                    "invalidated: this node becomes a full sync target of the peer",
+                )
+                .await
+            }
             Request::Down => {
                 let _ = self.down.send(true);
                 Response::Ok {

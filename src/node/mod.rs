@@ -265,7 +265,14 @@ impl Node {
             } else {
                 100.0 * (total - left) as f64 / total as f64
             };
-            json!({"blocks_left": left, "blocks_total": total, "percent": done})
+            json!({
+                "blocks_left": left,
+                "blocks_total": total,
+                "percent": done,
+                "out_of_sync_bytes": left.saturating_mul(BLOCK),
+                "rate_bytes_per_sec": s.resync_rate,
+                "eta_secs": s.resync_eta_secs,
+            })
         });
         json!({
             "resource": self.replica.config().resource,

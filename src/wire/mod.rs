@@ -164,6 +164,11 @@ pub enum PeerMsg {
         runs: Vec<(u64, u64)>,
         done: bool,
     },
+    /// Sync source -> target: how far the resync is (blocks), for the target's status.
+    ResyncProgress {
+        total: u64,
+        left: u64,
+    },
     /// Resync payload for `[offset, offset+len)` (data stream, sequenced).
     ResyncData {
         seq: u64,
@@ -198,6 +203,7 @@ enum Kind {
     State = 2,
     Refuse = 3,
     PeerBitmap = 4,
+    ResyncProgress = 5,
     Data = 10,
     Barrier = 11,
     ResyncData = 12,
@@ -214,6 +220,7 @@ impl Kind {
             2 => Kind::State,
             3 => Kind::Refuse,
             4 => Kind::PeerBitmap,
+            5 => Kind::ResyncProgress,
             10 => Kind::Data,
             11 => Kind::Barrier,
             12 => Kind::ResyncData,
@@ -359,6 +366,7 @@ impl PeerMsg {
             PeerMsg::State(_) => Kind::State,
             PeerMsg::Refuse { .. } => Kind::Refuse,
             PeerMsg::PeerBitmap { .. } => Kind::PeerBitmap,
+            PeerMsg::ResyncProgress { .. } => Kind::ResyncProgress,
             PeerMsg::Data(_) => Kind::Data,
             PeerMsg::Barrier { .. } => Kind::Barrier,
             PeerMsg::ResyncData { .. } => Kind::ResyncData,
@@ -395,6 +403,13 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
                 done: *done,
             })
             .map_err(postcard_err)?,
+        ),
+        PeerMsg::ResyncProgress { total, left } => body.extend_from_slice(
+            TwoU64 {
+                a: (*total).into(),
+                b: (*left).into(),
+            }
+            .as_bytes(),
         ),
         PeerMsg::ResyncDone { seq, gen } => body.extend_from_slice(
             &postcard::to_stdvec(&ResyncDoneBody {
@@ -558,6 +573,13 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             PeerMsg::PeerBitmap {
                 runs: b.runs,
                 done: b.done,
+            }
+        }
+        Kind::ResyncProgress => {
+            let b: TwoU64 = fixed(&body, "resync-progress")?;
+            PeerMsg::ResyncProgress {
+                total: b.a.get(),
+                left: b.b.get(),
             }
         }
         Kind::ResyncDone => {

@@ -223,6 +223,8 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
             any::<bool>()
         )
             .prop_map(|(runs, done)| PeerMsg::PeerBitmap { runs, done }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(total, left)| PeerMsg::ResyncProgress { total, left }),
     ]
 }
 

@@ -1631,6 +1631,12 @@ impl Replica {
             PeerMsg::PeerBitmap { runs, done } => self.peer_bitmap(runs, done, out),
             PeerMsg::ResyncProgress { total, left } => {
                 if self.repl == ReplState::SyncTarget {
+                    // The source decided and marked (persisted) everything this disk lacks; it
+                    // clears a bit only once this node acked the data. An interrupted resync
+                    // can therefore resume from the bitmaps, unless this node crashes (acked
+                    // resync data may not be stable): `restore` clears this again for an
+                    // Inconsistent disk.
+                    self.bitmap_known = true;
                     self.note_progress(total, left, out);
                 }
             }
@@ -1718,13 +1724,9 @@ impl Replica {
                 }
             }
             Decision::Target { full } => {
-                // From here on, this disk lacks exactly what the source's bitmap names: the
-                // source marked it (persisted) when it decided, clears a bit only once this
-                // node acked the data, and no data moves unless the source decided. An
-                // interrupted resync can therefore resume from the bitmap, unless this node
-                // crashes (acked resync data may not be stable): `restore` clears this again
-                // for an Inconsistent disk.
-                self.bitmap_known = true;
+                // `bitmap_known` becomes true only once the source shows it started (its first
+                // ResyncProgress): the peer may never have seen our hello, and then nothing
+                // marked what this disk lacks.
                 self.set_disk(DiskState::Inconsistent, out);
                 self.save_meta(out);
                 out.push(Action::Emit(StateChange::ResyncStarted {

@@ -451,6 +451,8 @@ pub struct Status {
     pub discard_my_data: bool,
     pub bitmap_gen: Option<u64>,
     pub history: [u64; 2],
+    /// The dirty bitmap covers every change since `bitmap_gen` (else the next resync is full).
+    pub bitmap_known: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -704,6 +706,7 @@ impl Replica {
             discard_my_data: self.discard_my_data,
             bitmap_gen: self.bitmap_gen,
             history: self.history,
+            bitmap_known: self.bitmap_known,
         }
     }
 

@@ -936,7 +936,85 @@ impl World {
             Ev::Restart { node } => self.restart(node),
         }
         self.maybe_connect();
+        if let Err(e) = self.check_bitmap_cover() {
+            self.fail(e);
+        }
         true
+    }
+
+    /// The dirty bitmap of a node: in memory while it runs; after a crash what survives it,
+    /// the persisted words plus (crashed as Primary) every activity-log extent.
+    fn effective_bitmap(&self, node: usize) -> Vec<bool> {
+        let n = &self.nodes[node];
+        let mut v = vec![false; self.cfg.blocks];
+        match &n.replica {
+            Some(r) => {
+                for (b, x) in v.iter_mut().enumerate() {
+                    *x = r.bitmap().get(b as u64);
+                }
+            }
+            None => {
+                for (b, x) in v.iter_mut().enumerate() {
+                    *x = n
+                        .bitmap
+                        .get(b / 64)
+                        .is_some_and(|w| w & (1 << (b % 64)) != 0);
+                }
+                if n.meta.primary {
+                    for &e in &n.al {
+                        for b in e as usize * 8..(e as usize + 1) * 8 {
+                            if let Some(x) = v.get_mut(b) {
+                                *x = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Invariant: whenever the nodes are not connected, every block that differs between the
+    /// two disks (their current contents, cache included) is in the union of both nodes'
+    /// effective bitmaps, unless a node's bitmap is not trusted (an Inconsistent node
+    /// without `bitmap_known`, or a dead Inconsistent one): then the next resync is full
+    /// anyway. "Not connected": the network has no connection and neither node still believes
+    /// it has one past the handshake (StandAlone / Connecting, or dead).
+    fn check_bitmap_cover(&mut self) -> Result<(), String> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        for n in [A, B] {
+            match self.status(n) {
+                Some(s) => {
+                    if !matches!(s.repl, ReplState::StandAlone | ReplState::Connecting) {
+                        return Ok(());
+                    }
+                    if s.disk == DiskState::Inconsistent && !s.bitmap_known {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    if self.nodes[n].meta.disk == DiskState::Inconsistent {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        *self.stats.entry("bitmap cover checked").or_default() += 1;
+        let (ba, bb) = (self.effective_bitmap(A), self.effective_bitmap(B));
+        let (a, b) = (&self.nodes[A].disk.volatile, &self.nodes[B].disk.volatile);
+        for i in 0..self.cfg.blocks {
+            if SimDisk::block(a, i) != SimDisk::block(b, i) && !ba[i] && !bb[i] {
+                return Err(format!(
+                    "block {i} differs between the disks (A tag {}, B tag {}) but neither \
+                     bitmap names it",
+                    tag_of(SimDisk::block(a, i)),
+                    tag_of(SimDisk::block(b, i))
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Invariants checked after every event.

@@ -152,3 +152,28 @@ fn without_a_hook_the_primary_continues_at_once() {
     assert_eq!(s["peer_lost_hook"]["frozen"], false, "alpha: {s}");
     assert!(s["peer_lost_hook"]["command"].is_null(), "alpha: {s}");
 }
+
+#[test]
+fn on_peer_lost_must_be_an_absolute_path() {
+    let nodes =
+        "[node.a]\naddress = \"127.0.0.1:7000\"\ndisk = \"/d/a\"\nnbd = \"unix:/d/a.nbd\"\n\
+                 admin = \"/d/a.sock\"\ncert = \"/d/a.crt\"\nkey = \"/d/a.key\"\n\
+                 [node.b]\naddress = \"127.0.0.1:7001\"\ndisk = \"/d/b\"\nnbd = \"unix:/d/b.nbd\"\n\
+                 admin = \"/d/b.sock\"\ncert = \"/d/b.crt\"\nkey = \"/d/b.key\"\n";
+    let with = |v: &str| format!("[resource]\nname = \"r0\"\non-peer-lost = \"{v}\"\n{nodes}");
+    let c = twinblk::config::Config::from_str(&with("/usr/local/sbin/fence")).unwrap();
+    assert_eq!(
+        c.resource.on_peer_lost.as_deref(),
+        Some(std::path::Path::new("/usr/local/sbin/fence"))
+    );
+    let e = twinblk::config::Config::from_str(&with("fence.sh"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("resource.on-peer-lost") && e.contains("absolute path"),
+        "{e}"
+    );
+    let c =
+        twinblk::config::Config::from_str(&format!("[resource]\nname = \"r0\"\n{nodes}")).unwrap();
+    assert!(c.resource.on_peer_lost.is_none());
+}

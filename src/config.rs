@@ -89,6 +89,9 @@ pub struct Resource {
     pub after_sb_0pri: crate::core::AfterSb0Pri,
     /// Split-brain policy with one Primary (`after-sb-1pri`).
     pub after_sb_1pri: crate::core::AfterSb1Pri,
+    /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
+    /// peer, before writes continue without it; `None`: continue at once.
+    pub on_peer_lost: Option<PathBuf>,
 }
 
 /// One `[node.NAME]` table.
@@ -151,6 +154,7 @@ struct RawResource {
     after_sb_0pri: Option<String>,
     #[serde(rename = "after-sb-1pri")]
     after_sb_1pri: Option<String>,
+    on_peer_lost: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +323,17 @@ impl Config {
                 ))
             }
         };
+        let on_peer_lost = match r.on_peer_lost {
+            None => None,
+            Some(p) if p.is_absolute() => Some(p),
+            Some(p) => {
+                return Err(bad(
+                    "resource.on-peer-lost",
+                    format!("{} is not an absolute path", p.display()),
+                    "give the command's absolute path, e.g. \"/usr/local/sbin/fence-peer\" (the daemon does not search PATH and its working directory is not yours)",
+                ))
+            }
+        };
         let resource = Resource {
             name: r.name,
             protocol,
@@ -331,6 +346,7 @@ impl Config {
             max_mtu,
             after_sb_0pri,
             after_sb_1pri,
+            on_peer_lost,
         };
 
         if raw.node.len() != 2 {

@@ -58,6 +58,15 @@
 //! * Handshake: both sides send [`Hello`] and apply the same [`gen::decide`]: no sync, bitmap or
 //!   full resync (which side is source), or refusal (other resource, other size, two Primaries,
 //!   split brain) with a reason in [`Status::last_refusal`] and [`StateChange::Refused`].
+//!   A bitmap resync copies the union of both bitmaps (the target sends its own first,
+//!   [`PeerMsg::PeerBitmap`]). The rules are a table in `gen.rs` and docs/generations.md.
+//! * Split brain is detected on both nodes, never resolved without `connect --discard-my-data`
+//!   ([`AdminCmd::DiscardMyData`]) or a policy both nodes share (`Config::after_sb_0pri`,
+//!   `after_sb_1pri`); [`Status::split_brain`] explains it and names the commands.
+//! * Crash safety of the bitmap: an extent leaves the activity log only with nothing in flight
+//!   and nothing unacked in it, after its bitmap words are persisted. So after a crash, the
+//!   persisted bitmap plus (crashed Primary) the log's extents cover every block this node
+//!   changed that the peer may lack ([`Replica::restore`]).
 //! * A local write error on the Primary fails that request and, if connected, reconnects so the
 //!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
 //!
@@ -66,6 +75,8 @@
 //! * Ahead/Behind (pull-ahead): the hook is `Replica::admit`, where async writes now wait for room
 //!   in the send buffer; Ahead would instead mark the region dirty and skip the send.
 //! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync.
+//! * A sync target that crashes mid-resync restarts with a full resync (it may have lost resync
+//!   data it had acked): resuming would need acks after a flush.
 
 pub mod activity;
 pub mod bitmap;

@@ -86,14 +86,12 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     };
     let mut ccfg = core::Config::new(&resource, node_id, disk.size(), protocol);
     ccfg.send_buffer = cfg.resource.send_buffer;
-    let replica = Replica::restore(
-        ccfg,
-        core::Restored {
-            meta,
-            bitmap: Vec::new(),
-            activity_log: Vec::new(),
-        },
-    );
+    ccfg.after_sb_0pri = cfg.resource.after_sb_0pri;
+    ccfg.after_sb_1pri = cfg.resource.after_sb_1pri;
+    // Not `Replica::restore` until the metadata area persists SaveBitmap/SaveActivityLog:
+    // restore trusts the bitmap it is given, and an empty one after a crash as Primary would
+    // skip blocks that differ. `new` distrusts it (a crashed Primary resyncs fully).
+    let replica = Replica::new(ccfg, meta);
     let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
 
     let (tx, rx) = mpsc::unbounded_channel();

@@ -19,6 +19,7 @@ mod buf;
 mod file;
 mod lock;
 mod op;
+mod ring;
 mod threads;
 mod uring;
 mod uring_inline;

@@ -168,9 +168,13 @@ impl RingCore {
         }
     }
 
-    /// Completes the ops whose CQEs arrived (resuming short transfers instead); engine tokens
-    /// go to `token`.
-    pub(super) fn reap(&mut self, mut token: impl FnMut(u64)) {
+    /// Hands the ops whose CQEs arrived to `done` (resuming short transfers instead); engine
+    /// tokens go to `token`.
+    pub(super) fn reap(
+        &mut self,
+        mut token: impl FnMut(u64),
+        mut done: impl FnMut(Op, io::Result<()>),
+    ) {
         let RingCore {
             ring,
             slots,
@@ -195,7 +199,7 @@ impl RingCore {
             };
             match outcome(&mut f, c.result()) {
                 Some(r) => {
-                    f.op.complete(r);
+                    done(f.op, r);
                     free.push(slot);
                 }
                 None => {

@@ -4,6 +4,12 @@
 //! in the ring, so one `io_uring_enter` both submits a batch and sleeps until either a completion
 //! or new work arrives. Callers only write the eventfd when the thread said it is going to sleep,
 //! so a busy ring costs no extra syscalls per op. The file is registered (fixed file 0).
+//!
+//! Completions go back in batches: when the engine is opened on a tokio runtime, the ring thread
+//! sends everything one reap finished to a completer task there, which completes the callers'
+//! oneshots. Waking the runtime from another thread costs a syscall; this pays it once per batch
+//! instead of once per op. Without a runtime (or once it is gone) the ring thread completes the
+//! ops itself.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -13,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
 use io_uring::{opcode, types, IoUring};
+use tokio::sync::mpsc;
 
 use super::op::Op;
 use super::ring::{check_and_register, RingCore, RING_ENTRIES};
@@ -84,12 +91,17 @@ impl Uring {
         // submit.
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let tq = q.clone();
+        let completer = tokio::runtime::Handle::try_current().ok().map(|h| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            h.spawn(complete_batches(rx));
+            tx
+        });
         thread::Builder::new()
             .name("twinblk-uring".into())
             .spawn(move || match setup_ring(&file) {
                 Ok(ring) => {
                     let _ = ready_tx.send(Ok(()));
-                    RingThread::new(RingCore::new(ring, file), tq).run();
+                    RingThread::new(RingCore::new(ring, file), tq, completer).run();
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -145,18 +157,36 @@ fn setup_ring(file: &File) -> io::Result<IoUring> {
     };
     check_and_register(ring, file)
 }
+type Batch = Vec<(Op, io::Result<()>)>;
+
+/// Completes on the runtime the ops the ring thread finished, a batch per wake.
+async fn complete_batches(mut rx: mpsc::UnboundedReceiver<Batch>) {
+    while let Some(batch) = rx.recv().await {
+        for (op, res) in batch {
+            op.complete(res);
+        }
+    }
+}
+
 struct RingThread {
     core: RingCore,
     q: Arc<Queue>,
     wake_armed: bool,
+    /// The completer task, if the engine was opened on a runtime.
+    completer: Option<mpsc::UnboundedSender<Batch>>,
 }
 
 impl RingThread {
-    fn new(core: RingCore, q: Arc<Queue>) -> RingThread {
+    fn new(
+        core: RingCore,
+        q: Arc<Queue>,
+        completer: Option<mpsc::UnboundedSender<Batch>>,
+    ) -> RingThread {
         RingThread {
             core,
             q,
             wake_armed: false,
+            completer,
         }
     }
 
@@ -207,7 +237,24 @@ impl RingThread {
 
     fn reap(&mut self) {
         let mut woken = false;
-        self.core.reap(|ud| woken |= ud == WAKE_TOKEN);
+        let mut batch = Vec::new();
+        match &self.completer {
+            Some(_) => self
+                .core
+                .reap(|ud| woken |= ud == WAKE_TOKEN, |op, r| batch.push((op, r))),
+            None => self.core.reap(|ud| woken |= ud == WAKE_TOKEN, Op::complete),
+        }
+        if !batch.is_empty() {
+            if let Some(tx) = &self.completer {
+                if let Err(mpsc::error::SendError(batch)) = tx.send(batch) {
+                    // The runtime is gone: complete here from now on.
+                    self.completer = None;
+                    for (op, r) in batch {
+                        op.complete(r);
+                    }
+                }
+            }
+        }
         if woken {
             self.wake_armed = false;
             let mut buf = 0u64;

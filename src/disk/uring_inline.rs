@@ -127,7 +127,7 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
         {
             let mut st = shared.lock();
             st.kicked = false;
-            st.core.reap(|_| {});
+            st.core.reap(|_| {}, Op::complete);
             let entered = st.core.push_sqes().and_then(|()| st.core.enter(0));
             if let Err(e) = entered {
                 tracing::warn!("io_uring_enter failed: {e}; failing queued disk I/O");

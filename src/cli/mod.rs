@@ -173,8 +173,8 @@ struct ServeArgs {
     /// Page cache use: none (O_DIRECT) or writeback.
     #[arg(long, value_enum, default_value_t = Cache::None)]
     cache: Cache,
-    /// I/O engine (the default is the library's `EngineKind` default).
-    #[arg(long, value_enum, default_value_t = Engine::UringInline)]
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = Engine::Uring)]
     engine: Engine,
     /// Runtime worker threads; 0 runs everything on one thread.
     #[arg(long, default_value_t = 0, hide = true)]

@@ -51,22 +51,24 @@ pub enum CacheMode {
 
 /// Which submission engine runs the I/O.
 ///
-/// The default is `UringInline`: it costs the fewest syscalls per request (about 0.24 per 4k
-/// write at qd32 through `twinblk serve`, against 1 to 5 for the threaded ring, counted with
-/// `strace -c -f`), because it submits a whole burst of requests with one `io_uring_enter` and
-/// needs no thread hop. The threaded ring (`Uring`) can do better when the runtime thread is
-/// the bottleneck (flush-heavy loads on a busy machine, where its second thread gets a second
-/// share of the CPU); `Threads` is the fallback without io_uring. Both stay selectable.
+/// The default is `Uring`, the threaded ring with completions handed back in batches: on the
+/// development machine (2 cores shared with other builds, ext4 on virtio, O_DIRECT) it beat
+/// `UringInline` through `twinblk serve` in 3 of 3 alternating runs on 4k random writes at qd32
+/// and by 2.5x with a flush every 32 writes, while `UringInline` had the lower qd1 latency (see
+/// `tools/bench.sh`). `UringInline` costs fewer syscalls per request (about 0.24 per 4k write
+/// at qd32, counted with `strace -c -f`) but puts all the work on the runtime's one thread, which
+/// loses when that thread competes for a busy CPU. Re-measure on real hardware before changing
+/// it; the CLI's default must stay the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
     /// io_uring on a dedicated thread (falls back to `Threads` if io_uring is unavailable).
+    #[default]
     Uring,
     /// A pool of threads doing blocking syscalls.
     Threads,
     /// io_uring submitted in batches and reaped by a task on the runtime that opened the disk:
     /// no thread hop per I/O. Needs a tokio runtime (with I/O) at `Disk::open`, which must keep
     /// running while the disk is used; falls back to `Uring` without one.
-    #[default]
     UringInline,
 }
 

@@ -318,6 +318,9 @@ fn human_status(s: &serde_json::Value) -> String {
         f("peer_disk")
     );
     let _ = writeln!(o, "  replication: {}", f("repl"));
+    if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
+        let _ = writeln!(o, "  device:      {dev}");
+    }
     let _ = writeln!(o, "  out of sync: {} bytes", f("out_of_sync_bytes"));
     if let Some(p) = s
         .get("resync")

@@ -172,10 +172,10 @@ stage_repl() {
     repl status >"$LOG/repl-status" 2>&1
     grep -q "device: *$dev" "$LOG/repl-status" || { show "$LOG/repl-status"; echo "twinblk status does not show $dev"; return 1; }
     # The guest dials (alpha sorts first); the host, which cannot reach 10.0.2.15, accepts.
-    wait_for 60 status_has '"connected":true' || { show "$LOG/repl-up.err"; echo "no QUIC connection to the secondary at $REPL_PEER"; return 1; }
+    # Until one node is Primary the connection is refused and retried, so promote first.
     repl primary --force >"$LOG/repl-primary" 2>&1 || { show "$LOG/repl-primary"; echo "primary --force failed"; return 1; }
     say "initial full sync to the host"
-    wait_for 240 status_has '"peer_disk":"UpToDate"' || { repl status; echo "the initial sync did not finish"; return 1; }
+    wait_for 240 status_has '"peer_disk":"UpToDate"' || { show "$LOG/repl-up.err"; repl status; echo "no connection to the secondary at $REPL_PEER, or the initial sync did not finish"; return 1; }
     say "primary $dev, peer UpToDate: $(repl status --json | jq -c '{role, repl, peer_disk, ublk_device}')"
 
     fio --name=repl-verify --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \

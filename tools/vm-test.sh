@@ -287,18 +287,21 @@ QPID=$!
 TAIL_PID=""
 [ "$VERBOSE" = 1 ] && { tail -n +1 -f --pid="$QPID" "$CONSOLE" & TAIL_PID=$!; }
 KILLED="" TIMED_OUT=""
-while kill -0 "$QPID" 2>/dev/null; do
-    if [ -n "$OUT" ] && [ -z "$KILLED" ] && [ -f "$OUT/repl-ready" ]; then
-        kill -9 "$QPID"; KILLED=1
-        note "the guest is ready: killed QEMU (SIGKILL) under a mounted, busy ext4 on /dev/ublkb*"
-    elif [ $(($(date +%s) - T0)) -ge "$TIMEOUT" ]; then
-        kill -9 "$QPID"; TIMED_OUT=1
-    fi
-    sleep 0.2
-done
-set +e
-{ wait "$QPID"; } 2>/dev/null; QRC=$?
-set -e
+# (stderr off: bash would report the killed job as a "Killed" line)
+{
+    while kill -0 "$QPID"; do
+        if [ -n "$OUT" ] && [ -z "$KILLED" ] && [ -f "$OUT/repl-ready" ]; then
+            kill -9 "$QPID"; KILLED=1
+        elif [ $(($(date +%s) - T0)) -ge "$TIMEOUT" ]; then
+            kill -9 "$QPID"; TIMED_OUT=1
+        fi
+        sleep 0.2
+    done
+    set +e
+    wait "$QPID"; QRC=$?
+    set -e
+} 2>/dev/null
+[ -n "$KILLED" ] && note "the guest was ready: killed QEMU (SIGKILL) under a mounted, busy ext4 on /dev/ublkb*"
 QPID=""
 [ -n "$TAIL_PID" ] && wait "$TAIL_PID" 2>/dev/null
 T1=$(date +%s)

@@ -5,10 +5,10 @@
 #
 # usage: tools/vm-test.sh [all|ublk|nbd|repl]...      (default: all)
 #   ublk  `twinblk serve --ublk` on a file in the guest: mkfs.ext4, mount, write, remount, check,
-#         fio with verify, fio perf; kill -9 under a mounted file system and re-attach with
-#         --recover; then the same fio perf jobs through nbd-client -unix to `twinblk serve` on the
-#         same file (the fair ublk/nbd ratio). TWINBLK_VM_UBLK_SERVER=example serves with the
-#         crate's ublk_file example instead.
+#         fio with verify, fio perf; the same fio perf jobs through nbd-client -unix to `twinblk
+#         serve` on the same file (the fair ublk/nbd ratio); kill -9 under a mounted file system
+#         and re-attach with --recover; kill -9 again and delete the device with `twinblk
+#         ublk-del N`. TWINBLK_VM_UBLK_SERVER=example serves with the crate's ublk_file example.
 #   nbd   `twinblk serve --listen tcp:0.0.0.0:PORT` on the HOST, nbd-client in the guest, same tests.
 #   repl  replication through a real kernel: the Primary `twinblk up` (frontend = "ublk") in the
 #         guest, the Secondary `twinblk up` on the HOST, sync mode, QUIC through slirp (the guest

@@ -73,6 +73,12 @@ enum Command {
     Disconnect(ResArgs),
     /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
     Down(ResArgs),
+    /// Delete /dev/ublkbN left behind by a killed server (instead of `serve --ublk --recover N`):
+    /// its pending I/O fails. Refuses a device whose server still runs.
+    UblkDel {
+        /// N of /dev/ublkbN.
+        id: i32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -392,6 +398,9 @@ pub fn main() -> ExitCode {
         } => admin(&res, Request::Connect { discard_my_data }),
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Down(res) => admin(&res, Request::Down),
+        Command::UblkDel { id } => twinblk_ublk::delete(id)
+            .map(|()| println!("deleted /dev/ublkb{id}"))
+            .map_err(Into::into),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,6 +147,21 @@ stage_ublk() {
         say "stopping the recovered ublk server with SIGTERM"
         stop_ublk_server "$DEV" || return 1
     fi
+
+    if [ "$UBLK_SERVER" = twinblk ]; then
+        # Not recovering: `twinblk ublk-del N` removes the device a killed server left.
+        say "ublk-del: kill -9 the server, then delete the device it left"
+        start_ublk_server "$LOG/ublk4.out" "$LOG/ublk4.err" || { echo "ublk server did not come up"; return 1; }
+        local id=${DEV#/dev/ublkb}
+        "$TWINBLK" ublk-del "$id" >"$LOG/ublk-del-live" 2>&1 && { echo "ublk-del deleted $DEV under its running server"; return 1; }
+        grep -q "stop it with SIGTERM" "$LOG/ublk-del-live" || { show "$LOG/ublk-del-live"; echo "ublk-del of a live device: unexpected message"; return 1; }
+        kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null
+        test -b "$DEV" || { echo "$DEV vanished after kill -9 (expected it left for recovery)"; return 1; }
+        "$TWINBLK" ublk-del "$id" >"$LOG/ublk-del" 2>&1 || { show "$LOG/ublk-del"; echo "twinblk ublk-del $id failed"; return 1; }
+        wait_for 10 sh -c "! test -e $DEV" || { echo "$DEV still exists after ublk-del"; return 1; }
+        test -e "/dev/ublkc$id" && { echo "/dev/ublkc$id still exists after ublk-del"; return 1; }
+        say "ublk-del $id: ok"
+    fi
 }
 
 # Stage repl: this guest runs the Primary (`twinblk up`, frontend = "ublk") replicating in sync

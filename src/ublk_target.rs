@@ -161,6 +161,45 @@ mod tests {
         assert_eq!(&on_disk[8192..12288], &data[4096..]);
     }
 
+    /// Refusals come back as the errno the kernel should see: a read-only disk refuses every
+    /// kind of write with EROFS, and a read past the end fails with the disk's own errno.
+    #[test]
+    fn refusals_become_errnos() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+        let disk = Disk::open(
+            &path,
+            &DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = BackendTarget::new(disk, rt.handle().clone());
+        let data = vec![1u8; 4096];
+        assert_eq!(futures_block_on(t.write(0, &data, false)), Err(libc::EROFS));
+        assert_eq!(futures_block_on(t.discard(0, 4096)), Err(libc::EROFS));
+        assert_eq!(
+            futures_block_on(t.write_zeroes(0, 4096, true)),
+            Err(libc::EROFS)
+        );
+        let mut back = vec![0u8; 4096];
+        futures_block_on(t.read(4096, &mut back)).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        let past_end = futures_block_on(t.read(1 << 16, &mut back));
+        assert!(
+            matches!(past_end, Err(e) if e > 0),
+            "read past the end: {past_end:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 1 << 16]);
+    }
+
     /// A minimal block_on for the test: park the thread until woken.
     fn futures_block_on<F: Future>(f: F) -> F::Output {
         use std::task::{Context, Poll, Wake, Waker};

@@ -54,6 +54,18 @@ pub const DEFAULT_MAX_MTU: u16 = 1452;
 /// send at 64 KiB, so bigger datagrams fail to send and discovery falls back to 1200.
 pub const MAX_MAX_MTU: u16 = 6500;
 
+/// How a node exposes the replicated device to its applications (`frontend` in `[node.NAME]`).
+/// NBD is always served (the `nbd` key): it is how tools, backups and tests reach the device;
+/// `Ublk` adds a kernel block device `/dev/ublkbN` on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frontend {
+    /// Only the NBD export.
+    #[default]
+    Nbd,
+    /// The NBD export and `/dev/ublkbN` (Linux >= 6.0, module `ublk_drv`, root).
+    Ublk,
+}
+
 /// Replication protocol, DRBD's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -85,6 +97,9 @@ pub struct Resource {
     pub data_streams: u8,
     pub window: u64,
     pub max_mtu: u16,
+    /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
+    /// peer, before writes continue without it; `None`: continue at once.
+    pub on_peer_lost: Option<PathBuf>,
 }
 
 /// One `[node.NAME]` table.
@@ -101,6 +116,8 @@ pub struct Node {
     pub size: Option<u64>,
     /// `sha256:<64 hex>` of the node's DER certificate; `None`: computed from `cert` when needed.
     pub pin: Option<String>,
+    /// Per node, not per resource: the two machines may run different kernels.
+    pub frontend: Frontend,
 }
 
 /// What went wrong reading a resource file. The `Display` text is meant for the operator.
@@ -143,6 +160,7 @@ struct RawResource {
     data_streams: Option<i64>,
     window: Option<String>,
     max_mtu: Option<i64>,
+    on_peer_lost: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +174,7 @@ struct RawNode {
     key: PathBuf,
     size: Option<String>,
     pin: Option<String>,
+    frontend: Option<String>,
 }
 
 impl Config {
@@ -287,6 +306,17 @@ impl Config {
                 ))
             }
         };
+        let on_peer_lost = match r.on_peer_lost {
+            None => None,
+            Some(p) if p.is_absolute() => Some(p),
+            Some(p) => {
+                return Err(bad(
+                    "resource.on-peer-lost",
+                    format!("{} is not an absolute path", p.display()),
+                    "give the command's absolute path, e.g. \"/usr/local/sbin/fence-peer\" (the daemon does not search PATH and its working directory is not yours)",
+                ))
+            }
+        };
         let resource = Resource {
             name: r.name,
             protocol,
@@ -297,6 +327,7 @@ impl Config {
             data_streams,
             window,
             max_mtu,
+            on_peer_lost,
         };
 
         if raw.node.len() != 2 {
@@ -378,6 +409,17 @@ impl Config {
                     ));
                 }
             }
+            let frontend = match n.frontend.as_deref() {
+                None | Some("nbd") => Frontend::Nbd,
+                Some("ublk") => Frontend::Ublk,
+                Some(other) => {
+                    return Err(bad(
+                        &k("frontend"),
+                        format!("unknown frontend {other:?}"),
+                        "use \"nbd\" (NBD export only) or \"ublk\" (NBD export plus /dev/ublkbN; Linux >= 6.0 with ublk_drv)",
+                    ))
+                }
+            };
             nodes.push(Node {
                 name,
                 address,
@@ -388,6 +430,7 @@ impl Config {
                 key: n.key,
                 size,
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
+                frontend,
             });
         }
         if let [a, b] = nodes.as_slice() {

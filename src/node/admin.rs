@@ -11,6 +11,8 @@ pub(super) struct Admin {
     pub tx: mpsc::UnboundedSender<Input>,
     /// Set by `down`: the daemon then shuts down gracefully.
     pub down: watch::Sender<bool>,
+    /// `/dev/ublkbN` once `frontend = "ublk"` created it, for `status`.
+    pub ublk_device: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 fn gone() -> Response {
@@ -44,7 +46,15 @@ impl Handler for Admin {
                     gone()
                 } else {
                     match rx.await {
-                        Ok(status) => Response::Status { status },
+                        Ok(mut status) => {
+                            if let Some(o) = status.as_object_mut() {
+                                o.insert(
+                                    "ublk_device".into(),
+                                    self.ublk_device.get().cloned().into(),
+                                );
+                            }
+                            Response::Status { status }
+                        }
                         Err(_) => gone(),
                     }
                 }

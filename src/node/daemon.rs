@@ -12,8 +12,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use super::admin::Admin;
+use super::frontend::UblkFrontend;
 use super::{meta_file, Input, Node, Replicated};
-use crate::config::{Config, ConfigError, Protocol};
+use crate::config::{Config, ConfigError, Frontend, Protocol};
 use crate::control::{self, ControlError};
 use crate::core::{self, Replica};
 use crate::disk::{Disk, DiskError, DiskOptions};
@@ -35,6 +36,8 @@ pub enum UpError {
     Control(#[from] ControlError),
     #[error("NBD: {0}")]
     Nbd(#[from] ServeError),
+    #[error("ublk (frontend = \"ublk\"): {0}")]
+    Ublk(#[from] twinblk_ublk::UblkError),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("shutting down: {0}")]
@@ -118,16 +121,27 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         retry_after: cfg.resource.connect_retry,
         events: VecDeque::new(),
         out: Vec::new(),
+        peer_lost: super::hook::PeerLost::new(
+            cfg.resource.on_peer_lost.clone(),
+            resource.clone(),
+            cfg.nodes
+                .iter()
+                .find(|n| n.name != me.name)
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+        ),
     };
     let event_loop = tokio::spawn(node.run(rx));
 
     let (down_tx, mut down_rx) = watch::channel(false);
+    let ublk_device = Arc::new(std::sync::OnceLock::new());
     let admin_listener = control::bind(&me.admin)?;
     let admin = tokio::spawn(control::serve(
         admin_listener,
         Arc::new(Admin {
             tx: tx.clone(),
             down: down_tx,
+            ublk_device: ublk_device.clone(),
         }),
     ));
 
@@ -135,6 +149,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         tx: tx.clone(),
         disk: disk.clone(),
     };
+    let ublk_backend = backend.clone();
     let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));
     let mut sigterm = signal(SignalKind::terminate()).map_err(UpError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(UpError::Runtime)?;
@@ -154,6 +169,23 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         disk.size(),
         me.admin.display()
     );
+    let ublk = match me.frontend {
+        Frontend::Nbd => None,
+        Frontend::Ublk => match UblkFrontend::start(ublk_backend).await {
+            Ok(u) => {
+                info!(resource = %resource, "ublk device {}", u.device);
+                // Scripts wait for this line.
+                println!("ublk device {}", u.device);
+                let _ = ublk_device.set(u.device.clone());
+                Some(u)
+            }
+            Err(e) => {
+                admin.abort();
+                let _ = std::fs::remove_file(&me.admin);
+                return Err(e.into());
+            }
+        },
+    };
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
 
@@ -165,6 +197,11 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         }
     })
     .await;
+    // The device goes before the event loop: its requests in flight are answered first.
+    let ublk_stopped = match ublk {
+        Some(u) => u.stop().await,
+        None => Ok(()),
+    };
     // Every accepted request got its answer before serve_until returned.
     let (reply, done) = oneshot::channel();
     let result = if tx.send(Input::Shutdown { reply }).is_ok() {
@@ -177,6 +214,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let _ = std::fs::remove_file(&me.admin);
     let _ = event_loop.await;
     result.map_err(UpError::Shutdown)?;
+    ublk_stopped?;
     info!("disk flushed, metadata saved; exiting");
     Ok(())
 }

@@ -321,17 +321,18 @@ impl MetaStore {
         };
         let have = length(&mut file, path)?;
         let head = read_at(&file, path, 0, have.min(2 * BLOCK as u64))?;
-        if head.iter().all(|&b| b == 0) && have < 2 * BLOCK as u64 {
-            return Err(MetaError::NotMetadata {
-                path: path.to_owned(),
-                resource: resource.to_owned(),
-            });
-        }
         let mut slots = [Slot::Blank, Slot::Blank];
         for (i, s) in slots.iter_mut().enumerate() {
-            *s = match head.get(i * BLOCK..(i + 1) * BLOCK) {
-                Some(b) => format::decode_slot(b),
-                None => Slot::Damaged("the file ends before it".into()),
+            let start = (i * BLOCK).min(head.len());
+            let b = &head[start..(start + BLOCK).min(head.len())];
+            *s = if b.len() == BLOCK {
+                format::decode_slot(b)
+            } else if b.starts_with(&format::MAGIC) {
+                Slot::Damaged("the file ends inside it".into())
+            } else if b.iter().all(|&x| x == 0) {
+                Slot::Blank
+            } else {
+                Slot::Foreign
             };
         }
         let (sb, slot, note) = format::pick(&slots).map_err(|e| match e {

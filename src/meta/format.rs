@@ -17,8 +17,8 @@
 //! 192  u16 length + the core's `Meta`, postcard
 //! ```
 //!
-//! An update writes the slot the *other* one is not in (`seq % 2`) with `seq + 1`: a torn write
-//! damages only the slot being written, and the valid slot with the highest sequence wins.
+//! An update writes `seq + 1` to the slot *not* in effect: a torn write damages only the slot
+//! being written, and the valid slot with the highest sequence wins.
 //!
 //! Activity-log transaction (4 KiB block `seq % al_ring_blocks`):
 //!
@@ -183,11 +183,6 @@ pub struct Superblock {
     pub node: String,
     pub layout: Layout,
     pub meta: Meta,
-}
-
-/// Which slot a superblock with this sequence goes to.
-pub fn slot_of(seq: u64) -> usize {
-    (seq % 2) as usize
 }
 
 fn put_name(buf: &mut [u8], at: usize, name: &str, what: &str) -> Result<(), FormatError> {

@@ -106,6 +106,8 @@ pub struct MetaStore {
     file: File,
     path: PathBuf,
     sb: Superblock,
+    /// The slot holding `sb`: the next update goes to the other one.
+    slot: usize,
     al_seq: u64,
 }
 
@@ -291,6 +293,7 @@ impl MetaStore {
             file,
             path: path.to_owned(),
             sb,
+            slot: 1,
             al_seq: 1,
         };
         store.write_superblock(1)?;
@@ -463,6 +466,7 @@ impl MetaStore {
                 file,
                 path: path.to_owned(),
                 sb: ins.superblock,
+                slot: ins.slot,
                 al_seq: ins.al_seq,
             },
             restored,
@@ -486,7 +490,9 @@ impl MetaStore {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        let off = (format::slot_of(seq) * BLOCK) as u64;
+        // Never the slot in effect, even if it sits where its sequence would not put it.
+        let slot = 1 - self.slot.min(1);
+        let off = (slot * BLOCK) as u64;
         self.file
             .write_all_at(&bytes, off)
             .map_err(io_err(&self.path, "writing the superblock"))?;
@@ -494,6 +500,7 @@ impl MetaStore {
             .sync_data()
             .map_err(io_err(&self.path, "syncing the superblock"))?;
         self.sb = sb;
+        self.slot = slot;
         Ok(())
     }
 

@@ -2,7 +2,7 @@ use std::os::unix::fs::FileExt;
 
 use super::*;
 use crate::core::DiskState;
-use crate::meta::format::DEFAULT_AL_EXTENTS;
+use crate::meta::format::{BLOCK, DEFAULT_AL_EXTENTS};
 
 const SIZE: u64 = 64 << 20;
 
@@ -199,25 +199,26 @@ fn one_torn_slot_is_survived_both_are_corrupt() {
             ..Meta::new_device()
         })
         .unwrap();
-        // seq 3 went to slot 1; the next update (seq 4, gen 6) goes to slot 0: tear it.
+        // create-md left seq 2 in effect in slot 1; seq 3 (gen 5) went to slot 0, seq 4
+        // (gen 6) to slot 1: tear that one.
         s.save_meta(&Meta {
             current_gen: 6,
             ..Meta::new_device()
         })
         .unwrap();
     }
-    poke(&p, 2000, &[0xee; 100]);
+    poke(&p, 4096 + 2000, &[0xee; 100]);
     let (s, r) = MetaStore::open(&p, &expect()).unwrap();
     drop(s);
     assert_eq!(r.meta.current_gen, 5, "the previous state wins");
     let ins = MetaStore::inspect(&p, "r0").unwrap();
-    assert_eq!(ins.slot, 1);
+    assert_eq!(ins.slot, 0);
     assert!(
-        ins.warnings.iter().any(|w| w.contains("slot 0")),
+        ins.warnings.iter().any(|w| w.contains("slot 1")),
         "{:?}",
         ins.warnings
     );
-    poke(&p, 4096 + 3000, &[0xee; 10]);
+    poke(&p, 3000, &[0xee; 10]);
     let e = MetaStore::open(&p, &expect()).unwrap_err();
     assert!(matches!(e, MetaError::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains("both superblock slots"), "{e}");
@@ -312,4 +313,24 @@ fn bits_past_the_device_are_ignored() {
     poke(&p, l.bitmap_offset() + 8, &u64::MAX.to_le_bytes());
     let ins = MetaStore::inspect(&p, "r0").unwrap();
     assert_eq!(ins.bitmap, vec![0, 0b11_1111]);
+}
+
+#[test]
+fn an_update_never_overwrites_the_slot_in_effect() {
+    let (_d, p) = fresh();
+    // Both slots hold sequence 1 (slot 1 out of its usual place): slot 0 is in effect.
+    let slot0 = std::fs::read(&p).unwrap()[..BLOCK].to_vec();
+    poke(&p, BLOCK as u64, &slot0);
+    {
+        let (mut s, _) = MetaStore::open(&p, &expect()).unwrap();
+        s.save_meta(&Meta {
+            current_gen: 3,
+            ..Meta::new_device()
+        })
+        .unwrap();
+    }
+    assert_eq!(&std::fs::read(&p).unwrap()[..BLOCK], &slot0[..]);
+    let ins = MetaStore::inspect(&p, "r0").unwrap();
+    assert_eq!((ins.slot, ins.superblock.seq), (1, 2));
+    assert_eq!(ins.superblock.meta.current_gen, 3);
 }

@@ -5,6 +5,7 @@
 //! * `io`: `Disk*` actions on the local disk, answered as `DiskDone`.
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
+//! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
 //! * `SaveMeta` / `SaveBitmap` / `SaveActivityLog` go to the node's [`MetaStore`] (meta/),
 //!   synchronously: each is durable before the next action runs.
 //! * `daemon`: process setup, listeners, signals and the graceful shutdown.
@@ -12,6 +13,7 @@
 mod admin;
 pub mod daemon;
 mod frontend;
+mod hook;
 mod io;
 mod peer;
 
@@ -67,6 +69,8 @@ pub(super) enum Input {
     Status {
         reply: oneshot::Sender<serde_json::Value>,
     },
+    /// The `on-peer-lost` hook finished, or its retry is due.
+    Hook(hook::Report),
     /// Flush, save the metadata, close the connection, then answer and stop.
     Shutdown {
         reply: oneshot::Sender<Result<(), String>>,
@@ -95,6 +99,7 @@ struct Node {
     retry_after: std::time::Duration,
     events: VecDeque<serde_json::Value>,
     out: Vec<Action>,
+    peer_lost: hook::PeerLost,
 }
 
 impl Node {
@@ -228,7 +233,15 @@ impl Node {
         self.feed(ev);
     }
 
+    /// Hand the core a peer loss the `on-peer-lost` hook was holding back.
+    fn unfreeze(&mut self, why: &str) {
+        if let Some((conn, reason)) = self.peer_lost.release(why) {
+            self.feed(Event::ConnectionDown { conn, reason });
+        }
+    }
+
     fn connected(&mut self, conn: PeerConn) {
+        self.unfreeze("the peer connected again");
         if let Some(old) = self.current.take() {
             old.close("replaced by a newer connection");
             let conn = old.id;
@@ -297,6 +310,7 @@ impl Node {
             "requests_in_flight": s.requests_in_flight,
             "peer_unacked": s.peer_unacked,
             "events": self.events,
+            "peer_lost_hook": self.peer_lost.status(),
         })
     }
 
@@ -346,12 +360,24 @@ impl Node {
                 Input::DiskDone { io, result } => self.feed(Event::DiskDone { io, result }),
                 Input::Peer { conn, msg } => self.feed(Event::Peer { conn, msg }),
                 Input::ConnDown { conn, reason } => {
+                    let mut held = false;
                     if self.current.as_ref().is_some_and(|c| c.id == conn) {
                         self.current = None;
                         info!(conn, "peer connection lost: {reason}");
                         self.last_conn_error = Some(reason.clone());
+                        let s = self.replica.status();
+                        held = s.role == crate::core::Role::Primary
+                            && s.peer_disk == Some(crate::core::DiskState::UpToDate)
+                            && self.peer_lost.hold(conn, &reason, &self.tx);
                     }
-                    self.feed(Event::ConnectionDown { conn, reason });
+                    if !held {
+                        self.feed(Event::ConnectionDown { conn, reason });
+                    }
+                }
+                Input::Hook(r) => {
+                    if let Some((conn, reason)) = self.peer_lost.report(r, &self.tx) {
+                        self.feed(Event::ConnectionDown { conn, reason });
+                    }
                 }
                 Input::Timer(kind) => self.feed(Event::Timer(kind)),
                 Input::Retry => {
@@ -368,7 +394,10 @@ impl Node {
                     self.next_tag += 1;
                     self.admins.insert(tag, reply);
                     match cmd {
-                        AdminCmd::Disconnect => self.user_disconnected = true,
+                        AdminCmd::Disconnect => {
+                            self.user_disconnected = true;
+                            self.unfreeze("the operator disconnected");
+                        }
                         AdminCmd::Connect => self.user_disconnected = false,
                         _ => {}
                     }
@@ -392,6 +421,7 @@ impl Node {
                     let _ = reply.send(self.status_json());
                 }
                 Input::Shutdown { reply } => {
+                    self.unfreeze("shutting down");
                     // Stop reconnecting, but let the current connection deliver what it was
                     // sent (async mode: writes completed locally but not yet on the peer).
                     self.connector = None;

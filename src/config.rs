@@ -101,6 +101,8 @@ pub struct Node {
     pub size: Option<u64>,
     /// `sha256:<64 hex>` of the node's DER certificate; `None`: computed from `cert` when needed.
     pub pin: Option<String>,
+    /// Serve Prometheus metrics over HTTP here; `None` (the default): no metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What went wrong reading a resource file. The `Display` text is meant for the operator.
@@ -156,6 +158,7 @@ struct RawNode {
     key: PathBuf,
     size: Option<String>,
     pin: Option<String>,
+    metrics: Option<String>,
 }
 
 impl Config {
@@ -378,6 +381,16 @@ impl Config {
                     ));
                 }
             }
+            let metrics = match &n.metrics {
+                None => None,
+                Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
+                    bad(
+                        &k("metrics"),
+                        format!("{m:?} is not an IP address with a port"),
+                        "write it as \"127.0.0.1:9942\" (TCP; Prometheus scrapes http://ADDR/metrics), or remove the key to serve no metrics",
+                    )
+                })?),
+            };
             nodes.push(Node {
                 name,
                 address,
@@ -388,6 +401,7 @@ impl Config {
                 key: n.key,
                 size,
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
+                metrics,
             });
         }
         if let [a, b] = nodes.as_slice() {

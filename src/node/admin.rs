@@ -1,7 +1,7 @@
 //! The admin socket handler: turns `twinblk status/primary/secondary/connect/disconnect/down`
 //! into event-loop inputs and answers with their result.
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::Input;
 use crate::control::{Handler, Request, Response};
@@ -11,6 +11,9 @@ pub(super) struct Admin {
     pub tx: mpsc::UnboundedSender<Input>,
     /// Set by `down`: the daemon then shuts down gracefully.
     pub down: watch::Sender<bool>,
+    pub resource: String,
+    pub node: String,
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn gone() -> Response {
@@ -31,6 +34,44 @@ impl Admin {
             },
             Ok(Err(message)) => Response::Error { message },
             Err(_) => gone(),
+        }
+    }
+}
+
+impl Admin {
+    /// Stream event lines until the client goes away or the daemon stops. A client that reads
+    /// slower than events happen loses lines (the broadcast is bounded so the event loop never
+    /// waits) and gets a `dropped` line saying how many.
+    async fn events(&self, now: bool, reply: &mpsc::Sender<Response>) {
+        let (r, rx) = oneshot::channel();
+        if self.tx.send(Input::Events { now, reply: r }).is_err() {
+            let _ = reply.send(gone()).await;
+            return;
+        }
+        let Ok((mut stream, exists)) = rx.await else {
+            let _ = reply.send(gone()).await;
+            return;
+        };
+        for event in exists {
+            if reply.send(Response::Event { event }).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = match stream.recv().await {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    self.metrics.events_dropped.inc_by(n);
+                    super::events::dropped(&self.resource, &self.node, n)
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = reply.send(gone()).await;
+                    return;
+                }
+            };
+            if reply.send(Response::Event { event }).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -69,9 +110,10 @@ impl Handler for Admin {
                     message: "shutting down".into(),
                 }
             }
-            Request::Events { .. } => Response::Error {
-                message: "the events stream is not implemented yet; use `twinblk status`".into(),
-            },
+            Request::Events { now } => {
+                self.events(now, &reply).await;
+                return;
+            }
         };
         let _ = reply.send(resp).await;
     }

@@ -633,6 +633,10 @@ fn log_change(resource: &str, node: &str, change: &StateChange) {
         StateChange::Repl { from, to } => (format!("{from:?}"), format!("{to:?}")),
         StateChange::PeerDisk { to } => (String::new(), opt(to.map(|d| format!("{d:?}")))),
         StateChange::PeerRole { to } => (String::new(), opt(to.map(|r| format!("{r:?}")))),
+        StateChange::ResyncStarted { blocks, full } => (
+            String::new(),
+            format!("{blocks} blocks{}", if *full { " (full)" } else { "" }),
+        ),
         StateChange::Refused { reason } | StateChange::ConnectionLost { reason } => {
             (String::new(), reason.clone())
         }

@@ -178,4 +178,25 @@ fn metrics_of_a_replicating_pair() {
         Some(1.0),
         "{t}"
     );
+
+    // The Grafana dashboard only uses names the daemon exports.
+    let alpha = scrape(ports[0]);
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tools/grafana-dashboard.json"
+    ))
+    .expect("read tools/grafana-dashboard.json");
+    let mut names: Vec<&str> = dash
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("twinblk_"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 15, "{names:?}");
+    for n in names {
+        assert!(
+            alpha.lines().any(|l| l.starts_with(&format!("{n}{{"))),
+            "the dashboard uses {n}, which the daemon does not export:\n{alpha}"
+        );
+    }
 }

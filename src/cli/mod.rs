@@ -114,7 +114,7 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `twinblk man > /usr/local/share/man/man8/twinblk.8`.
+    /// Print the man page (roff), e.g. `twinblk man > /usr/local/share/man/man1/twinblk.1`.
     Man,
 }
 

@@ -118,3 +118,72 @@ impl Handler for Admin {
         let _ = reply.send(resp).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::events::Bus;
+
+    /// A reader that does not keep up loses lines and is told how many; the sender never
+    /// waits for it.
+    #[test]
+    fn slow_reader_gets_a_dropped_line() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (tx, mut inputs) = mpsc::unbounded_channel();
+            let (down, _) = watch::channel(false);
+            let (metrics, _) = crate::metrics::Metrics::new("r0", "alpha");
+            let admin = Admin {
+                tx,
+                down,
+                resource: "r0".into(),
+                node: "alpha".into(),
+                metrics: metrics.clone(),
+            };
+            let bus = Bus::new("r0", "alpha");
+            let sender = bus.sender();
+            drop(bus);
+            // The event loop's side: subscribe on request, then flood without waiting.
+            let fake_loop = tokio::spawn(async move {
+                if let Some(Input::Events { reply, .. }) = inputs.recv().await {
+                    let _ = reply.send((sender.subscribe(), Vec::new()));
+                }
+                for i in 0..(3 * crate::node::events::BACKLOG) {
+                    // Never blocks: this is what keeps a slow terminal from stalling I/O.
+                    let _ = sender.send(serde_json::json!({ "n": i }));
+                }
+                sender
+            });
+            // The client's side: a small channel nobody reads until the flood is over.
+            let (reply, mut client) = mpsc::channel(8);
+            let handler = tokio::spawn(async move {
+                admin.handle(Request::Events { now: false }, reply).await;
+            });
+            let sender = fake_loop.await.expect("fake loop");
+            drop(sender);
+            let mut dropped = 0;
+            let mut delivered = 0;
+            while let Some(r) = client.recv().await {
+                match r {
+                    Response::Event { event } if event["type"] == "dropped" => {
+                        dropped += event["count"].as_u64().expect("count");
+                    }
+                    Response::Event { .. } => delivered += 1,
+                    Response::Error { .. } => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let _ = handler.await;
+            assert!(dropped > 0, "the reader must be told it lost lines");
+            assert_eq!(
+                dropped + delivered,
+                3 * crate::node::events::BACKLOG as u64,
+                "every line is either delivered or counted as dropped"
+            );
+            assert_eq!(metrics.events_dropped.get(), dropped);
+        });
+    }
+}

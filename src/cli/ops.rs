@@ -247,12 +247,8 @@ pub fn wait_sync(res: &ResArgs, timeout: Option<u64>) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     };
     if let Some(b) = &bar {
-        if result.is_ok() {
-            b.set_position(1000);
-            b.finish_with_message("in sync");
-        } else {
-            b.abandon();
-        }
+        // The outcome is printed as a line of its own below.
+        b.finish_and_clear();
     }
     result?;
     println!("{name}: in sync (both disks UpToDate)");

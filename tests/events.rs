@@ -233,3 +233,35 @@ fn wait_sync_waits_for_the_initial_sync_and_fails_when_standalone() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("StandAlone"), "{err}");
 }
+
+#[test]
+fn split_brain_shows_in_events_and_ends_wait_sync() {
+    let p = Pair::new("8M", ["", ""]);
+    p.primary_force();
+    p.wait_in_sync();
+    for i in 0..2 {
+        let o = p.cli(i, &["disconnect"]);
+        assert!(o.status.success(), "disconnect: {o:?}");
+        p.wait(i, "StandAlone", |s| s["repl"] == "StandAlone");
+    }
+    // Both Primary while apart: the next handshake must refuse.
+    let o = p.cli(1, &["primary"]);
+    assert!(o.status.success(), "beta primary: {o:?}\n{}", p.logs());
+
+    let mut beta = Stream::start(&p, 1, &["events", "--now", "--json"]);
+    beta.until("end of exists", |l| json(l)["object"] == "-");
+    for i in 0..2 {
+        let o = p.cli(i, &["connect"]);
+        assert!(o.status.success(), "connect: {o:?}");
+    }
+    let l = json(&beta.until("split brain", |l| {
+        let v = json(l);
+        v["object"] == "resource" && v["split_brain"] == true
+    }));
+    assert_eq!(l["role"], "Primary", "{l}");
+
+    let o = p.cli(1, &["wait-sync", "--timeout", "120"]);
+    assert!(!o.status.success(), "wait-sync must fail on split brain");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("split brain"), "{err}");
+}

@@ -95,6 +95,17 @@ fn completions_and_man_page_come_from_the_cli_definition() {
     );
     assert!(man.contains("wait\\-sync"), "{man}");
 
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = ops_common::run(&["man", "--out-dir", dir.path().to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{o:?}");
+    let page = std::fs::read_to_string(dir.path().join("twinblk-wait-sync.1")).expect("page");
+    assert!(
+        page.contains(".TH twinblk\\-wait\\-sync") || page.contains("twinblk-wait-sync"),
+        "{page}"
+    );
+    assert!(page.contains("timeout"), "{page}");
+    assert!(dir.path().join("twinblk.1").is_file());
+
     let o = ops_common::run(&["completions", "tcsh"]);
     assert!(!o.status.success(), "an unknown shell is refused");
 }

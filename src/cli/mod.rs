@@ -114,8 +114,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `twinblk man > /usr/local/share/man/man1/twinblk.1`.
-    Man,
+    /// Print the man page (roff), e.g. `twinblk man > /usr/local/share/man/man1/twinblk.1`;
+    /// with --out-dir, write twinblk.1 and one twinblk-COMMAND.1 per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -406,6 +410,32 @@ fn human_status(s: &serde_json::Value) -> String {
     o
 }
 
+/// The man page(s), from the same definitions as `--help`.
+fn man(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    let Some(dir) = out_dir else {
+        return clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("writing the man page");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c).render(&mut buf)?;
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))
+    };
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("twinblk-{}", sub.get_name());
+        // clap wants a &'static name; this command exits right after writing the pages.
+        let full: &'static str = name.clone().leak();
+        write(&name, sub.clone().name(full))?;
+    }
+    write("twinblk", cmd)?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
+}
+
 fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (key, crt, pin) = crate::net::keys::keygen(&a.name, &a.out, a.force)?;
@@ -481,9 +511,7 @@ pub fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
-            .context("writing the man page"),
+        Command::Man { out_dir } => man(out_dir.as_deref()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

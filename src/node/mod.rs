@@ -129,6 +129,9 @@ pub(super) struct Observe {
     pub dirty: bool,
     /// (when, resync bytes counter) at the last rate sample.
     pub rate_sample: (Instant, u64),
+    /// Why the last established connection ended (not refusals: those are the core's
+    /// `last_refusal`); cleared by the next connection.
+    pub conn_lost: Option<String>,
 }
 
 impl Observe {
@@ -151,6 +154,7 @@ impl Observe {
             send_buffer,
             dirty: true,
             rate_sample: (Instant::now(), 0),
+            conn_lost: None,
         }
     }
 }
@@ -187,8 +191,12 @@ impl Node {
                     return;
                 };
                 let disk = self.disk.clone();
+                let errors = self.obs.metrics.io_errors.clone();
                 tokio::spawn(async move {
                     let r = disk.read(offset, len).await;
+                    if r.is_err() {
+                        errors.inc();
+                    }
                     let _ = reply.send(r.map(Some).map_err(|e| e.errno()));
                 });
             }
@@ -266,6 +274,7 @@ impl Node {
         let text = format!("{change:?}");
         if let StateChange::ConnectionLost { reason } = &change {
             self.last_conn_error = Some(reason.clone());
+            self.obs.conn_lost = Some(reason.clone());
         }
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -324,6 +333,7 @@ impl Node {
             });
         }
         self.obs.unacked.clear();
+        self.obs.conn_lost = None;
         self.next_conn += 1;
         let id = self.next_conn;
         info!(conn = id, peer = %conn.peer, remote = %conn.remote_addr, "peer connected");
@@ -394,7 +404,7 @@ impl Node {
         events::objects(&events::View {
             status: s,
             peer: &self.obs.peer,
-            conn_error: self.last_conn_error.as_deref(),
+            conn_error: self.obs.conn_lost.as_deref(),
         })
     }
 

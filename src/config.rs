@@ -85,6 +85,9 @@ pub struct Resource {
     pub data_streams: u8,
     pub window: u64,
     pub max_mtu: u16,
+    /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
+    /// peer, before writes continue without it; `None`: continue at once.
+    pub on_peer_lost: Option<PathBuf>,
 }
 
 /// One `[node.NAME]` table.
@@ -145,6 +148,7 @@ struct RawResource {
     data_streams: Option<i64>,
     window: Option<String>,
     max_mtu: Option<i64>,
+    on_peer_lost: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -290,6 +294,17 @@ impl Config {
                 ))
             }
         };
+        let on_peer_lost = match r.on_peer_lost {
+            None => None,
+            Some(p) if p.is_absolute() => Some(p),
+            Some(p) => {
+                return Err(bad(
+                    "resource.on-peer-lost",
+                    format!("{} is not an absolute path", p.display()),
+                    "give the command's absolute path, e.g. \"/usr/local/sbin/fence-peer\" (the daemon does not search PATH and its working directory is not yours)",
+                ))
+            }
+        };
         let resource = Resource {
             name: r.name,
             protocol,
@@ -300,6 +315,7 @@ impl Config {
             data_streams,
             window,
             max_mtu,
+            on_peer_lost,
         };
 
         if raw.node.len() != 2 {

@@ -145,6 +145,15 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         events: VecDeque::new(),
         out: Vec::new(),
         obs,
+        peer_lost: super::hook::PeerLost::new(
+            cfg.resource.on_peer_lost.clone(),
+            resource.clone(),
+            cfg.nodes
+                .iter()
+                .find(|n| n.name != me.name)
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+        ),
     };
     let event_loop = tokio::spawn(node.run(rx));
 

@@ -5,6 +5,7 @@
 //! * `io`: `Disk*` actions on the local disk, answered as `DiskDone`.
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
+//! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
 //! * `meta_file`: durable, atomic `SaveMeta`.
 //! * `daemon`: process setup, listeners, signals and the graceful shutdown.
 //! * `events`: the `twinblk events` objects and their bounded broadcast.
@@ -14,6 +15,7 @@ mod admin;
 pub mod daemon;
 pub mod events;
 mod frontend;
+mod hook;
 mod io;
 pub mod meta_file;
 pub mod notify;
@@ -80,6 +82,8 @@ pub(super) enum Input {
             Vec<serde_json::Value>,
         )>,
     },
+    /// The `on-peer-lost` hook finished, or its retry is due.
+    Hook(hook::Report),
     /// Flush, save the metadata, close the connection, then answer and stop.
     Shutdown {
         reply: oneshot::Sender<Result<(), String>>,
@@ -109,6 +113,7 @@ struct Node {
     events: VecDeque<serde_json::Value>,
     out: Vec<Action>,
     obs: Observe,
+    peer_lost: hook::PeerLost,
 }
 
 /// What the operations side watches: the events broadcast and the metrics, plus the driver's
@@ -323,7 +328,15 @@ impl Node {
         self.feed(ev);
     }
 
+    /// Hand the core a peer loss the `on-peer-lost` hook was holding back.
+    fn unfreeze(&mut self, why: &str) {
+        if let Some((conn, reason)) = self.peer_lost.release(why) {
+            self.feed(Event::ConnectionDown { conn, reason });
+        }
+    }
+
     fn connected(&mut self, conn: PeerConn) {
+        self.unfreeze("the peer connected again");
         if let Some(old) = self.current.take() {
             old.close("replaced by a newer connection");
             let conn = old.id;
@@ -394,6 +407,7 @@ impl Node {
             "requests_in_flight": s.requests_in_flight,
             "peer_unacked": s.peer_unacked,
             "events": self.events,
+            "peer_lost_hook": self.peer_lost.status(),
         })
     }
 
@@ -544,12 +558,24 @@ impl Node {
                     self.feed(Event::Peer { conn, msg })
                 }
                 Input::ConnDown { conn, reason } => {
+                    let mut held = false;
                     if self.current.as_ref().is_some_and(|c| c.id == conn) {
                         self.current = None;
                         info!(conn, "peer connection lost: {reason}");
                         self.last_conn_error = Some(reason.clone());
+                        let s = self.replica.status();
+                        held = s.role == crate::core::Role::Primary
+                            && s.peer_disk == Some(crate::core::DiskState::UpToDate)
+                            && self.peer_lost.hold(conn, &reason, &self.tx);
                     }
-                    self.feed(Event::ConnectionDown { conn, reason });
+                    if !held {
+                        self.feed(Event::ConnectionDown { conn, reason });
+                    }
+                }
+                Input::Hook(r) => {
+                    if let Some((conn, reason)) = self.peer_lost.report(r, &self.tx) {
+                        self.feed(Event::ConnectionDown { conn, reason });
+                    }
                 }
                 Input::Timer(kind) => self.feed(Event::Timer(kind)),
                 Input::Retry => {
@@ -566,7 +592,10 @@ impl Node {
                     self.next_tag += 1;
                     self.admins.insert(tag, reply);
                     match cmd {
-                        AdminCmd::Disconnect => self.user_disconnected = true,
+                        AdminCmd::Disconnect => {
+                            self.user_disconnected = true;
+                            self.unfreeze("the operator disconnected");
+                        }
                         AdminCmd::Connect => self.user_disconnected = false,
                         _ => {}
                     }
@@ -600,6 +629,7 @@ impl Node {
                     let _ = reply.send((rx, exists));
                 }
                 Input::Shutdown { reply } => {
+                    self.unfreeze("shutting down");
                     // Stop reconnecting, but let the current connection deliver what it was
                     // sent (async mode: writes completed locally but not yet on the peer).
                     self.connector = None;

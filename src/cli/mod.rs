@@ -101,7 +101,7 @@ enum Command {
         json: bool,
     },
     /// Wait until no resync runs and both disks are UpToDate (progress bar on a terminal).
-    /// Fails if the connection is refused (e.g. split brain) while waiting.
+    /// Fails on a split brain, or when the node stays StandAlone (refused, disconnected).
     WaitSync {
         #[command(flatten)]
         res: ResArgs,

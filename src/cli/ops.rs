@@ -172,13 +172,20 @@ fn rate_eta(s: &Value) -> String {
     out
 }
 
-/// Why waiting cannot succeed, if so.
-fn hopeless(s: &Value) -> Option<String> {
+/// Why waiting cannot succeed, if so: a split brain at once (it is refused again on every
+/// attempt until an operator resolves it); any other StandAlone once it has lasted longer than
+/// `grace` (after a refusal the daemon tries again by itself after `connect-retry`, and the
+/// cause may be gone by then; after `disconnect` it never does).
+fn hopeless(s: &Value, standing_alone: Duration, grace: Duration) -> Option<String> {
     // The refusal is kept after a later success: only a node standing alone is stuck.
     if text(s, "repl") != "StandAlone" {
         return None;
     }
     let refusal = s.get("last_refusal").and_then(Value::as_str);
+    let split = refusal.is_some_and(|r| r.contains("split brain"));
+    if !split && standing_alone <= grace {
+        return None;
+    }
     Some(match refusal {
         Some(r) if r.contains("split brain") => format!("StandAlone after a split brain: {r}"),
         Some(r) => format!("StandAlone: the connection was refused: {r}"),
@@ -188,7 +195,11 @@ fn hopeless(s: &Value) -> Option<String> {
 
 /// `twinblk wait-sync`: block until both disks are UpToDate and no resync runs.
 pub fn wait_sync(res: &ResArgs, timeout: Option<u64>) -> anyhow::Result<()> {
-    let path = res.admin_socket()?;
+    let (cfg, node) = res.load()?;
+    let path = cfg.node_named(&node)?.admin.clone();
+    // Long enough for the daemon's own retry after a refusal to show as Connecting.
+    let grace = cfg.resource.connect_retry * 2 + Duration::from_secs(2);
+    let mut alone_since: Option<Instant> = None;
     let name = &res.resource;
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -214,7 +225,13 @@ pub fn wait_sync(res: &ResArgs, timeout: Option<u64>) -> anyhow::Result<()> {
         if repl == "Established" && disk == "UpToDate" && peer_disk == "UpToDate" {
             break Ok(());
         }
-        if let Some(why) = hopeless(&s) {
+        let alone = if repl == "StandAlone" {
+            alone_since.get_or_insert_with(Instant::now).elapsed()
+        } else {
+            alone_since = None;
+            Duration::ZERO
+        };
+        if let Some(why) = hopeless(&s, alone, grace) {
             break Err(anyhow::anyhow!("{name}: {why}"));
         }
         let p = percent(&s);
@@ -274,12 +291,17 @@ mod tests {
 
     #[test]
     fn refusals_end_the_wait() {
+        let (zero, grace) = (Duration::ZERO, Duration::from_secs(12));
+        let long = Duration::from_secs(13);
         let sb =
             json!({"repl": "StandAlone", "last_refusal": "split brain: both nodes have changes"});
-        assert!(hopeless(&sb).is_some_and(|w| w.contains("split brain")));
+        assert!(hopeless(&sb, zero, grace).is_some_and(|w| w.contains("split brain")));
+        let refused = json!({"repl": "StandAlone", "last_refusal": "the peer has newer data"});
+        assert_eq!(hopeless(&refused, zero, grace), None, "the daemon retries");
+        assert!(hopeless(&refused, long, grace).is_some_and(|w| w.contains("newer data")));
         let off = json!({"repl": "StandAlone", "last_refusal": null});
-        assert!(hopeless(&off).is_some_and(|w| w.contains("twinblk connect")));
+        assert!(hopeless(&off, long, grace).is_some_and(|w| w.contains("twinblk connect")));
         let going = json!({"repl": "SyncSource", "last_refusal": null});
-        assert_eq!(hopeless(&going), None);
+        assert_eq!(hopeless(&going, long, grace), None);
     }
 }

@@ -54,6 +54,18 @@ pub const DEFAULT_MAX_MTU: u16 = 1452;
 /// send at 64 KiB, so bigger datagrams fail to send and discovery falls back to 1200.
 pub const MAX_MAX_MTU: u16 = 6500;
 
+/// How a node exposes the replicated device to its applications (`frontend` in `[node.NAME]`).
+/// NBD is always served (the `nbd` key): it is how tools, backups and tests reach the device;
+/// `Ublk` adds a kernel block device `/dev/ublkbN` on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frontend {
+    /// Only the NBD export.
+    #[default]
+    Nbd,
+    /// The NBD export and `/dev/ublkbN` (Linux >= 6.0, module `ublk_drv`, root).
+    Ublk,
+}
+
 /// Replication protocol, DRBD's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -106,6 +118,8 @@ pub struct Node {
     pub pin: Option<String>,
     /// Serve Prometheus metrics over HTTP here; `None` (the default): no metrics listener.
     pub metrics: Option<SocketAddr>,
+    /// Per node, not per resource: the two machines may run different kernels.
+    pub frontend: Frontend,
 }
 
 /// What went wrong reading a resource file. The `Display` text is meant for the operator.
@@ -163,6 +177,7 @@ struct RawNode {
     size: Option<String>,
     pin: Option<String>,
     metrics: Option<String>,
+    frontend: Option<String>,
 }
 
 impl Config {
@@ -407,6 +422,17 @@ impl Config {
                     )
                 })?),
             };
+            let frontend = match n.frontend.as_deref() {
+                None | Some("nbd") => Frontend::Nbd,
+                Some("ublk") => Frontend::Ublk,
+                Some(other) => {
+                    return Err(bad(
+                        &k("frontend"),
+                        format!("unknown frontend {other:?}"),
+                        "use \"nbd\" (NBD export only) or \"ublk\" (NBD export plus /dev/ublkbN; Linux >= 6.0 with ublk_drv)",
+                    ))
+                }
+            };
             nodes.push(Node {
                 name,
                 address,
@@ -418,6 +444,7 @@ impl Config {
                 size,
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
                 metrics,
+                frontend,
             });
         }
         if let [a, b] = nodes.as_slice() {

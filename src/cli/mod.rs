@@ -120,6 +120,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Delete /dev/ublkbN left behind by a killed server (instead of `serve --ublk --recover N`):
+    /// its pending I/O fails. Refuses a device whose server still runs.
+    UblkDel {
+        /// N of /dev/ublkbN.
+        id: i32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -383,6 +389,9 @@ fn human_status(s: &serde_json::Value) -> String {
         f("peer_disk")
     );
     let _ = writeln!(o, "  replication: {}", f("repl"));
+    if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
+        let _ = writeln!(o, "  device:      {dev}");
+    }
     let _ = writeln!(o, "  out of sync: {} bytes", f("out_of_sync_bytes"));
     if let Some(p) = s
         .get("resync")
@@ -512,6 +521,9 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Command::Man { out_dir } => man(out_dir.as_deref()),
+        Command::UblkDel { id } => twinblk_ublk::delete(id)
+            .map(|()| println!("deleted /dev/ublkb{id}"))
+            .map_err(Into::into),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,8 @@ pub(super) struct Admin {
     pub resource: String,
     pub node: String,
     pub metrics: crate::metrics::Metrics,
+    /// `/dev/ublkbN` once `frontend = "ublk"` created it, for `status`.
+    pub ublk_device: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 fn gone() -> Response {
@@ -85,7 +87,15 @@ impl Handler for Admin {
                     gone()
                 } else {
                     match rx.await {
-                        Ok(status) => Response::Status { status },
+                        Ok(mut status) => {
+                            if let Some(o) = status.as_object_mut() {
+                                o.insert(
+                                    "ublk_device".into(),
+                                    self.ublk_device.get().cloned().into(),
+                                );
+                            }
+                            Response::Status { status }
+                        }
                         Err(_) => gone(),
                     }
                 }
@@ -142,6 +152,7 @@ mod tests {
                 resource: "r0".into(),
                 node: "alpha".into(),
                 metrics: metrics.clone(),
+                ublk_device: Default::default(),
             };
             let bus = Bus::new("r0", "alpha");
             let sender = bus.sender();

@@ -12,8 +12,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use super::admin::Admin;
+use super::frontend::UblkFrontend;
 use super::{meta_file, Input, Node, Replicated};
-use crate::config::{Config, ConfigError, Protocol};
+use crate::config::{Config, ConfigError, Frontend, Protocol};
 use crate::control::{self, ControlError};
 use crate::core::{self, Replica};
 use crate::disk::{Disk, DiskError, DiskOptions};
@@ -37,6 +38,8 @@ pub enum UpError {
     Nbd(#[from] ServeError),
     #[error("{0}")]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("ublk (frontend = \"ublk\"): {0}")]
+    Ublk(#[from] twinblk_ublk::UblkError),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("shutting down: {0}")]
@@ -158,6 +161,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let event_loop = tokio::spawn(node.run(rx));
 
     let (down_tx, mut down_rx) = watch::channel(false);
+    let ublk_device = Arc::new(std::sync::OnceLock::new());
     let admin_listener = control::bind(&me.admin)?;
     let admin = tokio::spawn(control::serve(
         admin_listener,
@@ -167,6 +171,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             resource: resource.clone(),
             node: name.to_owned(),
             metrics,
+            ublk_device: ublk_device.clone(),
         }),
     ));
 
@@ -174,6 +179,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         tx: tx.clone(),
         disk: disk.clone(),
     };
+    let ublk_backend = backend.clone();
     let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));
     let mut sigterm = signal(SignalKind::terminate()).map_err(UpError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(UpError::Runtime)?;
@@ -193,6 +199,23 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         disk.size(),
         me.admin.display()
     );
+    let ublk = match me.frontend {
+        Frontend::Nbd => None,
+        Frontend::Ublk => match UblkFrontend::start(ublk_backend).await {
+            Ok(u) => {
+                info!(resource = %resource, "ublk device {}", u.device);
+                // Scripts wait for this line.
+                println!("ublk device {}", u.device);
+                let _ = ublk_device.set(u.device.clone());
+                Some(u)
+            }
+            Err(e) => {
+                admin.abort();
+                let _ = std::fs::remove_file(&me.admin);
+                return Err(e.into());
+            }
+        },
+    };
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
     // The NBD socket is bound and listening: connections are accepted from here on.
@@ -208,6 +231,11 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         super::notify::notify("STOPPING=1");
     })
     .await;
+    // The device goes before the event loop: its requests in flight are answered first.
+    let ublk_stopped = match ublk {
+        Some(u) => u.stop().await,
+        None => Ok(()),
+    };
     // Every accepted request got its answer before serve_until returned.
     let (reply, done) = oneshot::channel();
     let result = if tx.send(Input::Shutdown { reply }).is_ok() {
@@ -223,6 +251,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let _ = std::fs::remove_file(&me.admin);
     let _ = event_loop.await;
     result.map_err(UpError::Shutdown)?;
+    ublk_stopped?;
     info!("disk flushed, metadata saved; exiting");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! [node.alpha]
 //! address = "127.0.0.1:7789"
 //! disk    = "/var/lib/twinblk/r0-alpha.img"
+//! meta    = "/var/lib/twinblk/r0-alpha.meta"   # optional: default <disk>.twinblk-meta
 //! nbd     = "unix:/run/twinblk/r0-alpha.nbd"
 //! admin   = "/run/twinblk/r0-alpha.sock"
 //! cert    = "/etc/twinblk/alpha.crt"
@@ -108,6 +109,8 @@ pub struct Node {
     pub name: String,
     pub address: SocketAddr,
     pub disk: PathBuf,
+    /// This node's metadata area (file or block device); default `<disk>.twinblk-meta`.
+    pub meta: PathBuf,
     pub nbd: ListenAddr,
     pub admin: PathBuf,
     pub cert: PathBuf,
@@ -170,6 +173,7 @@ struct RawResource {
 struct RawNode {
     address: String,
     disk: PathBuf,
+    meta: Option<PathBuf>,
     nbd: String,
     admin: PathBuf,
     cert: PathBuf,
@@ -373,6 +377,7 @@ impl Config {
                 ("admin", &n.admin),
                 ("cert", &n.cert),
                 ("key", &n.key),
+                ("meta", n.meta.as_ref().unwrap_or(&n.disk)),
             ] {
                 if p.as_os_str().is_empty() {
                     return Err(bad(
@@ -433,10 +438,19 @@ impl Config {
                     ))
                 }
             };
+            let meta = n.meta.clone().unwrap_or_else(|| default_meta_path(&n.disk));
+            if meta == n.disk {
+                return Err(bad(
+                    &k("meta"),
+                    "the metadata would overwrite the disk".into(),
+                    "give the metadata its own file or device, or remove the key for the default <disk>.twinblk-meta",
+                ));
+            }
             nodes.push(Node {
                 name,
                 address,
                 disk: n.disk,
+                meta,
                 nbd,
                 admin: n.admin,
                 cert: n.cert,
@@ -491,6 +505,13 @@ impl Config {
             ),
         }
     }
+}
+
+/// Where a node's metadata lives when the resource file does not say: next to its disk.
+pub fn default_meta_path(disk: &Path) -> PathBuf {
+    let mut s = disk.as_os_str().to_owned();
+    s.push(".twinblk-meta");
+    PathBuf::from(s)
 }
 
 const NAME_RULE: &str = "use 1 to 63 ASCII letters, digits and '-', starting with a letter or digit (node names double as TLS server names)";

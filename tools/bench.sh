@@ -108,8 +108,8 @@ key = "$work/beta.key"
 size = "$size"
 EOF2
     rm -f "$work"/alpha.img* "$work"/beta.img*
-    "$twinblk" create-md r0 --config "$work/r0.toml" --node alpha >/dev/null
-    "$twinblk" create-md r0 --config "$work/r0.toml" --node beta >/dev/null
+    "$twinblk" create-md r0 --config "$work/r0.toml" --node alpha --force >/dev/null
+    "$twinblk" create-md r0 --config "$work/r0.toml" --node beta --force >/dev/null
     "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null &
     peer_pid=$!
     "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null &

@@ -36,13 +36,30 @@ enum Command {
     Serve(ServeArgs),
     /// Generate this node's QUIC/TLS identity (NAME.key, NAME.crt) and print its SHA-256 pin.
     Keygen(KeygenArgs),
-    /// Create this node's metadata for a resource (once, before the first `up`).
+    /// Create this node's metadata for a resource (once, before the first `up`), where the
+    /// resource file's `meta` says (default: DISK.twinblk-meta).
     CreateMd {
         #[command(flatten)]
         res: ResArgs,
         /// Replace existing metadata (this node then needs a full resync).
         #[arg(long)]
         force: bool,
+        /// Bytes of disk per dirty-bitmap bit: a power of two from 4K to 1M (suffixes K, M).
+        #[arg(long, value_name = "SIZE", value_parser = crate::config::parse_size)]
+        bitmap_block: Option<u64>,
+        /// Activity-log size in 4 MiB extents: after a crash of the Primary at most this many
+        /// extents are resynced (default 1024; at most 1360, or 1020 above 64 TiB).
+        #[arg(long, value_name = "N")]
+        al_extents: Option<u32>,
+    },
+    /// Print this node's metadata (superblock, generation ids, bitmap summary, activity log);
+    /// reads the file, so it works while the daemon is down.
+    DumpMd {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a resource on this node in the foreground (replication, NBD, admin socket) until
     /// SIGINT/SIGTERM or `twinblk down`.
@@ -307,10 +324,31 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_md(a: ResArgs, force: bool) -> anyhow::Result<()> {
+fn create_md(a: ResArgs, opts: crate::node::daemon::CreateMd) -> anyhow::Result<()> {
     let (_, node) = a.load()?;
-    let path = crate::node::daemon::create_md(&a.config_path(), &node, force)?;
-    println!("{}: metadata created at {}", a.resource, path.display());
+    let store = crate::node::daemon::create_md(&a.config_path(), &node, &opts)?;
+    let l = store.layout();
+    println!(
+        "{}: metadata for node {node} created at {} ({} bytes; device {} bytes, bitmap block {}, activity log {} extents)",
+        a.resource,
+        store.path().display(),
+        l.total_len(),
+        l.size,
+        l.bitmap_block,
+        l.al_extents
+    );
+    Ok(())
+}
+
+fn dump_md(a: ResArgs, json: bool) -> anyhow::Result<()> {
+    let (cfg, node) = a.load()?;
+    let path = &cfg.node_named(&node)?.meta;
+    let ins = crate::meta::MetaStore::inspect(path, &a.resource)?;
+    if json {
+        println!("{}", crate::meta::dump::to_json(path, &ins));
+    } else {
+        print!("{}", crate::meta::dump::human(path, &ins));
+    }
     Ok(())
 }
 
@@ -478,7 +516,20 @@ pub fn main() -> ExitCode {
     let r = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Keygen(a) => keygen(a),
-        Command::CreateMd { res, force } => create_md(res, force),
+        Command::CreateMd {
+            res,
+            force,
+            bitmap_block,
+            al_extents,
+        } => create_md(
+            res,
+            crate::node::daemon::CreateMd {
+                force,
+                bitmap_block,
+                al_extents,
+            },
+        ),
+        Command::DumpMd { res, json } => dump_md(res, json),
         Command::Up(a) => up(a),
         Command::Primary { res, force } => admin(&res, Request::Primary { force }),
         Command::Secondary(res) => admin(&res, Request::Secondary),

@@ -13,11 +13,12 @@ use tracing::info;
 
 use super::admin::Admin;
 use super::frontend::UblkFrontend;
-use super::{meta_file, Input, Node, Replicated};
+use super::{Input, Node, Replicated};
 use crate::config::{Config, ConfigError, Frontend, Protocol};
 use crate::control::{self, ControlError};
 use crate::core::{self, Replica};
 use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::meta::{self, Expect, Identity, Layout, MetaError, MetaStore};
 use crate::nbd::server::Server;
 use crate::net::{LinkConfig, NetError, PeerLink};
 use crate::serve::{bind, Listener, ServeError};
@@ -29,7 +30,9 @@ pub enum UpError {
     #[error("opening the disk: {0}")]
     Disk(#[from] DiskError),
     #[error("{0}")]
-    Meta(#[from] meta_file::MetaFileError),
+    Meta(#[from] MetaError),
+    #[error("{0}")]
+    Layout(String),
     #[error("{0}")]
     Net(#[from] NetError),
     #[error("{0}")]
@@ -46,13 +49,55 @@ pub enum UpError {
     Shutdown(String),
 }
 
+/// Options of `twinblk create-md`.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateMd {
+    pub force: bool,
+    /// Bytes per bitmap bit; `None`: 4 KiB.
+    pub bitmap_block: Option<u64>,
+    /// Activity-log extents; `None`: 1024.
+    pub al_extents: Option<u32>,
+}
+
 /// `twinblk create-md`: write fresh metadata for node `node` of the resource in `config`.
-pub fn create_md(config: &Path, node: &str, force: bool) -> Result<std::path::PathBuf, UpError> {
+/// Reads the disk's size but writes only the metadata.
+pub fn create_md(config: &Path, node: &str, opts: &CreateMd) -> Result<MetaStore, UpError> {
     let cfg = Config::load(config)?;
     let me = cfg.node_named(node)?;
-    let path = meta_file::path_for(&me.disk);
-    meta_file::create(&path, force)?;
-    Ok(path)
+    let layout = Layout::new(
+        device_size(me)?,
+        opts.bitmap_block
+            .unwrap_or(meta::format::DEFAULT_BITMAP_BLOCK),
+        opts.al_extents.unwrap_or(meta::format::DEFAULT_AL_EXTENTS),
+    )
+    .map_err(|e| UpError::Layout(format!("create-md: {e}")))?;
+    let id = Identity {
+        resource: &cfg.resource.name,
+        node,
+        node_id: node_id(&cfg, node),
+    };
+    Ok(MetaStore::create(&me.meta, &id, &layout, opts.force)?)
+}
+
+/// The size the disk has (or gets, from the resource file's `size`) at `up`, found without
+/// creating or changing anything.
+fn device_size(me: &crate::config::Node) -> Result<u64, UpError> {
+    if let Some(s) = me.size {
+        return Ok(s);
+    }
+    let d = Disk::open(
+        &me.disk,
+        &DiskOptions {
+            read_only: true,
+            ..DiskOptions::default()
+        },
+    )?;
+    Ok(d.size())
+}
+
+/// Node ids only need to differ between the two nodes: the resource file sorts them by name.
+fn node_id(cfg: &Config, name: &str) -> u64 {
+    cfg.nodes.iter().position(|n| n.name == name).unwrap_or(0) as u64 + 1
 }
 
 /// Run node `node` of the resource in `config` in the foreground.
@@ -69,6 +114,15 @@ pub fn run(config: &Path, node: &str) -> Result<(), UpError> {
 async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let me = cfg.node_named(name)?.clone();
     let resource = cfg.resource.name.clone();
+    // The metadata first: any refusal leaves the disk and the metadata untouched.
+    let (store, restored) = MetaStore::open(
+        &me.meta,
+        &Expect {
+            resource: &resource,
+            node: name,
+            size: device_size(&me)?,
+        },
+    )?;
     let disk = Disk::open(
         &me.disk,
         &DiskOptions {
@@ -76,29 +130,37 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             ..DiskOptions::default()
         },
     )?;
-    let meta_path = meta_file::path_for(&me.disk);
-    let meta = meta_file::load(&meta_path, &resource)?;
-    // Node ids only need to differ between the two nodes: the resource file sorts them by name.
-    let node_id = cfg
-        .nodes
-        .iter()
-        .position(|n| n.name == me.name)
-        .unwrap_or(0) as u64
-        + 1;
+    if disk.size() != store.layout().size {
+        return Err(MetaError::Foreign {
+            path: me.meta.clone(),
+            problem: format!(
+                "describes a device of {} bytes, but the disk has {} bytes",
+                store.layout().size,
+                disk.size()
+            ),
+            fix: format!("the disk changed size: restore its old size, or run `twinblk create-md {resource} --force` for the new size (a full resync)"),
+        }
+        .into());
+    }
+    let node_id = node_id(&cfg, name);
     let (protocol, pname) = match cfg.resource.protocol {
         Protocol::Sync => (core::Protocol::Sync, "sync"),
         Protocol::Async => (core::Protocol::Async, "async"),
     };
     let mut ccfg = core::Config::new(&resource, node_id, disk.size(), protocol);
     ccfg.send_buffer = cfg.resource.send_buffer;
-    let replica = Replica::restore(
-        ccfg,
-        core::Restored {
-            meta,
-            bitmap: Vec::new(),
-            activity_log: Vec::new(),
-        },
+    ccfg.bitmap_block = store.layout().bitmap_block;
+    ccfg.al_extents = store.layout().al_extents as usize;
+    info!(
+        meta = %me.meta.display(),
+        current_gen = restored.meta.current_gen,
+        disk = ?restored.meta.disk,
+        crashed_primary = restored.meta.primary,
+        dirty_words = restored.bitmap.iter().filter(|w| **w != 0).count(),
+        al_extents = restored.activity_log.len(),
+        "metadata loaded"
     );
+    let replica = Replica::restore(ccfg, restored);
     let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
 
     // Operations: metrics (if configured) and the events objects.
@@ -129,7 +191,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let node = Node {
         replica,
         disk: disk.clone(),
-        meta_path,
+        store,
         protocol: pname,
         tx: tx.clone(),
         start: Instant::now(),

@@ -6,7 +6,8 @@
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
 //! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
-//! * `meta_file`: durable, atomic `SaveMeta`.
+//! * `SaveMeta` / `SaveBitmap` / `SaveActivityLog` go to the node's [`MetaStore`] (meta/),
+//!   synchronously: each is durable before the next action runs.
 //! * `daemon`: process setup, listeners, signals and the graceful shutdown.
 //! * `events`: the `twinblk events` objects and their bounded broadcast.
 //! * `notify`: systemd readiness (sd_notify).
@@ -17,12 +18,10 @@ pub mod events;
 mod frontend;
 mod hook;
 mod io;
-pub mod meta_file;
 pub mod notify;
 mod peer;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -36,6 +35,7 @@ use crate::core::{
     bitmap::BLOCK, Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind,
 };
 use crate::disk::Disk;
+use crate::meta::{MetaError, MetaStore};
 use crate::net::{Connector, PeerConn, PeerLink};
 use frontend::{ClientOp, ClientReply};
 use peer::Current;
@@ -93,7 +93,7 @@ pub(super) enum Input {
 struct Node {
     replica: Replica,
     disk: Disk,
-    meta_path: PathBuf,
+    store: MetaStore,
     protocol: &'static str,
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
@@ -242,18 +242,19 @@ impl Node {
                 });
             }
             Action::Emit(change) => self.emit(change),
+            // Durable before the next action runs: the core relies on it.
             Action::SaveMeta(meta) => {
-                // Durable before the next action runs: the core relies on it.
-                if let Err(e) = meta_file::save(&self.meta_path, &meta) {
-                    // Going on could let data reach the disk that the saved state does not
-                    // cover; stop instead (the supervisor restarts us with the old metadata).
-                    tracing::error!("{e}; stopping so no action runs without its metadata");
-                    std::process::exit(1);
-                }
+                let r = self.store.save_meta(&meta);
+                self.saved(r);
             }
-            // TODO(meta): persist through meta/ once the metadata area exists; the core does
-            // not emit these yet.
-            Action::SaveBitmap { .. } | Action::SaveActivityLog { .. } => {}
+            Action::SaveBitmap { first_word, words } => {
+                let r = self.store.save_bitmap(first_word, &words);
+                self.saved(r);
+            }
+            Action::SaveActivityLog { extents } => {
+                let r = self.store.save_activity_log(&extents);
+                self.saved(r);
+            }
             Action::CloseConnection { conn, reason }
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {
@@ -269,6 +270,15 @@ impl Node {
             }
             // Disk actions were started above.
             _ => {}
+        }
+    }
+
+    fn saved(&self, r: Result<(), MetaError>) {
+        if let Err(e) = r {
+            // Going on could let data reach the disk that the saved state does not cover;
+            // stop instead (the supervisor restarts us with the last durable metadata).
+            tracing::error!("{e}; stopping so no action runs without its metadata");
+            std::process::exit(1);
         }
     }
 
@@ -642,8 +652,7 @@ impl Node {
     async fn shutdown(&mut self) -> Result<(), String> {
         self.connector = None;
         let flushed = self.disk.flush().await.map_err(|e| e.to_string());
-        let saved =
-            meta_file::save(&self.meta_path, &self.replica.meta()).map_err(|e| e.to_string());
+        let saved = self.save_all().map_err(|e| e.to_string());
         if let Some(c) = self.current.take() {
             c.close("the peer is shutting down (twinblk down)");
         }
@@ -686,6 +695,26 @@ fn log_change(resource: &str, node: &str, change: &StateChange) {
         warn!(resource, node, kind = %kind, from = %from, to = %to, "state change");
     } else {
         info!(resource, node, kind = %kind, from = %from, to = %to, "state change");
+    }
+}
+
+impl Node {
+    /// The core's metadata and its whole bitmap (a clean shutdown persists every dirty bit, so
+    /// the next start resyncs exactly what changed).
+    fn save_all(&mut self) -> Result<(), MetaError> {
+        self.store.save_meta(&self.replica.meta())?;
+        let bm = self.replica.bitmap();
+        let mut words = vec![0u64; self.store.layout().bitmap_words() as usize];
+        let mut from = 0;
+        while let Some((first, n)) = bm.next_run(from, u64::MAX) {
+            for b in first..first + n {
+                if let Some(w) = words.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
+            }
+            from = first + n;
+        }
+        self.store.save_bitmap(0, &words)
     }
 }
 

@@ -119,6 +119,8 @@ pub struct Node {
     pub size: Option<u64>,
     /// `sha256:<64 hex>` of the node's DER certificate; `None`: computed from `cert` when needed.
     pub pin: Option<String>,
+    /// Serve Prometheus metrics over HTTP here; `None` (the default): no metrics listener.
+    pub metrics: Option<SocketAddr>,
     /// Per node, not per resource: the two machines may run different kernels.
     pub frontend: Frontend,
 }
@@ -178,6 +180,7 @@ struct RawNode {
     key: PathBuf,
     size: Option<String>,
     pin: Option<String>,
+    metrics: Option<String>,
     frontend: Option<String>,
 }
 
@@ -414,6 +417,16 @@ impl Config {
                     ));
                 }
             }
+            let metrics = match &n.metrics {
+                None => None,
+                Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
+                    bad(
+                        &k("metrics"),
+                        format!("{m:?} is not an IP address with a port"),
+                        "write it as \"127.0.0.1:9942\" (TCP; Prometheus scrapes http://ADDR/metrics), or remove the key to serve no metrics",
+                    )
+                })?),
+            };
             let frontend = match n.frontend.as_deref() {
                 None | Some("nbd") => Frontend::Nbd,
                 Some("ublk") => Frontend::Ublk,
@@ -444,6 +457,7 @@ impl Config {
                 key: n.key,
                 size,
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
+                metrics,
                 frontend,
             });
         }

@@ -12,6 +12,7 @@ pub mod control;
 pub mod core;
 pub mod disk;
 pub mod meta;
+pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod node;

@@ -39,6 +39,8 @@ pub enum UpError {
     Control(#[from] ControlError),
     #[error("NBD: {0}")]
     Nbd(#[from] ServeError),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("ublk (frontend = \"ublk\"): {0}")]
     Ublk(#[from] twinblk_ublk::UblkError),
     #[error("starting the runtime: {0}")]
@@ -161,6 +163,30 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let replica = Replica::restore(ccfg, restored);
     let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
 
+    // Operations: metrics (if configured) and the events objects.
+    let peer_name = cfg
+        .nodes
+        .iter()
+        .find(|n| n.name != me.name)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let (metrics, registry) = crate::metrics::Metrics::new(&resource, name);
+    let metrics_task = match me.metrics {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            info!(resource = %resource, node = %name, "metrics on http://{addr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(l, Arc::new(registry))))
+        }
+        None => None,
+    };
+    let obs = super::Observe::with_metrics(
+        &resource,
+        name,
+        &peer_name,
+        cfg.resource.send_buffer,
+        metrics.clone(),
+    );
+
     let (tx, rx) = mpsc::unbounded_channel();
     let node = Node {
         replica,
@@ -183,6 +209,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         retry_after: cfg.resource.connect_retry,
         events: VecDeque::new(),
         out: Vec::new(),
+        obs,
         peer_lost: super::hook::PeerLost::new(
             cfg.resource.on_peer_lost.clone(),
             resource.clone(),
@@ -203,6 +230,9 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         Arc::new(Admin {
             tx: tx.clone(),
             down: down_tx,
+            resource: resource.clone(),
+            node: name.to_owned(),
+            metrics,
             ublk_device: ublk_device.clone(),
         }),
     ));
@@ -250,6 +280,8 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     };
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
+    // The NBD socket is bound and listening: connections are accepted from here on.
+    super::notify::notify("READY=1");
 
     crate::serve::serve_until(listener, server, async {
         tokio::select! {
@@ -257,6 +289,8 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             _ = sigint.recv() => info!("SIGINT: shutting down"),
             _ = down_rx.wait_for(|d| *d) => info!("twinblk down: shutting down"),
         }
+        // Tell systemd at once: the drain that follows may take a while.
+        super::notify::notify("STOPPING=1");
     })
     .await;
     // The device goes before the event loop: its requests in flight are answered first.
@@ -273,6 +307,9 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         Err("the event loop stopped early".into())
     };
     admin.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&me.admin);
     let _ = event_loop.await;
     result.map_err(UpError::Shutdown)?;

@@ -7,6 +7,7 @@
 //! [node.alpha]
 //! address = "127.0.0.1:7789"
 //! disk    = "/var/lib/twinblk/r0-alpha.img"
+//! meta    = "/var/lib/twinblk/r0-alpha.meta"   # optional: default <disk>.twinblk-meta
 //! nbd     = "unix:/run/twinblk/r0-alpha.nbd"
 //! admin   = "/run/twinblk/r0-alpha.sock"
 //! cert    = "/etc/twinblk/alpha.crt"
@@ -54,6 +55,18 @@ pub const DEFAULT_MAX_MTU: u16 = 1452;
 /// send at 64 KiB, so bigger datagrams fail to send and discovery falls back to 1200.
 pub const MAX_MAX_MTU: u16 = 6500;
 
+/// How a node exposes the replicated device to its applications (`frontend` in `[node.NAME]`).
+/// NBD is always served (the `nbd` key): it is how tools, backups and tests reach the device;
+/// `Ublk` adds a kernel block device `/dev/ublkbN` on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frontend {
+    /// Only the NBD export.
+    #[default]
+    Nbd,
+    /// The NBD export and `/dev/ublkbN` (Linux >= 6.0, module `ublk_drv`, root).
+    Ublk,
+}
+
 /// Replication protocol, DRBD's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -100,6 +113,8 @@ pub struct Node {
     pub name: String,
     pub address: SocketAddr,
     pub disk: PathBuf,
+    /// This node's metadata area (file or block device); default `<disk>.twinblk-meta`.
+    pub meta: PathBuf,
     pub nbd: ListenAddr,
     pub admin: PathBuf,
     pub cert: PathBuf,
@@ -108,6 +123,10 @@ pub struct Node {
     pub size: Option<u64>,
     /// `sha256:<64 hex>` of the node's DER certificate; `None`: computed from `cert` when needed.
     pub pin: Option<String>,
+    /// Serve Prometheus metrics over HTTP here; `None` (the default): no metrics listener.
+    pub metrics: Option<SocketAddr>,
+    /// Per node, not per resource: the two machines may run different kernels.
+    pub frontend: Frontend,
 }
 
 /// What went wrong reading a resource file. The `Display` text is meant for the operator.
@@ -162,12 +181,15 @@ struct RawResource {
 struct RawNode {
     address: String,
     disk: PathBuf,
+    meta: Option<PathBuf>,
     nbd: String,
     admin: PathBuf,
     cert: PathBuf,
     key: PathBuf,
     size: Option<String>,
     pin: Option<String>,
+    metrics: Option<String>,
+    frontend: Option<String>,
 }
 
 impl Config {
@@ -389,6 +411,7 @@ impl Config {
                 ("admin", &n.admin),
                 ("cert", &n.cert),
                 ("key", &n.key),
+                ("meta", n.meta.as_ref().unwrap_or(&n.disk)),
             ] {
                 if p.as_os_str().is_empty() {
                     return Err(bad(
@@ -428,16 +451,48 @@ impl Config {
                     ));
                 }
             }
+            let metrics = match &n.metrics {
+                None => None,
+                Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
+                    bad(
+                        &k("metrics"),
+                        format!("{m:?} is not an IP address with a port"),
+                        "write it as \"127.0.0.1:9942\" (TCP; Prometheus scrapes http://ADDR/metrics), or remove the key to serve no metrics",
+                    )
+                })?),
+            };
+            let frontend = match n.frontend.as_deref() {
+                None | Some("nbd") => Frontend::Nbd,
+                Some("ublk") => Frontend::Ublk,
+                Some(other) => {
+                    return Err(bad(
+                        &k("frontend"),
+                        format!("unknown frontend {other:?}"),
+                        "use \"nbd\" (NBD export only) or \"ublk\" (NBD export plus /dev/ublkbN; Linux >= 6.0 with ublk_drv)",
+                    ))
+                }
+            };
+            let meta = n.meta.clone().unwrap_or_else(|| default_meta_path(&n.disk));
+            if meta == n.disk {
+                return Err(bad(
+                    &k("meta"),
+                    "the metadata would overwrite the disk".into(),
+                    "give the metadata its own file or device, or remove the key for the default <disk>.twinblk-meta",
+                ));
+            }
             nodes.push(Node {
                 name,
                 address,
                 disk: n.disk,
+                meta,
                 nbd,
                 admin: n.admin,
                 cert: n.cert,
                 key: n.key,
                 size,
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
+                metrics,
+                frontend,
             });
         }
         if let [a, b] = nodes.as_slice() {
@@ -484,6 +539,13 @@ impl Config {
             ),
         }
     }
+}
+
+/// Where a node's metadata lives when the resource file does not say: next to its disk.
+pub fn default_meta_path(disk: &Path) -> PathBuf {
+    let mut s = disk.as_os_str().to_owned();
+    s.push(".twinblk-meta");
+    PathBuf::from(s)
 }
 
 const NAME_RULE: &str = "use 1 to 63 ASCII letters, digits and '-', starting with a letter or digit (node names double as TLS server names)";

@@ -11,6 +11,8 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod disk;
+pub mod meta;
+pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod node;

@@ -1,30 +1,36 @@
-//! twinblk's disk as a ublk block target: `twinblk_ublk::BlockTarget` for [`Disk`].
+//! A twinblk [`Backend`] as a ublk block target: `twinblk_ublk::BlockTarget` for a plain
+//! [`Disk`] (`twinblk serve --ublk`) and for the replicated device (`twinblk up` with
+//! `frontend = "ublk"`), the same two backends the NBD server serves.
 //!
-//! ublk queue threads run their own single-threaded executor, not tokio, so every disk call is
+//! ublk queue threads run their own single-threaded executor, not tokio, so every backend call is
 //! spawned on the given tokio runtime and its result comes back over a oneshot channel (which any
-//! executor can await). Data is copied between the ublk request buffer and the disk's aligned
-//! buffers: the request buffer belongs to the queue, the disk wants its own.
+//! executor can await). Data is copied between the ublk request buffer and the backend's aligned
+//! buffers: the request buffer belongs to the queue, the backend wants its own.
 
-use crate::disk::{Disk, DiskError};
+use crate::backend::{Backend, BackendError};
+use crate::disk::Disk;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::runtime::Handle;
 use twinblk_ublk::{BlockTarget, IoFuture, UblkError, UblkOptions};
 
-pub struct DiskTarget {
-    disk: Disk,
+pub struct BackendTarget<B: Backend> {
+    backend: B,
     rt: Handle,
 }
 
-impl DiskTarget {
-    pub fn new(disk: Disk, rt: Handle) -> DiskTarget {
-        DiskTarget { disk, rt }
+/// `twinblk serve --ublk`'s target.
+pub type DiskTarget = BackendTarget<Disk>;
+
+impl<B: Backend> BackendTarget<B> {
+    pub fn new(backend: B, rt: Handle) -> BackendTarget<B> {
+        BackendTarget { backend, rt }
     }
 
     /// Run `io` on the runtime; resolves to its result, or EIO if the runtime dropped it.
     fn on_runtime<T: Send + 'static>(
         &self,
-        io: impl Future<Output = Result<T, DiskError>> + Send + 'static,
+        io: impl Future<Output = Result<T, B::Error>> + Send + 'static,
     ) -> impl Future<Output = Result<T, i32>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(async move {
@@ -43,21 +49,21 @@ impl DiskTarget {
     }
 }
 
-impl BlockTarget for DiskTarget {
+impl<B: Backend> BlockTarget for BackendTarget<B> {
     fn size(&self) -> u64 {
-        self.disk.size()
+        self.backend.size()
     }
 
     fn logical_block_size(&self) -> u32 {
-        self.disk.block_size()
+        self.backend.block_size()
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a> {
         let Ok(len) = u32::try_from(buf.len()) else {
             return Box::pin(async { Err(libc::EINVAL) });
         };
-        let disk = self.disk.clone();
-        let io = self.on_runtime(async move { disk.read(offset, len).await });
+        let b = self.backend.clone();
+        let io = self.on_runtime(async move { b.read(offset, len).await });
         Box::pin(async move {
             let data = io.await?;
             match data.get(..buf.len()) {
@@ -71,47 +77,47 @@ impl BlockTarget for DiskTarget {
     }
 
     fn write<'a>(&'a self, offset: u64, data: &'a [u8], fua: bool) -> IoFuture<'a> {
-        if self.disk.read_only() {
+        if self.backend.read_only() {
             return Box::pin(async { Err(libc::EROFS) });
         }
-        let mut b = self.disk.alloc(data.len());
-        b.copy_from_slice(data);
-        let disk = self.disk.clone();
-        Box::pin(self.on_runtime(async move { disk.write(offset, b, fua).await }))
+        let mut buf = self.backend.alloc(data.len());
+        buf.copy_from_slice(data);
+        let b = self.backend.clone();
+        Box::pin(self.on_runtime(async move { b.write(offset, buf, fua).await }))
     }
 
     fn flush(&self) -> IoFuture<'_> {
-        let disk = self.disk.clone();
-        Box::pin(self.on_runtime(async move { disk.flush().await }))
+        let b = self.backend.clone();
+        Box::pin(self.on_runtime(async move { b.flush().await }))
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        if self.disk.read_only() {
+        if self.backend.read_only() {
             return Box::pin(async { Err(libc::EROFS) });
         }
-        let disk = self.disk.clone();
-        Box::pin(self.on_runtime(async move { disk.trim(offset, len).await }))
+        let b = self.backend.clone();
+        Box::pin(self.on_runtime(async move { b.trim(offset, len).await }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
-        if self.disk.read_only() {
+        if self.backend.read_only() {
             return Box::pin(async { Err(libc::EROFS) });
         }
-        let disk = self.disk.clone();
-        Box::pin(self.on_runtime(async move { disk.write_zeroes(offset, len, may_unmap).await }))
+        let b = self.backend.clone();
+        Box::pin(self.on_runtime(async move { b.write_zeroes(offset, len, may_unmap).await }))
     }
 }
 
-/// Expose `disk` as `/dev/ublkbN` until stopped, then delete the device (see
+/// Expose `backend` as `/dev/ublkbN` until stopped, then delete the device (see
 /// [`twinblk_ublk::serve`]). Blocks the calling thread: call it from a plain thread or
-/// `spawn_blocking`, never from inside an async task. `rt` runs the disk I/O.
-pub fn serve_ublk(
-    disk: Disk,
+/// `spawn_blocking`, never from inside an async task. `rt` runs the backend's I/O.
+pub fn serve_ublk<B: Backend>(
+    backend: B,
     rt: Handle,
     opts: &UblkOptions,
     ready: impl FnOnce(&str),
 ) -> Result<(), UblkError> {
-    twinblk_ublk::serve(Arc::new(DiskTarget::new(disk, rt)), opts, ready)
+    twinblk_ublk::serve(Arc::new(BackendTarget::new(backend, rt)), opts, ready)
 }
 
 #[cfg(test)]
@@ -153,6 +159,45 @@ mod tests {
         assert_eq!(&back[4096..], &data[4096..]);
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(&on_disk[8192..12288], &data[4096..]);
+    }
+
+    /// Refusals come back as the errno the kernel should see: a read-only disk refuses every
+    /// kind of write with EROFS, and a read past the end fails with the disk's own errno.
+    #[test]
+    fn refusals_become_errnos() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+        let disk = Disk::open(
+            &path,
+            &DiskOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = BackendTarget::new(disk, rt.handle().clone());
+        let data = vec![1u8; 4096];
+        assert_eq!(futures_block_on(t.write(0, &data, false)), Err(libc::EROFS));
+        assert_eq!(futures_block_on(t.discard(0, 4096)), Err(libc::EROFS));
+        assert_eq!(
+            futures_block_on(t.write_zeroes(0, 4096, true)),
+            Err(libc::EROFS)
+        );
+        let mut back = vec![0u8; 4096];
+        futures_block_on(t.read(4096, &mut back)).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        let past_end = futures_block_on(t.read(1 << 16, &mut back));
+        assert!(
+            matches!(past_end, Err(e) if e > 0),
+            "read past the end: {past_end:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 1 << 16]);
     }
 
     /// A minimal block_on for the test: park the thread until woken.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 use twinblk::addr::ListenAddr;
-use twinblk::config::{parse_duration, parse_size, Config, ConfigError, Protocol};
+use twinblk::config::{parse_duration, parse_size, Config, ConfigError, Frontend, Protocol};
 
 const NODE_A: &str = r#"
 [node.alpha]
@@ -369,4 +369,20 @@ fn split_brain_policies() {
     assert_has(&e, &["resource.after-sb-0pri", "discard-zero-changes"]);
     let e = err(&with("after-sb-1pri = \"yes\"", NODE_A, NODE_B));
     assert_has(&e, &["resource.after-sb-1pri", "discard-secondary"]);
+}
+
+#[test]
+fn frontend_is_per_node_and_defaults_to_nbd() {
+    let ublk_a = format!("{NODE_A}frontend = \"ublk\"\n");
+    let c = Config::from_str(&with("", &ublk_a, NODE_B)).unwrap();
+    assert_eq!(c.node_named("alpha").unwrap().frontend, Frontend::Ublk);
+    assert_eq!(c.node_named("beta").unwrap().frontend, Frontend::Nbd);
+    let nbd_b = format!("{NODE_B}frontend = \"nbd\"\n");
+    let c = Config::from_str(&with("", NODE_A, &nbd_b)).unwrap();
+    assert_eq!(c.node_named("beta").unwrap().frontend, Frontend::Nbd);
+    let bad = format!("{NODE_A}frontend = \"iscsi\"\n");
+    assert_has(
+        &err(&with("", &bad, NODE_B)),
+        &["node.alpha.frontend", "\"iscsi\"", "\"nbd\"", "\"ublk\""],
+    );
 }

@@ -5,7 +5,9 @@
 #   tools/bench.sh [--runtime SECONDS] [--rounds N] [--size 1G] [--file PATH] [--only NAME,...]
 #
 # Columns: every server in SERVERS (default: qemu-nbd and twinblk serve). Ratios are against the
-# first column. Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk.
+# first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
+# twinblk-threads, twinblk-sync/twinblk-async (a replicated pair).
+# Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk.
 set -euo pipefail
 
 runtime=15 rounds=2 size=1G file=/var/tmp/twinblk-bench.img only=""
@@ -16,7 +18,7 @@ while [ $# -gt 0 ]; do
         --size) size=$2; shift 2 ;;
         --file) file=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -65,6 +67,8 @@ start_server() {
         qemu-nbd)
             qemu-nbd -f raw --cache=none --aio=io_uring -t -k "$sock" "$file" & ;;
         twinblk)
+            "$twinblk" serve --disk "$file" --listen "unix:$sock" --log-level warn >/dev/null & ;;
+        twinblk-uring)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring --log-level warn >/dev/null & ;;
         twinblk-inline)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring-inline --log-level warn >/dev/null & ;;
@@ -108,8 +112,8 @@ key = "$work/beta.key"
 size = "$size"
 EOF2
     rm -f "$work"/alpha.img* "$work"/beta.img*
-    "$twinblk" create-md r0 --config "$work/r0.toml" --node alpha >/dev/null
-    "$twinblk" create-md r0 --config "$work/r0.toml" --node beta >/dev/null
+    "$twinblk" create-md r0 --config "$work/r0.toml" --node alpha --force >/dev/null
+    "$twinblk" create-md r0 --config "$work/r0.toml" --node beta --force >/dev/null
     "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null &
     peer_pid=$!
     "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null &

@@ -5,12 +5,18 @@
 #
 # usage: tools/vm-test.sh [all|ublk|nbd|repl]...      (default: all)
 #   ublk  `twinblk serve --ublk` on a file in the guest: mkfs.ext4, mount, write, remount, check,
-#         fio with verify, fio perf; kill -9 under a mounted file system and re-attach with
-#         --recover; then the same fio perf jobs through nbd-client -unix to `twinblk serve` on the
-#         same file (the fair ublk/nbd ratio). TWINBLK_VM_UBLK_SERVER=example serves with the
-#         crate's ublk_file example instead.
+#         fio with verify, fio perf; the same fio perf jobs through nbd-client -unix to `twinblk
+#         serve` on the same file (the fair ublk/nbd ratio); kill -9 under a mounted file system
+#         and re-attach with --recover; kill -9 again and delete the device with `twinblk
+#         ublk-del N`. TWINBLK_VM_UBLK_SERVER=example serves with the crate's ublk_file example.
 #   nbd   `twinblk serve --listen tcp:0.0.0.0:PORT` on the HOST, nbd-client in the guest, same tests.
-#   repl  not yet: needs replication (reported as SKIP, does not fail).
+#   repl  replication through a real kernel: the Primary `twinblk up` (frontend = "ublk") in the
+#         guest, the Secondary `twinblk up` on the HOST, sync mode, QUIC through slirp (the guest
+#         dials 10.0.2.2). Initial sync, fio with verify and ext4 with files through /dev/ublkbN;
+#         the checksums (after sync) go to a writable 9p share; then, with writes still going on,
+#         the host kills QEMU (SIGKILL), promotes its node (`twinblk primary`), copies its NBD
+#         export (nbdcopy) and checks it: the journal replays, `e2fsck -fn` is clean and every
+#         checksummed file reads back (debugfs) with its checksum. Always runs last.
 #
 # Environment:
 #   TWINBLK_VM_CACHE        downloads and build products   (default ~/.cache/twinblk-vm)
@@ -46,6 +52,8 @@ for a in "${@:-all}"; do
     esac
 done
 STAGES=$(echo $STAGES)
+# repl ends with the VM killed: it must be the last stage.
+if [[ " $STAGES " == *" repl "* ]]; then STAGES=$(echo ${STAGES//repl/} repl); fi
 case "$NBD_SERVER" in twinblk | qemu-nbd) ;; *) die "TWINBLK_VM_NBD_SERVER must be twinblk or qemu-nbd" ;; esac
 case "$UBLK_SERVER" in twinblk | example) ;; *) die "TWINBLK_VM_UBLK_SERVER must be twinblk or example" ;; esac
 
@@ -53,7 +61,7 @@ case "$UBLK_SERVER" in twinblk | example) ;; *) die "TWINBLK_VM_UBLK_SERVER must
 command -v qemu-system-x86_64 >/dev/null ||
     die "qemu-system-x86_64 not found: apt-get install -t bookworm-backports qemu-system-x86 (add bookworm-backports to the apt sources first)"
 for t in apt-get apt-cache dpkg xz timeout; do command -v $t >/dev/null || die "$t not found"; done
-for t in fio mkfs.ext4 e2fsck sha256sum; do
+for t in fio mkfs.ext4 e2fsck sha256sum debugfs nbdcopy jq; do
     command -v $t >/dev/null || die "$t not found on the host (the guest runs the host's binaries): install it"
 done
 
@@ -158,9 +166,11 @@ fi
 RUN=$(mktemp -d "$CACHE/run.XXXXXX")
 chmod 755 "$RUN"
 CONSOLE="$RUN/console.log"
-SERVER_PID=""
+SERVER_PID="" SECONDARY_PID="" QPID=""
 cleanup() {
+    [ -n "$QPID" ] && kill -9 "$QPID" 2>/dev/null
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    [ -n "$SECONDARY_PID" ] && kill "$SECONDARY_PID" 2>/dev/null && wait "$SECONDARY_PID" 2>/dev/null
     return 0
 }
 trap cleanup EXIT
@@ -184,6 +194,63 @@ if [[ " $STAGES " == *" nbd "* ]]; then
     note "host NBD server: $NBD_SERVER on port $NBD_PORT"
 fi
 
+# --- repl: the Secondary on the host ------------------------------------------------------------
+# Two resource files that differ only in beta's address: the guest dials 10.0.2.2 (slirp's
+# alias for the host's loopback), the host binds 127.0.0.1. alpha's address is the guest's
+# own; the host never dials it (alpha sorts first, so alpha dials).
+REPL_DIR="" REPL_PEER="" OUT=""
+if [[ " $STAGES " == *" repl "* ]]; then
+    REPL_DIR="$RUN/repl" OUT="$RUN/out"
+    mkdir -p "$REPL_DIR" "$OUT"
+    for n in alpha beta; do
+        "$TWINBLK" keygen --name $n --out "$REPL_DIR" >/dev/null 2>"$REPL_DIR/keygen.err" ||
+            die "twinblk keygen $n failed: $(cat "$REPL_DIR/keygen.err")"
+    done
+    REPL_PORT=${TWINBLK_VM_REPL_PORT:-$((20000 + RANDOM % 20000))}
+    REPL_PEER="10.0.2.2:$REPL_PORT"
+    repl_conf() { # BETA_ADDRESS
+        cat <<CONF
+[resource]
+name = "r0"
+protocol = "sync"
+timeout = "3s"
+connect-retry = "1s"
+
+[node.alpha]
+address  = "10.0.2.15:7789"
+disk     = "/tmp/alpha.img"
+size     = "64M"
+nbd      = "unix:/run/r0-alpha.nbd"
+admin    = "/run/r0-alpha.sock"
+cert     = "$REPL_DIR/alpha.crt"
+key      = "$REPL_DIR/alpha.key"
+frontend = "ublk"
+
+[node.beta]
+address  = "$1"
+disk     = "$REPL_DIR/beta.img"
+size     = "64M"
+nbd      = "unix:$REPL_DIR/beta.nbd"
+admin    = "$REPL_DIR/beta.sock"
+cert     = "$REPL_DIR/beta.crt"
+key      = "$REPL_DIR/beta.key"
+CONF
+    }
+    repl_conf "$REPL_PEER" >"$REPL_DIR/r0-guest.toml"
+    repl_conf "127.0.0.1:$REPL_PORT" >"$REPL_DIR/r0-host.toml"
+    beta() { "$TWINBLK" "$1" r0 --config "$REPL_DIR/r0-host.toml" --node beta "${@:2}"; }
+    beta create-md >/dev/null 2>"$REPL_DIR/create-md.err" || die "twinblk create-md (host, beta) failed: $(cat "$REPL_DIR/create-md.err")"
+    beta up >"$REPL_DIR/beta.out" 2>"$REPL_DIR/beta.log" &
+    SECONDARY_PID=$!
+    for _ in $(seq 100); do
+        grep -qs '^listening on ' "$REPL_DIR/beta.out" && break
+        kill -0 "$SECONDARY_PID" 2>/dev/null || die "the host's secondary exited at start: $(tail -n 20 "$REPL_DIR/beta.log")"
+        sleep 0.1
+    done
+    grep -qs '^listening on ' "$REPL_DIR/beta.out" || die "the host's secondary did not come up: $(tail -n 20 "$REPL_DIR/beta.log")"
+    note "host secondary: twinblk up r0 --node beta, QUIC on UDP 127.0.0.1:$REPL_PORT (guest dials $REPL_PEER)"
+fi
+
 # The guest sees the host's / but has its own tmpfs /tmp and /run: a checkout under /tmp (as CI's
 # may be) would be invisible there, so the guest runs copies kept in the run directory.
 mkdir -p "$RUN/bin"
@@ -199,6 +266,9 @@ UBLK_EXAMPLE="$GUEST_UBLK_EXAMPLE"
 NBD_CLIENT="$NBD_CLIENT"
 NBD_PORT=$NBD_PORT
 FIO_RUNTIME=$FIO_RUNTIME
+REPL_DIR="$REPL_DIR"
+REPL_PEER="$REPL_PEER"
+OUT="$OUT"
 ENV
 cp "$ROOT/tools/vm/guest-test.sh" "$RUN/guest-test.sh"
 
@@ -209,24 +279,100 @@ QEMU=(qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 1024 -nographic -no-reboo
     -append "console=ttyS0 quiet loglevel=4 panic=-1 tb_run=$RUN"
     -virtfs "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap"
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0)
-set +e
-if [ "$VERBOSE" = 1 ]; then
-    timeout --kill-after=10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | tee "$CONSOLE"
-    QRC=${PIPESTATUS[0]}
-else
-    timeout --kill-after=10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$CONSOLE" 2>&1
-    QRC=$?
-fi
-set -e
+[ -n "$OUT" ] && QEMU+=(-virtfs "local,path=$OUT,mount_tag=out,security_model=none")
+# QEMU runs in the background: the repl stage ends with the host killing it (SIGKILL) once the
+# guest says it is ready; a run past TIMEOUT is killed the same way and fails.
+"${QEMU[@]}" </dev/null >"$CONSOLE" 2>&1 &
+QPID=$!
+TAIL_PID=""
+[ "$VERBOSE" = 1 ] && { tail -n +1 -f --pid="$QPID" "$CONSOLE" & TAIL_PID=$!; }
+KILLED="" TIMED_OUT=""
+# (stderr off: bash would report the killed job as a "Killed" line)
+{
+    while kill -0 "$QPID"; do
+        if [ -n "$OUT" ] && [ -z "$KILLED" ] && [ -f "$OUT/repl-ready" ]; then
+            kill -9 "$QPID"; KILLED=1
+        elif [ $(($(date +%s) - T0)) -ge "$TIMEOUT" ]; then
+            kill -9 "$QPID"; TIMED_OUT=1
+        fi
+        sleep 0.2
+    done
+    set +e
+    wait "$QPID"; QRC=$?
+    set -e
+} 2>/dev/null
+[ -n "$KILLED" ] && note "the guest was ready: killed QEMU (SIGKILL) under a mounted, busy ext4 on /dev/ublkb*"
+QPID=""
+[ -n "$TAIL_PID" ] && wait "$TAIL_PID" 2>/dev/null
 T1=$(date +%s)
 tr -d '\r' <"$CONSOLE" >"$CONSOLE.txt"
 
+# --- repl: the host's copy after the guest was killed --------------------------------------------
+# Prints the problem and returns 1 on the first failure.
+check_repl() {
+    local st i img="$REPL_DIR/copy.img" files="$REPL_DIR/files"
+    [ -s "$OUT/repl-sums" ] || { echo "the guest recorded no checksums"; return 1; }
+    kill -0 "$SECONDARY_PID" 2>/dev/null || { echo "the host's secondary died: $(tail -n 5 "$REPL_DIR/beta.log")"; return 1; }
+    # The secondary notices the lost peer after `timeout`; until then the peer is still Primary.
+    for i in $(seq 60); do
+        st=$(beta status --json 2>/dev/null) || st=""
+        [ "$(echo "$st" | jq -r .connected 2>/dev/null)" = false ] && break
+        sleep 0.5
+    done
+    [ "$(echo "$st" | jq -r .connected)" = false ] || { echo "the secondary still thinks it is connected 30 s after the kill"; return 1; }
+    echo "host after the kill: $(echo "$st" | jq -c '{role, disk, repl, out_of_sync_bytes}')"
+    [ "$(echo "$st" | jq -r .disk)" = UpToDate ] || { echo "the host's disk is $(echo "$st" | jq -r .disk), not UpToDate"; return 1; }
+    beta primary >"$REPL_DIR/primary.out" 2>&1 || { echo "twinblk primary on the host failed: $(cat "$REPL_DIR/primary.out")"; return 1; }
+    nbdcopy "nbd+unix:///r0?socket=$REPL_DIR/beta.nbd" "$img" 2>"$REPL_DIR/nbdcopy.err" ||
+        { echo "nbdcopy of the host's export failed: $(cat "$REPL_DIR/nbdcopy.err")"; return 1; }
+    # The guest died with the file system mounted and busy: replay the journal; then preen (-p),
+    # which fixes only what an unclean shutdown leaves (the superblock's free counts, which ext4
+    # does not keep current) and stops with 4 on anything else; then it must check clean.
+    e2fsck -E journal_only -y "$img" >"$REPL_DIR/e2fsck-journal" 2>&1
+    [ $? -le 1 ] || { echo "e2fsck could not replay the journal: $(tail -n 5 "$REPL_DIR/e2fsck-journal")"; return 1; }
+    e2fsck -fp "$img" >"$REPL_DIR/e2fsck-preen" 2>&1
+    [ $? -le 1 ] || { echo "e2fsck -fp found more than an unclean shutdown leaves: $(tail -n 15 "$REPL_DIR/e2fsck-preen")"; return 1; }
+    e2fsck -fn "$img" >"$REPL_DIR/e2fsck" 2>&1 || { echo "e2fsck -fn of the host's copy found errors: $(tail -n 15 "$REPL_DIR/e2fsck")"; return 1; }
+    mkdir -p "$files"
+    local sum path
+    while read -r sum path; do
+        mkdir -p "$files/$(dirname "$path")"
+        debugfs -R "dump /$path $files/$path" "$img" >/dev/null 2>>"$REPL_DIR/debugfs.err"
+        [ -f "$files/$path" ] || { echo "$path is missing on the host's copy"; return 1; }
+    done <"$OUT/repl-sums"
+    (cd "$files" && sha256sum -c --quiet "$OUT/repl-sums") >"$REPL_DIR/sums.out" 2>&1 ||
+        { echo "files differ on the host's copy: $(grep -v ': OK$' "$REPL_DIR/sums.out" | head -n 5)"; return 1; }
+    echo "host's copy: journal replayed, e2fsck clean, $(wc -l <"$OUT/repl-sums") files match their checksums"
+    beta down >/dev/null 2>&1 || { echo "twinblk down on the host failed"; return 1; }
+}
+
 # --- verdict ------------------------------------------------------------------------------------
 FAILED=""
-[ $QRC -eq 124 ] && FAILED="$FAILED timeout(${TIMEOUT}s)"
+[ -n "$TIMED_OUT" ] && FAILED="$FAILED timeout(${TIMEOUT}s)"
 grep -q 'TWINBLK-VM-BOOTED' "$CONSOLE.txt" || FAILED="$FAILED boot"
 echo "vm-test: VM ran $((T1 - T0)) s (qemu exit $QRC)"
 grep -E '^(TWINBLK-VM-(RESULT|PERF)|guest:|  guest-log:|init:)' "$CONSOLE.txt" | sed 's/^/  /' || true
+REPL_DETAIL=""
+if [[ " $STAGES " == *" repl "* ]]; then
+    if [ -n "$KILLED" ] && ! grep -q "^TWINBLK-VM-RESULT stage=repl " "$CONSOLE.txt"; then
+        T2=$(date +%s)
+        if REPL_DETAIL=$(check_repl 2>&1); then st=PASS; else st=FAIL; fi
+        if [ $st = PASS ]; then
+            # check_repl ended with `twinblk down`: the node must exit cleanly.
+            if ! wait "$SECONDARY_PID"; then st=FAIL; REPL_DETAIL="$REPL_DETAIL
+the host's node exited non-zero after twinblk down"; fi
+            SECONDARY_PID=""
+        fi
+        line="TWINBLK-VM-RESULT stage=repl status=$st secs=$(($(date +%s) - T2)) (host check)"
+        echo "$line" >>"$CONSOLE.txt"
+        echo "$REPL_DETAIL" | sed 's/^/  host: /'
+        echo "  $line"
+        # The guest was killed on purpose: no exit marker.
+        echo "TWINBLK-VM-EXIT rc=killed" >>"$CONSOLE.txt"
+    elif [ -z "$KILLED" ]; then
+        note "the guest never said it was ready to be killed (see the repl result above)"
+    fi
+fi
 for s in $STAGES; do
     line=$(grep -m1 "^TWINBLK-VM-RESULT stage=$s " "$CONSOLE.txt" || true)
     case "$line" in
@@ -245,6 +391,7 @@ if [ -n "$FAILED" ]; then
     note "console tail:"
     tail -n 40 "$CONSOLE.txt" | sed 's/^/    /' >&2
     [ -f "$RUN/server.log" ] && { note "host server log tail:"; tail -n 20 "$RUN/server.log" | sed 's/^/    /' >&2; }
+    [ -n "$REPL_DIR" ] && [ -f "$REPL_DIR/beta.log" ] && { note "host secondary log tail:"; tail -n 20 "$REPL_DIR/beta.log" | sed 's/^/    /' >&2; }
     die "failed:$FAILED (full console: $CONSOLE.txt)"
 fi
 echo "vm-test: PASS ($STAGES)"

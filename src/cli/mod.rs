@@ -1,9 +1,11 @@
 //! The command line (clap). Only this edge uses `anyhow`.
 
+mod ops;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::addr::ListenAddr;
@@ -21,6 +23,9 @@ struct Cli {
     /// Log filter, RUST_LOG syntax (e.g. `info`, `twinblk=debug`). Default: $RUST_LOG, else info.
     #[arg(long, global = true, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Log format on stderr: human (default) or json (one object per line, for collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,13 +36,30 @@ enum Command {
     Serve(ServeArgs),
     /// Generate this node's QUIC/TLS identity (NAME.key, NAME.crt) and print its SHA-256 pin.
     Keygen(KeygenArgs),
-    /// Create this node's metadata for a resource (once, before the first `up`).
+    /// Create this node's metadata for a resource (once, before the first `up`), where the
+    /// resource file's `meta` says (default: DISK.twinblk-meta).
     CreateMd {
         #[command(flatten)]
         res: ResArgs,
         /// Replace existing metadata (this node then needs a full resync).
         #[arg(long)]
         force: bool,
+        /// Bytes of disk per dirty-bitmap bit: a power of two from 4K to 1M (suffixes K, M).
+        #[arg(long, value_name = "SIZE", value_parser = crate::config::parse_size)]
+        bitmap_block: Option<u64>,
+        /// Activity-log size in 4 MiB extents: after a crash of the Primary at most this many
+        /// extents are resynced (default 1024; at most 1360, or 1020 above 64 TiB).
+        #[arg(long, value_name = "N")]
+        al_extents: Option<u32>,
+    },
+    /// Print this node's metadata (superblock, generation ids, bitmap summary, activity log);
+    /// reads the file, so it works while the daemon is down.
+    DumpMd {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a resource on this node in the foreground (replication, NBD, admin socket) until
     /// SIGINT/SIGTERM or `twinblk down`.
@@ -53,11 +75,22 @@ enum Command {
     },
     /// Make this node Secondary.
     Secondary(ResArgs),
-    /// Show roles, disk states, replication state and resync progress.
+    /// Show roles, disk states, replication state and resync progress (without a resource:
+    /// every resource running on this node).
     Status {
-        #[command(flatten)]
-        res: ResArgs,
-        /// Machine-readable JSON.
+        /// The resource's name. Default: every resource file in --config-dir naming this node
+        /// whose admin socket exists.
+        resource: Option<String>,
+        /// Its resource file. Default: /etc/twinblk/RESOURCE.toml.
+        #[arg(long, value_name = "PATH", requires = "resource")]
+        config: Option<std::path::PathBuf>,
+        /// This node's name in the resource file. Default: the host name.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Where to look for resource files when no resource is named.
+        #[arg(long, value_name = "DIR", default_value = "/etc/twinblk")]
+        config_dir: std::path::PathBuf,
+        /// Machine-readable JSON (an array without a resource).
         #[arg(long)]
         json: bool,
         /// Also show the generation ids (current, bitmap, history).
@@ -79,6 +112,43 @@ enum Command {
     Invalidate(ResArgs),
     /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
     Down(ResArgs),
+    /// Stream state changes (like `drbdsetup events2`) until interrupted.
+    Events {
+        #[command(flatten)]
+        res: ResArgs,
+        /// First list the current state as `exists` lines.
+        #[arg(long)]
+        now: bool,
+        /// One JSON object per line (schema in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until no resync runs and both disks are UpToDate (progress bar on a terminal).
+    /// Fails on a split brain, or when the node stays StandAlone (refused, disconnected).
+    WaitSync {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Print a shell completion script (e.g. `twinblk completions bash > /etc/bash_completion.d/twinblk`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `twinblk man > /usr/local/share/man/man1/twinblk.1`;
+    /// with --out-dir, write twinblk.1 and one twinblk-COMMAND.1 per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
+    /// Delete /dev/ublkbN left behind by a killed server (instead of `serve --ublk --recover N`):
+    /// its pending I/O fails. Refuses a device whose server still runs.
+    UblkDel {
+        /// N of /dev/ublkbN.
+        id: i32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,6 +257,12 @@ struct ServeArgs {
     threads: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Cache {
     None,
@@ -200,11 +276,23 @@ enum Engine {
     UringInline,
 }
 
-fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).with_context(|| format!("--log-level {l:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    if format == LogFormat::Json {
+        // Fields at the top level, so collectors can index `resource`, `kind`, `to` directly.
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -242,10 +330,31 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_md(a: ResArgs, force: bool) -> anyhow::Result<()> {
+fn create_md(a: ResArgs, opts: crate::node::daemon::CreateMd) -> anyhow::Result<()> {
     let (_, node) = a.load()?;
-    let path = crate::node::daemon::create_md(&a.config_path(), &node, force)?;
-    println!("{}: metadata created at {}", a.resource, path.display());
+    let store = crate::node::daemon::create_md(&a.config_path(), &node, &opts)?;
+    let l = store.layout();
+    println!(
+        "{}: metadata for node {node} created at {} ({} bytes; device {} bytes, bitmap block {}, activity log {} extents)",
+        a.resource,
+        store.path().display(),
+        l.total_len(),
+        l.size,
+        l.bitmap_block,
+        l.al_extents
+    );
+    Ok(())
+}
+
+fn dump_md(a: ResArgs, json: bool) -> anyhow::Result<()> {
+    let (cfg, node) = a.load()?;
+    let path = &cfg.node_named(&node)?.meta;
+    let ins = crate::meta::MetaStore::inspect(path, &a.resource)?;
+    if json {
+        println!("{}", crate::meta::dump::to_json(path, &ins));
+    } else {
+        print!("{}", crate::meta::dump::human(path, &ins));
+    }
     Ok(())
 }
 
@@ -324,6 +433,9 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
         f("peer_disk")
     );
     let _ = writeln!(o, "  replication: {}", f("repl"));
+    if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
+        let _ = writeln!(o, "  device:      {dev}");
+    }
     let _ = writeln!(o, "  out of sync: {} bytes", f("out_of_sync_bytes"));
     if let Some(p) = s
         .get("resync")
@@ -400,6 +512,32 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
     o
 }
 
+/// The man page(s), from the same definitions as `--help`.
+fn man(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    let Some(dir) = out_dir else {
+        return clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("writing the man page");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c).render(&mut buf)?;
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))
+    };
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("twinblk-{}", sub.get_name());
+        // clap wants a &'static name; this command exits right after writing the pages.
+        let full: &'static str = name.clone().leak();
+        write(&name, sub.clone().name(full))?;
+    }
+    write("twinblk", cmd)?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
+}
+
 fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (key, crt, pin) = crate::net::keys::keygen(&a.name, &a.out, a.force)?;
@@ -426,18 +564,53 @@ fn describe(e: &anyhow::Error) -> String {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
         eprintln!("twinblk: {e:#}");
         return ExitCode::from(2);
     }
     let r = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Keygen(a) => keygen(a),
-        Command::CreateMd { res, force } => create_md(res, force),
+        Command::CreateMd {
+            res,
+            force,
+            bitmap_block,
+            al_extents,
+        } => create_md(
+            res,
+            crate::node::daemon::CreateMd {
+                force,
+                bitmap_block,
+                al_extents,
+            },
+        ),
+        Command::DumpMd { res, json } => dump_md(res, json),
         Command::Up(a) => up(a),
         Command::Primary { res, force } => admin(&res, Request::Primary { force }),
         Command::Secondary(res) => admin(&res, Request::Secondary),
-        Command::Status { res, json, verbose } => status(&res, json, verbose),
+        Command::Status {
+            resource: Some(resource),
+            config,
+            node,
+            json,
+            verbose,
+            ..
+        } => status(
+            &ResArgs {
+                resource,
+                config,
+                node,
+            },
+            json,
+            verbose,
+        ),
+        Command::Status {
+            resource: None,
+            node,
+            config_dir,
+            json,
+            ..
+        } => ops::status_all(&config_dir, node.as_deref(), json),
         Command::Connect {
             res,
             discard_my_data,
@@ -445,6 +618,21 @@ pub fn main() -> ExitCode {
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Invalidate(res) => admin(&res, Request::Invalidate),
         Command::Down(res) => admin(&res, Request::Down),
+        Command::Events { res, now, json } => ops::events(&res, now, json),
+        Command::WaitSync { res, timeout } => ops::wait_sync(&res, timeout),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "twinblk",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out_dir } => man(out_dir.as_deref()),
+        Command::UblkDel { id } => twinblk_ublk::delete(id)
+            .map(|()| println!("deleted /dev/ublkb{id}"))
+            .map_err(Into::into),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

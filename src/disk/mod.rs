@@ -1,6 +1,7 @@
 //! The disk driver: O_DIRECT (by default) I/O on a regular file or a block device, with many I/Os in
 //! flight. The NBD server today, and the replication driver later, call it; it knows nothing of
-//! either. Engines (io_uring on a dedicated thread, or a thread pool) sit behind one `Disk` handle.
+//! either. Engines (io_uring on the caller's runtime or on a dedicated thread, or a thread pool)
+//! sit behind one `Disk` handle.
 //!
 //! - `Disk::open(path, &DiskOptions) -> Result<Disk, DiskError>`; `Disk` is `Clone + Send + Sync`.
 //! - `size()`, `block_size()` (logical: 512 or 4096), `is_block_device()`, `read_only()`.
@@ -12,13 +13,15 @@
 //! - `DiskError::errno()` gives the errno to report to a client (EIO, ENOSPC, EPERM, EINVAL).
 //!
 //! Files: `file` (open, size, alignment discovery, ioctls), `buf` (aligned buffer pool), `lock`
-//! (range lock for read-modify-write), `op` (operations + blocking execution), `uring` and
-//! `threads` (the two engines).
+//! (range lock for read-modify-write), `op` (operations + blocking execution), `ring` (the
+//! io_uring bookkeeping both io_uring engines share), `uring`, `uring_inline` and `threads` (the
+//! three engines).
 
 mod buf;
 mod file;
 mod lock;
 mod op;
+mod ring;
 mod threads;
 mod uring;
 mod uring_inline;
@@ -48,20 +51,24 @@ pub enum CacheMode {
 
 /// Which submission engine runs the I/O.
 ///
-/// The default is the thread pool: on the development machine (2 shared cores, ext4 on virtio,
-/// O_DIRECT) it matched or beat io_uring in 3 of 4 runs of `benches/disk_engines.rs`, most
-/// clearly on FUA writes (RWF_DSYNC writes are punted to io_uring's worker threads) and 1 MiB
-/// sequential writes. Re-measure on real hardware before changing it.
+/// The default is `Uring`, the threaded ring with completions handed back in batches: on the
+/// development machine (2 cores shared with other builds, ext4 on virtio, O_DIRECT) it beat
+/// `UringInline` through `twinblk serve` in 3 of 3 alternating runs on 4k random writes at qd32
+/// and by 2.5x with a flush every 32 writes, while `UringInline` had the lower qd1 latency (see
+/// `tools/bench.sh`). `UringInline` costs fewer syscalls per request (about 0.24 per 4k write
+/// at qd32, counted with `strace -c -f`) but puts all the work on the runtime's one thread, which
+/// loses when that thread competes for a busy CPU. Re-measure on real hardware before changing
+/// it; the CLI's default must stay the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
     /// io_uring on a dedicated thread (falls back to `Threads` if io_uring is unavailable).
+    #[default]
     Uring,
     /// A pool of threads doing blocking syscalls.
-    #[default]
     Threads,
-    /// io_uring submitted from the calling task and reaped by a task on the runtime that opened
-    /// the disk: no thread hop per I/O. Needs a tokio runtime (with I/O) at `Disk::open`; falls
-    /// back to `Uring` without one.
+    /// io_uring submitted in batches and reaped by a task on the runtime that opened the disk:
+    /// no thread hop per I/O. Needs a tokio runtime (with I/O) at `Disk::open`, which must keep
+    /// running while the disk is used; falls back to `Uring` without one.
     UringInline,
 }
 

@@ -652,3 +652,37 @@ fn current_thread_runtime_works() {
         });
     }
 }
+
+/// The threaded ring completes through a task on the runtime it was opened on; once that runtime
+/// is gone, it must complete ops itself instead of losing them.
+#[test]
+fn uring_outlives_the_runtime_it_was_opened_on() {
+    let f = tmpfile();
+    let d = {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let d = first
+            .block_on(async { Disk::open(f.path(), &opts(EngineKind::Uring, 1 << 20)) })
+            .expect("open disk");
+        assert_eq!(d.engine(), EngineKind::Uring, "engine fell back");
+        first.block_on(async {
+            d.write(0, buf(&d, &pattern(21, 4096)), false)
+                .await
+                .unwrap();
+        });
+        d
+    };
+    rt().block_on(async {
+        for i in 1..8u64 {
+            d.write(i * 4096, buf(&d, &pattern(21 + i, 4096)), false)
+                .await
+                .unwrap();
+        }
+        for i in 0..8u64 {
+            let got = d.read(i * 4096, 4096).await.unwrap();
+            assert_eq!(&got[..], &pattern(21 + i, 4096)[..], "block {i}");
+        }
+    });
+}

@@ -4,6 +4,12 @@
 //! in the ring, so one `io_uring_enter` both submits a batch and sleeps until either a completion
 //! or new work arrives. Callers only write the eventfd when the thread said it is going to sleep,
 //! so a busy ring costs no extra syscalls per op. The file is registered (fixed file 0).
+//!
+//! Completions go back in batches: when the engine is opened on a tokio runtime, the ring thread
+//! sends everything one reap finished to a completer task there, which completes the callers'
+//! oneshots. Waking the runtime from another thread costs a syscall; this pays it once per batch
+//! instead of once per op. Without a runtime (or once it is gone) the ring thread completes the
+//! ops itself.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -12,17 +18,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use io_uring::{opcode, types, IoUring};
+use tokio::sync::mpsc;
 
-use super::op::{Op, OpKind};
+use super::op::Op;
+use super::ring::{check_and_register, RingCore, RING_ENTRIES};
 use super::threads::Threads;
 
-pub(super) const RING_ENTRIES: u32 = 256;
-/// Ops in the kernel at once; the CQ (twice the SQ) can then never overflow.
-pub(super) const MAX_INFLIGHT: usize = RING_ENTRIES as usize;
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Largest byte count one SQE moves; a longer transfer continues as a short one would.
-const MAX_CHUNK: usize = 1 << 30;
 
 pub struct Uring {
     q: Arc<Queue>,
@@ -88,12 +91,17 @@ impl Uring {
         // submit.
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let tq = q.clone();
+        let completer = tokio::runtime::Handle::try_current().ok().map(|h| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            h.spawn(complete_batches(rx));
+            tx
+        });
         thread::Builder::new()
             .name("twinblk-uring".into())
             .spawn(move || match setup_ring(&file) {
                 Ok(ring) => {
                     let _ = ready_tx.send(Ok(()));
-                    RingThread::new(ring, tq, file).run();
+                    RingThread::new(RingCore::new(ring, file), tq, completer).run();
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -149,64 +157,36 @@ fn setup_ring(file: &File) -> io::Result<IoUring> {
     };
     check_and_register(ring, file)
 }
+type Batch = Vec<(Op, io::Result<()>)>;
 
-/// Checks the opcodes we need and registers the file as fixed file 0.
-pub(super) fn check_and_register(ring: IoUring, file: &File) -> io::Result<IoUring> {
-    let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    for code in [
-        opcode::Read::CODE,
-        opcode::Write::CODE,
-        opcode::Fsync::CODE,
-        opcode::Fallocate::CODE,
-        opcode::PollAdd::CODE,
-    ] {
-        if !probe.is_supported(code) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("io_uring opcode {code} not supported by this kernel"),
-            ));
+/// Completes on the runtime the ops the ring thread finished, a batch per wake.
+async fn complete_batches(mut rx: mpsc::UnboundedReceiver<Batch>) {
+    while let Some(batch) = rx.recv().await {
+        for (op, res) in batch {
+            op.complete(res);
         }
     }
-    ring.submitter().register_files(&[file.as_raw_fd()])?;
-    Ok(ring)
-}
-
-pub(super) struct InFlight {
-    pub(super) op: Op,
-    /// Bytes already transferred (read/write), for resuming short transfers.
-    pub(super) done: usize,
 }
 
 struct RingThread {
-    ring: IoUring,
+    core: RingCore,
     q: Arc<Queue>,
-    /// Keeps the registered file open as long as the ring may use it.
-    _file: Arc<File>,
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    /// Ops taken from the queue, not yet in the ring (ring full).
-    backlog: VecDeque<Op>,
-    /// Slots to (re)submit: new ops placed in a slot, or short/EAGAIN ones to resume.
-    ready: VecDeque<usize>,
-    inflight: usize,
     wake_armed: bool,
-    wake_buf: u64,
+    /// The completer task, if the engine was opened on a runtime.
+    completer: Option<mpsc::UnboundedSender<Batch>>,
 }
 
 impl RingThread {
-    fn new(ring: IoUring, q: Arc<Queue>, file: Arc<File>) -> RingThread {
+    fn new(
+        core: RingCore,
+        q: Arc<Queue>,
+        completer: Option<mpsc::UnboundedSender<Batch>>,
+    ) -> RingThread {
         RingThread {
-            ring,
+            core,
             q,
-            _file: file,
-            slots: (0..MAX_INFLIGHT).map(|_| None).collect(),
-            free: (0..MAX_INFLIGHT).rev().collect(),
-            backlog: VecDeque::new(),
-            ready: VecDeque::new(),
-            inflight: 0,
             wake_armed: false,
-            wake_buf: 0,
+            completer,
         }
     }
 
@@ -216,192 +196,83 @@ impl RingThread {
             let shutdown = {
                 let mut st = self.q.lock();
                 st.sleeping = false;
-                self.backlog.extend(st.ops.drain(..));
+                for op in st.ops.drain(..) {
+                    self.core.queue(op);
+                }
                 st.shutdown
             };
-            // Place queued ops into free slots.
-            while let Some(slot) = self.free.last().copied() {
-                let Some(op) = self.backlog.pop_front() else {
-                    break;
-                };
-                self.free.pop();
-                self.slots[slot] = Some(InFlight { op, done: 0 });
-                self.ready.push_back(slot);
-            }
-            if shutdown && self.backlog.is_empty() && self.ready.is_empty() && self.inflight == 0 {
+            if let Err(e) = self.core.push_sqes() {
+                self.fail(e);
                 return;
             }
-            self.push_sqes();
+            if shutdown && self.core.idle(usize::from(self.wake_armed)) {
+                // Fire our own wake poll, so dropping the ring (which waits for everything in
+                // the kernel) does not wait for it forever.
+                self.q.wake();
+                return;
+            }
             if !self.wake_armed {
                 let e = opcode::PollAdd::new(types::Fd(self.q.efd.as_raw_fd()), libc::POLLIN as _)
                     .build()
                     .user_data(WAKE_TOKEN);
-                // SAFETY: poll references no memory.
-                if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                    self.wake_armed = true;
-                }
+                self.wake_armed = self.core.push_token(&e);
             }
             // Sleep only if there is nothing to do but wait for the kernel or for callers.
             let mut want = 0;
-            if self.ring.completion().is_empty() && self.ready.is_empty() {
+            if self.core.cq_empty() && !self.core.has_pending() {
                 let mut st = self.q.lock();
-                if (st.ops.is_empty() || self.free.is_empty()) && self.wake_armed {
+                if st.ops.is_empty() && self.wake_armed {
                     st.sleeping = true;
                     want = 1;
-                } else if shutdown && self.inflight > 0 {
+                } else if shutdown && self.core.has_inflight() {
                     want = 1;
                 }
             }
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => {
-                    tracing::warn!("io_uring_enter failed: {e}; failing in-flight disk I/O");
-                    self.fail_all(e);
-                    return;
-                }
+            if let Err(e) = self.core.enter(want) {
+                self.fail(e);
+                return;
             }
-        }
-    }
-
-    fn push_sqes(&mut self) {
-        while let Some(&slot) = self.ready.front() {
-            let Some(entry) = self.slots.get(slot).and_then(|s| s.as_ref()).map(sqe) else {
-                self.ready.pop_front();
-                continue;
-            };
-            let entry = entry.user_data(slot as u64);
-            // SAFETY: the op (and its buffer) stays in `slots` until its completion is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                // SQ full: submit what we have and retry.
-                if let Err(e) = self.ring.submit() {
-                    if e.raw_os_error() != Some(libc::EBUSY)
-                        && e.raw_os_error() != Some(libc::EINTR)
-                    {
-                        tracing::warn!("io_uring submit failed: {e}");
-                    }
-                    return;
-                }
-                continue;
-            }
-            self.ready.pop_front();
-            self.inflight += 1;
         }
     }
 
     fn reap(&mut self) {
-        let mut cqes = Vec::new();
-        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for (ud, res) in cqes {
-            if ud == WAKE_TOKEN {
-                self.wake_armed = false;
-                // Reset the counter so the next poll does not fire at once.
-                // SAFETY: reads 8 bytes into a valid u64; nonblocking fd.
-                unsafe {
-                    libc::read(
-                        self.q.efd.as_raw_fd(),
-                        (&mut self.wake_buf as *mut u64).cast(),
-                        8,
-                    )
-                };
-                continue;
-            }
-            let slot = ud as usize;
-            self.inflight = self.inflight.saturating_sub(1);
-            let Some(mut f) = self.slots.get_mut(slot).and_then(|s| s.take()) else {
-                continue;
-            };
-            let outcome = outcome(&mut f, res);
-            match outcome {
-                Some(r) => {
-                    f.op.complete(r);
-                    self.free.push(slot);
-                }
-                None => {
-                    self.slots[slot] = Some(f);
-                    self.ready.push_back(slot);
+        let mut woken = false;
+        let mut batch = Vec::new();
+        match &self.completer {
+            Some(_) => self
+                .core
+                .reap(|ud| woken |= ud == WAKE_TOKEN, |op, r| batch.push((op, r))),
+            None => self.core.reap(|ud| woken |= ud == WAKE_TOKEN, Op::complete),
+        }
+        if !batch.is_empty() {
+            if let Some(tx) = &self.completer {
+                if let Err(mpsc::error::SendError(batch)) = tx.send(batch) {
+                    // The runtime is gone: complete here from now on.
+                    self.completer = None;
+                    for (op, r) in batch {
+                        op.complete(r);
+                    }
                 }
             }
+        }
+        if woken {
+            self.wake_armed = false;
+            let mut buf = 0u64;
+            // Reset the counter so the next poll does not fire at once.
+            // SAFETY: reads 8 bytes into a valid u64; nonblocking fd.
+            unsafe { libc::read(self.q.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
         }
     }
 
-    fn fail_all(&mut self, e: io::Error) {
-        for slot in self.slots.iter_mut() {
-            if let Some(f) = slot.take() {
-                f.op.complete(Err(io::Error::new(e.kind(), e.to_string())));
-            }
-        }
-        for op in self.backlog.drain(..) {
-            op.complete(Err(io::Error::new(e.kind(), e.to_string())));
-        }
+    /// The ring failed: fail everything queued and refuse new ops. Dropping `self.core` then
+    /// waits for what the kernel still holds.
+    fn fail(&mut self, e: io::Error) {
+        tracing::warn!("io_uring_enter failed: {e}; failing in-flight disk I/O");
+        self.core.fail_pending(&e);
         let mut st = self.q.lock();
         st.shutdown = true;
         for op in st.ops.drain(..) {
             op.complete(Err(io::Error::new(e.kind(), e.to_string())));
         }
-    }
-}
-
-/// What a CQE result means for its op: `Some` when finished (success or error), `None` when the
-/// rest must be resubmitted (a short transfer, EAGAIN or EINTR).
-pub(super) fn outcome(f: &mut InFlight, res: i32) -> Option<io::Result<()>> {
-    if res < 0 {
-        let errno = -res;
-        return if errno == libc::EAGAIN || errno == libc::EINTR {
-            None
-        } else {
-            Some(Err(io::Error::from_raw_os_error(errno)))
-        };
-    }
-    match &f.op.kind {
-        OpKind::Read { buf, .. } | OpKind::Write { buf, .. } => {
-            let n = res as usize;
-            f.done += n;
-            if f.done >= buf.len() {
-                Some(Ok(()))
-            } else if n == 0 {
-                Some(Err(if matches!(f.op.kind, OpKind::Read { .. }) {
-                    io::ErrorKind::UnexpectedEof.into()
-                } else {
-                    io::ErrorKind::WriteZero.into()
-                }))
-            } else {
-                None
-            }
-        }
-        _ => Some(Ok(())),
-    }
-}
-
-/// The SQE for (the rest of) an op.
-pub(super) fn sqe(f: &InFlight) -> squeue::Entry {
-    let fd = types::Fixed(0);
-    match &f.op.kind {
-        OpKind::Read { offset, buf } => {
-            let len = (buf.len() - f.done).min(MAX_CHUNK);
-            // Within buf, which the slot owns until completion.
-            let ptr = buf.raw_ptr().wrapping_add(f.done);
-            opcode::Read::new(fd, ptr, len as u32)
-                .offset(offset + f.done as u64)
-                .build()
-        }
-        OpKind::Write { offset, buf, fua } => {
-            let len = (buf.len() - f.done).min(MAX_CHUNK);
-            let ptr = buf.raw_ptr().wrapping_add(f.done).cast_const();
-            opcode::Write::new(fd, ptr, len as u32)
-                .offset(offset + f.done as u64)
-                .rw_flags(if *fua { libc::RWF_DSYNC } else { 0 })
-                .build()
-        }
-        OpKind::Flush => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-        OpKind::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, *len)
-            .offset(*offset)
-            .mode(*mode)
-            .build(),
-        // Routed to the aux pool in `submit`; a no-op keeps the slot bookkeeping simple if not.
-        OpKind::Discard { .. } | OpKind::ZeroOut { .. } => opcode::Nop::new().build(),
     }
 }

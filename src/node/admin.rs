@@ -1,7 +1,7 @@
 //! The admin socket handler: turns `twinblk status/primary/secondary/connect/disconnect/down`
 //! into event-loop inputs and answers with their result.
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::Input;
 use crate::control::{Handler, Request, Response};
@@ -11,6 +11,11 @@ pub(super) struct Admin {
     pub tx: mpsc::UnboundedSender<Input>,
     /// Set by `down`: the daemon then shuts down gracefully.
     pub down: watch::Sender<bool>,
+    pub resource: String,
+    pub node: String,
+    pub metrics: crate::metrics::Metrics,
+    /// `/dev/ublkbN` once `frontend = "ublk"` created it, for `status`.
+    pub ublk_device: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 fn gone() -> Response {
@@ -35,6 +40,44 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Stream event lines until the client goes away or the daemon stops. A client that reads
+    /// slower than events happen loses lines (the broadcast is bounded so the event loop never
+    /// waits) and gets a `dropped` line saying how many.
+    async fn events(&self, now: bool, reply: &mpsc::Sender<Response>) {
+        let (r, rx) = oneshot::channel();
+        if self.tx.send(Input::Events { now, reply: r }).is_err() {
+            let _ = reply.send(gone()).await;
+            return;
+        }
+        let Ok((mut stream, exists)) = rx.await else {
+            let _ = reply.send(gone()).await;
+            return;
+        };
+        for event in exists {
+            if reply.send(Response::Event { event }).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = match stream.recv().await {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    self.metrics.events_dropped.inc_by(n);
+                    super::events::dropped(&self.resource, &self.node, n)
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = reply.send(gone()).await;
+                    return;
+                }
+            };
+            if reply.send(Response::Event { event }).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl Handler for Admin {
     async fn handle(&self, request: Request, reply: mpsc::Sender<Response>) {
         let resp = match request {
@@ -44,7 +87,15 @@ impl Handler for Admin {
                     gone()
                 } else {
                     match rx.await {
-                        Ok(status) => Response::Status { status },
+                        Ok(mut status) => {
+                            if let Some(o) = status.as_object_mut() {
+                                o.insert(
+                                    "ublk_device".into(),
+                                    self.ublk_device.get().cloned().into(),
+                                );
+                            }
+                            Response::Status { status }
+                        }
                         Err(_) => gone(),
                     }
                 }
@@ -95,10 +146,81 @@ impl Handler for Admin {
                     message: "shutting down".into(),
                 }
             }
-            Request::Events { .. } => Response::Error {
-                message: "the events stream is not implemented yet; use `twinblk status`".into(),
-            },
+            Request::Events { now } => {
+                self.events(now, &reply).await;
+                return;
+            }
         };
         let _ = reply.send(resp).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::events::Bus;
+
+    /// A reader that does not keep up loses lines and is told how many; the sender never
+    /// waits for it.
+    #[test]
+    fn slow_reader_gets_a_dropped_line() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (tx, mut inputs) = mpsc::unbounded_channel();
+            let (down, _) = watch::channel(false);
+            let (metrics, _) = crate::metrics::Metrics::new("r0", "alpha");
+            let admin = Admin {
+                tx,
+                down,
+                resource: "r0".into(),
+                node: "alpha".into(),
+                metrics: metrics.clone(),
+                ublk_device: Default::default(),
+            };
+            let bus = Bus::new("r0", "alpha");
+            let sender = bus.sender();
+            drop(bus);
+            // The event loop's side: subscribe on request, then flood without waiting.
+            let fake_loop = tokio::spawn(async move {
+                if let Some(Input::Events { reply, .. }) = inputs.recv().await {
+                    let _ = reply.send((sender.subscribe(), Vec::new()));
+                }
+                for i in 0..(3 * crate::node::events::BACKLOG) {
+                    // Never blocks: this is what keeps a slow terminal from stalling I/O.
+                    let _ = sender.send(serde_json::json!({ "n": i }));
+                }
+                sender
+            });
+            // The client's side: a small channel nobody reads until the flood is over.
+            let (reply, mut client) = mpsc::channel(8);
+            let handler = tokio::spawn(async move {
+                admin.handle(Request::Events { now: false }, reply).await;
+            });
+            let sender = fake_loop.await.expect("fake loop");
+            drop(sender);
+            let mut dropped = 0;
+            let mut delivered = 0;
+            while let Some(r) = client.recv().await {
+                match r {
+                    Response::Event { event } if event["type"] == "dropped" => {
+                        dropped += event["count"].as_u64().expect("count");
+                    }
+                    Response::Event { .. } => delivered += 1,
+                    Response::Error { .. } => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let _ = handler.await;
+            assert!(dropped > 0, "the reader must be told it lost lines");
+            assert_eq!(
+                dropped + delivered,
+                3 * crate::node::events::BACKLOG as u64,
+                "every line is either delivered or counted as dropped"
+            );
+            assert_eq!(metrics.events_dropped.get(), dropped);
+        });
     }
 }

@@ -12,11 +12,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use super::admin::Admin;
-use super::{meta_file, Input, Node, Replicated};
-use crate::config::{Config, ConfigError, Protocol};
+use super::frontend::UblkFrontend;
+use super::{Input, Node, Replicated};
+use crate::config::{Config, ConfigError, Frontend, Protocol};
 use crate::control::{self, ControlError};
 use crate::core::{self, Replica};
 use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::meta::{self, Expect, Identity, Layout, MetaError, MetaStore};
 use crate::nbd::server::Server;
 use crate::net::{LinkConfig, NetError, PeerLink};
 use crate::serve::{bind, Listener, ServeError};
@@ -28,26 +30,74 @@ pub enum UpError {
     #[error("opening the disk: {0}")]
     Disk(#[from] DiskError),
     #[error("{0}")]
-    Meta(#[from] meta_file::MetaFileError),
+    Meta(#[from] MetaError),
+    #[error("{0}")]
+    Layout(String),
     #[error("{0}")]
     Net(#[from] NetError),
     #[error("{0}")]
     Control(#[from] ControlError),
     #[error("NBD: {0}")]
     Nbd(#[from] ServeError),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("ublk (frontend = \"ublk\"): {0}")]
+    Ublk(#[from] twinblk_ublk::UblkError),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("shutting down: {0}")]
     Shutdown(String),
 }
 
+/// Options of `twinblk create-md`.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateMd {
+    pub force: bool,
+    /// Bytes per bitmap bit; `None`: 4 KiB.
+    pub bitmap_block: Option<u64>,
+    /// Activity-log extents; `None`: 1024.
+    pub al_extents: Option<u32>,
+}
+
 /// `twinblk create-md`: write fresh metadata for node `node` of the resource in `config`.
-pub fn create_md(config: &Path, node: &str, force: bool) -> Result<std::path::PathBuf, UpError> {
+/// Reads the disk's size but writes only the metadata.
+pub fn create_md(config: &Path, node: &str, opts: &CreateMd) -> Result<MetaStore, UpError> {
     let cfg = Config::load(config)?;
     let me = cfg.node_named(node)?;
-    let path = meta_file::path_for(&me.disk);
-    meta_file::create(&path, force)?;
-    Ok(path)
+    let layout = Layout::new(
+        device_size(me)?,
+        opts.bitmap_block
+            .unwrap_or(meta::format::DEFAULT_BITMAP_BLOCK),
+        opts.al_extents.unwrap_or(meta::format::DEFAULT_AL_EXTENTS),
+    )
+    .map_err(|e| UpError::Layout(format!("create-md: {e}")))?;
+    let id = Identity {
+        resource: &cfg.resource.name,
+        node,
+        node_id: node_id(&cfg, node),
+    };
+    Ok(MetaStore::create(&me.meta, &id, &layout, opts.force)?)
+}
+
+/// The size the disk has (or gets, from the resource file's `size`) at `up`, found without
+/// creating or changing anything.
+fn device_size(me: &crate::config::Node) -> Result<u64, UpError> {
+    if let Some(s) = me.size {
+        return Ok(s);
+    }
+    let d = Disk::open(
+        &me.disk,
+        &DiskOptions {
+            read_only: true,
+            ..DiskOptions::default()
+        },
+    )?;
+    Ok(d.size())
+}
+
+/// Node ids only need to differ between the two nodes: the resource file sorts them by name.
+fn node_id(cfg: &Config, name: &str) -> u64 {
+    cfg.nodes.iter().position(|n| n.name == name).unwrap_or(0) as u64 + 1
 }
 
 /// Run node `node` of the resource in `config` in the foreground.
@@ -64,6 +114,15 @@ pub fn run(config: &Path, node: &str) -> Result<(), UpError> {
 async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let me = cfg.node_named(name)?.clone();
     let resource = cfg.resource.name.clone();
+    // The metadata first: any refusal leaves the disk and the metadata untouched.
+    let (store, restored) = MetaStore::open(
+        &me.meta,
+        &Expect {
+            resource: &resource,
+            node: name,
+            size: device_size(&me)?,
+        },
+    )?;
     let disk = Disk::open(
         &me.disk,
         &DiskOptions {
@@ -71,15 +130,19 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             ..DiskOptions::default()
         },
     )?;
-    let meta_path = meta_file::path_for(&me.disk);
-    let meta = meta_file::load(&meta_path, &resource)?;
-    // Node ids only need to differ between the two nodes: the resource file sorts them by name.
-    let node_id = cfg
-        .nodes
-        .iter()
-        .position(|n| n.name == me.name)
-        .unwrap_or(0) as u64
-        + 1;
+    if disk.size() != store.layout().size {
+        return Err(MetaError::Foreign {
+            path: me.meta.clone(),
+            problem: format!(
+                "describes a device of {} bytes, but the disk has {} bytes",
+                store.layout().size,
+                disk.size()
+            ),
+            fix: format!("the disk changed size: restore its old size, or run `twinblk create-md {resource} --force` for the new size (a full resync)"),
+        }
+        .into());
+    }
+    let node_id = node_id(&cfg, name);
     let (protocol, pname) = match cfg.resource.protocol {
         Protocol::Sync => (core::Protocol::Sync, "sync"),
         Protocol::Async => (core::Protocol::Async, "async"),
@@ -88,17 +151,49 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     ccfg.send_buffer = cfg.resource.send_buffer;
     ccfg.after_sb_0pri = cfg.resource.after_sb_0pri;
     ccfg.after_sb_1pri = cfg.resource.after_sb_1pri;
-    // Not `Replica::restore` until the metadata area persists SaveBitmap/SaveActivityLog:
-    // restore trusts the bitmap it is given, and an empty one after a crash as Primary would
-    // skip blocks that differ. `new` distrusts it (a crashed Primary resyncs fully).
-    let replica = Replica::new(ccfg, meta);
+    ccfg.bitmap_block = store.layout().bitmap_block;
+    ccfg.al_extents = store.layout().al_extents as usize;
+    info!(
+        meta = %me.meta.display(),
+        current_gen = restored.meta.current_gen,
+        disk = ?restored.meta.disk,
+        crashed_primary = restored.meta.primary,
+        dirty_words = restored.bitmap.iter().filter(|w| **w != 0).count(),
+        al_extents = restored.activity_log.len(),
+        "metadata loaded"
+    );
+    let replica = Replica::restore(ccfg, restored);
     let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
+
+    // Operations: metrics (if configured) and the events objects.
+    let peer_name = cfg
+        .nodes
+        .iter()
+        .find(|n| n.name != me.name)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let (metrics, registry) = crate::metrics::Metrics::new(&resource, name);
+    let metrics_task = match me.metrics {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            info!(resource = %resource, node = %name, "metrics on http://{addr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(l, Arc::new(registry))))
+        }
+        None => None,
+    };
+    let obs = super::Observe::with_metrics(
+        &resource,
+        name,
+        &peer_name,
+        cfg.resource.send_buffer,
+        metrics.clone(),
+    );
 
     let (tx, rx) = mpsc::unbounded_channel();
     let node = Node {
         replica,
         disk: disk.clone(),
-        meta_path,
+        store,
         protocol: pname,
         tx: tx.clone(),
         start: Instant::now(),
@@ -116,6 +211,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         retry_after: cfg.resource.connect_retry,
         events: VecDeque::new(),
         out: Vec::new(),
+        obs,
         peer_lost: super::hook::PeerLost::new(
             cfg.resource.on_peer_lost.clone(),
             resource.clone(),
@@ -129,12 +225,17 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let event_loop = tokio::spawn(node.run(rx));
 
     let (down_tx, mut down_rx) = watch::channel(false);
+    let ublk_device = Arc::new(std::sync::OnceLock::new());
     let admin_listener = control::bind(&me.admin)?;
     let admin = tokio::spawn(control::serve(
         admin_listener,
         Arc::new(Admin {
             tx: tx.clone(),
             down: down_tx,
+            resource: resource.clone(),
+            node: name.to_owned(),
+            metrics,
+            ublk_device: ublk_device.clone(),
         }),
     ));
 
@@ -142,6 +243,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         tx: tx.clone(),
         disk: disk.clone(),
     };
+    let ublk_backend = backend.clone();
     let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));
     let mut sigterm = signal(SignalKind::terminate()).map_err(UpError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(UpError::Runtime)?;
@@ -161,8 +263,27 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         disk.size(),
         me.admin.display()
     );
+    let ublk = match me.frontend {
+        Frontend::Nbd => None,
+        Frontend::Ublk => match UblkFrontend::start(ublk_backend).await {
+            Ok(u) => {
+                info!(resource = %resource, "ublk device {}", u.device);
+                // Scripts wait for this line.
+                println!("ublk device {}", u.device);
+                let _ = ublk_device.set(u.device.clone());
+                Some(u)
+            }
+            Err(e) => {
+                admin.abort();
+                let _ = std::fs::remove_file(&me.admin);
+                return Err(e.into());
+            }
+        },
+    };
     // Tests and scripts wait for this line.
     println!("listening on {shown}");
+    // The NBD socket is bound and listening: connections are accepted from here on.
+    super::notify::notify("READY=1");
 
     crate::serve::serve_until(listener, server, async {
         tokio::select! {
@@ -170,8 +291,15 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             _ = sigint.recv() => info!("SIGINT: shutting down"),
             _ = down_rx.wait_for(|d| *d) => info!("twinblk down: shutting down"),
         }
+        // Tell systemd at once: the drain that follows may take a while.
+        super::notify::notify("STOPPING=1");
     })
     .await;
+    // The device goes before the event loop: its requests in flight are answered first.
+    let ublk_stopped = match ublk {
+        Some(u) => u.stop().await,
+        None => Ok(()),
+    };
     // Every accepted request got its answer before serve_until returned.
     let (reply, done) = oneshot::channel();
     let result = if tx.send(Input::Shutdown { reply }).is_ok() {
@@ -181,9 +309,13 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         Err("the event loop stopped early".into())
     };
     admin.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&me.admin);
     let _ = event_loop.await;
     result.map_err(UpError::Shutdown)?;
+    ublk_stopped?;
     info!("disk flushed, metadata saved; exiting");
     Ok(())
 }

@@ -114,3 +114,93 @@ impl Backend for Replicated {
         Ok(())
     }
 }
+
+/// `frontend = "ublk"`: the replicated device as `/dev/ublkbN`, served by a thread of its own
+/// (libublk's queue threads are not tokio tasks) that hands every request to the event loop
+/// like an NBD connection does.
+pub(super) struct UblkFrontend {
+    /// `/dev/ublkbN`.
+    pub device: String,
+    stop: twinblk_ublk::StopHandle,
+    thread: std::thread::JoinHandle<Result<(), twinblk_ublk::UblkError>>,
+}
+
+impl UblkFrontend {
+    /// Create the device and return once it is live. Without `/dev/ublk-control` this fails
+    /// with the ublk crate's explanation (load `ublk_drv`, Linux >= 6.0).
+    ///
+    /// The device is created without user recovery: if the daemon dies, its I/O fails rather
+    /// than hanging until a `--recover` that `up` does not offer; the peer takes over instead.
+    pub(super) async fn start(
+        backend: Replicated,
+    ) -> Result<UblkFrontend, twinblk_ublk::UblkError> {
+        let stop = twinblk_ublk::StopHandle::new()?;
+        let opts = twinblk_ublk::UblkOptions {
+            user_recovery: false,
+            handle_signals: false,
+            stop: Some(stop.clone()),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Handle::current();
+        let (ready, device) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("ublk".into())
+            .spawn(move || serve_ublk(backend, rt, &opts, ready))?;
+        match device.await {
+            Ok(device) => Ok(UblkFrontend {
+                device,
+                stop,
+                thread,
+            }),
+            // The server returned before the device went live: its error says why.
+            Err(_) => match join(thread).await {
+                Err(e) => Err(e),
+                Ok(()) => Err(twinblk_ublk::UblkError::Driver {
+                    op: "START_DEV",
+                    detail: "the ublk server stopped before the device was live".into(),
+                }),
+            },
+        }
+    }
+
+    /// Delete the device once the requests in flight are answered.
+    pub(super) async fn stop(self) -> Result<(), twinblk_ublk::UblkError> {
+        self.stop.stop();
+        join(self.thread).await
+    }
+}
+
+async fn join(
+    thread: std::thread::JoinHandle<Result<(), twinblk_ublk::UblkError>>,
+) -> Result<(), twinblk_ublk::UblkError> {
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    match joined {
+        Ok(Ok(r)) => r,
+        _ => Err(twinblk_ublk::UblkError::Driver {
+            op: "serve",
+            detail: "the ublk server thread panicked".into(),
+        }),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn serve_ublk(
+    backend: Replicated,
+    rt: tokio::runtime::Handle,
+    opts: &twinblk_ublk::UblkOptions,
+    ready: oneshot::Sender<String>,
+) -> Result<(), twinblk_ublk::UblkError> {
+    crate::ublk_target::serve_ublk(backend, rt, opts, |dev| {
+        let _ = ready.send(dev.to_owned());
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn serve_ublk(
+    _backend: Replicated,
+    _rt: tokio::runtime::Handle,
+    _opts: &twinblk_ublk::UblkOptions,
+    _ready: oneshot::Sender<String>,
+) -> Result<(), twinblk_ublk::UblkError> {
+    Err(twinblk_ublk::UblkError::Unsupported)
+}

@@ -6,19 +6,22 @@
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
 //! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
-//! * `meta_file`: durable, atomic `SaveMeta`.
+//! * `SaveMeta` / `SaveBitmap` / `SaveActivityLog` go to the node's [`MetaStore`] (meta/),
+//!   synchronously: each is durable before the next action runs.
 //! * `daemon`: process setup, listeners, signals and the graceful shutdown.
+//! * `events`: the `twinblk events` objects and their bounded broadcast.
+//! * `notify`: systemd readiness (sd_notify).
 
 mod admin;
 pub mod daemon;
+pub mod events;
 mod frontend;
 mod hook;
 mod io;
-pub mod meta_file;
+pub mod notify;
 mod peer;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -32,6 +35,7 @@ use crate::core::{
     bitmap::BLOCK, Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind,
 };
 use crate::disk::Disk;
+use crate::meta::{MetaError, MetaStore};
 use crate::net::{Connector, PeerConn, PeerLink};
 use frontend::{ClientOp, ClientReply};
 use peer::Current;
@@ -69,6 +73,15 @@ pub(super) enum Input {
     Status {
         reply: oneshot::Sender<serde_json::Value>,
     },
+    /// Subscribe to the events stream; with `now`, also the current objects as `exists`
+    /// lines (taken in the same step, so nothing falls between them and the stream).
+    Events {
+        now: bool,
+        reply: oneshot::Sender<(
+            tokio::sync::broadcast::Receiver<serde_json::Value>,
+            Vec<serde_json::Value>,
+        )>,
+    },
     /// The `on-peer-lost` hook finished, or its retry is due.
     Hook(hook::Report),
     /// Flush, save the metadata, close the connection, then answer and stop.
@@ -80,7 +93,7 @@ pub(super) enum Input {
 struct Node {
     replica: Replica,
     disk: Disk,
-    meta_path: PathBuf,
+    store: MetaStore,
     protocol: &'static str,
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
@@ -99,7 +112,56 @@ struct Node {
     retry_after: std::time::Duration,
     events: VecDeque<serde_json::Value>,
     out: Vec<Action>,
+    obs: Observe,
     peer_lost: hook::PeerLost,
+}
+
+/// What the operations side watches: the events broadcast and the metrics, plus the driver's
+/// own bookkeeping for numbers the core does not keep (latencies, bytes in flight).
+pub(super) struct Observe {
+    pub node: String,
+    pub peer: String,
+    pub bus: events::Bus,
+    pub metrics: crate::metrics::Metrics,
+    /// Client writes in flight: when they were submitted.
+    pub writes: HashMap<ReqId, Instant>,
+    /// Local disk writes in flight: when they were started.
+    pub disk_writes: HashMap<IoId, Instant>,
+    /// Write extents sent to the peer and not yet acked: their payload size.
+    pub unacked: HashMap<u64, u64>,
+    pub send_buffer: u64,
+    /// An Emit happened in the current batch: refresh the objects once it is done.
+    pub dirty: bool,
+    /// (when, resync bytes counter) at the last rate sample.
+    pub rate_sample: (Instant, u64),
+    /// Why the last established connection ended (not refusals: those are the core's
+    /// `last_refusal`); cleared by the next connection.
+    pub conn_lost: Option<String>,
+}
+
+impl Observe {
+    pub fn with_metrics(
+        resource: &str,
+        node: &str,
+        peer: &str,
+        send_buffer: u64,
+        metrics: crate::metrics::Metrics,
+    ) -> Observe {
+        metrics.send_buffer_bytes.set(send_buffer as i64);
+        Observe {
+            node: node.to_owned(),
+            peer: peer.to_owned(),
+            bus: events::Bus::new(resource, node),
+            metrics,
+            writes: HashMap::new(),
+            disk_writes: HashMap::new(),
+            unacked: HashMap::new(),
+            send_buffer,
+            dirty: true,
+            rate_sample: (Instant::now(), 0),
+            conn_lost: None,
+        }
+    }
 }
 
 impl Node {
@@ -116,9 +178,15 @@ impl Node {
             self.execute(a);
         }
         self.out = out;
+        if self.obs.dirty {
+            self.refresh();
+        }
     }
 
     fn execute(&mut self, a: Action) {
+        if let Action::DiskWrite { io, .. } = &a {
+            self.obs.disk_writes.insert(*io, Instant::now());
+        }
         if io::start(&self.disk, &a, &self.tx) {
             return;
         }
@@ -128,17 +196,39 @@ impl Node {
                     return;
                 };
                 let disk = self.disk.clone();
+                let errors = self.obs.metrics.io_errors.clone();
                 tokio::spawn(async move {
                     let r = disk.read(offset, len).await;
+                    if r.is_err() {
+                        errors.inc();
+                    }
                     let _ = reply.send(r.map(Some).map_err(|e| e.errno()));
                 });
             }
             Action::Send(msg) => {
                 if let Some(c) = &self.current {
+                    match &msg {
+                        PeerMsg::Data(x) => {
+                            self.obs.unacked.insert(x.seq, x.data.len() as u64);
+                        }
+                        PeerMsg::ResyncData { data, .. } => {
+                            self.obs.metrics.resync_bytes.inc_by(data.len() as u64);
+                        }
+                        _ => {}
+                    }
                     c.send(&msg);
                 }
             }
             Action::CompleteClient { req, result } => {
+                if let Some(t) = self.obs.writes.remove(&req) {
+                    self.obs
+                        .metrics
+                        .write_latency
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                if result.is_err() {
+                    self.obs.metrics.io_errors.inc();
+                }
                 if let Some(reply) = self.clients.remove(&req) {
                     let _ = reply.send(result.map(|()| None));
                 }
@@ -152,18 +242,19 @@ impl Node {
                 });
             }
             Action::Emit(change) => self.emit(change),
+            // Durable before the next action runs: the core relies on it.
             Action::SaveMeta(meta) => {
-                // Durable before the next action runs: the core relies on it.
-                if let Err(e) = meta_file::save(&self.meta_path, &meta) {
-                    // Going on could let data reach the disk that the saved state does not
-                    // cover; stop instead (the supervisor restarts us with the old metadata).
-                    tracing::error!("{e}; stopping so no action runs without its metadata");
-                    std::process::exit(1);
-                }
+                let r = self.store.save_meta(&meta);
+                self.saved(r);
             }
-            // TODO(meta): persist through meta/ once the metadata area exists; the core does
-            // not emit these yet.
-            Action::SaveBitmap { .. } | Action::SaveActivityLog { .. } => {}
+            Action::SaveBitmap { first_word, words } => {
+                let r = self.store.save_bitmap(first_word, &words);
+                self.saved(r);
+            }
+            Action::SaveActivityLog { extents } => {
+                let r = self.store.save_activity_log(&extents);
+                self.saved(r);
+            }
             Action::CloseConnection { conn, reason }
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {
@@ -182,17 +273,23 @@ impl Node {
         }
     }
 
+    fn saved(&self, r: Result<(), MetaError>) {
+        if let Err(e) = r {
+            // Going on could let data reach the disk that the saved state does not cover;
+            // stop instead (the supervisor restarts us with the last durable metadata).
+            tracing::error!("{e}; stopping so no action runs without its metadata");
+            std::process::exit(1);
+        }
+    }
+
     fn emit(&mut self, change: StateChange) {
+        self.obs.dirty = true;
+        self.obs.metrics.state_changes.inc();
+        log_change(&self.replica.config().resource, &self.obs.node, &change);
         let text = format!("{change:?}");
-        match &change {
-            StateChange::Refused { reason } => {
-                warn!(resource = %self.replica.config().resource, change = %text, "connection refused: {reason}")
-            }
-            StateChange::ConnectionLost { reason } => {
-                self.last_conn_error = Some(reason.clone());
-                info!(resource = %self.replica.config().resource, change = %text, "state change")
-            }
-            _ => info!(resource = %self.replica.config().resource, change = %text, "state change"),
+        if let StateChange::ConnectionLost { reason } = &change {
+            self.last_conn_error = Some(reason.clone());
+            self.obs.conn_lost = Some(reason.clone());
         }
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -208,6 +305,24 @@ impl Node {
         let req = self.next_req;
         self.next_req += 1;
         self.clients.insert(req, reply);
+        let m = &self.obs.metrics;
+        match &op {
+            ClientOp::Write { data, .. } => {
+                m.writes.inc();
+                m.write_bytes.inc_by(data.len() as u64);
+                self.obs.writes.insert(req, Instant::now());
+            }
+            ClientOp::Read { len, .. } => {
+                m.reads.inc();
+                m.read_bytes.inc_by(u64::from(*len));
+            }
+            ClientOp::Flush => {
+                m.flushes.inc();
+            }
+            ClientOp::Trim { .. } | ClientOp::Zero { .. } => {
+                m.trims.inc();
+            }
+        }
         let ev = match op {
             ClientOp::Write { offset, data, fua } => Event::ClientWrite {
                 req,
@@ -240,6 +355,8 @@ impl Node {
                 reason: "replaced by a newer connection".into(),
             });
         }
+        self.obs.unacked.clear();
+        self.obs.conn_lost = None;
         self.next_conn += 1;
         let id = self.next_conn;
         info!(conn = id, peer = %conn.peer, remote = %conn.remote_addr, "peer connected");
@@ -331,6 +448,82 @@ impl Node {
         })
     }
 
+    fn event_objects(
+        &self,
+        s: &crate::core::Status,
+    ) -> [serde_json::Map<String, serde_json::Value>; 4] {
+        events::objects(&events::View {
+            status: s,
+            peer: &self.obs.peer,
+            conn_error: self.obs.conn_lost.as_deref(),
+        })
+    }
+
+    /// Rebuild the events objects (broadcasting what changed) and the state gauges.
+    fn refresh(&mut self) {
+        self.obs.dirty = false;
+        let s = self.replica.status();
+        let objects = self.event_objects(&s);
+        self.obs.bus.update(objects);
+        let m = &self.obs.metrics;
+        use crate::metrics::Metrics as M;
+        M::set_state(&m.role, "role", Some(&format!("{:?}", s.role)));
+        M::set_state(&m.disk_state, "state", Some(&format!("{:?}", s.disk)));
+        M::set_state(
+            &m.replication_state,
+            "state",
+            Some(&format!("{:?}", s.repl)),
+        );
+        M::set_state(
+            &m.peer_role,
+            "role",
+            s.peer_role.map(|r| format!("{r:?}")).as_deref(),
+        );
+        M::set_state(
+            &m.peer_disk_state,
+            "state",
+            s.peer_disk.map(|d| format!("{d:?}")).as_deref(),
+        );
+        m.connected.set(i64::from(self.current.is_some()));
+        m.out_of_sync_bytes
+            .set(i64::try_from(s.dirty_blocks.saturating_mul(BLOCK)).unwrap_or(i64::MAX));
+        if s.peer_unacked == 0 {
+            // Acks that never came (a connection that ended) must not count forever.
+            self.obs.unacked.clear();
+        }
+        let inflight: u64 = self.obs.unacked.values().sum();
+        m.peer_inflight_requests.set(s.peer_unacked as i64);
+        m.peer_inflight_bytes.set(inflight as i64);
+        m.send_buffer_fill.set(if self.obs.send_buffer == 0 {
+            0.0
+        } else {
+            inflight as f64 / self.obs.send_buffer as f64
+        });
+        m.client_requests_in_flight.set(s.requests_in_flight as i64);
+        m.resync_remaining_bytes
+            .set(s.resync.map_or(0, |(left, _)| {
+                i64::try_from(left.saturating_mul(BLOCK)).unwrap_or(i64::MAX)
+            }));
+        m.split_brain.set(i64::from(events::split_brain(&s)));
+        m.may_promote.set(i64::from(events::may_promote(&s)));
+    }
+
+    /// Once a second: resync rate, and the objects (resync progress shows as `done:`).
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let bytes = self.obs.metrics.resync_bytes.get();
+        let (then, before) = self.obs.rate_sample;
+        let secs = now.duration_since(then).as_secs_f64();
+        if secs > 0.0 {
+            self.obs
+                .metrics
+                .resync_rate
+                .set(bytes.saturating_sub(before) as f64 / secs);
+        }
+        self.obs.rate_sample = (now, bytes);
+        self.refresh();
+    }
+
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
         // `up` means attach and connect, as in DRBD.
         self.next_tag += 1;
@@ -341,6 +534,8 @@ impl Node {
         // Set by Shutdown: answer, and the deadline for the peer to ack what it was sent.
         let mut draining: Option<(oneshot::Sender<Result<(), String>>, tokio::time::Instant)> =
             None;
+        let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some((_, deadline)) = &draining {
                 let s = self.replica.status();
@@ -367,6 +562,10 @@ impl Node {
                     None => return,
                 },
                 _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if draining.is_some() => continue,
+                _ = ticker.tick() => {
+                    self.tick();
+                    continue;
+                }
                 Some(conn) = next_conn(&mut self.connector) => {
                     self.connected(conn);
                     continue;
@@ -374,8 +573,27 @@ impl Node {
             };
             match input {
                 Input::Client { op, reply } => self.client(op, reply),
-                Input::DiskDone { io, result } => self.feed(Event::DiskDone { io, result }),
-                Input::Peer { conn, msg } => self.feed(Event::Peer { conn, msg }),
+                Input::DiskDone { io, result } => {
+                    if let Some(t) = self.obs.disk_writes.remove(&io) {
+                        self.obs
+                            .metrics
+                            .local_write_latency
+                            .observe(t.elapsed().as_secs_f64());
+                    }
+                    self.feed(Event::DiskDone { io, result })
+                }
+                Input::Peer { conn, msg } => {
+                    match &msg {
+                        PeerMsg::WriteAck { seq } => {
+                            self.obs.unacked.remove(seq);
+                        }
+                        PeerMsg::ResyncData { data, .. } => {
+                            self.obs.metrics.resync_bytes.inc_by(data.len() as u64);
+                        }
+                        _ => {}
+                    }
+                    self.feed(Event::Peer { conn, msg })
+                }
                 Input::ConnDown { conn, reason } => {
                     let mut held = false;
                     if self.current.as_ref().is_some_and(|c| c.id == conn) {
@@ -439,6 +657,16 @@ impl Node {
                 Input::Status { reply } => {
                     let _ = reply.send(self.status_json());
                 }
+                Input::Events { now, reply } => {
+                    let rx = self.obs.bus.sender().subscribe();
+                    let exists = if now {
+                        let s = self.replica.status();
+                        self.obs.bus.exists(&self.event_objects(&s))
+                    } else {
+                        Vec::new()
+                    };
+                    let _ = reply.send((rx, exists));
+                }
                 Input::Shutdown { reply } => {
                     self.unfreeze("shutting down");
                     // Stop reconnecting, but let the current connection deliver what it was
@@ -453,13 +681,69 @@ impl Node {
     async fn shutdown(&mut self) -> Result<(), String> {
         self.connector = None;
         let flushed = self.disk.flush().await.map_err(|e| e.to_string());
-        let saved =
-            meta_file::save(&self.meta_path, &self.replica.meta()).map_err(|e| e.to_string());
+        let saved = self.save_all().map_err(|e| e.to_string());
         if let Some(c) = self.current.take() {
             c.close("the peer is shutting down (twinblk down)");
         }
         self.link.close("shutting down");
         flushed.and(saved)
+    }
+}
+
+/// One structured log line per state change: resource, node, kind, from, to.
+fn log_change(resource: &str, node: &str, change: &StateChange) {
+    let debug = format!("{change:?}");
+    let variant = debug
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap_or_default();
+    let mut kind = String::new();
+    for (i, c) in variant.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            kind.push('-');
+        }
+        kind.push(c.to_ascii_lowercase());
+    }
+    let opt = |x: Option<String>| x.unwrap_or_else(|| "none".into());
+    let (from, to) = match change {
+        StateChange::Role { from, to } => (format!("{from:?}"), format!("{to:?}")),
+        StateChange::Disk { from, to } => (format!("{from:?}"), format!("{to:?}")),
+        StateChange::Repl { from, to } => (format!("{from:?}"), format!("{to:?}")),
+        StateChange::PeerDisk { to } => (String::new(), opt(to.map(|d| format!("{d:?}")))),
+        StateChange::PeerRole { to } => (String::new(), opt(to.map(|r| format!("{r:?}")))),
+        StateChange::ResyncStarted { blocks, full } => (
+            String::new(),
+            format!("{blocks} blocks{}", if *full { " (full)" } else { "" }),
+        ),
+        StateChange::Refused { reason } | StateChange::ConnectionLost { reason } => {
+            (String::new(), reason.clone())
+        }
+        _ => (String::new(), debug.clone()),
+    };
+    if matches!(change, StateChange::Refused { .. }) {
+        warn!(resource, node, kind = %kind, from = %from, to = %to, "state change");
+    } else {
+        info!(resource, node, kind = %kind, from = %from, to = %to, "state change");
+    }
+}
+
+impl Node {
+    /// The core's metadata and its whole bitmap (a clean shutdown persists every dirty bit, so
+    /// the next start resyncs exactly what changed).
+    fn save_all(&mut self) -> Result<(), MetaError> {
+        self.store.save_meta(&self.replica.meta())?;
+        let bm = self.replica.bitmap();
+        let mut words = vec![0u64; self.store.layout().bitmap_words() as usize];
+        let mut from = 0;
+        while let Some((first, n)) = bm.next_run(from, u64::MAX) {
+            for b in first..first + n {
+                if let Some(w) = words.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
+            }
+            from = first + n;
+        }
+        self.store.save_bitmap(0, &words)
     }
 }
 

@@ -22,14 +22,14 @@ mod server;
 mod stop;
 
 #[cfg(target_os = "linux")]
-pub use server::{serve, CONTROL_PATH};
+pub use server::{delete, serve, CONTROL_PATH};
 #[cfg(target_os = "linux")]
 pub use stop::StopHandle;
 
 #[cfg(not(target_os = "linux"))]
 mod unsupported;
 #[cfg(not(target_os = "linux"))]
-pub use unsupported::{serve, StopHandle};
+pub use unsupported::{delete, serve, StopHandle};
 
 pub use request::Request;
 

@@ -264,6 +264,40 @@ pub fn serve<T: BlockTarget>(
     started.map(|_| ())
 }
 
+/// Delete `/dev/ublkbN` left behind by a server that was killed (e.g. `kill -9` of a device
+/// created with user recovery, which then waits for a `--recover` forever), when the caller
+/// does not want to recover it: pending I/O fails, the device disappears. Refuses a device whose
+/// server is still running (stop that one with SIGTERM instead).
+pub fn delete(id: i32) -> Result<(), UblkError> {
+    if id < 0 {
+        return Err(UblkError::InvalidOptions(format!(
+            "device number {id}: give N of /dev/ublkbN (0 or more)"
+        )));
+    }
+    check_control(Path::new(CONTROL_PATH))?;
+    let ctrl = UblkCtrl::new_simple(id).map_err(|e| match e {
+        libublk::UblkError::OtherError(errno) if errno.abs() == libc::ENODEV => {
+            UblkError::InvalidOptions(format!("there is no ublk device {id} (/dev/ublkb{id})"))
+        }
+        other => driver("GET_DEV_INFO")(other),
+    })?;
+    let info = ctrl.dev_info();
+    let pid = info.ublksrv_pid;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let server_alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    if u32::from(info.state) == sys::UBLK_S_DEV_LIVE && server_alive {
+        return Err(UblkError::InvalidOptions(format!(
+            "/dev/ublkb{id} is served by the running process {pid}: stop it with SIGTERM (it deletes the device itself)"
+        )));
+    }
+    match ctrl.kill_dev() {
+        Ok(_) => tracing::debug!(id, "ublk STOP_DEV done"),
+        Err(e) => tracing::debug!(id, "ublk STOP_DEV: {e}"),
+    }
+    ctrl.del_dev().map_err(driver("DEL_DEV"))?;
+    Ok(())
+}
+
 /// Refuse to recover a device that is not waiting for a new server or has another size.
 fn check_recoverable(ctrl: &UblkCtrl, id: i32, size: u64) -> Result<(), UblkError> {
     let info = ctrl.dev_info();
@@ -464,6 +498,14 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("modprobe ublk_drv"), "{msg}");
         assert!(msg.contains("Linux ≥ 6.0"), "{msg}");
+    }
+
+    #[test]
+    fn delete_checks_the_number_and_the_driver() {
+        assert!(matches!(delete(-1), Err(UblkError::InvalidOptions(_))));
+        if !Path::new(CONTROL_PATH).exists() {
+            assert!(matches!(delete(0), Err(UblkError::DriverMissing { .. })));
+        }
     }
 
     #[test]

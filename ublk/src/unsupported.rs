@@ -21,3 +21,7 @@ pub fn serve<T: BlockTarget>(
 ) -> Result<(), UblkError> {
     Err(UblkError::Unsupported)
 }
+
+pub fn delete(_id: i32) -> Result<(), UblkError> {
+    Err(UblkError::Unsupported)
+}

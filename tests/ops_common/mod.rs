@@ -1,0 +1,208 @@
+//! Two real `twinblk up` daemons on 127.0.0.1 for the operations tests (events, metrics,
+//! systemd): keys from `twinblk keygen`, one resource file, per-node extra keys and
+//! environment.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Generous bound for state changes on loopback; a test failing here names what it waited for.
+pub const WAIT: Duration = Duration::from_secs(120);
+pub const NAMES: [&str; 2] = ["alpha", "beta"];
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_twinblk")
+}
+
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    s.local_addr().expect("addr").port()
+}
+
+pub fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp bind");
+    s.local_addr().expect("addr").port()
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run twinblk")
+}
+
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub children: [Option<Child>; 2],
+}
+
+impl Pair {
+    /// Keys and the resource file (`extra[i]`: more lines for node i's table); nothing runs yet.
+    pub fn configure(size: &str, extra: [&str; 2]) -> Pair {
+        let dir = tempfile::Builder::new()
+            .prefix("twinblk-ops-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let d = dir.path();
+        for n in NAMES {
+            let o = run(&["keygen", "--name", n, "--out", d.to_str().expect("utf-8")]);
+            assert!(o.status.success(), "keygen: {o:?}");
+        }
+        let mut text = "[resource]\nname = \"r0\"\nprotocol = \"sync\"\n".to_owned();
+        for (i, n) in NAMES.iter().enumerate() {
+            text.push_str(&format!(
+                "[node.{n}]\naddress = \"127.0.0.1:{port}\"\ndisk = \"{d}/{n}.img\"\n\
+                 nbd = \"unix:{d}/{n}.nbd\"\nadmin = \"{d}/{n}.sock\"\ncert = \"{d}/{n}.crt\"\n\
+                 key = \"{d}/{n}.key\"\nsize = \"{size}\"\n{extra}\n",
+                port = free_udp_port(),
+                d = d.display(),
+                extra = extra[i],
+            ));
+        }
+        let config = d.join("r0.toml");
+        std::fs::write(&config, text).expect("write config");
+        let p = Pair {
+            dir,
+            config,
+            children: [None, None],
+        };
+        for i in 0..2 {
+            let o = p.cli(i, &["create-md"]);
+            assert!(o.status.success(), "create-md: {o:?}");
+        }
+        p
+    }
+
+    /// Both daemons up and answering.
+    pub fn new(size: &str, extra: [&str; 2]) -> Pair {
+        let mut p = Pair::configure(size, extra);
+        for i in 0..2 {
+            p.start(i, &[]);
+            p.wait(i, "the daemon answers status", |_| true);
+        }
+        p
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Start node i's daemon with extra environment; does not wait.
+    pub fn start(&mut self, i: usize, env: &[(&str, &str)]) {
+        let log = std::fs::File::create(self.path(&format!("{}.log", NAMES[i]))).expect("log");
+        let child = Command::new(bin())
+            .args(["up", "r0", "--config"])
+            .arg(&self.config)
+            .args(["--node", NAMES[i]])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn twinblk up");
+        self.children[i] = Some(child);
+    }
+
+    /// `twinblk ARGS r0 --config C --node N`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        self.command(i, args).output().expect("run twinblk")
+    }
+
+    pub fn command(&self, i: usize, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .arg("r0")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node", NAMES[i]]);
+        c
+    }
+
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let o = self.cli(i, &["status", "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    pub fn logs(&self) -> String {
+        NAMES
+            .iter()
+            .map(|n| {
+                let l = std::fs::read_to_string(self.path(&format!("{n}.log"))).unwrap_or_default();
+                format!("--- {n} log ---\n{l}")
+            })
+            .collect()
+    }
+
+    pub fn wait(
+        &self,
+        i: usize,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < WAIT {
+            if let Some(s) = self.status(i) {
+                if ok(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{}: waited for {what}; last status {last:?}\n{}",
+            NAMES[i],
+            self.logs()
+        );
+    }
+
+    pub fn wait_in_sync(&self) {
+        for i in 0..2 {
+            self.wait(i, "Established with both disks UpToDate", |s| {
+                s["repl"] == "Established"
+                    && s["disk"] == "UpToDate"
+                    && s["peer_disk"] == "UpToDate"
+            });
+        }
+    }
+
+    pub fn primary_force(&self) {
+        let o = self.cli(0, &["primary", "--force"]);
+        assert!(
+            o.status.success(),
+            "primary --force: {o:?}\n{}",
+            self.logs()
+        );
+    }
+
+    pub fn nbd_uri(&self, i: usize) -> String {
+        format!(
+            "nbd+unix:///?socket={}",
+            self.path(&format!("{}.nbd", NAMES[i])).display()
+        )
+    }
+
+    /// SIGTERM node i and wait for it to exit; true if it exited successfully.
+    pub fn stop(&mut self, i: usize) -> bool {
+        let Some(mut c) = self.children[i].take() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

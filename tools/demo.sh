@@ -118,18 +118,8 @@ start alpha
 wait_for alpha "alpha to reconnect (or be refused)" \
     '[ "$(field "$s" repl)" != Connecting ] && { [ "$(field "$s" repl)" != StandAlone ] || [ -n "$(field "$s" last_refusal)" ]; }'
 refusal=$(field "$s" last_refusal)
-if [ "$(field "$s" repl)" = StandAlone ] && [ -n "$refusal" ]; then
-    # Builds whose core does not yet give a promoted Secondary a new data generation refuse the
-    # returning crashed Primary. The operator's way out: discard alpha's metadata, so it comes
-    # back Inconsistent and takes a full resync from beta. DEMO_STRICT=1 fails here instead.
-    echo "NOTE: the handshake refused alpha: $refusal"
-    [ "${DEMO_STRICT:-0}" = 1 ] && fail "alpha was refused after the failover (DEMO_STRICT=1)"
-    echo "NOTE: this build cannot resync a returning crashed Primary yet; discarding alpha's metadata for a full resync"
-    run tw down alpha
-    wait "$PID_alpha" 2>/dev/null || true
-    run tw create-md alpha --force
-    start alpha
-fi
+[ "$(field "$s" repl)" = StandAlone ] && [ -n "$refusal" ] &&
+    fail "the handshake refused the returning alpha: $refusal"
 [ "$(field "$(json alpha)" role)" = Secondary ] || fail "alpha did not come back Secondary"
 if "$TW" help wait-sync >/dev/null 2>&1; then
     run tw wait-sync beta

@@ -157,6 +157,8 @@ struct Inner {
     is_block_device: bool,
     read_only: bool,
     lock: RangeLock,
+    /// The open file, for [`Disk::sync_now`] (the engine owns its own reference).
+    file: Arc<std::fs::File>,
 }
 
 /// A handle on an open disk. Cheap to clone; the engine stops when the last clone is dropped
@@ -252,6 +254,7 @@ impl Disk {
                 is_block_device: b.is_block_device,
                 read_only: opts.read_only,
                 lock: RangeLock::new(),
+                file,
             }),
         })
     }
@@ -368,6 +371,14 @@ impl Disk {
             .await
             .1
             .map_err(|e| self.io_error("flush", 0, 0, e))
+    }
+
+    /// [`Disk::flush`] on the calling thread, bypassing the engine: for a driver that must have
+    /// completed writes stable before its next step and cannot await (the replication event
+    /// loop before an activity-log transaction).
+    pub fn sync_now(&self) -> Result<(), DiskError> {
+        use std::os::fd::AsRawFd;
+        op::fdatasync(self.inner.file.as_raw_fd()).map_err(|e| self.io_error("flush", 0, 0, e))
     }
 
     /// Discards the whole aligned blocks inside the range (a hint: the rest is left alone, and a

@@ -143,7 +143,7 @@ pub fn run_blocking(fd: RawFd, kind: &mut OpKind) -> io::Result<()> {
     }
 }
 
-fn fdatasync(fd: RawFd) -> io::Result<()> {
+pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on an open fd.
         if unsafe { libc::fdatasync(fd) } == 0 {

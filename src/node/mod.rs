@@ -252,6 +252,12 @@ impl Node {
                 self.saved(r);
             }
             Action::SaveActivityLog { extents } => {
+                // The contract: completed writes are stable before a transaction drops their
+                // extent from the log, or a crash could lose a write no bitmap names.
+                if let Err(e) = self.disk.sync_now() {
+                    tracing::error!("{e}; stopping before the activity log forgets its extents");
+                    std::process::exit(1);
+                }
                 let r = self.store.save_activity_log(&extents);
                 self.saved(r);
             }
@@ -731,7 +737,11 @@ impl Node {
     /// The core's metadata and its whole bitmap (a clean shutdown persists every dirty bit, so
     /// the next start resyncs exactly what changed).
     fn save_all(&mut self) -> Result<(), MetaError> {
-        self.store.save_meta(&self.replica.meta())?;
+        // Everything is flushed and the whole bitmap saved below: nothing is unknown, so the
+        // next start is not a crashed Primary's (which would resync its activity log).
+        let mut meta = self.replica.meta();
+        meta.primary = false;
+        self.store.save_meta(&meta)?;
         let bm = self.replica.bitmap();
         let mut words = vec![0u64; self.store.layout().bitmap_words() as usize];
         let mut from = 0;

@@ -41,11 +41,9 @@ pub fn may_promote(s: &Status) -> bool {
         && s.disk == DiskState::UpToDate
 }
 
-/// A split brain keeps the connection refused with a reason that says so.
+/// The core found a split brain and keeps the connection refused until an operator decides.
 pub fn split_brain(s: &Status) -> bool {
-    s.last_refusal
-        .as_deref()
-        .is_some_and(|r| r.contains("split brain"))
+    s.split_brain.is_some()
 }
 
 /// Resync progress in percent (one decimal) while one runs on this node.
@@ -322,6 +320,25 @@ mod tests {
         s.repl = ReplState::StandAlone;
         s.peer_role = None;
         s.last_refusal = Some("split brain: both nodes have changes".into());
+        let o = objects(&View {
+            status: &s,
+            peer: "beta",
+            conn_error: None,
+        });
+        // The refusal text alone is not a split brain: only the core's finding is.
+        assert_eq!(o[0]["split_brain"], json!(false));
+        s.split_brain = Some(crate::core::SplitBrain {
+            reason: "split brain: both nodes have changes".into(),
+            node_id: 1,
+            peer_node_id: 2,
+            current_gen: 0x10,
+            peer_current_gen: 0x20,
+            common_gen: Some(0x8),
+            changed_blocks: 3,
+            peer_changed_blocks: 4,
+            keep_mine: [String::new(), String::new()],
+            keep_peers: [String::new(), String::new()],
+        });
         let o = objects(&View {
             status: &s,
             peer: "beta",

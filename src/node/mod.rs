@@ -31,9 +31,7 @@ use tracing::{info, warn};
 
 pub use frontend::{Errno, Replicated};
 
-use crate::core::{
-    bitmap::BLOCK, Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind,
-};
+use crate::core::{Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind};
 use crate::disk::Disk;
 use crate::meta::{MetaError, MetaStore};
 use crate::net::{Connector, PeerConn, PeerLink};
@@ -394,6 +392,8 @@ impl Node {
 
     fn status_json(&self) -> serde_json::Value {
         let s = self.replica.status();
+        // Bytes per bitmap bit: chosen at create-md.
+        let block = self.replica.config().bitmap_block;
         let conn = self.connector.as_ref().map(|c| c.status());
         let resync = s.resync.map(|(left, total)| {
             let done = if total == 0 {
@@ -405,7 +405,7 @@ impl Node {
                 "blocks_left": left,
                 "blocks_total": total,
                 "percent": done,
-                "out_of_sync_bytes": left.saturating_mul(BLOCK),
+                "out_of_sync_bytes": left.saturating_mul(block),
                 "rate_bytes_per_sec": s.resync_rate,
                 "eta_secs": s.resync_eta_secs,
             })
@@ -420,7 +420,7 @@ impl Node {
             "peer_role": s.peer_role.map(|r| format!("{r:?}")),
             "peer_disk": s.peer_disk.map(|d| format!("{d:?}")),
             "current_gen": s.current_gen,
-            "out_of_sync_bytes": s.dirty_blocks.saturating_mul(BLOCK),
+            "out_of_sync_bytes": s.dirty_blocks.saturating_mul(block),
             "resync": resync,
             "want_connection": s.want_connection,
             "connected": self.current.is_some(),
@@ -438,9 +438,9 @@ impl Node {
                 "peer_current_gen": format!("{:#x}", sb.peer_current_gen),
                 "common_gen": sb.common_gen.map(|g| format!("{g:#x}")),
                 "changed_blocks": sb.changed_blocks,
-                "changed_bytes": sb.changed_blocks.saturating_mul(BLOCK),
+                "changed_bytes": sb.changed_blocks.saturating_mul(block),
                 "peer_changed_blocks": sb.peer_changed_blocks,
-                "peer_changed_bytes": sb.peer_changed_blocks.saturating_mul(BLOCK),
+                "peer_changed_bytes": sb.peer_changed_blocks.saturating_mul(block),
                 "keep_this_nodes_data": sb.keep_mine,
                 "keep_peers_data": sb.keep_peers,
             })),
@@ -491,8 +491,9 @@ impl Node {
             s.peer_disk.map(|d| format!("{d:?}")).as_deref(),
         );
         m.connected.set(i64::from(self.current.is_some()));
+        let block = self.replica.config().bitmap_block;
         m.out_of_sync_bytes
-            .set(i64::try_from(s.dirty_blocks.saturating_mul(BLOCK)).unwrap_or(i64::MAX));
+            .set(i64::try_from(s.dirty_blocks.saturating_mul(block)).unwrap_or(i64::MAX));
         if s.peer_unacked == 0 {
             // Acks that never came (a connection that ended) must not count forever.
             self.obs.unacked.clear();
@@ -508,7 +509,7 @@ impl Node {
         m.client_requests_in_flight.set(s.requests_in_flight as i64);
         m.resync_remaining_bytes
             .set(s.resync.map_or(0, |(left, _)| {
-                i64::try_from(left.saturating_mul(BLOCK)).unwrap_or(i64::MAX)
+                i64::try_from(left.saturating_mul(block)).unwrap_or(i64::MAX)
             }));
         m.split_brain.set(i64::from(events::split_brain(&s)));
         m.may_promote.set(i64::from(events::may_promote(&s)));

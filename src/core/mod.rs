@@ -80,8 +80,11 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod csums;
+pub mod digest;
 pub mod gen;
 pub mod resync;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -252,6 +255,8 @@ pub enum AdminCmd {
     /// `connect --discard-my-data`: on the next split brain, this node becomes the sync target
     /// (send `Connect` after it).
     DiscardMyData,
+    /// `twinblk verify`: compare both disks online (see [`verify`]).
+    Verify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +352,21 @@ pub enum StateChange {
     },
     ConnectionLost {
         reason: String,
+    },
+    /// A verify of `bytes` bytes began (on both nodes).
+    VerifyStarted {
+        bytes: u64,
+    },
+    /// A new tenth of the verify is done.
+    VerifyProgress {
+        percent: u64,
+        differing_blocks: u64,
+    },
+    /// The verify ended; `aborted` says why if early. `first_ranges` are `(offset, bytes)`.
+    VerifyFinished {
+        differing_blocks: u64,
+        first_ranges: Vec<(u64, u64)>,
+        aborted: Option<String>,
     },
 }
 
@@ -464,6 +484,8 @@ pub struct Status {
     pub history: [u64; 2],
     /// The dirty bitmap covers every change since `bitmap_gen` (else the next resync is full).
     pub bitmap_known: bool,
+    /// The running or last verify on this node.
+    pub verify: Option<verify::VerifyStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -510,6 +532,8 @@ enum IoKind {
     ResyncRead { conn: u64, first: u64 },
     BarrierFlush { conn: u64, epoch: u64 },
     DoneFlush { conn: u64, gen: u64 },
+    VerifyRead { conn: u64 },
+    VerifyCompare { conn: u64, digests: Vec<u64> },
 }
 
 #[derive(Debug)]
@@ -522,14 +546,27 @@ struct Io {
 #[derive(Debug)]
 enum Apply {
     Write(Extent),
-    Resync { offset: u64, data: Bytes },
-    Barrier { epoch: u64 },
-    Done { gen: u64 },
+    Resync {
+        offset: u64,
+        data: Bytes,
+    },
+    Barrier {
+        epoch: u64,
+    },
+    Done {
+        gen: u64,
+    },
+    Verify {
+        offset: u64,
+        len: u32,
+        digests: Vec<u64>,
+    },
 }
 
 impl Apply {
     fn range(&self) -> Option<(u64, u64)> {
         match self {
+            Apply::Verify { offset, len, .. } => Some((*offset, *len as u64)),
             Apply::Write(e) => Some((e.offset, e.len as u64)),
             Apply::Resync { offset, data } => Some((*offset, data.len() as u64)),
             _ => None,
@@ -603,6 +640,8 @@ pub struct Replica {
     resync: Option<ResyncSource>,
     al: ActivityLog,
     now: u64,
+    verify: Option<verify::Verify>,
+    verify_runs: u64,
 }
 
 impl Replica {
@@ -667,6 +706,8 @@ impl Replica {
             resync: None,
             al: ActivityLog::new(cfg.al_extents),
             now: 0,
+            verify: None,
+            verify_runs: 0,
             cfg,
         }
     }
@@ -718,6 +759,7 @@ impl Replica {
             bitmap_gen: self.bitmap_gen,
             history: self.history,
             bitmap_known: self.bitmap_known,
+            verify: self.verify_status(),
         }
     }
 
@@ -776,7 +818,11 @@ impl Replica {
                 }
             }
             Event::Admin { tag, cmd } => {
+                let role = self.role;
                 let result = self.admin(cmd, out);
+                if self.role != role {
+                    self.verify_role_changed(out);
+                }
                 out.push(Action::AdminDone { tag, result });
             }
         }
@@ -1041,6 +1087,7 @@ impl Replica {
             }
         }
         self.pump_resync(out);
+        self.pump_verify(out);
     }
 
     fn issue_barrier(&mut self, epoch: u64, flush_req: Option<ReqId>, out: &mut Vec<Action>) {
@@ -1382,6 +1429,14 @@ impl Replica {
                 self.send(PeerMsg::BarrierAck { epoch }, out);
                 self.pump_apply(out);
             }
+            IoKind::VerifyRead { conn } => {
+                self.verify_read_done(conn, offset, len, result, out);
+                self.pump_issue(out);
+            }
+            IoKind::VerifyCompare { conn, digests } => {
+                self.verify_compare_done(conn, offset, len, digests, result, out);
+                self.pump_apply(out);
+            }
             IoKind::DoneFlush { conn, gen } => {
                 if cur != Some(conn) {
                     return;
@@ -1536,6 +1591,7 @@ impl Replica {
         self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
+        self.verify_abort(&format!("connection lost: {reason}"), false, out);
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
             reason: reason.to_owned(),
@@ -1593,6 +1649,7 @@ impl Replica {
                     c.peer_disk = Some(s.disk);
                     if role_changed {
                         out.push(Action::Emit(StateChange::PeerRole { to: Some(s.role) }));
+                        self.verify_role_changed(out);
                     }
                     if disk_changed {
                         out.push(Action::Emit(StateChange::PeerDisk { to: Some(s.disk) }));
@@ -1672,7 +1729,16 @@ impl Replica {
             m @ (PeerMsg::Data(_)
             | PeerMsg::Barrier { .. }
             | PeerMsg::ResyncData { .. }
-            | PeerMsg::ResyncDone { .. }) => self.sequenced(m, out),
+            | PeerMsg::ResyncDone { .. }
+            | PeerMsg::VerifyStart { .. }
+            | PeerMsg::VerifyRequest { .. }
+            | PeerMsg::VerifyEnd { .. }) => self.sequenced(m, out),
+            m @ (PeerMsg::VerifyReply { .. } | PeerMsg::VerifyAsk | PeerMsg::VerifyStop { .. }) => {
+                self.verify_peer_msg(m, out)
+            }
+            m @ (PeerMsg::CsumRequest { .. }
+            | PeerMsg::CsumReply { .. }
+            | PeerMsg::ResyncSame { .. }) => self.csum_peer_msg(m, out),
         }
     }
 
@@ -1903,6 +1969,18 @@ impl Replica {
             PeerMsg::ResyncData { offset, data, .. } => Some((*offset, data.len() as u64)),
             _ => None,
         };
+        if let PeerMsg::VerifyRequest {
+            offset,
+            len,
+            digests,
+            ..
+        } = &m
+        {
+            if let Err(why) = self.verify_check_request(*offset, *len, digests) {
+                self.close(&format!("{why}: protocol error"), out);
+                return;
+            }
+        }
         if let Some((off, len)) = range {
             if off.checked_add(len).map_or(true, |end| end > self.cfg.size) {
                 self.close(
@@ -1947,15 +2025,21 @@ impl Replica {
     fn pump_apply(&mut self, out: &mut Vec<Action>) {
         let sync_target = self.repl == ReplState::SyncTarget;
         let mut protocol_error = None;
-        {
-            let Some(c) = self.conn.as_mut() else {
-                return;
-            };
-            if !c.decided {
-                return;
-            }
-            while let Some(m) = c.reorder.remove(&c.recv_next) {
+        loop {
+            let m = {
+                let Some(c) = self.conn.as_mut() else {
+                    return;
+                };
+                if !c.decided {
+                    return;
+                }
+                let Some(m) = c.reorder.remove(&c.recv_next) else {
+                    break;
+                };
                 c.recv_next += 1;
+                m
+            };
+            {
                 let item = match m {
                     PeerMsg::Data(e) => Apply::Write(e),
                     PeerMsg::ResyncData { offset, data, .. } => {
@@ -1974,9 +2058,35 @@ impl Replica {
                         }
                         Apply::Done { gen }
                     }
+                    // Verify bookkeeping needs no disk: done in sequence order right here.
+                    PeerMsg::VerifyStart { .. } => {
+                        self.verify_peer_started(out);
+                        continue;
+                    }
+                    PeerMsg::VerifyEnd { aborted, .. } => {
+                        self.verify_peer_ended(aborted, out);
+                        continue;
+                    }
+                    PeerMsg::VerifyRequest {
+                        offset,
+                        len,
+                        digests,
+                        ..
+                    } => {
+                        if !self.verify_wants_compare() {
+                            continue;
+                        }
+                        Apply::Verify {
+                            offset,
+                            len,
+                            digests,
+                        }
+                    }
                     _ => continue,
                 };
-                c.apply_q.push_back(item);
+                if let Some(c) = self.conn.as_mut() {
+                    c.apply_q.push_back(item);
+                }
             }
         }
         if let Some(why) = protocol_error {
@@ -2046,6 +2156,18 @@ impl Replica {
                                 data,
                                 fua: false,
                             });
+                        }
+                        Some(Apply::Verify {
+                            offset,
+                            len,
+                            digests,
+                        }) if self.verify_wants_compare() => {
+                            let io = self.new_io(
+                                IoKind::VerifyCompare { conn, digests },
+                                offset,
+                                len as u64,
+                            );
+                            out.push(Action::DiskRead { io, offset, len });
                         }
                         _ => {}
                     }
@@ -2225,6 +2347,7 @@ impl Replica {
                 }
                 Ok(())
             }
+            AdminCmd::Verify => self.admin_verify(out),
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
                     return Err(

@@ -140,6 +140,13 @@ impl Handler for Admin {
                 )
                 .await
             }
+            Request::Verify => {
+                self.admin(
+                    AdminCmd::Verify,
+                    "verify started: progress and findings in `twinblk status`",
+                )
+                .await
+            }
             Request::Down => {
                 let _ = self.down.send(true);
                 Response::Ok {

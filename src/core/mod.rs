@@ -152,6 +152,9 @@ pub struct Config {
     /// Bytes per activity-log extent: [`AL_EXTENT`]; smaller only in tests (the simulator's
     /// devices are a few hundred KiB).
     pub al_extent: u64,
+    /// Checksum-based resync ([`csums`]): the target's digests first, data only where they
+    /// differ (resource key `csums`).
+    pub csums: bool,
     /// Split-brain policy when neither node is Primary (both nodes must agree).
     pub after_sb_0pri: AfterSb0Pri,
     /// Split-brain policy when one node is Primary (both nodes must agree).
@@ -174,6 +177,7 @@ impl Config {
             bitmap_block: BLOCK,
             al_extents: 1024,
             al_extent: AL_EXTENT,
+            csums: false,
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
             bug: InjectedBug::None,
@@ -534,6 +538,8 @@ enum IoKind {
     DoneFlush { conn: u64, gen: u64 },
     VerifyRead { conn: u64 },
     VerifyCompare { conn: u64, digests: Vec<u64> },
+    CsumTargetRead { conn: u64 },
+    CsumSourceRead { conn: u64, digests: Vec<u64> },
 }
 
 #[derive(Debug)]
@@ -561,12 +567,20 @@ enum Apply {
         len: u32,
         digests: Vec<u64>,
     },
+    /// Checksum resync target: read a range for its digests (not sequenced: queued when
+    /// asked, so it follows the peer writes received before).
+    Csum {
+        offset: u64,
+        len: u32,
+    },
 }
 
 impl Apply {
     fn range(&self) -> Option<(u64, u64)> {
         match self {
-            Apply::Verify { offset, len, .. } => Some((*offset, *len as u64)),
+            Apply::Verify { offset, len, .. } | Apply::Csum { offset, len } => {
+                Some((*offset, *len as u64))
+            }
             Apply::Write(e) => Some((e.offset, e.len as u64)),
             Apply::Resync { offset, data } => Some((*offset, data.len() as u64)),
             _ => None,
@@ -642,6 +656,7 @@ pub struct Replica {
     now: u64,
     verify: Option<verify::Verify>,
     verify_runs: u64,
+    csum_spans: csums::CsumSpans,
 }
 
 impl Replica {
@@ -708,6 +723,7 @@ impl Replica {
             now: 0,
             verify: None,
             verify_runs: 0,
+            csum_spans: Default::default(),
             cfg,
         }
     }
@@ -1433,6 +1449,13 @@ impl Replica {
                 self.verify_read_done(conn, offset, len, result, out);
                 self.pump_issue(out);
             }
+            IoKind::CsumTargetRead { conn } => {
+                self.csum_target_read_done(conn, offset, len, result, out);
+                self.pump_apply(out);
+            }
+            IoKind::CsumSourceRead { conn, digests } => {
+                self.csum_source_read_done(conn, offset, len, digests, result, out);
+            }
             IoKind::VerifyCompare { conn, digests } => {
                 self.verify_compare_done(conn, offset, len, digests, result, out);
                 self.pump_apply(out);
@@ -1715,6 +1738,7 @@ impl Replica {
                 if self.repl != ReplState::SyncSource {
                     return;
                 }
+                let (offset, len) = self.csum_ack_range(offset, len);
                 let bs = self.bitmap.block_size();
                 let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(offset / bs));
                 if acked {
@@ -2169,6 +2193,11 @@ impl Replica {
                             );
                             out.push(Action::DiskRead { io, offset, len });
                         }
+                        Some(Apply::Csum { offset, len }) => {
+                            let io =
+                                self.new_io(IoKind::CsumTargetRead { conn }, offset, len as u64);
+                            out.push(Action::DiskRead { io, offset, len });
+                        }
                         _ => {}
                     }
                 }
@@ -2232,12 +2261,7 @@ impl Replica {
                 rs_done(self);
                 break;
             }
-            let io = self.new_io(IoKind::ResyncRead { conn, first }, offset, len);
-            out.push(Action::DiskRead {
-                io,
-                offset,
-                len: len as u32,
-            });
+            self.resync_fetch(conn, first, offset, len, out);
         }
         let finished = self
             .resync

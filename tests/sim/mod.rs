@@ -33,6 +33,9 @@ pub struct SimConfig {
     pub queue_depth: usize,
     pub faults: bool,
     pub bug: InjectedBug,
+    /// Checksum-based resync (odd seeds; not drawn from the rng, so other seeds replay as
+    /// before).
+    pub csums: bool,
 }
 
 impl SimConfig {
@@ -50,6 +53,7 @@ impl SimConfig {
             queue_depth: r.range(1, 8) as usize,
             faults: true,
             bug: InjectedBug::None,
+            csums: seed % 2 == 1,
         }
     }
 }
@@ -263,6 +267,7 @@ impl World {
         cfg.resync_window = 3;
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
+        cfg.csums = self.cfg.csums;
         // Small extents and log so the 64-block device sees evictions.
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;

@@ -191,3 +191,57 @@ fn a_role_change_stops_the_verify_on_both_nodes() {
     assert!(!v.running);
     assert!(v.aborted.is_some_and(|a| a.contains("role")));
 }
+
+fn set_csums(d: &mut Duo, on: bool) {
+    for r in d.r.iter_mut().flatten() {
+        r.cfg.csums = on;
+    }
+}
+
+/// A full sync (after `invalidate`) between disks that already hold the same data.
+fn full_sync_bytes(csums: bool, corrupt_blocks: &[u64]) -> (u64, Duo) {
+    let mut d = established_duo();
+    set_csums(&mut d, csums);
+    for &b in corrupt_blocks {
+        corrupt(&mut d, 1, b);
+    }
+    d.admin(1, AdminCmd::Invalidate);
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    d.connect();
+    assert_eq!(d.st(1).disk, DiskState::UpToDate);
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(d.disk[0] == d.disk[1], "disks identical after the resync");
+    assert_eq!(d.st(0).dirty_blocks + d.st(1).dirty_blocks, 0);
+    (d.resynced_bytes[0], d)
+}
+
+#[test]
+fn checksum_resync_moves_only_what_differs() {
+    let (plain, _) = full_sync_bytes(false, &[]);
+    assert_eq!(plain, SIZE, "without csums every block moves");
+    let (csums, _) = full_sync_bytes(true, &[]);
+    assert_eq!(csums, 0, "identical disks: no data moves");
+    let (csums, _) = full_sync_bytes(true, &[7, 8, 40]);
+    // One chunk here (the device is one resync chunk): the span from the first to the last
+    // differing block moves, the equal blocks around it do not.
+    assert_eq!(csums, (40 - 7 + 1) * BLOCK);
+    let (plain, _) = full_sync_bytes(false, &[7, 8, 40]);
+    assert_eq!(plain, SIZE);
+}
+
+#[test]
+fn checksum_resync_with_small_chunks_moves_only_differing_chunks_spans() {
+    let mut d = established_duo();
+    set_csums(&mut d, true);
+    for r in d.r.iter_mut().flatten() {
+        r.cfg.resync_chunk = 4 * BLOCK;
+    }
+    for b in [1, 2, 13, 50] {
+        corrupt(&mut d, 1, b);
+    }
+    d.admin(1, AdminCmd::Invalidate);
+    d.connect();
+    assert_eq!(d.st(1).disk, DiskState::UpToDate);
+    assert!(d.disk[0] == d.disk[1]);
+    assert_eq!(d.resynced_bytes[0], 4 * BLOCK);
+}

@@ -153,6 +153,8 @@ servers=(${SERVERS:-qemu-nbd twinblk})
 
 results=$work/results.txt
 : > "$results"
+# The machine may be shared: the load average before and after says how much to trust the run.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for w in "${workloads[@]}"; do
     IFS='|' read -r name args metric <<<"$w"
     if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
@@ -206,3 +208,4 @@ for (name, metric), by in rows.items():
     print(line)
 print("\nratios: > 1.00 means better than " + base + " (latency ratios are inverted so that holds)")
 PY
+echo "load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"

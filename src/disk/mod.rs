@@ -59,6 +59,18 @@ pub enum CacheMode {
 /// at qd32, counted with `strace -c -f`) but puts all the work on the runtime's one thread, which
 /// loses when that thread competes for a busy CPU. Re-measure on real hardware before changing
 /// it; the CLI's default must stay the same.
+///
+/// Why `UringInline` loses with flushes (fio `fsync=32`, traced with the io_uring and block
+/// tracepoints): it falls into lock-step. A socket read's 32 writes go to the kernel in one
+/// enter; their completions reach the runtime thread as one batch of task_work (the thread
+/// also runs the sockets), so fio refills all 32 slots at once, and its flushes arrive 32 in a
+/// row. Each IORING_OP_FSYNC goes to its own io-wq worker (an fsync cannot be issued without
+/// blocking), so 32 fdatasyncs and device flushes run side by side: kernel-side fsync latency
+/// mean 1.8 ms, p99 13.8 ms, against 0.45 ms / 3.9 ms on `Uring`, whose completions trickle
+/// back one reap at a time and keep fio's writes and flushes interleaved. Neither coalescing
+/// flushes in `Disk::flush` (slower on `Uring`, no gain here) nor COOP_TASKRUN on the inline
+/// ring (no change measurable through the noise) fixed it on the shared 2-core machine (load
+/// average 11 to 15 at the time), so the default stays `Uring`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
     /// io_uring on a dedicated thread (falls back to `Threads` if io_uring is unavailable).

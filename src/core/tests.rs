@@ -600,7 +600,12 @@ struct Duo {
     saved: [Restored; 2],
     conn: Option<u64>,
     next_conn: u64,
+    /// Resync bytes sent, with or without payload.
     resynced_bytes: [u64; 2],
+    /// Resync zero-run messages sent.
+    resync_zero_msgs: [u64; 2],
+    /// Bytes zeroed or trimmed on each disk.
+    zeroed_bytes: [u64; 2],
     next_req: u64,
     net: std::collections::VecDeque<(usize, u64, PeerMsg)>,
 }
@@ -620,6 +625,8 @@ impl Duo {
             conn: None,
             next_conn: 1,
             resynced_bytes: [0; 2],
+            resync_zero_msgs: [0; 2],
+            zeroed_bytes: [0; 2],
             next_req: 100,
             net: Default::default(),
         }
@@ -647,9 +654,19 @@ impl Duo {
                             },
                         ));
                     }
-                    Action::DiskTrim { io, .. }
-                    | Action::DiskZero { io, .. }
-                    | Action::DiskFlush { io } => queue.push_back((
+                    Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
+                        let o = offset as usize;
+                        self.disk[n][o..o + len as usize].fill(0);
+                        self.zeroed_bytes[n] += len as u64;
+                        queue.push_back((
+                            n,
+                            Event::DiskDone {
+                                io,
+                                result: Ok(None),
+                            },
+                        ));
+                    }
+                    Action::DiskFlush { io } => queue.push_back((
                         n,
                         Event::DiskDone {
                             io,
@@ -668,8 +685,15 @@ impl Duo {
                         ));
                     }
                     Action::Send(m) => {
-                        if let PeerMsg::ResyncData { data, .. } = &m {
-                            self.resynced_bytes[n] += data.len() as u64;
+                        match &m {
+                            PeerMsg::ResyncData { data, .. } => {
+                                self.resynced_bytes[n] += data.len() as u64;
+                            }
+                            PeerMsg::ResyncZero { len, .. } => {
+                                self.resynced_bytes[n] += *len as u64;
+                                self.resync_zero_msgs[n] += 1;
+                            }
+                            _ => {}
                         }
                         if let Some(conn) = self.conn {
                             let bytes = crate::wire::encode(&m).expect("encode");

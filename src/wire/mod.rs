@@ -194,6 +194,24 @@ pub enum PeerMsg {
         offset: u64,
         len: u32,
     },
+    /// Resync of `[offset, offset+len)`, which is all zeroes on the source: the target writes
+    /// zeroes (WRITE_ZEROES) instead of receiving a payload (data stream, sequenced).
+    ResyncZero {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The sender went Ahead (pull-ahead on a congested link): it stops shipping writes and
+    /// marks them in its bitmap; the receiver is Behind, its disk Outdated (data stream,
+    /// sequenced: it follows every write shipped before it).
+    Ahead {
+        seq: u64,
+    },
+    /// The Ahead sender's link drained: a bitmap resync to the receiver starts now (data stream,
+    /// sequenced: the resync data follows it).
+    AheadResync {
+        seq: u64,
+    },
 }
 
 #[repr(u16)]
@@ -211,6 +229,9 @@ enum Kind {
     WriteAck = 20,
     BarrierAck = 21,
     ResyncAck = 22,
+    ResyncZero = 30,
+    Ahead = 31,
+    AheadResync = 32,
 }
 
 impl Kind {
@@ -228,6 +249,9 @@ impl Kind {
             20 => Kind::WriteAck,
             21 => Kind::BarrierAck,
             22 => Kind::ResyncAck,
+            30 => Kind::ResyncZero,
+            31 => Kind::Ahead,
+            32 => Kind::AheadResync,
             _ => return None,
         })
     }
@@ -262,6 +286,14 @@ struct ResyncHeader {
     offset: U64,
     len: U32,
     crc32: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct ResyncZeroBody {
+    seq: U64,
+    offset: U64,
+    len: U32,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
@@ -335,7 +367,10 @@ impl PeerMsg {
             PeerMsg::Data(_)
             | PeerMsg::Barrier { .. }
             | PeerMsg::ResyncData { .. }
-            | PeerMsg::ResyncDone { .. } => Stream::Data,
+            | PeerMsg::ResyncDone { .. }
+            | PeerMsg::ResyncZero { .. }
+            | PeerMsg::Ahead { .. }
+            | PeerMsg::AheadResync { .. } => Stream::Data,
             _ => Stream::Control,
         }
     }
@@ -346,7 +381,10 @@ impl PeerMsg {
             PeerMsg::Data(e) => Some(e.seq),
             PeerMsg::Barrier { seq, .. }
             | PeerMsg::ResyncData { seq, .. }
-            | PeerMsg::ResyncDone { seq, .. } => Some(*seq),
+            | PeerMsg::ResyncDone { seq, .. }
+            | PeerMsg::ResyncZero { seq, .. }
+            | PeerMsg::Ahead { seq }
+            | PeerMsg::AheadResync { seq } => Some(*seq),
             _ => None,
         }
     }
@@ -374,6 +412,9 @@ impl PeerMsg {
             PeerMsg::WriteAck { .. } => Kind::WriteAck,
             PeerMsg::BarrierAck { .. } => Kind::BarrierAck,
             PeerMsg::ResyncAck { .. } => Kind::ResyncAck,
+            PeerMsg::ResyncZero { .. } => Kind::ResyncZero,
+            PeerMsg::Ahead { .. } => Kind::Ahead,
+            PeerMsg::AheadResync { .. } => Kind::AheadResync,
         }
     }
 }
@@ -471,6 +512,18 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             }
             .as_bytes(),
         ),
+        PeerMsg::ResyncZero { seq, offset, len } => body.extend_from_slice(
+            ResyncZeroBody {
+                seq: (*seq).into(),
+                offset: (*offset).into(),
+                len: (*len).into(),
+            }
+            .as_bytes(),
+        ),
+        PeerMsg::Ahead { seq } => body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes()),
+        PeerMsg::AheadResync { seq } => {
+            body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes())
+        }
     }
     let total = body.len() + payload.len();
     if total > MAX_BODY {
@@ -661,6 +714,20 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
                 len: b.len.get(),
             }
         }
+        Kind::ResyncZero => {
+            let b: ResyncZeroBody = fixed(&body, "resync-zero")?;
+            PeerMsg::ResyncZero {
+                seq: b.seq.get(),
+                offset: b.offset.get(),
+                len: b.len.get(),
+            }
+        }
+        Kind::Ahead => PeerMsg::Ahead {
+            seq: fixed::<OneU64>(&body, "ahead")?.a.get(),
+        },
+        Kind::AheadResync => PeerMsg::AheadResync {
+            seq: fixed::<OneU64>(&body, "ahead-resync")?.a.get(),
+        },
     })
 }
 

@@ -48,6 +48,16 @@ pub const DEFAULT_DATA_STREAMS: u8 = 4;
 /// Must be at least the bandwidth-delay product of the link; 32 MiB covers 10 Gbit/s at 25 ms.
 pub const DEFAULT_WINDOW: u64 = 32 << 20;
 
+/// Default `c-max-rate`: 0 = no cap (the fill target and the link bound the resync).
+pub const DEFAULT_C_MAX_RATE: u64 = 0;
+/// Default `c-fill-target`: resync bytes in flight (read, sent, not acked).
+pub const DEFAULT_C_FILL_TARGET: u64 = crate::core::ratectl::DEFAULT_FILL_TARGET;
+/// Default `c-plan-ahead`: the controller's time constant.
+pub const DEFAULT_C_PLAN_AHEAD: Duration =
+    Duration::from_nanos(crate::core::ratectl::DEFAULT_PLAN_AHEAD);
+/// Default `c-min-rate`: the resync rate kept while applications do I/O (bytes/s).
+pub const DEFAULT_C_MIN_RATE: u64 = crate::core::ratectl::DEFAULT_MIN_RATE;
+
 /// Default `max-mtu`: upper bound of QUIC path MTU discovery (UDP payload bytes). 1452 fits
 /// 1500-byte Ethernet under IPv4 and IPv6.
 pub const DEFAULT_MAX_MTU: u16 = 1452;
@@ -108,6 +118,38 @@ pub struct Resource {
     /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
     /// peer, before writes continue without it; `None`: continue at once.
     pub on_peer_lost: Option<PathBuf>,
+    /// `c-max-rate`: resync cap in bytes/s, 0 = none.
+    pub c_max_rate: u64,
+    /// `c-fill-target`: resync bytes in flight.
+    pub c_fill_target: u64,
+    /// `c-plan-ahead`: the resync controller's time constant.
+    pub c_plan_ahead: Duration,
+    /// `c-min-rate`: resync rate kept while applications do I/O (bytes/s), 0 = no back-off.
+    pub c_min_rate: u64,
+    /// `on-congestion` (async): block, or pull ahead past `congestion-fill`.
+    pub on_congestion: crate::core::congestion::OnCongestion,
+    /// `congestion-fill`: the send-buffer mark where pull-ahead starts (0 = off).
+    pub congestion_fill: u64,
+}
+
+impl Resource {
+    /// The resync rate controller's settings for the core.
+    pub fn resync_rate(&self) -> crate::core::ratectl::RateConfig {
+        crate::core::ratectl::RateConfig {
+            max_rate: self.c_max_rate,
+            fill_target: self.c_fill_target,
+            plan_ahead: u64::try_from(self.c_plan_ahead.as_nanos()).unwrap_or(u64::MAX),
+            min_rate: self.c_min_rate,
+        }
+    }
+
+    /// The congestion settings for the core.
+    pub fn congestion(&self) -> crate::core::congestion::Congestion {
+        crate::core::congestion::Congestion {
+            on_congestion: self.on_congestion,
+            fill: self.congestion_fill,
+        }
+    }
 }
 
 /// One `[node.NAME]` table.
@@ -181,6 +223,12 @@ struct RawResource {
     after_sb_1pri: Option<String>,
     on_peer_lost: Option<PathBuf>,
     csums: Option<bool>,
+    c_max_rate: Option<String>,
+    c_fill_target: Option<String>,
+    c_plan_ahead: Option<String>,
+    c_min_rate: Option<String>,
+    on_congestion: Option<String>,
+    congestion_fill: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +413,78 @@ impl Config {
                 ))
             }
         };
+        let c_max_rate = size_key(
+            "resource.c-max-rate",
+            r.c_max_rate.as_ref(),
+            DEFAULT_C_MAX_RATE,
+        )?;
+        let c_min_rate = size_key(
+            "resource.c-min-rate",
+            r.c_min_rate.as_ref(),
+            DEFAULT_C_MIN_RATE,
+        )?;
+        let c_fill_target = size_key(
+            "resource.c-fill-target",
+            r.c_fill_target.as_ref(),
+            DEFAULT_C_FILL_TARGET,
+        )?;
+        let c_plan_ahead = dur_key(
+            "resource.c-plan-ahead",
+            r.c_plan_ahead.as_ref(),
+            DEFAULT_C_PLAN_AHEAD,
+        )?;
+        if c_fill_target == 0 {
+            return Err(bad(
+                "resource.c-fill-target",
+                "0 bytes would never let a resync request go".into(),
+                "give the resync bytes to keep in flight, e.g. \"4M\" (more on a long, fast link)",
+            ));
+        }
+        if c_max_rate > 0 && c_min_rate > c_max_rate {
+            return Err(bad(
+                "resource.c-min-rate",
+                format!("{c_min_rate} bytes/s is above c-max-rate ({c_max_rate} bytes/s)"),
+                "make c-min-rate at most c-max-rate (or set c-max-rate = \"0\" for no cap)",
+            ));
+        }
+        use crate::core::congestion::OnCongestion;
+        let on_congestion = match r.on_congestion.as_deref() {
+            None | Some("block") => OnCongestion::Block,
+            Some("pull-ahead") => OnCongestion::PullAhead,
+            Some(other) => {
+                return Err(bad(
+                    "resource.on-congestion",
+                    format!("unknown value {other:?}"),
+                    "use \"block\" (default: writes wait for the link) or \"pull-ahead\" (async only: go Ahead and resync later)",
+                ))
+            }
+        };
+        let congestion_fill = size_key("resource.congestion-fill", r.congestion_fill.as_ref(), 0)?;
+        if on_congestion == OnCongestion::PullAhead {
+            if protocol != Protocol::Async {
+                return Err(bad(
+                    "resource.on-congestion",
+                    "pull-ahead needs protocol = \"async\": a sync write always waits for the peer"
+                        .into(),
+                    "set protocol = \"async\", or remove on-congestion",
+                ));
+            }
+            if congestion_fill == 0 || congestion_fill > send_buffer {
+                return Err(bad(
+                    "resource.congestion-fill",
+                    format!(
+                        "{congestion_fill} bytes: pull-ahead needs a mark above 0 and at most send-buffer ({send_buffer} bytes)"
+                    ),
+                    "set congestion-fill below send-buffer, e.g. half of it",
+                ));
+            }
+        } else if congestion_fill > 0 {
+            return Err(bad(
+                "resource.congestion-fill",
+                "has no effect with on-congestion = \"block\"".into(),
+                "set on-congestion = \"pull-ahead\" (async), or remove congestion-fill",
+            ));
+        }
         let resource = Resource {
             name: r.name,
             protocol,
@@ -379,6 +499,12 @@ impl Config {
             after_sb_1pri,
             on_peer_lost,
             csums: r.csums.unwrap_or(false),
+            c_max_rate,
+            c_fill_target,
+            c_plan_ahead,
+            c_min_rate,
+            on_congestion,
+            congestion_fill,
         };
 
         if raw.node.len() != 2 {

@@ -84,7 +84,11 @@ impl Replica {
     pub(super) fn csum_peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::CsumRequest { offset, len } => {
-                if self.repl != ReplState::SyncTarget {
+                // Behind: the Ahead peer's resync start (sequenced, data stream) may still be on
+                // its way while this request (control stream) overtook it. Answering then is
+                // safe: a digest can only make the source send data, or skip blocks that are
+                // already equal.
+                if !matches!(self.repl, ReplState::SyncTarget | ReplState::Behind) {
                     return;
                 }
                 if !self.csum_range_ok(offset, len) {

@@ -48,6 +48,21 @@
 //!   once the loss is reported, and their regions go to the dirty bitmap.
 //! * protocol `Async` (DRBD A): a write completes once local and queued; the bytes sent but not
 //!   acked by the peer are bounded by `send_buffer` (new writes wait for room: back-pressure).
+//!   With `on-congestion = pull-ahead` ([`Config::congestion`]) the Primary instead goes Ahead
+//!   once the unacked bytes pass `congestion-fill`: new writes are marked in the bitmap, not
+//!   shipped, and the peer is Behind (Outdated; [`PeerMsg::Ahead`], in data order). When
+//!   everything shipped before is acked, a bitmap resync starts on the live connection
+//!   ([`PeerMsg::AheadResync`]: Ahead -> SyncSource -> Established). Going Ahead starts a new
+//!   data generation, exactly as writing while disconnected does, so a crash or disconnect while
+//!   Ahead is handled by the normal handshake rules.
+//! * Resync pace: [`ratectl::RateController`] (the `c-*` settings, [`Config::resync_rate`])
+//!   bounds the resync bytes in flight and its rate, and backs off to `c-min-rate` while
+//!   application I/O is active ([`TimerKind::Resync`] wakes a rate-limited resync).
+//! * A resync chunk that reads as all zeroes travels as [`PeerMsg::ResyncZero`] (no payload);
+//!   the target executes it as [`Action::DiskZero`].
+//! * An interrupted resync resumes where it stopped: the source clears a bit only when the
+//!   target acked the block, the target clears its own bit when it wrote the block, so the next
+//!   handshake's bitmaps name only what is left.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. The peer applies one epoch's writes concurrently, flushes at the epoch's barrier,
 //!   and only then starts the next epoch. Overlapping writes are applied in submission order on
@@ -72,17 +87,17 @@
 //!
 //! # Not yet here
 //!
-//! * Ahead/Behind (pull-ahead): the hook is `Replica::admit`, where async writes now wait for room
-//!   in the send buffer; Ahead would instead mark the region dirty and skip the send.
-//! * Resync rate control beyond the fixed window (`Config::resync_window`), checksum resync.
+//! * Checksum resync.
 //! * A sync target that crashes mid-resync restarts with a full resync (it may have lost resync
 //!   data it had acked): resuming would need acks after a flush.
 
 pub mod activity;
 pub mod bitmap;
+pub mod congestion;
 pub mod csums;
 pub mod digest;
 pub mod gen;
+pub mod ratectl;
 pub mod resync;
 pub mod verify;
 
@@ -95,8 +110,10 @@ pub use crate::wire::{
 };
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
+use congestion::{Admission, Congestion};
 use gen::Decision;
-use resync::{Progress, ResyncSource};
+use ratectl::RateConfig;
+use resync::{Next, Progress, ResyncSource};
 
 /// Identifies a client request (chosen by the driver, unique among requests in flight).
 pub type ReqId = u64;
@@ -140,8 +157,12 @@ pub struct Config {
     pub send_buffer: u64,
     /// Resync request size in bytes.
     pub resync_chunk: u64,
-    /// Resync requests in flight.
-    pub resync_window: usize,
+    /// The resync rate controller's settings (`c-max-rate`, `c-fill-target`, `c-plan-ahead`,
+    /// `c-min-rate`).
+    pub resync_rate: RateConfig,
+    /// Async only: block or pull ahead when the send buffer fills (`on-congestion`,
+    /// `congestion-fill`).
+    pub congestion: Congestion,
     /// How long a handshake may take before the connection is closed, in nanoseconds.
     pub handshake_timeout: u64,
     /// Bytes per bitmap bit (set at `create-md`).
@@ -172,7 +193,8 @@ impl Config {
             protocol,
             send_buffer: 8 << 20,
             resync_chunk: 256 << 10,
-            resync_window: 8,
+            resync_rate: RateConfig::default(),
+            congestion: Congestion::default(),
             handshake_timeout: 10_000_000_000,
             bitmap_block: BLOCK,
             al_extents: 1024,
@@ -238,9 +260,9 @@ pub enum ReplState {
     Established,
     SyncSource,
     SyncTarget,
-    /// Reserved: pull-ahead mode (async, congested link).
+    /// Pull-ahead (async, congested link): writes are marked in the bitmap, not shipped.
     Ahead,
-    /// Reserved: the peer of an Ahead node.
+    /// The peer of an Ahead node: this disk is Outdated until the resync that follows.
     Behind,
 }
 
@@ -267,6 +289,8 @@ pub enum AdminCmd {
 pub enum TimerKind {
     /// Handshake deadline for connection `conn`.
     Handshake { conn: u64 },
+    /// The rate-limited resync may send its next chunk.
+    Resync,
 }
 
 /// Input to the core.
@@ -556,6 +580,10 @@ enum Apply {
         offset: u64,
         data: Bytes,
     },
+    ResyncZero {
+        offset: u64,
+        len: u32,
+    },
     Barrier {
         epoch: u64,
     },
@@ -573,6 +601,10 @@ enum Apply {
         offset: u64,
         len: u32,
     },
+    /// The peer went Ahead (a state change in data order: a fence without a flush).
+    Ahead,
+    /// The Ahead peer's resync starts (a fence without a flush).
+    AheadResync,
 }
 
 impl Apply {
@@ -583,6 +615,7 @@ impl Apply {
             }
             Apply::Write(e) => Some((e.offset, e.len as u64)),
             Apply::Resync { offset, data } => Some((*offset, data.len() as u64)),
+            Apply::ResyncZero { offset, len } => Some((*offset, *len as u64)),
             _ => None,
         }
     }
@@ -652,6 +685,8 @@ pub struct Replica {
     /// Transfer log: (epoch, offset, len) of writes sent but not yet barrier-acked.
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
+    /// When the armed [`TimerKind::Resync`] fires, if one is armed.
+    resync_timer: Option<u64>,
     al: ActivityLog,
     now: u64,
     verify: Option<verify::Verify>,
@@ -719,6 +754,7 @@ impl Replica {
             conn: None,
             tl: VecDeque::new(),
             resync: None,
+            resync_timer: None,
             al: ActivityLog::new(cfg.al_extents),
             now: 0,
             verify: None,
@@ -802,7 +838,10 @@ impl Replica {
             Event::ClientRead { req, offset, len } => {
                 let result = self.may_serve(offset, len as u64);
                 match result {
-                    Ok(()) => out.push(Action::ServeRead { req, offset, len }),
+                    Ok(()) => {
+                        self.note_app_io();
+                        out.push(Action::ServeRead { req, offset, len })
+                    }
                     Err(e) => out.push(Action::CompleteClient {
                         req,
                         result: Err(e),
@@ -832,6 +871,10 @@ impl Replica {
                         out,
                     );
                 }
+            }
+            Event::Timer(TimerKind::Resync) => {
+                self.resync_timer = None;
+                self.pump_resync(out);
             }
             Event::Admin { tag, cmd } => {
                 let role = self.role;
@@ -987,8 +1030,15 @@ impl Replica {
             };
             if self.cfg.protocol == Protocol::Async && self.replicating() {
                 let used = self.conn.as_ref().map_or(0, |c| c.sendbuf);
-                if used > 0 && used + bytes > self.cfg.send_buffer {
-                    break;
+                let established = self.repl == ReplState::Established;
+                match self
+                    .cfg
+                    .congestion
+                    .admit(used, bytes, self.cfg.send_buffer, established)
+                {
+                    Admission::Ship => {}
+                    Admission::Wait => break,
+                    Admission::PullAhead => self.go_ahead(used, out),
                 }
             }
             let Some((req, op, boundary)) = self.admit_q.pop_front() else {
@@ -1140,6 +1190,7 @@ impl Replica {
         out: &mut Vec<Action>,
     ) {
         self.activate_extents(offset, len as u64, out);
+        self.note_app_io();
         let io = self.new_io(IoKind::Client { req }, offset, len as u64);
         match op {
             DataOp::Write => out.push(Action::DiskWrite {
@@ -1395,16 +1446,22 @@ impl Replica {
                 match result {
                     Ok(Some(data)) if live && data.len() as u64 == len => {
                         let seq = self.next_seq();
-                        let crc32 = crc32fast::hash(&data);
-                        self.send(
+                        let msg = if all_zero(&data) {
+                            PeerMsg::ResyncZero {
+                                seq,
+                                offset,
+                                len: len as u32,
+                            }
+                        } else {
+                            let crc32 = crc32fast::hash(&data);
                             PeerMsg::ResyncData {
                                 seq,
                                 offset,
                                 crc32,
                                 data,
-                            },
-                            out,
-                        );
+                            }
+                        };
+                        self.send(msg, out);
                     }
                     Ok(_) if !live => {}
                     Ok(_) => {
@@ -1700,6 +1757,7 @@ impl Replica {
                     }
                     self.try_complete(req, out);
                 }
+                self.maybe_leave_ahead(out);
                 self.admit(out);
             }
             PeerMsg::BarrierAck { epoch } => {
@@ -1756,7 +1814,10 @@ impl Replica {
             | PeerMsg::ResyncDone { .. }
             | PeerMsg::VerifyStart { .. }
             | PeerMsg::VerifyRequest { .. }
-            | PeerMsg::VerifyEnd { .. }) => self.sequenced(m, out),
+            | PeerMsg::VerifyEnd { .. }
+            | PeerMsg::ResyncZero { .. }
+            | PeerMsg::Ahead { .. }
+            | PeerMsg::AheadResync { .. }) => self.sequenced(m, out),
             m @ (PeerMsg::VerifyReply { .. } | PeerMsg::VerifyAsk | PeerMsg::VerifyStop { .. }) => {
                 self.verify_peer_msg(m, out)
             }
@@ -1908,8 +1969,9 @@ impl Replica {
         let rs = ResyncSource::new(
             &self.bitmap,
             self.cfg.resync_chunk,
-            self.cfg.resync_window,
+            self.cfg.resync_rate,
             full,
+            self.now,
         );
         out.push(Action::Emit(StateChange::ResyncStarted {
             blocks: rs.total,
@@ -1991,6 +2053,7 @@ impl Replica {
         let range = match &m {
             PeerMsg::Data(e) => Some((e.offset, e.len as u64)),
             PeerMsg::ResyncData { offset, data, .. } => Some((*offset, data.len() as u64)),
+            PeerMsg::ResyncZero { offset, len, .. } => Some((*offset, *len as u64)),
             _ => None,
         };
         if let PeerMsg::VerifyRequest {
@@ -2016,7 +2079,15 @@ impl Replica {
                 return;
             }
         }
-        if self.role == Role::Primary && matches!(m, PeerMsg::Data(_) | PeerMsg::ResyncData { .. })
+        if self.role == Role::Primary
+            && matches!(
+                m,
+                PeerMsg::Data(_)
+                    | PeerMsg::ResyncData { .. }
+                    | PeerMsg::ResyncZero { .. }
+                    | PeerMsg::Ahead { .. }
+                    | PeerMsg::AheadResync { .. }
+            )
         {
             self.close("peer sent writes to a Primary: protocol error", out);
             return;
@@ -2047,76 +2118,122 @@ impl Replica {
     /// Receiver side: moves in-order messages to the apply queue and issues them; a barrier (or
     /// resync-done) waits for everything before it, flushes, and only then lets later items go.
     fn pump_apply(&mut self, out: &mut Vec<Action>) {
-        let sync_target = self.repl == ReplState::SyncTarget;
-        let mut protocol_error = None;
+        if let Err(why) = self.drain_reorder(out) {
+            self.close(&format!("{why}: protocol error"), out);
+            return;
+        }
+        self.issue_applies(out);
+    }
+
+    /// Moves in-order messages from the reorder buffer to the apply queue.
+    fn drain_reorder(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
+        // Resync messages are legal once this node is SyncTarget, or will be when a queued
+        // Ahead resync start is applied.
+        let mut sync_target = match self.conn.as_ref() {
+            Some(c) if c.decided => {
+                self.repl == ReplState::SyncTarget
+                    || c.apply_q.iter().any(|a| matches!(a, Apply::AheadResync))
+            }
+            _ => return Ok(()),
+        };
         loop {
             let m = {
                 let Some(c) = self.conn.as_mut() else {
-                    return;
+                    return Ok(());
                 };
                 if !c.decided {
-                    return;
+                    return Ok(());
                 }
                 let Some(m) = c.reorder.remove(&c.recv_next) else {
-                    break;
+                    return Ok(());
                 };
                 c.recv_next += 1;
                 m
             };
-            {
-                let item = match m {
-                    PeerMsg::Data(e) => Apply::Write(e),
-                    PeerMsg::ResyncData { offset, data, .. } => {
-                        if !sync_target {
-                            protocol_error =
-                                Some("peer sent resync data, but this node is not SyncTarget");
-                            break;
-                        }
-                        Apply::Resync { offset, data }
+            let item = match m {
+                PeerMsg::Data(e) => Apply::Write(e),
+                PeerMsg::ResyncData { offset, data, .. } => {
+                    if !sync_target {
+                        return Err("peer sent resync data, but this node is not SyncTarget");
                     }
-                    PeerMsg::Barrier { epoch, .. } => Apply::Barrier { epoch },
-                    PeerMsg::ResyncDone { gen, .. } => {
-                        if !sync_target {
-                            protocol_error = Some("peer ended a resync this node is not part of");
-                            break;
-                        }
-                        Apply::Done { gen }
+                    Apply::Resync { offset, data }
+                }
+                PeerMsg::ResyncZero { offset, len, .. } => {
+                    if !sync_target {
+                        return Err("peer sent resync zeroes, but this node is not SyncTarget");
                     }
-                    // Verify bookkeeping needs no disk: done in sequence order right here.
-                    PeerMsg::VerifyStart { .. } => {
-                        self.verify_peer_started(out);
+                    Apply::ResyncZero { offset, len }
+                }
+                PeerMsg::Barrier { epoch, .. } => Apply::Barrier { epoch },
+                PeerMsg::ResyncDone { gen, .. } => {
+                    if !sync_target {
+                        return Err("peer ended a resync this node is not part of");
+                    }
+                    Apply::Done { gen }
+                }
+                PeerMsg::Ahead { .. } => Apply::Ahead,
+                PeerMsg::AheadResync { .. } => {
+                    sync_target = true;
+                    Apply::AheadResync
+                }
+                // Verify bookkeeping needs no disk: done in sequence order right here.
+                PeerMsg::VerifyStart { .. } => {
+                    self.verify_peer_started(out);
+                    continue;
+                }
+                PeerMsg::VerifyEnd { aborted, .. } => {
+                    self.verify_peer_ended(aborted, out);
+                    continue;
+                }
+                PeerMsg::VerifyRequest {
+                    offset,
+                    len,
+                    digests,
+                    ..
+                } => {
+                    if !self.verify_wants_compare() {
                         continue;
                     }
-                    PeerMsg::VerifyEnd { aborted, .. } => {
-                        self.verify_peer_ended(aborted, out);
-                        continue;
-                    }
-                    PeerMsg::VerifyRequest {
+                    Apply::Verify {
                         offset,
                         len,
                         digests,
-                        ..
-                    } => {
-                        if !self.verify_wants_compare() {
-                            continue;
-                        }
-                        Apply::Verify {
-                            offset,
-                            len,
-                            digests,
-                        }
                     }
-                    _ => continue,
-                };
-                if let Some(c) = self.conn.as_mut() {
-                    c.apply_q.push_back(item);
                 }
+                _ => continue,
+            };
+            if let Some(c) = self.conn.as_mut() {
+                c.apply_q.push_back(item);
             }
         }
-        if let Some(why) = protocol_error {
-            self.close(&format!("{why}: protocol error"), out);
-            return;
+    }
+
+    /// The peer went Ahead: it stops shipping writes, so this disk falls behind.
+    fn become_behind(&mut self, out: &mut Vec<Action>) {
+        tracing::warn!(resource = %self.cfg.resource, "peer pulled ahead: this node is Behind (Outdated) until the resync that follows");
+        self.set_repl(ReplState::Behind, out);
+        if self.disk == DiskState::UpToDate {
+            self.set_disk(DiskState::Outdated, out);
         }
+        self.save_meta(out);
+        self.send_state(out);
+    }
+
+    /// The Ahead peer's link drained: its resync to this node starts.
+    fn behind_to_sync_target(&mut self, out: &mut Vec<Action>) {
+        // Persisted before the resync data that follows touches the disk (actions run in order).
+        self.set_disk(DiskState::Inconsistent, out);
+        self.save_meta(out);
+        out.push(Action::Emit(StateChange::ResyncStarted {
+            blocks: self.bitmap.count(),
+            full: false,
+        }));
+        self.set_repl(ReplState::SyncTarget, out);
+        self.send_state(out);
+    }
+
+    /// Receiver side: issues queued applies in order (overlaps wait; fences at the front only).
+    fn issue_applies(&mut self, out: &mut Vec<Action>) {
         let mut i = 0;
         let mut blocked: Vec<(u64, u64)> = Vec::new();
         loop {
@@ -2198,10 +2315,45 @@ impl Replica {
                                 self.new_io(IoKind::CsumTargetRead { conn }, offset, len as u64);
                             out.push(Action::DiskRead { io, offset, len });
                         }
+                        Some(Apply::ResyncZero { offset, len }) => {
+                            let io = self.new_io(IoKind::PeerResync { conn }, offset, len as u64);
+                            out.push(Action::DiskZero { io, offset, len });
+                        }
                         _ => {}
                     }
                 }
                 None => {
+                    if i != 0 || c.fence_in_flight {
+                        break;
+                    }
+                    // A state change: applied when everything before it was issued.
+                    let state = match item {
+                        Apply::Ahead => Some(true),
+                        Apply::AheadResync => Some(false),
+                        _ => None,
+                    };
+                    if let Some(ahead) = state {
+                        if let Some(c) = self.conn.as_mut() {
+                            c.apply_q.pop_front();
+                        }
+                        let ok = match ahead {
+                            true => self.repl == ReplState::Established,
+                            false => self.repl == ReplState::Behind,
+                        };
+                        if !ok {
+                            self.close(
+                                "peer changed Ahead/Behind state out of order: protocol error",
+                                out,
+                            );
+                            return;
+                        }
+                        if ahead {
+                            self.become_behind(out);
+                        } else {
+                            self.behind_to_sync_target(out);
+                        }
+                        continue;
+                    }
                     // A fence: only at the front, with no peer write still in flight.
                     let peer_writes_in_flight = self.inflight.values().any(|io| {
                         matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
@@ -2236,12 +2388,18 @@ impl Replica {
         let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
             return;
         };
+        let now = self.now;
         loop {
             let Some(rs) = self.resync.as_mut() else {
                 return;
             };
-            let Some((first, n)) = rs.next_chunk(&self.bitmap) else {
-                break;
+            let (first, n) = match rs.next_chunk(&self.bitmap, now) {
+                Next::Chunk(first, n) => (first, n),
+                Next::WaitUntil(at) => {
+                    self.arm_resync_timer(at, out);
+                    break;
+                }
+                Next::Idle => break,
             };
             let rs_done = |s: &mut Self| {
                 if let Some(rs) = s.resync.as_mut() {
@@ -2284,6 +2442,64 @@ impl Replica {
             out.push(Action::Emit(StateChange::ResyncFinished));
             self.save_meta(out);
         }
+    }
+
+    fn arm_resync_timer(&mut self, at: u64, out: &mut Vec<Action>) {
+        if self.resync_timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.resync_timer = Some(at);
+        out.push(Action::ArmTimer {
+            kind: TimerKind::Resync,
+            at,
+        });
+    }
+
+    /// Application I/O happened: a running resync backs off (down to `c-min-rate`).
+    fn note_app_io(&mut self) {
+        if let Some(rs) = self.resync.as_mut() {
+            rs.ctl.app_io(self.now);
+        }
+    }
+
+    // ---- Ahead / Behind (pull-ahead) ----
+
+    /// The send buffer passed `congestion-fill`: stop shipping. The peer learns it in data
+    /// order (everything shipped so far still reaches it), and a new data generation starts so
+    /// the marked writes are relative to the generation the peer has.
+    fn go_ahead(&mut self, used: u64, out: &mut Vec<Action>) {
+        tracing::warn!(
+            resource = %self.cfg.resource,
+            unacked_bytes = used,
+            congestion_fill = self.cfg.congestion.fill,
+            "send buffer past congestion-fill: going Ahead; writes are marked for a resync              instead of shipped until the link drains"
+        );
+        let seq = self.next_seq();
+        self.send(PeerMsg::Ahead { seq }, out);
+        self.set_repl(ReplState::Ahead, out);
+        self.set_bitmap_gen(Some(self.current_gen));
+        self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+        self.needs_gen_bump = false;
+        self.save_meta(out);
+    }
+
+    /// Ahead and everything shipped before is acked: resync the marked regions on the live
+    /// connection (Ahead -> SyncSource -> Established).
+    fn maybe_leave_ahead(&mut self, out: &mut Vec<Action>) {
+        if self.repl != ReplState::Ahead {
+            return;
+        }
+        let Some(unacked) = self.conn.as_ref().map(|c| c.awaiting_ack.len()) else {
+            return;
+        };
+        if !self.cfg.congestion.drained(unacked) {
+            return;
+        }
+        tracing::info!(resource = %self.cfg.resource, "link drained: resyncing what was marked while Ahead");
+        let seq = self.next_seq();
+        self.send(PeerMsg::AheadResync { seq }, out);
+        self.set_repl(ReplState::SyncSource, out);
+        self.start_resync(false, out);
     }
 
     // ---- admin ----
@@ -2391,6 +2607,13 @@ impl Replica {
             }
         }
     }
+}
+
+/// Whether a resync chunk is all zeroes (then it travels without payload).
+fn all_zero(data: &[u8]) -> bool {
+    // OR-folding fixed-size pieces vectorizes; the early exit keeps data chunks cheap.
+    data.chunks(256)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 #[cfg(test)]

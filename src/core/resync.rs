@@ -3,6 +3,18 @@
 //! `Replica`; this type only decides *what* to move next.
 
 use super::bitmap::Bitmap;
+use super::ratectl::{Pace, RateConfig, RateController};
+
+/// What the resync source should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Read and send this chunk (first block, blocks); it is in flight from now on.
+    Chunk(u64, u64),
+    /// The rate limit holds the next chunk back until this time (nanoseconds): arm a timer.
+    WaitUntil(u64),
+    /// Nothing to do until an ack (or an application write) changes the picture.
+    Idle,
+}
 
 #[derive(Debug, Clone)]
 pub struct ResyncSource {
@@ -10,20 +22,29 @@ pub struct ResyncSource {
     cursor: u64,
     /// Chunks read or sent but not yet acked by the target: (first block, n blocks).
     in_flight: Vec<(u64, u64)>,
-    window: usize,
     chunk_blocks: u64,
+    block: u64,
+    /// Decides how much may be in flight and how fast it goes.
+    pub ctl: RateController,
     /// Blocks to sync when the resync started (for progress).
     pub total: u64,
     pub full: bool,
 }
 
 impl ResyncSource {
-    pub fn new(bm: &Bitmap, chunk_bytes: u64, window: usize, full: bool) -> ResyncSource {
+    pub fn new(
+        bm: &Bitmap,
+        chunk_bytes: u64,
+        rate: RateConfig,
+        full: bool,
+        now: u64,
+    ) -> ResyncSource {
         ResyncSource {
             cursor: 0,
             in_flight: Vec::new(),
-            window: window.max(1),
             chunk_blocks: (chunk_bytes / bm.block_size()).max(1),
+            block: bm.block_size(),
+            ctl: RateController::new(rate, now),
             total: bm.count(),
             full,
         }
@@ -35,11 +56,23 @@ impl ResyncSource {
             .any(|&(f, m)| first < f + m && f < first + n)
     }
 
-    /// The next chunk to read, as a block range, if the window has room. The chunk is recorded
-    /// as in flight until [`ResyncSource::acked`] or [`ResyncSource::abandon`].
-    pub fn next_chunk(&mut self, bm: &Bitmap) -> Option<(u64, u64)> {
-        if self.in_flight.len() >= self.window {
-            return None;
+    /// The next chunk to read, if the rate controller lets one go at `now`. A chunk is in
+    /// flight until [`ResyncSource::acked`] or [`ResyncSource::abandon`].
+    pub fn next_chunk(&mut self, bm: &Bitmap, now: u64) -> Next {
+        match self
+            .ctl
+            .pace(now, self.chunk_blocks.saturating_mul(self.block))
+        {
+            Pace::Go => {}
+            Pace::WaitAck => return Next::Idle,
+            Pace::WaitUntil(t) => {
+                // Only worth a timer if there is something to send.
+                return if self.has_work(bm) {
+                    Next::WaitUntil(t)
+                } else {
+                    Next::Idle
+                };
+            }
         }
         loop {
             match bm.next_run(self.cursor, self.chunk_blocks) {
@@ -55,22 +88,40 @@ impl ResyncSource {
                     }
                     self.cursor = first + n2;
                     self.in_flight.push((first, n2));
-                    return Some((first, n2));
+                    self.ctl.sent(n2.saturating_mul(self.block));
+                    return Next::Chunk(first, n2);
                 }
                 None if self.cursor > 0 && self.in_flight.is_empty() && !bm.is_clean() => {
                     // Bits set behind the cursor (e.g. a chunk that had to be retried).
                     self.cursor = 0;
                 }
-                None => return None,
+                None => return Next::Idle,
             }
         }
     }
 
+    fn has_work(&self, bm: &Bitmap) -> bool {
+        let mut from = 0;
+        while let Some((first, n)) = bm.next_run(from, u64::MAX) {
+            if (first..first + n).any(|b| !self.busy(b, 1)) {
+                return true;
+            }
+            from = first + n;
+        }
+        false
+    }
+
+    fn take(&mut self, first: u64) -> Option<u64> {
+        let i = self.in_flight.iter().position(|&(f, _)| f == first)?;
+        let (_, n) = self.in_flight.swap_remove(i);
+        Some(n.saturating_mul(self.block))
+    }
+
     /// The target acked the chunk starting at `first`.
     pub fn acked(&mut self, first: u64) -> bool {
-        match self.in_flight.iter().position(|&(f, _)| f == first) {
-            Some(i) => {
-                self.in_flight.swap_remove(i);
+        match self.take(first) {
+            Some(bytes) => {
+                self.ctl.acked(bytes);
                 true
             }
             None => false,
@@ -79,7 +130,9 @@ impl ResyncSource {
 
     /// A chunk could not be read or sent; it stays dirty and will be retried.
     pub fn abandon(&mut self, first: u64) {
-        self.acked(first);
+        if let Some(bytes) = self.take(first) {
+            self.ctl.abandoned(bytes);
+        }
     }
 
     /// Everything synced: nothing dirty and nothing in flight.
@@ -188,25 +241,53 @@ mod tests {
         let mut bm = Bitmap::new(64 * BLOCK, BLOCK);
         bm.set_bytes(0, 3 * BLOCK);
         bm.set_bytes(10 * BLOCK, 40 * BLOCK);
-        let mut rs = ResyncSource::new(&bm, 16 * BLOCK, 2, false);
+        // A fill target of two full chunks: at most 32 blocks in flight.
+        let rate = RateConfig {
+            max_rate: 0,
+            fill_target: 32 * BLOCK,
+            plan_ahead: 1,
+            min_rate: 0,
+        };
+        let mut rs = ResyncSource::new(&bm, 16 * BLOCK, rate, false, 0);
         assert_eq!(rs.total, 43);
-        assert_eq!(rs.next_chunk(&bm), Some((0, 3)));
-        assert_eq!(rs.next_chunk(&bm), Some((10, 16)));
-        assert_eq!(rs.next_chunk(&bm), None, "window full");
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(0, 3));
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(10, 16));
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Idle, "fill target reached");
         bm.clear_bytes(0, 3 * BLOCK);
         assert!(rs.acked(0));
-        assert_eq!(rs.next_chunk(&bm), Some((26, 16)));
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(26, 16));
         rs.abandon(10); // read failed: stays dirty
         bm.clear_bytes(26 * BLOCK, 16 * BLOCK);
         rs.acked(26);
-        assert_eq!(rs.next_chunk(&bm), Some((42, 8)));
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(42, 8));
         bm.clear_bytes(42 * BLOCK, 8 * BLOCK);
         rs.acked(42);
         // Wraps around to retry the abandoned chunk.
-        assert_eq!(rs.next_chunk(&bm), Some((10, 16)));
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(10, 16));
         bm.clear_bytes(10 * BLOCK, 16 * BLOCK);
         rs.acked(10);
-        assert_eq!(rs.next_chunk(&bm), None);
+        assert_eq!(rs.next_chunk(&bm, 0), Next::Idle);
         assert!(rs.finished(&bm));
+        assert_eq!(rs.ctl.in_flight(), 0);
+        assert_eq!(rs.ctl.acked_total(), 43 * BLOCK);
+    }
+
+    #[test]
+    fn rate_limit_names_a_wake_up_time_only_with_work_left() {
+        let mut bm = Bitmap::new(64 * BLOCK, BLOCK);
+        bm.set_bytes(0, 8 * BLOCK);
+        let rate = RateConfig {
+            max_rate: 4 * BLOCK * 1000, // 4 blocks per millisecond
+            fill_target: 64 * BLOCK,
+            plan_ahead: 1_000_000,
+            min_rate: 0,
+        };
+        let mut rs = ResyncSource::new(&bm, 4 * BLOCK, rate, false, 0);
+        assert_eq!(rs.next_chunk(&bm, 0), Next::WaitUntil(1_000_000));
+        assert_eq!(rs.next_chunk(&bm, 1_000_000), Next::Chunk(0, 4));
+        assert_eq!(rs.next_chunk(&bm, 1_000_000), Next::WaitUntil(2_000_000));
+        assert_eq!(rs.next_chunk(&bm, 2_000_000), Next::Chunk(4, 4));
+        // All dirty blocks in flight: nothing to wake up for.
+        assert_eq!(rs.next_chunk(&bm, 2_000_000), Next::Idle);
     }
 }

@@ -600,14 +600,26 @@ struct Duo {
     saved: [Restored; 2],
     conn: Option<u64>,
     next_conn: u64,
+    /// Resync bytes sent, with or without payload.
     resynced_bytes: [u64; 2],
+    /// Resync zero-run messages sent.
+    resync_zero_msgs: [u64; 2],
+    /// Bytes zeroed or trimmed on each disk.
+    zeroed_bytes: [u64; 2],
     next_req: u64,
     net: std::collections::VecDeque<(usize, u64, PeerMsg)>,
+    mk: fn(u64) -> Config,
+    /// Client completions of node 0 (the Primary in these tests).
+    completed: Vec<(ReqId, Result<(), i32>)>,
 }
 
 impl Duo {
     fn new() -> Duo {
-        let mk = |n| Replica::new(al_cfg(n), synced_meta());
+        Duo::with(al_cfg)
+    }
+
+    fn with(mk_cfg: fn(u64) -> Config) -> Duo {
+        let mk = |n| Replica::new(mk_cfg(n), synced_meta());
         let saved = Restored {
             meta: synced_meta(),
             bitmap: Vec::new(),
@@ -620,8 +632,12 @@ impl Duo {
             conn: None,
             next_conn: 1,
             resynced_bytes: [0; 2],
+            resync_zero_msgs: [0; 2],
+            zeroed_bytes: [0; 2],
             next_req: 100,
             net: Default::default(),
+            mk: mk_cfg,
+            completed: Vec::new(),
         }
     }
 
@@ -647,9 +663,19 @@ impl Duo {
                             },
                         ));
                     }
-                    Action::DiskTrim { io, .. }
-                    | Action::DiskZero { io, .. }
-                    | Action::DiskFlush { io } => queue.push_back((
+                    Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
+                        let o = offset as usize;
+                        self.disk[n][o..o + len as usize].fill(0);
+                        self.zeroed_bytes[n] += len as u64;
+                        queue.push_back((
+                            n,
+                            Event::DiskDone {
+                                io,
+                                result: Ok(None),
+                            },
+                        ));
+                    }
+                    Action::DiskFlush { io } => queue.push_back((
                         n,
                         Event::DiskDone {
                             io,
@@ -668,8 +694,15 @@ impl Duo {
                         ));
                     }
                     Action::Send(m) => {
-                        if let PeerMsg::ResyncData { data, .. } = &m {
-                            self.resynced_bytes[n] += data.len() as u64;
+                        match &m {
+                            PeerMsg::ResyncData { data, .. } => {
+                                self.resynced_bytes[n] += data.len() as u64;
+                            }
+                            PeerMsg::ResyncZero { len, .. } => {
+                                self.resynced_bytes[n] += *len as u64;
+                                self.resync_zero_msgs[n] += 1;
+                            }
+                            _ => {}
                         }
                         if let Some(conn) = self.conn {
                             let bytes = crate::wire::encode(&m).expect("encode");
@@ -688,6 +721,9 @@ impl Duo {
                         bm[first_word as usize..end].copy_from_slice(&words);
                     }
                     Action::SaveActivityLog { extents } => self.saved[n].activity_log = extents,
+                    Action::CompleteClient { req, result } if n == 0 => {
+                        self.completed.push((req, result))
+                    }
                     Action::CloseConnection { conn, reason } if self.conn == Some(conn) => {
                         self.conn = None;
                         queue.push_back((1 - n, Event::ConnectionDown { conn, reason }));
@@ -696,6 +732,52 @@ impl Duo {
                 }
             }
         }
+    }
+
+    /// Delivers the next `k` network messages (fewer if the network runs dry).
+    fn deliver_some(&mut self, k: usize) {
+        for _ in 0..k {
+            let Some((to, conn, msg)) = self.net.pop_front() else {
+                return;
+            };
+            if self.conn == Some(conn) {
+                self.feed(to, Event::Peer { conn, msg });
+            }
+        }
+    }
+
+    /// A client write whose replication stays on the network until [`Duo::settle`].
+    fn write_unsettled(&mut self, n: usize, block: u64, byte: u8) {
+        let req = self.next_req;
+        self.next_req += 1;
+        let data = Bytes::from(vec![byte; BLOCK as usize]);
+        self.feed(
+            n,
+            Event::ClientWrite {
+                req,
+                offset: block * BLOCK,
+                data,
+                fua: false,
+            },
+        );
+    }
+
+    /// Connects without delivering anything yet.
+    fn connect_unsettled(&mut self) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conn = Some(conn);
+        for n in [0, 1] {
+            self.feed(
+                n,
+                Event::Admin {
+                    tag: 1,
+                    cmd: AdminCmd::Connect,
+                },
+            );
+        }
+        self.feed(0, Event::ConnectionUp { conn });
+        self.feed(1, Event::ConnectionUp { conn });
     }
 
     /// Delivers network messages until none are left.
@@ -767,7 +849,7 @@ impl Duo {
 
     fn restart(&mut self, n: usize) {
         self.r[n] = Some(Replica::restore(
-            al_cfg(n as u64 + 1),
+            (self.mk)(n as u64 + 1),
             self.saved[n].clone(),
         ));
     }
@@ -880,3 +962,277 @@ fn invalidate_makes_this_node_a_full_sync_target() {
 }
 
 mod verify;
+// ---- resync pace, pull-ahead, zero runs, resume ----
+
+/// `al_cfg` with resync chunks of 4 blocks, one chunk in flight, and no back-off (the Duo has
+/// no clock, so a rate limit would wait for a timer it never fires).
+fn small_chunks(node: u64) -> Config {
+    let mut c = al_cfg(node);
+    c.resync_chunk = 4 * BLOCK;
+    c.resync_rate.fill_target = 4 * BLOCK;
+    c.resync_rate.min_rate = 0;
+    c
+}
+
+fn ahead_cfg(node: u64) -> Config {
+    let mut c = small_chunks(node);
+    c.protocol = Protocol::Async;
+    c.send_buffer = 8 * BLOCK;
+    c.congestion = congestion::Congestion {
+        on_congestion: congestion::OnCongestion::PullAhead,
+        fill: 2 * BLOCK,
+    };
+    c
+}
+
+fn shipped_blocks(d: &Duo) -> Vec<u64> {
+    d.net
+        .iter()
+        .filter_map(|(_, _, m)| match m {
+            PeerMsg::Data(e) => Some(e.offset / BLOCK),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn congested_async_primary_pulls_ahead_then_resyncs_when_the_link_drains() {
+    let mut d = Duo::with(ahead_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 1, 1);
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    let gen0 = d.st(0).current_gen;
+    d.completed.clear();
+    // The link stalls (nothing is delivered): two writes fill the buffer up to congestion-fill.
+    d.write_unsettled(0, 2, 2);
+    d.write_unsettled(0, 3, 3);
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    // The next write would pass the mark: Ahead. Writes are marked, not shipped.
+    d.write_unsettled(0, 4, 4);
+    d.write_unsettled(0, 5, 5);
+    d.write_unsettled(0, 4, 6);
+    let st = d.st(0);
+    assert_eq!(st.repl, ReplState::Ahead);
+    assert_eq!(st.dirty_blocks, 2, "blocks 4 and 5 are marked");
+    assert_eq!(shipped_blocks(&d), vec![2, 3], "nothing shipped once Ahead");
+    // A new generation: the marks are relative to the one the peer has.
+    assert_ne!(st.current_gen, gen0);
+    assert_eq!(st.bitmap_gen, Some(gen0));
+    // The application never waited for the link.
+    assert_eq!(d.completed.len(), 5);
+    assert!(d.completed.iter().all(|(_, r)| r.is_ok()));
+    // B gets what was shipped, then learns it is Behind: Outdated.
+    let mut guard = 0;
+    while d.st(1).repl != ReplState::Behind {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 20, "B never went Behind");
+    }
+    assert_eq!(d.st(1).disk, DiskState::Outdated);
+    assert_eq!(d.saved[1].meta.disk, DiskState::Outdated, "persisted");
+    assert_eq!(d.disk[1][(3 * BLOCK) as usize], 3, "shipped writes arrived");
+    assert_eq!(d.disk[1][(4 * BLOCK) as usize], 0);
+    // The acks drain A's buffer: a bitmap resync on the live connection, then Established.
+    d.settle();
+    for n in [0, 1] {
+        let st = d.st(n);
+        assert_eq!(st.repl, ReplState::Established, "node {n}");
+        assert_eq!(st.disk, DiskState::UpToDate, "node {n}");
+        assert_eq!(st.dirty_blocks, 0, "node {n}");
+    }
+    assert_eq!(d.st(0).peer_disk, Some(DiskState::UpToDate));
+    assert!(d.disk[0] == d.disk[1], "identical after the resync");
+    assert_eq!(
+        d.disk[1][(4 * BLOCK) as usize],
+        6,
+        "the last write to block 4"
+    );
+    assert_eq!(
+        d.resynced_bytes[0],
+        2 * BLOCK,
+        "only the marked blocks moved"
+    );
+    assert_eq!(d.st(0).current_gen, d.st(1).current_gen);
+    // Replicating again: the next write is shipped.
+    d.write_unsettled(0, 9, 9);
+    assert_eq!(shipped_blocks(&d), vec![9]);
+    d.settle();
+    assert!(d.disk[0] == d.disk[1]);
+}
+
+#[test]
+fn block_is_still_the_default_on_congestion() {
+    let mut d = Duo::with(|n| {
+        let mut c = ahead_cfg(n);
+        c.congestion = congestion::Congestion::default();
+        c.send_buffer = 2 * BLOCK;
+        c
+    });
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.completed.clear();
+    for b in 0..4 {
+        d.write_unsettled(0, b, 1);
+    }
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    assert_eq!(shipped_blocks(&d), vec![0, 1], "the rest waits for room");
+    assert_eq!(d.completed.len(), 2);
+    d.settle();
+    assert_eq!(d.completed.len(), 4);
+    assert!(d.disk[0] == d.disk[1]);
+}
+
+#[test]
+fn disconnect_while_ahead_resyncs_the_marked_blocks_at_the_next_connect() {
+    let mut d = Duo::with(ahead_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    for (b, byte) in [(2, 2), (3, 3), (4, 4), (6, 6)] {
+        d.write_unsettled(0, b, byte);
+    }
+    assert_eq!(d.st(0).repl, ReplState::Ahead);
+    // Half of it reaches B (Behind), then the link dies.
+    while d.st(1).repl != ReplState::Behind {
+        d.deliver_some(1);
+    }
+    d.cut();
+    d.net.clear();
+    d.connect();
+    for n in [0, 1] {
+        assert_eq!(d.st(n).repl, ReplState::Established, "node {n}");
+        assert_eq!(d.st(n).disk, DiskState::UpToDate, "node {n}");
+    }
+    assert!(d.disk[0] == d.disk[1]);
+    assert!(
+        d.resynced_bytes[0] <= 4 * BLOCK,
+        "a bitmap resync, not a full one"
+    );
+}
+
+#[test]
+fn zero_runs_travel_without_payload_and_become_write_zeroes() {
+    let mut d = Duo::with(small_chunks);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 7); // the only data; the rest of the device is zeroes
+                      // Garbage on B that no bitmap knows about; invalidate forces a full resync.
+    d.disk[1][(10 * BLOCK) as usize] = 0x55;
+    d.disk[1][(40 * BLOCK + 9) as usize] = 0x66;
+    d.admin(1, AdminCmd::Invalidate);
+    d.connect();
+    assert_eq!(d.st(1).disk, DiskState::UpToDate);
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(
+        d.disk[0] == d.disk[1],
+        "the zero runs overwrote the garbage"
+    );
+    assert_eq!(d.resynced_bytes[0], SIZE, "a full resync");
+    // 16 chunks of 4 blocks: only the one holding block 3 carried a payload.
+    assert_eq!(d.resync_zero_msgs[0], 15);
+    assert_eq!(
+        d.zeroed_bytes[1],
+        15 * 4 * BLOCK,
+        "executed as WRITE_ZEROES"
+    );
+}
+
+#[test]
+fn interrupted_resync_resumes_without_resending_acked_blocks() {
+    let mut d = Duo::with(small_chunks);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    for b in 0..32 {
+        d.write(0, b, 9);
+    }
+    assert_eq!(d.st(0).dirty_blocks, 32);
+    // Resync until about half is acked, then the link dies.
+    d.connect_unsettled();
+    let mut guard = 0;
+    while d.st(0).dirty_blocks > 16 {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 1000, "resync made no progress");
+    }
+    assert_eq!(d.st(0).repl, ReplState::SyncSource);
+    d.cut();
+    d.net.clear();
+    let left = d.st(0).dirty_blocks;
+    let first_run = d.resynced_bytes[0];
+    assert!(left > 0 && left <= 16);
+    // B, the target, cleared its own bits for what it wrote; its data is still Inconsistent.
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    d.connect();
+    for n in [0, 1] {
+        assert_eq!(d.st(n).repl, ReplState::Established, "node {n}");
+        assert_eq!(d.st(n).disk, DiskState::UpToDate, "node {n}");
+    }
+    assert!(d.disk[0] == d.disk[1]);
+    // The second run moved exactly what was left (acked blocks are not resent); the first
+    // sent the acked blocks plus at most the one chunk in flight at the cut.
+    assert_eq!(d.resynced_bytes[0] - first_run, left * BLOCK);
+    assert!(first_run <= (32 - left + 4) * BLOCK, "{first_run}");
+}
+
+/// A rate-limited resync arms a timer instead of sending, and continues when it fires.
+#[test]
+fn rate_limited_resync_waits_for_its_timer() {
+    let mut c = small_chunks(1);
+    c.resync_rate.max_rate = 4 * BLOCK * 1000; // one chunk per millisecond
+    c.resync_rate.plan_ahead = 1_000_000;
+    let mut a = Replica::new(c, synced_meta());
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    // Dirty while alone.
+    for b in 0..8 {
+        let out = write(&mut a, 10 + b, b, 1);
+        for (io, _) in writes(&out) {
+            done(&mut a, io);
+        }
+    }
+    let mut b = Replica::new(small_chunks(2), synced_meta());
+    for r in [&mut a, &mut b] {
+        r.handle_vec(
+            Event::Admin {
+                tag: 2,
+                cmd: AdminCmd::Connect,
+            },
+            0,
+        );
+    }
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let to_a = sends(&deliver(&mut b, ha));
+    let out = deliver(&mut a, hb);
+    let out2 = deliver(&mut a, to_a);
+    let all: Vec<Action> = out.into_iter().chain(out2).collect();
+    assert_eq!(a.status().repl, ReplState::SyncSource);
+    let reads = all
+        .iter()
+        .filter(|x| matches!(x, Action::DiskRead { .. }))
+        .count();
+    let timer = all.iter().find_map(|x| match x {
+        Action::ArmTimer {
+            kind: TimerKind::Resync,
+            at,
+        } => Some(*at),
+        _ => None,
+    });
+    assert_eq!(reads, 0, "no credit yet at t=0");
+    assert_eq!(timer, Some(1_000_000));
+    let out = a.handle_vec(Event::Timer(TimerKind::Resync), 1_000_000);
+    let reads: Vec<_> = out
+        .iter()
+        .filter_map(|x| match x {
+            Action::DiskRead { offset, len, .. } => Some((*offset, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads, vec![(0, (4 * BLOCK) as u32)]);
+}

@@ -288,7 +288,10 @@ impl Replica {
             self.cfg.size,
             self.bitmap.block_size(),
             self.cfg.resync_chunk,
-            self.cfg.resync_window,
+            // As many chunks in flight as the resync controller's fill target allows.
+            usize::try_from(self.cfg.resync_rate.fill_target / self.cfg.resync_chunk.max(1))
+                .unwrap_or(usize::MAX)
+                .max(1),
         ));
         tracing::info!(resource = %self.cfg.resource, "verify started");
         out.push(Action::Emit(StateChange::VerifyStarted {

@@ -149,6 +149,8 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     };
     let mut ccfg = core::Config::new(&resource, node_id, disk.size(), protocol);
     ccfg.send_buffer = cfg.resource.send_buffer;
+    ccfg.resync_rate = cfg.resource.resync_rate();
+    ccfg.congestion = cfg.resource.congestion();
     ccfg.after_sb_0pri = cfg.resource.after_sb_0pri;
     ccfg.after_sb_1pri = cfg.resource.after_sb_1pri;
     ccfg.csums = cfg.resource.csums;

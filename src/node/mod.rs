@@ -212,6 +212,9 @@ impl Node {
                         PeerMsg::ResyncData { data, .. } => {
                             self.obs.metrics.resync_bytes.inc_by(data.len() as u64);
                         }
+                        PeerMsg::ResyncZero { len, .. } => {
+                            self.obs.metrics.resync_bytes.inc_by(u64::from(*len));
+                        }
                         _ => {}
                     }
                     c.send(&msg);
@@ -612,6 +615,9 @@ impl Node {
                         }
                         PeerMsg::ResyncData { data, .. } => {
                             self.obs.metrics.resync_bytes.inc_by(data.len() as u64);
+                        }
+                        PeerMsg::ResyncZero { len, .. } => {
+                            self.obs.metrics.resync_bytes.inc_by(u64::from(*len));
                         }
                         _ => {}
                     }

@@ -245,6 +245,24 @@ pub enum PeerMsg {
         offset: u64,
         len: u32,
     },
+    /// Resync of `[offset, offset+len)`, which is all zeroes on the source: the target writes
+    /// zeroes (WRITE_ZEROES) instead of receiving a payload (data stream, sequenced).
+    ResyncZero {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The sender went Ahead (pull-ahead on a congested link): it stops shipping writes and
+    /// marks them in its bitmap; the receiver is Behind, its disk Outdated (data stream,
+    /// sequenced: it follows every write shipped before it).
+    Ahead {
+        seq: u64,
+    },
+    /// The Ahead sender's link drained: a bitmap resync to the receiver starts now (data stream,
+    /// sequenced: the resync data follows it).
+    AheadResync {
+        seq: u64,
+    },
 }
 
 #[repr(u16)]
@@ -271,6 +289,9 @@ enum Kind {
     CsumRequest = 36,
     CsumReply = 37,
     ResyncSame = 38,
+    ResyncZero = 39,
+    Ahead = 40,
+    AheadResync = 41,
 }
 
 impl Kind {
@@ -297,6 +318,9 @@ impl Kind {
             36 => Kind::CsumRequest,
             37 => Kind::CsumReply,
             38 => Kind::ResyncSame,
+            39 => Kind::ResyncZero,
+            40 => Kind::Ahead,
+            41 => Kind::AheadResync,
             _ => return None,
         })
     }
@@ -331,6 +355,14 @@ struct ResyncHeader {
     offset: U64,
     len: U32,
     crc32: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct ResyncZeroBody {
+    seq: U64,
+    offset: U64,
+    len: U32,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
@@ -442,6 +474,9 @@ impl PeerMsg {
             | PeerMsg::VerifyStart { .. }
             | PeerMsg::VerifyRequest { .. }
             | PeerMsg::VerifyEnd { .. } => Stream::Data,
+            PeerMsg::ResyncZero { .. } | PeerMsg::Ahead { .. } | PeerMsg::AheadResync { .. } => {
+                Stream::Data
+            }
             _ => Stream::Control,
         }
     }
@@ -456,6 +491,9 @@ impl PeerMsg {
             | PeerMsg::VerifyStart { seq }
             | PeerMsg::VerifyRequest { seq, .. }
             | PeerMsg::VerifyEnd { seq, .. } => Some(*seq),
+            PeerMsg::ResyncZero { seq, .. }
+            | PeerMsg::Ahead { seq }
+            | PeerMsg::AheadResync { seq } => Some(*seq),
             _ => None,
         }
     }
@@ -492,6 +530,9 @@ impl PeerMsg {
             PeerMsg::CsumRequest { .. } => Kind::CsumRequest,
             PeerMsg::CsumReply { .. } => Kind::CsumReply,
             PeerMsg::ResyncSame { .. } => Kind::ResyncSame,
+            PeerMsg::ResyncZero { .. } => Kind::ResyncZero,
+            PeerMsg::Ahead { .. } => Kind::Ahead,
+            PeerMsg::AheadResync { .. } => Kind::AheadResync,
         }
     }
 }
@@ -640,6 +681,18 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             len: *len,
             digests: digests.clone(),
         })?),
+        PeerMsg::ResyncZero { seq, offset, len } => body.extend_from_slice(
+            ResyncZeroBody {
+                seq: (*seq).into(),
+                offset: (*offset).into(),
+                len: (*len).into(),
+            }
+            .as_bytes(),
+        ),
+        PeerMsg::Ahead { seq } => body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes()),
+        PeerMsg::AheadResync { seq } => {
+            body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes())
+        }
     }
     let total = body.len() + payload.len();
     if total > MAX_BODY {
@@ -891,6 +944,20 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
                 len: b.len,
             }
         }
+        Kind::ResyncZero => {
+            let b: ResyncZeroBody = fixed(&body, "resync-zero")?;
+            PeerMsg::ResyncZero {
+                seq: b.seq.get(),
+                offset: b.offset.get(),
+                len: b.len.get(),
+            }
+        }
+        Kind::Ahead => PeerMsg::Ahead {
+            seq: fixed::<OneU64>(&body, "ahead")?.a.get(),
+        },
+        Kind::AheadResync => PeerMsg::AheadResync {
+            seq: fixed::<OneU64>(&body, "ahead-resync")?.a.get(),
+        },
     })
 }
 

@@ -115,6 +115,13 @@ fn every_kind_roundtrips() {
             offset: 4096,
             len: 4096,
         },
+        PeerMsg::ResyncZero {
+            seq: 8,
+            offset: 1 << 30,
+            len: 256 << 10,
+        },
+        PeerMsg::Ahead { seq: 9 },
+        PeerMsg::AheadResync { seq: 10 },
     ];
     for m in &msgs {
         roundtrip(m);
@@ -237,6 +244,10 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
         (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| PeerMsg::Barrier { seq, epoch }),
         any::<u64>().prop_map(|seq| PeerMsg::WriteAck { seq }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncAck { offset, len }),
+        (any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(seq, offset, len)| PeerMsg::ResyncZero { seq, offset, len }),
+        any::<u64>().prop_map(|seq| PeerMsg::Ahead { seq }),
+        any::<u64>().prop_map(|seq| PeerMsg::AheadResync { seq }),
         (
             ".{0,40}",
             any::<u64>(),

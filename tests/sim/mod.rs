@@ -10,6 +10,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 use bytes::Bytes;
+use twinblk::core::congestion::{Congestion, OnCongestion};
 use twinblk::core::{
     Action, AdminCmd, Config, DiskState, Event, InjectedBug, IoId, Meta, PeerMsg, Protocol,
     ReplState, Replica, Restored, Role, TimerKind,
@@ -36,6 +37,10 @@ pub struct SimConfig {
     /// Checksum-based resync (odd seeds; not drawn from the rng, so other seeds replay as
     /// before).
     pub csums: bool,
+    /// Async only: `on-congestion = pull-ahead` with a low `congestion-fill`.
+    pub pull_ahead: bool,
+    /// Resync rate controller: (max rate, min rate) in bytes/s, 0 = off.
+    pub resync_rate: (u64, u64),
 }
 
 impl SimConfig {
@@ -54,6 +59,14 @@ impl SimConfig {
             faults: true,
             bug: InjectedBug::None,
             csums: seed % 2 == 1,
+            // Drawn last, so earlier draws (and the seeds they reproduce) stay as they were.
+            pull_ahead: r.one_in(2),
+            resync_rate: match r.below(4) {
+                0 => (0, 0),
+                1 => (0, 64 << 20),
+                2 => (32 << 20, 8 << 20),
+                _ => (256 << 20, 0),
+            },
         }
     }
 }
@@ -264,7 +277,16 @@ impl World {
         );
         cfg.send_buffer = 6 * BS as u64;
         cfg.resync_chunk = 4 * BS as u64;
-        cfg.resync_window = 3;
+        cfg.resync_rate.fill_target = 3 * 4 * BS as u64;
+        cfg.resync_rate.max_rate = self.cfg.resync_rate.0;
+        cfg.resync_rate.min_rate = self.cfg.resync_rate.1;
+        cfg.resync_rate.plan_ahead = 2000 * US;
+        if self.cfg.pull_ahead {
+            cfg.congestion = Congestion {
+                on_congestion: OnCongestion::PullAhead,
+                fill: 3 * BS as u64,
+            };
+        }
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
         cfg.csums = self.cfg.csums;
@@ -442,6 +464,9 @@ impl World {
                     };
                     self.log(format!("node {node} sends {m}"));
                 }
+                if matches!(msg, PeerMsg::ResyncZero { .. }) {
+                    *self.stats.entry("resync zero runs").or_default() += 1;
+                }
                 self.send(node, msg)
             }
             Action::CompleteClient { req, result } => {
@@ -465,6 +490,14 @@ impl World {
                         Some("resync finished")
                     }
                     twinblk::core::StateChange::Refused { .. } => Some("refused"),
+                    twinblk::core::StateChange::Repl {
+                        to: ReplState::Ahead,
+                        ..
+                    } => Some("went ahead"),
+                    twinblk::core::StateChange::Repl {
+                        from: ReplState::Behind,
+                        to: ReplState::SyncTarget,
+                    } => Some("behind -> sync target"),
                     _ => None,
                 };
                 if let Some(k) = k {

@@ -33,6 +33,10 @@ pub struct SimConfig {
     pub queue_depth: usize,
     pub faults: bool,
     pub bug: InjectedBug,
+    /// The primary's stability points (flush barriers of its own): every this many ns...
+    pub stability_interval: u64,
+    /// ...or this many writes.
+    pub stability_writes: usize,
 }
 
 impl SimConfig {
@@ -50,6 +54,8 @@ impl SimConfig {
             queue_depth: r.range(1, 8) as usize,
             faults: true,
             bug: InjectedBug::None,
+            stability_interval: r.range(100 * US, 5000 * US),
+            stability_writes: r.range(2, 40) as usize,
         }
     }
 }
@@ -263,6 +269,8 @@ impl World {
         cfg.resync_window = 3;
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
+        cfg.stability_interval = self.cfg.stability_interval;
+        cfg.stability_writes = self.cfg.stability_writes;
         // Small extents and log so the 64-block device sees evictions.
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;
@@ -634,8 +642,7 @@ impl World {
                 self.fail(format!("primary's disk after crash: {e}"));
             }
         } else {
-            let was_ok = self.oracle.secondary_valid;
-            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk, was_ok) {
+            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk) {
                 self.fail(format!("secondary's disk after crash: {e}"));
             }
         }
@@ -1041,9 +1048,15 @@ impl World {
             self.oracle.secondary_valid = false;
         }
         if in_sync && self.oracle.secondary_valid {
-            self.oracle
-                .check_prefix(&self.nodes[B].disk.volatile)
-                .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
+            if self.cfg.protocol == Protocol::Async {
+                self.oracle
+                    .check_prefix(&self.nodes[B].disk.volatile)
+                    .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
+            } else {
+                self.oracle
+                    .check_acked(&self.nodes[B].disk)
+                    .map_err(|e| format!("secondary lacks an acked write: {e}"))?;
+            }
         }
         Ok(())
     }

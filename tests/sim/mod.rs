@@ -445,6 +445,14 @@ impl World {
                     };
                     self.log(format!("node {node} sends {m}"));
                 }
+                if let PeerMsg::Barrier { flush, .. } = &msg {
+                    let k = if *flush {
+                        "flush barriers"
+                    } else {
+                        "order barriers"
+                    };
+                    *self.stats.entry(k).or_default() += 1;
+                }
                 self.send(node, msg)
             }
             Action::CompleteClient { req, result } => {

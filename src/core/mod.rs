@@ -64,12 +64,28 @@
 //!   target acked the block, the target clears its own bit when it wrote the block, so the next
 //!   handshake's bitmaps name only what is left.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
-//!   every FLUSH. The peer applies one epoch's writes concurrently, flushes at the epoch's barrier,
-//!   and only then starts the next epoch. Overlapping writes are applied in submission order on
-//!   both nodes.
-//! * Every written region not known stable on the peer (sent, not barrier-acked; or written
-//!   while disconnected) is in the dirty bitmap; reconnecting resyncs it (or everything when the
-//!   bitmap cannot be trusted) before the peer is UpToDate again.
+//!   every FLUSH. Two kinds of barrier close an epoch:
+//!   - an *order barrier* (a plain epoch boundary) is never flushed and never acked. Async: the
+//!     peer drains (waits until every write before it is written) before it starts the next
+//!     epoch, so it always holds a prefix of epochs. Sync: not even sent — a write completes
+//!     only once the peer acked it as written, so every write a later one could depend on is
+//!     on the peer before that later one is submitted; the peer only keeps overlapping writes
+//!     in seq order. (Writes completed early by a connection loss are not on that connection
+//!     any more: they are in the transfer log, hence the bitmap, and resynced.)
+//!   - a *flush barrier* (client FLUSH, or a stability point the Primary issues on its own
+//!     every `Config::stability_interval` or `stability_writes` / `stability_bytes`) is
+//!     drained, flushed and acked ([`PeerMsg::BarrierAck`]) by the peer. Only its ack trims
+//!     the transfer log.
+//!
+//!   So on the peer, order costs no fdatasync; stability costs one per flush barrier.
+//!   Overlapping writes are applied in submission order on both nodes.
+//! * A crashed Secondary holds what a local disk holds after power loss: everything before its
+//!   last flush barrier, plus any subset of later writes. The Primary's transfer log names
+//!   every write not yet known stable there.
+//! * Every written region not known stable on the peer (sent, not flush-barrier-acked; or
+//!   written while disconnected) is in the dirty bitmap once the connection is lost;
+//!   reconnecting resyncs it (or everything when the bitmap cannot be trusted) before the peer
+//!   is UpToDate again.
 //! * Handshake: both sides send [`Hello`] and apply the same [`gen::decide`]: no sync, bitmap or
 //!   full resync (which side is source), or refusal (other resource, other size, two Primaries,
 //!   split brain) with a reason in [`Status::last_refusal`] and [`StateChange::Refused`].
@@ -79,7 +95,7 @@
 //!   ([`AdminCmd::DiscardMyData`]) or a policy both nodes share (`Config::after_sb_0pri`,
 //!   `after_sb_1pri`); [`Status::split_brain`] explains it and names the commands.
 //! * Crash safety of the bitmap: an extent leaves the activity log only with nothing in flight
-//!   and nothing unacked in it, after its bitmap words are persisted. So after a crash, the
+//!   and nothing in it the peer has not made stable (flush-barrier acked), after its bitmap words are persisted. So after a crash, the
 //!   persisted bitmap plus (crashed Primary) the log's extents cover every block this node
 //!   changed that the peer may lack ([`Replica::restore`]).
 //! * A local write error on the Primary fails that request and, if connected, reconnects so the
@@ -176,6 +192,16 @@ pub struct Config {
     /// Checksum-based resync ([`csums`]): the target's digests first, data only where they
     /// differ (resource key `csums`).
     pub csums: bool,
+    /// Stability point: at most this long (nanoseconds) after a write is sent, the Primary
+    /// sends a flush barrier of its own, so the peer makes it stable and the transfer log and
+    /// activity log let go of it. Default 100 ms.
+    pub stability_interval: u64,
+    /// Stability point: also once this many writes were sent since the last flush barrier.
+    /// Default 4096.
+    pub stability_writes: usize,
+    /// Stability point: also once this many payload bytes were sent since the last flush
+    /// barrier. Default 64 MiB.
+    pub stability_bytes: u64,
     /// Split-brain policy when neither node is Primary (both nodes must agree).
     pub after_sb_0pri: AfterSb0Pri,
     /// Split-brain policy when one node is Primary (both nodes must agree).
@@ -200,6 +226,9 @@ impl Config {
             al_extents: 1024,
             al_extent: AL_EXTENT,
             csums: false,
+            stability_interval: 100_000_000,
+            stability_writes: 4096,
+            stability_bytes: 64 << 20,
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
             bug: InjectedBug::None,
@@ -291,6 +320,8 @@ pub enum TimerKind {
     Handshake { conn: u64 },
     /// The rate-limited resync may send its next chunk.
     Resync,
+    /// Time for a stability point (a flush barrier) on connection `conn`.
+    Stability { conn: u64 },
 }
 
 /// Input to the core.
@@ -504,6 +535,9 @@ pub struct Status {
     /// Data messages sent on the current connection and not yet acked by the peer (a graceful
     /// shutdown of an async Primary waits for this to drain).
     pub peer_unacked: usize,
+    /// Writes sent on the current connection that the peer has not yet made stable (the
+    /// transfer log: a flush barrier's ack clears them; a graceful shutdown waits for it).
+    pub peer_unstable: usize,
     /// Set while the nodes refuse each other after a split brain.
     pub split_brain: Option<SplitBrain>,
     /// `connect --discard-my-data` is armed.
@@ -545,8 +579,10 @@ enum Issue {
         fua: bool,
         epoch: u64,
     },
+    /// Closes `epoch`. `flush`: a flush barrier (client FLUSH or stability point).
     Barrier {
         epoch: u64,
+        flush: bool,
         flush_req: Option<ReqId>,
     },
 }
@@ -586,6 +622,7 @@ enum Apply {
     },
     Barrier {
         epoch: u64,
+        flush: bool,
     },
     Done {
         gen: u64,
@@ -640,6 +677,11 @@ struct Conn {
     /// seq -> (client request waiting for this ack, payload bytes).
     awaiting_ack: HashMap<u64, (Option<ReqId>, u64)>,
     barrier_waiters: BTreeMap<u64, Vec<ReqId>>,
+    /// Writes and payload bytes sent since the last flush barrier.
+    unflushed_writes: usize,
+    unflushed_bytes: u64,
+    /// A stability timer is armed for this connection.
+    stability_armed: bool,
 }
 
 const REORDER_MAX_MSGS: usize = 1 << 16;
@@ -682,7 +724,8 @@ pub struct Replica {
     next_io: IoId,
     inflight: HashMap<IoId, Io>,
     conn: Option<Conn>,
-    /// Transfer log: (epoch, offset, len) of writes sent but not yet barrier-acked.
+    /// Transfer log: (epoch, offset, len) of writes sent but not yet stable on the peer (no
+    /// flush barrier after them acked yet).
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
@@ -806,6 +849,7 @@ impl Replica {
             last_refusal: self.last_refusal.clone(),
             requests_in_flight: self.reqs.len() + self.admit_q.len(),
             peer_unacked: c.map_or(0, |c| c.awaiting_ack.len()),
+            peer_unstable: if c.is_some() { self.tl.len() } else { 0 },
             split_brain: self.split_brain.clone(),
             discard_my_data: self.discard_my_data,
             bitmap_gen: self.bitmap_gen,
@@ -875,6 +919,15 @@ impl Replica {
             Event::Timer(TimerKind::Resync) => {
                 self.resync_timer = None;
                 self.pump_resync(out);
+            }
+            Event::Timer(TimerKind::Stability { conn }) => {
+                if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
+                    c.stability_armed = false;
+                    if c.unflushed_writes > 0 {
+                        self.stability_point();
+                        self.pump_issue(out);
+                    }
+                }
             }
             Event::Admin { tag, cmd } => {
                 let role = self.role;
@@ -1066,6 +1119,7 @@ impl Replica {
                 out.push(Action::DiskFlush { io });
                 self.issue_q.push_back(Issue::Barrier {
                     epoch: self.epoch,
+                    flush: true,
                     flush_req: Some(req),
                 });
                 self.epoch += 1;
@@ -1080,10 +1134,17 @@ impl Replica {
             Op::Zero { offset, len } => (DataOp::Zero, offset, len, Bytes::new(), false),
         };
         if boundary && self.epoch_has_writes {
-            self.issue_q.push_back(Issue::Barrier {
-                epoch: self.epoch,
-                flush_req: None,
-            });
+            // Sync: every write the client could depend on was acked by the peer as written
+            // before this one was submitted, so the peer has nothing to drain and the order
+            // barrier is not even sent (only the epoch number moves, for the transfer log).
+            // Async: the peer must not start this epoch before the last is written.
+            if self.cfg.protocol == Protocol::Async {
+                self.issue_q.push_back(Issue::Barrier {
+                    epoch: self.epoch,
+                    flush: false,
+                    flush_req: None,
+                });
+            }
             self.epoch += 1;
             self.epoch_has_writes = false;
         }
@@ -1126,8 +1187,13 @@ impl Replica {
                     if i != 0 {
                         break;
                     }
-                    if let Some(Issue::Barrier { epoch, flush_req }) = self.issue_q.pop_front() {
-                        self.issue_barrier(epoch, flush_req, out);
+                    if let Some(Issue::Barrier {
+                        epoch,
+                        flush,
+                        flush_req,
+                    }) = self.issue_q.pop_front()
+                    {
+                        self.issue_barrier(epoch, flush, flush_req, out);
                     }
                 }
                 Issue::Write { offset, len, .. } => {
@@ -1156,11 +1222,20 @@ impl Replica {
         self.pump_verify(out);
     }
 
-    fn issue_barrier(&mut self, epoch: u64, flush_req: Option<ReqId>, out: &mut Vec<Action>) {
+    fn issue_barrier(
+        &mut self,
+        epoch: u64,
+        flush: bool,
+        flush_req: Option<ReqId>,
+        out: &mut Vec<Action>,
+    ) {
         let replicating = self.replicating();
         if replicating {
             let seq = self.next_seq();
-            self.send(PeerMsg::Barrier { seq, epoch }, out);
+            if flush {
+                self.reset_unflushed();
+            }
+            self.send(PeerMsg::Barrier { seq, epoch, flush }, out);
         }
         if let Some(req) = flush_req {
             let wait_peer = replicating && self.cfg.protocol == Protocol::Sync;
@@ -1174,6 +1249,27 @@ impl Replica {
                 r.peer = wait_peer;
             }
             self.try_complete(req, out);
+        }
+    }
+
+    /// Admits a flush barrier of the Primary's own (a stability point): once the peer acks it,
+    /// every write admitted before it is stable there and leaves the transfer log, so the
+    /// activity log may let go of its extents and a reconnect need not resync it.
+    fn stability_point(&mut self) {
+        self.issue_q.push_back(Issue::Barrier {
+            epoch: self.epoch,
+            flush: true,
+            flush_req: None,
+        });
+        self.epoch += 1;
+        self.epoch_has_writes = false;
+        self.reset_unflushed();
+    }
+
+    fn reset_unflushed(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            c.unflushed_writes = 0;
+            c.unflushed_bytes = 0;
         }
     }
 
@@ -1208,10 +1304,30 @@ impl Replica {
             let bytes = data.len() as u64;
             wait_peer =
                 self.cfg.protocol == Protocol::Sync && self.cfg.bug != InjectedBug::AckWithoutPeer;
+            let mut arm = None;
+            let mut point = false;
             if let Some(c) = self.conn.as_mut() {
                 c.sendbuf += bytes;
                 c.awaiting_ack
                     .insert(seq, (wait_peer.then_some(req), bytes));
+                c.unflushed_writes += 1;
+                c.unflushed_bytes += bytes;
+                point = c.unflushed_writes >= self.cfg.stability_writes
+                    || c.unflushed_bytes >= self.cfg.stability_bytes;
+                if !c.stability_armed && !point {
+                    c.stability_armed = true;
+                    arm = Some(c.id);
+                }
+            }
+            if let Some(conn) = arm {
+                out.push(Action::ArmTimer {
+                    kind: TimerKind::Stability { conn },
+                    at: self.now.saturating_add(self.cfg.stability_interval),
+                });
+            }
+            if point {
+                // Issued once everything admitted before it is (pump_issue reaches it).
+                self.stability_point();
             }
             self.tl.push_back((epoch, offset, len as u64));
             let crc32 = crc32fast::hash(&data);
@@ -1265,7 +1381,8 @@ impl Replica {
     }
 
     /// Extents that must stay in the activity log: a local client write in flight, or a write
-    /// sent to the peer and not yet barrier-acked (it may be missing there after a crash).
+    /// sent to the peer and not yet stable there (no flush barrier after it acked: it may be
+    /// missing there after a crash of either node).
     fn pinned_extents(&self) -> std::collections::HashSet<u64> {
         let ext = self.cfg.al_extent.max(1);
         let mut set = std::collections::HashSet::new();
@@ -1495,12 +1612,7 @@ impl Replica {
                     self.secondary_disk_error(0, 0, e, out);
                     return;
                 }
-                if let Some(c) = self.conn.as_mut() {
-                    c.fence_in_flight = false;
-                    c.apply_q.pop_front();
-                }
                 self.send(PeerMsg::BarrierAck { epoch }, out);
-                self.pump_apply(out);
             }
             IoKind::VerifyRead { conn } => {
                 self.verify_read_done(conn, offset, len, result, out);
@@ -1616,6 +1728,9 @@ impl Replica {
             sendbuf: 0,
             awaiting_ack: HashMap::new(),
             barrier_waiters: BTreeMap::new(),
+            unflushed_writes: 0,
+            unflushed_bytes: 0,
+            stability_armed: false,
         });
         self.set_repl(ReplState::Connecting, out);
         out.push(Action::Send(PeerMsg::Hello(hello)));
@@ -2164,7 +2279,7 @@ impl Replica {
                     }
                     Apply::ResyncZero { offset, len }
                 }
-                PeerMsg::Barrier { epoch, .. } => Apply::Barrier { epoch },
+                PeerMsg::Barrier { epoch, flush, .. } => Apply::Barrier { epoch, flush },
                 PeerMsg::ResyncDone { gen, .. } => {
                     if !sync_target {
                         return Err("peer ended a resync this node is not part of");
@@ -2354,27 +2469,41 @@ impl Replica {
                         }
                         continue;
                     }
-                    // A fence: only at the front, with no peer write still in flight.
+                    // A fence: only at the front, with no peer write still in flight (drained).
                     let peer_writes_in_flight = self.inflight.values().any(|io| {
                         matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
                     });
                     if i != 0 || c.fence_in_flight || peer_writes_in_flight {
                         break;
                     }
-                    let kind = match item {
-                        Apply::Barrier { epoch } => IoKind::BarrierFlush {
-                            conn,
-                            epoch: *epoch,
-                        },
-                        Apply::Done { gen } => IoKind::DoneFlush { conn, gen: *gen },
+                    match *item {
+                        // Order barrier: everything before it is written, the next epoch may
+                        // start. No flush: stability is the flush barriers' job.
+                        Apply::Barrier { flush: false, .. } => {
+                            if let Some(c) = self.conn.as_mut() {
+                                c.apply_q.pop_front();
+                            }
+                        }
+                        // Flush barrier: the flush covers every write completed before it is
+                        // issued, i.e. all before the barrier; later items need not wait for
+                        // it. The ack (which trims the sender's transfer log) follows it.
+                        Apply::Barrier { epoch, flush: true } => {
+                            let io = self.new_io(IoKind::BarrierFlush { conn, epoch }, 0, 0);
+                            if let Some(c) = self.conn.as_mut() {
+                                c.apply_q.pop_front();
+                            }
+                            out.push(Action::DiskFlush { io });
+                        }
+                        Apply::Done { gen } => {
+                            let io = self.new_io(IoKind::DoneFlush { conn, gen }, 0, 0);
+                            if let Some(c) = self.conn.as_mut() {
+                                c.fence_in_flight = true;
+                            }
+                            out.push(Action::DiskFlush { io });
+                            break;
+                        }
                         _ => break,
-                    };
-                    let io = self.new_io(kind, 0, 0);
-                    if let Some(c) = self.conn.as_mut() {
-                        c.fence_in_flight = true;
                     }
-                    out.push(Action::DiskFlush { io });
-                    break;
                 }
             }
         }

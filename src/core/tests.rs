@@ -243,30 +243,159 @@ fn write_after_completion_opens_new_epoch_with_barrier() {
 }
 
 #[test]
-fn secondary_holds_next_epoch_until_barrier_flushed() {
+fn async_secondary_drains_an_epoch_before_the_next_without_flushing() {
     let (mut a, mut b) = pair(Protocol::Async);
     let o1 = write(&mut a, 1, 0, 1);
     done(&mut a, writes(&o1)[0].0);
     let o2 = write(&mut a, 2, 8, 1);
     let mut msgs = sends(&o1);
-    msgs.extend(sends(&o2)); // data(e1), barrier(e1), data(e2)
+    msgs.extend(sends(&o2)); // data(e1), order barrier(e1), data(e2)
+    assert!(msgs
+        .iter()
+        .any(|m| matches!(m, PeerMsg::Barrier { flush: false, .. })));
     msgs.reverse(); // arrive out of order: the seq restores it
     let ob = deliver(&mut b, msgs);
     let wb = writes(&ob);
     assert_eq!(wb.len(), 1, "only epoch 1's write may start");
     assert_eq!(wb[0].1, 0);
     let ob2 = done(&mut b, wb[0].0);
-    let fl = flushes(&ob2);
-    assert_eq!(fl.len(), 1, "barrier flushes once the epoch is on disk");
-    assert!(writes(&ob2).is_empty());
-    let ob3 = done(&mut b, fl[0]);
-    assert!(sends(&ob3)
-        .iter()
-        .any(|m| matches!(m, PeerMsg::BarrierAck { .. })));
-    assert_eq!(
-        writes(&ob3).iter().map(|w| w.1).collect::<Vec<_>>(),
-        vec![8 * BLOCK]
+    assert!(
+        flushes(&ob2).is_empty(),
+        "an order barrier is never flushed"
     );
+    assert!(
+        sends(&ob2)
+            .iter()
+            .all(|m| !matches!(m, PeerMsg::BarrierAck { .. })),
+        "an order barrier is not acked"
+    );
+    assert_eq!(
+        writes(&ob2).iter().map(|w| w.1).collect::<Vec<_>>(),
+        vec![8 * BLOCK],
+        "epoch 2 starts once epoch 1 is written"
+    );
+}
+
+/// Runs `n` writes one after the other (each after the previous completed, so each opens an
+/// epoch) through a connected pair; returns how many flushes the secondary issued.
+fn sequential_writes(a: &mut Replica, b: &mut Replica, first_req: ReqId, n: u64) -> usize {
+    let mut peer_flushes = 0;
+    for i in 0..n {
+        let req = first_req + i;
+        let oa = write(a, req, i % 32, 1);
+        let ob = deliver(b, sends(&oa));
+        peer_flushes += flushes(&ob).len();
+        let mut acks = Vec::new();
+        for (io, _) in writes(&ob) {
+            let d = done(b, io);
+            peer_flushes += flushes(&d).len();
+            acks.extend(sends(&d));
+        }
+        let mut completed = completions(&done(a, writes(&oa)[0].0));
+        completed.extend(completions(&deliver(a, acks)));
+        assert_eq!(completed, vec![(req, Ok(()))]);
+    }
+    peer_flushes
+}
+
+#[test]
+fn sync_order_barriers_cost_the_secondary_no_flush() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    // 50 epochs: no flush on the peer, and no barrier on the wire at all.
+    assert_eq!(sequential_writes(&mut a, &mut b, 1, 50), 0);
+    assert_eq!(a.status().peer_unstable, 50, "not yet stable on the peer");
+    // A client FLUSH is a flush barrier: exactly one flush there, and its ack empties the
+    // transfer log.
+    let of = a.handle_vec(Event::ClientFlush { req: 99 }, 0);
+    assert!(completions(&done(&mut a, flushes(&of)[0])).is_empty());
+    let ob = deliver(&mut b, sends(&of));
+    let fl = flushes(&ob);
+    assert_eq!(fl.len(), 1);
+    let ack = sends(&done(&mut b, fl[0]));
+    assert_eq!(completions(&deliver(&mut a, ack)), vec![(99, Ok(()))]);
+    assert_eq!(a.status().peer_unstable, 0);
+}
+
+#[test]
+fn stability_point_after_n_writes_makes_them_stable_on_the_peer() {
+    let mut ca = cfg(1, Protocol::Sync);
+    ca.stability_writes = 10;
+    let mut a = Replica::new(ca, synced_meta());
+    let mut b = Replica::new(cfg(2, Protocol::Sync), synced_meta());
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    for r in [&mut a, &mut b] {
+        r.handle_vec(
+            Event::Admin {
+                tag: 2,
+                cmd: AdminCmd::Connect,
+            },
+            0,
+        );
+    }
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    deliver(&mut b, ha);
+    deliver(&mut a, hb);
+    // The 10th write sends a flush barrier after it; the peer flushes once and acks, and the
+    // transfer log lets go of all ten.
+    let mut peer_flushes = 0;
+    let mut msgs = Vec::new();
+    for i in 0..10 {
+        let oa = write(&mut a, i + 1, i, 1);
+        msgs.extend(sends(&oa));
+    }
+    assert!(matches!(
+        msgs.last(),
+        Some(PeerMsg::Barrier { flush: true, .. })
+    ));
+    let ob = deliver(&mut b, msgs);
+    let mut acks = Vec::new();
+    for (io, _) in writes(&ob) {
+        let d = done(&mut b, io);
+        for f in flushes(&d) {
+            peer_flushes += 1;
+            acks.extend(sends(&done(&mut b, f)));
+        }
+        acks.extend(sends(&d));
+    }
+    assert_eq!(peer_flushes, 1);
+    assert_eq!(a.status().peer_unstable, 10);
+    deliver(&mut a, acks);
+    assert_eq!(a.status().peer_unstable, 0);
+}
+
+#[test]
+fn stability_timer_sends_a_flush_barrier_for_unstable_writes() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let oa = write(&mut a, 1, 0, 1);
+    let at = oa
+        .iter()
+        .find_map(|x| match x {
+            Action::ArmTimer {
+                kind: kind @ TimerKind::Stability { .. },
+                at,
+            } => Some((*kind, *at)),
+            _ => None,
+        })
+        .expect("the first unstable write arms the stability timer");
+    assert_eq!(at.1, a.config().stability_interval);
+    let ot = a.handle_vec(Event::Timer(at.0), at.1);
+    assert!(matches!(
+        &sends(&ot)[..],
+        [PeerMsg::Barrier { flush: true, .. }]
+    ));
+    // Nothing new since: the next firing sends nothing.
+    let ob = deliver(&mut b, sends(&oa));
+    deliver(&mut b, sends(&ot));
+    let _ = ob;
+    let again = a.handle_vec(Event::Timer(at.0), 2 * at.1);
+    assert!(sends(&again).is_empty());
 }
 
 #[test]
@@ -490,6 +619,9 @@ fn al_cfg(node: u64) -> Config {
     let mut c = cfg(node, Protocol::Sync);
     c.al_extent = 8 * BLOCK;
     c.al_extents = 2;
+    // A stability point after every write: each is stable on the peer (and unpins its extent)
+    // as soon as it is acked, so these tests see the log's LRU, not the stability timer.
+    c.stability_writes = 1;
     c
 }
 
@@ -921,8 +1053,8 @@ fn split_brain_is_reported_on_both_nodes_and_resolved_by_discard_my_data() {
         assert_ne!(sb.current_gen, sb.peer_current_gen);
     }
     let sb = d.st(0).split_brain.expect("report");
-    // A: its 2 writes plus block 1, replicated but never barrier-acked before the cut.
-    assert_eq!((sb.changed_blocks, sb.peer_changed_blocks), (3, 1));
+    // A: its 2 writes (block 1 was made stable on B by the stability point after it).
+    assert_eq!((sb.changed_blocks, sb.peer_changed_blocks), (2, 1));
     assert!(sb.keep_mine[0].contains("twinblk connect r0 --discard-my-data"));
     // A plain reconnect does not resolve it.
     d.connect();
@@ -939,8 +1071,8 @@ fn split_brain_is_reported_on_both_nodes_and_resolved_by_discard_my_data() {
     }
     assert!(d.disk[0] == d.disk[1], "identical after the resync");
     assert_eq!(d.disk[1][(2 * BLOCK) as usize], 2, "A's data kept");
-    // Bitmap-based: A's 3 blocks and B's 1, not the device.
-    assert_eq!(d.resynced_bytes[0], 4 * BLOCK);
+    // Bitmap-based: A's 2 blocks and B's 1, not the device.
+    assert_eq!(d.resynced_bytes[0], 3 * BLOCK);
 }
 
 #[test]

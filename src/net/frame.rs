@@ -129,23 +129,39 @@ pub(crate) async fn write_frame(stream: &mut SendStream, payload: &[u8]) -> Resu
     stream.write_all(&b).await.map_err(|e| e.to_string())
 }
 
+/// One frame to send, as a head and a payload that travel together (the payload is not
+/// copied into the head: a big write extent goes out as the caller's buffer). Either may be
+/// empty.
+#[derive(Debug)]
+pub(crate) struct OutFrame {
+    pub head: Bytes,
+    pub payload: Bytes,
+}
+
+impl OutFrame {
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+}
+
 /// Drains `rx` onto `stream` until the channel closes (then finishes the stream) or a write fails.
-pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::Receiver<Bytes>) {
+pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::Receiver<OutFrame>) {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
     let mut small = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut pending = 0usize;
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            pending += 4 + frame.len();
-            if frame.len() <= COALESCE_MAX {
-                small.reserve(4 + frame.len());
-                small.put_slice(&header(frame.len()));
-                small.put(frame);
+            let len = frame.len();
+            pending += 4 + len;
+            small.reserve(4 + frame.head.len());
+            small.put_slice(&header(len));
+            small.put(frame.head);
+            if frame.payload.len() <= COALESCE_MAX {
+                small.put(frame.payload);
             } else {
-                small.put_slice(&header(frame.len()));
                 chunks.push(small.split().freeze());
-                chunks.push(frame);
+                chunks.push(frame.payload);
             }
             if pending < BATCH_BYTES && chunks.len() < 62 {
                 next = rx.try_recv().ok();

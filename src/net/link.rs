@@ -1,6 +1,6 @@
 //! The QUIC endpoint, connection setup, per-connection stream tasks and the reconnect loop.
 
-use super::frame::{write_frame, writer_task, FrameReader, ReadEnd};
+use super::frame::{write_frame, writer_task, FrameReader, OutFrame, ReadEnd};
 use super::keys::Identity;
 use super::tls::{self, AuthLog};
 use super::{NetError, ALPN, MAX_FRAME};
@@ -258,7 +258,7 @@ impl FrameRx {
 /// senders. Cloneable; the stream is finished when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct FrameSender {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<OutFrame>,
     conn: quinn::Connection,
     peer: Arc<str>,
     _guard: Arc<CloseOnDrop>,
@@ -276,6 +276,13 @@ impl FrameSender {
     /// Queues a frame, waiting while the queue is full (QUIC flow control pushes back here).
     /// The payload is not copied if it is larger than 16 KiB.
     pub async fn send(&self, frame: Bytes) -> Result<(), NetError> {
+        self.send_parts(frame, Bytes::new()).await
+    }
+
+    /// Queues one frame made of `head` followed by `payload`, without joining them: a large
+    /// payload goes to QUIC as it is (no copy at all).
+    pub async fn send_parts(&self, head: Bytes, payload: Bytes) -> Result<(), NetError> {
+        let frame = OutFrame { head, payload };
         check_len(frame.len())?;
         if self.conn.close_reason().is_some() {
             return Err(self.closed_err());
@@ -291,8 +298,12 @@ impl FrameSender {
         if self.conn.close_reason().is_some() {
             return Err(TrySendError::Failed(self.closed_err()));
         }
+        let frame = OutFrame {
+            head: frame,
+            payload: Bytes::new(),
+        };
         self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(f) => TrySendError::Full(f),
+            mpsc::error::TrySendError::Full(f) => TrySendError::Full(f.head),
             mpsc::error::TrySendError::Closed(_) => TrySendError::Failed(self.closed_err()),
         })
     }

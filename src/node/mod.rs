@@ -566,7 +566,10 @@ impl Node {
             if let Some((_, deadline)) = &draining {
                 let s = self.replica.status();
                 let expired = tokio::time::Instant::now() >= *deadline;
-                if s.peer_unacked == 0 || self.current.is_none() || expired {
+                // Acked and stable there: the stability point follows within its interval,
+                // and the bitmap saved below does not name what only the peer's cache holds.
+                let drained = s.peer_unacked == 0 && s.peer_unstable == 0;
+                if drained || self.current.is_none() || expired {
                     if expired {
                         warn!(
                             unacked = s.peer_unacked,

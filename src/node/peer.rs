@@ -14,16 +14,18 @@ use crate::wire::{self, Stream};
 /// The current connection as the event loop sees it.
 pub(super) struct Current {
     pub id: u64,
-    control: mpsc::UnboundedSender<Bytes>,
-    data: Vec<mpsc::UnboundedSender<Bytes>>,
+    control: mpsc::UnboundedSender<(Bytes, Bytes)>,
+    data: Vec<mpsc::UnboundedSender<(Bytes, Bytes)>>,
     handle: ConnHandle,
 }
 
-fn forward(sender: FrameSender) -> mpsc::UnboundedSender<Bytes> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+/// Frames go as (head, payload): the payload is the client's buffer, never copied on its way
+/// to QUIC.
+fn forward(sender: FrameSender) -> mpsc::UnboundedSender<(Bytes, Bytes)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, Bytes)>();
     tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if let Err(e) = sender.send(frame).await {
+        while let Some((head, payload)) = rx.recv().await {
+            if let Err(e) = sender.send_parts(head, payload).await {
                 debug!("peer stream closed: {e}");
                 return;
             }
@@ -83,8 +85,8 @@ impl Current {
     /// Queue `msg` on the stream it belongs to. Errors mean the connection is going away; its
     /// loss is reported by the pump.
     pub fn send(&self, msg: &PeerMsg) {
-        let frame = match wire::encode(msg) {
-            Ok(f) => f,
+        let frame = match wire::encode_parts(msg) {
+            Ok((head, payload)) => (head.freeze(), payload),
             Err(e) => {
                 warn!("cannot encode a peer message: {e}");
                 return;

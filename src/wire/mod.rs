@@ -23,6 +23,7 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// Wire format version; a peer speaking another version is refused at the first frame.
 /// 2: `Hello` carries generation history and the changed-block count; `PeerBitmap`.
 /// 3: online verify (`Verify*`) and checksum resync (`Csum*`, `ResyncSame`) messages.
+/// `Barrier` says whether it flushes (flush barrier) or only orders (order barrier).
 pub const VERSION: u16 = 3;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
@@ -154,10 +155,13 @@ pub enum PeerMsg {
     },
     /// A replicated write extent (data stream, sequenced).
     Data(Extent),
-    /// Closes epoch `epoch`: the receiver flushes once all of the epoch is on its disk, then acks.
+    /// Closes epoch `epoch`: the receiver lets nothing after it start before everything before
+    /// it is written (drains). A flush barrier (`flush`) then also flushes the disk and answers
+    /// [`PeerMsg::BarrierAck`]; an order barrier is never flushed nor acked.
     Barrier {
         seq: u64,
         epoch: u64,
+        flush: bool,
     },
     /// The sync target's dirty bitmap, as runs of `(first block, blocks)`; the source resyncs
     /// the union of both bitmaps. Sent in pieces; `done` marks the last.
@@ -186,7 +190,7 @@ pub enum PeerMsg {
     WriteAck {
         seq: u64,
     },
-    /// All of epoch `epoch` is stable on the receiver's disk.
+    /// Everything up to the flush barrier closing epoch `epoch` is stable on the receiver's disk.
     BarrierAck {
         epoch: u64,
     },
@@ -371,6 +375,17 @@ struct TwoU64 {
     a: U64,
     b: U64,
 }
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct BarrierBody {
+    seq: U64,
+    epoch: U64,
+    flags: U32,
+}
+
+/// [`BarrierBody::flags`] bit: a flush barrier.
+const BARRIER_FLUSH: u32 = 1;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
 #[repr(C)]
@@ -616,10 +631,11 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             body.extend_from_slice(h.as_bytes());
             payload = data.clone();
         }
-        PeerMsg::Barrier { seq, epoch } => body.extend_from_slice(
-            TwoU64 {
-                a: (*seq).into(),
-                b: (*epoch).into(),
+        PeerMsg::Barrier { seq, epoch, flush } => body.extend_from_slice(
+            BarrierBody {
+                seq: (*seq).into(),
+                epoch: (*epoch).into(),
+                flags: (if *flush { BARRIER_FLUSH } else { 0 }).into(),
             }
             .as_bytes(),
         ),
@@ -864,10 +880,15 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             }
         }
         Kind::Barrier => {
-            let b: TwoU64 = fixed(&body, "barrier")?;
+            let b: BarrierBody = fixed(&body, "barrier")?;
+            let flags = b.flags.get();
+            if flags & !BARRIER_FLUSH != 0 {
+                return Err(malformed("barrier", format!("unknown flags {flags:#x}")));
+            }
             PeerMsg::Barrier {
-                seq: b.a.get(),
-                epoch: b.b.get(),
+                seq: b.seq.get(),
+                epoch: b.epoch.get(),
+                flush: flags & BARRIER_FLUSH != 0,
             }
         }
         Kind::WriteAck => PeerMsg::WriteAck {

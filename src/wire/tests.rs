@@ -64,7 +64,16 @@ fn every_kind_roundtrips() {
             crc32: 0,
             data: Bytes::new(),
         }),
-        PeerMsg::Barrier { seq: 5, epoch: 2 },
+        PeerMsg::Barrier {
+            seq: 5,
+            epoch: 2,
+            flush: true,
+        },
+        PeerMsg::Barrier {
+            seq: 8,
+            epoch: 3,
+            flush: false,
+        },
         PeerMsg::ResyncData {
             seq: 6,
             offset: 8192,
@@ -196,7 +205,11 @@ fn frame_reader_reassembles_split_stream() {
     let mut stream = BytesMut::new();
     let msgs = [
         PeerMsg::Hello(hello()),
-        PeerMsg::Barrier { seq: 1, epoch: 1 },
+        PeerMsg::Barrier {
+            seq: 1,
+            epoch: 1,
+            flush: false,
+        },
         PeerMsg::WriteAck { seq: 3 },
     ];
     for m in &msgs {
@@ -241,7 +254,8 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
             crc32: crc32fast::hash(&data),
             data
         }),
-        (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| PeerMsg::Barrier { seq, epoch }),
+        (any::<u64>(), any::<u64>(), any::<bool>())
+            .prop_map(|(seq, epoch, flush)| PeerMsg::Barrier { seq, epoch, flush }),
         any::<u64>().prop_map(|seq| PeerMsg::WriteAck { seq }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncAck { offset, len }),
         (any::<u64>(), any::<u64>(), any::<u32>())
@@ -337,4 +351,35 @@ proptest! {
         b[i] ^= 1 << bit;
         let _ = decode(&Bytes::from(b));
     }
+}
+
+#[test]
+fn refuses_the_previous_wire_version_by_name() {
+    // Version 2 barriers had no flush flag: a v2 peer must be refused at its first frame, with a
+    // message that says what to do, not misread.
+    let mut b = encode(&PeerMsg::WriteAck { seq: 1 }).unwrap().to_vec();
+    b[4..6].copy_from_slice(&2u16.to_le_bytes());
+    let e = decode(&Bytes::from(b)).unwrap_err();
+    assert_eq!(e, WireError::BadVersion(2));
+    assert!(e.to_string().contains("upgrade one side"), "{e}");
+}
+
+#[test]
+fn barrier_with_unknown_flags_is_malformed() {
+    let mut b = encode(&PeerMsg::Barrier {
+        seq: 1,
+        epoch: 1,
+        flush: true,
+    })
+    .unwrap()
+    .to_vec();
+    let last = b.len() - 1;
+    b[last] = 0x80;
+    assert!(matches!(
+        decode(&Bytes::from(b)),
+        Err(WireError::Malformed {
+            kind: "barrier",
+            ..
+        })
+    ));
 }

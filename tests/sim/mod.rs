@@ -41,6 +41,10 @@ pub struct SimConfig {
     pub pull_ahead: bool,
     /// Resync rate controller: (max rate, min rate) in bytes/s, 0 = off.
     pub resync_rate: (u64, u64),
+    /// The primary's stability points (flush barriers of its own): every this many ns...
+    pub stability_interval: u64,
+    /// ...or this many writes.
+    pub stability_writes: usize,
 }
 
 impl SimConfig {
@@ -67,6 +71,8 @@ impl SimConfig {
                 2 => (32 << 20, 8 << 20),
                 _ => (256 << 20, 0),
             },
+            stability_interval: r.range(100 * US, 5000 * US),
+            stability_writes: r.range(2, 40) as usize,
         }
     }
 }
@@ -290,6 +296,8 @@ impl World {
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
         cfg.csums = self.cfg.csums;
+        cfg.stability_interval = self.cfg.stability_interval;
+        cfg.stability_writes = self.cfg.stability_writes;
         // Small extents and log so the 64-block device sees evictions.
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;
@@ -466,6 +474,14 @@ impl World {
                 }
                 if matches!(msg, PeerMsg::ResyncZero { .. }) {
                     *self.stats.entry("resync zero runs").or_default() += 1;
+                }
+                if let PeerMsg::Barrier { flush, .. } = &msg {
+                    let k = if *flush {
+                        "flush barriers"
+                    } else {
+                        "order barriers"
+                    };
+                    *self.stats.entry(k).or_default() += 1;
                 }
                 self.send(node, msg)
             }
@@ -672,8 +688,7 @@ impl World {
                 self.fail(format!("primary's disk after crash: {e}"));
             }
         } else {
-            let was_ok = self.oracle.secondary_valid;
-            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk, was_ok) {
+            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk) {
                 self.fail(format!("secondary's disk after crash: {e}"));
             }
         }
@@ -1079,9 +1094,15 @@ impl World {
             self.oracle.secondary_valid = false;
         }
         if in_sync && self.oracle.secondary_valid {
-            self.oracle
-                .check_prefix(&self.nodes[B].disk.volatile)
-                .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
+            if self.cfg.protocol == Protocol::Async {
+                self.oracle
+                    .check_prefix(&self.nodes[B].disk.volatile)
+                    .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
+            } else {
+                self.oracle
+                    .check_acked(&self.nodes[B].disk)
+                    .map_err(|e| format!("secondary lacks an acked write: {e}"))?;
+            }
         }
         Ok(())
     }

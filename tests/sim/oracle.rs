@@ -227,14 +227,23 @@ impl Oracle {
         Ok(())
     }
 
-    pub fn secondary_crash(&mut self, sec: &SimDisk, was_valid: bool) -> Result<(), String> {
+    /// A crashed secondary holds what a local disk holds after a power loss: everything a
+    /// completed client flush covered, plus any subset of later writes (each block some version
+    /// that was written there). Epoch (order) barriers are not flushed, so it is not a prefix
+    /// of epochs: it counts as valid again only after it is back in sync (the primary resyncs
+    /// its transfer log, which covers every write not yet flushed there).
+    pub fn secondary_crash(&mut self, sec: &SimDisk) -> Result<(), String> {
         self.confirmed_vol = self.confirmed_dur.clone();
         self.check_confirmed(sec)?;
-        if was_valid {
-            self.check_prefix(&sec.volatile)
-                .map_err(|e| format!("not crash-consistent (prefix of epochs): {e}"))?;
-        }
+        self.secondary_valid = false;
         Ok(())
+    }
+
+    /// Sync mode, secondary in sync: every write acked to the client is on its disk. (Not a
+    /// prefix of epochs: the peer applies writes of later epochs while earlier ones that no
+    /// client could depend on yet are still in flight.)
+    pub fn check_acked(&self, sec: &SimDisk) -> Result<(), String> {
+        self.check_confirmed(sec)
     }
 
     /// After the primary crashed: its surviving disk is the new history baseline.

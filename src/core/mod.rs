@@ -603,6 +603,8 @@ pub struct Replica {
     resync: Option<ResyncSource>,
     al: ActivityLog,
     now: u64,
+    /// The last metadata saved (or restored) says Primary: see `save_meta`.
+    persisted_primary: bool,
 }
 
 impl Replica {
@@ -666,6 +668,7 @@ impl Replica {
             tl: VecDeque::new(),
             resync: None,
             al: ActivityLog::new(cfg.al_extents),
+            persisted_primary: meta.primary,
             now: 0,
             cfg,
         }
@@ -844,8 +847,16 @@ impl Replica {
         }
     }
 
-    fn save_meta(&self, out: &mut Vec<Action>) {
-        out.push(Action::SaveMeta(self.meta()));
+    fn save_meta(&mut self, out: &mut Vec<Action>) {
+        let m = self.meta();
+        // Once the metadata says "not Primary", a crash no longer adds the activity log's
+        // extents to the bitmap: the bits that live only in memory (writes while disconnected,
+        // a crashed Primary's log) must be persisted first.
+        if !m.primary && self.persisted_primary {
+            self.flush_bitmap(out);
+        }
+        self.persisted_primary = m.primary;
+        out.push(Action::SaveMeta(m));
     }
 
     fn send(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
@@ -2172,6 +2183,9 @@ impl Replica {
                     self.bitmap_known = true;
                     self.set_disk(DiskState::UpToDate, out);
                 }
+                // An armed `--discard-my-data` meant the data this node had then; as Primary it
+                // takes new writes that must not be thrown away at the next handshake.
+                self.discard_my_data = false;
                 // Without a peer, the new generation starts with the first write (so a node
                 // promoted before its peer connects does not cost a resync).
                 self.set_role(Role::Primary, out);

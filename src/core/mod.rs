@@ -124,6 +124,11 @@ pub enum InjectedBug {
     AckWithoutPeer,
     /// Regions in flight at a disconnect are not marked dirty.
     ForgetInFlightOnDisconnect,
+    /// A split brain is resolved silently: the Primary (else the higher node id) syncs to the
+    /// other.
+    ResolveSplitBrainSilently,
+    /// A crashed Primary's activity log is not added to its bitmap at restart.
+    IgnoreActivityLogOnRestore,
 }
 
 #[derive(Debug, Clone)]
@@ -617,7 +622,7 @@ impl Replica {
         let mut r = Replica::new(cfg, restored.meta);
         r.bitmap.load_words(&restored.bitmap);
         r.al = ActivityLog::restored(r.cfg.al_extents, &restored.activity_log);
-        if restored.meta.primary {
+        if restored.meta.primary && r.cfg.bug != InjectedBug::IgnoreActivityLogOnRestore {
             let ext = r.cfg.al_extent.max(1);
             for &e in &restored.activity_log {
                 // These bits exist only in memory: keeping the extents active means they are
@@ -1699,7 +1704,17 @@ impl Replica {
         c.peer_disk = Some(h.disk);
         let mine = c.sent_hello.clone();
         self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
-        let d = gen::decide(&mine, &h);
+        let mut d = gen::decide(&mine, &h);
+        if self.cfg.bug == InjectedBug::ResolveSplitBrainSilently
+            && matches!(d, Decision::SplitBrain(_))
+        {
+            d = if (mine.role == Role::Primary, mine.node_id) > (h.role == Role::Primary, h.node_id)
+            {
+                Decision::Source { full: false }
+            } else {
+                Decision::Target { full: false }
+            };
+        }
         tracing::info!(resource = %self.cfg.resource, ?d, "handshake decided");
         if !matches!(d, Decision::Refuse(_) | Decision::SplitBrain(_)) {
             self.split_brain = None;

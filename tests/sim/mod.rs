@@ -732,18 +732,18 @@ impl World {
             if let Err(e) = self.oracle.rebase(&self.nodes[node].disk) {
                 self.fail(format!("primary's disk after crash: {e}"));
             }
-            if self.cfg.failover
-                && self.cfg.faults
-                && self.alive(sec)
-                && self.split.is_none()
-                && self.rng.one_in(2)
-            {
-                self.failover_pending = true;
-                self.survivor_in_sync = self.status(sec).is_some_and(|s| {
+            if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
+                // Mostly when the survivor is in sync (the failover operators do); sometimes
+                // of a stale or Inconsistent survivor (forced).
+                let in_sync = self.status(sec).is_some_and(|s| {
                     s.repl == ReplState::Established && s.disk == DiskState::UpToDate
                 });
-                let d = self.rng.range(50 * US, 400 * US);
-                self.schedule(d, Ev::Failover);
+                if in_sync || self.rng.one_in(3) {
+                    self.failover_pending = true;
+                    self.survivor_in_sync = in_sync;
+                    let d = self.rng.range(50 * US, 400 * US);
+                    self.schedule(d, Ev::Failover);
+                }
             }
         } else if self.split.is_some() {
             // The rogue Primary of a split brain crashed: its disk is not the client's history.
@@ -1050,6 +1050,7 @@ impl World {
             w.schedule(d, Ev::Resolve);
         };
         let (Some(sa), Some(sb)) = (self.status(A), self.status(B)) else {
+            self.log("resolve waits: a node is down".into());
             retry(self, 1000 * US);
             return;
         };
@@ -1074,13 +1075,16 @@ impl World {
             }
             self.admin(A, AdminCmd::Connect);
             self.admin(B, AdminCmd::Connect);
+            self.log("resolve: report on one node only, connect again".into());
             retry(self, 3000 * US);
             return;
         }
         if reported[A] {
-            if sa.repl != ReplState::StandAlone || sb.repl != ReplState::StandAlone {
+            let waiting = |r: ReplState| matches!(r, ReplState::StandAlone | ReplState::Connecting);
+            if !waiting(sa.repl) || !waiting(sb.repl) {
                 // A `connect` (the heal phase's) is being refused again; `check_split` makes
                 // sure no handshake gets through.
+                self.log("resolve waits: not StandAlone".into());
                 retry(self, 1000 * US);
                 return;
             }
@@ -1111,6 +1115,7 @@ impl World {
             || !self.nodes[A].disk.writes_in_flight.is_empty()
             || !self.nodes[B].disk.writes_in_flight.is_empty();
         if busy {
+            self.log("resolve waits: I/O in flight".into());
             retry(self, 200 * US);
             return;
         }
@@ -1119,6 +1124,7 @@ impl World {
             .status(loser)
             .is_some_and(|x| x.role != Role::Secondary)
         {
+            self.log("resolve waits: demotion refused".into());
             retry(self, 200 * US);
             return;
         }

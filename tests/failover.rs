@@ -408,10 +408,10 @@ fn split_brain_is_reported_on_both_and_resolved_by_discard_my_data() {
         assert!(cmds.contains("--discard-my-data"), "{s}");
     }
     std::thread::sleep(Duration::from_secs(2));
-    for i in 0..2 {
+    for (i, name) in NAMES.iter().enumerate() {
         let s = p.status(i).expect("status");
-        assert_eq!(s["repl"], "StandAlone", "{}: {s}", NAMES[i]);
-        assert!(!s["split_brain"].is_null(), "{}: {s}", NAMES[i]);
+        assert_eq!(s["repl"], "StandAlone", "{name}: {s}");
+        assert!(!s["split_brain"].is_null(), "{name}: {s}");
     }
     let human = String::from_utf8_lossy(&p.cli(0, &["status"]).stdout).into_owned();
     assert!(human.contains("discard-my-data"), "{human}");

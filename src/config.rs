@@ -127,6 +127,9 @@ pub struct Node {
     pub metrics: Option<SocketAddr>,
     /// Per node, not per resource: the two machines may run different kernels.
     pub frontend: Frontend,
+    /// `frontend = "ublk"`: hardware queues (one serving thread each) and depth per queue.
+    pub ublk_queues: u16,
+    pub ublk_depth: u16,
 }
 
 /// What went wrong reading a resource file. The `Display` text is meant for the operator.
@@ -190,6 +193,8 @@ struct RawNode {
     pin: Option<String>,
     metrics: Option<String>,
     frontend: Option<String>,
+    ublk_queues: Option<u16>,
+    ublk_depth: Option<u16>,
 }
 
 impl Config {
@@ -472,6 +477,22 @@ impl Config {
                     ))
                 }
             };
+            let ublk_queues = n.ublk_queues.unwrap_or(1);
+            if !(1..=32).contains(&ublk_queues) {
+                return Err(bad(
+                    &k("ublk-queues"),
+                    format!("{ublk_queues} queues"),
+                    "use 1 to 32 (one serving thread each; the number of CPUs is a good choice)",
+                ));
+            }
+            let ublk_depth = n.ublk_depth.unwrap_or(64);
+            if !(1..=4096).contains(&ublk_depth) {
+                return Err(bad(
+                    &k("ublk-depth"),
+                    format!("depth {ublk_depth}"),
+                    "use 1 to 4096 requests in flight per queue (64 is the default)",
+                ));
+            }
             let meta = n.meta.clone().unwrap_or_else(|| default_meta_path(&n.disk));
             if meta == n.disk {
                 return Err(bad(
@@ -493,6 +514,8 @@ impl Config {
                 pin: n.pin.map(|p| p.to_ascii_lowercase()),
                 metrics,
                 frontend,
+                ublk_queues,
+                ublk_depth,
             });
         }
         if let [a, b] = nodes.as_slice() {

@@ -386,3 +386,23 @@ fn frontend_is_per_node_and_defaults_to_nbd() {
         &["node.alpha.frontend", "\"iscsi\"", "\"nbd\"", "\"ublk\""],
     );
 }
+
+#[test]
+fn ublk_queues_and_depth_are_per_node_with_limits() {
+    let a = format!("{NODE_A}frontend = \"ublk\"\nublk-queues = 2\nublk-depth = 128\n");
+    let c = Config::from_str(&with("", &a, NODE_B)).unwrap();
+    let alpha = c.node_named("alpha").unwrap();
+    assert_eq!((alpha.ublk_queues, alpha.ublk_depth), (2, 128));
+    let beta = c.node_named("beta").unwrap();
+    assert_eq!((beta.ublk_queues, beta.ublk_depth), (1, 64));
+    let bad = format!("{NODE_A}ublk-queues = 0\n");
+    assert_has(
+        &err(&with("", &bad, NODE_B)),
+        &["node.alpha.ublk-queues", "1 to 32"],
+    );
+    let bad = format!("{NODE_A}ublk-depth = 5000\n");
+    assert_has(
+        &err(&with("", &bad, NODE_B)),
+        &["node.alpha.ublk-depth", "1 to 4096"],
+    );
+}

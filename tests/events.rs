@@ -244,9 +244,20 @@ fn split_brain_shows_in_events_and_ends_wait_sync() {
         assert!(o.status.success(), "disconnect: {o:?}");
         p.wait(i, "StandAlone", |s| s["repl"] == "StandAlone");
     }
-    // Both Primary while apart: the next handshake must refuse.
+    // Both Primary and written while apart, then alpha steps down: a real split brain, which
+    // the next handshake must find (not merely "both are Primary").
     let o = p.cli(1, &["primary"]);
     assert!(o.status.success(), "beta primary: {o:?}\n{}", p.logs());
+    for (i, pattern) in [(0, "0x11"), (1, "0x22")] {
+        let o = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", &p.nbd_uri(i), "-c"])
+            .arg(format!("write -P {pattern} 0 64k"))
+            .output()
+            .expect("run qemu-io (Debian package qemu-utils)");
+        assert!(o.status.success(), "write on node {i}: {o:?}\n{}", p.logs());
+    }
+    let o = p.cli(0, &["secondary"]);
+    assert!(o.status.success(), "alpha secondary: {o:?}\n{}", p.logs());
 
     let mut beta = Stream::start(&p, 1, &["events", "--now", "--json"]);
     beta.until("end of exists", |l| json(l)["object"] == "-");

@@ -25,6 +25,17 @@ fn gone() -> Response {
 }
 
 impl Admin {
+    /// Like DRBD ("Device is held open by someone"): demoting or deleting `/dev/ublkbN` under a
+    /// mounted filesystem would turn every later write of it into an I/O error, so refuse.
+    fn held_open(&self, action: &str) -> Option<Response> {
+        let dev = self.ublk_device.get()?;
+        super::frontend::held_open(std::path::Path::new(dev)).then(|| Response::Error {
+            message: format!(
+                "{dev} is in use (mounted or held open by a program): unmount it or stop the program, then {action} again"
+            ),
+        })
+    }
+
     async fn admin(&self, cmd: AdminCmd, ok: &str) -> Response {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Input::Admin { cmd, reply }).is_err() {
@@ -103,7 +114,10 @@ impl Handler for Admin {
             Request::Primary { force } => {
                 self.admin(AdminCmd::Promote { force }, "now Primary").await
             }
-            Request::Secondary => self.admin(AdminCmd::Demote, "now Secondary").await,
+            Request::Secondary => match self.held_open("demote") {
+                Some(refusal) => refusal,
+                None => self.admin(AdminCmd::Demote, "now Secondary").await,
+            },
             Request::Connect { discard_my_data } => {
                 let armed = if discard_my_data {
                     match self
@@ -140,12 +154,15 @@ impl Handler for Admin {
                 )
                 .await
             }
-            Request::Down => {
-                let _ = self.down.send(true);
-                Response::Ok {
-                    message: "shutting down".into(),
+            Request::Down => match self.held_open("take it down") {
+                Some(refusal) => refusal,
+                None => {
+                    let _ = self.down.send(true);
+                    Response::Ok {
+                        message: "shutting down".into(),
+                    }
                 }
-            }
+            },
             Request::Events { now } => {
                 self.events(now, &reply).await;
                 return;

@@ -265,20 +265,22 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     );
     let ublk = match me.frontend {
         Frontend::Nbd => None,
-        Frontend::Ublk => match UblkFrontend::start(ublk_backend).await {
-            Ok(u) => {
-                info!(resource = %resource, "ublk device {}", u.device);
-                // Scripts wait for this line.
-                println!("ublk device {}", u.device);
-                let _ = ublk_device.set(u.device.clone());
-                Some(u)
+        Frontend::Ublk => {
+            match UblkFrontend::start(ublk_backend, me.ublk_queues, me.ublk_depth).await {
+                Ok(u) => {
+                    info!(resource = %resource, "ublk device {}", u.device);
+                    // Scripts wait for this line.
+                    println!("ublk device {}", u.device);
+                    let _ = ublk_device.set(u.device.clone());
+                    Some(u)
+                }
+                Err(e) => {
+                    admin.abort();
+                    let _ = std::fs::remove_file(&me.admin);
+                    return Err(e.into());
+                }
             }
-            Err(e) => {
-                admin.abort();
-                let _ = std::fs::remove_file(&me.admin);
-                return Err(e.into());
-            }
-        },
+        }
     };
     // Tests and scripts wait for this line.
     println!("listening on {shown}");

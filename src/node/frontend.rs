@@ -133,9 +133,13 @@ impl UblkFrontend {
     /// than hanging until a `--recover` that `up` does not offer; the peer takes over instead.
     pub(super) async fn start(
         backend: Replicated,
+        queues: u16,
+        depth: u16,
     ) -> Result<UblkFrontend, twinblk_ublk::UblkError> {
         let stop = twinblk_ublk::StopHandle::new()?;
         let opts = twinblk_ublk::UblkOptions {
+            queues,
+            depth,
             user_recovery: false,
             handle_signals: false,
             stop: Some(stop.clone()),
@@ -203,4 +207,18 @@ fn serve_ublk(
     _ready: oneshot::Sender<String>,
 ) -> Result<(), twinblk_ublk::UblkError> {
     Err(twinblk_ublk::UblkError::Unsupported)
+}
+
+/// Whether a block device is mounted or opened exclusively by someone: an exclusive open of a
+/// block device fails with EBUSY then (and only then). Any other failure says nothing about use.
+pub(super) fn held_open(dev: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
 }

@@ -206,6 +206,14 @@ stage_repl() {
     for i in $(seq 1 30); do head -c $((i * 7919)) /dev/urandom >/tmp/mnt/dir/sub/f$i || return 1; done
     echo "twinblk $(date)" >/tmp/mnt/dir/small
     sync
+    # Like DRBD: neither demote nor down under a mounted filesystem.
+    for cmd in secondary down; do
+        repl "$cmd" >"$LOG/repl-$cmd-mounted" 2>&1 && { echo "twinblk $cmd succeeded with $dev mounted"; return 1; }
+        grep -q "in use" "$LOG/repl-$cmd-mounted" || { show "$LOG/repl-$cmd-mounted"; echo "twinblk $cmd with $dev mounted: no 'in use' reason"; return 1; }
+    done
+    kill -0 "$REPL_PID" || { echo "the daemon exited after a refused down"; return 1; }
+    status_has '"role":"Primary"' || { repl status; echo "a refused secondary changed the role"; return 1; }
+    say "secondary and down refused while $dev is mounted: ok"
     # Still writing, after the sync: these are what the journal must cope with at the kill.
     fio --name=churn --directory=/tmp/mnt --rw=randwrite --bs=4k --size=4M --ioengine=psync \
         --fsync=7 --time_based --runtime=600 >/dev/null 2>&1 &

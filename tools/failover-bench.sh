@@ -53,7 +53,8 @@ field() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d.get(sy
 fail() { echo "failover-bench: FAILED: $*" >&2; for n in alpha beta; do tail -n 20 "$D/$n.log" >&2 || true; done; exit 1; }
 now() { date +%s.%N; }
 metric() { # NODE-INDEX NAME
-    curl -s "http://127.0.0.1:${mport[$1]}/metrics" | awk -v n="$2" '$1 ~ "^"n"({|$)" { print $2; exit }'
+    curl -s "http://127.0.0.1:${mport[$1]}/metrics" |
+        awk -v n="$2" '$1 == n || index($1, n "{") == 1 { print $2; exit }'
 }
 wait_in_sync() {
     local i s n

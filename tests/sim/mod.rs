@@ -919,9 +919,12 @@ impl World {
                 }
                 return;
             }
+            let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
             self.admin(r, AdminCmd::Promote { force: false });
             if self.status(r).is_some_and(|x| x.role != Role::Primary) {
                 self.admin(r, AdminCmd::Promote { force: true });
+                // As after a forced failover: no bitmap describes this node's data now.
+                self.untrusted_promotion |= untrusted;
             }
             if self.status(r).is_some_and(|x| x.role != Role::Primary) {
                 self.log(format!("SPLIT: node {r} refused promotion"));

@@ -104,8 +104,14 @@ stop_all() {
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     PIDS=()
 }
+# A write statistic from fio's JSON output (fio may print notes before the JSON).
+jget() {
+    python3 -c 'import json,sys; s=open(sys.argv[1]).read(); i=s.find("{")
+if i < 0: sys.exit("fio wrote no JSON: " + s[:500])
+print(int(json.loads(s[i:])["jobs"][0]["write"][sys.argv[2]]))' "$1" "$2"
+}
 fio_json() { # FIO-ARGS... -> prints the JSON
-    fio --output-format=json "$@" 2>/dev/null
+    fio --output-format=json "$@" 2>>"$D/fio.err"
 }
 
 echo "twinblk failover benchmark: device $size, dirty $dirty, runtime ${runtime}s, $(nproc) cores, $(uname -r)"
@@ -113,7 +119,7 @@ echo "twinblk failover benchmark: device $size, dirty $dirty, runtime ${runtime}
 # (i) local sequential write speed, then the initial full sync.
 fio_json --name=local --filename="$D/local.img" --size="$size" --rw=write --bs=1M --iodepth=16 \
     --ioengine=libaio --direct=1 --end_fsync=1 >"$D/local.json"
-local_bw=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"])' "$D/local.json")
+local_bw=$(jget "$D/local.json" bw_bytes)
 rm -f "$D/local.img"
 
 setup 1360
@@ -149,8 +155,8 @@ printf '(ii)  dirtied %s bytes (random 4k, each block once); out of sync before 
 iops() {
     fio_json --name=al --ioengine=nbd --uri="nbd+unix:///?socket=$D/alpha.nbd" --rw=randwrite \
         --bs=4k --iodepth=32 --size="$size" --time_based --runtime="$runtime" --ramp_time=2 \
-        --randseed=13 >"$D/iops.json" || fail "fio (iops) through alpha"
-    python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$D/iops.json"
+        --randseed=13 >"$D/iops.json" || fail "fio (iops) through alpha: $(cat "$D/fio.err")"
+    jget "$D/iops.json" iops
 }
 big=$(iops)
 stop_all

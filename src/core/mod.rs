@@ -2182,6 +2182,7 @@ impl Replica {
                 if self.repl == ReplState::SyncTarget {
                     return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
                 }
+
                 if self.disk != DiskState::UpToDate {
                     if !force {
                         return Err(format!(
@@ -2197,6 +2198,14 @@ impl Replica {
                     self.flush_bitmap(out);
                     self.bitmap_known = true;
                     self.set_disk(DiskState::UpToDate, out);
+                }
+                // The peer decides from the hello already sent (role, disk, generation): it
+                // could make this Primary its sync target. Start the handshake over.
+                if self.handshaking() {
+                    self.close(
+                        "this node was promoted during the handshake: reconnecting with its new role",
+                        out,
+                    );
                 }
                 // An armed `--discard-my-data` meant the data this node had then; as Primary it
                 // takes new writes that must not be thrown away at the next handshake.

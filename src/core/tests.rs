@@ -884,6 +884,36 @@ fn demoted_primary_that_crashes_keeps_its_unreplicated_writes_in_the_bitmap() {
 }
 
 #[test]
+fn promotion_during_a_handshake_restarts_it() {
+    let mut r = Replica::new(cfg(2, Protocol::Sync), Meta::new_device());
+    r.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    r.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    // The hello (Secondary, Inconsistent) is on its way: the peer would make this node, now
+    // Primary, its sync target.
+    let out = r.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Promote { force: true },
+        },
+        0,
+    );
+    // The handshake starts over with the new role.
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::CloseConnection { conn: 1, .. })),
+        "{out:?}"
+    );
+    assert_eq!(r.status().role, Role::Primary);
+    assert!(r.status().want_connection);
+}
+
+#[test]
 fn promotion_disarms_discard_my_data() {
     let mut d = Duo::new();
     d.admin(0, AdminCmd::Promote { force: false });

@@ -102,6 +102,9 @@ pub struct Resource {
     pub after_sb_0pri: crate::core::AfterSb0Pri,
     /// Split-brain policy with one Primary (`after-sb-1pri`).
     pub after_sb_1pri: crate::core::AfterSb1Pri,
+    /// `csums`: checksum-based resync (the target's digests first; data moves only where
+    /// they differ). Default off.
+    pub csums: bool,
     /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
     /// peer, before writes continue without it; `None`: continue at once.
     pub on_peer_lost: Option<PathBuf>,
@@ -177,6 +180,7 @@ struct RawResource {
     #[serde(rename = "after-sb-1pri")]
     after_sb_1pri: Option<String>,
     on_peer_lost: Option<PathBuf>,
+    csums: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +378,7 @@ impl Config {
             after_sb_0pri,
             after_sb_1pri,
             on_peer_lost,
+            csums: r.csums.unwrap_or(false),
         };
 
         if raw.node.len() != 2 {

@@ -1,6 +1,7 @@
 //! The command line (clap). Only this edge uses `anyhow`.
 
 mod ops;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -110,6 +111,16 @@ enum Command {
     Disconnect(ResArgs),
     /// Discard this node's data: it becomes a full sync target of the peer (Secondary only).
     Invalidate(ResArgs),
+    /// Compare both disks online (connected, both UpToDate) by block digest; blocks that
+    /// differ are marked out of sync on both nodes and listed in `status`. Resync them with
+    /// `twinblk disconnect` + `twinblk connect`.
+    Verify {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Wait until the verify is done; exit non-zero if blocks differ or it stopped early.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
     Down(ResArgs),
     /// Stream state changes (like `drbdsetup events2`) until interrupted.
@@ -453,6 +464,9 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
+    if let Some(v) = s.get("verify").filter(|v| !v.is_null()) {
+        o += &verify::human(v);
+    }
     if let Some(sb) = s.get("split_brain").filter(|v| !v.is_null()) {
         let g = |k: &str| match sb.get(k) {
             Some(serde_json::Value::String(v)) => v.clone(),
@@ -617,6 +631,7 @@ pub fn main() -> ExitCode {
         } => admin(&res, Request::Connect { discard_my_data }),
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Invalidate(res) => admin(&res, Request::Invalidate),
+        Command::Verify { res, wait } => verify::verify(&res, wait),
         Command::Down(res) => admin(&res, Request::Down),
         Command::Events { res, now, json } => ops::events(&res, now, json),
         Command::WaitSync { res, timeout } => ops::wait_sync(&res, timeout),

@@ -42,7 +42,7 @@ pub fn events(res: &ResArgs, now: bool, json: bool) -> anyhow::Result<()> {
     }
 }
 
-fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> {
+pub(super) fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> {
     let mut got = None;
     let mut err = None;
     control::request(path, &Request::Status, |resp| {

@@ -36,6 +36,8 @@ pub enum Request {
     Disconnect,
     /// This node becomes a full sync target of the peer.
     Invalidate,
+    /// Compare both disks online by digest; differing blocks are marked out of sync.
+    Verify,
     Down,
     Events {
         #[serde(default)]

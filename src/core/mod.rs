@@ -80,8 +80,11 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod csums;
+pub mod digest;
 pub mod gen;
 pub mod resync;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -154,6 +157,9 @@ pub struct Config {
     /// Bytes per activity-log extent: [`AL_EXTENT`]; smaller only in tests (the simulator's
     /// devices are a few hundred KiB).
     pub al_extent: u64,
+    /// Checksum-based resync ([`csums`]): the target's digests first, data only where they
+    /// differ (resource key `csums`).
+    pub csums: bool,
     /// Split-brain policy when neither node is Primary (both nodes must agree).
     pub after_sb_0pri: AfterSb0Pri,
     /// Split-brain policy when one node is Primary (both nodes must agree).
@@ -176,6 +182,7 @@ impl Config {
             bitmap_block: BLOCK,
             al_extents: 1024,
             al_extent: AL_EXTENT,
+            csums: false,
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
             bug: InjectedBug::None,
@@ -257,6 +264,8 @@ pub enum AdminCmd {
     /// `connect --discard-my-data`: on the next split brain, this node becomes the sync target
     /// (send `Connect` after it).
     DiscardMyData,
+    /// `twinblk verify`: compare both disks online (see [`verify`]).
+    Verify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +361,21 @@ pub enum StateChange {
     },
     ConnectionLost {
         reason: String,
+    },
+    /// A verify of `bytes` bytes began (on both nodes).
+    VerifyStarted {
+        bytes: u64,
+    },
+    /// A new tenth of the verify is done.
+    VerifyProgress {
+        percent: u64,
+        differing_blocks: u64,
+    },
+    /// The verify ended; `aborted` says why if early. `first_ranges` are `(offset, bytes)`.
+    VerifyFinished {
+        differing_blocks: u64,
+        first_ranges: Vec<(u64, u64)>,
+        aborted: Option<String>,
     },
 }
 
@@ -469,6 +493,8 @@ pub struct Status {
     pub history: [u64; 2],
     /// The dirty bitmap covers every change since `bitmap_gen` (else the next resync is full).
     pub bitmap_known: bool,
+    /// The running or last verify on this node.
+    pub verify: Option<verify::VerifyStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +541,10 @@ enum IoKind {
     ResyncRead { conn: u64, first: u64 },
     BarrierFlush { conn: u64, epoch: u64 },
     DoneFlush { conn: u64, gen: u64 },
+    VerifyRead { conn: u64 },
+    VerifyCompare { conn: u64, digests: Vec<u64> },
+    CsumTargetRead { conn: u64 },
+    CsumSourceRead { conn: u64, digests: Vec<u64> },
 }
 
 #[derive(Debug)]
@@ -527,14 +557,35 @@ struct Io {
 #[derive(Debug)]
 enum Apply {
     Write(Extent),
-    Resync { offset: u64, data: Bytes },
-    Barrier { epoch: u64 },
-    Done { gen: u64 },
+    Resync {
+        offset: u64,
+        data: Bytes,
+    },
+    Barrier {
+        epoch: u64,
+    },
+    Done {
+        gen: u64,
+    },
+    Verify {
+        offset: u64,
+        len: u32,
+        digests: Vec<u64>,
+    },
+    /// Checksum resync target: read a range for its digests (not sequenced: queued when
+    /// asked, so it follows the peer writes received before).
+    Csum {
+        offset: u64,
+        len: u32,
+    },
 }
 
 impl Apply {
     fn range(&self) -> Option<(u64, u64)> {
         match self {
+            Apply::Verify { offset, len, .. } | Apply::Csum { offset, len } => {
+                Some((*offset, *len as u64))
+            }
             Apply::Write(e) => Some((e.offset, e.len as u64)),
             Apply::Resync { offset, data } => Some((*offset, data.len() as u64)),
             _ => None,
@@ -610,6 +661,9 @@ pub struct Replica {
     now: u64,
     /// The last metadata saved (or restored) says Primary: see `save_meta`.
     persisted_primary: bool,
+    verify: Option<verify::Verify>,
+    verify_runs: u64,
+    csum_spans: csums::CsumSpans,
 }
 
 impl Replica {
@@ -675,6 +729,9 @@ impl Replica {
             al: ActivityLog::new(cfg.al_extents),
             persisted_primary: meta.primary,
             now: 0,
+            verify: None,
+            verify_runs: 0,
+            csum_spans: Default::default(),
             cfg,
         }
     }
@@ -726,6 +783,7 @@ impl Replica {
             bitmap_gen: self.bitmap_gen,
             history: self.history,
             bitmap_known: self.bitmap_known,
+            verify: self.verify_status(),
         }
     }
 
@@ -784,7 +842,11 @@ impl Replica {
                 }
             }
             Event::Admin { tag, cmd } => {
+                let role = self.role;
                 let result = self.admin(cmd, out);
+                if self.role != role {
+                    self.verify_role_changed(out);
+                }
                 out.push(Action::AdminDone { tag, result });
             }
         }
@@ -1057,6 +1119,7 @@ impl Replica {
             }
         }
         self.pump_resync(out);
+        self.pump_verify(out);
     }
 
     fn issue_barrier(&mut self, epoch: u64, flush_req: Option<ReqId>, out: &mut Vec<Action>) {
@@ -1398,6 +1461,21 @@ impl Replica {
                 self.send(PeerMsg::BarrierAck { epoch }, out);
                 self.pump_apply(out);
             }
+            IoKind::VerifyRead { conn } => {
+                self.verify_read_done(conn, offset, len, result, out);
+                self.pump_issue(out);
+            }
+            IoKind::CsumTargetRead { conn } => {
+                self.csum_target_read_done(conn, offset, len, result, out);
+                self.pump_apply(out);
+            }
+            IoKind::CsumSourceRead { conn, digests } => {
+                self.csum_source_read_done(conn, offset, len, digests, result, out);
+            }
+            IoKind::VerifyCompare { conn, digests } => {
+                self.verify_compare_done(conn, offset, len, digests, result, out);
+                self.pump_apply(out);
+            }
             IoKind::DoneFlush { conn, gen } => {
                 if cur != Some(conn) {
                     return;
@@ -1552,6 +1630,7 @@ impl Replica {
         self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
+        self.verify_abort(&format!("connection lost: {reason}"), false, out);
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
             reason: reason.to_owned(),
@@ -1609,6 +1688,7 @@ impl Replica {
                     c.peer_disk = Some(s.disk);
                     if role_changed {
                         out.push(Action::Emit(StateChange::PeerRole { to: Some(s.role) }));
+                        self.verify_role_changed(out);
                     }
                     if disk_changed {
                         out.push(Action::Emit(StateChange::PeerDisk { to: Some(s.disk) }));
@@ -1674,6 +1754,7 @@ impl Replica {
                 if self.repl != ReplState::SyncSource {
                     return;
                 }
+                let (offset, len) = self.csum_ack_range(offset, len);
                 let bs = self.bitmap.block_size();
                 let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(offset / bs));
                 if acked {
@@ -1688,7 +1769,16 @@ impl Replica {
             m @ (PeerMsg::Data(_)
             | PeerMsg::Barrier { .. }
             | PeerMsg::ResyncData { .. }
-            | PeerMsg::ResyncDone { .. }) => self.sequenced(m, out),
+            | PeerMsg::ResyncDone { .. }
+            | PeerMsg::VerifyStart { .. }
+            | PeerMsg::VerifyRequest { .. }
+            | PeerMsg::VerifyEnd { .. }) => self.sequenced(m, out),
+            m @ (PeerMsg::VerifyReply { .. } | PeerMsg::VerifyAsk | PeerMsg::VerifyStop { .. }) => {
+                self.verify_peer_msg(m, out)
+            }
+            m @ (PeerMsg::CsumRequest { .. }
+            | PeerMsg::CsumReply { .. }
+            | PeerMsg::ResyncSame { .. }) => self.csum_peer_msg(m, out),
         }
     }
 
@@ -1929,6 +2019,18 @@ impl Replica {
             PeerMsg::ResyncData { offset, data, .. } => Some((*offset, data.len() as u64)),
             _ => None,
         };
+        if let PeerMsg::VerifyRequest {
+            offset,
+            len,
+            digests,
+            ..
+        } = &m
+        {
+            if let Err(why) = self.verify_check_request(*offset, *len, digests) {
+                self.close(&format!("{why}: protocol error"), out);
+                return;
+            }
+        }
         if let Some((off, len)) = range {
             if off.checked_add(len).map_or(true, |end| end > self.cfg.size) {
                 self.close(
@@ -1973,15 +2075,21 @@ impl Replica {
     fn pump_apply(&mut self, out: &mut Vec<Action>) {
         let sync_target = self.repl == ReplState::SyncTarget;
         let mut protocol_error = None;
-        {
-            let Some(c) = self.conn.as_mut() else {
-                return;
-            };
-            if !c.decided {
-                return;
-            }
-            while let Some(m) = c.reorder.remove(&c.recv_next) {
+        loop {
+            let m = {
+                let Some(c) = self.conn.as_mut() else {
+                    return;
+                };
+                if !c.decided {
+                    return;
+                }
+                let Some(m) = c.reorder.remove(&c.recv_next) else {
+                    break;
+                };
                 c.recv_next += 1;
+                m
+            };
+            {
                 let item = match m {
                     PeerMsg::Data(e) => Apply::Write(e),
                     PeerMsg::ResyncData { offset, data, .. } => {
@@ -2000,9 +2108,35 @@ impl Replica {
                         }
                         Apply::Done { gen }
                     }
+                    // Verify bookkeeping needs no disk: done in sequence order right here.
+                    PeerMsg::VerifyStart { .. } => {
+                        self.verify_peer_started(out);
+                        continue;
+                    }
+                    PeerMsg::VerifyEnd { aborted, .. } => {
+                        self.verify_peer_ended(aborted, out);
+                        continue;
+                    }
+                    PeerMsg::VerifyRequest {
+                        offset,
+                        len,
+                        digests,
+                        ..
+                    } => {
+                        if !self.verify_wants_compare() {
+                            continue;
+                        }
+                        Apply::Verify {
+                            offset,
+                            len,
+                            digests,
+                        }
+                    }
                     _ => continue,
                 };
-                c.apply_q.push_back(item);
+                if let Some(c) = self.conn.as_mut() {
+                    c.apply_q.push_back(item);
+                }
             }
         }
         if let Some(why) = protocol_error {
@@ -2073,6 +2207,23 @@ impl Replica {
                                 fua: false,
                             });
                         }
+                        Some(Apply::Verify {
+                            offset,
+                            len,
+                            digests,
+                        }) if self.verify_wants_compare() => {
+                            let io = self.new_io(
+                                IoKind::VerifyCompare { conn, digests },
+                                offset,
+                                len as u64,
+                            );
+                            out.push(Action::DiskRead { io, offset, len });
+                        }
+                        Some(Apply::Csum { offset, len }) => {
+                            let io =
+                                self.new_io(IoKind::CsumTargetRead { conn }, offset, len as u64);
+                            out.push(Action::DiskRead { io, offset, len });
+                        }
                         _ => {}
                     }
                 }
@@ -2136,12 +2287,7 @@ impl Replica {
                 rs_done(self);
                 break;
             }
-            let io = self.new_io(IoKind::ResyncRead { conn, first }, offset, len);
-            out.push(Action::DiskRead {
-                io,
-                offset,
-                len: len as u32,
-            });
+            self.resync_fetch(conn, first, offset, len, out);
         }
         let finished = self
             .resync
@@ -2263,6 +2409,7 @@ impl Replica {
                 }
                 Ok(())
             }
+            AdminCmd::Verify => self.admin_verify(out),
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
                     return Err(

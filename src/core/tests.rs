@@ -959,3 +959,5 @@ fn invalidate_makes_this_node_a_full_sync_target() {
     assert_eq!(d.resynced_bytes[0], SIZE, "every block");
     assert!(d.disk[0] == d.disk[1]);
 }
+
+mod verify;

@@ -154,6 +154,13 @@ impl Handler for Admin {
                 )
                 .await
             }
+            Request::Verify => {
+                self.admin(
+                    AdminCmd::Verify,
+                    "verify started: progress and findings in `twinblk status`",
+                )
+                .await
+            }
             Request::Down => match self.held_open("take it down") {
                 Some(refusal) => refusal,
                 None => {

@@ -151,6 +151,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     ccfg.send_buffer = cfg.resource.send_buffer;
     ccfg.after_sb_0pri = cfg.resource.after_sb_0pri;
     ccfg.after_sb_1pri = cfg.resource.after_sb_1pri;
+    ccfg.csums = cfg.resource.csums;
     ccfg.bitmap_block = store.layout().bitmap_block;
     ccfg.al_extents = store.layout().al_extents as usize;
     info!(

@@ -102,6 +102,22 @@ pub fn objects(v: &View) -> [Map<String, Value>; 4] {
             ("replication", dbg(&s.repl)),
             ("peer_disk", s.peer_disk.map_or(Value::Null, |d| dbg(&d))),
             ("done", resync_done(s).map_or(Value::Null, Value::from)),
+            // `twinblk verify`: whole percent while it runs, and the blocks found so far.
+            (
+                "verify_done",
+                s.verify
+                    .as_ref()
+                    .filter(|v| v.running)
+                    .map_or(Value::Null, |v| {
+                        Value::from(v.checked_bytes.saturating_mul(100) / v.total_bytes.max(1))
+                    }),
+            ),
+            (
+                "verify_differing_blocks",
+                s.verify
+                    .as_ref()
+                    .map_or(Value::Null, |v| Value::from(v.differing_blocks)),
+            ),
         ]),
     ]
 }

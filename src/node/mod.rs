@@ -451,6 +451,22 @@ impl Node {
                 "history": s.history.map(|g| format!("{g:#x}")),
             },
             "peer_lost_hook": self.peer_lost.status(),
+            "verify": s.verify.as_ref().map(|v| json!({
+                "run": v.run,
+                "side": format!("{:?}", v.side),
+                "running": v.running,
+                "percent": if v.total_bytes == 0 { 100.0 } else {
+                    100.0 * v.checked_bytes as f64 / v.total_bytes as f64
+                },
+                "checked_bytes": v.checked_bytes,
+                "total_bytes": v.total_bytes,
+                "differing_blocks": v.differing_blocks,
+                "differing_bytes": v.differing_blocks.saturating_mul(block),
+                "first_ranges": v.first_ranges.iter()
+                    .map(|&(offset, bytes)| json!({"offset": offset, "bytes": bytes}))
+                    .collect::<Vec<_>>(),
+                "aborted": v.aborted,
+            })),
         })
     }
 

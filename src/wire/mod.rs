@@ -22,7 +22,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: u32 = 0x4b42_5754;
 /// Wire format version; a peer speaking another version is refused at the first frame.
 /// 2: `Hello` carries generation history and the changed-block count; `PeerBitmap`.
-pub const VERSION: u16 = 2;
+/// 3: online verify (`Verify*`) and checksum resync (`Csum*`, `ResyncSame`) messages.
+pub const VERSION: u16 = 3;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -194,6 +195,56 @@ pub enum PeerMsg {
         offset: u64,
         len: u32,
     },
+    /// Online verify, driver -> comparer (data stream, sequenced): a verify begins; the
+    /// receiver compares the requests that follow.
+    VerifyStart {
+        seq: u64,
+    },
+    /// Online verify (data stream, sequenced: the receiver reads its blocks after every write
+    /// sent before this and before every write sent after): the sender's digest of each bitmap
+    /// block of `[offset, offset + len)`.
+    VerifyRequest {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        digests: Vec<u64>,
+    },
+    /// Verify, driver -> comparer (data stream, sequenced): the verify ended, or stopped early
+    /// for the reason in `aborted`.
+    VerifyEnd {
+        seq: u64,
+        aborted: Option<String>,
+    },
+    /// Verify, comparer -> driver: the blocks of the request at `offset` that differ, as runs
+    /// `(first block, blocks)`; the comparer has already marked them out of sync.
+    VerifyReply {
+        offset: u64,
+        len: u32,
+        differ: Vec<(u64, u64)>,
+    },
+    /// `twinblk verify` ran on the node that must not read first (the Secondary of a
+    /// Primary): asks the receiver to drive a verify.
+    VerifyAsk,
+    /// Verify, either side: stop the verify (or refuse a `VerifyAsk`), for `reason`.
+    VerifyStop {
+        reason: String,
+    },
+    /// Checksum resync, source -> target: send your digests of this range.
+    CsumRequest {
+        offset: u64,
+        len: u32,
+    },
+    /// Checksum resync, target -> source: its digest of each bitmap block of the range.
+    CsumReply {
+        offset: u64,
+        len: u32,
+        digests: Vec<u64>,
+    },
+    /// Checksum resync, source -> target: these blocks are already identical (no data moves).
+    ResyncSame {
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[repr(u16)]
@@ -211,6 +262,15 @@ enum Kind {
     WriteAck = 20,
     BarrierAck = 21,
     ResyncAck = 22,
+    VerifyStart = 30,
+    VerifyRequest = 31,
+    VerifyEnd = 32,
+    VerifyReply = 33,
+    VerifyAsk = 34,
+    VerifyStop = 35,
+    CsumRequest = 36,
+    CsumReply = 37,
+    ResyncSame = 38,
 }
 
 impl Kind {
@@ -228,6 +288,15 @@ impl Kind {
             20 => Kind::WriteAck,
             21 => Kind::BarrierAck,
             22 => Kind::ResyncAck,
+            30 => Kind::VerifyStart,
+            31 => Kind::VerifyRequest,
+            32 => Kind::VerifyEnd,
+            33 => Kind::VerifyReply,
+            34 => Kind::VerifyAsk,
+            35 => Kind::VerifyStop,
+            36 => Kind::CsumRequest,
+            37 => Kind::CsumReply,
+            38 => Kind::ResyncSame,
             _ => return None,
         })
     }
@@ -297,6 +366,40 @@ struct BitmapBody {
 }
 
 #[derive(Serialize, Deserialize)]
+struct VerifyRequestBody {
+    seq: u64,
+    offset: u64,
+    len: u32,
+    digests: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RangeBody {
+    offset: u64,
+    len: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunsBody {
+    offset: u64,
+    len: u32,
+    runs: Vec<(u64, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DigestsBody {
+    offset: u64,
+    len: u32,
+    digests: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VerifyEndBody {
+    seq: u64,
+    aborted: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct RefuseBody {
     reason: String,
 }
@@ -335,7 +438,10 @@ impl PeerMsg {
             PeerMsg::Data(_)
             | PeerMsg::Barrier { .. }
             | PeerMsg::ResyncData { .. }
-            | PeerMsg::ResyncDone { .. } => Stream::Data,
+            | PeerMsg::ResyncDone { .. }
+            | PeerMsg::VerifyStart { .. }
+            | PeerMsg::VerifyRequest { .. }
+            | PeerMsg::VerifyEnd { .. } => Stream::Data,
             _ => Stream::Control,
         }
     }
@@ -346,7 +452,10 @@ impl PeerMsg {
             PeerMsg::Data(e) => Some(e.seq),
             PeerMsg::Barrier { seq, .. }
             | PeerMsg::ResyncData { seq, .. }
-            | PeerMsg::ResyncDone { seq, .. } => Some(*seq),
+            | PeerMsg::ResyncDone { seq, .. }
+            | PeerMsg::VerifyStart { seq }
+            | PeerMsg::VerifyRequest { seq, .. }
+            | PeerMsg::VerifyEnd { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -374,12 +483,25 @@ impl PeerMsg {
             PeerMsg::WriteAck { .. } => Kind::WriteAck,
             PeerMsg::BarrierAck { .. } => Kind::BarrierAck,
             PeerMsg::ResyncAck { .. } => Kind::ResyncAck,
+            PeerMsg::VerifyRequest { .. } => Kind::VerifyRequest,
+            PeerMsg::VerifyReply { .. } => Kind::VerifyReply,
+            PeerMsg::VerifyStart { .. } => Kind::VerifyStart,
+            PeerMsg::VerifyEnd { .. } => Kind::VerifyEnd,
+            PeerMsg::VerifyAsk => Kind::VerifyAsk,
+            PeerMsg::VerifyStop { .. } => Kind::VerifyStop,
+            PeerMsg::CsumRequest { .. } => Kind::CsumRequest,
+            PeerMsg::CsumReply { .. } => Kind::CsumReply,
+            PeerMsg::ResyncSame { .. } => Kind::ResyncSame,
         }
     }
 }
 
 fn postcard_err(e: postcard::Error) -> WireError {
     WireError::Encode(e.to_string())
+}
+
+fn postcard_body<T: Serialize>(v: &T) -> Result<Vec<u8>, WireError> {
+    postcard::to_stdvec(v).map_err(postcard_err)
 }
 
 /// Encodes `msg` as a frame header plus body header, and the payload (shared, not copied)
@@ -471,6 +593,53 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             }
             .as_bytes(),
         ),
+        PeerMsg::VerifyRequest {
+            seq,
+            offset,
+            len,
+            digests,
+        } => body.extend_from_slice(&postcard_body(&VerifyRequestBody {
+            seq: *seq,
+            offset: *offset,
+            len: *len,
+            digests: digests.clone(),
+        })?),
+        PeerMsg::VerifyReply {
+            offset,
+            len,
+            differ,
+        } => body.extend_from_slice(&postcard_body(&RunsBody {
+            offset: *offset,
+            len: *len,
+            runs: differ.clone(),
+        })?),
+        PeerMsg::VerifyStart { seq } => {
+            body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes())
+        }
+        PeerMsg::VerifyEnd { seq, aborted } => {
+            body.extend_from_slice(&postcard_body(&VerifyEndBody {
+                seq: *seq,
+                aborted: aborted.clone(),
+            })?)
+        }
+        PeerMsg::VerifyAsk => {}
+        PeerMsg::VerifyStop { reason } => body.extend_from_slice(&postcard_body(&RefuseBody {
+            reason: reason.clone(),
+        })?),
+        PeerMsg::CsumRequest { offset, len } | PeerMsg::ResyncSame { offset, len } => body
+            .extend_from_slice(&postcard_body(&RangeBody {
+                offset: *offset,
+                len: *len,
+            })?),
+        PeerMsg::CsumReply {
+            offset,
+            len,
+            digests,
+        } => body.extend_from_slice(&postcard_body(&DigestsBody {
+            offset: *offset,
+            len: *len,
+            digests: digests.clone(),
+        })?),
     }
     let total = body.len() + payload.len();
     if total > MAX_BODY {
@@ -659,6 +828,67 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             PeerMsg::ResyncAck {
                 offset: b.offset.get(),
                 len: b.len.get(),
+            }
+        }
+        Kind::VerifyRequest => {
+            let b: VerifyRequestBody = control(&body, "verify-request")?;
+            PeerMsg::VerifyRequest {
+                seq: b.seq,
+                offset: b.offset,
+                len: b.len,
+                digests: b.digests,
+            }
+        }
+        Kind::VerifyReply => {
+            let b: RunsBody = control(&body, "verify-reply")?;
+            PeerMsg::VerifyReply {
+                offset: b.offset,
+                len: b.len,
+                differ: b.runs,
+            }
+        }
+        Kind::VerifyStart => PeerMsg::VerifyStart {
+            seq: fixed::<OneU64>(&body, "verify-start")?.a.get(),
+        },
+        Kind::VerifyEnd => {
+            let b: VerifyEndBody = control(&body, "verify-end")?;
+            PeerMsg::VerifyEnd {
+                seq: b.seq,
+                aborted: b.aborted,
+            }
+        }
+        Kind::VerifyAsk => {
+            if !body.is_empty() {
+                return Err(malformed(
+                    "verify-ask",
+                    format!("body is {} bytes", body.len()),
+                ));
+            }
+            PeerMsg::VerifyAsk
+        }
+        Kind::VerifyStop => PeerMsg::VerifyStop {
+            reason: control::<RefuseBody>(&body, "verify-stop")?.reason,
+        },
+        Kind::CsumRequest => {
+            let b: RangeBody = control(&body, "csum-request")?;
+            PeerMsg::CsumRequest {
+                offset: b.offset,
+                len: b.len,
+            }
+        }
+        Kind::CsumReply => {
+            let b: DigestsBody = control(&body, "csum-reply")?;
+            PeerMsg::CsumReply {
+                offset: b.offset,
+                len: b.len,
+                digests: b.digests,
+            }
+        }
+        Kind::ResyncSame => {
+            let b: RangeBody = control(&body, "resync-same")?;
+            PeerMsg::ResyncSame {
+                offset: b.offset,
+                len: b.len,
             }
         }
     })

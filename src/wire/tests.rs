@@ -78,6 +78,43 @@ fn every_kind_roundtrips() {
             offset: 8192,
             len: 4096,
         },
+        PeerMsg::VerifyRequest {
+            seq: 8,
+            offset: 1 << 20,
+            len: 8192,
+            digests: vec![u64::MAX, 7],
+        },
+        PeerMsg::VerifyReply {
+            offset: 1 << 20,
+            len: 8192,
+            differ: vec![(256, 1)],
+        },
+        PeerMsg::VerifyStart { seq: 9 },
+        PeerMsg::VerifyEnd {
+            seq: 10,
+            aborted: None,
+        },
+        PeerMsg::VerifyEnd {
+            seq: 11,
+            aborted: Some("role changed".into()),
+        },
+        PeerMsg::VerifyAsk,
+        PeerMsg::VerifyStop {
+            reason: "not connected".into(),
+        },
+        PeerMsg::CsumRequest {
+            offset: 0,
+            len: 262_144,
+        },
+        PeerMsg::CsumReply {
+            offset: 0,
+            len: 8192,
+            digests: vec![1, 2],
+        },
+        PeerMsg::ResyncSame {
+            offset: 4096,
+            len: 4096,
+        },
     ];
     for m in &msgs {
         roundtrip(m);
@@ -225,6 +262,43 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
             .prop_map(|(runs, done)| PeerMsg::PeerBitmap { runs, done }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(total, left)| PeerMsg::ResyncProgress { total, left }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u64>(), 0..70)
+        )
+            .prop_map(|(seq, offset, len, digests)| PeerMsg::VerifyRequest {
+                seq,
+                offset,
+                len,
+                digests
+            }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20)
+        )
+            .prop_map(|(offset, len, differ)| PeerMsg::VerifyReply {
+                offset,
+                len,
+                differ
+            }),
+        (any::<u64>(), proptest::option::of(".{0,40}"))
+            .prop_map(|(seq, aborted)| PeerMsg::VerifyEnd { seq, aborted }),
+        any::<u64>().prop_map(|seq| PeerMsg::VerifyStart { seq }),
+        ".{0,40}".prop_map(|reason| PeerMsg::VerifyStop { reason }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u64>(), 0..70)
+        )
+            .prop_map(|(offset, len, digests)| PeerMsg::CsumReply {
+                offset,
+                len,
+                digests
+            }),
+        (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncSame { offset, len }),
     ]
 }
 

@@ -40,6 +40,9 @@ pub struct SimConfig {
     pub split_brain: bool,
     /// Split-brain policy both nodes share (else an explicit `--discard-my-data` resolves it).
     pub sb_policy: bool,
+    /// Checksum-based resync (odd seeds; not drawn from the rng, so other seeds replay as
+    /// before).
+    pub csums: bool,
 }
 
 impl SimConfig {
@@ -60,6 +63,7 @@ impl SimConfig {
             failover: r.one_in(2),
             split_brain: r.one_in(2),
             sb_policy: r.one_in(3),
+            csums: seed % 2 == 1,
         }
     }
 }
@@ -340,6 +344,7 @@ impl World {
         if self.cfg.sb_policy {
             cfg.after_sb_1pri = twinblk::core::AfterSb1Pri::DiscardSecondary;
         }
+        cfg.csums = self.cfg.csums;
         // Small extents and log so the 64-block device sees evictions.
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;

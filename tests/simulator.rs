@@ -120,3 +120,55 @@ fn checker_catches_forgotten_in_flight_regions() {
         "no seed caught a resync that skipped regions in flight at a disconnect: {msgs:?}"
     );
 }
+
+fn with_split_brains(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.split_brain = true;
+    cfg.sb_policy = false;
+    cfg
+}
+
+fn caught_with(bug: InjectedBug, seeds: u64, mk: fn(u64) -> SimConfig) -> Vec<String> {
+    let mut msgs = Vec::new();
+    for seed in 1..=seeds {
+        let mut cfg = mk(seed);
+        cfg.bug = bug;
+        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
+            msgs.push(
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "non-string panic".into()),
+            );
+        }
+    }
+    msgs
+}
+
+#[test]
+fn checker_catches_split_brain_resolved_silently() {
+    let msgs = caught_with(
+        InjectedBug::ResolveSplitBrainSilently,
+        200,
+        with_split_brains,
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("split brain resolved without a policy or a command")),
+        "no seed caught a split brain resolved without the operator: {msgs:?}"
+    );
+}
+
+fn with_failovers(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.failover = true;
+    cfg
+}
+
+#[test]
+fn checker_catches_a_returning_primary_that_forgets_its_activity_log() {
+    let msgs = caught_with(InjectedBug::IgnoreActivityLogOnRestore, 100, with_failovers);
+    assert!(
+        !msgs.is_empty() && msgs.iter().all(|m| m.contains("invariant violated")),
+        "no seed caught a crashed Primary's log left out of the resync: {msgs:?}"
+    );
+}

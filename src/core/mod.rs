@@ -160,6 +160,11 @@ pub enum InjectedBug {
     AckWithoutPeer,
     /// Regions in flight at a disconnect are not marked dirty.
     ForgetInFlightOnDisconnect,
+    /// A split brain is resolved silently: the Primary (else the higher node id) syncs to the
+    /// other.
+    ResolveSplitBrainSilently,
+    /// A crashed Primary's activity log is not added to its bitmap at restart.
+    IgnoreActivityLogOnRestore,
 }
 
 #[derive(Debug, Clone)]
@@ -732,6 +737,8 @@ pub struct Replica {
     resync_timer: Option<u64>,
     al: ActivityLog,
     now: u64,
+    /// The last metadata saved (or restored) says Primary: see `save_meta`.
+    persisted_primary: bool,
     verify: Option<verify::Verify>,
     verify_runs: u64,
     csum_spans: csums::CsumSpans,
@@ -747,7 +754,7 @@ impl Replica {
         let mut r = Replica::new(cfg, restored.meta);
         r.bitmap.load_words(&restored.bitmap);
         r.al = ActivityLog::restored(r.cfg.al_extents, &restored.activity_log);
-        if restored.meta.primary {
+        if restored.meta.primary && r.cfg.bug != InjectedBug::IgnoreActivityLogOnRestore {
             let ext = r.cfg.al_extent.max(1);
             for &e in &restored.activity_log {
                 // These bits exist only in memory: keeping the extents active means they are
@@ -799,6 +806,7 @@ impl Replica {
             resync: None,
             resync_timer: None,
             al: ActivityLog::new(cfg.al_extents),
+            persisted_primary: meta.primary,
             now: 0,
             verify: None,
             verify_runs: 0,
@@ -1002,8 +1010,16 @@ impl Replica {
         }
     }
 
-    fn save_meta(&self, out: &mut Vec<Action>) {
-        out.push(Action::SaveMeta(self.meta()));
+    fn save_meta(&mut self, out: &mut Vec<Action>) {
+        let m = self.meta();
+        // Once the metadata says "not Primary", a crash no longer adds the activity log's
+        // extents to the bitmap: the bits that live only in memory (writes while disconnected,
+        // a crashed Primary's log) must be persisted first.
+        if !m.primary && self.persisted_primary {
+            self.flush_bitmap(out);
+        }
+        self.persisted_primary = m.primary;
+        out.push(Action::SaveMeta(m));
     }
 
     fn send(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
@@ -1954,7 +1970,17 @@ impl Replica {
         c.peer_disk = Some(h.disk);
         let mine = c.sent_hello.clone();
         self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
-        let d = gen::decide(&mine, &h);
+        let mut d = gen::decide(&mine, &h);
+        if self.cfg.bug == InjectedBug::ResolveSplitBrainSilently
+            && matches!(d, Decision::SplitBrain(_))
+        {
+            d = if (mine.role == Role::Primary, mine.node_id) > (h.role == Role::Primary, h.node_id)
+            {
+                Decision::Source { full: false }
+            } else {
+                Decision::Target { full: false }
+            };
+        }
         tracing::info!(resource = %self.cfg.resource, ?d, "handshake decided");
         if !matches!(d, Decision::Refuse(_) | Decision::SplitBrain(_)) {
             self.split_brain = None;
@@ -2647,6 +2673,7 @@ impl Replica {
                 if self.repl == ReplState::SyncTarget {
                     return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
                 }
+
                 if self.disk != DiskState::UpToDate {
                     if !force {
                         return Err(format!(
@@ -2663,6 +2690,17 @@ impl Replica {
                     self.bitmap_known = true;
                     self.set_disk(DiskState::UpToDate, out);
                 }
+                // The peer decides from the hello already sent (role, disk, generation): it
+                // could make this Primary its sync target. Start the handshake over.
+                if self.handshaking() {
+                    self.close(
+                        "this node was promoted during the handshake: reconnecting with its new role",
+                        out,
+                    );
+                }
+                // An armed `--discard-my-data` meant the data this node had then; as Primary it
+                // takes new writes that must not be thrown away at the next handshake.
+                self.discard_my_data = false;
                 // Without a peer, the new generation starts with the first write (so a node
                 // promoted before its peer connects does not cost a resync).
                 self.set_role(Role::Primary, out);

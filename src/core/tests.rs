@@ -1076,6 +1076,87 @@ fn split_brain_is_reported_on_both_nodes_and_resolved_by_discard_my_data() {
 }
 
 #[test]
+fn demoted_primary_that_crashes_keeps_its_unreplicated_writes_in_the_bitmap() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    // A writes alone (the bits live in memory, their extent in the activity log), is demoted,
+    // then crashes before anything else persists its bitmap.
+    d.write(0, 5, 7);
+    d.admin(0, AdminCmd::Demote);
+    d.crash(0);
+    d.restart(0);
+    assert!(
+        d.st(0).dirty_blocks >= 1,
+        "block 5 was written while disconnected: it must stay dirty"
+    );
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(d.disk[0] == d.disk[1], "B got block 5 from the resync");
+}
+
+#[test]
+fn promotion_during_a_handshake_restarts_it() {
+    let mut r = Replica::new(cfg(2, Protocol::Sync), Meta::new_device());
+    r.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    r.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    // The hello (Secondary, Inconsistent) is on its way: the peer would make this node, now
+    // Primary, its sync target.
+    let out = r.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Promote { force: true },
+        },
+        0,
+    );
+    // The handshake starts over with the new role.
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::CloseConnection { conn: 1, .. })),
+        "{out:?}"
+    );
+    assert_eq!(r.status().role, Role::Primary);
+    assert!(r.status().want_connection);
+}
+
+#[test]
+fn promotion_disarms_discard_my_data() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    d.admin(1, AdminCmd::Promote { force: false });
+    d.write(0, 2, 2);
+    d.write(1, 30, 3);
+    d.admin(1, AdminCmd::Demote);
+    d.connect();
+    assert!(d.st(1).split_brain.is_some());
+    // The operator arms B as the loser, but A dies before they meet; B is promoted after all
+    // (its disk is UpToDate) and takes new writes.
+    d.admin(1, AdminCmd::DiscardMyData);
+    assert!(d.st(1).discard_my_data);
+    d.admin(0, AdminCmd::Demote);
+    d.admin(1, AdminCmd::Promote { force: false });
+    assert_eq!(d.st(1).role, Role::Primary);
+    assert!(!d.st(1).discard_my_data, "promotion disarms it");
+    d.write(1, 31, 4);
+    // A returns: still a split brain for the operator, not a demand to throw B's data away.
+    d.connect();
+    let st = d.st(1);
+    assert!(st.split_brain.is_some(), "{st:?}");
+    assert_eq!(st.role, Role::Primary);
+    assert!(d.disk[1][(31 * BLOCK) as usize] == 4);
+}
+
+#[test]
 fn invalidate_makes_this_node_a_full_sync_target() {
     let mut d = Duo::new();
     d.admin(0, AdminCmd::Promote { force: false });

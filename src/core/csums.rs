@@ -84,11 +84,14 @@ impl Replica {
     pub(super) fn csum_peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::CsumRequest { offset, len } => {
-                // Behind: the Ahead peer's resync start (sequenced, data stream) may still be on
-                // its way while this request (control stream) overtook it. Answering then is
-                // safe: a digest can only make the source send data, or skip blocks that are
-                // already equal.
-                if !matches!(self.repl, ReplState::SyncTarget | ReplState::Behind) {
+                // Established or Behind: the Ahead peer's `Ahead` and resync start (sequenced,
+                // data stream) may still be on their way while this request (control stream)
+                // overtook them. Answering then is safe: a digest can only make the source send
+                // data (checked as resync data when it arrives), or skip blocks already equal.
+                if !matches!(
+                    self.repl,
+                    ReplState::SyncTarget | ReplState::Behind | ReplState::Established
+                ) {
                     return;
                 }
                 if !self.csum_range_ok(offset, len) {

@@ -687,6 +687,9 @@ struct Conn {
     unflushed_bytes: u64,
     /// A stability timer is armed for this connection.
     stability_armed: bool,
+    /// The epoch of a flush barrier asked for because the activity log outgrew `al_extents`
+    /// (extents pinned only by writes not yet stable on the peer); `None` once acked.
+    al_point: Option<u64>,
 }
 
 const REORDER_MAX_MSGS: usize = 1 << 16;
@@ -1394,6 +1397,24 @@ impl Replica {
         out.push(Action::SaveActivityLog {
             extents: self.al.extents(),
         });
+        if self.al.len() > self.cfg.al_extents {
+            self.al_pressure_point();
+        }
+    }
+
+    /// The activity log is past its size because its extents wait for the peer to make writes
+    /// stable: ask for that now (a flush barrier) rather than at the next stability point, so
+    /// the log, and with it the resync after a crash, stays near `al_extents`. One at a time.
+    fn al_pressure_point(&mut self) {
+        let epoch = self.epoch;
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        if c.al_point.is_some() || c.unflushed_writes == 0 {
+            return;
+        }
+        c.al_point = Some(epoch);
+        self.stability_point();
     }
 
     /// Extents that must stay in the activity log: a local client write in flight, or a write
@@ -1747,6 +1768,7 @@ impl Replica {
             unflushed_writes: 0,
             unflushed_bytes: 0,
             stability_armed: false,
+            al_point: None,
         });
         self.set_repl(ReplState::Connecting, out);
         out.push(Action::Send(PeerMsg::Hello(hello)));
@@ -1893,6 +1915,11 @@ impl Replica {
             }
             PeerMsg::BarrierAck { epoch } => {
                 self.tl.retain(|&(e, _, _)| e > epoch);
+                if let Some(c) = self.conn.as_mut() {
+                    if c.al_point.is_some_and(|p| p <= epoch) {
+                        c.al_point = None;
+                    }
+                }
                 let mut done = Vec::new();
                 if let Some(c) = self.conn.as_mut() {
                     while let Some((&e, _)) = c.barrier_waiters.first_key_value() {

@@ -122,6 +122,30 @@ fn done(r: &mut Replica, io: IoId) -> Vec<Action> {
     )
 }
 
+/// `a` becomes Primary, both connect (connection 1), and the hellos are exchanged.
+fn promote_a_and_connect(a: &mut Replica, b: &mut Replica) {
+    a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    for r in [&mut *a, &mut *b] {
+        r.handle_vec(
+            Event::Admin {
+                tag: 2,
+                cmd: AdminCmd::Connect,
+            },
+            0,
+        );
+    }
+    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+    deliver(b, ha);
+    deliver(a, hb);
+}
+
 #[test]
 fn secondary_refuses_client_io() {
     let (_, mut b) = pair(Protocol::Sync);
@@ -170,26 +194,7 @@ fn async_write_completes_locally_and_back_pressures() {
     c.send_buffer = 2 * BLOCK;
     let mut a = Replica::new(c, synced_meta());
     let mut b = Replica::new(cfg(2, Protocol::Async), synced_meta());
-    a.handle_vec(
-        Event::Admin {
-            tag: 1,
-            cmd: AdminCmd::Promote { force: false },
-        },
-        0,
-    );
-    for r in [&mut a, &mut b] {
-        r.handle_vec(
-            Event::Admin {
-                tag: 2,
-                cmd: AdminCmd::Connect,
-            },
-            0,
-        );
-    }
-    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
-    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
-    deliver(&mut b, ha);
-    deliver(&mut a, hb);
+    promote_a_and_connect(&mut a, &mut b);
 
     let o1 = write(&mut a, 1, 0, 2);
     assert_eq!(
@@ -322,26 +327,7 @@ fn stability_point_after_n_writes_makes_them_stable_on_the_peer() {
     ca.stability_writes = 10;
     let mut a = Replica::new(ca, synced_meta());
     let mut b = Replica::new(cfg(2, Protocol::Sync), synced_meta());
-    a.handle_vec(
-        Event::Admin {
-            tag: 1,
-            cmd: AdminCmd::Promote { force: false },
-        },
-        0,
-    );
-    for r in [&mut a, &mut b] {
-        r.handle_vec(
-            Event::Admin {
-                tag: 2,
-                cmd: AdminCmd::Connect,
-            },
-            0,
-        );
-    }
-    let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
-    let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
-    deliver(&mut b, ha);
-    deliver(&mut a, hb);
+    promote_a_and_connect(&mut a, &mut b);
     // The 10th write sends a flush barrier after it; the peer flushes once and acks, and the
     // transfer log lets go of all ten.
     let mut peer_flushes = 0;

@@ -265,20 +265,25 @@ impl Replica {
         let peer_primary = self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary);
         if self.role != Role::Primary && peer_primary {
             // Shown as running at once, so `verify --wait` does not read the last result.
-            let run = self.next_verify_run();
-            self.verify = Some(Verify::comparer(
-                run,
-                self.cfg.size,
-                self.bitmap.block_size(),
-            ));
-            out.push(Action::Emit(StateChange::VerifyStarted {
-                bytes: self.cfg.size,
-            }));
+            self.begin_comparer(out);
             self.send(PeerMsg::VerifyAsk, out);
             return Ok(());
         }
         self.start_verify_driver(out);
         Ok(())
+    }
+
+    /// This node compares (the peer reads first): shown as running from now on.
+    fn begin_comparer(&mut self, out: &mut Vec<Action>) {
+        let run = self.next_verify_run();
+        self.verify = Some(Verify::comparer(
+            run,
+            self.cfg.size,
+            self.bitmap.block_size(),
+        ));
+        out.push(Action::Emit(StateChange::VerifyStarted {
+            bytes: self.cfg.size,
+        }));
     }
 
     fn start_verify_driver(&mut self, out: &mut Vec<Action>) {
@@ -473,15 +478,7 @@ impl Replica {
             .as_ref()
             .is_some_and(|v| v.running() && v.side() == VerifySide::Comparer);
         if !pending {
-            let run = self.next_verify_run();
-            self.verify = Some(Verify::comparer(
-                run,
-                self.cfg.size,
-                self.bitmap.block_size(),
-            ));
-            out.push(Action::Emit(StateChange::VerifyStarted {
-                bytes: self.cfg.size,
-            }));
+            self.begin_comparer(out);
         }
     }
 

@@ -111,7 +111,7 @@ fn resolve_split_brain(me: &Hello, peer: &Hello) -> Option<Decision> {
         (true, false) => Some(true),
         (false, true) => Some(false),
         (true, true) => None,
-        (false, false) => policy_loser(me, peer),
+        (false, false) => inconsistent_loser(me, peer).or_else(|| policy_loser(me, peer)),
     }?;
     Some(if me_loses {
         Decision::Target {
@@ -132,6 +132,18 @@ fn sb_bitmap_enough(src: &Hello, tgt: &Hello) -> bool {
             && tgt.bitmap_known
             && src.bitmap_gen.is_some()
             && src.bitmap_gen == tgt.bitmap_gen)
+}
+
+/// An Inconsistent disk has no changes of its own to keep: it became so as a sync target
+/// (e.g. of an earlier `--discard-my-data` whose resync was cut short), by `invalidate`, or by a
+/// write error. Against a good disk it loses, as DRBD's target adopts the source's generation at
+/// resync start. True = this node loses.
+fn inconsistent_loser(me: &Hello, peer: &Hello) -> Option<bool> {
+    match (me.disk, peer.disk) {
+        (DiskState::Inconsistent, p) if good(p) => Some(true),
+        (m, DiskState::Inconsistent) if good(m) => Some(false),
+        _ => None,
+    }
 }
 
 /// The automatic policies (DRBD's after-sb-0pri / after-sb-1pri); true = this node loses.

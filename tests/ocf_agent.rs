@@ -6,13 +6,13 @@
 //! stand-in on PATH (a test double at the edge: the only thing not real in this test) logs the
 //! score the agent sets, so the test can check that only an UpToDate node gets one.
 
-mod pair;
+mod ops_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use pair::Pair;
+use ops_common::Pair;
 
 const OCF_SUCCESS: i32 = 0;
 const OCF_ERR_GENERIC: i32 = 1;
@@ -49,7 +49,7 @@ impl Agent<'_> {
             .env("OCF_RESKEY_resource", "r0")
             .env("OCF_RESKEY_config", &self.config)
             .env("OCF_RESKEY_node", "alpha")
-            .env("OCF_RESKEY_binary", pair::bin())
+            .env("OCF_RESKEY_binary", ops_common::bin())
             .env("OCF_RESKEY_log_file", self.p.path("alpha-ocf.log"))
             .env("OCF_RESKEY_CRM_meta_timeout", "60000")
             .env("OCF_RESKEY_CRM_meta_interval", "20000")
@@ -90,7 +90,7 @@ impl Agent<'_> {
 }
 
 fn setup() -> (Pair, PathBuf) {
-    let p = Pair::new("");
+    let p = Pair::configure_with("64M", "", ["", ""]);
     let stub = p.path("stub");
     std::fs::create_dir_all(&stub).unwrap();
     let crm = stub.join("crm_master");
@@ -110,7 +110,7 @@ fn setup() -> (Pair, PathBuf) {
 fn agent_actions_return_ocf_codes_and_scores_follow_the_disk() {
     let (mut p, stub) = setup();
     // Beta runs throughout, Inconsistent like alpha until it is made the reference below.
-    p.start(1);
+    p.start_and_wait(1);
     let a = Agent {
         p: &p,
         stub: Some(stub),
@@ -215,8 +215,8 @@ fn ocf_tester_passes() {
     );
     let (mut p, stub) = setup();
     // Both nodes UpToDate, both Secondary: the state Pacemaker would start the clone in.
-    p.start(0);
-    p.start(1);
+    p.start_and_wait(0);
+    p.start_and_wait(1);
     let o = p.cli(0, &["primary", "--force"]);
     assert!(o.status.success(), "primary --force: {o:?}");
     p.wait_in_sync();
@@ -248,7 +248,7 @@ fn ocf_tester_passes() {
         .arg(format!("config={}", p.config.display()))
         .args(["-o", "node=alpha"])
         .arg("-o")
-        .arg(format!("binary={}", pair::bin()))
+        .arg(format!("binary={}", ops_common::bin()))
         .arg("-o")
         .arg(format!("log_file={}", p.path("alpha-ocf.log").display()))
         .arg(agent())

@@ -4,13 +4,13 @@
 //! and a hook script that records its arguments and waits for the test to let it exit.
 
 mod nbd_common;
-mod pair;
+mod ops_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use nbd_common::{Raw, Sock, Transport};
-use pair::{wait_until, Pair};
+use ops_common::{wait_until, Pair};
 use twinblk::nbd::proto::CMD_WRITE;
 
 const HOOK: &str = r#"#!/bin/sh
@@ -56,13 +56,16 @@ fn assert_no_reply(c: &mut Raw, p: &Pair, when: &str) {
 
 #[test]
 fn writes_wait_for_the_on_peer_lost_hook() {
-    let mut p =
-        Pair::new("on-peer-lost = \"{dir}/hook.sh\"\ntimeout = \"2s\"\nping-interval = \"500ms\"");
+    let mut p = Pair::configure_with(
+        "64M",
+        "on-peer-lost = \"{dir}/hook.sh\"\ntimeout = \"2s\"\nping-interval = \"500ms\"",
+        ["", ""],
+    );
     let hook = p.path("hook.sh");
     std::fs::write(&hook, HOOK).unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p.start(0);
-    p.start(1);
+    p.start_and_wait(0);
+    p.start_and_wait(1);
     let o = p.cli(0, &["primary", "--force"]);
     assert!(o.status.success(), "primary --force: {o:?}");
     p.wait_in_sync();
@@ -102,7 +105,7 @@ fn writes_wait_for_the_on_peer_lost_hook() {
 
     // The retry succeeds: only now is the write answered, successfully.
     release(&p, "0");
-    set_timeout(&c, pair::WAIT);
+    set_timeout(&c, ops_common::WAIT);
     let (cookie, err, _) = c.reply(0).unwrap();
     assert_eq!((cookie, err), (2, 0), "the held write\n{}", p.logs());
     assert!(
@@ -130,9 +133,13 @@ fn writes_wait_for_the_on_peer_lost_hook() {
 
 #[test]
 fn without_a_hook_the_primary_continues_at_once() {
-    let mut p = Pair::new("timeout = \"2s\"\nping-interval = \"500ms\"");
-    p.start(0);
-    p.start(1);
+    let mut p = Pair::configure_with(
+        "64M",
+        "timeout = \"2s\"\nping-interval = \"500ms\"",
+        ["", ""],
+    );
+    p.start_and_wait(0);
+    p.start_and_wait(1);
     let o = p.cli(0, &["primary", "--force"]);
     assert!(o.status.success(), "primary --force: {o:?}");
     p.wait_in_sync();
@@ -140,7 +147,7 @@ fn without_a_hook_the_primary_continues_at_once() {
     c.handshake(false, "r0");
     p.kill(1);
     c.send(CMD_WRITE, 0, 1, 0, 4096, &[7; 4096]);
-    set_timeout(&c, pair::WAIT);
+    set_timeout(&c, ops_common::WAIT);
     let (cookie, err, _) = c.reply(0).unwrap();
     assert_eq!(
         (cookie, err),

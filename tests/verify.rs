@@ -2,12 +2,12 @@
 //! back (while it is down) are found exactly, reported on both nodes, and repaired by
 //! disconnect + connect; the backing files end byte-identical.
 
-mod pair;
+mod ops_common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::{Command, Output};
 
-use pair::Pair;
+use ops_common::Pair;
 
 fn text(o: &Output) -> String {
     format!(
@@ -49,9 +49,9 @@ fn corrupt(path: &std::path::Path, offset: u64, len: usize) {
 
 #[test]
 fn verify_reports_exactly_the_corrupted_blocks_and_reconnect_repairs_them() {
-    let mut p = Pair::new("");
-    p.start(0);
-    p.start(1);
+    let mut p = Pair::configure_with("64M", "", ["", ""]);
+    p.start_and_wait(0);
+    p.start_and_wait(1);
     ok(&p, 0, &["primary", "--force"]);
     p.wait_in_sync();
     // Application data through the real NBD export (sync protocol: on both disks when done).
@@ -74,7 +74,7 @@ fn verify_reports_exactly_the_corrupted_blocks_and_reconnect_repairs_them() {
     corrupt(&img, 1 << 20, 4096);
     corrupt(&img, (20 << 20) + 8192, 8192);
     corrupt(&img, 63 << 20, 4096);
-    p.start(1);
+    p.start_and_wait(1);
     p.wait_in_sync();
     for i in 0..2 {
         let s = p.status(i).unwrap();

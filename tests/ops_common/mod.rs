@@ -41,6 +41,12 @@ pub struct Pair {
 impl Pair {
     /// Keys and the resource file (`extra[i]`: more lines for node i's table); nothing runs yet.
     pub fn configure(size: &str, extra: [&str; 2]) -> Pair {
+        Pair::configure_with(size, "", extra)
+    }
+
+    /// Like [`Pair::configure`], with `resource` lines in `[resource]` (`{dir}` standing for the
+    /// test's directory).
+    pub fn configure_with(size: &str, resource: &str, extra: [&str; 2]) -> Pair {
         let dir = tempfile::Builder::new()
             .prefix("twinblk-ops-")
             .tempdir_in("/var/tmp")
@@ -50,7 +56,8 @@ impl Pair {
             let o = run(&["keygen", "--name", n, "--out", d.to_str().expect("utf-8")]);
             assert!(o.status.success(), "keygen: {o:?}");
         }
-        let mut text = "[resource]\nname = \"r0\"\nprotocol = \"sync\"\n".to_owned();
+        let resource = resource.replace("{dir}", &d.display().to_string());
+        let mut text = format!("[resource]\nname = \"r0\"\nprotocol = \"sync\"\n{resource}\n");
         for (i, n) in NAMES.iter().enumerate() {
             text.push_str(&format!(
                 "[node.{n}]\naddress = \"127.0.0.1:{port}\"\ndisk = \"{d}/{n}.img\"\n\
@@ -102,6 +109,24 @@ impl Pair {
             .spawn()
             .expect("spawn twinblk up");
         self.children[i] = Some(child);
+    }
+
+    /// Start node i's daemon and wait until it answers `status`.
+    pub fn start_and_wait(&mut self, i: usize) {
+        self.start(i, &[]);
+        self.wait(i, "the daemon answers status", |_| true);
+    }
+
+    /// SIGKILL node i (a crash) and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            c.kill().expect("kill");
+            c.wait().expect("wait");
+        }
+    }
+
+    pub fn nbd_socket(&self, i: usize) -> PathBuf {
+        self.path(&format!("{}.nbd", NAMES[i]))
     }
 
     /// `twinblk ARGS r0 --config C --node N`.
@@ -181,10 +206,7 @@ impl Pair {
     }
 
     pub fn nbd_uri(&self, i: usize) -> String {
-        format!(
-            "nbd+unix:///?socket={}",
-            self.path(&format!("{}.nbd", NAMES[i])).display()
-        )
+        format!("nbd+unix:///?socket={}", self.nbd_socket(i).display())
     }
 
     /// SIGTERM node i and wait for it to exit; true if it exited successfully.
@@ -204,5 +226,14 @@ impl Drop for Pair {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Poll `cond` until it holds; panic naming `what` after [`WAIT`].
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "waited too long for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

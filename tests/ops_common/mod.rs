@@ -57,7 +57,13 @@ impl Pair {
             assert!(o.status.success(), "keygen: {o:?}");
         }
         let resource = resource.replace("{dir}", &d.display().to_string());
-        let mut text = format!("[resource]\nname = \"r0\"\nprotocol = \"sync\"\n{resource}\n");
+        // `resource` may choose the protocol; sync otherwise.
+        let protocol = if resource.contains("protocol") {
+            ""
+        } else {
+            "protocol = \"sync\"\n"
+        };
+        let mut text = format!("[resource]\nname = \"r0\"\n{protocol}{resource}\n");
         for (i, n) in NAMES.iter().enumerate() {
             text.push_str(&format!(
                 "[node.{n}]\naddress = \"127.0.0.1:{port}\"\ndisk = \"{d}/{n}.img\"\n\

@@ -6,24 +6,10 @@
 mod ops_common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use ops_common::Pair;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
-    let o = p.cli(i, args);
-    assert!(o.status.success(), "{args:?}: {}\n{}", text(&o), p.logs());
-    o
-}
+use ops_common::{ok, text, Pair};
 
 /// Collects `twinblk events --json` lines of node i in the background.
 fn watch_events(p: &Pair, i: usize) -> (std::process::Child, Arc<Mutex<Vec<String>>>) {

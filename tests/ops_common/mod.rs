@@ -11,6 +11,22 @@ use std::time::{Duration, Instant};
 pub const WAIT: Duration = Duration::from_secs(120);
 pub const NAMES: [&str; 2] = ["alpha", "beta"];
 
+/// A command's stdout and stderr, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `twinblk ARGS` for node i and asserts it succeeded (with both logs if not).
+pub fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
+    let o = p.cli(i, args);
+    assert!(o.status.success(), "{args:?}: {}\n{}", text(&o), p.logs());
+    o
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_twinblk")
 }

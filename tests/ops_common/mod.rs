@@ -120,8 +120,21 @@ impl Pair {
 
     /// Start node i's daemon with extra environment; does not wait.
     pub fn start(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.start_wrapped(i, env, &[]);
+    }
+
+    /// Like [`Pair::start`], run through `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(&mut self, i: usize, env: &[(&str, &str)], wrapper: &[&str]) {
         let log = std::fs::File::create(self.path(&format!("{}.log", NAMES[i]))).expect("log");
-        let child = Command::new(bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["up", "r0", "--config"])
             .arg(&self.config)
             .args(["--node", NAMES[i]])

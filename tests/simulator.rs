@@ -33,8 +33,13 @@ fn random_workloads_with_faults() {
     let seeds = seeds();
     let mut events = 0;
     let mut stats = std::collections::BTreeMap::new();
+    // `TWINBLK_SIM_FAILOVERS=1`: every seed fails over after a Primary crash (replays the
+    // seeds of the `with_failovers` checks).
+    let failovers = std::env::var_os("TWINBLK_SIM_FAILOVERS").is_some();
     for &seed in &seeds {
-        let w = run_seed(SimConfig::for_seed(seed));
+        let mut cfg = SimConfig::for_seed(seed);
+        cfg.failover |= failovers;
+        let w = run_seed(cfg);
         if std::env::var_os("TWINBLK_SIM_SHOW_REFUSALS").is_some()
             && w.stats.contains_key("refused")
         {

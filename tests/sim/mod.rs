@@ -776,6 +776,11 @@ impl World {
             return;
         }
         self.log(format!("CRASH node {node}"));
+        // A Primary that pulled ahead (or is a sync source again) started a generation the
+        // Secondary lacks, even while the Secondary still believes it is Established.
+        let prim_in_sync = self
+            .status(node)
+            .is_some_and(|s| s.repl == ReplState::Established);
         self.note_interrupted_resync();
         let sec = 1 - self.prim;
         *self
@@ -803,9 +808,10 @@ impl World {
             if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
                 // Mostly when the survivor is in sync (the failover operators do); sometimes
                 // of a stale or Inconsistent survivor (forced).
-                let in_sync = self.status(sec).is_some_and(|s| {
-                    s.repl == ReplState::Established && s.disk == DiskState::UpToDate
-                });
+                let in_sync = prim_in_sync
+                    && self.status(sec).is_some_and(|s| {
+                        s.repl == ReplState::Established && s.disk == DiskState::UpToDate
+                    });
                 if in_sync || self.rng.one_in(3) {
                     self.failover_pending = true;
                     self.survivor_in_sync = in_sync;

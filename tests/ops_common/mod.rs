@@ -11,6 +11,22 @@ use std::time::{Duration, Instant};
 pub const WAIT: Duration = Duration::from_secs(120);
 pub const NAMES: [&str; 2] = ["alpha", "beta"];
 
+/// A command's stdout and stderr, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `twinblk ARGS` for node i and asserts it succeeded (with both logs if not).
+pub fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
+    let o = p.cli(i, args);
+    assert!(o.status.success(), "{args:?}: {}\n{}", text(&o), p.logs());
+    o
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_twinblk")
 }
@@ -57,7 +73,13 @@ impl Pair {
             assert!(o.status.success(), "keygen: {o:?}");
         }
         let resource = resource.replace("{dir}", &d.display().to_string());
-        let mut text = format!("[resource]\nname = \"r0\"\nprotocol = \"sync\"\n{resource}\n");
+        // `resource` may choose the protocol; sync otherwise.
+        let protocol = if resource.contains("protocol") {
+            ""
+        } else {
+            "protocol = \"sync\"\n"
+        };
+        let mut text = format!("[resource]\nname = \"r0\"\n{protocol}{resource}\n");
         for (i, n) in NAMES.iter().enumerate() {
             text.push_str(&format!(
                 "[node.{n}]\naddress = \"127.0.0.1:{port}\"\ndisk = \"{d}/{n}.img\"\n\

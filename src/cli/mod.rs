@@ -397,6 +397,23 @@ fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
     outcome
 }
 
+/// `primary`: the one refusal that clears by itself within milliseconds (the lost peer's last
+/// writes still landing here) is retried for a few seconds instead of failing the failover.
+fn promote(res: &ResArgs, force: bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match admin(res, Request::Primary { force }) {
+            Err(e)
+                if e.to_string().contains("still landing")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
     let path = res.admin_socket()?;
     let mut got = None;
@@ -600,7 +617,7 @@ pub fn main() -> ExitCode {
         ),
         Command::DumpMd { res, json } => dump_md(res, json),
         Command::Up(a) => up(a),
-        Command::Primary { res, force } => admin(&res, Request::Primary { force }),
+        Command::Primary { res, force } => promote(&res, force),
         Command::Secondary(res) => admin(&res, Request::Secondary),
         Command::Status {
             resource: Some(resource),

@@ -2718,6 +2718,20 @@ impl Replica {
                 if self.role == Role::Primary {
                     return Ok(());
                 }
+                // Right after the peer is lost, its last writes may still be on their way to
+                // this disk. As Primary, a read of such a block could see the old data and then
+                // the new appear under it; the window is milliseconds, so say so and let the
+                // operator (or the CLI's retry) try again rather than queue reads here.
+                let landing = self
+                    .inflight
+                    .values()
+                    .filter(|io| matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. }))
+                    .count();
+                if landing > 0 {
+                    return Err(format!(
+                        "{landing} writes from the peer are still landing on this disk: promote again in a moment"
+                    ));
+                }
                 if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
                     return Err(
                         "the peer is Primary: demote it first (`twinblk secondary` there)".into(),

@@ -1542,3 +1542,50 @@ fn a_new_sync_target_knows_its_bitmap_only_once_the_source_started() {
     assert!(d.st(1).bitmap_known);
     assert!(d.disk[0] == d.disk[1]);
 }
+
+#[test]
+fn promotion_waits_for_the_lost_peers_writes_to_land() {
+    let (mut a, mut b) = pair(Protocol::Async);
+    let oa = write(&mut a, 1, 3, 1);
+    let ob = deliver(&mut b, sends(&oa));
+    let landing = writes(&ob);
+    assert_eq!(landing.len(), 1);
+    b.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "peer died".into(),
+        },
+        0,
+    );
+    let out = b.handle_vec(
+        Event::Admin {
+            tag: 7,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert!(
+        out.iter().any(|x| matches!(x, Action::AdminDone { tag: 7, result: Err(e) } if e.contains("still landing"))),
+        "{out:?}"
+    );
+    assert_eq!(b.status().role, Role::Secondary);
+    done(&mut b, landing[0].0);
+    let out = b.handle_vec(
+        Event::Admin {
+            tag: 8,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert!(
+        out.iter().any(|x| matches!(
+            x,
+            Action::AdminDone {
+                tag: 8,
+                result: Ok(())
+            }
+        )),
+        "{out:?}"
+    );
+    assert_eq!(b.status().role, Role::Primary);
+}

@@ -805,6 +805,22 @@ impl World {
                 self.fail(format!("when the primary was killed: {e}"));
             }
         }
+        let al_lost = self.queue.iter().any(|s| {
+            matches!(&s.ev, Ev::Disk { node: n, inc, op: DiskOp::AlTxn { .. }, .. }
+                if *n == node && *inc == self.nodes[node].inc)
+        });
+        if node == self.prim && !self.cfg.al_updates {
+            *self
+                .stats
+                .entry("crash primary (al-updates off)")
+                .or_default() += 1;
+        }
+        if al_lost {
+            *self
+                .stats
+                .entry("crash with al transaction in flight")
+                .or_default() += 1;
+        }
         self.nodes[node].replica = None;
         let mut rng = self.rng.clone();
         self.nodes[node].disk.crash(&mut rng);

@@ -104,7 +104,11 @@
 //! * Crash safety of the bitmap: an extent leaves the activity log only with nothing in flight
 //!   and nothing in it the peer has not made stable (flush-barrier acked), after its bitmap words are persisted. So after a crash, the
 //!   persisted bitmap plus (crashed Primary) the log's extents cover every block this node
-//!   changed that the peer may lack ([`Replica::restore`]).
+//!   changed that the peer may lack ([`Replica::restore`]). A write to an extent the log does
+//!   not name waits for a durable transaction naming it (group commit, at most one in flight);
+//!   writes to named extents never wait for the log. With [`Config::al_updates`] off there are
+//!   no transactions: the metadata says so while Primary ([`Meta::no_activity_log`]), and a
+//!   crashed Primary restarts with the whole device dirty.
 //! * A local write error on the Primary fails that request and, if connected, reconnects so the
 //!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
 //!

@@ -72,13 +72,15 @@
 //!   handshake's bitmaps name only what is left.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
-//!   - an *order barrier* (a plain epoch boundary) is never flushed and never acked. Async: the
-//!     peer drains (waits until every write before it is written) before it starts the next
-//!     epoch, so it always holds a prefix of epochs. Sync: not even sent — a write completes
+//!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes
 //!     only once the peer acked it as written, so every write a later one could depend on is
-//!     on the peer before that later one is submitted; the peer only keeps overlapping writes
-//!     in seq order. (Writes completed early by a connection loss are not on that connection
-//!     any more: they are in the transfer log, hence the bitmap, and resynced.)
+//!     on the peer before that later one is submitted. Async: the peer issues writes in seq
+//!     order from a contiguous prefix (its reorder buffer), so once its writes in flight
+//!     complete it holds a prefix of the write sequence, which is a state the Primary's disk
+//!     could have crashed in (epoch k complete, epoch k+1 partly). Both: the peer keeps
+//!     overlapping writes in seq order. (Writes completed early by a connection loss are not
+//!     on that connection any more: they are in the transfer log, hence the bitmap, and
+//!     resynced.) A peer still accepts order barriers from an older build and drains them.
 //!   - a *flush barrier* (client FLUSH, or a stability point the Primary issues on its own
 //!     every `Config::stability_interval` or `stability_writes` / `stability_bytes`) is
 //!     drained, flushed and acked ([`PeerMsg::BarrierAck`]) by the peer. Only its ack trims
@@ -1194,10 +1196,17 @@ impl Replica {
             Op::Zero { offset, len } => (DataOp::Zero, offset, len, Bytes::new(), false),
         };
         if boundary && self.epoch_has_writes {
-            // Sync: every write the client could depend on was acked by the peer as written
-            // before this one was submitted, so the peer has nothing to drain and the order
-            // barrier is not even sent (only the epoch number moves, for the transfer log).
-            // Async: the peer must not start this epoch before the last is written.
+            // The order barrier is not sent (only the epoch number moves, for the transfer
+            // log). Sync: every write the client could depend on was acked by the peer as
+            // written before this one was submitted. Async: the peer issues writes in seq
+            // order (its reorder buffer applies only a contiguous prefix), so once its writes
+            // in flight complete it holds a seq prefix: every write a later one could depend
+            // on was submitted, hence sequenced, before it. Draining per epoch bought nothing
+            // more (power loss on the peer loses unflushed writes in any order anyway) and,
+            // at queue depth 8-32 where an epoch is about one write, serialised the peer.
+            // Async keeps it as a local fence in the issue queue, though: a write that waits
+            // for an overlapping one must not be overtaken (and sequenced before) by a write
+            // of a later epoch, or the peer's seq prefix would not be an epoch prefix.
             if self.cfg.protocol == Protocol::Async {
                 self.issue_q.push_back(Issue::Barrier {
                     epoch: self.epoch,
@@ -1300,11 +1309,10 @@ impl Replica {
         out: &mut Vec<Action>,
     ) {
         let replicating = self.replicating();
-        if replicating {
+        // An order barrier is only a local fence (see `admit_one`): nothing goes to the peer.
+        if replicating && flush {
             let seq = self.next_seq();
-            if flush {
-                self.reset_unflushed();
-            }
+            self.reset_unflushed();
             self.send(PeerMsg::Barrier { seq, epoch, flush }, out);
         }
         if let Some(req) = flush_req {

@@ -168,8 +168,9 @@ iops() {
     jget "$D/iops.json" iops
 }
 # Both nodes down (clean), then up with al-updates = $1 (the key is left out for "true", so
-# an older binary reads the file too) and binary $2; alpha Primary, in sync again.
-run_mode() { # true|false [BINARY] -> prints the IOPS
+# an older binary reads the file too) and binary $2; alpha Primary, in sync again. Not in a
+# $(subshell): the daemons must stay children of this shell, so stop_all can wait for them.
+run_mode() { # true|false [BINARY] -> sets $got (IOPS)
     stop_all
     sed -i '/^al-updates/d' "$D/r0.toml"
     [ "$1" = true ] || sed -i 's/^protocol = "sync"$/&\nal-updates = false/' "$D/r0.toml"
@@ -177,14 +178,14 @@ run_mode() { # true|false [BINARY] -> prints the IOPS
     start beta "${2:-}"
     tw primary alpha >/dev/null || fail "alpha did not become Primary after the restart"
     wait_in_sync
-    iops
+    got=$(iops)
 }
 mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(int(sum(v)/len(v)))' "$@"; }
 pct() { python3 -c "print(f'{100 * (1 - $1 / $2):.1f}')"; }
 al=() noal=()
 for ((r = 0; r < rounds; r++)); do
-    al+=("$(run_mode true)")
-    noal+=("$(run_mode false)")
+    run_mode true; al+=("$got")
+    run_mode false; noal+=("$got")
 done
 stop_all
 al_m=$(mean "${al[@]}") noal_m=$(mean "${noal[@]}")
@@ -201,9 +202,9 @@ tw primary alpha --force >/dev/null
 wait_in_sync
 al8=() noal8=() before8=()
 for ((r = 0; r < rounds; r++)); do
-    al8+=("$(run_mode true)")
-    noal8+=("$(run_mode false)")
-    [ -z "$BEFORE" ] || before8+=("$(run_mode true "$BEFORE")")
+    run_mode true; al8+=("$got")
+    run_mode false; noal8+=("$got")
+    if [ -n "$BEFORE" ]; then run_mode true "$BEFORE"; before8+=("$got"); fi
 done
 stop_all
 al8_m=$(mean "${al8[@]}") noal8_m=$(mean "${noal8[@]}")

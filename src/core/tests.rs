@@ -315,7 +315,10 @@ fn secondary_still_drains_an_order_barrier_from_an_older_peer() {
     let wb = writes(&ob);
     assert_eq!(wb.len(), 1, "only epoch 1's write may start");
     let ob2 = done(&mut b, wb[0].0);
-    assert!(flushes(&ob2).is_empty(), "an order barrier is never flushed");
+    assert!(
+        flushes(&ob2).is_empty(),
+        "an order barrier is never flushed"
+    );
     assert_eq!(
         writes(&ob2).iter().map(|w| w.1).collect::<Vec<_>>(),
         vec![8 * BLOCK]

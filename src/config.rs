@@ -58,9 +58,12 @@ pub const DEFAULT_C_PLAN_AHEAD: Duration =
 /// Default `c-min-rate`: the resync rate kept while applications do I/O (bytes/s).
 pub const DEFAULT_C_MIN_RATE: u64 = crate::core::ratectl::DEFAULT_MIN_RATE;
 
-/// Default `max-mtu`: upper bound of QUIC path MTU discovery (UDP payload bytes). 1452 fits
-/// 1500-byte Ethernet under IPv4 and IPv6.
-pub const DEFAULT_MAX_MTU: u16 = 1452;
+/// Default `max-mtu`: upper bound of QUIC path MTU discovery (UDP payload bytes). Discovery
+/// probes up to it and keeps what the path carries: on 1500-byte Ethernet a larger probe fails
+/// (EMSGSIZE locally, or is dropped on the way) and the connection stays near 1452, at no
+/// measured cost; on loopback or a jumbo-frame link it gets 6500-byte packets, which cut the CPU
+/// per byte (1M writes about 1.7x faster over a 9000-MTU veth pair, measured session 4).
+pub const DEFAULT_MAX_MTU: u16 = MAX_MAX_MTU;
 /// Largest `max-mtu`: quinn sends up to 10 datagrams per GSO call and the kernel caps a GSO
 /// send at 64 KiB, so bigger datagrams fail to send and discovery falls back to 1200.
 pub const MAX_MAX_MTU: u16 = 6500;

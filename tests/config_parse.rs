@@ -54,7 +54,7 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(r.connect_retry, Duration::from_secs(5));
     assert_eq!(r.data_streams, 4);
     assert_eq!(r.window, 32 << 20);
-    assert_eq!(r.max_mtu, 1452);
+    assert_eq!(r.max_mtu, 6500);
     let a = c.node_named("alpha").unwrap();
     assert_eq!(a.address, "127.0.0.1:7789".parse().unwrap());
     assert_eq!(a.nbd, ListenAddr::Unix("/run/twinblk/r0-alpha.nbd".into()));

@@ -5,23 +5,9 @@
 mod ops_common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use ops_common::Pair;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
-    let o = p.cli(i, args);
-    assert!(o.status.success(), "{args:?}: {}\n{}", text(&o), p.logs());
-    o
-}
+use ops_common::{ok, text, Pair};
 
 fn down(p: &mut Pair, i: usize) {
     ok(p, i, &["down"]);

@@ -84,7 +84,8 @@ start_server() {
 
 # Two `twinblk up` daemons on this machine: alpha (Primary) on $file, serving NBD on $sock; beta on
 # a second file in $work (kept across rounds, so only the first start runs a full initial sync).
-# BENCH_MTU sets the resource's max-mtu (default 1452; 6500 models a jumbo-frame replication link).
+# BENCH_MTU sets the resource's max-mtu (default 6500, the daemon's default: discovery then finds
+# 6500 on loopback; 1452 models a 1500-byte Ethernet replication link).
 start_pair() {
     local proto=$1 p0=$((20000 + RANDOM % 20000)) n
     [ -f "$work/alpha.key" ] || for n in alpha beta; do
@@ -94,7 +95,7 @@ start_pair() {
 [resource]
 name = "r0"
 protocol = "$proto"
-max-mtu = ${BENCH_MTU:-1452}
+max-mtu = ${BENCH_MTU:-6500}
 [node.alpha]
 address = "127.0.0.1:$p0"
 disk = "$file"

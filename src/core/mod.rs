@@ -45,6 +45,9 @@
 //!   only after its `DiskDone`. A crash before that = the transaction did not happen. The
 //!   [`Action::SaveBitmap`]s before it in the batch (evicted extents) are durable before it.
 //!   Start a restarted node with [`Replica::restore`] from what was persisted.
+//! * [`Action::SyncData`]: make every *completed* data write stable now (fdatasync the data
+//!   device), before any later action of the batch runs (the same flush as the activity log's
+//!   pre-flush, without a transaction).
 //! * Clean shutdown: after the last I/O, execute the actions of [`Replica::persist`] (changed
 //!   bitmap words, then the metadata).
 //!
@@ -69,7 +72,12 @@
 //!   the target executes it as [`Action::DiskZero`].
 //! * An interrupted resync resumes where it stopped: the source clears a bit only when the
 //!   target acked the block, the target clears its own bit when it wrote the block, so the next
-//!   handshake's bitmaps name only what is left.
+//!   handshake's bitmaps name only what is left. Both happen when the block is written, not
+//!   stable: safe while the target lives (its cache is not lost), and after a target crash
+//!   because an Inconsistent node restarts untrusted (`bitmap_known` false: full resync). The
+//!   one way out of Inconsistent without a resync, `primary --force`, first makes the acked
+//!   writes stable ([`Action::SyncData`]). A target's `bitmap_known` is false from the
+//!   handshake until the source's first `ResyncProgress` (the source marked what it lacks).
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
 //!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes
@@ -178,6 +186,8 @@ pub enum InjectedBug {
     ResolveSplitBrainSilently,
     /// A crashed Primary's activity log is not added to its bitmap at restart.
     IgnoreActivityLogOnRestore,
+    /// A forced promotion does not make the acked resync writes stable first.
+    NoSyncAtForcedPromotion,
 }
 
 #[derive(Debug, Clone)]
@@ -514,6 +524,11 @@ pub enum Action {
         io: IoId,
         extents: Vec<u64>,
     },
+    /// Make every data write that completed so far stable (fdatasync the data device) before
+    /// any later action of the batch runs. Emitted by a forced promotion before its metadata
+    /// says UpToDate: a resync target acked resync writes once written (the source cleared
+    /// their bits), and they must survive a crash of the new Primary.
+    SyncData,
     /// Close connection `conn` (the core already treats it as gone).
     CloseConnection {
         conn: u64,
@@ -2208,7 +2223,10 @@ impl Replica {
             Decision::Target { full } => {
                 // `bitmap_known` becomes true only once the source shows it started (its first
                 // ResyncProgress): the peer may never have seen our hello, and then nothing
-                // marked what this disk lacks.
+                // marked what this disk lacks. (A node that was UpToDate had it set: cleared
+                // here, or a forced promotion before the first ResyncProgress would count as
+                // one of a target that knew what it lacks; simulator seed 1213.)
+                self.bitmap_known = false;
                 self.set_disk(DiskState::Inconsistent, out);
                 self.save_meta(out);
                 out.push(Action::Emit(StateChange::ResyncStarted {
@@ -2857,6 +2875,12 @@ impl Replica {
                              (use --force for the very first promotion of a new resource)",
                             self.disk
                         ));
+                    }
+                    // A resync target acked resync writes once written, not stable, and the
+                    // source cleared their bits: from the metadata saved below on, nothing
+                    // would name them if a crash lost them (seed 6208). Stable first.
+                    if self.cfg.bug != InjectedBug::NoSyncAtForcedPromotion {
+                        out.push(Action::SyncData);
                     }
                     self.current_gen =
                         gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);

@@ -1667,3 +1667,82 @@ fn rate_limited_resync_waits_for_its_timer() {
         .collect();
     assert_eq!(reads, vec![(0, (4 * BLOCK) as u32)]);
 }
+
+/// Issue #4 (simulator seed 6208): a resync target acks resync writes once written, and the
+/// source clears their bits. Forced to Primary, it must make them stable before its metadata
+/// says UpToDate, or a crash right after loses them with no bitmap naming them.
+#[test]
+fn forced_promotion_of_a_resync_target_makes_its_data_stable_before_saving() {
+    let mut d = Duo::with(small_chunks);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    for b in 0..32 {
+        d.write(0, b, 9);
+    }
+    d.connect_unsettled();
+    let mut guard = 0;
+    while d.st(0).dirty_blocks > 16 {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 1000, "resync made no progress");
+    }
+    d.cut();
+    d.net.clear();
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    assert!(d.st(1).bitmap_known, "the source had started");
+    let b = d.r[1].as_mut().expect("alive");
+    let out = b.handle_vec(
+        Event::Admin {
+            tag: 3,
+            cmd: AdminCmd::Promote { force: true },
+        },
+        0,
+    );
+    assert_eq!(b.status().role, Role::Primary);
+    let sync = out.iter().position(|x| matches!(x, Action::SyncData));
+    let first_save = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveMeta(_) | Action::SaveBitmap { .. }));
+    assert!(sync.is_some(), "no SyncData at a forced promotion: {out:?}");
+    assert!(sync < first_save, "SyncData after the metadata: {out:?}");
+    // A plain promotion of an UpToDate node has nothing unstable to protect.
+    let mut a = Replica::new(cfg(1, Protocol::Sync), synced_meta());
+    let out = a.handle_vec(
+        Event::Admin {
+            tag: 4,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert_eq!(a.status().role, Role::Primary);
+    assert!(!out.iter().any(|x| matches!(x, Action::SyncData)));
+}
+
+/// A node that was UpToDate (bitmap trusted) and becomes a sync target does not know what it
+/// lacks until the source shows it started: `bitmap_known` is false in between (simulator
+/// seed 1213: else a forced promotion in that window counted as one of a target that knew).
+#[test]
+fn a_new_sync_target_knows_its_bitmap_only_once_the_source_started() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    assert!(d.st(1).bitmap_known);
+    d.cut();
+    d.write(0, 3, 7);
+    d.connect_unsettled();
+    let mut guard = 0;
+    while d.st(1).repl != ReplState::SyncTarget {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 10, "B never became the sync target");
+    }
+    assert!(
+        !d.st(1).bitmap_known,
+        "target before the source's first progress"
+    );
+    d.settle();
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(d.st(1).bitmap_known);
+    assert!(d.disk[0] == d.disk[1]);
+}

@@ -7,6 +7,8 @@
 //! are handed out again by the next `alloc` of that size class.
 
 use std::alloc::{self, Layout};
+
+use bytes::Bytes;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
@@ -117,8 +119,13 @@ impl Drop for Chunk {
 /// A buffer for disk I/O: 4096-aligned memory from the pool. Derefs to exactly `len` bytes, which
 /// may start at an inner offset (an unaligned read returns the sub-slice of the aligned block range
 /// it read). Returns its memory to the pool when dropped.
+///
+/// It may instead borrow the memory of a [`Bytes`] ([`IoBuf::from_bytes`]): a write whose data
+/// already sits in an aligned buffer (the NBD payload on the Primary) reaches the disk without a
+/// copy. Such a buffer is read-only: the first mutable access copies it into pool memory.
 pub struct IoBuf {
     chunk: Option<Chunk>,
+    shared: Option<Bytes>,
     off: usize,
     len: usize,
 }
@@ -133,6 +140,7 @@ impl IoBuf {
         let (chunk, fresh) = Chunk::get(len);
         let mut b = IoBuf {
             chunk: Some(chunk),
+            shared: None,
             off: 0,
             len,
         };
@@ -147,6 +155,19 @@ impl IoBuf {
         let (chunk, _) = Chunk::get(len);
         IoBuf {
             chunk: Some(chunk),
+            shared: None,
+            off: 0,
+            len,
+        }
+    }
+
+    /// A buffer over `data` without copying it (see the type's docs). The disk copies it only if
+    /// its address does not suit O_DIRECT.
+    pub fn from_bytes(data: Bytes) -> IoBuf {
+        let len = data.len();
+        IoBuf {
+            chunk: None,
+            shared: Some(data),
             off: 0,
             len,
         }
@@ -178,15 +199,18 @@ impl IoBuf {
     }
 
     /// Raw pointer to the first visible byte, for the kernel to read or fill while the engine
-    /// owns the buffer.
+    /// owns the buffer. Only buffers the engine allocated are filled; a `from_bytes` buffer only
+    /// ever goes to a write.
     pub(crate) fn raw_ptr(&self) -> *mut u8 {
         self.base().wrapping_add(self.off)
     }
 
     fn base(&self) -> *mut u8 {
-        match &self.chunk {
-            Some(c) => c.ptr.as_ptr(),
-            None => NonNull::dangling().as_ptr(),
+        match (&self.chunk, &self.shared) {
+            (Some(c), _) => c.ptr.as_ptr(),
+            // Only ever read through (writes to the disk); `deref_mut` copies first.
+            (None, Some(b)) => b.as_ptr().cast_mut(),
+            (None, None) => NonNull::dangling().as_ptr(),
         }
     }
 }
@@ -201,7 +225,11 @@ impl std::ops::Deref for IoBuf {
 
 impl std::ops::DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in Deref, plus &mut self gives exclusive access.
+        if self.shared.is_some() {
+            // Borrowed memory may be shared with other `Bytes`: own a copy before writing.
+            *self = IoBuf::copy_from(&self[..]);
+        }
+        // SAFETY: as in Deref, plus &mut self gives exclusive access to pool memory.
         unsafe { std::slice::from_raw_parts_mut(self.base().add(self.off), self.len) }
     }
 }
@@ -234,6 +262,34 @@ mod tests {
             assert_eq!(b.len(), len);
             assert_eq!(b.addr() % BUF_ALIGN, 0);
             assert!(b.iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn from_bytes_borrows_and_copies_only_when_written() {
+        let mut src = IoBuf::zeroed(8192);
+        src.fill(0x5a);
+        let addr = src.addr();
+        let shared = Bytes::from_owner(Wrap(src));
+        let mut b = IoBuf::from_bytes(shared.clone());
+        assert_eq!(b.addr(), addr, "no copy for reading");
+        assert_eq!(b.len(), 8192);
+        b.narrow(4096, 4096);
+        assert_eq!(b.addr(), addr + 4096);
+        b[0] = 1;
+        assert_ne!(b.addr(), addr + 4096, "written: now a private copy");
+        assert_eq!(b.addr() % BUF_ALIGN, 0);
+        assert_eq!((b[0], b[1], b.len()), (1, 0x5a, 4096));
+        assert!(
+            shared.iter().all(|&x| x == 0x5a),
+            "the shared bytes are untouched"
+        );
+    }
+
+    struct Wrap(IoBuf);
+    impl AsRef<[u8]> for Wrap {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
         }
     }
 

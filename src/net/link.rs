@@ -50,7 +50,8 @@ pub struct Tuning {
     /// flow control holds the peer back. Default 64.
     pub recv_queue: usize,
     /// Upper bound for path MTU discovery (UDP payload, `max-mtu`), clamped to 1200..=6500 (see
-    /// `config::MAX_MAX_MTU`). Default 1452 (Ethernet, IPv4/IPv6).
+    /// `config::MAX_MAX_MTU`). Default `config::DEFAULT_MAX_MTU` (discovery finds what the path
+    /// carries below it).
     pub mtu_upper_bound: u16,
     /// UDP socket buffer size requested with SO_RCVBUF/SO_SNDBUF; 0 keeps the system's. Default 8 MiB.
     pub socket_buffer: usize,
@@ -69,7 +70,7 @@ impl Default for Tuning {
             conn_window: 2 * c::DEFAULT_WINDOW,
             send_queue: 64,
             recv_queue: 64,
-            mtu_upper_bound: 1452,
+            mtu_upper_bound: crate::config::DEFAULT_MAX_MTU,
             socket_buffer: 8 << 20,
         }
     }

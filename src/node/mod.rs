@@ -283,6 +283,14 @@ impl Node {
                     });
                 });
             }
+            Action::SyncData => {
+                // A forced promotion's metadata follows: it must not say UpToDate over acked
+                // resync writes a crash could still lose.
+                if let Err(e) = self.disk.sync_now() {
+                    tracing::error!("{e}; stopping before the promotion is saved");
+                    std::process::exit(1);
+                }
+            }
             Action::CloseConnection { conn, reason }
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {

@@ -11,6 +11,22 @@ use std::time::{Duration, Instant};
 pub const WAIT: Duration = Duration::from_secs(120);
 pub const NAMES: [&str; 2] = ["alpha", "beta"];
 
+/// A command's stdout and stderr, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `twinblk ARGS` for node i and asserts it succeeded (with both logs if not).
+pub fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
+    let o = p.cli(i, args);
+    assert!(o.status.success(), "{args:?}: {}\n{}", text(&o), p.logs());
+    o
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_twinblk")
 }
@@ -57,7 +73,13 @@ impl Pair {
             assert!(o.status.success(), "keygen: {o:?}");
         }
         let resource = resource.replace("{dir}", &d.display().to_string());
-        let mut text = format!("[resource]\nname = \"r0\"\nprotocol = \"sync\"\n{resource}\n");
+        // `resource` may choose the protocol; sync otherwise.
+        let protocol = if resource.contains("protocol") {
+            ""
+        } else {
+            "protocol = \"sync\"\n"
+        };
+        let mut text = format!("[resource]\nname = \"r0\"\n{protocol}{resource}\n");
         for (i, n) in NAMES.iter().enumerate() {
             text.push_str(&format!(
                 "[node.{n}]\naddress = \"127.0.0.1:{port}\"\ndisk = \"{d}/{n}.img\"\n\
@@ -98,8 +120,21 @@ impl Pair {
 
     /// Start node i's daemon with extra environment; does not wait.
     pub fn start(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.start_wrapped(i, env, &[]);
+    }
+
+    /// Like [`Pair::start`], run through `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(&mut self, i: usize, env: &[(&str, &str)], wrapper: &[&str]) {
         let log = std::fs::File::create(self.path(&format!("{}.log", NAMES[i]))).expect("log");
-        let child = Command::new(bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["up", "r0", "--config"])
             .arg(&self.config)
             .args(["--node", NAMES[i]])

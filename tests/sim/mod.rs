@@ -178,6 +178,10 @@ enum Ev {
     RogueWrite,
     /// The operator looks at a reported split brain and resolves it.
     Resolve,
+    /// The operator demotes a Primary that was refused because the peer has newer data.
+    DemoteStale {
+        node: usize,
+    },
 }
 
 struct Scheduled {
@@ -453,11 +457,16 @@ impl World {
     }
 
     fn fail(&mut self, e: String) -> ! {
+        // `TWINBLK_SIM_TRACE=N` shows more of the trace when replaying a seed.
+        let lines = std::env::var("TWINBLK_SIM_TRACE")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(60);
         let tail = self
             .trace
             .iter()
             .rev()
-            .take(60)
+            .take(lines)
             .rev()
             .cloned()
             .collect::<Vec<_>>()
@@ -609,6 +618,7 @@ impl World {
                     }
                     twinblk::core::StateChange::Refused { reason } => {
                         self.split_refused(node, reason);
+                        self.stale_primary_refused(node, reason);
                         Some("refused")
                     }
                     twinblk::core::StateChange::Repl {
@@ -650,6 +660,10 @@ impl World {
                         fail: None,
                     },
                 );
+            }
+            Action::SyncData => {
+                self.nodes[node].disk.flush();
+                *self.stats.entry("sync data").or_default() += 1;
             }
             Action::CloseConnection { conn, reason } => {
                 self.log(format!("node {node} closes {conn}: {reason}"));
@@ -790,6 +804,11 @@ impl World {
             return;
         }
         self.log(format!("CRASH node {node}"));
+        // A Primary that pulled ahead (or is a sync source again) started a generation the
+        // Secondary lacks, even while the Secondary still believes it is Established.
+        let prim_in_sync = self
+            .status(node)
+            .is_some_and(|s| s.repl == ReplState::Established);
         self.note_interrupted_resync();
         let sec = 1 - self.prim;
         *self
@@ -833,9 +852,10 @@ impl World {
             if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
                 // Mostly when the survivor is in sync (the failover operators do); sometimes
                 // of a stale or Inconsistent survivor (forced).
-                let in_sync = self.status(sec).is_some_and(|s| {
-                    s.repl == ReplState::Established && s.disk == DiskState::UpToDate
-                });
+                let in_sync = prim_in_sync
+                    && self.status(sec).is_some_and(|s| {
+                        s.repl == ReplState::Established && s.disk == DiskState::UpToDate
+                    });
                 if in_sync || self.rng.one_in(3) {
                     self.failover_pending = true;
                     self.survivor_in_sync = in_sync;
@@ -915,11 +935,12 @@ impl World {
             return;
         }
         let was_up_to_date = st.disk == DiskState::UpToDate;
-        // KNOWN GAP (seed 6208 with `&& !st.bitmap_known`): a bitmap-resync target acks
-        // resync data once written, not stable, and the source clears the bits; forced to
-        // Primary and then crashed, it can lose that data with no bitmap naming it. Until the
-        // core flushes at a forced promotion, any forced Inconsistent node is untrusted here.
-        let untrusted = st.disk == DiskState::Inconsistent;
+        // An Inconsistent node that never learnt what it lacks (no `bitmap_known`: the source
+        // may not have marked anything) has no bitmap describing its data once forced. One
+        // that knows is covered: the source keeps the bits of what it did not send, and the
+        // core makes the acked resync writes stable before the forced promotion is saved
+        // (`Action::SyncData`; seed 6208 lost them in a crash right after).
+        let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
         self.admin(s, AdminCmd::Promote { force: false });
         let mut forced = false;
         if self.status(s).is_some_and(|x| x.role != Role::Primary) {
@@ -1020,8 +1041,8 @@ impl World {
                 }
                 return;
             }
-            // See `failover`: a forced Inconsistent node is untrusted (known gap).
-            let untrusted = st.disk == DiskState::Inconsistent;
+            // See `failover`: untrusted only if it never learnt what it lacks.
+            let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
             self.admin(r, AdminCmd::Promote { force: false });
             if self.status(r).is_some_and(|x| x.role != Role::Primary) {
                 self.admin(r, AdminCmd::Promote { force: true });
@@ -1085,6 +1106,64 @@ impl World {
                 self.schedule(200 * US, Ev::RogueWrite);
             }
         }
+    }
+
+    /// A Primary refused the peer because the peer has newer data (it is the handshake's
+    /// sync source, and a Primary never becomes a target: DRBD's rr-conflict = disconnect).
+    /// That happens after a stale failover (the survivor was not in sync when the Primary died)
+    /// when the promoted node has not written since: its generation is the one the peer's
+    /// bitmap is relative to, so it is no split brain, and the peer's data (acknowledged
+    /// writes of the Primary that died) is the newer one. The operator does what the refusal
+    /// says: demote this node and reconnect; the peer becomes the Primary. During the workload
+    /// the client's next write makes this a split brain instead (handled there), so only the
+    /// heal phase, where no write comes, needs the operator.
+    fn stale_primary_refused(&mut self, node: usize, reason: &str) {
+        if !self.healing
+            || self.split.is_some()
+            || node != self.prim
+            || !reason.contains("newer data than this Primary")
+        {
+            return;
+        }
+        if !self.forced_failover {
+            self.fail(format!(
+                "node {node} (Primary) was refused for newer peer data without a stale or \
+                 forced failover: {reason}"
+            ));
+        }
+        let d = self.rng.range(500 * US, 2000 * US);
+        self.schedule(d, Ev::DemoteStale { node });
+    }
+
+    fn demote_stale(&mut self, node: usize) {
+        if node != self.prim || self.split.is_some() {
+            return;
+        }
+        let newer = 1 - node;
+        let busy =
+            !self.outstanding.is_empty() || !self.nodes[node].disk.writes_in_flight.is_empty();
+        if busy || !self.alive(node) || !self.alive(newer) {
+            self.schedule(500 * US, Ev::DemoteStale { node });
+            return;
+        }
+        self.client_paused = true;
+        self.admin(node, AdminCmd::Demote);
+        if self.status(node).is_some_and(|s| s.role != Role::Secondary) {
+            self.log(format!("demote of stale Primary {node} refused, retrying"));
+            self.schedule(500 * US, Ev::DemoteStale { node });
+            return;
+        }
+        self.log(format!(
+            "OPERATOR: node {node} demoted (the peer has newer data), node {newer} takes over"
+        ));
+        *self.stats.entry("stale primary demoted").or_default() += 1;
+        self.prim = newer;
+        self.conn_epoch += 1;
+        self.b_prev_repl = ReplState::StandAlone;
+        self.adopt(newer, "newer peer's disk");
+        self.admin(node, AdminCmd::Connect);
+        self.admin(newer, AdminCmd::Connect);
+        self.client_paused = false;
     }
 
     /// A node refused the peer while a split brain was being made.
@@ -1650,6 +1729,7 @@ impl World {
             Ev::Failover => self.failover(),
             Ev::RogueWrite => self.rogue_write(),
             Ev::Resolve => self.resolve(),
+            Ev::DemoteStale { node } => self.demote_stale(node),
         }
         self.maybe_connect();
         if let Err(e) = self.check_bitmap_cover() {

@@ -118,6 +118,9 @@ pub struct Resource {
     /// `csums`: checksum-based resync (the target's digests first; data moves only where
     /// they differ). Default off.
     pub csums: bool,
+    /// `al-updates`: activity-log transactions (DRBD's disk option). Default on; off saves
+    /// the transactions, but a Primary that crashes then resyncs the whole device.
+    pub al_updates: bool,
     /// `on-peer-lost`: the command a Primary runs (and waits for) when it loses an UpToDate
     /// peer, before writes continue without it; `None`: continue at once.
     pub on_peer_lost: Option<PathBuf>,
@@ -226,6 +229,7 @@ struct RawResource {
     after_sb_1pri: Option<String>,
     on_peer_lost: Option<PathBuf>,
     csums: Option<bool>,
+    al_updates: Option<bool>,
     c_max_rate: Option<String>,
     c_fill_target: Option<String>,
     c_plan_ahead: Option<String>,
@@ -502,6 +506,7 @@ impl Config {
             after_sb_1pri,
             on_peer_lost,
             csums: r.csums.unwrap_or(false),
+            al_updates: r.al_updates.unwrap_or(true),
             c_max_rate,
             c_fill_target,
             c_plan_ahead,

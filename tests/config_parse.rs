@@ -406,3 +406,20 @@ fn ublk_queues_and_depth_are_per_node_with_limits() {
         &["node.alpha.ublk-depth", "1 to 4096"],
     );
 }
+
+#[test]
+fn al_updates_defaults_on_and_reads_false() {
+    let c = Config::from_str(&with("", NODE_A, NODE_B)).unwrap();
+    assert!(
+        c.resource.al_updates,
+        "DRBD's default: activity-log updates on"
+    );
+    let c = Config::from_str(&with("al-updates = false", NODE_A, NODE_B)).unwrap();
+    assert!(!c.resource.al_updates);
+    let c = Config::from_str(&with("al-updates = true", NODE_A, NODE_B)).unwrap();
+    assert!(c.resource.al_updates);
+    assert_has(
+        &err(&with("al-updates = \"no\"", NODE_A, NODE_B)),
+        &["al-updates"],
+    );
+}

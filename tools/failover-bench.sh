@@ -10,19 +10,24 @@
 #       blocks (random map: each block once) through alpha, beta reconnects; bytes resynced from
 #       alpha's twinblk_resync_bytes_total. Target ratio <= 1.1.
 # (iii) activity-log cost: 4k randwrite qd32 IOPS through alpha's NBD export (replicating to
-#       beta) with an activity log that covers the whole device (1360 extents: never evicts)
-#       against one that evicts on nearly every write (--al-extents 8 over the device). Target
-#       <= 5 %.
-# Environment: TWINBLK (binary, default target/release/twinblk), BENCH_DIR (/var/tmp: O_DIRECT).
+#       beta) with the activity log (default al-extents, group commit) against `al-updates =
+#       false` (no activity log at all), on the same device, alternating (--rounds each), one
+#       restart of both nodes between runs. Target <= 5 %. Worst case row: a log of 8 extents
+#       over the device (a transaction on nearly every write) against no log; with
+#       TWINBLK_BEFORE=<binary> also that binary's IOPS with the 8-extent log (e.g. a build
+#       without group commit), on the same device.
+# Environment: TWINBLK (binary, default target/release/twinblk), TWINBLK_BEFORE (optional),
+# BENCH_DIR (/var/tmp: O_DIRECT).
 set -euo pipefail
 
-size=1G dirty=64M runtime=20
+size=1G dirty=64M runtime=20 rounds=2
 while [ $# -gt 0 ]; do
     case "$1" in
         --size) size=$2; shift 2 ;;
         --dirty) dirty=$2; shift 2 ;;
         --runtime) runtime=$2; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "failover-bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -31,6 +36,9 @@ cd "$(dirname "$0")/.."
 TW="${TWINBLK:-target/release/twinblk}"
 case "$TW" in /*) ;; *) TW="$PWD/$TW" ;; esac
 [ -x "$TW" ] || { echo "failover-bench: $TW not found: cargo build --release first (or set TWINBLK)" >&2; exit 1; }
+BEFORE="${TWINBLK_BEFORE:-}"
+case "$BEFORE" in ""|/*) ;; *) BEFORE="$PWD/$BEFORE" ;; esac
+[ -z "$BEFORE" ] || [ -x "$BEFORE" ] || { echo "failover-bench: TWINBLK_BEFORE=$BEFORE is not an executable" >&2; exit 1; }
 for t in fio python3 curl; do
     command -v "$t" >/dev/null || { echo "failover-bench: $t not found (apt-get install fio python3 curl)" >&2; exit 1; }
 done
@@ -70,7 +78,7 @@ wait_in_sync() {
     done
     fail "the nodes did not get in sync within 5 minutes"
 }
-setup() { # AL-EXTENTS
+setup() { # [AL-EXTENTS] (default: create-md's)
     {
         printf '[resource]\nname = "r0"\nprotocol = "sync"\n'
         i=0
@@ -88,11 +96,11 @@ setup() { # AL-EXTENTS
         # Written extents, not holes: allocation would be measured instead of twinblk.
         fio --name=fill --filename="$D/$n.img" --size="$size" --rw=write --bs=1M --direct=1 \
             --ioengine=psync --output=/dev/null
-        tw create-md "$n" --al-extents "$1" >/dev/null
+        tw create-md "$n" ${1:+--al-extents "$1"} >/dev/null
     done
 }
-start() {
-    "$TW" up r0 --config "$D/r0.toml" --node "$1" >/dev/null 2>>"$D/$1.log" &
+start() { # NODE [BINARY]
+    "${2:-$TW}" up r0 --config "$D/r0.toml" --node "$1" >/dev/null 2>>"$D/$1.log" &
     PIDS+=($!)
     local i
     for ((i = 0; i < 200; i++)); do tw status "$1" --json >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -122,7 +130,7 @@ fio_json --name=local --filename="$D/local.img" --size="$size" --rw=write --bs=1
 local_bw=$(jget "$D/local.json" bw_bytes)
 rm -f "$D/local.img"
 
-setup 1360
+setup
 start alpha
 start beta
 t0=$(now)
@@ -151,22 +159,62 @@ ratio=$(python3 -c "print(f'{$resynced / $dirty_bytes:.3f}')")
 printf '(ii)  dirtied %s bytes (random 4k, each block once); out of sync before reconnect %s; resynced %s bytes in %.1f s -> ratio %s (target <= 1.1)\n' \
     "$dirty_bytes" "$oos" "$resynced" "$(python3 -c "print($t1 - $t0)")" "$ratio"
 
-# (iii) 4k randwrite qd32 IOPS through alpha with a never-evicting log, then an evicting one.
+# (iii) 4k randwrite qd32 IOPS through alpha: with the activity log against without one
+# (al-updates = false), same device, alternating; then the same with an 8-extent log.
 iops() {
     fio_json --name=al --ioengine=nbd --uri="nbd+unix:///?socket=$D/alpha.nbd" --rw=randwrite \
         --bs=4k --iodepth=32 --size="$size" --time_based --runtime="$runtime" --ramp_time=2 \
         --randseed=13 >"$D/iops.json" || fail "fio (iops) through alpha: $(cat "$D/fio.err")"
     jget "$D/iops.json" iops
 }
-big=$(iops)
+# Both nodes down (clean), then up with al-updates = $1 (the key is left out for "true", so
+# an older binary reads the file too) and binary $2; alpha Primary, in sync again. Not in a
+# $(subshell): the daemons must stay children of this shell, so stop_all can wait for them.
+run_mode() { # true|false [BINARY] -> sets $got (IOPS)
+    stop_all
+    sed -i '/^al-updates/d' "$D/r0.toml"
+    [ "$1" = true ] || sed -i 's/^protocol = "sync"$/&\nal-updates = false/' "$D/r0.toml"
+    start alpha "${2:-}"
+    start beta "${2:-}"
+    tw primary alpha >/dev/null || fail "alpha did not become Primary after the restart"
+    wait_in_sync
+    got=$(iops)
+}
+mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(int(sum(v)/len(v)))' "$@"; }
+pct() { python3 -c "print(f'{100 * (1 - $1 / $2):.1f}')"; }
+al=() noal=()
+for ((r = 0; r < rounds; r++)); do
+    run_mode true; al+=("$got")
+    run_mode false; noal+=("$got")
+done
 stop_all
+al_m=$(mean "${al[@]}") noal_m=$(mean "${noal[@]}")
+printf '(iii) 4k randwrite qd32, %s x %ss each, alternating:\n' "$rounds" "$runtime"
+printf '      activity log (1024 extents, group commit) %8s IOPS  runs: %s\n' "$al_m" "${al[*]}"
+printf '      al-updates = false (no log)               %8s IOPS  runs: %s\n' "$noal_m" "${noal[*]}"
+printf '      -> cost of the activity log %s %% (target <= 5 %%); ratio %s\n' "$(pct "$al_m" "$noal_m")" \
+    "$(python3 -c "print(f'{$al_m / $noal_m:.3f}')")"
+
 setup 8
 start alpha
 start beta
 tw primary alpha --force >/dev/null
 wait_in_sync
-small=$(iops)
+al8=() noal8=() before8=()
+for ((r = 0; r < rounds; r++)); do
+    run_mode true; al8+=("$got")
+    run_mode false; noal8+=("$got")
+    if [ -n "$BEFORE" ]; then run_mode true "$BEFORE"; before8+=("$got"); fi
+done
 stop_all
-cost=$(python3 -c "print(f'{100 * (1 - $small / $big):.1f}')")
-printf '(iii) 4k randwrite qd32: %s IOPS with 1360 extents (never evicts), %s IOPS with 8 extents (evicts on nearly every write) -> cost %s %% (target <= 5 %%)\n' \
-    "$big" "$small" "$cost"
+al8_m=$(mean "${al8[@]}") noal8_m=$(mean "${noal8[@]}")
+printf '      worst case, 8-extent log over the device:\n'
+printf '      8 extents, group commit                   %8s IOPS  runs: %s\n' "$al8_m" "${al8[*]}"
+if [ -n "$BEFORE" ]; then
+    b_m=$(mean "${before8[@]}")
+    printf '      8 extents, TWINBLK_BEFORE                 %8s IOPS  runs: %s\n' "$b_m" "${before8[*]}"
+fi
+printf '      al-updates = false (no log)               %8s IOPS  runs: %s\n' "$noal8_m" "${noal8[*]}"
+printf '      -> cost of the 8-extent log %s %%' "$(pct "$al8_m" "$noal8_m")"
+[ -z "$BEFORE" ] || printf ' (TWINBLK_BEFORE: %s %%)' "$(pct "$b_m" "$noal8_m")"
+printf '\n'

@@ -77,8 +77,19 @@ impl ActivityLog {
         extents: std::ops::RangeInclusive<u64>,
         pinned: impl Fn(u64) -> bool,
     ) -> Option<Transaction> {
+        let v: Vec<u64> = extents.collect();
+        self.activate_set(&v, pinned)
+    }
+
+    /// [`ActivityLog::activate`] for any set of extents: one transaction for all of them (group
+    /// commit: the extents every waiting write misses).
+    pub fn activate_set(
+        &mut self,
+        extents: &[u64],
+        pinned: impl Fn(u64) -> bool,
+    ) -> Option<Transaction> {
         let mut missing = false;
-        for e in extents.clone() {
+        for &e in extents {
             self.tick += 1;
             match self.active.get_mut(&e) {
                 Some(t) => *t = self.tick,
@@ -112,6 +123,19 @@ impl ActivityLog {
             }
         }
         Some(Transaction { evicted })
+    }
+
+    /// Marks `extent` most recently used if it is active (the hot path: no transaction).
+    pub fn touch(&mut self, extent: u64) {
+        if let Some(t) = self.active.get_mut(&extent) {
+            self.tick += 1;
+            *t = self.tick;
+        }
+    }
+
+    /// Forgets `extent` (a transaction that would have named it failed: it is not durable).
+    pub fn remove(&mut self, extent: u64) {
+        self.active.remove(&extent);
     }
 
     /// Drops every extent that is not `pinned` (e.g. after a clean shutdown or once the peer
@@ -162,6 +186,21 @@ mod tests {
         let t = al.activate(8..=8, |_| false).unwrap();
         assert_eq!(t.evicted.len(), 3);
         assert_eq!(al.extents(), vec![8]);
+    }
+
+    #[test]
+    fn one_transaction_for_a_group_evicts_only_outside_it() {
+        let mut al = ActivityLog::new(3);
+        al.activate_set(&[1, 2, 3], |_| false);
+        // 1 is the oldest, but a group naming it keeps it: 2 and 3 go.
+        let t = al.activate_set(&[1, 7, 8], |_| false).unwrap();
+        let mut ev = t.evicted.clone();
+        ev.sort_unstable();
+        assert_eq!(ev, vec![2, 3]);
+        assert_eq!(al.extents(), vec![1, 7, 8]);
+        assert_eq!(al.activate_set(&[8, 7], |_| false), None);
+        al.remove(7);
+        assert!(!al.contains(7));
     }
 
     #[test]

@@ -33,11 +33,18 @@
 //!   directly (the core only decides that this node may serve reads).
 //! * [`Action::Emit`]: one structured state change for logs, `status` and the events stream.
 //! * [`Action::AdminDone`]: the answer to an [`Event::Admin`] with the same tag.
-//! * [`Action::SaveBitmap`] / [`Action::SaveActivityLog`]: persist into the metadata area,
-//!   durable before any later action of the batch. Before writing an activity-log transaction,
-//!   make every *completed* data write stable (flush the data device first, DRBD's pre-flush):
-//!   an extent leaves the log only when nothing is in flight in it, and its data must then
-//!   survive a crash. Start a restarted node with [`Replica::restore`] from what was persisted.
+//! * [`Action::SaveBitmap`]: persist into the metadata area, durable before any later action of
+//!   the batch.
+//! * [`Action::SaveActivityLog`] `{ io, extents }`: an activity-log transaction, executed in the
+//!   background (not blocking other events): first make every data write completed so far
+//!   stable (flush the data device, DRBD's pre-flush: an extent leaves the log only when
+//!   nothing is in flight in it, and its data must then survive a crash), then write the
+//!   transaction durably, then report [`Event::DiskDone`] for `io` (`Ok(None)`, or `Err(errno)`:
+//!   the writes waiting for it fail). At most one is in flight (group commit: writes missing the
+//!   log meanwhile wait in the core and share the next one); the writes it covers are issued
+//!   only after its `DiskDone`. A crash before that = the transaction did not happen. The
+//!   [`Action::SaveBitmap`]s before it in the batch (evicted extents) are durable before it.
+//!   Start a restarted node with [`Replica::restore`] from what was persisted.
 //! * [`Action::SyncData`]: make every *completed* data write stable now (fdatasync the data
 //!   device), before any later action of the batch runs (the same flush as the activity log's
 //!   pre-flush, without a transaction).
@@ -107,7 +114,11 @@
 //! * Crash safety of the bitmap: an extent leaves the activity log only with nothing in flight
 //!   and nothing in it the peer has not made stable (flush-barrier acked), after its bitmap words are persisted. So after a crash, the
 //!   persisted bitmap plus (crashed Primary) the log's extents cover every block this node
-//!   changed that the peer may lack ([`Replica::restore`]).
+//!   changed that the peer may lack ([`Replica::restore`]). A write to an extent the log does
+//!   not name waits for a durable transaction naming it (group commit, at most one in flight);
+//!   writes to named extents never wait for the log. With [`Config::al_updates`] off there are
+//!   no transactions: the metadata says so while Primary ([`Meta::no_activity_log`]), and a
+//!   crashed Primary restarts with the whole device dirty.
 //! * A local write error on the Primary fails that request and, if connected, reconnects so the
 //!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
 //!
@@ -206,6 +217,10 @@ pub struct Config {
     /// Bytes per activity-log extent: [`AL_EXTENT`]; smaller only in tests (the simulator's
     /// devices are a few hundred KiB).
     pub al_extent: u64,
+    /// Activity-log transactions (resource key `al-updates`, DRBD's name; default true). Off:
+    /// no transaction ever, and a Primary that crashes resyncs the whole device (its metadata
+    /// says so: [`Meta::no_activity_log`]).
+    pub al_updates: bool,
     /// Checksum-based resync ([`csums`]): the target's digests first, data only where they
     /// differ (resource key `csums`).
     pub csums: bool,
@@ -242,6 +257,7 @@ impl Config {
             bitmap_block: BLOCK,
             al_extents: 1024,
             al_extent: AL_EXTENT,
+            al_updates: true,
             csums: false,
             stability_interval: 100_000_000,
             stability_writes: 4096,
@@ -266,6 +282,11 @@ pub struct Meta {
     pub disk: DiskState,
     /// The node was Primary when this was saved: after a restart it counts as a crashed primary.
     pub primary: bool,
+    /// The node was Primary without activity-log updates (`al-updates = false`): after a crash
+    /// the whole device is dirty. Not in the postcard bytes: meta/ stores it as a flag after
+    /// them, so superblocks written before it existed read as `false`.
+    #[serde(skip)]
+    pub no_activity_log: bool,
 }
 
 impl Meta {
@@ -277,6 +298,7 @@ impl Meta {
             history: [0; 2],
             disk: DiskState::Inconsistent,
             primary: false,
+            no_activity_log: false,
         }
     }
 }
@@ -499,6 +521,7 @@ pub enum Action {
     /// not acked. Durable before any later action of the batch runs (a write to an extent
     /// follows the transaction that names it).
     SaveActivityLog {
+        io: IoId,
         extents: Vec<u64>,
     },
     /// Make every data write that completed so far stable (fdatasync the data device) before
@@ -756,6 +779,12 @@ pub struct Replica {
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
     resync_timer: Option<u64>,
     al: ActivityLog,
+    /// The activity-log transaction in flight (group commit: at most one), by its io id.
+    al_txn: Option<IoId>,
+    /// Extents it adds: active in `al`, but no write may use them before it is durable.
+    al_uncommitted: std::collections::HashSet<u64>,
+    /// The last metadata saved says Primary without activity-log updates: see `save_meta`.
+    persisted_no_al: bool,
     now: u64,
     /// The last metadata saved (or restored) says Primary: see `save_meta`.
     persisted_primary: bool,
@@ -781,6 +810,10 @@ impl Replica {
                 // persisted when the extent leaves the log.
                 r.bitmap.set_bytes(e.saturating_mul(ext), ext);
             }
+        }
+        if restored.meta.primary && restored.meta.no_activity_log {
+            // It wrote without logging where: any block may differ from the peer.
+            r.bitmap.set_bytes(0, r.cfg.size);
         }
         if !r.bitmap.is_clean() && r.bitmap_gen.is_none() {
             r.bitmap_gen = Some(r.current_gen);
@@ -826,6 +859,9 @@ impl Replica {
             resync: None,
             resync_timer: None,
             al: ActivityLog::new(cfg.al_extents),
+            al_txn: None,
+            al_uncommitted: Default::default(),
+            persisted_no_al: meta.primary && meta.no_activity_log,
             persisted_primary: meta.primary,
             now: 0,
             verify: None,
@@ -847,6 +883,7 @@ impl Replica {
             history: self.history,
             disk: self.disk,
             primary: self.role == Role::Primary,
+            no_activity_log: self.role == Role::Primary && !self.cfg.al_updates,
         }
     }
 
@@ -1035,10 +1072,14 @@ impl Replica {
         // Once the metadata says "not Primary", a crash no longer adds the activity log's
         // extents to the bitmap: the bits that live only in memory (writes while disconnected,
         // a crashed Primary's log) must be persisted first.
-        if !m.primary && self.persisted_primary {
+        // Likewise when it no longer says "everything is dirty after a crash" (al-updates off):
+        // the whole-device bits a crash without a log left live only in memory.
+        let no_al = m.primary && m.no_activity_log;
+        if (!m.primary && self.persisted_primary) || (self.persisted_no_al && !no_al) {
             self.flush_bitmap(out);
         }
         self.persisted_primary = m.primary;
+        self.persisted_no_al = no_al;
         out.push(Action::SaveMeta(m));
     }
 
@@ -1221,6 +1262,8 @@ impl Replica {
         }
         let mut i = 0;
         let mut blocked: Vec<(u64, u64)> = Vec::new();
+        let mut al_wanted: Vec<u64> = Vec::new();
+        let mut al_keep: Vec<u64> = Vec::new();
         while i < self.issue_q.len() {
             let Some(item) = self.issue_q.get(i) else {
                 break;
@@ -1241,7 +1284,12 @@ impl Replica {
                 }
                 Issue::Write { offset, len, .. } => {
                     let r = (*offset, (*len as u64).max(1));
-                    if self.overlaps_inflight(r) || blocked.iter().any(|b| overlap(*b, r)) {
+                    // The log first: its transaction then overlaps the wait for the disk.
+                    let logged = self.al_covers(r.0, r.1, &mut al_wanted, &mut al_keep);
+                    if !logged
+                        || self.overlaps_inflight(r)
+                        || blocked.iter().any(|b| overlap(*b, r))
+                    {
                         blocked.push(r);
                         i += 1;
                         continue;
@@ -1260,6 +1308,9 @@ impl Replica {
                     }
                 }
             }
+        }
+        if !al_wanted.is_empty() {
+            self.start_al_txn(al_wanted, &al_keep, out);
         }
         self.pump_resync(out);
         self.pump_verify(out);
@@ -1327,7 +1378,7 @@ impl Replica {
         epoch: u64,
         out: &mut Vec<Action>,
     ) {
-        self.activate_extents(offset, len as u64, out);
+        self.activate_extents(offset, len as u64);
         self.note_app_io();
         let io = self.new_io(IoKind::Client { req }, offset, len as u64);
         match op {
@@ -1394,20 +1445,58 @@ impl Replica {
         }
     }
 
-    /// Before a local client write: makes its extents active in the activity log. The hot path
-    /// (extents already active) emits nothing; otherwise the evicted extents' bitmap words and
-    /// then the new log are persisted, ahead of the write (actions run in order).
-    fn activate_extents(&mut self, offset: u64, len: u64, out: &mut Vec<Action>) {
+    /// The extents of `offset..offset + len`.
+    fn al_range(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         let ext = self.cfg.al_extent.max(1);
-        let first = offset / ext;
-        let last = offset.saturating_add(len.max(1) - 1) / ext;
-        if (first..=last).all(|e| self.al.contains(e)) {
-            // Only refreshes the LRU order: no transaction.
-            self.al.activate(first..=last, |_| true);
+        offset / ext..=offset.saturating_add(len.max(1) - 1) / ext
+    }
+
+    /// Whether a write to `offset..offset + len` may go to the disk now: its extents are in a
+    /// durable activity-log transaction (always, with `al-updates` off). If not, the extents no
+    /// transaction names yet are added to `wanted` (the next group commit). The hot path is
+    /// lookups only. Every extent of the write goes to `keep`: a transaction must not evict
+    /// what a queued write needs (or two writes could evict each other's extents forever).
+    fn al_covers(&self, offset: u64, len: u64, wanted: &mut Vec<u64>, keep: &mut Vec<u64>) -> bool {
+        if !self.cfg.al_updates {
+            return true;
+        }
+        let mut ok = true;
+        for e in self.al_range(offset, len) {
+            keep.push(e);
+            if !self.al.contains(e) {
+                ok = false;
+                if !wanted.contains(&e) {
+                    wanted.push(e);
+                }
+            } else if self.al_uncommitted.contains(&e) {
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Before a local client write (its extents are covered, see `al_covers`): refreshes their
+    /// LRU order.
+    fn activate_extents(&mut self, offset: u64, len: u64) {
+        for e in self.al_range(offset, len) {
+            self.al.touch(e);
+        }
+    }
+
+    /// Group commit: one activity-log transaction for every extent the waiting writes miss
+    /// (unless one is in flight: the writes missing meanwhile wait for the next). The evicted
+    /// extents' bitmap words are persisted first (synchronously, in order); the transaction
+    /// itself runs in the background and its `DiskDone` issues the writes it covers.
+    fn start_al_txn(&mut self, mut wanted: Vec<u64>, keep: &[u64], out: &mut Vec<Action>) {
+        if self.al_txn.is_some() || wanted.is_empty() {
             return;
         }
-        let pinned = self.pinned_extents();
-        let Some(t) = self.al.activate(first..=last, |e| pinned.contains(&e)) else {
+        wanted.sort_unstable();
+        wanted.dedup();
+        let ext = self.cfg.al_extent.max(1);
+        let mut pinned = self.pinned_extents();
+        pinned.extend(keep.iter().copied());
+        let Some(t) = self.al.activate_set(&wanted, |e| pinned.contains(&e)) else {
             return;
         };
         for e in t.evicted {
@@ -1417,12 +1506,60 @@ impl Replica {
                 out.push(Action::SaveBitmap { first_word, words });
             }
         }
+        let io = self.next_io;
+        self.next_io += 1;
+        self.al_txn = Some(io);
+        self.al_uncommitted = wanted.into_iter().collect();
         out.push(Action::SaveActivityLog {
+            io,
             extents: self.al.extents(),
         });
         if self.al.len() > self.cfg.al_extents {
             self.al_pressure_point();
         }
+    }
+
+    /// The activity-log transaction `io` finished. Done: the writes it covers go to the disk,
+    /// and the ones that missed meanwhile form the next transaction. Failed: its extents are not
+    /// durable, so they leave the log and the writes waiting for them fail.
+    fn al_txn_done(&mut self, io: IoId, result: Result<(), i32>, out: &mut Vec<Action>) {
+        self.al_txn = None;
+        let added = std::mem::take(&mut self.al_uncommitted);
+        if let Err(e) = result {
+            tracing::error!(
+                io,
+                errno = e,
+                "activity-log transaction failed: failing the writes waiting for it; \
+                 check the metadata device"
+            );
+            for &x in &added {
+                self.al.remove(x);
+            }
+            let mut failed = Vec::new();
+            let ext = self.cfg.al_extent.max(1);
+            let al = &self.al;
+            self.issue_q.retain(|item| match item {
+                Issue::Write {
+                    req, offset, len, ..
+                } => {
+                    let last = offset.saturating_add((*len as u64).max(1) - 1) / ext;
+                    let waits = (offset / ext..=last).any(|x| !al.contains(x));
+                    if waits {
+                        failed.push(*req);
+                    }
+                    !waits
+                }
+                Issue::Barrier { .. } => true,
+            });
+            for req in failed {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.unissued = false;
+                    r.err = Some(e);
+                }
+                self.try_complete(req, out);
+            }
+        }
+        self.pump_issue(out);
     }
 
     /// The activity log is past its size because its extents wait for the peer to make writes
@@ -1549,6 +1686,10 @@ impl Replica {
     // ---- disk completions ----
 
     fn disk_done(&mut self, io: IoId, result: Result<Option<Bytes>, i32>, out: &mut Vec<Action>) {
+        if self.al_txn == Some(io) {
+            self.al_txn_done(io, result.map(|_| ()), out);
+            return;
+        }
         let Some(Io { kind, offset, len }) = self.inflight.remove(&io) else {
             tracing::warn!(io, "completion for unknown disk io ignored");
             return;

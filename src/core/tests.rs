@@ -13,6 +13,7 @@ fn synced_meta() -> Meta {
         history: [0; 2],
         disk: DiskState::UpToDate,
         primary: false,
+        no_activity_log: false,
     }
 }
 
@@ -99,7 +100,22 @@ fn pair(protocol: Protocol) -> (Replica, Replica) {
     (a, b)
 }
 
+/// A client write; an activity-log transaction it starts completes at once (its actions and
+/// the completion's are both returned, in order). [`write_raw`] leaves it in flight.
 fn write(r: &mut Replica, req: ReqId, block: u64, n: u64) -> Vec<Action> {
+    let mut out = write_raw(r, req, block, n);
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(Action::SaveActivityLog { io, .. }) = out.get(i) {
+            let io = *io;
+            out.extend(done(r, io));
+        }
+        i += 1;
+    }
+    out
+}
+
+fn write_raw(r: &mut Replica, req: ReqId, block: u64, n: u64) -> Vec<Action> {
     let data = Bytes::from(vec![req as u8; (n * BLOCK) as usize]);
     r.handle_vec(
         Event::ClientWrite {
@@ -654,7 +670,7 @@ fn primary_alone(c: Config, meta: Meta) -> Replica {
 fn al_saves(out: &[Action]) -> Vec<Vec<u64>> {
     out.iter()
         .filter_map(|a| match a {
-            Action::SaveActivityLog { extents } => Some(extents.clone()),
+            Action::SaveActivityLog { extents, .. } => Some(extents.clone()),
             _ => None,
         })
         .collect()
@@ -706,6 +722,185 @@ fn activity_log_hot_set_is_free_and_eviction_persists_bits_first() {
         .position(|x| matches!(x, Action::SaveActivityLog { .. }));
     assert!(bm_at.is_some() && bm_at < al_at, "{out:?}");
     assert_eq!(al_saves(&out), vec![vec![1, 2]]);
+}
+
+fn al_txns(out: &[Action]) -> Vec<(IoId, Vec<u64>)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::SaveActivityLog { io, extents } => Some((*io, extents.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn activity_log_group_commit_one_transaction_in_flight() {
+    let mut a = primary_alone(al_cfg(1), synced_meta());
+    // Extent 0 misses: a transaction, and the write waits for it.
+    let out = write_raw(&mut a, 1, 0, 1);
+    let t1 = al_txns(&out);
+    assert_eq!(t1.len(), 1);
+    assert_eq!(t1[0].1, vec![0]);
+    assert!(writes(&out).is_empty(), "no write before its log: {out:?}");
+    // While it is in flight: a second write to extent 0 (not durable yet) and writes to
+    // extents 1 and 2 all wait, and start no transaction of their own.
+    let mut waiting = Vec::new();
+    for (req, block) in [(2, 1), (3, 8), (4, 16), (5, 17)] {
+        waiting.extend(write_raw(&mut a, req, block, 1));
+    }
+    assert!(al_txns(&waiting).is_empty(), "{waiting:?}");
+    assert!(writes(&waiting).is_empty(), "{waiting:?}");
+    // The transaction is durable: its two writes go, and ONE transaction for both extents
+    // the others missed follows (the log grows past 2: extent 0 is pinned by its writes).
+    let out = done(&mut a, t1[0].0);
+    let w: Vec<u64> = writes(&out).iter().map(|&(_, o)| o / BLOCK).collect();
+    assert_eq!(w, vec![0, 1]);
+    let t2 = al_txns(&out);
+    assert_eq!(t2.len(), 1, "{out:?}");
+    assert_eq!(t2[0].1, vec![0, 1, 2]);
+    let mut issued = writes(&out);
+    let out = done(&mut a, t2[0].0);
+    let w: Vec<u64> = writes(&out).iter().map(|&(_, o)| o / BLOCK).collect();
+    assert_eq!(w, vec![8, 16, 17]);
+    assert!(al_txns(&out).is_empty());
+    issued.extend(writes(&out));
+    let mut completed = Vec::new();
+    for (io, _) in issued {
+        completed.extend(completions(&done(&mut a, io)));
+    }
+    completed.sort_unstable();
+    assert_eq!(
+        completed,
+        (1..=5).map(|r| (r, Ok(()))).collect::<Vec<_>>(),
+        "every write completes"
+    );
+    // Hot path: an active, committed extent costs nothing.
+    let out = write_raw(&mut a, 6, 2, 1);
+    assert!(al_txns(&out).is_empty());
+    assert_eq!(writes(&out).len(), 1);
+}
+
+#[test]
+fn a_failed_activity_log_transaction_fails_its_writes_and_the_next_retries() {
+    let mut a = primary_alone(al_cfg(1), synced_meta());
+    let out = write_raw(&mut a, 1, 0, 1);
+    let (io, _) = al_txns(&out)[0].clone();
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    assert_eq!(completions(&out), vec![(1, Err(libc::EIO))]);
+    assert!(writes(&out).is_empty());
+    // The extent is not in the log: the next write to it asks again.
+    let out = write_raw(&mut a, 2, 0, 1);
+    assert_eq!(al_txns(&out).len(), 1);
+    let out = done(&mut a, al_txns(&out)[0].0);
+    assert_eq!(writes(&out).len(), 1);
+}
+
+fn no_al_cfg(node: u64) -> Config {
+    let mut c = al_cfg(node);
+    c.al_updates = false;
+    c
+}
+
+#[test]
+fn al_updates_off_never_writes_the_log_and_says_so_in_the_metadata() {
+    let mut a = Replica::new(no_al_cfg(1), synced_meta());
+    let out = a.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    let metas: Vec<Meta> = out
+        .iter()
+        .filter_map(|x| match x {
+            Action::SaveMeta(m) => Some(*m),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        metas.last().is_some_and(|m| m.primary && m.no_activity_log),
+        "{metas:?}"
+    );
+    for (req, block) in [(1, 0), (2, 8), (3, 16), (4, 24), (5, 32)] {
+        let out = write_raw(&mut a, req, block, 1);
+        assert!(al_txns(&out).is_empty(), "{out:?}");
+        assert_eq!(writes(&out).len(), 1, "issued at once");
+    }
+    // Demoted, it no longer claims to run without a log (a crash is then not a Primary's).
+    let mut b = Replica::new(no_al_cfg(1), synced_meta());
+    b.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    let out = b.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Demote,
+        },
+        0,
+    );
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::SaveMeta(m) if !m.primary && !m.no_activity_log)));
+}
+
+#[test]
+fn a_primary_that_crashed_without_a_log_restarts_with_the_whole_device_dirty() {
+    let mut meta = synced_meta();
+    meta.primary = true;
+    meta.no_activity_log = true;
+    let restored = Restored {
+        meta,
+        bitmap: Vec::new(),
+        activity_log: vec![1],
+    };
+    // Whatever this start's setting: the metadata says how the crashed run wrote.
+    for mk in [al_cfg, no_al_cfg] {
+        let r = Replica::restore(mk(1), restored.clone());
+        assert_eq!(r.bitmap().count(), SIZE / BLOCK, "every block dirty");
+        assert!(r.my_hello().bitmap_known, "a bitmap resync of everything");
+    }
+    // A Secondary's flag means nothing (it was not writing).
+    let mut m2 = meta;
+    m2.primary = false;
+    let r = Replica::restore(
+        al_cfg(1),
+        Restored {
+            meta: m2,
+            ..restored.clone()
+        },
+    );
+    assert!(r.bitmap().is_clean());
+    // Promoted again with the log on: the whole-device bits live only in memory, so they are
+    // persisted before the metadata stops saying "everything is dirty after a crash".
+    let mut r = Replica::restore(al_cfg(1), restored);
+    let out = r.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    let bm_at = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveBitmap { .. }));
+    let meta_at = out
+        .iter()
+        .position(|x| matches!(x, Action::SaveMeta(m) if m.primary && !m.no_activity_log));
+    assert!(
+        bm_at.is_some() && meta_at.is_some() && bm_at < meta_at,
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -866,7 +1061,16 @@ impl Duo {
                         }
                         bm[first_word as usize..end].copy_from_slice(&words);
                     }
-                    Action::SaveActivityLog { extents } => self.saved[n].activity_log = extents,
+                    Action::SaveActivityLog { io, extents } => {
+                        self.saved[n].activity_log = extents;
+                        queue.push_back((
+                            n,
+                            Event::DiskDone {
+                                io,
+                                result: Ok(None),
+                            },
+                        ));
+                    }
                     Action::CompleteClient { req, result } if n == 0 => {
                         self.completed.push((req, result))
                     }

@@ -14,8 +14,12 @@
 //!  16  sequence u64            24  resource id u64       32  node id u64
 //!  40  device size u64         48  bitmap block u64      56  al extents u32   60  al ring u32
 //!  64  resource name (u8 length + 63 bytes)             128  node name (u8 length + 63 bytes)
-//! 192  u16 length + the core's `Meta`, postcard
+//! 192  u16 length + the core's `Meta`, postcard, then one flags byte:
+//!      bit 0 = `Meta::no_activity_log` (Primary with `al-updates = false`)
 //! ```
+//!
+//! The flags byte was zero in every slot written before it existed (the slot is zero-filled),
+//! so those read as "activity log in use".
 //!
 //! An update writes `seq + 1` to the slot *not* in effect: a torn write damages only the slot
 //! being written, and the valid slot with the highest sequence wins.
@@ -241,11 +245,12 @@ pub fn encode_superblock(sb: &Superblock) -> Result<Vec<u8>, FormatError> {
     put_name(&mut b, SB_NAMES + 64, &sb.node, "node")?;
     let meta = postcard::to_stdvec(&sb.meta)
         .map_err(|e| invalid(format!("cannot encode the metadata: {e}")))?;
-    if meta.len() > BLOCK - SB_META - 2 {
+    if meta.len() > BLOCK - SB_META - 3 {
         return Err(invalid("the metadata does not fit in a superblock slot"));
     }
     b[SB_META..SB_META + 2].copy_from_slice(&(meta.len() as u16).to_le_bytes());
     b[SB_META + 2..SB_META + 2 + meta.len()].copy_from_slice(&meta);
+    b[SB_META + 2 + meta.len()] = u8::from(sb.meta.no_activity_log);
     let crc = crc_without(&b, SB_CRC, None);
     b[SB_CRC..SB_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     Ok(b)
@@ -316,7 +321,9 @@ fn decode_checked(buf: &[u8]) -> Result<Superblock, String> {
     let mbytes = buf
         .get(SB_META + 2..SB_META + 2 + mlen)
         .ok_or("metadata length past the slot")?;
-    let meta: Meta = postcard::from_bytes(mbytes).map_err(|e| format!("metadata: {e}"))?;
+    let mut meta: Meta = postcard::from_bytes(mbytes).map_err(|e| format!("metadata: {e}"))?;
+    let flags = buf.get(SB_META + 2 + mlen).copied().unwrap_or(0);
+    meta.no_activity_log = flags & 1 != 0;
     Ok(Superblock {
         seq: u64_at(buf, 16).ok_or_else(short)?,
         resource_id: u64_at(buf, 24).ok_or_else(short)?,

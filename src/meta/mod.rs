@@ -10,4 +10,4 @@ pub mod format;
 pub mod store;
 
 pub use format::Layout;
-pub use store::{Expect, Identity, Inspection, MetaError, MetaStore};
+pub use store::{AlWriter, Expect, Identity, Inspection, MetaError, MetaStore};

@@ -543,22 +543,81 @@ impl MetaStore {
     /// Saves an activity-log transaction naming exactly `extents`; durable on return.
     pub fn save_activity_log(&mut self, extents: &[u64]) -> Result<(), MetaError> {
         let seq = self.al_seq + 1;
-        let block =
-            format::encode_al(&self.sb.layout, self.sb.resource_id, seq, extents).map_err(|e| {
-                MetaError::Invalid {
-                    path: self.path.clone(),
-                    detail: e.to_string(),
-                }
-            })?;
-        self.file
-            .write_all_at(&block, self.sb.layout.al_block_offset(seq))
-            .map_err(io_err(&self.path, "writing the activity log"))?;
-        self.file
-            .sync_data()
-            .map_err(io_err(&self.path, "syncing the activity log"))?;
+        write_al(
+            &self.file,
+            &self.path,
+            &self.sb.layout,
+            self.sb.resource_id,
+            seq,
+            extents,
+        )?;
         self.al_seq = seq;
         Ok(())
     }
+
+    /// A writer for the activity-log ring alone, usable on another thread while this store
+    /// keeps saving the superblock and bitmap (disjoint parts of the area). From then on write
+    /// the log only through it: it continues the ring where this store is.
+    pub fn activity_log_writer(&self) -> Result<AlWriter, MetaError> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(io_err(&self.path, "opening the activity log"))?;
+        Ok(AlWriter {
+            file,
+            path: self.path.clone(),
+            layout: self.sb.layout,
+            resource_id: self.sb.resource_id,
+            seq: self.al_seq,
+        })
+    }
+}
+
+/// Writes activity-log transactions into the ring of one metadata area (see
+/// [`MetaStore::activity_log_writer`]).
+#[derive(Debug)]
+pub struct AlWriter {
+    file: File,
+    path: PathBuf,
+    layout: Layout,
+    resource_id: u64,
+    seq: u64,
+}
+
+impl AlWriter {
+    /// Saves an activity-log transaction naming exactly `extents`; durable on return.
+    pub fn save(&mut self, extents: &[u64]) -> Result<(), MetaError> {
+        let seq = self.seq + 1;
+        write_al(
+            &self.file,
+            &self.path,
+            &self.layout,
+            self.resource_id,
+            seq,
+            extents,
+        )?;
+        self.seq = seq;
+        Ok(())
+    }
+}
+
+fn write_al(
+    file: &File,
+    path: &Path,
+    layout: &Layout,
+    resource_id: u64,
+    seq: u64,
+    extents: &[u64],
+) -> Result<(), MetaError> {
+    let block =
+        format::encode_al(layout, resource_id, seq, extents).map_err(|e| MetaError::Invalid {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    file.write_all_at(&block, layout.al_block_offset(seq))
+        .map_err(io_err(path, "writing the activity log"))?;
+    file.sync_data()
+        .map_err(io_err(path, "syncing the activity log"))
 }
 
 #[cfg(test)]

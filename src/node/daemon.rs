@@ -123,6 +123,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             size: device_size(&me)?,
         },
     )?;
+    let al_writer = store.activity_log_writer()?;
     let disk = Disk::open(
         &me.disk,
         &DiskOptions {
@@ -154,6 +155,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     ccfg.after_sb_0pri = cfg.resource.after_sb_0pri;
     ccfg.after_sb_1pri = cfg.resource.after_sb_1pri;
     ccfg.csums = cfg.resource.csums;
+    ccfg.al_updates = cfg.resource.al_updates;
     ccfg.bitmap_block = store.layout().bitmap_block;
     ccfg.al_extents = store.layout().al_extents as usize;
     info!(
@@ -197,6 +199,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         replica,
         disk: disk.clone(),
         store,
+        al_writer: std::sync::Arc::new(std::sync::Mutex::new(al_writer)),
         protocol: pname,
         tx: tx.clone(),
         start: Instant::now(),

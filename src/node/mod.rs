@@ -6,8 +6,9 @@
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
 //! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
-//! * `SaveMeta` / `SaveBitmap` / `SaveActivityLog` go to the node's [`MetaStore`] (meta/),
-//!   synchronously: each is durable before the next action runs.
+//! * `SaveMeta` / `SaveBitmap` go to the node's [`MetaStore`] (meta/), synchronously: each is
+//!   durable before the next action runs. `SaveActivityLog` (data-disk sync, then the
+//!   transaction) runs on a blocking thread and is answered as `DiskDone`.
 //! * `daemon`: process setup, listeners, signals and the graceful shutdown.
 //! * `events`: the `twinblk events` objects and their bounded broadcast.
 //! * `notify`: systemd readiness (sd_notify).
@@ -33,7 +34,7 @@ pub use frontend::{Errno, Replicated};
 
 use crate::core::{Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind};
 use crate::disk::Disk;
-use crate::meta::{MetaError, MetaStore};
+use crate::meta::{AlWriter, MetaError, MetaStore};
 use crate::net::{Connector, PeerConn, PeerLink};
 use frontend::{ClientOp, ClientReply};
 use peer::Current;
@@ -92,6 +93,9 @@ struct Node {
     replica: Replica,
     disk: Disk,
     store: MetaStore,
+    /// Activity-log transactions run on a blocking thread, one at a time (the core's group
+    /// commit), while the event loop goes on.
+    al_writer: std::sync::Arc<std::sync::Mutex<AlWriter>>,
     protocol: &'static str,
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
@@ -252,15 +256,32 @@ impl Node {
                 let r = self.store.save_bitmap(first_word, &words);
                 self.saved(r);
             }
-            Action::SaveActivityLog { extents } => {
-                // The contract: completed writes are stable before a transaction drops their
-                // extent from the log, or a crash could lose a write no bitmap names.
-                if let Err(e) = self.disk.sync_now() {
-                    tracing::error!("{e}; stopping before the activity log forgets its extents");
-                    std::process::exit(1);
-                }
-                let r = self.store.save_activity_log(&extents);
-                self.saved(r);
+            Action::SaveActivityLog { io, extents } => {
+                let (disk, al, tx) = (self.disk.clone(), self.al_writer.clone(), self.tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    // The contract: completed writes are stable before a transaction drops
+                    // their extent from the log, or a crash could lose a write no bitmap names.
+                    if let Err(e) = disk.sync_now() {
+                        tracing::error!(
+                            "{e}; stopping before the activity log forgets its extents"
+                        );
+                        std::process::exit(1);
+                    }
+                    let r = match al.lock() {
+                        Ok(mut w) => w.save(&extents),
+                        Err(p) => p.into_inner().save(&extents),
+                    };
+                    if let Err(e) = r {
+                        // As for every metadata write: stop rather than let data reach the
+                        // disk that the saved state does not cover.
+                        tracing::error!("{e}; stopping so no write runs without its activity log");
+                        std::process::exit(1);
+                    }
+                    let _ = tx.send(Input::DiskDone {
+                        io,
+                        result: Ok(None),
+                    });
+                });
             }
             Action::SyncData => {
                 // A forced promotion's metadata follows: it must not say UpToDate over acked
@@ -775,6 +796,7 @@ impl Node {
         // next start is not a crashed Primary's (which would resync its activity log).
         let mut meta = self.replica.meta();
         meta.primary = false;
+        meta.no_activity_log = false;
         self.store.save_meta(&meta)?;
         let bm = self.replica.bitmap();
         let mut words = vec![0u64; self.store.layout().bitmap_words() as usize];

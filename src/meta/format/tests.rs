@@ -21,6 +21,7 @@ fn sb(seq: u64) -> Superblock {
             history: [0x10001, 0],
             disk: DiskState::UpToDate,
             primary: true,
+            no_activity_log: true,
         },
     }
 }
@@ -243,14 +244,18 @@ fn arb_meta() -> impl Strategy<Value = Meta> {
             Just(DiskState::Diskless)
         ],
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(current_gen, bitmap_gen, history, disk, primary)| Meta {
-            current_gen,
-            bitmap_gen,
-            history,
-            disk,
-            primary,
-        })
+        .prop_map(
+            |(current_gen, bitmap_gen, history, disk, primary, no_activity_log)| Meta {
+                current_gen,
+                bitmap_gen,
+                history,
+                disk,
+                primary,
+                no_activity_log,
+            },
+        )
 }
 
 proptest! {
@@ -315,5 +320,32 @@ proptest! {
             Slot::Blank => prop_assert!(false, "not blank"),
             _ => {}
         }
+    }
+}
+
+#[test]
+fn no_activity_log_is_one_flag_byte_that_older_slots_hold_as_zero() {
+    let mut off = sb(3);
+    off.meta.no_activity_log = false;
+    let mut on = off.clone();
+    on.meta.no_activity_log = true;
+    let (a, b) = (
+        encode_superblock(&off).unwrap(),
+        encode_superblock(&on).unwrap(),
+    );
+    let diff: Vec<usize> = (0..BLOCK).filter(|&i| a[i] != b[i]).collect();
+    // Besides the crc (bytes 12..16), only the flags byte after the postcard Meta differs;
+    // the flag off writes the zero that every slot written before the flag existed holds.
+    let flags: Vec<usize> = diff.iter().copied().filter(|&i| i >= 16).collect();
+    assert_eq!(flags.len(), 1, "{diff:?}");
+    assert_eq!(a[flags[0]], 0);
+    assert_eq!(b[flags[0]], 1);
+    match decode_slot(&b) {
+        Slot::Valid(s) => assert!(s.meta.no_activity_log),
+        other => panic!("{other:?}"),
+    }
+    match decode_slot(&a) {
+        Slot::Valid(s) => assert!(!s.meta.no_activity_log),
+        other => panic!("{other:?}"),
     }
 }

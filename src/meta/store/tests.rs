@@ -61,6 +61,7 @@ fn saves_survive_a_reopen() {
         history: [5, 4],
         disk: DiskState::UpToDate,
         primary: true,
+        no_activity_log: true,
     };
     {
         let (mut s, _) = MetaStore::open(&p, &expect()).unwrap();

@@ -23,6 +23,13 @@ impl SimDisk {
             writes_in_flight: Vec::new(),
         }
     }
+    /// Every block content a crash could leave behind: the durable image and each cached
+    /// (unflushed) write.
+    pub fn crash_candidates(&self) -> impl Iterator<Item = &[u8]> {
+        self.durable
+            .chunks(BS)
+            .chain(self.cache.iter().map(|(_, c)| c.as_slice()))
+    }
     pub fn block(img: &[u8], b: usize) -> &[u8] {
         &img[b * BS..(b + 1) * BS]
     }

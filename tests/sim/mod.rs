@@ -88,7 +88,7 @@ impl SimConfig {
             },
             stability_interval: r.range(100 * US, 5000 * US),
             stability_writes: r.range(2, 40) as usize,
-            al_updates: true,
+            al_updates: (seed / 2) % 4 != 3,
         }
     }
 }
@@ -984,10 +984,14 @@ impl World {
             self.fail(format!("{what}: {e}"));
         }
         // A forced promotion (of an Inconsistent node part-way through a resync) may bring back
-        // what a split brain's loser wrote: it is the data now.
-        let img = &self.nodes[n].disk.volatile;
+        // what a split brain's loser wrote: it is the data now. That includes what its disk
+        // falls back to if it crashes before flushing (seed 143: an unflushed write hid a
+        // loser's block that the crash brought back).
+        let disk = &self.nodes[n].disk;
+        let img = &disk.volatile;
         let back: Vec<u64> = (0..self.cfg.blocks)
             .map(|i| tag_of(SimDisk::block(img, i)))
+            .chain(disk.crash_candidates().map(tag_of))
             .collect();
         for t in back {
             self.discarded.remove(&t);

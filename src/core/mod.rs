@@ -1380,6 +1380,13 @@ impl Replica {
     ) {
         self.activate_extents(offset, len as u64);
         self.note_app_io();
+        let replicating = self.replicating();
+        if !replicating {
+            // Before the disk action: a first write since the peer was lost moves the
+            // generation, and that must be durable before the data can be (actions run in
+            // order), or a crash could leave diverged data under the old generation.
+            self.mark_dirty_unreplicated(offset, len as u64, out);
+        }
         let io = self.new_io(IoKind::Client { req }, offset, len as u64);
         match op {
             DataOp::Write => out.push(Action::DiskWrite {
@@ -1392,7 +1399,7 @@ impl Replica {
             DataOp::Zero => out.push(Action::DiskZero { io, offset, len }),
         }
         let mut wait_peer = false;
-        if self.replicating() {
+        if replicating {
             let seq = self.next_seq();
             let bytes = data.len() as u64;
             wait_peer =
@@ -1435,8 +1442,6 @@ impl Replica {
                 data,
             });
             self.send(msg, out);
-        } else {
-            self.mark_dirty_unreplicated(offset, len as u64, out);
         }
         if let Some(r) = self.reqs.get_mut(&req) {
             r.unissued = false;

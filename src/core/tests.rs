@@ -1793,3 +1793,24 @@ fn promotion_waits_for_the_lost_peers_writes_to_land() {
     );
     assert_eq!(b.status().role, Role::Primary);
 }
+
+#[test]
+fn a_new_generation_is_saved_before_the_first_unreplicated_write_reaches_the_disk() {
+    let (mut a, _) = pair(Protocol::Sync);
+    a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "peer lost".into(),
+        },
+        0,
+    );
+    let before = a.status().current_gen;
+    let out = write(&mut a, 1, 9, 1);
+    assert_ne!(a.status().current_gen, before, "a new generation started");
+    let save = out.iter().position(|x| matches!(x, Action::SaveMeta(_)));
+    let disk = out.iter().position(|x| matches!(x, Action::DiskWrite { .. }));
+    assert!(
+        matches!((save, disk), (Some(s), Some(d)) if s < d),
+        "the generation must be durable before the data: {out:?}"
+    );
+}

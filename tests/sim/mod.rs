@@ -118,6 +118,11 @@ struct Split {
     rogue_demoted: bool,
     /// The operator's resolution was issued: `connect --discard-my-data` on this node.
     resolved_by: Option<usize>,
+    /// A data write reached each node's disk since the partition. The core moves the
+    /// generation (durably) before a node's first such write, so a rogue that crashed before
+    /// any did has not diverged: its peer rightly resyncs it as merely behind (seed 6843: the
+    /// rogue's first write waited for an activity-log transaction and the crash came first).
+    issued: [bool; 2],
 }
 
 #[derive(Debug)]
@@ -495,6 +500,9 @@ impl World {
                 fua,
             } => {
                 self.check_no_overlap(node, io, offset, data.len() as u64);
+                if let Some(sp) = self.split.as_mut() {
+                    sp.issued[node] = true;
+                }
                 let fail = (fail_rate > 0 && self.rng.one_in(fail_rate)).then_some(libc::EIO);
                 let d = self.rng.range(5 * US, 300 * US);
                 self.schedule(
@@ -510,6 +518,9 @@ impl World {
             }
             Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
                 self.check_no_overlap(node, io, offset, len as u64);
+                if let Some(sp) = self.split.as_mut() {
+                    sp.issued[node] = true;
+                }
                 let d = self.rng.range(5 * US, 300 * US);
                 self.schedule(
                     d,
@@ -871,6 +882,12 @@ impl World {
             // Its writes in flight never complete: they may or may not be on its disk.
             for (_, (tag, first, n)) in std::mem::take(&mut self.rogue_out) {
                 self.oracle.client_completed(tag, first, n, false);
+            }
+            // No write reached its disk: it never diverged (see `Split::issued`).
+            if let Some(sp) = self.split.as_mut() {
+                if !sp.issued[node] {
+                    sp.written[node].clear();
+                }
             }
         } else {
             if let Err(e) = self.oracle.secondary_crash(&self.nodes[sec].disk) {

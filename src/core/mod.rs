@@ -83,7 +83,9 @@
 //!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes
 //!     only once the peer acked it as written, so every write a later one could depend on is
 //!     on the peer before that later one is submitted. Async: the peer issues writes in seq
-//!     order from a contiguous prefix (its reorder buffer), so once its writes in flight
+//!     order from a contiguous prefix (its reorder buffer), never a later epoch's write past
+//!     one still waiting for an overlapping write (a connection loss would drop the waiting
+//!     one and keep its dependant; simulator seed 16161), so once its writes in flight
 //!     complete it holds a prefix of the write sequence, which is a state the Primary's disk
 //!     could have crashed in (epoch k complete, epoch k+1 partly). Both: the peer keeps
 //!     overlapping writes in seq order. (Writes completed early by a connection loss are not
@@ -2576,6 +2578,8 @@ impl Replica {
     fn issue_applies(&mut self, out: &mut Vec<Action>) {
         let mut i = 0;
         let mut blocked: Vec<(u64, u64)> = Vec::new();
+        // The oldest epoch with a write still waiting (see below).
+        let mut waiting_epoch: Option<u64> = None;
         loop {
             let Some(c) = self.conn.as_ref() else {
                 return;
@@ -2587,8 +2591,22 @@ impl Replica {
             match item.range() {
                 Some(r) => {
                     let r = (r.0, r.1.max(1));
-                    if self.overlaps_inflight(r) || blocked.iter().any(|b| overlap(*b, r)) {
+                    let epoch = match item {
+                        Apply::Write(e) => Some(e.epoch),
+                        _ => None,
+                    };
+                    // A write of a later epoch never passes a waiting one: it may depend on it
+                    // (an epoch starts after a completion), and if the connection drops now
+                    // the waiting one is never applied. Within an epoch nothing depends.
+                    let after_waiting = epoch.zip(waiting_epoch).is_some_and(|(e, w)| e > w);
+                    if after_waiting
+                        || self.overlaps_inflight(r)
+                        || blocked.iter().any(|b| overlap(*b, r))
+                    {
                         blocked.push(r);
+                        if let Some(e) = epoch {
+                            waiting_epoch = Some(waiting_epoch.map_or(e, |w: u64| w.min(e)));
+                        }
                         i += 1;
                         continue;
                     }

@@ -1808,9 +1808,45 @@ fn a_new_generation_is_saved_before_the_first_unreplicated_write_reaches_the_dis
     let out = write(&mut a, 1, 9, 1);
     assert_ne!(a.status().current_gen, before, "a new generation started");
     let save = out.iter().position(|x| matches!(x, Action::SaveMeta(_)));
-    let disk = out.iter().position(|x| matches!(x, Action::DiskWrite { .. }));
+    let disk = out
+        .iter()
+        .position(|x| matches!(x, Action::DiskWrite { .. }));
     assert!(
         matches!((save, disk), (Some(s), Some(d)) if s < d),
         "the generation must be durable before the data: {out:?}"
+    );
+}
+
+#[test]
+fn a_later_epochs_write_does_not_pass_a_waiting_overlapping_write_on_the_peer() {
+    let (mut a, mut b) = pair(Protocol::Async);
+    let o1 = write(&mut a, 1, 0, 4);
+    let o2 = write(&mut a, 2, 1, 1); // overlaps the first: waits on both nodes
+    let o2b = done(&mut a, writes(&o1)[0].0); // the first completes: the second is issued
+    let o3 = write(&mut a, 3, 8, 1); // after a completion: the next epoch
+    let mut msgs = sends(&o1);
+    msgs.extend(sends(&o2));
+    msgs.extend(sends(&o2b));
+    msgs.extend(sends(&o3));
+    let epochs: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            PeerMsg::Data(e) => Some(e.epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs.len(), 3);
+    assert!(epochs[2] > epochs[1], "{epochs:?}");
+    let ob = deliver(&mut b, msgs);
+    let wb = writes(&ob);
+    assert_eq!(
+        wb.iter().map(|w| w.1).collect::<Vec<_>>(),
+        vec![0],
+        "the later epoch's write must wait behind the overlapping one"
+    );
+    let ob2 = done(&mut b, wb[0].0);
+    assert_eq!(
+        writes(&ob2).iter().map(|w| w.1).collect::<Vec<_>>(),
+        vec![BLOCK, 8 * BLOCK]
     );
 }

@@ -1141,13 +1141,14 @@ impl World {
     /// the client's next write makes this a split brain instead (handled there), so only the
     /// heal phase, where no write comes, needs the operator.
     fn stale_primary_refused(&mut self, node: usize, reason: &str) {
-        if !self.healing
-            || self.split.is_some()
-            || node != self.prim
-            || !reason.contains("newer data than this Primary")
-        {
+        // Either side may be the one to say it (seed 7408 with failovers on: only the
+        // Secondary did, and the Primary kept reconnecting).
+        let stale = (node == self.prim && reason.contains("newer data than this Primary"))
+            || (node != self.prim && reason.contains("newer data than the Primary peer"));
+        if !self.healing || self.split.is_some() || !stale {
             return;
         }
+        let node = self.prim;
         if !self.forced_failover {
             self.fail(format!(
                 "node {node} (Primary) was refused for newer peer data without a stale or \

@@ -48,14 +48,6 @@ fn a_crashed_primary_without_activity_log_resyncs_the_whole_device() {
         ok(&p, 0, &["primary"]);
     }
     p.wait_in_sync();
-    for i in [0, 1] {
-        ok(&p, i, &["down"]);
-        if let Some(mut c) = p.children[i].take() {
-            assert!(c.wait().expect("wait").success(), "{}", p.logs());
-        }
-    }
-    let a = std::fs::read(p.path("alpha.img")).expect("alpha.img");
-    let b = std::fs::read(p.path("beta.img")).expect("beta.img");
-    assert!(a == b, "the disks differ after the full resync");
+    let a = ops_common::down_both_identical(&mut p, "the full resync");
     assert_eq!(a[(1 << 20) + 100], 0x3c);
 }

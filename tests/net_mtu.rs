@@ -107,18 +107,7 @@ fn default_max_mtu_replicates_over_a_1500_byte_link() {
         .expect("fio");
     assert!(o.status.success(), "fio: {}\n{}", text(&o), p.logs());
     p.wait_in_sync();
-    for i in [0, 1] {
-        ok(&p, i, &["down"]);
-        if let Some(mut c) = p.children[i].take() {
-            assert!(c.wait().expect("wait").success(), "{}", p.logs());
-        }
-    }
-    let a = std::fs::read(p.path("alpha.img")).expect("alpha.img");
-    let b = std::fs::read(p.path("beta.img")).expect("beta.img");
-    assert!(
-        a == b,
-        "the disks differ after replicating over the 1500-byte link"
-    );
+    let a = ops_common::down_both_identical(&mut p, "replicating over the 1500-byte link");
     assert!(a.iter().any(|&x| x != 0), "fio's data is on the disk");
     drop(link);
 }

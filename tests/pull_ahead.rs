@@ -91,15 +91,6 @@ fn a_write_burst_past_congestion_fill_pulls_ahead_then_resyncs_to_identical_disk
     assert_eq!(s["out_of_sync_bytes"].as_u64().unwrap_or(1), 0, "{s}");
 
     // Byte-identical once both are down (clean shutdown writes everything out).
-    for i in [0, 1] {
-        ok(&p, i, &["down"]);
-        if let Some(mut c) = p.children[i].take() {
-            assert!(c.wait().expect("wait").success(), "{}", p.logs());
-        }
-    }
-    let a = std::fs::read(p.path("alpha.img")).expect("alpha.img");
-    let b = std::fs::read(p.path("beta.img")).expect("beta.img");
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "the disks differ after the pull-ahead resync");
+    let a = ops_common::down_both_identical(&mut p, "the pull-ahead resync");
     assert!(a.iter().any(|&x| x != 0), "fio's data is on the disk");
 }

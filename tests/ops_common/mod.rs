@@ -27,6 +27,22 @@ pub fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
     o
 }
 
+/// `down` on both nodes (each must exit cleanly), then both backing files, which must be
+/// byte-identical (`what` names the step that should have made them so); returns alpha's.
+pub fn down_both_identical(p: &mut Pair, what: &str) -> Vec<u8> {
+    for i in [0, 1] {
+        ok(p, i, &["down"]);
+        if let Some(mut c) = p.children[i].take() {
+            assert!(c.wait().expect("wait").success(), "{}", p.logs());
+        }
+    }
+    let a = std::fs::read(p.path("alpha.img")).expect("alpha.img");
+    let b = std::fs::read(p.path("beta.img")).expect("beta.img");
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the disks differ after {what}");
+    a
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_twinblk")
 }

@@ -1145,20 +1145,7 @@ impl Duo {
     }
 
     fn connect(&mut self) {
-        let conn = self.next_conn;
-        self.next_conn += 1;
-        self.conn = Some(conn);
-        for n in [0, 1] {
-            self.feed(
-                n,
-                Event::Admin {
-                    tag: 1,
-                    cmd: AdminCmd::Connect,
-                },
-            );
-        }
-        self.feed(0, Event::ConnectionUp { conn });
-        self.feed(1, Event::ConnectionUp { conn });
+        self.connect_unsettled();
         self.settle();
     }
 

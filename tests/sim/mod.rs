@@ -485,6 +485,30 @@ impl World {
         );
     }
 
+    /// Completes disk operation `io` of `node` (incarnation `inc`) after a random delay in
+    /// `range` (nanoseconds), failing with `fail` if given.
+    fn disk_later(
+        &mut self,
+        node: usize,
+        inc: u64,
+        io: IoId,
+        op: DiskOp,
+        fail: Option<i32>,
+        range: (u64, u64),
+    ) {
+        let d = self.rng.range(range.0, range.1);
+        self.schedule(
+            d,
+            Ev::Disk {
+                node,
+                inc,
+                io,
+                op,
+                fail,
+            },
+        );
+    }
+
     fn act(&mut self, node: usize, a: Action, confirmable: bool) {
         let inc = self.nodes[node].inc;
         let fail_rate = if self.cfg.faults && !self.healing {
@@ -504,16 +528,13 @@ impl World {
                     sp.issued[node] = true;
                 }
                 let fail = (fail_rate > 0 && self.rng.one_in(fail_rate)).then_some(libc::EIO);
-                let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(
-                    d,
-                    Ev::Disk {
-                        node,
-                        inc,
-                        io,
-                        op: DiskOp::Write { offset, data, fua },
-                        fail,
-                    },
+                self.disk_later(
+                    node,
+                    inc,
+                    io,
+                    DiskOp::Write { offset, data, fua },
+                    fail,
+                    (5 * US, 300 * US),
                 );
             }
             Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
@@ -521,49 +542,33 @@ impl World {
                 if let Some(sp) = self.split.as_mut() {
                     sp.issued[node] = true;
                 }
-                let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(
-                    d,
-                    Ev::Disk {
-                        node,
-                        inc,
-                        io,
-                        op: DiskOp::Zero {
-                            offset,
-                            len: len as u64,
-                        },
-                        fail: None,
+                self.disk_later(
+                    node,
+                    inc,
+                    io,
+                    DiskOp::Zero {
+                        offset,
+                        len: len as u64,
                     },
+                    None,
+                    (5 * US, 300 * US),
                 );
             }
             Action::DiskFlush { io } => {
-                let d = self.rng.range(20 * US, 800 * US);
-                self.schedule(
-                    d,
-                    Ev::Disk {
-                        node,
-                        inc,
-                        io,
-                        op: DiskOp::Flush,
-                        fail: None,
-                    },
-                );
+                self.disk_later(node, inc, io, DiskOp::Flush, None, (20 * US, 800 * US));
             }
             Action::DiskRead { io, offset, len } => {
                 let fail = (fail_rate > 0 && self.rng.one_in(fail_rate * 4)).then_some(libc::EIO);
-                let d = self.rng.range(5 * US, 300 * US);
-                self.schedule(
-                    d,
-                    Ev::Disk {
-                        node,
-                        inc,
-                        io,
-                        op: DiskOp::Read {
-                            offset,
-                            len: len as u64,
-                        },
-                        fail,
+                self.disk_later(
+                    node,
+                    inc,
+                    io,
+                    DiskOp::Read {
+                        offset,
+                        len: len as u64,
                     },
+                    fail,
+                    (5 * US, 300 * US),
                 );
             }
             Action::ServeRead { .. } => {}
@@ -662,16 +667,13 @@ impl World {
                 // In the background, like the node's blocking thread: a crash before it
                 // completes means it never happened (the stale event is dropped).
                 *self.stats.entry("al transaction").or_default() += 1;
-                let d = self.rng.range(20 * US, 800 * US);
-                self.schedule(
-                    d,
-                    Ev::Disk {
-                        node,
-                        inc,
-                        io,
-                        op: DiskOp::AlTxn { extents },
-                        fail: None,
-                    },
+                self.disk_later(
+                    node,
+                    inc,
+                    io,
+                    DiskOp::AlTxn { extents },
+                    None,
+                    (20 * US, 800 * US),
                 );
             }
             Action::SyncData => {

@@ -90,22 +90,15 @@ fn default_max_mtu_replicates_over_a_1500_byte_link() {
     p.wait_in_sync();
 
     // Full-size frames both ways through the 1500-byte link, checked on read-back.
-    let o = Command::new("fio")
-        .args([
-            "--name=mtu",
-            "--ioengine=nbd",
-            &format!("--uri={}", p.nbd_uri(0)),
+    p.fio_verified(
+        0,
+        &[
             "--rw=randwrite",
             "--bsrange=4k-1M",
             "--iodepth=8",
             "--size=32M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--output-format=terse",
-        ])
-        .output()
-        .expect("fio");
-    assert!(o.status.success(), "fio: {}\n{}", text(&o), p.logs());
+        ],
+    );
     p.wait_in_sync();
     let a = ops_common::down_both_identical(&mut p, "replicating over the 1500-byte link");
     assert!(a.iter().any(|&x| x != 0), "fio's data is on the disk");

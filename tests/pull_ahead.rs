@@ -6,10 +6,10 @@
 mod ops_common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use ops_common::{ok, text, Pair};
+use ops_common::{ok, Pair};
 
 /// Collects `twinblk events --json` lines of node i in the background.
 fn watch_events(p: &Pair, i: usize) -> (std::process::Child, Arc<Mutex<Vec<String>>>) {
@@ -57,22 +57,7 @@ fn a_write_burst_past_congestion_fill_pulls_ahead_then_resyncs_to_identical_disk
     });
 
     // 16 MiB in flight at once through the real NBD export: far past the 1 MiB mark.
-    let o = Command::new("fio")
-        .args([
-            "--name=burst",
-            "--ioengine=nbd",
-            &format!("--uri={}", p.nbd_uri(0)),
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=16",
-            "--size=48M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--output-format=terse",
-        ])
-        .output()
-        .expect("fio");
-    assert!(o.status.success(), "fio: {}\n{}", text(&o), p.logs());
+    p.fio_verified(0, &["--rw=write", "--bs=1M", "--iodepth=16", "--size=48M"]);
 
     // Ahead/Behind happened, then the resync on the live connection ended it.
     p.wait_in_sync();

@@ -256,6 +256,19 @@ impl Pair {
         );
     }
 
+    /// fio's nbd engine against node i's export with `job` (rw, sizes, depth), every block
+    /// checked on read-back (crc32c); asserts that fio succeeded.
+    pub fn fio_verified(&self, i: usize, job: &[&str]) {
+        let o = Command::new("fio")
+            .args(["--name=check", "--ioengine=nbd"])
+            .arg(format!("--uri={}", self.nbd_uri(i)))
+            .args(job)
+            .args(["--verify=crc32c", "--do_verify=1", "--output-format=terse"])
+            .output()
+            .expect("fio");
+        assert!(o.status.success(), "fio: {}\n{}", text(&o), self.logs());
+    }
+
     pub fn nbd_uri(&self, i: usize) -> String {
         format!("nbd+unix:///?socket={}", self.nbd_socket(i).display())
     }

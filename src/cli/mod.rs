@@ -404,7 +404,7 @@ fn promote(res: &ResArgs, force: bool) -> anyhow::Result<()> {
     loop {
         match admin(res, Request::Primary { force }) {
             Err(e)
-                if e.to_string().contains("still landing")
+                if e.to_string().contains(crate::core::PEER_WRITES_LANDING)
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -142,6 +142,10 @@ pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+/// Part of the refusal of a promotion while the lost peer's last writes are still landing: it
+/// clears by itself within milliseconds, so `twinblk primary` retries on it.
+pub const PEER_WRITES_LANDING: &str = "writes from the peer are still landing on this disk";
+
 use bytes::Bytes;
 
 pub use crate::wire::{
@@ -2893,7 +2897,7 @@ impl Replica {
                     .count();
                 if landing > 0 {
                     return Err(format!(
-                        "{landing} writes from the peer are still landing on this disk: promote again in a moment"
+                        "{landing} {PEER_WRITES_LANDING}: promote again in a moment"
                     ));
                 }
                 if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {

@@ -339,8 +339,8 @@ fn sync_primary_killed_secondary_promoted_old_primary_resyncs_only_changes() {
     );
 
     // (4) alpha returns: Secondary, SyncTarget of only the changed blocks. What its activity
-    // log named at the crash (`al_extents`, plus extents still pinned by writes in flight: the
-    // log's bound is soft) is resynced too.
+    // log named at the crash is resynced too: at most `al_extents` extents, a hard bound (16
+    // writes in flight over 64 extents would otherwise pin up to 16).
     let o = p.cli(0, &["dump-md", "--json"]);
     assert!(o.status.success(), "dump-md: {o:?}");
     let md: serde_json::Value = serde_json::from_slice(&o.stdout).expect("dump-md json");
@@ -349,6 +349,10 @@ fn sync_primary_killed_secondary_promoted_old_primary_resyncs_only_changes() {
         .as_array()
         .map_or(0, |a| a.len() as u64);
     assert!(al_len >= 1, "{md}");
+    assert!(
+        al_len <= AL_EXTENTS,
+        "the activity log held {al_len} extents, configured {AL_EXTENTS}: {md}"
+    );
     p.start(0, &[]);
     p.wait_in_sync();
     let s = p.status(0).expect("alpha status");

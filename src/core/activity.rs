@@ -70,8 +70,8 @@ impl ActivityLog {
     ///
     /// Eviction takes the least recently used extents that are not `pinned` (writes in flight
     /// or not yet acked by the peer) and not among `extents`. When everything is pinned the log
-    /// grows past its capacity rather than blocking the write: the bound is soft, correctness is
-    /// not at stake (a larger log only means a larger resync after a crash).
+    /// grows past its capacity: the `Replica` asks only for what fits (writes wait for room) and
+    /// lets it grow only when nothing pinned could ever let go, so progress never depends on it.
     pub fn activate(
         &mut self,
         extents: std::ops::RangeInclusive<u64>,

@@ -733,10 +733,20 @@ struct Conn {
     unflushed_bytes: u64,
     /// A stability timer is armed for this connection.
     stability_armed: bool,
-    /// The epoch of a flush barrier asked for because the activity log outgrew `al_extents`
-    /// (extents pinned only by writes not yet stable on the peer); `None` once acked.
+    /// Flush barriers sent and not yet acked: (epoch, seq). An ack names the epoch; the seq
+    /// says which writes it made stable (those sent before it).
+    flushes: VecDeque<(u64, u64)>,
+    /// The tag of the activity-log pressure flush in flight, if one is (see
+    /// `al_pressure_flush`); `None` once acked.
     al_point: Option<u64>,
+    /// Pressure flushes sent on this connection (makes each tag unique).
+    al_points_sent: u64,
 }
+
+/// A pressure flush is sent between two writes of one epoch, so it cannot carry an epoch of
+/// its own: its ack is told apart by a tag from this range, which real epochs never reach.
+/// The peer only echoes a flush barrier's epoch.
+const PRESSURE_EPOCH: u64 = 1 << 63;
 
 const REORDER_MAX_MSGS: usize = 1 << 16;
 const REORDER_MAX_BYTES: u64 = 256 << 20;
@@ -778,8 +788,8 @@ pub struct Replica {
     next_io: IoId,
     inflight: HashMap<IoId, Io>,
     conn: Option<Conn>,
-    /// Transfer log: (epoch, offset, len) of writes sent but not yet stable on the peer (no
-    /// flush barrier after them acked yet).
+    /// Transfer log: (seq, offset, len) of writes sent but not yet stable on the peer (no
+    /// flush barrier after them acked yet), in seq order.
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
@@ -789,6 +799,9 @@ pub struct Replica {
     al_txn: Option<IoId>,
     /// Extents it adds: active in `al`, but no write may use them before it is durable.
     al_uncommitted: std::collections::HashSet<u64>,
+    /// A write waits for room in the full activity log: look again after the next event
+    /// (a write completing or a flush barrier acked may unpin an extent).
+    al_full: bool,
     /// The last metadata saved says Primary without activity-log updates: see `save_meta`.
     persisted_no_al: bool,
     now: u64,
@@ -867,6 +880,7 @@ impl Replica {
             al: ActivityLog::new(cfg.al_extents),
             al_txn: None,
             al_uncommitted: Default::default(),
+            al_full: false,
             persisted_no_al: meta.primary && meta.no_activity_log,
             persisted_primary: meta.primary,
             now: 0,
@@ -1008,6 +1022,10 @@ impl Replica {
                 }
                 out.push(Action::AdminDone { tag, result });
             }
+        }
+        if self.al_full && self.al_txn.is_none() {
+            self.al_full = false;
+            self.pump_issue(out);
         }
     }
 
@@ -1334,6 +1352,9 @@ impl Replica {
         if replicating && flush {
             let seq = self.next_seq();
             self.reset_unflushed();
+            if let Some(c) = self.conn.as_mut() {
+                c.flushes.push_back((epoch, seq));
+            }
             self.send(PeerMsg::Barrier { seq, epoch, flush }, out);
         }
         if let Some(req) = flush_req {
@@ -1435,7 +1456,7 @@ impl Replica {
                 // Issued once everything admitted before it is (pump_issue reaches it).
                 self.stability_point();
             }
-            self.tl.push_back((epoch, offset, len as u64));
+            self.tl.push_back((seq, offset, len as u64));
             let crc32 = crc32fast::hash(&data);
             let msg = PeerMsg::Data(Extent {
                 seq,
@@ -1498,16 +1519,49 @@ impl Replica {
     /// (unless one is in flight: the writes missing meanwhile wait for the next). The evicted
     /// extents' bitmap words are persisted first (synchronously, in order); the transaction
     /// itself runs in the background and its `DiskDone` issues the writes it covers.
+    ///
+    /// `al_extents` is a hard bound, as DRBD's: the log bounds the resync after a crash, and
+    /// a log that grew with the queue depth would not. When no extent can be evicted, the
+    /// writes wait (oldest first get the room that frees) and a pressure flush makes the
+    /// peer's copies stable so extents pinned only by that unpin. The log grows past its size
+    /// only when nothing could ever unpin (one write spanning more extents than the log holds,
+    /// or extents held only by queued writes), never to keep a write from waiting.
     fn start_al_txn(&mut self, mut wanted: Vec<u64>, keep: &[u64], out: &mut Vec<Action>) {
         if self.al_txn.is_some() || wanted.is_empty() {
             return;
         }
-        wanted.sort_unstable();
-        wanted.dedup();
+        // `wanted` is in queue order and has no duplicates: the oldest waiting writes first.
         let ext = self.cfg.al_extent.max(1);
-        let mut pinned = self.pinned_extents();
-        pinned.extend(keep.iter().copied());
-        let Some(t) = self.al.activate_set(&wanted, |e| pinned.contains(&e)) else {
+        let pinned = self.pinned_extents();
+        let mut busy = pinned.clone();
+        busy.extend(keep.iter().copied());
+        let evictable = self
+            .al
+            .extents()
+            .into_iter()
+            .filter(|e| !busy.contains(e))
+            .count();
+        let room = (self.cfg.al_extents.max(1) + evictable).saturating_sub(self.al.len());
+        let take = room.min(wanted.len());
+        if take < wanted.len() {
+            self.al_pressure_flush(out);
+        }
+        let take = if take > 0 {
+            take
+        } else {
+            let al = &self.al;
+            let unpin_pending = self.inflight.values().any(|io| {
+                matches!(io.kind, IoKind::Client { .. })
+                    && self.al_range(io.offset, io.len).any(|e| al.contains(e))
+            }) || self.conn.as_ref().is_some_and(|c| c.al_point.is_some());
+            if unpin_pending {
+                self.al_full = true;
+                return;
+            }
+            1
+        };
+        wanted.truncate(take);
+        let Some(t) = self.al.activate_set(&wanted, |e| busy.contains(&e)) else {
             return;
         };
         for e in t.evicted {
@@ -1525,9 +1579,6 @@ impl Replica {
             io,
             extents: self.al.extents(),
         });
-        if self.al.len() > self.cfg.al_extents {
-            self.al_pressure_point();
-        }
     }
 
     /// The activity-log transaction `io` finished. Done: the writes it covers go to the disk,
@@ -1573,19 +1624,39 @@ impl Replica {
         self.pump_issue(out);
     }
 
-    /// The activity log is past its size because its extents wait for the peer to make writes
-    /// stable: ask for that now (a flush barrier) rather than at the next stability point, so
-    /// the log, and with it the resync after a crash, stays near `al_extents`. One at a time.
-    fn al_pressure_point(&mut self) {
-        let epoch = self.epoch;
+    /// The activity log is full and some of its extents wait only for the peer to make writes
+    /// stable: ask for that now rather than at the next stability point. Sent at once, not
+    /// through the issue queue: the writes queued there are the ones waiting for the room, and
+    /// a barrier behind them would never go out. A flush barrier between two writes of one
+    /// epoch is still a correct one (the peer drains what came before it, flushes, acks); it
+    /// only cannot close the epoch, so it carries a tag instead ([`PRESSURE_EPOCH`]). One at a
+    /// time.
+    fn al_pressure_flush(&mut self, out: &mut Vec<Action>) {
+        if self.tl.is_empty() || self.handshaking() {
+            return;
+        }
         let Some(c) = self.conn.as_mut() else {
             return;
         };
-        if c.al_point.is_some() || c.unflushed_writes == 0 {
+        if c.al_point.is_some() {
             return;
         }
-        c.al_point = Some(epoch);
-        self.stability_point();
+        let tag = PRESSURE_EPOCH + c.al_points_sent;
+        c.al_points_sent += 1;
+        c.al_point = Some(tag);
+        let seq = self.next_seq();
+        self.reset_unflushed();
+        if let Some(c) = self.conn.as_mut() {
+            c.flushes.push_back((tag, seq));
+        }
+        self.send(
+            PeerMsg::Barrier {
+                seq,
+                epoch: tag,
+                flush: true,
+            },
+            out,
+        );
     }
 
     /// Extents that must stay in the activity log: a local client write in flight, or a write
@@ -1943,7 +2014,9 @@ impl Replica {
             unflushed_writes: 0,
             unflushed_bytes: 0,
             stability_armed: false,
+            flushes: VecDeque::new(),
             al_point: None,
+            al_points_sent: 0,
         });
         self.set_repl(ReplState::Connecting, out);
         out.push(Action::Send(PeerMsg::Hello(hello)));
@@ -2089,14 +2162,24 @@ impl Replica {
                 self.admit(out);
             }
             PeerMsg::BarrierAck { epoch } => {
-                self.tl.retain(|&(e, _, _)| e > epoch);
+                let mut stable_below = None;
                 if let Some(c) = self.conn.as_mut() {
-                    if c.al_point.is_some_and(|p| p <= epoch) {
+                    if let Some(i) = c.flushes.iter().position(|&(e, _)| e == epoch) {
+                        stable_below = c.flushes.remove(i).map(|(_, seq)| seq);
+                    }
+                    if c.al_point == Some(epoch) {
                         c.al_point = None;
                     }
                 }
+                // Every write sent before the acked barrier is stable on the peer. (Acks may
+                // come out of order: a later barrier's covers an earlier one's writes too.)
+                if let Some(below) = stable_below {
+                    while self.tl.front().is_some_and(|&(seq, _, _)| seq < below) {
+                        self.tl.pop_front();
+                    }
+                }
                 let mut done = Vec::new();
-                if let Some(c) = self.conn.as_mut() {
+                if let Some(c) = self.conn.as_mut().filter(|_| epoch < PRESSURE_EPOCH) {
                     while let Some((&e, _)) = c.barrier_waiters.first_key_value() {
                         if e > epoch {
                             break;

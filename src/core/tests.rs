@@ -750,21 +750,44 @@ fn activity_log_group_commit_one_transaction_in_flight() {
     }
     assert!(al_txns(&waiting).is_empty(), "{waiting:?}");
     assert!(writes(&waiting).is_empty(), "{waiting:?}");
-    // The transaction is durable: its two writes go, and ONE transaction for both extents
-    // the others missed follows (the log grows past 2: extent 0 is pinned by its writes).
+    // The transaction is durable: its two writes go, and ONE transaction for what the others
+    // missed follows, as far as the log has room (it holds 2): extent 1 joins; extent 2
+    // waits, since extent 0 is pinned by its writes in flight.
     let out = done(&mut a, t1[0].0);
-    let w: Vec<u64> = writes(&out).iter().map(|&(_, o)| o / BLOCK).collect();
-    assert_eq!(w, vec![0, 1]);
+    let w: Vec<(IoId, u64)> = writes(&out);
+    assert_eq!(
+        w.iter().map(|&(_, o)| o / BLOCK).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
     let t2 = al_txns(&out);
     assert_eq!(t2.len(), 1, "{out:?}");
-    assert_eq!(t2[0].1, vec![0, 1, 2]);
-    let mut issued = writes(&out);
-    let out = done(&mut a, t2[0].0);
-    let w: Vec<u64> = writes(&out).iter().map(|&(_, o)| o / BLOCK).collect();
-    assert_eq!(w, vec![8, 16, 17]);
-    assert!(al_txns(&out).is_empty());
-    issued.extend(writes(&out));
+    assert_eq!(t2[0].1, vec![0, 1]);
     let mut completed = Vec::new();
+    let out = done(&mut a, t2[0].0);
+    let w8 = writes(&out);
+    assert_eq!(
+        w8.iter().map(|&(_, o)| o / BLOCK).collect::<Vec<_>>(),
+        vec![8]
+    );
+    assert!(
+        al_txns(&out).is_empty(),
+        "the log is full of extents in use: {out:?}"
+    );
+    // Extent 0's writes complete: it is evicted for extent 2 (never more than 2 extents).
+    completed.extend(completions(&done(&mut a, w[0].0)));
+    let out = done(&mut a, w[1].0);
+    completed.extend(completions(&out));
+    let t3 = al_txns(&out);
+    assert_eq!(t3.len(), 1, "{out:?}");
+    assert_eq!(t3[0].1, vec![1, 2]);
+    let out = done(&mut a, t3[0].0);
+    let mut issued = writes(&out);
+    assert_eq!(
+        issued.iter().map(|&(_, o)| o / BLOCK).collect::<Vec<_>>(),
+        vec![16, 17]
+    );
+    assert!(al_txns(&out).is_empty(), "{out:?}");
+    issued.extend(w8);
     for (io, _) in issued {
         completed.extend(completions(&done(&mut a, io)));
     }
@@ -775,9 +798,71 @@ fn activity_log_group_commit_one_transaction_in_flight() {
         "every write completes"
     );
     // Hot path: an active, committed extent costs nothing.
-    let out = write_raw(&mut a, 6, 2, 1);
+    let out = write_raw(&mut a, 6, 18, 1);
     assert!(al_txns(&out).is_empty());
     assert_eq!(writes(&out).len(), 1);
+}
+
+/// The peer's side of `msgs`: every disk I/O they cause completes, and what it sends back.
+fn peer_applies(b: &mut Replica, msgs: Vec<PeerMsg>) -> Vec<PeerMsg> {
+    let mut back = Vec::new();
+    let mut pending: Vec<Action> = deliver(b, msgs);
+    while !pending.is_empty() {
+        let mut next = Vec::new();
+        for x in pending {
+            match x {
+                Action::Send(m) => back.push(m),
+                Action::DiskWrite { io, .. }
+                | Action::DiskFlush { io }
+                | Action::DiskZero { io, .. }
+                | Action::DiskTrim { io, .. } => next.extend(done(b, io)),
+                _ => {}
+            }
+        }
+        pending = next;
+    }
+    back
+}
+
+#[test]
+fn a_full_log_makes_a_write_wait_and_asks_the_peer_for_stability_instead_of_growing() {
+    // No stability points of its own: writes stay unstable on the peer, pinning their extents.
+    let mut ca = al_cfg(1);
+    ca.stability_writes = 1 << 20;
+    let mut a = Replica::new(ca, synced_meta());
+    let mut b = Replica::new(al_cfg(2), synced_meta());
+    promote_a_and_connect(&mut a, &mut b);
+    // Extents 0 and 1 fill the log (it holds 2); the peer acks both writes.
+    let mut acks = Vec::new();
+    for (req, block) in [(1, 0), (2, 8)] {
+        let out = write(&mut a, req, block, 1);
+        acks.extend(peer_applies(&mut b, sends(&out)));
+        for (io, _) in writes(&out) {
+            done(&mut a, io);
+        }
+    }
+    let out = deliver(&mut a, acks);
+    assert_eq!(completions(&out).len(), 2, "{out:?}");
+    assert_eq!(a.status().peer_unstable, 2);
+    // Extent 2: nothing can be evicted (both wait to be stable on the peer). The write waits,
+    // the log stays at 2, and a flush barrier goes to the peer at once.
+    let out = write_raw(&mut a, 3, 16, 1);
+    assert!(al_txns(&out).is_empty(), "the log must not grow: {out:?}");
+    assert!(writes(&out).is_empty(), "{out:?}");
+    let pressure = sends(&out);
+    assert!(
+        matches!(&pressure[..], [PeerMsg::Barrier { flush: true, .. }]),
+        "{pressure:?}"
+    );
+    // Its ack makes both stable: the write's transaction evicts the oldest extent.
+    let ack = peer_applies(&mut b, pressure);
+    let out = deliver(&mut a, ack);
+    assert_eq!(a.status().peer_unstable, 0);
+    let t = al_txns(&out);
+    assert_eq!(t.len(), 1, "{out:?}");
+    assert_eq!(t[0].1, vec![1, 2]);
+    let out = done(&mut a, t[0].0);
+    assert_eq!(writes(&out).len(), 1, "{out:?}");
 }
 
 #[test]

@@ -405,9 +405,9 @@ pub fn encode_al(
     if seq == 0 {
         return Err(invalid("activity-log sequence 0 is reserved"));
     }
-    // `al_extents` is the log's target size; the core lets the log grow past it while every
-    // extent is pinned by writes in flight (a soft bound: it never blocks a write), so a
-    // transaction holds up to what fits in its block.
+    // `al_extents` is the log's size; the core lets it grow past it only when nothing pinned
+    // could ever let go (one write spanning more extents than the log holds), so a transaction
+    // holds up to what fits in its block.
     if extents.len() > layout.al_capacity() as usize {
         return Err(invalid(format!(
             "{} activity-log extents, one transaction holds at most {}",

@@ -175,9 +175,9 @@ fn activity_log_round_trip_and_salt() {
     // Left by other metadata (another resource id): never counts.
     assert!(matches!(decode_al(&l, 43, &b), AlBlock::Damaged(_)));
     assert_eq!(decode_al(&l, 42, &[0; BLOCK]), AlBlock::Empty);
-    // Past `al_extents` (the core's soft bound: every extent pinned by writes in flight) but
-    // within the block: persisted, or the daemon would stop under a deep queue of scattered
-    // writes (tests/failover.rs with 4 extents and 16 writes in flight).
+    // Past `al_extents` (the core grows the log when nothing pinned could let go, e.g. one
+    // write spanning more extents than the log holds) but within the block: persisted, or the
+    // daemon would stop on such a write.
     let over: Vec<u64> = (0..l.al_extents as u64 + 16)
         .map(|i| i % l.extents())
         .collect();

@@ -298,7 +298,7 @@ fn out_of_range_saves_are_errors_not_panics() {
     assert!(s.save_bitmap(u64::MAX, &[1]).is_err());
     s.save_bitmap(words - 1, &[1]).unwrap();
     assert!(s.save_activity_log(&[1 << 40]).is_err());
-    // Past the configured size (the core's soft bound) is fine; past the block is not.
+    // Past the configured size (the core grows it for a write spanning more extents than it holds) is fine; past the block is not.
     let over: Vec<u64> = (0..=u64::from(DEFAULT_AL_EXTENTS))
         .map(|i| i % 16)
         .collect();

@@ -469,6 +469,30 @@ fn disconnect_completes_waiting_writes_and_marks_them_dirty() {
 }
 
 #[test]
+fn a_connection_loss_with_unacked_writes_keeps_the_history_free_of_copies() {
+    let (mut a, _) = pair(Protocol::Sync);
+    let before = a.status();
+    let o1 = write(&mut a, 1, 5, 1);
+    done(&mut a, writes(&o1)[0].0);
+    a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "test".into(),
+        },
+        0,
+    );
+    // The bitmap (the unacked write) is relative to the generation the peer has.
+    assert_eq!(a.status().bitmap_gen, Some(before.current_gen));
+    // The first write alone starts a new one; the old one is named once, as the bitmap's,
+    // not pushed into history as well (two slots: a copy would push out an older one).
+    write(&mut a, 2, 30, 1);
+    let after = a.status();
+    assert_ne!(after.current_gen, before.current_gen);
+    assert_eq!(after.bitmap_gen, Some(before.current_gen));
+    assert_eq!(after.history, before.history);
+}
+
+#[test]
 fn reconnect_resyncs_dirty_blocks_then_target_is_up_to_date() {
     let (mut a, mut b) = pair(Protocol::Sync);
     a.handle_vec(

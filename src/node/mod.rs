@@ -400,12 +400,17 @@ impl Node {
         self.feed(Event::ConnectionUp { conn: id });
     }
 
-    /// Run the connector exactly while the core wants a connection. After a refusal the core
-    /// stands alone; unless the operator said `disconnect`, try again after `connect-retry`
-    /// (the cause, e.g. no UpToDate node yet, may be gone by then; a split brain is refused
-    /// again before any data moves).
+    /// Run the connector while the core wants a connection. After a refusal the core stands
+    /// alone; unless the operator said `disconnect`, try again after `connect-retry` (the
+    /// cause, e.g. no UpToDate node yet, may be gone by then; a split brain is refused again
+    /// before any data moves). Meanwhile the accepting side keeps accepting (not after a split
+    /// brain or `disconnect`): the dialer reconnects as soon as it is promoted, and the first
+    /// full sync after `primary --force` then starts at once, not up to `connect-retry` later.
     fn sync_connector(&mut self) {
-        let want = self.replica.status().want_connection;
+        let s = self.replica.status();
+        let want = s.want_connection;
+        let listen =
+            !want && !self.user_disconnected && s.split_brain.is_none() && !self.link.dials();
         if !want && !self.user_disconnected && !self.retry_pending {
             self.retry_pending = true;
             let tx = self.tx.clone();
@@ -415,9 +420,9 @@ impl Node {
                 let _ = tx.send(Input::Retry);
             });
         }
-        if want && self.connector.is_none() {
+        if (want || listen) && self.connector.is_none() {
             self.connector = Some(self.link.connector());
-        } else if !want && self.connector.is_some() {
+        } else if !(want || listen) && self.connector.is_some() {
             self.connector = None;
         }
     }
@@ -625,6 +630,13 @@ impl Node {
                     continue;
                 }
                 Some(conn) = next_conn(&mut self.connector) => {
+                    if !self.replica.status().want_connection {
+                        // Accepted while standing alone (see `sync_connector`): try again now.
+                        self.feed(Event::Admin {
+                            tag: 0,
+                            cmd: AdminCmd::Connect,
+                        });
+                    }
                     self.connected(conn);
                     continue;
                 }
@@ -713,6 +725,16 @@ impl Node {
                             tag: 0,
                             cmd: AdminCmd::Connect,
                         });
+                    }
+                    // Not connected yet: a dial in progress may be one the peer missed (it
+                    // started later; QUIC's handshake retransmits back off for seconds). The
+                    // promotion is when a connection matters: dial afresh.
+                    if promote
+                        && s.role == crate::core::Role::Primary
+                        && self.current.is_none()
+                        && self.link.dials()
+                    {
+                        self.connector = None;
                     }
                 }
                 Input::Status { reply } => {

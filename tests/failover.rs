@@ -444,3 +444,25 @@ fn split_brain_is_reported_on_both_and_resolved_by_discard_my_data() {
         );
     }
 }
+
+/// The first `primary --force` starts the full sync at once. Before it, both nodes refuse each
+/// other (neither has good data) and stand alone; `connect-retry` is 10 minutes, far beyond
+/// the test's wait, so only the promotion itself can bring them together: the dialing node
+/// (alpha) dials afresh when promoted, and the standing-alone acceptor (beta) accepts.
+#[test]
+fn first_promotion_starts_the_full_sync_without_waiting_for_connect_retry() {
+    let mut p = Pair::configure_with("32M", "connect-retry = \"600s\"", ["", ""]);
+    // alpha first: its first dial goes to a port nobody answers yet.
+    for i in 0..2 {
+        p.start(i, &[]);
+        p.wait(i, "the daemon answers status", |_| true);
+    }
+    p.wait(1, "the refusal (no node has good data yet)", |s| {
+        s["repl"] == "StandAlone" && !s["last_refusal"].is_null()
+    });
+    p.primary_force();
+    p.wait_in_sync();
+    down(&mut p, 1);
+    down(&mut p, 0);
+    assert_identical(&p);
+}

@@ -1532,8 +1532,7 @@ impl Replica {
         }
         // `wanted` is in queue order and has no duplicates: the oldest waiting writes first.
         let ext = self.cfg.al_extent.max(1);
-        let pinned = self.pinned_extents();
-        let mut busy = pinned.clone();
+        let mut busy = self.pinned_extents();
         busy.extend(keep.iter().copied());
         let evictable = self
             .al

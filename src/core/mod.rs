@@ -734,13 +734,18 @@ struct Conn {
     /// A stability timer is armed for this connection.
     stability_armed: bool,
     /// Flush barriers sent and not yet acked: (epoch, seq). An ack names the epoch; the seq
-    /// says which writes it made stable (those sent before it).
+    /// says which writes it made stable (those sent before it). Includes the activity log's
+    /// pressure flushes (epoch from [`PRESSURE_EPOCH`] up).
     flushes: VecDeque<(u64, u64)>,
-    /// The tag of the activity-log pressure flush in flight, if one is (see
-    /// `al_pressure_flush`); `None` once acked.
-    al_point: Option<u64>,
     /// Pressure flushes sent on this connection (makes each tag unique).
     al_points_sent: u64,
+}
+
+impl Conn {
+    /// An activity-log pressure flush is in flight (see `al_pressure_flush`).
+    fn pressure_in_flight(&self) -> bool {
+        self.flushes.iter().any(|&(e, _)| e >= PRESSURE_EPOCH)
+    }
 }
 
 /// A pressure flush is sent between two writes of one epoch, so it cannot carry an epoch of
@@ -1532,7 +1537,10 @@ impl Replica {
         }
         // `wanted` is in queue order and has no duplicates: the oldest waiting writes first.
         let ext = self.cfg.al_extent.max(1);
-        let mut busy = self.pinned_extents();
+        let (writing, unstable) = self.pinned_extents();
+        let writes_will_unpin = writing.iter().any(|&e| self.al.contains(e));
+        let mut busy = writing;
+        busy.extend(unstable);
         busy.extend(keep.iter().copied());
         let evictable = self
             .al
@@ -1547,16 +1555,10 @@ impl Replica {
         }
         let take = if take > 0 {
             take
+        } else if writes_will_unpin || self.conn.as_ref().is_some_and(Conn::pressure_in_flight) {
+            self.al_full = true;
+            return;
         } else {
-            let al = &self.al;
-            let unpin_pending = self.inflight.values().any(|io| {
-                matches!(io.kind, IoKind::Client { .. })
-                    && self.al_range(io.offset, io.len).any(|e| al.contains(e))
-            }) || self.conn.as_ref().is_some_and(|c| c.al_point.is_some());
-            if unpin_pending {
-                self.al_full = true;
-                return;
-            }
             1
         };
         wanted.truncate(take);
@@ -1637,12 +1639,11 @@ impl Replica {
         let Some(c) = self.conn.as_mut() else {
             return;
         };
-        if c.al_point.is_some() {
+        if c.pressure_in_flight() {
             return;
         }
         let tag = PRESSURE_EPOCH + c.al_points_sent;
         c.al_points_sent += 1;
-        c.al_point = Some(tag);
         let seq = self.next_seq();
         self.reset_unflushed();
         if let Some(c) = self.conn.as_mut() {
@@ -1658,27 +1659,27 @@ impl Replica {
         );
     }
 
-    /// Extents that must stay in the activity log: a local client write in flight, or a write
-    /// sent to the peer and not yet stable there (no flush barrier after it acked: it may be
-    /// missing there after a crash of either node).
-    fn pinned_extents(&self) -> std::collections::HashSet<u64> {
-        let ext = self.cfg.al_extent.max(1);
-        let mut set = std::collections::HashSet::new();
-        let mut add = |off: u64, len: u64| {
-            let last = off.saturating_add(len.max(1) - 1) / ext;
-            for e in off / ext..=last {
-                set.insert(e);
-            }
-        };
-        for io in self.inflight.values() {
-            if matches!(io.kind, IoKind::Client { .. }) {
-                add(io.offset, io.len);
-            }
-        }
-        for &(_, off, len) in &self.tl {
-            add(off, len);
-        }
-        set
+    /// Extents that must stay in the activity log: (those of a local client write in flight,
+    /// those of a write sent to the peer and not yet stable there). The latter have no flush
+    /// barrier acked after them: they may be missing there after a crash of either node.
+    fn pinned_extents(
+        &self,
+    ) -> (
+        std::collections::HashSet<u64>,
+        std::collections::HashSet<u64>,
+    ) {
+        let writing = self
+            .inflight
+            .values()
+            .filter(|io| matches!(io.kind, IoKind::Client { .. }))
+            .flat_map(|io| self.al_range(io.offset, io.len))
+            .collect();
+        let unstable = self
+            .tl
+            .iter()
+            .flat_map(|&(_, off, len)| self.al_range(off, len))
+            .collect();
+        (writing, unstable)
     }
 
     /// Persists every bitmap word changed since it was last persisted (after bulk changes, at
@@ -2022,7 +2023,6 @@ impl Replica {
             unflushed_bytes: 0,
             stability_armed: false,
             flushes: VecDeque::new(),
-            al_point: None,
             al_points_sent: 0,
         });
         self.set_repl(ReplState::Connecting, out);
@@ -2173,9 +2173,6 @@ impl Replica {
                 if let Some(c) = self.conn.as_mut() {
                     if let Some(i) = c.flushes.iter().position(|&(e, _)| e == epoch) {
                         stable_below = c.flushes.remove(i).map(|(_, seq)| seq);
-                    }
-                    if c.al_point == Some(epoch) {
-                        c.al_point = None;
                     }
                 }
                 // Every write sent before the acked barrier is stable on the peer. (Acks may

@@ -713,28 +713,22 @@ impl Node {
                     }
                     let promote = matches!(cmd, AdminCmd::Promote { .. });
                     self.feed(Event::Admin { tag, cmd });
-                    // A connection refused because neither side had good data (the usual
-                    // state before the first `primary --force`) is worth retrying now.
                     let s = self.replica.status();
-                    if promote
-                        && s.role == crate::core::Role::Primary
-                        && !s.want_connection
-                        && !self.user_disconnected
-                    {
-                        self.feed(Event::Admin {
-                            tag: 0,
-                            cmd: AdminCmd::Connect,
-                        });
-                    }
-                    // Not connected yet: a dial in progress may be one the peer missed (it
-                    // started later; QUIC's handshake retransmits back off for seconds). The
-                    // promotion is when a connection matters: dial afresh.
-                    if promote
-                        && s.role == crate::core::Role::Primary
-                        && self.current.is_none()
-                        && self.link.dials()
-                    {
-                        self.connector = None;
+                    if promote && s.role == crate::core::Role::Primary {
+                        // A connection refused because neither side had good data (the usual
+                        // state before the first `primary --force`) is worth retrying now.
+                        if !s.want_connection && !self.user_disconnected {
+                            self.feed(Event::Admin {
+                                tag: 0,
+                                cmd: AdminCmd::Connect,
+                            });
+                        }
+                        // Not connected yet: a dial in progress may be one the peer missed (it
+                        // started later; QUIC's handshake retransmits back off for seconds).
+                        // The promotion is when a connection matters: dial afresh.
+                        if self.current.is_none() && self.link.dials() {
+                            self.connector = None;
+                        }
                     }
                 }
                 Input::Status { reply } => {

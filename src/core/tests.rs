@@ -1664,8 +1664,9 @@ fn zero_runs_travel_without_payload_and_become_write_zeroes() {
     );
 }
 
-#[test]
-fn interrupted_resync_resumes_without_resending_acked_blocks() {
+/// Node 0 Primary writes 32 blocks while disconnected; the resync to node 1 runs until about
+/// half is acked, then the link dies (nothing left in the network).
+fn resync_cut_halfway() -> Duo {
     let mut d = Duo::with(small_chunks);
     d.admin(0, AdminCmd::Promote { force: false });
     d.connect();
@@ -1674,7 +1675,6 @@ fn interrupted_resync_resumes_without_resending_acked_blocks() {
         d.write(0, b, 9);
     }
     assert_eq!(d.st(0).dirty_blocks, 32);
-    // Resync until about half is acked, then the link dies.
     d.connect_unsettled();
     let mut guard = 0;
     while d.st(0).dirty_blocks > 16 {
@@ -1685,6 +1685,12 @@ fn interrupted_resync_resumes_without_resending_acked_blocks() {
     assert_eq!(d.st(0).repl, ReplState::SyncSource);
     d.cut();
     d.net.clear();
+    d
+}
+
+#[test]
+fn interrupted_resync_resumes_without_resending_acked_blocks() {
+    let mut d = resync_cut_halfway();
     let left = d.st(0).dirty_blocks;
     let first_run = d.resynced_bytes[0];
     assert!(left > 0 && left <= 16);
@@ -1769,22 +1775,7 @@ fn rate_limited_resync_waits_for_its_timer() {
 /// says UpToDate, or a crash right after loses them with no bitmap naming them.
 #[test]
 fn forced_promotion_of_a_resync_target_makes_its_data_stable_before_saving() {
-    let mut d = Duo::with(small_chunks);
-    d.admin(0, AdminCmd::Promote { force: false });
-    d.connect();
-    d.cut();
-    for b in 0..32 {
-        d.write(0, b, 9);
-    }
-    d.connect_unsettled();
-    let mut guard = 0;
-    while d.st(0).dirty_blocks > 16 {
-        d.deliver_some(1);
-        guard += 1;
-        assert!(guard < 1000, "resync made no progress");
-    }
-    d.cut();
-    d.net.clear();
+    let mut d = resync_cut_halfway();
     assert_eq!(d.st(1).disk, DiskState::Inconsistent);
     assert!(d.st(1).bitmap_known, "the source had started");
     let b = d.r[1].as_mut().expect("alive");

@@ -19,6 +19,12 @@ impl BackendError for DiskError {
 
 /// A block device as a frontend sees it. Offsets and lengths are checked by the frontend against
 /// `size()`; implementations still refuse out-of-range requests.
+///
+/// The I/O methods return futures that own what they need (`'static`), so a frontend calls them
+/// in the order its client sent the requests and only then spawns the futures. A backend that
+/// orders requests (the replicated device) takes each request's place in that order when the
+/// method is called, not when the future is first polled: two overlapping writes in flight at
+/// once land in the order the client sent them, on both nodes.
 pub trait Backend: Clone + Send + Sync + 'static {
     type Error: BackendError;
 
@@ -31,21 +37,25 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         offset: u64,
         len: u32,
-    ) -> impl Future<Output = Result<IoBuf, Self::Error>> + Send;
+    ) -> impl Future<Output = Result<IoBuf, Self::Error>> + Send + 'static;
     fn write(
         &self,
         offset: u64,
         buf: IoBuf,
         fua: bool,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
-    fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
-    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
+    fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
     fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         may_trim: bool,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
 }
 
 impl Backend for Disk {
@@ -63,29 +73,42 @@ impl Backend for Disk {
     fn alloc(&self, len: usize) -> IoBuf {
         Disk::alloc(self, len)
     }
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<IoBuf, DiskError>> + Send {
-        Disk::read(self, offset, len)
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<IoBuf, DiskError>> + Send + 'static {
+        let d = self.clone();
+        async move { Disk::read(&d, offset, len).await }
     }
     fn write(
         &self,
         offset: u64,
         buf: IoBuf,
         fua: bool,
-    ) -> impl Future<Output = Result<(), DiskError>> + Send {
-        Disk::write(self, offset, buf, fua)
+    ) -> impl Future<Output = Result<(), DiskError>> + Send + 'static {
+        let d = self.clone();
+        async move { Disk::write(&d, offset, buf, fua).await }
     }
-    fn flush(&self) -> impl Future<Output = Result<(), DiskError>> + Send {
-        Disk::flush(self)
+    fn flush(&self) -> impl Future<Output = Result<(), DiskError>> + Send + 'static {
+        let d = self.clone();
+        async move { Disk::flush(&d).await }
     }
-    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DiskError>> + Send {
-        Disk::trim(self, offset, len)
+    fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send + 'static {
+        let d = self.clone();
+        async move { Disk::trim(&d, offset, len).await }
     }
     fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         may_trim: bool,
-    ) -> impl Future<Output = Result<(), DiskError>> + Send {
-        Disk::write_zeroes(self, offset, len, may_trim)
+    ) -> impl Future<Output = Result<(), DiskError>> + Send + 'static {
+        let d = self.clone();
+        async move { Disk::write_zeroes(&d, offset, len, may_trim).await }
     }
 }

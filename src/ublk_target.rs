@@ -3,7 +3,8 @@
 //! `frontend = "ublk"`), the same two backends the NBD server serves.
 //!
 //! ublk queue threads run their own single-threaded executor, not tokio, so every backend call is
-//! spawned on the given tokio runtime and its result comes back over a oneshot channel (which any
+//! made on the queue thread (where a replicated backend fixes the request's order) and its future
+//! is spawned on the given tokio runtime; the result comes back over a oneshot channel (which any
 //! executor can await). Data is copied between the ublk request buffer and the backend's aligned
 //! buffers: the request buffer belongs to the queue, the backend wants its own.
 
@@ -62,8 +63,7 @@ impl<B: Backend> BlockTarget for BackendTarget<B> {
         let Ok(len) = u32::try_from(buf.len()) else {
             return Box::pin(async { Err(libc::EINVAL) });
         };
-        let b = self.backend.clone();
-        let io = self.on_runtime(async move { b.read(offset, len).await });
+        let io = self.on_runtime(self.backend.read(offset, len));
         Box::pin(async move {
             let data = io.await?;
             match data.get(..buf.len()) {
@@ -82,29 +82,25 @@ impl<B: Backend> BlockTarget for BackendTarget<B> {
         }
         let mut buf = self.backend.alloc(data.len());
         buf.copy_from_slice(data);
-        let b = self.backend.clone();
-        Box::pin(self.on_runtime(async move { b.write(offset, buf, fua).await }))
+        Box::pin(self.on_runtime(self.backend.write(offset, buf, fua)))
     }
 
     fn flush(&self) -> IoFuture<'_> {
-        let b = self.backend.clone();
-        Box::pin(self.on_runtime(async move { b.flush().await }))
+        Box::pin(self.on_runtime(self.backend.flush()))
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         if self.backend.read_only() {
             return Box::pin(async { Err(libc::EROFS) });
         }
-        let b = self.backend.clone();
-        Box::pin(self.on_runtime(async move { b.trim(offset, len).await }))
+        Box::pin(self.on_runtime(self.backend.trim(offset, len)))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_> {
         if self.backend.read_only() {
             return Box::pin(async { Err(libc::EROFS) });
         }
-        let b = self.backend.clone();
-        Box::pin(self.on_runtime(async move { b.write_zeroes(offset, len, may_unmap).await }))
+        Box::pin(self.on_runtime(self.backend.write_zeroes(offset, len, may_unmap)))
     }
 }
 

@@ -3,7 +3,9 @@
 //! into few `writev`s.
 //!
 //! Per connection: the reader (this connection's task) parses requests straight out of a large
-//! buffer and spawns one small task per disk operation; a writer task gathers finished replies
+//! buffer, hands each to the backend in the order the client sent them (overlapping writes in
+//! flight together land in that order) and spawns one small task per operation to wait for it;
+//! a writer task gathers finished replies
 //! from a channel, as many as are ready, and writes them in one vectored write. A reply is only
 //! produced after the disk completed the operation, so a FLUSH on any connection covers every
 //! write acknowledged on any connection (CAN_MULTI_CONN).
@@ -229,66 +231,46 @@ impl<B: Backend> Server<B> {
                             // Client gone mid-payload: this write was never acknowledged.
                             return Ok(());
                         }
-                        self.spawn(
-                            &tx,
-                            permit,
-                            h.cookie,
-                            offset,
-                            false,
-                            move |d: B| async move {
-                                if len == 0 {
-                                    return if fua { flush(&d).await } else { Outcome::Ok };
+                        let d = &self.disk;
+                        let io = (len > 0).then(|| d.write(offset, data, fua));
+                        let fua = (len == 0 && fua).then(|| d.flush());
+                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
+                            if let Some(io) = io {
+                                if let Err(e) = io.await {
+                                    return disk_error(&e);
                                 }
-                                match d.write(offset, data, fua).await {
-                                    Ok(()) => Outcome::Ok,
-                                    Err(e) => disk_error(&e),
-                                }
-                            },
-                        );
-                    }
-                    Ok(Command::Read { offset, len }) => {
-                        self.spawn(
-                            &tx,
-                            permit,
-                            h.cookie,
-                            offset,
-                            true,
-                            move |d: B| async move {
-                                if len == 0 {
-                                    return Outcome::Data(None);
-                                }
-                                match d.read(offset, len).await {
-                                    Ok(b) => Outcome::Data(Some(b)),
-                                    Err(e) => disk_error(&e),
-                                }
-                            },
-                        );
-                    }
-                    Ok(Command::Flush) => {
-                        self.spawn(&tx, permit, h.cookie, 0, false, move |d: B| async move {
-                            flush(&d).await
+                            }
+                            flushed(fua).await
                         });
                     }
+                    Ok(Command::Read { offset, len }) => {
+                        let io = (len > 0).then(|| self.disk.read(offset, len));
+                        self.spawn(&tx, permit, h.cookie, offset, true, async move {
+                            match io {
+                                None => Outcome::Data(None),
+                                Some(io) => match io.await {
+                                    Ok(b) => Outcome::Data(Some(b)),
+                                    Err(e) => disk_error(&e),
+                                },
+                            }
+                        });
+                    }
+                    Ok(Command::Flush) => {
+                        let io = Some(self.disk.flush());
+                        self.spawn(&tx, permit, h.cookie, 0, false, flushed(io));
+                    }
                     Ok(Command::Trim { offset, len, fua }) => {
-                        self.spawn(
-                            &tx,
-                            permit,
-                            h.cookie,
-                            offset,
-                            false,
-                            move |d: B| async move {
-                                if len > 0 {
-                                    if let Err(e) = d.trim(offset, len.into()).await {
-                                        return disk_error(&e);
-                                    }
+                        let d = self.disk.clone();
+                        let io = (len > 0).then(|| d.trim(offset, len.into()));
+                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
+                            if let Some(io) = io {
+                                if let Err(e) = io.await {
+                                    return disk_error(&e);
                                 }
-                                if fua {
-                                    flush(&d).await
-                                } else {
-                                    Outcome::Ok
-                                }
-                            },
-                        );
+                            }
+                            // FUA: the flush is asked for once the trim is done.
+                            flushed(fua.then(|| d.flush())).await
+                        });
                     }
                     Ok(Command::WriteZeroes {
                         offset,
@@ -299,27 +281,16 @@ impl<B: Backend> Server<B> {
                     }) => {
                         // FAST_ZERO: on a regular file, zeroing is a fallocate (fast), so
                         // we always attempt it; the disk layer reports ENOTSUP otherwise.
-                        self.spawn(
-                            &tx,
-                            permit,
-                            h.cookie,
-                            offset,
-                            false,
-                            move |d: B| async move {
-                                if len > 0 {
-                                    if let Err(e) =
-                                        d.write_zeroes(offset, len.into(), !no_hole).await
-                                    {
-                                        return disk_error(&e);
-                                    }
+                        let d = self.disk.clone();
+                        let io = (len > 0).then(|| d.write_zeroes(offset, len.into(), !no_hole));
+                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
+                            if let Some(io) = io {
+                                if let Err(e) = io.await {
+                                    return disk_error(&e);
                                 }
-                                if fua {
-                                    flush(&d).await
-                                } else {
-                                    Outcome::Ok
-                                }
-                            },
-                        );
+                            }
+                            flushed(fua.then(|| d.flush())).await
+                        });
                     }
                 }
             }
@@ -332,22 +303,20 @@ impl<B: Backend> Server<B> {
         }
     }
 
-    fn spawn<F, Fut>(
+    /// Waits for `op` (already handed to the backend, in the client's order) on a task of its
+    /// own and queues its reply.
+    fn spawn(
         &self,
         tx: &mpsc::UnboundedSender<Done>,
         permit: Option<OwnedSemaphorePermit>,
         cookie: u64,
         offset: u64,
         read: bool,
-        op: F,
-    ) where
-        F: FnOnce(B) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Outcome> + Send + 'static,
-    {
+        op: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) {
         let tx = tx.clone();
-        let disk = self.disk.clone();
         tokio::spawn(async move {
-            let outcome = op(disk).await;
+            let outcome = op.await;
             let _ = tx.send(Done {
                 cookie,
                 read,
@@ -359,10 +328,16 @@ impl<B: Backend> Server<B> {
     }
 }
 
-async fn flush<B: Backend>(d: &B) -> Outcome {
-    match d.flush().await {
-        Ok(()) => Outcome::Ok,
-        Err(e) => disk_error(&e),
+/// The outcome of a flush, if one was asked for.
+async fn flushed<E: BackendError>(
+    flush: Option<impl std::future::Future<Output = Result<(), E>>>,
+) -> Outcome {
+    match flush {
+        Some(f) => match f.await {
+            Ok(()) => Outcome::Ok,
+            Err(e) => disk_error(&e),
+        },
+        None => Outcome::Ok,
     }
 }
 

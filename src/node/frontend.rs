@@ -48,15 +48,18 @@ pub struct Replicated {
 }
 
 impl Replicated {
-    async fn call(&self, op: ClientOp) -> Result<Option<IoBuf>, Errno> {
+    /// Hands `op` to the event loop now (this fixes its place among the client's requests) and
+    /// returns the wait for its answer.
+    fn call(&self, op: ClientOp) -> impl Future<Output = Result<Option<IoBuf>, Errno>> + 'static {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Input::Client { op, reply })
-            .map_err(|_| Errno(libc::ESHUTDOWN))?;
-        match rx.await {
-            Ok(r) => r.map_err(Errno),
-            // The event loop is gone (shutting down): the request was not done.
-            Err(_) => Err(Errno(libc::ESHUTDOWN)),
+        let sent = self.tx.send(Input::Client { op, reply });
+        async move {
+            sent.map_err(|_| Errno(libc::ESHUTDOWN))?;
+            match rx.await {
+                Ok(r) => r.map_err(Errno),
+                // The event loop is gone (shutting down): the request was not done.
+                Err(_) => Err(Errno(libc::ESHUTDOWN)),
+            }
         }
     }
 }
@@ -81,38 +84,40 @@ impl Backend for Replicated {
     fn alloc(&self, len: usize) -> IoBuf {
         self.disk.alloc(len)
     }
-    async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, Errno> {
-        match self.call(ClientOp::Read { offset, len }).await? {
-            Some(b) => Ok(b),
-            None => Err(Errno(libc::EIO)),
-        }
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<IoBuf, Errno>> + 'static {
+        let r = self.call(ClientOp::Read { offset, len });
+        async move { r.await?.ok_or(Errno(libc::EIO)) }
     }
     fn write(
         &self,
         offset: u64,
         buf: IoBuf,
         fua: bool,
-    ) -> impl Future<Output = Result<(), Errno>> + Send {
+    ) -> impl Future<Output = Result<(), Errno>> + 'static {
         let data = Bytes::from_owner(Owned(buf));
-        async move {
-            self.call(ClientOp::Write { offset, data, fua }).await?;
-            Ok(())
-        }
+        done(self.call(ClientOp::Write { offset, data, fua }))
     }
-    async fn flush(&self) -> Result<(), Errno> {
-        self.call(ClientOp::Flush).await?;
-        Ok(())
+    fn flush(&self) -> impl Future<Output = Result<(), Errno>> + 'static {
+        done(self.call(ClientOp::Flush))
     }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), Errno> {
-        let len = len32(len)?;
-        self.call(ClientOp::Trim { offset, len }).await?;
-        Ok(())
+    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), Errno>> + 'static {
+        let op = len32(len).map(|len| self.call(ClientOp::Trim { offset, len }));
+        async move { op?.await.map(drop) }
     }
-    async fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<(), Errno> {
-        let len = len32(len)?;
-        self.call(ClientOp::Zero { offset, len }).await?;
-        Ok(())
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _may_trim: bool,
+    ) -> impl Future<Output = Result<(), Errno>> + 'static {
+        let op = len32(len).map(|len| self.call(ClientOp::Zero { offset, len }));
+        async move { op?.await.map(drop) }
     }
+}
+
+/// A request that answers no data.
+async fn done(r: impl Future<Output = Result<Option<IoBuf>, Errno>>) -> Result<(), Errno> {
+    r.await.map(drop)
 }
 
 /// `frontend = "ublk"`: the replicated device as `/dev/ublkbN`, served by a thread of its own

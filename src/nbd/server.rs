@@ -231,17 +231,9 @@ impl<B: Backend> Server<B> {
                             // Client gone mid-payload: this write was never acknowledged.
                             return Ok(());
                         }
-                        let d = &self.disk;
-                        let io = (len > 0).then(|| d.write(offset, data, fua));
-                        let fua = (len == 0 && fua).then(|| d.flush());
-                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
-                            if let Some(io) = io {
-                                if let Err(e) = io.await {
-                                    return disk_error(&e);
-                                }
-                            }
-                            flushed(fua).await
-                        });
+                        let io = (len > 0).then(|| self.disk.write(offset, data, fua));
+                        let flush = (len == 0 && fua).then(|| self.disk.clone());
+                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                     Ok(Command::Read { offset, len }) => {
                         let io = (len > 0).then(|| self.disk.read(offset, len));
@@ -257,20 +249,12 @@ impl<B: Backend> Server<B> {
                     }
                     Ok(Command::Flush) => {
                         let io = Some(self.disk.flush());
-                        self.spawn(&tx, permit, h.cookie, 0, false, flushed(io));
+                        self.spawn(&tx, permit, h.cookie, 0, false, outcome::<B>(io, None));
                     }
                     Ok(Command::Trim { offset, len, fua }) => {
-                        let d = self.disk.clone();
-                        let io = (len > 0).then(|| d.trim(offset, len.into()));
-                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
-                            if let Some(io) = io {
-                                if let Err(e) = io.await {
-                                    return disk_error(&e);
-                                }
-                            }
-                            // FUA: the flush is asked for once the trim is done.
-                            flushed(fua.then(|| d.flush())).await
-                        });
+                        let io = (len > 0).then(|| self.disk.trim(offset, len.into()));
+                        let flush = fua.then(|| self.disk.clone());
+                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                     Ok(Command::WriteZeroes {
                         offset,
@@ -281,16 +265,10 @@ impl<B: Backend> Server<B> {
                     }) => {
                         // FAST_ZERO: on a regular file, zeroing is a fallocate (fast), so
                         // we always attempt it; the disk layer reports ENOTSUP otherwise.
-                        let d = self.disk.clone();
-                        let io = (len > 0).then(|| d.write_zeroes(offset, len.into(), !no_hole));
-                        self.spawn(&tx, permit, h.cookie, offset, false, async move {
-                            if let Some(io) = io {
-                                if let Err(e) = io.await {
-                                    return disk_error(&e);
-                                }
-                            }
-                            flushed(fua.then(|| d.flush())).await
-                        });
+                        let io =
+                            (len > 0).then(|| self.disk.write_zeroes(offset, len.into(), !no_hole));
+                        let flush = fua.then(|| self.disk.clone());
+                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                 }
             }
@@ -328,17 +306,23 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// The outcome of a flush, if one was asked for.
-async fn flushed<E: BackendError>(
-    flush: Option<impl std::future::Future<Output = Result<(), E>>>,
+/// The outcome of `io` (already handed to the backend; none: nothing to do), then, for FUA,
+/// of a flush of `flush_after`, asked for once `io` is done.
+async fn outcome<B: Backend>(
+    io: Option<impl std::future::Future<Output = Result<(), B::Error>>>,
+    flush_after: Option<B>,
 ) -> Outcome {
-    match flush {
-        Some(f) => match f.await {
-            Ok(()) => Outcome::Ok,
-            Err(e) => disk_error(&e),
-        },
-        None => Outcome::Ok,
+    if let Some(io) = io {
+        if let Err(e) = io.await {
+            return disk_error(&e);
+        }
     }
+    if let Some(d) = flush_after {
+        if let Err(e) = d.flush().await {
+            return disk_error(&e);
+        }
+    }
+    Outcome::Ok
 }
 
 fn disk_error<E: BackendError>(e: &E) -> Outcome {

@@ -520,3 +520,75 @@ fn overlapping_writes_in_flight_land_in_the_order_sent_on_both_nodes() {
     down(&mut p, 0);
     assert_identical(&p);
 }
+
+/// A resync target killed part-way (kill -9) resumes where the stable part ends instead of
+/// starting over (issue #4): the source clears a block's bit only once a flush barrier made it
+/// stable on the target, and the target saved that it may trust the bitmaps. The resumed
+/// resync copies at most what the source's bitmap still named at the kill.
+#[test]
+fn a_resync_target_killed_mid_resync_resumes_instead_of_starting_over() {
+    need_fio();
+    const WRITTEN: u64 = 192 * MIB;
+    let port = ops_common::free_tcp_port();
+    let mut p = Pair::configure("256M", ["", &format!("metrics = \"127.0.0.1:{port}\"")]);
+    for i in 0..2 {
+        p.start(i, &[]);
+        p.wait(i, "the daemon answers status", |_| true);
+    }
+    p.primary_force();
+    p.wait_in_sync();
+    down(&mut p, 1);
+    down(&mut p, 0);
+
+    // A capped resync, so the kill lands part-way; the initial sync above ran uncapped.
+    let text = std::fs::read_to_string(&p.config).expect("read config");
+    let text = text.replacen("[resource]\n", "[resource]\nc-max-rate = \"40M\"\n", 1);
+    std::fs::write(&p.config, text).expect("write config");
+    p.start_and_wait(0);
+    cli_ok(&p, 0, &["primary"]);
+    p.fio_verified(
+        0,
+        &[
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            &format!("--size={WRITTEN}"),
+        ],
+    );
+    let s = p.status(0).expect("alpha status");
+    assert_eq!(s["out_of_sync_bytes"], WRITTEN, "{s}");
+
+    p.start(1, &[]);
+    let s = p.wait(0, "the resync three quarters done", |s| {
+        s["repl"] == "SyncSource" && s["resync"]["percent"].as_f64().is_some_and(|x| x >= 75.0)
+    });
+    p.kill(1);
+    let named = s["out_of_sync_bytes"].as_u64().expect("out_of_sync_bytes");
+    eprintln!(
+        "beta killed at {}% with {named} bytes still named",
+        s["resync"]["percent"]
+    );
+    assert!(
+        named < WRITTEN,
+        "nothing was stable on beta at 75%: {named} bytes named\n{}",
+        p.logs()
+    );
+    let md = cli_ok(&p, 1, &["dump-md"]);
+    assert!(md.contains("resync-resumable"), "{md}");
+
+    p.start(1, &[]);
+    p.wait_in_sync();
+    let resumed = scrape(port, "twinblk_resync_bytes_total") as u64;
+    eprintln!(
+        "resumed resync copied {resumed} bytes ({named} named at the kill, {WRITTEN} written)"
+    );
+    assert!(
+        resumed <= named,
+        "the resumed resync copied {resumed} bytes, more than the {named} the source named at the \
+         kill (written: {WRITTEN})\n{}",
+        p.logs()
+    );
+    down(&mut p, 1);
+    down(&mut p, 0);
+    assert_identical(&p);
+}

@@ -8,8 +8,10 @@
 //! 2. `T` reads the range, ordered after the peer writes it already received (an item at the
 //!    back of its apply queue), and answers [`PeerMsg::CsumReply`] with one digest per block.
 //! 3. `S` reads the chunk (ordered against client writes like any resync read) and compares:
-//!    equal blocks are cleared at once and named in a `ResyncSame`; the span from the first to
-//!    the last differing block goes as ordinary resync data, whose ack clears the chunk.
+//!    equal blocks are named in a `ResyncSame`; the span from the first to the last differing
+//!    block goes as ordinary resync data. The chunk is acked when that data is written (at
+//!    once if all was equal), and its bits go when a flush barrier sent after the ack is
+//!    acked: what `T` read may have been a write it had not flushed (simulator seed 179).
 //!
 //! Why equal means in sync: every write `T` had applied when it read was sent by `S` before
 //! `T` answered, so before `S` reads: `S` reads a later state. A block equal at that point is
@@ -185,7 +187,8 @@ impl Replica {
         out.push(Action::DiskRead { io, offset, len });
     }
 
-    /// Source: the chunk was read; clear what is equal, send what differs.
+    /// Source: the chunk was read; send what differs. The whole chunk is done (its bits go)
+    /// once the target has it stable, the equal part included.
     pub(super) fn csum_source_read_done(
         &mut self,
         conn: u64,
@@ -231,7 +234,9 @@ impl Replica {
         };
         for (o, e) in same {
             if e > o {
-                self.bitmap.clear_bytes(o, e - o);
+                // The bits stay: what the target read may not be stable there yet (a write
+                // it has not flushed). The chunk's bits go once a flush barrier after this
+                // is acked (see `resync`).
                 self.send(
                     PeerMsg::ResyncSame {
                         offset: o,
@@ -243,12 +248,9 @@ impl Replica {
         }
         match span {
             None => {
-                let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(first));
-                if acked {
-                    let total = self.resync.as_ref().map_or(0, |rs| rs.total);
-                    let left = self.bitmap.count();
-                    self.note_progress(total, left, out);
-                    self.send(PeerMsg::ResyncProgress { total, left }, out);
+                let seq = self.conn.as_ref().map_or(0, |c| c.send_seq);
+                if self.resync.as_mut().is_some_and(|rs| rs.acked(first, seq)) {
+                    self.resync_progress(out);
                 }
             }
             Some((start, stop)) => {

@@ -192,8 +192,8 @@ pub enum InjectedBug {
     ResolveSplitBrainSilently,
     /// A crashed Primary's activity log is not added to its bitmap at restart.
     IgnoreActivityLogOnRestore,
-    /// A forced promotion does not make the acked resync writes stable first.
-    NoSyncAtForcedPromotion,
+    /// A promotion does not make the acked peer and resync writes stable first.
+    NoSyncAtPromotion,
 }
 
 #[derive(Debug, Clone)]
@@ -238,7 +238,9 @@ pub struct Config {
     /// Default 4096.
     pub stability_writes: usize,
     /// Stability point: also once this many payload bytes were sent since the last flush
-    /// barrier. Default 64 MiB.
+    /// barrier. A resync source likewise asks for a flush (a tagged one) once this many resync
+    /// bytes are acked and not yet stable: at most this much is sent again after a crash of
+    /// the target. Default 64 MiB.
     pub stability_bytes: u64,
     /// Split-brain policy when neither node is Primary (both nodes must agree).
     pub after_sb_0pri: AfterSb0Pri,
@@ -293,6 +295,12 @@ pub struct Meta {
     /// them, so superblocks written before it existed read as `false`.
     #[serde(skip)]
     pub no_activity_log: bool,
+    /// An Inconsistent resync target whose source had marked (persisted) every block this disk
+    /// lacks before the crash: its bits are cleared only once the target has the block stable,
+    /// so a restart resumes the resync from the bitmaps instead of starting over. Stored as a
+    /// flag like `no_activity_log`; an older build reads it as absent (a full resync: safe).
+    #[serde(skip)]
+    pub resync_resumable: bool,
 }
 
 impl Meta {
@@ -305,6 +313,7 @@ impl Meta {
             disk: DiskState::Inconsistent,
             primary: false,
             no_activity_log: false,
+            resync_resumable: false,
         }
     }
 }
@@ -734,23 +743,24 @@ struct Conn {
     /// A stability timer is armed for this connection.
     stability_armed: bool,
     /// Flush barriers sent and not yet acked: (epoch, seq). An ack names the epoch; the seq
-    /// says which writes it made stable (those sent before it). Includes the activity log's
-    /// pressure flushes (epoch from [`PRESSURE_EPOCH`] up).
+    /// says which writes it made stable (those sent before it). Includes the tagged flushes
+    /// (activity-log pressure, resync stability; epoch from [`PRESSURE_EPOCH`] up).
     flushes: VecDeque<(u64, u64)>,
-    /// Pressure flushes sent on this connection (makes each tag unique).
-    al_points_sent: u64,
+    /// Tagged flushes sent on this connection (makes each tag unique).
+    tagged_flushes_sent: u64,
 }
 
 impl Conn {
-    /// An activity-log pressure flush is in flight (see `al_pressure_flush`).
-    fn pressure_in_flight(&self) -> bool {
+    /// A tagged flush is in flight (see `Replica::tagged_flush`): its ack will trim the
+    /// transfer log as any flush barrier's does.
+    fn tagged_flush_in_flight(&self) -> bool {
         self.flushes.iter().any(|&(e, _)| e >= PRESSURE_EPOCH)
     }
 }
 
-/// A pressure flush is sent between two writes of one epoch, so it cannot carry an epoch of
-/// its own: its ack is told apart by a tag from this range, which real epochs never reach.
-/// The peer only echoes a flush barrier's epoch.
+/// A tagged flush (activity-log pressure, resync stability) is sent between two writes of one
+/// epoch, so it cannot carry an epoch of its own: its ack is told apart by a tag from this
+/// range, which real epochs never reach. The peer only echoes a flush barrier's epoch.
 const PRESSURE_EPOCH: u64 = 1 << 63;
 
 const REORDER_MAX_MSGS: usize = 1 << 16;
@@ -842,10 +852,11 @@ impl Replica {
         if !r.bitmap.is_clean() && r.bitmap_gen.is_none() {
             r.bitmap_gen = Some(r.current_gen);
         }
-        // An Inconsistent node was a resync target: the source cleared bits for resync data
-        // this node acked but may have lost in the crash (not flushed), so nothing short of a
-        // full resync is safe.
-        r.bitmap_known = r.disk != DiskState::Inconsistent;
+        // An Inconsistent node was a resync target (or invalidated). If the source had marked
+        // what it lacks, the source's bitmap still names every block it may have lost in the
+        // crash (a bit goes only when the block is stable here): resume. Else (or after
+        // `invalidate`) nothing short of a full resync is safe.
+        r.bitmap_known = r.disk != DiskState::Inconsistent || restored.meta.resync_resumable;
         r
     }
 
@@ -909,6 +920,7 @@ impl Replica {
             disk: self.disk,
             primary: self.role == Role::Primary,
             no_activity_log: self.role == Role::Primary && !self.cfg.al_updates,
+            resync_resumable: self.disk == DiskState::Inconsistent && self.bitmap_known,
         }
     }
 
@@ -1555,7 +1567,8 @@ impl Replica {
         }
         let take = if take > 0 {
             take
-        } else if writes_will_unpin || self.conn.as_ref().is_some_and(Conn::pressure_in_flight) {
+        } else if writes_will_unpin || self.conn.as_ref().is_some_and(Conn::tagged_flush_in_flight)
+        {
             self.al_full = true;
             return;
         } else {
@@ -1636,14 +1649,21 @@ impl Replica {
         if self.tl.is_empty() || self.handshaking() {
             return;
         }
-        let Some(c) = self.conn.as_mut() else {
-            return;
-        };
-        if c.pressure_in_flight() {
-            return;
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| !c.tagged_flush_in_flight())
+        {
+            self.tagged_flush(out);
         }
-        let tag = PRESSURE_EPOCH + c.al_points_sent;
-        c.al_points_sent += 1;
+    }
+
+    /// Sends a flush barrier outside the epoch sequence, tagged from [`PRESSURE_EPOCH`] up;
+    /// returns its tag. Its ack makes everything sent before it stable on the peer.
+    fn tagged_flush(&mut self, out: &mut Vec<Action>) -> Option<u64> {
+        let c = self.conn.as_mut()?;
+        let tag = PRESSURE_EPOCH + c.tagged_flushes_sent;
+        c.tagged_flushes_sent += 1;
         let seq = self.next_seq();
         self.reset_unflushed();
         if let Some(c) = self.conn.as_mut() {
@@ -1657,6 +1677,7 @@ impl Replica {
             },
             out,
         );
+        Some(tag)
     }
 
     /// Extents that must stay in the activity log: (those of a local client write in flight,
@@ -2023,7 +2044,7 @@ impl Replica {
             unflushed_bytes: 0,
             stability_armed: false,
             flushes: VecDeque::new(),
-            al_points_sent: 0,
+            tagged_flushes_sent: 0,
         });
         self.set_repl(ReplState::Connecting, out);
         out.push(Action::Send(PeerMsg::Hello(hello)));
@@ -2181,6 +2202,7 @@ impl Replica {
                     while self.tl.front().is_some_and(|&(seq, _, _)| seq < below) {
                         self.tl.pop_front();
                     }
+                    self.resync_stable(epoch, below, out);
                 }
                 let mut done = Vec::new();
                 if let Some(c) = self.conn.as_mut().filter(|_| epoch < PRESSURE_EPOCH) {
@@ -2204,11 +2226,13 @@ impl Replica {
             PeerMsg::ResyncProgress { total, left } => {
                 if self.repl == ReplState::SyncTarget {
                     // The source decided and marked (persisted) everything this disk lacks; it
-                    // clears a bit only once this node acked the data. An interrupted resync
-                    // can therefore resume from the bitmaps, unless this node crashes (acked
-                    // resync data may not be stable): `restore` clears this again for an
-                    // Inconsistent disk.
-                    self.bitmap_known = true;
+                    // clears a bit only once the data is stable here. An interrupted resync
+                    // can therefore resume from the bitmaps, even after a crash of this node:
+                    // saved, so `restore` trusts the bitmap again.
+                    if !self.bitmap_known {
+                        self.bitmap_known = true;
+                        self.save_meta(out);
+                    }
                     self.note_progress(total, left, out);
                 }
             }
@@ -2216,15 +2240,16 @@ impl Replica {
                 if self.repl != ReplState::SyncSource {
                     return;
                 }
-                let (offset, len) = self.csum_ack_range(offset, len);
+                let (offset, _) = self.csum_ack_range(offset, len);
                 let bs = self.bitmap.block_size();
-                let acked = self.resync.as_mut().is_some_and(|rs| rs.acked(offset / bs));
+                // Written, not yet stable: the bits go when a flush barrier covers the chunk.
+                let seq = self.conn.as_ref().map_or(0, |c| c.send_seq);
+                let acked = self
+                    .resync
+                    .as_mut()
+                    .is_some_and(|rs| rs.acked(offset / bs, seq));
                 if acked {
-                    self.bitmap.clear_bytes(offset, len as u64);
-                    let total = self.resync.as_ref().map_or(0, |rs| rs.total);
-                    let left = self.bitmap.count();
-                    self.note_progress(total, left, out);
-                    self.send(PeerMsg::ResyncProgress { total, left }, out);
+                    self.resync_progress(out);
                 }
                 self.pump_resync(out);
             }
@@ -2884,6 +2909,16 @@ impl Replica {
             }
             self.resync_fetch(conn, first, offset, len, out);
         }
+        let flush = self
+            .resync
+            .as_ref()
+            .is_some_and(|rs| rs.wants_flush(&self.bitmap, self.cfg.stability_bytes));
+        if flush {
+            let tag = self.tagged_flush(out);
+            if let Some(rs) = self.resync.as_mut() {
+                rs.flush_tag = tag;
+            }
+        }
         let finished = self
             .resync
             .as_ref()
@@ -2905,6 +2940,41 @@ impl Replica {
             out.push(Action::Emit(StateChange::ResyncFinished));
             self.save_meta(out);
         }
+    }
+
+    /// Sync source: a flush barrier (sequence number `below`, tag `epoch`) was acked, so the
+    /// resync chunks acked before it was sent are stable on the target: their bits go now.
+    fn resync_stable(&mut self, epoch: u64, below: u64, out: &mut Vec<Action>) {
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
+        if rs.flush_tag == Some(epoch) {
+            rs.flush_tag = None;
+        }
+        let stable = rs.stable(below);
+        let bs = self.bitmap.block_size();
+        for (first, n) in &stable {
+            let offset = first.saturating_mul(bs);
+            let len = n
+                .saturating_mul(bs)
+                .min(self.cfg.size.saturating_sub(offset));
+            self.bitmap.clear_bytes(offset, len);
+        }
+        if !stable.is_empty() {
+            self.resync_progress(out);
+        }
+        // Chunks acked after this flush went out need the next one (or this was the end).
+        self.pump_resync(out);
+    }
+
+    /// Sync source: tells the target (and status) how much is left.
+    pub(super) fn resync_progress(&mut self, out: &mut Vec<Action>) {
+        let Some(rs) = self.resync.as_ref() else {
+            return;
+        };
+        let (total, left) = (rs.total, rs.remaining(&self.bitmap));
+        self.note_progress(total, left, out);
+        self.send(PeerMsg::ResyncProgress { total, left }, out);
     }
 
     fn arm_resync_timer(&mut self, at: u64, out: &mut Vec<Action>) {
@@ -2996,20 +3066,22 @@ impl Replica {
                     return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
                 }
 
+                if self.disk != DiskState::UpToDate && !force {
+                    return Err(format!(
+                        "the disk is {:?}, not UpToDate: only an UpToDate node can become Primary \
+                         (use --force for the very first promotion of a new resource)",
+                        self.disk
+                    ));
+                }
+                // What this node starts serving is stable before the promotion is saved: peer
+                // and resync writes were acked once written, not flushed, and a crash of the
+                // new Primary must not take back data it has already served (for a forced
+                // resync target: data no bitmap of its own names once it is UpToDate, seed
+                // 6208).
+                if self.cfg.bug != InjectedBug::NoSyncAtPromotion {
+                    out.push(Action::SyncData);
+                }
                 if self.disk != DiskState::UpToDate {
-                    if !force {
-                        return Err(format!(
-                            "the disk is {:?}, not UpToDate: only an UpToDate node can become Primary \
-                             (use --force for the very first promotion of a new resource)",
-                            self.disk
-                        ));
-                    }
-                    // A resync target acked resync writes once written, not stable, and the
-                    // source cleared their bits: from the metadata saved below on, nothing
-                    // would name them if a crash lost them (seed 6208). Stable first.
-                    if self.cfg.bug != InjectedBug::NoSyncAtForcedPromotion {
-                        out.push(Action::SyncData);
-                    }
                     self.current_gen =
                         gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
                     self.bitmap_gen = None;

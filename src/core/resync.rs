@@ -1,6 +1,12 @@
 //! Resync planning on the sync source: which dirty region to read next, how many are in flight,
 //! progress. The data path (reads, sends, acks, ordering against application writes) lives in
 //! `Replica`; this type only decides *what* to move next.
+//!
+//! A block's bit is cleared only once the block is *stable* on the target: acked as written,
+//! then covered by a flush barrier the target acked. Between the two the chunk is "unstable":
+//! not sent again, not yet clean. So the bitmap, in memory and as persisted, always names every
+//! block a crash of the target could have lost, and a target that crashed mid-resync resumes
+//! from the bitmaps instead of starting over (see `Replica::restore`).
 
 use super::bitmap::Bitmap;
 use super::ratectl::{Pace, RateConfig, RateController};
@@ -22,6 +28,13 @@ pub struct ResyncSource {
     cursor: u64,
     /// Chunks read or sent but not yet acked by the target: (first block, n blocks).
     in_flight: Vec<(u64, u64)>,
+    /// Chunks acked as written, not yet stable on the target: (first block, n blocks, the
+    /// connection's send sequence when the ack came). A flush barrier with a sequence number
+    /// at least that was sent after the ack, so its ack makes the chunk stable.
+    unstable: Vec<(u64, u64, u64)>,
+    unstable_blocks: u64,
+    /// The tag of this resync's stability flush in flight (see [`ResyncSource::wants_flush`]).
+    pub flush_tag: Option<u64>,
     chunk_blocks: u64,
     block: u64,
     /// Decides how much may be in flight and how fast it goes.
@@ -42,6 +55,9 @@ impl ResyncSource {
         ResyncSource {
             cursor: 0,
             in_flight: Vec::new(),
+            unstable: Vec::new(),
+            unstable_blocks: 0,
+            flush_tag: None,
             chunk_blocks: (chunk_bytes / bm.block_size()).max(1),
             block: bm.block_size(),
             ctl: RateController::new(rate, now),
@@ -50,10 +66,14 @@ impl ResyncSource {
         }
     }
 
-    fn busy(&self, first: u64, n: u64) -> bool {
-        self.in_flight
-            .iter()
-            .any(|&(f, m)| first < f + m && f < first + n)
+    /// The end of the in-flight or unstable chunk holding `block`, if one does.
+    fn busy_end(&self, block: u64) -> Option<u64> {
+        let chunks = self.in_flight.iter().copied();
+        let unstable = self.unstable.iter().map(|&(f, n, _)| (f, n));
+        chunks
+            .chain(unstable)
+            .find(|&(f, n)| f <= block && block < f + n)
+            .map(|(f, n)| f + n)
     }
 
     /// The next chunk to read, if the rate controller lets one go at `now`. A chunk is in
@@ -78,21 +98,25 @@ impl ResyncSource {
             match bm.next_run(self.cursor, self.chunk_blocks) {
                 Some((first, n)) => {
                     // Never send the same block twice at once; skip past a busy run.
-                    let mut n2 = 0;
-                    while n2 < n && !self.busy(first + n2, 1) {
-                        n2 += 1;
-                    }
-                    if n2 == 0 {
-                        self.cursor = first + 1;
+                    if let Some(end) = self.busy_end(first) {
+                        self.cursor = end;
                         continue;
+                    }
+                    let mut n2 = 1;
+                    while n2 < n && self.busy_end(first + n2).is_none() {
+                        n2 += 1;
                     }
                     self.cursor = first + n2;
                     self.in_flight.push((first, n2));
                     self.ctl.sent(n2.saturating_mul(self.block));
                     return Next::Chunk(first, n2);
                 }
-                None if self.cursor > 0 && self.in_flight.is_empty() && !bm.is_clean() => {
-                    // Bits set behind the cursor (e.g. a chunk that had to be retried).
+                None if self.cursor > 0
+                    && self.in_flight.is_empty()
+                    && bm.count() > self.unstable_blocks =>
+                {
+                    // Bits set behind the cursor (e.g. a chunk that had to be retried); the
+                    // unstable chunks' bits do not count, they are not sent again.
                     self.cursor = 0;
                 }
                 None => return Next::Idle,
@@ -103,10 +127,14 @@ impl ResyncSource {
     fn has_work(&self, bm: &Bitmap) -> bool {
         let mut from = 0;
         while let Some((first, n)) = bm.next_run(from, u64::MAX) {
-            if (first..first + n).any(|b| !self.busy(b, 1)) {
-                return true;
+            let mut b = first;
+            while b < first + n {
+                match self.busy_end(b) {
+                    Some(end) => b = end,
+                    None => return true,
+                }
             }
-            from = first + n;
+            from = b;
         }
         false
     }
@@ -117,15 +145,41 @@ impl ResyncSource {
         Some(n.saturating_mul(self.block))
     }
 
-    /// The target acked the chunk starting at `first`.
-    pub fn acked(&mut self, first: u64) -> bool {
-        match self.take(first) {
-            Some(bytes) => {
-                self.ctl.acked(bytes);
-                true
+    /// The target acked the chunk starting at `first` as written; `seq` is the connection's
+    /// send sequence now. The chunk stays dirty (and is not sent again) until [`Self::stable`].
+    pub fn acked(&mut self, first: u64, seq: u64) -> bool {
+        let Some(i) = self.in_flight.iter().position(|&(f, _)| f == first) else {
+            return false;
+        };
+        let (_, n) = self.in_flight.swap_remove(i);
+        self.ctl.acked(n.saturating_mul(self.block));
+        self.unstable.push((first, n, seq));
+        self.unstable_blocks += n;
+        true
+    }
+
+    /// A flush barrier with sequence number `seq` was acked: the chunks acked before it was
+    /// sent are stable on the target. Returns them (first block, blocks): clear their bits.
+    pub fn stable(&mut self, seq: u64) -> Vec<(u64, u64)> {
+        let mut done = Vec::new();
+        self.unstable.retain(|&(f, n, at)| {
+            let stable = at <= seq;
+            if stable {
+                done.push((f, n));
             }
-            None => false,
-        }
+            !stable
+        });
+        self.unstable_blocks -= done.iter().map(|&(_, n)| n).sum::<u64>();
+        done
+    }
+
+    /// A stability flush should go now: none is in flight, and either `bytes` or more are
+    /// unstable, or nothing else is left to send (the resync cannot end before it).
+    pub fn wants_flush(&self, bm: &Bitmap, bytes: u64) -> bool {
+        self.flush_tag.is_none()
+            && !self.unstable.is_empty()
+            && (self.unstable_blocks.saturating_mul(self.block) >= bytes
+                || (self.in_flight.is_empty() && bm.count() <= self.unstable_blocks))
     }
 
     /// A chunk could not be read or sent; it stays dirty and will be retried.
@@ -135,13 +189,14 @@ impl ResyncSource {
         }
     }
 
-    /// Everything synced: nothing dirty and nothing in flight.
+    /// Everything synced: nothing dirty, nothing in flight, everything stable.
     pub fn finished(&self, bm: &Bitmap) -> bool {
-        self.in_flight.is_empty() && bm.is_clean()
+        self.in_flight.is_empty() && self.unstable.is_empty() && bm.is_clean()
     }
 
+    /// Blocks not yet written on the target (for progress: unstable ones count as done).
     pub fn remaining(&self, bm: &Bitmap) -> u64 {
-        bm.count()
+        bm.count().saturating_sub(self.unstable_blocks)
     }
 }
 
@@ -253,20 +308,43 @@ mod tests {
         assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(0, 3));
         assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(10, 16));
         assert_eq!(rs.next_chunk(&bm, 0), Next::Idle, "fill target reached");
-        bm.clear_bytes(0, 3 * BLOCK);
-        assert!(rs.acked(0));
+        // Acked as written: the bits stay until a flush makes the chunk stable.
+        assert!(rs.acked(0, 1));
         assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(26, 16));
         rs.abandon(10); // read failed: stays dirty
-        bm.clear_bytes(26 * BLOCK, 16 * BLOCK);
-        rs.acked(26);
+        assert!(rs.acked(26, 2));
         assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(42, 8));
-        bm.clear_bytes(42 * BLOCK, 8 * BLOCK);
-        rs.acked(42);
-        // Wraps around to retry the abandoned chunk.
+        assert!(rs.acked(42, 3));
+        assert!(
+            !rs.wants_flush(&bm, 64 * BLOCK),
+            "chunk 10 is still to send"
+        );
+        // Wraps around to retry the abandoned chunk, past the unstable ones.
         assert_eq!(rs.next_chunk(&bm, 0), Next::Chunk(10, 16));
-        bm.clear_bytes(10 * BLOCK, 16 * BLOCK);
-        rs.acked(10);
-        assert_eq!(rs.next_chunk(&bm, 0), Next::Idle);
+        assert!(rs.acked(10, 4));
+        assert_eq!(
+            rs.next_chunk(&bm, 0),
+            Next::Idle,
+            "all that is left is unstable: nothing is sent twice"
+        );
+        assert_eq!(rs.remaining(&bm), 0);
+        assert!(!rs.finished(&bm));
+        assert!(rs.wants_flush(&bm, u64::MAX), "only a flush can end it now");
+        rs.flush_tag = Some(7);
+        assert!(!rs.wants_flush(&bm, u64::MAX), "one at a time");
+        rs.flush_tag = None;
+        // A flush sent at sequence 2 covers the chunks acked up to then: 0 and 26.
+        let mut stable = rs.stable(2);
+        stable.sort_unstable();
+        assert_eq!(stable, vec![(0, 3), (26, 16)]);
+        for (f, n) in stable {
+            bm.clear_bytes(f * BLOCK, n * BLOCK);
+        }
+        assert_eq!(bm.count(), 24);
+        assert!(!rs.finished(&bm));
+        for (f, n) in rs.stable(4) {
+            bm.clear_bytes(f * BLOCK, n * BLOCK);
+        }
         assert!(rs.finished(&bm));
         assert_eq!(rs.ctl.in_flight(), 0);
         assert_eq!(rs.ctl.acked_total(), 43 * BLOCK);

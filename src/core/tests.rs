@@ -14,6 +14,7 @@ fn synced_meta() -> Meta {
         disk: DiskState::UpToDate,
         primary: false,
         no_activity_log: false,
+        resync_resumable: false,
     }
 }
 
@@ -547,9 +548,20 @@ fn reconnect_resyncs_dirty_blocks_then_target_is_up_to_date() {
     let ob = deliver(&mut b, sends(&oa2));
     let ack = sends(&done(&mut b, writes(&ob)[0].0));
     let oa3 = deliver(&mut a, ack);
+    // Written on the target, not yet stable there: the bit stays until a flush covers it.
+    assert_eq!(a.status().repl, ReplState::SyncSource);
+    assert_eq!(a.status().dirty_blocks, 1);
+    assert_eq!(
+        a.status().resync,
+        Some((0, 1)),
+        "progress counts it as done"
+    );
+    let ob1 = deliver(&mut b, sends(&oa3)); // the flush barrier
+    let flushed = sends(&done(&mut b, flushes(&ob1)[0]));
+    let oa4 = deliver(&mut a, flushed);
     assert_eq!(a.status().repl, ReplState::Established);
     assert_eq!(a.status().dirty_blocks, 0);
-    let ob2 = deliver(&mut b, sends(&oa3)); // ResyncDone: flush first
+    let ob2 = deliver(&mut b, sends(&oa4)); // ResyncDone: flush first
     let ob3 = done(&mut b, flushes(&ob2)[0]);
     assert_eq!(b.status().disk, DiskState::UpToDate);
     assert_eq!(b.status().current_gen, a.status().current_gen);
@@ -1061,6 +1073,10 @@ struct Duo {
     mk: fn(u64) -> Config,
     /// Client completions of node 0 (the Primary in these tests).
     completed: Vec<(ReqId, Result<(), i32>)>,
+    /// Disks with a volatile cache: what each write since the last flush overwrote, so that
+    /// [`Duo::crash`] loses it. Off unless a test turns it on.
+    volatile: bool,
+    undo: [Vec<(usize, Vec<u8>)>; 2],
 }
 
 impl Duo {
@@ -1088,6 +1104,15 @@ impl Duo {
             net: Default::default(),
             mk: mk_cfg,
             completed: Vec::new(),
+            volatile: false,
+            undo: Default::default(),
+        }
+    }
+
+    /// Remembers what `[o, o + len)` held on node `n`'s disk before a write there.
+    fn overwriting(&mut self, n: usize, o: usize, len: usize) {
+        if self.volatile {
+            self.undo[n].push((o, self.disk[n][o..o + len].to_vec()));
         }
     }
 
@@ -1104,6 +1129,7 @@ impl Duo {
                         io, offset, data, ..
                     } => {
                         let o = offset as usize;
+                        self.overwriting(n, o, data.len());
                         self.disk[n][o..o + data.len()].copy_from_slice(&data);
                         queue.push_back((
                             n,
@@ -1115,6 +1141,7 @@ impl Duo {
                     }
                     Action::DiskTrim { io, offset, len } | Action::DiskZero { io, offset, len } => {
                         let o = offset as usize;
+                        self.overwriting(n, o, len as usize);
                         self.disk[n][o..o + len as usize].fill(0);
                         self.zeroed_bytes[n] += len as u64;
                         queue.push_back((
@@ -1125,13 +1152,18 @@ impl Duo {
                             },
                         ));
                     }
-                    Action::DiskFlush { io } => queue.push_back((
-                        n,
-                        Event::DiskDone {
-                            io,
-                            result: Ok(None),
-                        },
-                    )),
+                    Action::DiskFlush { io } => {
+                        // Every write so far completed: the flush makes them all stable.
+                        self.undo[n].clear();
+                        queue.push_back((
+                            n,
+                            Event::DiskDone {
+                                io,
+                                result: Ok(None),
+                            },
+                        ));
+                    }
+                    Action::SyncData => self.undo[n].clear(),
                     Action::DiskRead { io, offset, len } => {
                         let o = offset as usize;
                         let d = Bytes::copy_from_slice(&self.disk[n][o..o + len as usize]);
@@ -1291,6 +1323,10 @@ impl Duo {
     fn crash(&mut self, n: usize) {
         self.cut();
         self.r[n] = None;
+        // The volatile cache is lost: newest write first, so the oldest contents come back.
+        while let Some((o, old)) = self.undo[n].pop() {
+            self.disk[n][o..o + old.len()].copy_from_slice(&old);
+        }
     }
 
     fn restart(&mut self, n: usize) {
@@ -1665,9 +1701,20 @@ fn zero_runs_travel_without_payload_and_become_write_zeroes() {
 }
 
 /// Node 0 Primary writes 32 blocks while disconnected; the resync to node 1 runs until about
-/// half is acked, then the link dies (nothing left in the network).
+/// half is acked, then the link dies (nothing left in the network). Resync data is made
+/// stable on the target every 8 blocks, so some acked blocks are stable and some are not.
 fn resync_cut_halfway() -> Duo {
-    let mut d = Duo::with(small_chunks);
+    resync_cut_halfway_on(false)
+}
+
+/// The same, on disks with a volatile cache (`volatile`: a crash loses unflushed writes).
+fn resync_cut_halfway_on(volatile: bool) -> Duo {
+    let mut d = Duo::with(|n| {
+        let mut c = small_chunks(n);
+        c.stability_bytes = 8 * BLOCK;
+        c
+    });
+    d.volatile = volatile;
     d.admin(0, AdminCmd::Promote { force: false });
     d.connect();
     d.cut();
@@ -1677,7 +1724,7 @@ fn resync_cut_halfway() -> Duo {
     assert_eq!(d.st(0).dirty_blocks, 32);
     d.connect_unsettled();
     let mut guard = 0;
-    while d.st(0).dirty_blocks > 16 {
+    while d.st(0).resync.is_none_or(|(left, _)| left > 16) {
         d.deliver_some(1);
         guard += 1;
         assert!(guard < 1000, "resync made no progress");
@@ -1688,12 +1735,50 @@ fn resync_cut_halfway() -> Duo {
     d
 }
 
+/// Issue #4: a resync target that crashes mid-resync loses the resync writes it acked since
+/// its last flush, and still resumes: a bit goes only once its block is stable on the target,
+/// so the source's bitmap names what was lost, and the restarted target trusts its bitmap.
 #[test]
-fn interrupted_resync_resumes_without_resending_acked_blocks() {
+fn a_resync_target_that_crashed_resumes_and_gets_back_what_the_crash_lost() {
+    let mut d = resync_cut_halfway_on(true);
+    let left = d.st(0).dirty_blocks;
+    let first_run = d.resynced_bytes[0];
+    assert!(
+        !d.undo[1].is_empty(),
+        "some resync writes are not stable yet"
+    );
+    assert!(left < 32, "some resync writes were made stable");
+    d.crash(1);
+    d.restart(1);
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    assert!(d.saved[1].meta.resync_resumable);
+    assert!(
+        d.st(1).bitmap_known,
+        "the restarted target trusts its bitmap"
+    );
+    d.connect();
+    for n in [0, 1] {
+        assert_eq!(d.st(n).repl, ReplState::Established, "node {n}");
+        assert_eq!(d.st(n).disk, DiskState::UpToDate, "node {n}");
+    }
+    assert!(
+        d.disk[0] == d.disk[1],
+        "the blocks the crash lost were resynced"
+    );
+    assert_eq!(
+        d.resynced_bytes[0] - first_run,
+        left * BLOCK,
+        "a partial resync of what was not stable, not a full one"
+    );
+}
+
+#[test]
+fn interrupted_resync_resumes_without_resending_stable_blocks() {
     let mut d = resync_cut_halfway();
     let left = d.st(0).dirty_blocks;
     let first_run = d.resynced_bytes[0];
-    assert!(left > 0 && left <= 16);
+    // Not yet sent (16 or fewer) plus acked and not yet stable (fewer than 8 + a chunk).
+    assert!(left > 0 && left < 16 + 8 + 4, "{left}");
     // B, the target, cleared its own bits for what it wrote; its data is still Inconsistent.
     assert_eq!(d.st(1).disk, DiskState::Inconsistent);
     d.connect();
@@ -1702,10 +1787,14 @@ fn interrupted_resync_resumes_without_resending_acked_blocks() {
         assert_eq!(d.st(n).disk, DiskState::UpToDate, "node {n}");
     }
     assert!(d.disk[0] == d.disk[1]);
-    // The second run moved exactly what was left (acked blocks are not resent); the first
-    // sent the acked blocks plus at most the one chunk in flight at the cut.
+    // The second run moved exactly what was left (stable blocks are not resent); the first
+    // sent the stable blocks plus the unstable ones (up to 8 here) and the chunk in flight at
+    // the cut, which both runs send.
     assert_eq!(d.resynced_bytes[0] - first_run, left * BLOCK);
-    assert!(first_run <= (32 - left + 4) * BLOCK, "{first_run}");
+    assert!(
+        first_run <= (32 - left + 8 + 4) * BLOCK,
+        "{first_run} {left}"
+    );
 }
 
 /// A rate-limited resync arms a timer instead of sending, and continues when it fires.
@@ -1770,11 +1859,12 @@ fn rate_limited_resync_waits_for_its_timer() {
     assert_eq!(reads, vec![(0, (4 * BLOCK) as u32)]);
 }
 
-/// Issue #4 (simulator seed 6208): a resync target acks resync writes once written, and the
-/// source clears their bits. Forced to Primary, it must make them stable before its metadata
-/// says UpToDate, or a crash right after loses them with no bitmap naming them.
+/// Issue #4 (simulator seed 6208): a resync target acks resync writes once written, not
+/// stable. Forced to Primary, it must make them stable before its metadata says UpToDate, or a
+/// crash right after takes back data it served, with no bitmap of its own naming it. A plain
+/// promotion too: the peer writes it acked were not flushed either.
 #[test]
-fn forced_promotion_of_a_resync_target_makes_its_data_stable_before_saving() {
+fn promotion_makes_the_data_stable_before_saving() {
     let mut d = resync_cut_halfway();
     assert_eq!(d.st(1).disk, DiskState::Inconsistent);
     assert!(d.st(1).bitmap_known, "the source had started");
@@ -1793,7 +1883,7 @@ fn forced_promotion_of_a_resync_target_makes_its_data_stable_before_saving() {
         .position(|x| matches!(x, Action::SaveMeta(_) | Action::SaveBitmap { .. }));
     assert!(sync.is_some(), "no SyncData at a forced promotion: {out:?}");
     assert!(sync < first_save, "SyncData after the metadata: {out:?}");
-    // A plain promotion of an UpToDate node has nothing unstable to protect.
+
     let mut a = Replica::new(cfg(1, Protocol::Sync), synced_meta());
     let out = a.handle_vec(
         Event::Admin {
@@ -1803,7 +1893,10 @@ fn forced_promotion_of_a_resync_target_makes_its_data_stable_before_saving() {
         0,
     );
     assert_eq!(a.status().role, Role::Primary);
-    assert!(!out.iter().any(|x| matches!(x, Action::SyncData)));
+    let sync = out.iter().position(|x| matches!(x, Action::SyncData));
+    let save = out.iter().position(|x| matches!(x, Action::SaveMeta(_)));
+    assert!(sync.is_some(), "no SyncData at a plain promotion: {out:?}");
+    assert!(sync < save, "SyncData after the metadata: {out:?}");
 }
 
 /// A node that was UpToDate (bitmap trusted) and becomes a sync target does not know what it

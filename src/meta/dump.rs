@@ -119,15 +119,7 @@ pub fn human(path: &Path, ins: &Inspection) -> String {
         gen(m.history[1])
     );
     let _ = writeln!(o, "  disk state:    {:?}", m.disk);
-    let _ = writeln!(
-        o,
-        "  flags:         {}",
-        if m.primary {
-            "primary (saved while Primary: a restart counts as a crashed Primary)"
-        } else {
-            "none"
-        }
-    );
+    let _ = writeln!(o, "  flags:         {}", flags(m));
     let _ = writeln!(
         o,
         "  bitmap:        {} bits of {} at offset {}",
@@ -207,6 +199,8 @@ pub fn to_json(path: &Path, ins: &Inspection) -> serde_json::Value {
         "history": m.history,
         "disk": format!("{:?}", m.disk),
         "primary": m.primary,
+        "no_activity_log": m.no_activity_log,
+        "resync_resumable": m.resync_resumable,
         "bitmap": {
             "bits": l.bitmap_bits(),
             "set_bits": s.set_bits,
@@ -221,6 +215,26 @@ pub fn to_json(path: &Path, ins: &Inspection) -> serde_json::Value {
         },
         "warnings": ins.warnings,
     })
+}
+
+fn flags(m: &crate::core::Meta) -> String {
+    let mut f = Vec::new();
+    if m.primary {
+        f.push("primary (saved while Primary: a restart counts as a crashed Primary)");
+    }
+    if m.no_activity_log {
+        f.push(
+            "no-activity-log (Primary with al-updates = false: a crash dirties the whole device)",
+        );
+    }
+    if m.resync_resumable {
+        f.push("resync-resumable (a sync target: the next connect resumes the resync)");
+    }
+    if f.is_empty() {
+        "none".into()
+    } else {
+        f.join(", ")
+    }
 }
 
 #[cfg(test)]

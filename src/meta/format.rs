@@ -16,10 +16,12 @@
 //!  64  resource name (u8 length + 63 bytes)             128  node name (u8 length + 63 bytes)
 //! 192  u16 length + the core's `Meta`, postcard, then one flags byte:
 //!      bit 0 = `Meta::no_activity_log` (Primary with `al-updates = false`)
+//!      bit 1 = `Meta::resync_resumable` (a resync target whose source marked what it lacks)
 //! ```
 //!
 //! The flags byte was zero in every slot written before it existed (the slot is zero-filled),
-//! so those read as "activity log in use".
+//! so those read as "activity log in use", "resync starts over". A build that knows neither
+//! bit ignores them: both are safe to lose (a full resync instead of a partial one).
 //!
 //! An update writes `seq + 1` to the slot *not* in effect: a torn write damages only the slot
 //! being written, and the valid slot with the highest sequence wins.
@@ -250,7 +252,8 @@ pub fn encode_superblock(sb: &Superblock) -> Result<Vec<u8>, FormatError> {
     }
     b[SB_META..SB_META + 2].copy_from_slice(&(meta.len() as u16).to_le_bytes());
     b[SB_META + 2..SB_META + 2 + meta.len()].copy_from_slice(&meta);
-    b[SB_META + 2 + meta.len()] = u8::from(sb.meta.no_activity_log);
+    b[SB_META + 2 + meta.len()] =
+        u8::from(sb.meta.no_activity_log) | u8::from(sb.meta.resync_resumable) << 1;
     let crc = crc_without(&b, SB_CRC, None);
     b[SB_CRC..SB_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     Ok(b)
@@ -324,6 +327,7 @@ fn decode_checked(buf: &[u8]) -> Result<Superblock, String> {
     let mut meta: Meta = postcard::from_bytes(mbytes).map_err(|e| format!("metadata: {e}"))?;
     let flags = buf.get(SB_META + 2 + mlen).copied().unwrap_or(0);
     meta.no_activity_log = flags & 1 != 0;
+    meta.resync_resumable = flags & 2 != 0;
     Ok(Superblock {
         seq: u64_at(buf, 16).ok_or_else(short)?,
         resource_id: u64_at(buf, 24).ok_or_else(short)?,

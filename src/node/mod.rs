@@ -284,8 +284,8 @@ impl Node {
                 });
             }
             Action::SyncData => {
-                // A forced promotion's metadata follows: it must not say UpToDate over acked
-                // resync writes a crash could still lose.
+                // A promotion's metadata follows: the new Primary must not serve peer or
+                // resync writes a crash could still take back.
                 if let Err(e) = self.disk.sync_now() {
                     tracing::error!("{e}; stopping before the promotion is saved");
                     std::process::exit(1);

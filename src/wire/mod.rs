@@ -24,7 +24,10 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// 2: `Hello` carries generation history and the changed-block count; `PeerBitmap`.
 /// 3: online verify (`Verify*`) and checksum resync (`Csum*`, `ResyncSame`) messages.
 /// `Barrier` says whether it flushes (flush barrier) or only orders (order barrier).
-pub const VERSION: u16 = 3;
+/// 4: a resync source clears a bit only once the block is stable on the target (a flush
+/// barrier after its `ResyncAck` was acked), and a restarted target trusts its bitmap: a
+/// version-3 source would let it resume over data lost in its crash.
+pub const VERSION: u16 = 4;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.

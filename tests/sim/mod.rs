@@ -116,6 +116,9 @@ struct Split {
     loser: Option<usize>,
     /// The rogue was demoted before the partition healed (the after-sb-1pri policy applies).
     rogue_demoted: bool,
+    /// The rogue's persisted generation, when its promotion left it as it was (a plain
+    /// promotion: the new generation starts, durably, with the first write).
+    gen_unbumped: Option<u64>,
     /// The operator's resolution was issued: `connect --discard-my-data` on this node.
     resolved_by: Option<usize>,
     /// A data write reached each node's disk since the partition. The core moves the
@@ -236,6 +239,8 @@ pub enum ClientReq {
     Flush {
         conn_epoch: u64,
         snapshot: Vec<u64>,
+        /// [`oracle::Oracle::completed`] when the flush was submitted.
+        completed: Vec<u64>,
     },
 }
 
@@ -404,6 +409,9 @@ impl World {
         cfg.csums = self.cfg.csums;
         cfg.stability_interval = self.cfg.stability_interval;
         cfg.stability_writes = self.cfg.stability_writes;
+        // Also how much resync data may be unstable on the target: small, so resyncs on the
+        // 64-block device are made stable piecewise and crashes fall between the pieces.
+        cfg.stability_bytes = 2 * BS as u64 * self.cfg.stability_writes as u64;
         // Small extents and log so the 64-block device sees evictions.
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;
@@ -859,9 +867,13 @@ impl World {
         let mut rng = self.rng.clone();
         self.nodes[node].disk.crash(&mut rng);
         self.rng = rng;
+        self.forget_lost_rogue_writes(node);
         if node == self.prim {
             self.outstanding.clear();
-            if let Err(e) = self.oracle.rebase(&self.nodes[node].disk) {
+            if let Err(e) = self.oracle.check_primary_crash(&self.nodes[node].disk) {
+                self.fail(format!("when the primary was killed: {e}"));
+            }
+            if let Err(e) = self.oracle.rebase(&self.nodes[node].disk, false) {
                 self.fail(format!("primary's disk after crash: {e}"));
             }
             if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
@@ -929,6 +941,26 @@ impl World {
         self.admin(node, AdminCmd::Connect);
     }
 
+    /// The rogue crashed before the generation its writes start was saved: none of them
+    /// reached its disk (the core saves the new generation before the first write is
+    /// issued), so its data is what the nodes last agreed on and no split brain exists (seed
+    /// 7965: a rogue that crashed before its one write was issued).
+    fn forget_lost_rogue_writes(&mut self, node: usize) {
+        let gen = self.nodes[node].meta.current_gen;
+        let Some(sp) = self.split.as_mut() else {
+            return;
+        };
+        if sp.rogue != node || sp.written[node].is_empty() || sp.resolved_by.is_some() {
+            return;
+        }
+        if sp.gen_unbumped == Some(gen) {
+            sp.written[node].clear();
+            self.log(format!(
+                "SPLIT: node {node} crashed before any rogue write was issued"
+            ));
+        }
+    }
+
     /// A client write while a split brain is being made: which side wrote it.
     fn note_split_write(&mut self, node: usize, tag: u64) {
         if let Some(sp) = self.split.as_mut() {
@@ -994,12 +1026,13 @@ impl World {
         self.prim = s;
         self.conn_epoch += 1;
         self.b_prev_repl = ReplState::StandAlone;
-        self.adopt(s, "promoted node's disk");
+        self.adopt(s, "promoted node's disk", true);
     }
 
-    /// Node `n` is the Primary now: its disk is the client's history from here on.
-    fn adopt(&mut self, n: usize, what: &str) {
-        if let Err(e) = self.oracle.rebase(&self.nodes[n].disk) {
+    /// Node `n` is the Primary now: its disk is the client's history from here on (`promoted`:
+    /// it was just promoted, which made its disk stable).
+    fn adopt(&mut self, n: usize, what: &str, promoted: bool) {
+        if let Err(e) = self.oracle.rebase(&self.nodes[n].disk, promoted) {
             self.fail(format!("{what}: {e}"));
         }
         // A forced promotion (of an Inconsistent node part-way through a resync) may bring back
@@ -1068,7 +1101,12 @@ impl World {
             }
             // See `failover`: untrusted only if it never learnt what it lacks.
             let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
+            let gen_before = self.nodes[r].meta.current_gen;
             self.admin(r, AdminCmd::Promote { force: false });
+            let gen_after = self.nodes[r].meta.current_gen;
+            if let Some(sp) = self.split.as_mut() {
+                sp.gen_unbumped = (gen_before == gen_after).then_some(gen_after);
+            }
             if self.status(r).is_some_and(|x| x.role != Role::Primary) {
                 self.admin(r, AdminCmd::Promote { force: true });
                 // As after a forced failover: no bitmap describes this node's data now.
@@ -1186,7 +1224,7 @@ impl World {
         self.prim = newer;
         self.conn_epoch += 1;
         self.b_prev_repl = ReplState::StandAlone;
-        self.adopt(newer, "newer peer's disk");
+        self.adopt(newer, "newer peer's disk", false);
         self.admin(node, AdminCmd::Connect);
         self.admin(newer, AdminCmd::Connect);
         self.client_paused = false;
@@ -1364,7 +1402,7 @@ impl World {
             self.prim = winner;
             self.conn_epoch += 1;
             self.b_prev_repl = ReplState::StandAlone;
-            self.adopt(winner, "split-brain winner's disk");
+            self.adopt(winner, "split-brain winner's disk", false);
         }
         self.client_paused = false;
     }
@@ -1484,6 +1522,7 @@ impl World {
                 ClientReq::Flush {
                     conn_epoch: self.conn_epoch,
                     snapshot,
+                    completed: self.oracle.completed.clone(),
                 },
             );
             self.oracle.client_flush();
@@ -1574,6 +1613,9 @@ impl World {
                 zero,
             } => {
                 self.oracle.client_completed(tag, first, n, result.is_ok());
+                if result.is_ok() {
+                    self.oracle.primary_completed(tag, first, n, fua);
+                }
                 let confirmed = sync
                     && result.is_ok()
                     && confirmable
@@ -1595,7 +1637,11 @@ impl World {
             ClientReq::Flush {
                 conn_epoch,
                 snapshot,
+                completed,
             } => {
+                if result.is_ok() {
+                    self.oracle.primary_flushed(&completed);
+                }
                 let was_replicating = self.status(self.prim).is_some_and(|s| {
                     matches!(s.repl, ReplState::Established | ReplState::SyncSource)
                 });

@@ -30,6 +30,11 @@ pub struct Oracle {
     pub confirmed_dur: Vec<u64>,
     /// The secondary has been in sync since the primary last crashed.
     pub secondary_valid: bool,
+    /// Per block: newest version the Primary completed to the client.
+    pub completed: Vec<u64>,
+    /// Per block: the oldest version the Primary's disk may hold after a crash (what a
+    /// completed flush or FUA write covered there, and what it held when it took over).
+    prim_floor: Vec<u64>,
 }
 
 fn block_tag(blk: &[u8]) -> Result<u64, String> {
@@ -64,6 +69,8 @@ impl Oracle {
             confirmed_vol: vec![0; blocks],
             confirmed_dur: vec![0; blocks],
             secondary_valid: false,
+            completed: vec![0; blocks],
+            prim_floor: vec![0; blocks],
         }
     }
 
@@ -112,6 +119,42 @@ impl Oracle {
                 }
             }
         }
+    }
+
+    /// A write the Primary completed to its client (not a rogue's): its disk holds it until a
+    /// crash, and after one too if `fua`.
+    pub fn primary_completed(&mut self, tag: u64, first: usize, n: usize, fua: bool) {
+        for b in first..first + n {
+            if let Some(o) = self.order_of(b, tag) {
+                self.completed[b] = self.completed[b].max(o);
+                if fua {
+                    self.prim_floor[b] = self.prim_floor[b].max(o);
+                }
+            }
+        }
+    }
+
+    /// A flush completed on the Primary: `snapshot` ([`Oracle::completed`] when it was
+    /// submitted) is stable there.
+    pub fn primary_flushed(&mut self, snapshot: &[u64]) {
+        for (f, &o) in self.prim_floor.iter_mut().zip(snapshot) {
+            *f = (*f).max(o);
+        }
+    }
+
+    /// The Primary crashed: its disk (as the crash left it) still holds everything a flush made
+    /// stable and what it was promoted with.
+    pub fn check_primary_crash(&self, prim: &SimDisk) -> Result<(), String> {
+        for (b, &floor) in self.prim_floor.iter().enumerate() {
+            let have = self.best_order(&prim.durable, b)?;
+            if have < floor {
+                return Err(format!(
+                    "the Primary's crash took back stable data: block {b} at version {have}, \
+                     stable at {floor}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The version a block effectively holds: a failed write counts as the one before it.
@@ -248,8 +291,19 @@ impl Oracle {
 
     /// After the primary crashed, or another node became Primary: its disk is the new history
     /// baseline.
-    pub fn rebase(&mut self, prim: &SimDisk) -> Result<(), String> {
+    /// `promoted`: it took over with a promotion, which makes what it holds stable; otherwise
+    /// only what is stable on it now counts as such.
+    pub fn rebase(&mut self, prim: &SimDisk, promoted: bool) -> Result<(), String> {
         for b in 0..self.history.len() {
+            let img = if promoted {
+                &prim.volatile
+            } else {
+                &prim.durable
+            };
+            // A zeroed block could be any zero version: the oldest is what it surely holds.
+            let c = self.candidates(img, b)?;
+            self.prim_floor[b] = c.iter().map(|v| v.order).min().unwrap_or(0);
+            self.completed[b] = 0;
             let c = self.candidates(&prim.volatile, b)?;
             let best = c
                 .iter()

@@ -22,6 +22,7 @@ fn sb(seq: u64) -> Superblock {
             disk: DiskState::UpToDate,
             primary: true,
             no_activity_log: true,
+            resync_resumable: true,
         },
     }
 }
@@ -245,15 +246,17 @@ fn arb_meta() -> impl Strategy<Value = Meta> {
         ],
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(current_gen, bitmap_gen, history, disk, primary, no_activity_log)| Meta {
+            |(current_gen, bitmap_gen, history, disk, primary, no_activity_log, resumable)| Meta {
                 current_gen,
                 bitmap_gen,
                 history,
                 disk,
                 primary,
                 no_activity_log,
+                resync_resumable: resumable,
             },
         )
 }
@@ -324,28 +327,37 @@ proptest! {
 }
 
 #[test]
-fn no_activity_log_is_one_flag_byte_that_older_slots_hold_as_zero() {
+fn flags_are_one_byte_that_older_slots_hold_as_zero() {
     let mut off = sb(3);
     off.meta.no_activity_log = false;
-    let mut on = off.clone();
-    on.meta.no_activity_log = true;
-    let (a, b) = (
-        encode_superblock(&off).unwrap(),
-        encode_superblock(&on).unwrap(),
-    );
-    let diff: Vec<usize> = (0..BLOCK).filter(|&i| a[i] != b[i]).collect();
-    // Besides the crc (bytes 12..16), only the flags byte after the postcard Meta differs;
-    // the flag off writes the zero that every slot written before the flag existed holds.
-    let flags: Vec<usize> = diff.iter().copied().filter(|&i| i >= 16).collect();
-    assert_eq!(flags.len(), 1, "{diff:?}");
-    assert_eq!(a[flags[0]], 0);
-    assert_eq!(b[flags[0]], 1);
-    match decode_slot(&b) {
-        Slot::Valid(s) => assert!(s.meta.no_activity_log),
-        other => panic!("{other:?}"),
+    off.meta.resync_resumable = false;
+    let a = encode_superblock(&off).unwrap();
+    let set = |f: fn(&mut Meta)| {
+        let mut on = off.clone();
+        f(&mut on.meta);
+        encode_superblock(&on).unwrap()
+    };
+    for (bit, b) in [
+        (1u8, set(|m| m.no_activity_log = true)),
+        (2u8, set(|m| m.resync_resumable = true)),
+    ] {
+        let diff: Vec<usize> = (0..BLOCK).filter(|&i| a[i] != b[i]).collect();
+        // Besides the crc (bytes 12..16), only the flags byte after the postcard Meta
+        // differs; a flag off writes the zero that every slot written before it existed holds.
+        let flags: Vec<usize> = diff.iter().copied().filter(|&i| i >= 16).collect();
+        assert_eq!(flags.len(), 1, "{diff:?}");
+        assert_eq!(a[flags[0]], 0);
+        assert_eq!(b[flags[0]], bit);
+        match decode_slot(&b) {
+            Slot::Valid(s) => {
+                assert_eq!(s.meta.no_activity_log, bit == 1);
+                assert_eq!(s.meta.resync_resumable, bit == 2);
+            }
+            other => panic!("{other:?}"),
+        }
     }
     match decode_slot(&a) {
-        Slot::Valid(s) => assert!(!s.meta.no_activity_log),
+        Slot::Valid(s) => assert!(!s.meta.no_activity_log && !s.meta.resync_resumable),
         other => panic!("{other:?}"),
     }
 }

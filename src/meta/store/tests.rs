@@ -62,6 +62,7 @@ fn saves_survive_a_reopen() {
         disk: DiskState::UpToDate,
         primary: true,
         no_activity_log: true,
+        resync_resumable: false,
     };
     {
         let (mut s, _) = MetaStore::open(&p, &expect()).unwrap();

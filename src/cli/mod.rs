@@ -64,7 +64,14 @@ enum Command {
     },
     /// Run a resource on this node in the foreground (replication, NBD, admin socket) until
     /// SIGINT/SIGTERM or `twinblk down`.
-    Up(ResArgs),
+    Up {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Runtime worker threads; 0 runs the daemon on one thread (fastest on the 2-core
+        /// machines measured; see `node::daemon::run`).
+        #[arg(long, default_value_t = 0, hide = true)]
+        threads: usize,
+    },
     /// Make this node Primary (`--force` for the first promotion of an Inconsistent disk).
     Primary {
         #[command(flatten)]
@@ -261,7 +268,7 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Cache::None)]
     cache: Cache,
     /// I/O engine.
-    #[arg(long, value_enum, default_value_t = Engine::Uring)]
+    #[arg(long, value_enum, default_value_t = Engine::UringInline)]
     engine: Engine,
     /// Runtime worker threads; 0 runs everything on one thread.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -369,9 +376,9 @@ fn dump_md(a: ResArgs, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(a: ResArgs) -> anyhow::Result<()> {
+fn up(a: ResArgs, threads: usize) -> anyhow::Result<()> {
     let (_, node) = a.load()?;
-    crate::node::daemon::run(&a.config_path(), &node)?;
+    crate::node::daemon::run(&a.config_path(), &node, threads)?;
     Ok(())
 }
 
@@ -616,7 +623,7 @@ pub fn main() -> ExitCode {
             },
         ),
         Command::DumpMd { res, json } => dump_md(res, json),
-        Command::Up(a) => up(a),
+        Command::Up { res, threads } => up(res, threads),
         Command::Primary { res, force } => promote(&res, force),
         Command::Secondary(res) => admin(&res, Request::Secondary),
         Command::Status {

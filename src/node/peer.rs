@@ -12,6 +12,9 @@ use crate::net::{close_code, ConnHandle, FrameSender, PeerConn};
 use crate::wire::{self, Stream};
 
 /// The current connection as the event loop sees it.
+/// How long a connection the core closed stays open for the frames queued before the close.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub(super) struct Current {
     pub id: u64,
     control: mpsc::UnboundedSender<(Bytes, Bytes)>,
@@ -105,5 +108,26 @@ impl Current {
 
     pub fn close(&self, reason: &str) {
         self.handle.disconnect(close_code::DISCONNECT, reason);
+    }
+
+    /// Hangs up once what was queued before has had [`CLOSE_GRACE`] to leave (closing at once
+    /// drops unsent frames). Above all the Hello: when the core refuses a peer during the
+    /// handshake, the peer must still get this node's Hello to reach, and report, the same
+    /// verdict; on a one-thread runtime the Hello was often still queued at the refusal, and the
+    /// peer saw only a reset.
+    pub fn close_after_queued(self, reason: &str) {
+        let Current {
+            handle,
+            control,
+            data,
+            ..
+        } = self;
+        // Nothing new is queued; the forwarders drain what is and then finish their streams.
+        drop((control, data));
+        let reason = reason.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            handle.disconnect(close_code::DISCONNECT, &reason);
+        });
     }
 }

@@ -38,8 +38,13 @@ pub fn down_both_identical(p: &mut Pair, what: &str) -> Vec<u8> {
     }
     let a = std::fs::read(p.path("alpha.img")).expect("alpha.img");
     let b = std::fs::read(p.path("beta.img")).expect("beta.img");
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "the disks differ after {what}");
+    assert_eq!(a.len(), b.len(), "the disks' sizes differ after {what}");
+    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!(
+            "the disks differ after {what}, first at byte {at} (4 KiB block {})",
+            at / 4096
+        );
+    }
     a
 }
 

@@ -94,18 +94,22 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(ublk) = cfg.ublk.clone() {
         return run_ublk(cfg, ublk);
     }
-    let rt = if cfg.threads == 0 {
+    let rt = runtime(cfg.threads).map_err(ServeError::Runtime)?;
+    rt.block_on(serve(cfg))
+}
+
+/// The runtime `serve` and `up` run on: one thread (`threads` 0), or that many workers.
+pub(crate) fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 0 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.threads)
+            .worker_threads(threads)
             .enable_all()
             .build()
     }
-    .map_err(ServeError::Runtime)?;
-    rt.block_on(serve(cfg))
 }
 
 /// `serve --ublk`: the ublk queues run on their own threads (libublk's executor) and hand each

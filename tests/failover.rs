@@ -513,11 +513,7 @@ fn a_resync_target_killed_mid_resync_resumes_instead_of_starting_over() {
     need_fio();
     const WRITTEN: u64 = 192 * MIB;
     let port = ops_common::free_tcp_port();
-    let mut p = Pair::configure("256M", ["", &format!("metrics = \"127.0.0.1:{port}\"")]);
-    for i in 0..2 {
-        p.start(i, &[]);
-        p.wait(i, "the daemon answers status", |_| true);
-    }
+    let mut p = Pair::new("256M", ["", &format!("metrics = \"127.0.0.1:{port}\"")]);
     p.primary_force();
     p.wait_in_sync();
     down(&mut p, 1);

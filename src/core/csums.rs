@@ -57,19 +57,18 @@ impl Replica {
         });
     }
 
-    /// Source: an ack for a differing span acks its chunk (`(offset, len)` as the resync
-    /// bookkeeping knows it: from the chunk's start to the span's end).
-    pub(super) fn csum_ack_range(&mut self, offset: u64, len: u32) -> (u64, u32) {
+    /// Source: an ack for a differing span acks its chunk; returns the chunk's start as the
+    /// resync bookkeeping knows it (`offset` itself for an ordinary resync chunk).
+    pub(super) fn csum_ack_start(&mut self, offset: u64) -> u64 {
         let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
-            return (offset, len);
+            return offset;
         };
         match self.csum_spans.0.get(&offset) {
             Some(&(c, chunk)) if c == conn && chunk <= offset => {
                 self.csum_spans.0.remove(&offset);
-                let end = offset.saturating_add(len as u64);
-                (chunk, u32::try_from(end - chunk).unwrap_or(u32::MAX))
+                chunk
             }
-            _ => (offset, len),
+            _ => offset,
         }
     }
 
@@ -247,12 +246,7 @@ impl Replica {
             }
         }
         match span {
-            None => {
-                let seq = self.conn.as_ref().map_or(0, |c| c.send_seq);
-                if self.resync.as_mut().is_some_and(|rs| rs.acked(first, seq)) {
-                    self.resync_progress(out);
-                }
-            }
+            None => self.resync_chunk_acked(first, out),
             Some((start, stop)) => {
                 let lo = (start - offset) as usize;
                 let hi = (stop - offset) as usize;

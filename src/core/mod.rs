@@ -2238,21 +2238,12 @@ impl Replica {
                     self.note_progress(total, left, out);
                 }
             }
-            PeerMsg::ResyncAck { offset, len } => {
+            PeerMsg::ResyncAck { offset, .. } => {
                 if self.repl != ReplState::SyncSource {
                     return;
                 }
-                let (offset, _) = self.csum_ack_range(offset, len);
-                let bs = self.bitmap.block_size();
-                // Written, not yet stable: the bits go when a flush barrier covers the chunk.
-                let seq = self.conn.as_ref().map_or(0, |c| c.send_seq);
-                let acked = self
-                    .resync
-                    .as_mut()
-                    .is_some_and(|rs| rs.acked(offset / bs, seq));
-                if acked {
-                    self.resync_progress(out);
-                }
+                let first = self.csum_ack_start(offset) / self.bitmap.block_size();
+                self.resync_chunk_acked(first, out);
                 self.pump_resync(out);
             }
             m @ (PeerMsg::Data(_)
@@ -2969,8 +2960,17 @@ impl Replica {
         self.pump_resync(out);
     }
 
+    /// Sync source: the target wrote the chunk starting at block `first`. Not yet stable: its
+    /// bits go when a flush barrier sent after now is acked (`resync_stable`).
+    pub(super) fn resync_chunk_acked(&mut self, first: u64, out: &mut Vec<Action>) {
+        let seq = self.conn.as_ref().map_or(0, |c| c.send_seq);
+        if self.resync.as_mut().is_some_and(|rs| rs.acked(first, seq)) {
+            self.resync_progress(out);
+        }
+    }
+
     /// Sync source: tells the target (and status) how much is left.
-    pub(super) fn resync_progress(&mut self, out: &mut Vec<Action>) {
+    fn resync_progress(&mut self, out: &mut Vec<Action>) {
         let Some(rs) = self.resync.as_ref() else {
             return;
         };

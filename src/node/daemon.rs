@@ -112,17 +112,7 @@ fn node_id(cfg: &Config, name: &str) -> u64 {
 /// runs on tokio's blocking pool either way.
 pub fn run(config: &Path, node: &str, threads: usize) -> Result<(), UpError> {
     let cfg = Config::load(config)?;
-    let rt = if threads == 0 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .map_err(UpError::Runtime)?;
+    let rt = crate::serve::runtime(threads).map_err(UpError::Runtime)?;
     rt.block_on(up(cfg, node))
 }
 

@@ -634,6 +634,7 @@ impl PeerLink {
     fn setup_failed(&self, conn: &quinn::Connection, detail: String) -> NetError {
         // A close the peer sent explains more than our failed read does.
         let detail = match conn.close_reason() {
+            Some(quinn::ConnectionError::LocallyClosed) => detail,
             Some(r) => format!("{}; while {detail}", CloseReason::from(r)),
             None => {
                 let code = if detail.contains("mismatch") {
@@ -700,10 +701,14 @@ impl PeerLink {
             || theirs.to != c.local_name
             || theirs.streams != n
         {
-            return Err(format!(
+            let e = format!(
                 "resource mismatch: the peer says resource {:?}, from {:?} to {:?}, {} data streams; we expect resource {:?}, from {:?} to {:?}, {n} data streams; both nodes must use the same resource file",
                 theirs.resource, theirs.from, theirs.to, theirs.streams, c.resource, c.peer_name, c.local_name
-            ));
+            );
+            // Close while the control stream is still ours: dropping it first finishes it, and
+            // the peer could read that end before the close that carries the reason.
+            conn.close(VarInt::from_u32(close_code::MISMATCH), e.as_bytes());
+            return Err(e);
         }
         if !dialer {
             write_frame(&mut ctl_send, &ours)

@@ -31,7 +31,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn size(&self) -> u64;
     fn block_size(&self) -> u32;
     fn read_only(&self) -> bool;
-    /// A buffer suitable for `write` (aligned for O_DIRECT).
+    /// A buffer suitable for `write` (aligned for O_DIRECT) whose contents are unspecified
+    /// (recycled bytes, never zeroed): the caller fills every byte before writing it.
     fn alloc(&self, len: usize) -> IoBuf;
     fn read(
         &self,
@@ -71,7 +72,7 @@ impl Backend for Disk {
         Disk::read_only(self)
     }
     fn alloc(&self, len: usize) -> IoBuf {
-        Disk::alloc(self, len)
+        IoBuf::uninit_contents(len)
     }
     fn read(
         &self,

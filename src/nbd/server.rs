@@ -3,16 +3,22 @@
 //! into few `writev`s.
 //!
 //! Per connection: the reader (this connection's task) parses requests straight out of a large
-//! buffer, hands each to the backend in the order the client sent them (overlapping writes in
-//! flight together land in that order) and spawns one small task per operation to wait for it;
-//! a writer task gathers finished replies
-//! from a channel, as many as are ready, and writes them in one vectored write. A reply is only
-//! produced after the disk completed the operation, so a FLUSH on any connection covers every
-//! write acknowledged on any connection (CAN_MULTI_CONN).
+//! buffer and hands each to the backend in the order the client sent them (overlapping writes in
+//! flight together land in that order). The operation's future goes to the writer task, which
+//! waits for all of them in one `FuturesUnordered` (a task per request cost a spawn, a channel
+//! send and a wake each) and writes everything finished at once in one vectored write. Reading
+//! and writing stay in separate tasks, so a client that writes requests before reading replies
+//! cannot deadlock us. A reply is only produced after the disk completed the operation, so a
+//! FLUSH on any connection covers every write acknowledged on any connection (CAN_MULTI_CONN).
 
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -49,6 +55,9 @@ pub enum ServeError {
     #[error("socket: {0}")]
     Io(#[from] io::Error),
 }
+
+/// A request handed to the backend: resolves to its reply.
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// A finished request, waiting to be written.
 struct Done {
@@ -184,7 +193,7 @@ impl<B: Backend> Server<B> {
         self: &Arc<Self>,
         rd: &mut R,
         mut buf: InBuf,
-        tx: mpsc::UnboundedSender<Done>,
+        tx: mpsc::UnboundedSender<Pending>,
         t: Transmission,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ServeError> {
@@ -219,7 +228,8 @@ impl<B: Backend> Server<B> {
                             return Ok(());
                         }
                         debug!(cookie = h.cookie, kind = h.kind, errno, "rejected request");
-                        let _ = tx.send(reply(Outcome::Err(errno)));
+                        let done = reply(Outcome::Err(errno));
+                        let _ = tx.send(Box::pin(async move { done }));
                     }
                     Ok(Command::Disconnect) => {
                         debug!("client disconnected (NBD_CMD_DISC)");
@@ -281,28 +291,26 @@ impl<B: Backend> Server<B> {
         }
     }
 
-    /// Waits for `op` (already handed to the backend, in the client's order) on a task of its
-    /// own and queues its reply.
+    /// Passes `op` (already handed to the backend, in the client's order) to the writer, which
+    /// waits for it and writes its reply.
     fn spawn(
         &self,
-        tx: &mpsc::UnboundedSender<Done>,
+        tx: &mpsc::UnboundedSender<Pending>,
         permit: Option<OwnedSemaphorePermit>,
         cookie: u64,
         offset: u64,
         read: bool,
         op: impl std::future::Future<Output = Outcome> + Send + 'static,
     ) {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let outcome = op.await;
-            let _ = tx.send(Done {
+        let _ = tx.send(Box::pin(async move {
+            Done {
                 cookie,
                 read,
                 offset,
-                outcome,
+                outcome: op.await,
                 _permit: permit,
-            });
-        });
+            }
+        }));
     }
 }
 
@@ -330,19 +338,40 @@ fn disk_error<E: BackendError>(e: &E) -> Outcome {
     Outcome::Err(proto::wire_errno(e.errno()))
 }
 
-/// Write replies as they complete; everything ready at once goes out in one vectored write.
+/// Wait for the requests the reader hands over and write their replies as they complete;
+/// everything finished at once goes out in one vectored write. Ends once the reader is done and
+/// every request has its reply written.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Done>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
     structured: bool,
 ) -> io::Result<()> {
+    let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut incoming: Vec<Pending> = Vec::with_capacity(64);
+    let mut reader_done = false;
     let mut batch: Vec<Done> = Vec::with_capacity(64);
     let mut headers: Vec<u8> = Vec::with_capacity(64 * 32);
     // Where each reply's header ends in `headers`.
     let mut ends: Vec<usize> = Vec::with_capacity(64);
     loop {
-        if rx.recv_many(&mut batch, MAX_IOV / 2).await == 0 {
-            return wr.flush().await;
+        tokio::select! {
+            // New requests first: they must be polled once to be waited for.
+            n = rx.recv_many(&mut incoming, 256), if !reader_done => {
+                reader_done = n == 0;
+                inflight.extend(incoming.drain(..));
+            }
+            Some(d) = inflight.next(), if !inflight.is_empty() => batch.push(d),
+            else => return wr.flush().await,
+        }
+        // Everything else already finished joins this write.
+        while batch.len() < MAX_IOV / 2 {
+            match inflight.next().now_or_never() {
+                Some(Some(d)) => batch.push(d),
+                _ => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         headers.clear();
         ends.clear();

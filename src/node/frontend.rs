@@ -82,7 +82,7 @@ impl Backend for Replicated {
         false
     }
     fn alloc(&self, len: usize) -> IoBuf {
-        self.disk.alloc(len)
+        IoBuf::uninit_contents(len)
     }
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<IoBuf, Errno>> + 'static {
         let r = self.call(ClientOp::Read { offset, len });

@@ -112,10 +112,7 @@ async fn quic_stream(tx: &PeerConn, rx: &mut PeerConn, msg: usize, total: usize)
     let start = Instant::now();
     let send = tokio::spawn(async move {
         for i in 0..n {
-            senders[i % senders.len()]
-                .send(payload.clone())
-                .await
-                .unwrap();
+            senders[i % senders.len()].send(payload.clone()).unwrap();
         }
     });
     let mut got = 0usize;
@@ -140,9 +137,9 @@ async fn quic_pingpong(a: &mut PeerConn, b: &mut PeerConn, rounds: usize) -> Vec
     let mut rtts = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t0 = Instant::now();
-        a.control.send(msg.clone()).await.unwrap();
+        a.control.send(msg.clone()).unwrap();
         let f = b.rx.recv().await.unwrap();
-        b.control.send(f.bytes).await.unwrap();
+        b.control.send(f.bytes).unwrap();
         a.rx.recv().await.unwrap();
         rtts.push(t0.elapsed());
     }

@@ -119,14 +119,14 @@ async fn connect_and_exchange_frames_both_ways() {
 
     // Control both ways, in order.
     for i in 0..10u8 {
-        ca.control.send(Bytes::from(vec![i; 10])).await.unwrap();
+        ca.control.send(Bytes::from(vec![i; 10])).unwrap();
     }
     for i in 0..10u8 {
         let f = recv(&mut cb).await;
         assert_eq!(f.stream, StreamKind::Control);
         assert_eq!(f.bytes, Bytes::from(vec![i; 10]));
     }
-    cb.control.send(Bytes::from_static(b"pong")).await.unwrap();
+    cb.control.send(Bytes::from_static(b"pong")).unwrap();
     let f = recv(&mut ca).await;
     assert_eq!(
         (f.stream, f.bytes.as_ref()),
@@ -138,10 +138,10 @@ async fn connect_and_exchange_frames_both_ways() {
     let (a_data, b_data) = (ca.data.clone(), cb.data.clone());
     for (from, to) in [(&a_data, &mut cb), (&b_data, &mut ca)] {
         for (i, tx) in from.iter().enumerate() {
-            tx.send(pattern(4096, i as u8)).await.unwrap();
-            tx.send(Bytes::new()).await.unwrap();
+            tx.send(pattern(4096, i as u8)).unwrap();
+            tx.send(Bytes::new()).unwrap();
         }
-        from[1].send(big.clone()).await.unwrap();
+        from[1].send(big.clone()).unwrap();
         let mut per_stream = vec![Vec::new(); 4];
         for _ in 0..9 {
             let f = recv(to).await;
@@ -161,7 +161,7 @@ async fn connect_and_exchange_frames_both_ways() {
     // Oversized frames are refused at the sender.
     let too_big = Bytes::from(vec![0u8; MAX_FRAME + 1]);
     assert!(matches!(
-        ca.data[0].send(too_big).await,
+        ca.data[0].send(too_big),
         Err(NetError::FrameTooLarge { .. })
     ));
 
@@ -176,7 +176,7 @@ async fn connect_and_exchange_frames_both_ways() {
         }
     );
     assert!(cb.rx.recv().await.is_none());
-    assert!(ca.control.send(Bytes::from_static(b"x")).await.is_err());
+    assert!(ca.control.send(Bytes::from_static(b"x")).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,10 +322,7 @@ async fn silent_peer_is_detected_by_idle_timeout_on_both_sides() {
     let b = PeerLink::from_socket(link_cfg("beta", ab, &ib, "alpha", aa, &pa), sb).unwrap();
     let (ca, cb) = tokio::join!(a.connect(), b.accept());
     let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
-    ca.data[0]
-        .send(Bytes::from_static(b"before"))
-        .await
-        .unwrap();
+    ca.data[0].send(Bytes::from_static(b"before")).unwrap();
     assert_eq!(recv(&mut cb).await.bytes, Bytes::from_static(b"before"));
 
     cut.store(true, Ordering::SeqCst);
@@ -389,7 +386,7 @@ async fn killed_peer_is_detected_and_connector_reconnects_when_it_returns() {
         .unwrap()
         .unwrap();
     let mut cb = beta_conns.recv().await.unwrap();
-    ca.control.send(Bytes::from_static(b"one")).await.unwrap();
+    ca.control.send(Bytes::from_static(b"one")).unwrap();
     assert_eq!(recv(&mut cb).await.bytes, Bytes::from_static(b"one"));
     assert!(connector.status().connected);
 
@@ -397,7 +394,10 @@ async fn killed_peer_is_detected_and_connector_reconnects_when_it_returns() {
     // its runtime is gone, when closing it can no longer send anything.
     drop(beta_conns);
     tokio::task::spawn_blocking(move || {
-        rt.shutdown_background();
+        // Wait until its worker has dropped every task: `shutdown_background` returned before
+        // that, and the endpoint driver could still send the close that dropping `cb` asks for
+        // (the test then saw a clean close instead of a dead peer, about one run in four).
+        rt.shutdown_timeout(Duration::from_secs(10));
         drop(cb);
     })
     .await
@@ -418,7 +418,7 @@ async fn killed_peer_is_detected_and_connector_reconnects_when_it_returns() {
         .unwrap()
         .unwrap();
     let cb = beta_conns.recv().await.unwrap();
-    cb.data[3].send(Bytes::from_static(b"two")).await.unwrap();
+    cb.data[3].send(Bytes::from_static(b"two")).unwrap();
     let f = recv(&mut ca).await;
     assert_eq!(
         (f.stream, f.bytes),
@@ -450,15 +450,15 @@ async fn acceptor_replaces_an_old_connection_when_the_dialer_returns() {
     let mut c2 = a2.connect().await.unwrap();
     let mut cb2 = acc.next().await.unwrap();
     assert_eq!(cb1.closed().await, CloseReason::LocallyClosed);
-    cb2.control.send(Bytes::from_static(b"new")).await.unwrap();
+    cb2.control.send(Bytes::from_static(b"new")).unwrap();
     assert_eq!(recv(&mut c2).await.bytes, Bytes::from_static(b"new"));
-    c2.control.send(Bytes::from_static(b"back")).await.unwrap();
+    c2.control.send(Bytes::from_static(b"back")).unwrap();
     assert_eq!(recv(&mut cb2).await.bytes, Bytes::from_static(b"back"));
 
     // Dropping a PeerConn (and everything taken from it) closes the connection.
     let tx = c2.data[0].clone();
     drop(c2);
-    tx.send(Bytes::from_static(b"last")).await.unwrap();
+    tx.send(Bytes::from_static(b"last")).unwrap();
     assert_eq!(recv(&mut cb2).await.bytes, Bytes::from_static(b"last"));
     drop(tx);
     assert!(matches!(
@@ -482,7 +482,7 @@ async fn head_and_payload_frames_arrive_whole() {
             let head = Bytes::from(vec![i; 40]);
             // Alternate payloads above and below the coalescing threshold.
             let len = if i % 2 == 0 { 1 << 20 } else { 4096 };
-            tx.send_parts(head, pattern(len, i)).await.unwrap();
+            tx.send_parts(head, pattern(len, i)).unwrap();
         }
     });
     for i in 0..64u8 {

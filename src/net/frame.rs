@@ -145,7 +145,7 @@ impl OutFrame {
 }
 
 /// Drains `rx` onto `stream` until the channel closes (then finishes the stream) or a write fails.
-pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::Receiver<OutFrame>) {
+pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::UnboundedReceiver<OutFrame>) {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
     let mut small = BytesMut::new();
     while let Some(first) = rx.recv().await {

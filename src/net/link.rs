@@ -44,8 +44,6 @@ pub struct Tuning {
     pub stream_window: u64,
     /// Connection receive window and send window. Default 2 x `window`.
     pub conn_window: u64,
-    /// Frames a `FrameSender` queues before `send` waits. Default 64.
-    pub send_queue: usize,
     /// Received frames buffered (control and data each) before readers stop reading and QUIC
     /// flow control holds the peer back. Default 64.
     pub recv_queue: usize,
@@ -68,7 +66,6 @@ impl Default for Tuning {
             data_streams: c::DEFAULT_DATA_STREAMS,
             stream_window: c::DEFAULT_WINDOW,
             conn_window: 2 * c::DEFAULT_WINDOW,
-            send_queue: 64,
             recv_queue: 64,
             mtu_upper_bound: crate::config::DEFAULT_MAX_MTU,
             socket_buffer: 8 << 20,
@@ -257,56 +254,35 @@ impl FrameRx {
 
 /// Sends frames on one stream. Frames on one sender arrive in order; there is no order between
 /// senders. Cloneable; the stream is finished when the last clone is dropped.
+///
+/// Sending never waits: the queue in front of the stream's writer is unbounded, so the caller
+/// (the node's event loop) never blocks on QUIC flow control, and the amount in flight is bounded
+/// above, by the core (client queue depth, the async send buffer, the resync window). A frame
+/// used to pass through a forwarding task as well; queueing straight to the writer saves a task
+/// wake per frame.
 #[derive(Debug, Clone)]
 pub struct FrameSender {
-    tx: mpsc::Sender<OutFrame>,
+    tx: mpsc::UnboundedSender<OutFrame>,
     conn: quinn::Connection,
     peer: Arc<str>,
     _guard: Arc<CloseOnDrop>,
 }
 
-/// Why `try_send` did not queue a frame.
-#[derive(Debug)]
-pub enum TrySendError {
-    /// The queue is full; here is the frame back.
-    Full(Bytes),
-    Failed(NetError),
-}
-
 impl FrameSender {
-    /// Queues a frame, waiting while the queue is full (QUIC flow control pushes back here).
-    /// The payload is not copied if it is larger than 16 KiB.
-    pub async fn send(&self, frame: Bytes) -> Result<(), NetError> {
-        self.send_parts(frame, Bytes::new()).await
+    /// Queues a frame. The payload is not copied if it is larger than 16 KiB.
+    pub fn send(&self, frame: Bytes) -> Result<(), NetError> {
+        self.send_parts(frame, Bytes::new())
     }
 
     /// Queues one frame made of `head` followed by `payload`, without joining them: a large
     /// payload goes to QUIC as it is (no copy at all).
-    pub async fn send_parts(&self, head: Bytes, payload: Bytes) -> Result<(), NetError> {
+    pub fn send_parts(&self, head: Bytes, payload: Bytes) -> Result<(), NetError> {
         let frame = OutFrame { head, payload };
         check_len(frame.len())?;
         if self.conn.close_reason().is_some() {
             return Err(self.closed_err());
         }
-        self.tx.send(frame).await.map_err(|_| self.closed_err())
-    }
-
-    /// Queues a frame if there is room, without waiting.
-    pub fn try_send(&self, frame: Bytes) -> Result<(), TrySendError> {
-        if let Err(e) = check_len(frame.len()) {
-            return Err(TrySendError::Failed(e));
-        }
-        if self.conn.close_reason().is_some() {
-            return Err(TrySendError::Failed(self.closed_err()));
-        }
-        let frame = OutFrame {
-            head: frame,
-            payload: Bytes::new(),
-        };
-        self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(f) => TrySendError::Full(f.head),
-            mpsc::error::TrySendError::Closed(_) => TrySendError::Failed(self.closed_err()),
-        })
+        self.tx.send(frame).map_err(|_| self.closed_err())
     }
 
     fn closed_err(&self) -> NetError {
@@ -747,7 +723,7 @@ impl PeerLink {
         let peer: Arc<str> = Arc::from(c.peer_name.as_str());
         let guard = Arc::new(CloseOnDrop(conn.clone()));
         let sender = |stream: quinn::SendStream| {
-            let (tx, rx) = mpsc::channel(t.send_queue.max(1));
+            let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(writer_task(stream, rx));
             FrameSender {
                 tx,

@@ -7,8 +7,8 @@
 //! let link = PeerLink::bind(LinkConfig::from_config(&cfg, "alpha")?)?;
 //! let mut connector = link.connector();          // dials or accepts, reconnects with backoff
 //! while let Some(mut conn) = connector.next().await {
-//!     conn.control.send(hello_bytes).await?;      // FrameSender: Bytes in, no copy of big frames
-//!     conn.data[seq % conn.data.len()].send(extent_bytes).await?;
+//!     conn.control.send(hello_bytes)?;           // FrameSender: Bytes in, no copy of big frames
+//!     conn.data[seq % conn.data.len()].send(extent_bytes)?;
 //!     while let Some(Frame { stream, bytes }) = conn.rx.recv().await { ... }
 //!     let why = conn.closed().await;              // CloseReason: timeout, peer closed, TLS...
 //! }
@@ -27,7 +27,7 @@ mod tls;
 pub use keys::{keygen, load_cert, load_key, pin_of_cert_file, pin_of_der, Identity, KeyError};
 pub use link::{
     close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameRx, FrameSender,
-    LinkConfig, PeerConn, PeerLink, StreamKind, TrySendError, Tuning,
+    LinkConfig, PeerConn, PeerLink, StreamKind, Tuning,
 };
 pub use tls::PinMismatch;
 

@@ -1,8 +1,8 @@
-//! The connection pump: per connection, one task per outgoing stream (so the event loop never
-//! waits for QUIC flow control and each stream keeps its order) and one task decoding incoming
-//! frames into `Input::Peer`, ending with `Input::ConnDown` and the reason.
+//! The connection pump: outgoing messages are queued straight to each stream's writer (sending
+//! never waits, so the event loop never waits for QUIC flow control, and each stream keeps its
+//! order); one task decodes incoming frames into `Input::Peer`, ending with `Input::ConnDown` and
+//! the reason.
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -17,24 +17,9 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(super) struct Current {
     pub id: u64,
-    control: mpsc::UnboundedSender<(Bytes, Bytes)>,
-    data: Vec<mpsc::UnboundedSender<(Bytes, Bytes)>>,
+    control: FrameSender,
+    data: Vec<FrameSender>,
     handle: ConnHandle,
-}
-
-/// Frames go as (head, payload): the payload is the client's buffer, never copied on its way
-/// to QUIC.
-fn forward(sender: FrameSender) -> mpsc::UnboundedSender<(Bytes, Bytes)> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, Bytes)>();
-    tokio::spawn(async move {
-        while let Some((head, payload)) = rx.recv().await {
-            if let Err(e) = sender.send_parts(head, payload).await {
-                debug!("peer stream closed: {e}");
-                return;
-            }
-        }
-    });
-    tx
 }
 
 impl Current {
@@ -49,8 +34,8 @@ impl Current {
         } = conn;
         let current = Current {
             id,
-            control: forward(control),
-            data: data.into_iter().map(forward).collect(),
+            control,
+            data,
             handle: handle.clone(),
         };
         tokio::spawn(async move {
@@ -88,7 +73,9 @@ impl Current {
     /// Queue `msg` on the stream it belongs to. Errors mean the connection is going away; its
     /// loss is reported by the pump.
     pub fn send(&self, msg: &PeerMsg) {
-        let frame = match wire::encode_parts(msg) {
+        // Frames go as (head, payload): the payload is the client's buffer, never copied on its
+        // way to QUIC.
+        let (head, payload) = match wire::encode_parts(msg) {
             Ok((head, payload)) => (head.freeze(), payload),
             Err(e) => {
                 warn!("cannot encode a peer message: {e}");
@@ -103,7 +90,9 @@ impl Current {
                 self.data.get(i as usize).unwrap_or(&self.control)
             }
         };
-        let _ = tx.send(frame);
+        if let Err(e) = tx.send_parts(head, payload) {
+            debug!("peer stream closed: {e}");
+        }
     }
 
     pub fn close(&self, reason: &str) {
@@ -122,7 +111,7 @@ impl Current {
             data,
             ..
         } = self;
-        // Nothing new is queued; the forwarders drain what is and then finish their streams.
+        // Nothing new is queued; the stream writers drain what is and then finish their streams.
         drop((control, data));
         let reason = reason.to_owned();
         tokio::spawn(async move {

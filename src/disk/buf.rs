@@ -116,6 +116,15 @@ impl Drop for Chunk {
     }
 }
 
+/// Lends an [`IoBuf`] to `Bytes::from_owner`.
+struct BytesOwner(IoBuf);
+
+impl AsRef<[u8]> for BytesOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A buffer for disk I/O: 4096-aligned memory from the pool. Derefs to exactly `len` bytes, which
 /// may start at an inner offset (an unaligned read returns the sub-slice of the aligned block range
 /// it read). Returns its memory to the pool when dropped.
@@ -171,6 +180,12 @@ impl IoBuf {
             off: 0,
             len,
         }
+    }
+
+    /// The buffer as `Bytes`, without a copy: the memory goes back to the pool when the last
+    /// clone is dropped.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(BytesOwner(self))
     }
 
     /// A buffer holding a copy of `data`.
@@ -270,7 +285,7 @@ mod tests {
         let mut src = IoBuf::zeroed(8192);
         src.fill(0x5a);
         let addr = src.addr();
-        let shared = Bytes::from_owner(Wrap(src));
+        let shared = src.into_bytes();
         let mut b = IoBuf::from_bytes(shared.clone());
         assert_eq!(b.addr(), addr, "no copy for reading");
         assert_eq!(b.len(), 8192);
@@ -284,13 +299,6 @@ mod tests {
             shared.iter().all(|&x| x == 0x5a),
             "the shared bytes are untouched"
         );
-    }
-
-    struct Wrap(IoBuf);
-    impl AsRef<[u8]> for Wrap {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::future::Future;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::io::Owned;
 use super::Input;
 use crate::backend::{Backend, BackendError};
 use crate::disk::{Disk, IoBuf};
@@ -94,7 +93,7 @@ impl Backend for Replicated {
         buf: IoBuf,
         fua: bool,
     ) -> impl Future<Output = Result<(), Errno>> + 'static {
-        let data = Bytes::from_owner(Owned(buf));
+        let data = buf.into_bytes();
         done(self.call(ClientOp::Write { offset, data, fua }))
     }
     fn flush(&self) -> impl Future<Output = Result<(), Errno>> + 'static {

@@ -8,15 +8,6 @@ use super::Input;
 use crate::core::{Action, IoId};
 use crate::disk::{Disk, IoBuf};
 
-/// Lets a disk buffer back a `Bytes` without a copy.
-pub(super) struct Owned(pub IoBuf);
-
-impl AsRef<[u8]> for Owned {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 /// Start `action` if it is a disk action; false if it is not one.
 pub(super) fn start(disk: &Disk, action: &Action, tx: &mpsc::UnboundedSender<Input>) -> bool {
     let disk = disk.clone();
@@ -66,11 +57,7 @@ pub(super) fn start(disk: &Disk, action: &Action, tx: &mpsc::UnboundedSender<Inp
             let (io, offset, len) = (*io, *offset, *len);
             tokio::spawn(async move {
                 let r = disk.read(offset, len).await;
-                done(
-                    io,
-                    r.map(|b| Some(Bytes::from_owner(Owned(b))))
-                        .map_err(|e| e.errno()),
-                );
+                done(io, r.map(|b| Some(b.into_bytes())).map_err(|e| e.errno()));
             });
         }
         _ => return false,

@@ -29,6 +29,12 @@ fn roundtrip(m: &PeerMsg) {
     // Every strict prefix is "need more", never an error or a panic.
     for cut in 0..bytes.len() {
         assert_eq!(decode(&bytes.slice(..cut)), Ok(None), "prefix {cut}");
+        let _ = payload_offset(&bytes[..cut]);
+    }
+    // The transport aligns a received payload where this says it starts.
+    let (head, payload) = encode_parts(m).expect("encode");
+    if !payload.is_empty() {
+        assert_eq!(payload_offset(&head), head.len(), "{m:?}");
     }
 }
 

@@ -3,8 +3,9 @@
 //! The reader hands out `Bytes` that slice quinn's receive chunks when a frame fits in one, and
 //! copies once otherwise, into pool memory placed so that the frame's payload is 4096-aligned
 //! (a 1 MiB extent then goes to the O_DIRECT disk as it is; the disk used to copy it again,
-//! about half of a Secondary's memmove under 1M writes). The writer coalesces small frames into one buffer (a copy that costs
-//! less than a chunk per frame) and passes large payloads through as their own `Bytes`.
+//! about a third of a Secondary's memmove under 1M writes). The writer coalesces small frames
+//! into one buffer (a copy that costs less than a chunk per frame) and passes large payloads
+//! through as their own `Bytes`.
 
 use super::MAX_FRAME;
 use crate::disk::{IoBuf, BUF_ALIGN};

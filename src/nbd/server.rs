@@ -228,8 +228,7 @@ impl<B: Backend> Server<B> {
                             return Ok(());
                         }
                         debug!(cookie = h.cookie, kind = h.kind, errno, "rejected request");
-                        let done = reply(Outcome::Err(errno));
-                        let _ = tx.send(Box::pin(async move { done }));
+                        let _ = tx.send(Box::pin(std::future::ready(reply(Outcome::Err(errno)))));
                     }
                     Ok(Command::Disconnect) => {
                         debug!("client disconnected (NBD_CMD_DISC)");
@@ -243,11 +242,11 @@ impl<B: Backend> Server<B> {
                         }
                         let io = (len > 0).then(|| self.disk.write(offset, data, fua));
                         let flush = (len == 0 && fua).then(|| self.disk.clone());
-                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
+                        self.queue(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                     Ok(Command::Read { offset, len }) => {
                         let io = (len > 0).then(|| self.disk.read(offset, len));
-                        self.spawn(&tx, permit, h.cookie, offset, true, async move {
+                        self.queue(&tx, permit, h.cookie, offset, true, async move {
                             match io {
                                 None => Outcome::Data(None),
                                 Some(io) => match io.await {
@@ -259,12 +258,12 @@ impl<B: Backend> Server<B> {
                     }
                     Ok(Command::Flush) => {
                         let io = Some(self.disk.flush());
-                        self.spawn(&tx, permit, h.cookie, 0, false, outcome::<B>(io, None));
+                        self.queue(&tx, permit, h.cookie, 0, false, outcome::<B>(io, None));
                     }
                     Ok(Command::Trim { offset, len, fua }) => {
                         let io = (len > 0).then(|| self.disk.trim(offset, len.into()));
                         let flush = fua.then(|| self.disk.clone());
-                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
+                        self.queue(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                     Ok(Command::WriteZeroes {
                         offset,
@@ -278,7 +277,7 @@ impl<B: Backend> Server<B> {
                         let io =
                             (len > 0).then(|| self.disk.write_zeroes(offset, len.into(), !no_hole));
                         let flush = fua.then(|| self.disk.clone());
-                        self.spawn(&tx, permit, h.cookie, offset, false, outcome(io, flush));
+                        self.queue(&tx, permit, h.cookie, offset, false, outcome(io, flush));
                     }
                 }
             }
@@ -293,7 +292,7 @@ impl<B: Backend> Server<B> {
 
     /// Passes `op` (already handed to the backend, in the client's order) to the writer, which
     /// waits for it and writes its reply.
-    fn spawn(
+    fn queue(
         &self,
         tx: &mpsc::UnboundedSender<Pending>,
         permit: Option<OwnedSemaphorePermit>,

@@ -768,8 +768,6 @@ fn check_header(h: &FrameHeader) -> Result<usize, WireError> {
     Ok(len as usize)
 }
 
-/// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
-/// else the message and the number of bytes consumed. Payloads are zero-copy slices of `buf`.
 /// Where the payload of the frame that starts with `frame` begins, read from its first bytes; 0
 /// for a frame without a payload, or when too few bytes are given to tell. The transport uses it
 /// to assemble a large frame so that its payload lands 4096-aligned and goes to an O_DIRECT disk
@@ -785,6 +783,8 @@ pub fn payload_offset(frame: &[u8]) -> usize {
     }
 }
 
+/// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
+/// else the message and the number of bytes consumed. Payloads are zero-copy slices of `buf`.
 pub fn decode(buf: &Bytes) -> Result<Option<(PeerMsg, usize)>, WireError> {
     let Ok((h, _)) = FrameHeader::read_from_prefix(buf) else {
         return Ok(None);

@@ -166,6 +166,10 @@ results=$work/results.txt
 : > "$results"
 # The machine may be shared: the load average before and after says how much to trust the run.
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# CPU time the hypervisor gave to other guests (steal): on a shared host, a run with much of it
+# measured the neighbours as much as the servers.
+cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat; }
+read -r total_start steal_start < <(cpu_ticks)
 for w in "${workloads[@]}"; do
     IFS='|' read -r name args metric <<<"$w"
     if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
@@ -214,24 +218,38 @@ done
 
 python3 - "$results" "${servers[@]}" <<'PY'
 import sys, statistics
+# rows[(name, metric)][server][round] = value
 rows, servers = {}, sys.argv[2:]
 for line in open(sys.argv[1]):
-    name, metric, server, _round, value = line.split()
-    rows.setdefault((name, metric), {}).setdefault(server, []).append(float(value))
+    name, metric, server, rnd, value = line.split()
+    rows.setdefault((name, metric), {}).setdefault(server, {})[rnd] = float(value)
 base = servers[0]
+# A ratio is taken within each round, between runs minutes apart, then the median over rounds:
+# the device and the host drift over a run far more than between neighbouring runs, and a ratio
+# of two medians would mix rounds. The range shows how much the rounds disagreed.
 head = f'{"workload":28} {"metric":7}' + "".join(f"{s:>16}" for s in servers)
-head += "".join(f'{s + "/" + base:>24}' for s in servers[1:])
+head += "".join(f'{s + "/" + base:>30}' for s in servers[1:])
 print(head)
 for (name, metric), by in rows.items():
-    med = {s: statistics.median(by[s]) for s in servers if s in by}
+    med = {s: statistics.median(by[s].values()) for s in servers if s in by}
     line = f"{name:28} {metric:7}" + "".join(f"{med.get(s, float('nan')):>16.1f}" for s in servers)
     for s in servers[1:]:
-        ratio = med[s] / med[base] if med.get(base) else float("nan")
-        # For latency lower is better: show base/s so that > 1 always means "s is better".
-        if metric == "lat_us":
-            ratio = med[base] / med[s] if med.get(s) else float("nan")
-        line += f"{ratio:>24.2f}"
+        ratios = []
+        for rnd, v in by.get(s, {}).items():
+            b = by.get(base, {}).get(rnd)
+            if not b or not v:
+                continue
+            # For latency lower is better: base/s so that > 1 always means "s is better".
+            ratios.append(b / v if metric == "lat_us" else v / b)
+        if ratios:
+            cell = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        else:
+            cell = "nan"
+        line += f"{cell:>30}"
     print(line)
-print("\nratios: > 1.00 means better than " + base + " (latency ratios are inverted so that holds)")
+print("\nratios: median over rounds of the ratio within a round (its range in brackets); > 1.00 means")
+print("better than " + base + " (latency ratios are inverted so that holds)")
 PY
+read -r total_end steal_end < <(cpu_ticks)
 echo "load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
+echo "CPU steal during the run: $(( (steal_end - steal_start) * 100 / (total_end - total_start + 1) ))% (time the host gave to other guests)"

@@ -33,7 +33,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// A buffer suitable for `write` (aligned for O_DIRECT) whose contents are unspecified
     /// (recycled bytes, never zeroed): the caller fills every byte before writing it.
-    fn alloc(&self, len: usize) -> IoBuf;
+    fn alloc(&self, len: usize) -> IoBuf {
+        IoBuf::uninit_contents(len)
+    }
     fn read(
         &self,
         offset: u64,
@@ -70,9 +72,6 @@ impl Backend for Disk {
     }
     fn read_only(&self) -> bool {
         Disk::read_only(self)
-    }
-    fn alloc(&self, len: usize) -> IoBuf {
-        IoBuf::uninit_contents(len)
     }
     fn read(
         &self,

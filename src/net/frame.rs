@@ -95,49 +95,33 @@ impl FrameReader {
             }
         }
         if n >= ALIGNED_MIN {
-            return self.take_aligned(n).await.map(Some);
+            // Pool memory, placed so that the frame's payload starts 4096-aligned.
+            let lead = (BUF_ALIGN - (self.payload_offset)(&self.buf) % BUF_ALIGN) % BUF_ALIGN;
+            let mut out = IoBuf::uninit_contents(lead + n);
+            self.fill(&mut out[lead..]).await?;
+            return Ok(Some(out.into_bytes().slice(lead..)));
         }
-        let mut out = BytesMut::with_capacity(n);
-        out.put(std::mem::take(&mut self.buf));
-        while out.len() < n {
-            let c = match self.chunk().await? {
-                Some(c) => c,
-                None => {
-                    return Err(ReadEnd::Protocol(format!(
-                        "stream finished inside a frame ({} of {n} bytes)",
-                        out.len()
-                    )))
-                }
-            };
-            let need = n - out.len();
-            if c.len() <= need {
-                out.put(c);
-            } else {
-                out.put(c.slice(..need));
-                self.buf = c.slice(need..);
-            }
-        }
+        let mut out = BytesMut::zeroed(n);
+        self.fill(&mut out).await?;
         Ok(Some(out.freeze()))
     }
 
-    /// The next `n` bytes, which start with `self.buf` (not empty, shorter than `n`), copied into
-    /// pool memory so that the frame's payload starts 4096-aligned.
-    async fn take_aligned(&mut self, n: usize) -> Result<Bytes, ReadEnd> {
-        let lead = (BUF_ALIGN - (self.payload_offset)(&self.buf) % BUF_ALIGN) % BUF_ALIGN;
-        let mut out = IoBuf::uninit_contents(lead + n);
+    /// Fills `dst` with the next bytes: what is left of `self.buf`, then further chunks; keeps
+    /// what follows in `self.buf`.
+    async fn fill(&mut self, dst: &mut [u8]) -> Result<(), ReadEnd> {
+        let n = dst.len();
         let mut have = 0;
         let mut next = std::mem::take(&mut self.buf);
         loop {
             let take = next.len().min(n - have);
-            let dst = out.get_mut(lead + have..lead + have + take);
-            let src = next.get(..take);
-            if let (Some(dst), Some(src)) = (dst, src) {
-                dst.copy_from_slice(src);
+            // Both ranges are in bounds by construction (`take` is at most what each has left).
+            if let (Some(d), Some(src)) = (dst.get_mut(have..have + take), next.get(..take)) {
+                d.copy_from_slice(src);
             }
             have += take;
             if have == n {
                 self.buf = next.slice(take..);
-                return Ok(out.into_bytes().slice(lead..lead + n));
+                return Ok(());
             }
             next = match self.chunk().await? {
                 Some(c) => c,

@@ -80,9 +80,6 @@ impl Backend for Replicated {
         // A Secondary serves the export too; its writes fail with EPERM (the core decides).
         false
     }
-    fn alloc(&self, len: usize) -> IoBuf {
-        IoBuf::uninit_contents(len)
-    }
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<IoBuf, Errno>> + 'static {
         let r = self.call(ClientOp::Read { offset, len });
         async move { r.await?.ok_or(Errno(libc::EIO)) }

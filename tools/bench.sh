@@ -6,7 +6,8 @@
 #
 # Columns: every server in SERVERS (default: qemu-nbd and twinblk serve). Ratios are against the
 # first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
-# twinblk-threads, twinblk-sync/twinblk-async (a replicated pair). Two columns are not servers but
+# twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default without polling),
+# twinblk-sync/twinblk-async (a replicated pair). Two columns are not servers but
 # bounds, fio with io_uring straight on the files: one-writer (the device alone) and two-writers
 # (two files written at once, the value per writer). A replicated pair whose disks share one
 # device writes every block twice, so two-writers is the most any pair can reach here, with NBD,
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
         --size) size=$2; shift 2 ;;
         --file) file=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -82,6 +83,8 @@ start_server() {
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine uring-inline --log-level warn >/dev/null & ;;
         twinblk-threads)
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --engine threads --log-level warn >/dev/null & ;;
+        twinblk-nopoll)
+            "$twinblk" serve --disk "$file" --listen "unix:$sock" --poll-us "${BENCH_POLL_US:-0}" --log-level warn >/dev/null & ;;
         twinblk-sync|twinblk-async)
             start_pair "${1#twinblk-}"; return ;;
         *) echo "bench.sh: unknown server $1" >&2; exit 2 ;;

@@ -32,6 +32,7 @@ mod tests;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -91,6 +92,10 @@ pub struct DiskOptions {
     /// absent or equal to the device's size.
     pub size: Option<u64>,
     pub engine: EngineKind,
+    /// How long the inline io_uring engine keeps polling after its last completion or
+    /// submission before it sleeps, while its queue is deep (zero: never polls). Trades CPU for
+    /// throughput; see `uring_inline`. The other engines ignore it.
+    pub poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +232,7 @@ impl Disk {
             EngineKind::Uring => uring_engine(path, &file, b.is_block_device)?,
             EngineKind::Threads => (threads_engine(path, &file)?, EngineKind::Threads),
             EngineKind::UringInline => {
-                match uring_inline::UringInline::new(file.clone(), b.is_block_device) {
+                match uring_inline::UringInline::new(file.clone(), b.is_block_device, opts.poll) {
                     Ok(u) => (Engine::UringInline(u), EngineKind::UringInline),
                     Err(e) => {
                         tracing::debug!(

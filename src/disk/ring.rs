@@ -94,6 +94,11 @@ impl RingCore {
         !self.ready.is_empty() || (!self.backlog.is_empty() && !self.free.is_empty())
     }
 
+    /// How many of our SQEs the kernel holds (slots and engine tokens alike).
+    pub(super) fn inflight(&self) -> usize {
+        self.inflight
+    }
+
     /// Whether the kernel holds any of our SQEs.
     pub(super) fn has_inflight(&self) -> bool {
         self.inflight > 0

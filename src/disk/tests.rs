@@ -686,3 +686,60 @@ fn uring_outlives_the_runtime_it_was_opened_on() {
         }
     });
 }
+
+/// CPU time this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for the call to fill.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// With polling on, the inline engine completes every op through the poll loop (its driver
+/// shares the thread with the callers), and once the disk goes idle it sleeps again instead of
+/// spinning on: an idle export must cost no CPU.
+#[test]
+fn polling_engine_completes_io_and_sleeps_when_idle() {
+    let f = tmpfile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let o = DiskOptions {
+            poll: std::time::Duration::from_millis(2),
+            ..opts(EngineKind::UringInline, 1 << 20)
+        };
+        let d = Disk::open(f.path(), &o).expect("open disk");
+        assert_eq!(d.engine(), EngineKind::UringInline, "engine fell back");
+        for round in 0..3u64 {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..64u64 {
+                let d = d.clone();
+                let data = pattern(round * 100 + i, 4096);
+                set.spawn(async move { d.write(i * 4096, buf(&d, &data), false).await });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap().unwrap();
+            }
+            d.flush().await.unwrap();
+            for i in 0..64u64 {
+                let got = d.read(i * 4096, 4096).await.unwrap();
+                assert_eq!(&got[..], &pattern(round * 100 + i, 4096)[..], "block {i}");
+            }
+        }
+        // Idle for 300 ms on the driver's own thread: a driver that kept polling would burn
+        // about all of it; one that went to sleep after its 2 ms window burns next to nothing.
+        let before = thread_cpu();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let used = thread_cpu() - before;
+        assert!(
+            used < std::time::Duration::from_millis(150),
+            "idle disk used {used:?} of CPU in 300 ms: the engine kept polling"
+        );
+    });
+}

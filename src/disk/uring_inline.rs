@@ -10,11 +10,23 @@
 //! on one thread, and still correct when callers run on other threads or runtimes (ublk,
 //! multi-thread runtimes). No SINGLE_ISSUER/DEFER_TASKRUN: a multi-thread runtime may move the
 //! driver between threads, and completions must post without an enter from the driver.
+//!
+//! Polling (`DiskOptions::poll`; `serve` sets 100 µs): while the ring has been deep lately (an
+//! average of `POLL_MIN_DEPTH` ops in the kernel), the driver keeps yielding to the runtime for
+//! that long after its last completion or submission instead of sleeping on the eventfd. The
+//! thread then stays awake for the next completion and the client's next requests (qemu's
+//! `poll-max-ns` idea). Every sleep costs a wake-up at the next event, and a halted vCPU is slow
+//! to wake. Measured on a 2-vCPU guest with fio's nbd engine at 4k, queue depth 32: +8..17 %
+//! write and +9..14 % read IOPS, the device's time per write falling from ~300 to ~200 µs, for up
+//! to a core of CPU. Without the depth gate, queue-depth-1 latency got ~15 % worse (the guest's
+//! own halt-polling already covers those short gaps, and a spinning thread only competes with
+//! the client); with it, qd1 is unchanged. An idle disk stops polling after the window.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
 use tokio::io::unix::AsyncFd;
@@ -54,7 +66,7 @@ impl Shared {
 impl UringInline {
     /// Sets up the ring and spawns its driver on the current tokio runtime; fails (so the caller
     /// can fall back) without a runtime with I/O enabled, or if io_uring is unavailable.
-    pub fn new(file: Arc<File>, is_block_device: bool) -> io::Result<UringInline> {
+    pub fn new(file: Arc<File>, is_block_device: bool, poll: Duration) -> io::Result<UringInline> {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|e| io::Error::other(format!("no tokio runtime to reap completions: {e}")))?;
         let ring = check_and_register(IoUring::builder().build(RING_ENTRIES)?, &file)?;
@@ -84,7 +96,7 @@ impl UringInline {
             }),
             kick: Notify::new(),
         });
-        handle.spawn(driver(shared.clone(), afd));
+        handle.spawn(driver(shared.clone(), afd, poll));
         Ok(UringInline { shared, aux })
     }
 
@@ -121,13 +133,24 @@ impl Drop for UringInline {
 }
 
 /// Submits queued ops in batches and completes finished ones, until the engine is dropped and
-/// idle.
-async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
+/// idle. Polls instead of sleeping for `poll` after the last completion or submission.
+async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>, poll: Duration) {
+    let mut last_event: Option<Instant> = None;
+    let mut depth = Depth::default();
     loop {
+        let active;
         {
             let mut st = shared.lock();
             st.kicked = false;
-            st.core.reap(|_| {}, Op::complete);
+            let mut reaped = false;
+            st.core.reap(
+                |_| {},
+                |op, r| {
+                    reaped = true;
+                    op.complete(r)
+                },
+            );
+            active = reaped || st.core.has_pending();
             let entered = st.core.push_sqes().and_then(|()| st.core.enter(0));
             if let Err(e) = entered {
                 tracing::warn!("io_uring_enter failed: {e}; failing queued disk I/O");
@@ -136,6 +159,22 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
             }
             if st.shutdown && st.core.idle(0) {
                 return;
+            }
+            if active {
+                depth.sample(st.core.inflight());
+            }
+        }
+        if !poll.is_zero() {
+            let now = Instant::now();
+            if active {
+                last_event = Some(now);
+            }
+            if depth.deep() && last_event.is_some_and(|t| now.duration_since(t) < poll) {
+                // Back to the runtime, which checks its sockets without blocking (epoll with
+                // a zero timeout) and runs us again: that syscall also runs the io_uring task
+                // work that posts our completions.
+                tokio::task::yield_now().await;
+                continue;
             }
         }
         // The eventfd's counter is never read: tokio's epoll is edge-triggered and every
@@ -154,5 +193,57 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
             },
             _ = shared.kick.notified() => {}
         }
+    }
+}
+
+/// How many ops the kernel has held lately (sampled at each event): polling only pays when
+/// completions come often, and with one op at a time it only competes with the client for the
+/// CPU. A moving average, because the instantaneous count swings from 1 to 30 within one burst.
+#[derive(Default)]
+struct Depth {
+    /// Average × 8, decaying by 1/8 per sample.
+    avg8: usize,
+}
+
+/// The average depth from which the driver polls.
+const POLL_MIN_DEPTH: usize = 4;
+
+impl Depth {
+    fn sample(&mut self, inflight: usize) {
+        self.avg8 = self.avg8 - self.avg8 / 8 + inflight;
+    }
+
+    fn deep(&self) -> bool {
+        self.avg8 >= POLL_MIN_DEPTH * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_op_at_a_time_never_polls() {
+        let mut d = Depth::default();
+        for _ in 0..10_000 {
+            d.sample(1);
+            assert!(!d.deep());
+            d.sample(0);
+            assert!(!d.deep());
+        }
+    }
+
+    #[test]
+    fn a_deep_queue_polls_and_a_shallow_one_stops() {
+        let mut d = Depth::default();
+        // Bursts swing between nearly empty and full; their average decides.
+        for i in 0..64 {
+            d.sample(if i % 2 == 0 { 2 } else { 14 });
+        }
+        assert!(d.deep());
+        for _ in 0..64 {
+            d.sample(1);
+        }
+        assert!(!d.deep());
     }
 }

@@ -19,6 +19,7 @@
 
 mod buf;
 mod file;
+mod flush;
 mod lock;
 mod op;
 mod ring;
@@ -173,6 +174,8 @@ struct Inner {
     is_block_device: bool,
     read_only: bool,
     lock: RangeLock,
+    /// Counts completed writes and shares one fdatasync among the flushes it covers.
+    flusher: flush::Flusher,
     /// The open file, for [`Disk::sync_now`] (the engine owns its own reference).
     file: Arc<std::fs::File>,
 }
@@ -270,6 +273,7 @@ impl Disk {
                 is_block_device: b.is_block_device,
                 read_only: opts.read_only,
                 lock: RangeLock::new(),
+                flusher: flush::Flusher::default(),
                 file,
             }),
         })
@@ -381,12 +385,20 @@ impl Disk {
         .1
     }
 
-    /// Makes every completed write stable (fdatasync).
+    /// Makes every write completed before this call stable (fdatasync, shared with concurrent
+    /// flushes it covers; none if an earlier one already covered them: see `flush.rs`).
     pub async fn flush(&self) -> Result<(), DiskError> {
-        self.exec(OpKind::Flush)
+        self.inner
+            .flusher
+            .flush(|| async { self.exec(OpKind::Flush).await.1 })
             .await
-            .1
             .map_err(|e| self.io_error("flush", 0, 0, e))
+    }
+
+    /// How many fdatasyncs `flush` ran (the other flushes were covered by one of them).
+    #[cfg(test)]
+    pub(crate) fn flushes_issued(&self) -> u64 {
+        self.inner.flusher.issued()
     }
 
     /// [`Disk::flush`] on the calling thread, bypassing the engine: for a driver that must have
@@ -519,12 +531,19 @@ impl Disk {
     }
 
     async fn exec(&self, kind: OpKind) -> (Option<IoBuf>, io::Result<()>) {
+        let mutating = kind.is_mutating();
         let (tx, rx) = oneshot::channel();
         self.inner.engine.submit(Op { kind, done: tx });
-        match rx.await {
+        let r = match rx.await {
             Ok(Done { buf, res }) => (buf, res),
             Err(_) => (None, Err(io::Error::other("disk engine stopped"))),
+        };
+        // Counted before the caller learns of the completion (and acknowledges it to anyone),
+        // so every flush asked for after that covers it.
+        if mutating {
+            self.inner.flusher.completed_one();
         }
+        r
     }
 
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DiskError> {

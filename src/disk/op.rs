@@ -30,6 +30,11 @@ impl OpKind {
         matches!(self, OpKind::Discard { .. } | OpKind::ZeroOut { .. })
     }
 
+    /// Whether it changes the disk's contents (and so needs a later flush to be stable).
+    pub fn is_mutating(&self) -> bool {
+        !matches!(self, OpKind::Read { .. } | OpKind::Flush)
+    }
+
     pub fn into_buf(self) -> Option<IoBuf> {
         match self {
             OpKind::Read { buf, .. } | OpKind::Write { buf, .. } => Some(buf),

@@ -743,3 +743,50 @@ fn polling_engine_completes_io_and_sleeps_when_idle() {
         );
     });
 }
+
+/// FLUSHes that arrive together share one fdatasync, a FLUSH with nothing written since the last
+/// one costs none, and a write after it gets one of its own; every engine, on a real file.
+#[test]
+fn concurrent_flushes_share_one_fdatasync() {
+    for engine in [
+        EngineKind::Uring,
+        EngineKind::Threads,
+        EngineKind::UringInline,
+    ] {
+        let f = tmpfile();
+        let d = open(f.path(), engine, 1 << 20);
+        rt().block_on(async {
+            for i in 0..16u64 {
+                d.write(i * 4096, buf(&d, &pattern(i, 4096)), false)
+                    .await
+                    .unwrap();
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let d = d.clone();
+                set.spawn(async move { d.flush().await });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap().unwrap();
+            }
+            // All 32 asked after the same writes: the first flush covers them; the rest either
+            // shared it or, arriving while it ran, found it covered them once it finished.
+            assert_eq!(d.flushes_issued(), 1, "{engine:?}");
+            d.flush().await.unwrap();
+            assert_eq!(d.flushes_issued(), 1, "{engine:?}: nothing new to flush");
+            d.write(0, buf(&d, &pattern(99, 4096)), false)
+                .await
+                .unwrap();
+            d.flush().await.unwrap();
+            assert_eq!(d.flushes_issued(), 2, "{engine:?}");
+            // A FUA write of no bytes is a flush too.
+            d.write(4096, buf(&d, &pattern(98, 4096)), false)
+                .await
+                .unwrap();
+            d.write(0, buf(&d, &[]), true).await.unwrap();
+            assert_eq!(d.flushes_issued(), 3, "{engine:?}");
+        });
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[..4096], &pattern(99, 4096)[..]);
+    }
+}

@@ -132,25 +132,49 @@ mod tests {
         });
     }
 
+    /// A flusher with one write completed and a flush of it running (`outcome` after 5 ms),
+    /// then `more_writes` more completions and `waiting` requests queued behind that flush.
+    /// Returns the flusher and every request's result (the running one's first).
+    async fn behind_a_running_flush(
+        outcome: io::Result<()>,
+        more_writes: u64,
+        waiting: usize,
+    ) -> (Arc<Flusher>, Vec<io::Result<()>>) {
+        let f = Arc::new(Flusher::default());
+        f.completed_one();
+        let first = f.clone();
+        let running = tokio::spawn(async move {
+            first
+                .flush(|| async {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    outcome
+                })
+                .await
+        });
+        // Let it take the gate before the others ask.
+        tokio::task::yield_now().await;
+        for _ in 0..more_writes {
+            f.completed_one();
+        }
+        let mut behind = Vec::new();
+        for _ in 0..waiting {
+            let f = f.clone();
+            behind.push(tokio::spawn(async move { f.flush(slow_ok).await }));
+        }
+        let mut results = vec![running.await.expect("flush task")];
+        for h in behind {
+            results.push(h.await.expect("flush task"));
+        }
+        (f, results)
+    }
+
     #[test]
     fn requests_behind_a_running_flush_share_the_next_one() {
         rt().block_on(async {
-            let f = Arc::new(Flusher::default());
-            f.completed_one();
-            let mut set = tokio::task::JoinSet::new();
-            // The first starts a flush; the rest arrive while it runs, after more writes
-            // completed, so it does not cover them: they need one more, and one is enough.
-            let first = f.clone();
-            set.spawn(async move { first.flush(slow_ok).await });
-            tokio::task::yield_now().await;
-            f.completed_one();
-            for _ in 0..31 {
-                let f = f.clone();
-                set.spawn(async move { f.flush(slow_ok).await });
-            }
-            while let Some(r) = set.join_next().await {
-                r.unwrap().unwrap();
-            }
+            // They arrive after one more write completed, so the running flush does not cover
+            // them: they need one more, and one is enough.
+            let (f, results) = behind_a_running_flush(Ok(()), 1, 31).await;
+            assert!(results.iter().all(|r| r.is_ok()));
             assert_eq!(f.issued(), 2);
         });
     }
@@ -158,32 +182,15 @@ mod tests {
     #[test]
     fn a_failed_flush_fails_everyone_it_covered_and_is_not_retried_for_them() {
         rt().block_on(async {
-            let f = Arc::new(Flusher::default());
-            f.completed_one();
-            let mut set = tokio::task::JoinSet::new();
-            let first = f.clone();
-            set.spawn(async move {
-                first
-                    .flush(|| async {
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                        Err(io::Error::from_raw_os_error(libc::EIO))
-                    })
-                    .await
-            });
-            tokio::task::yield_now().await;
-            // Waiting behind the failing flush, needing nothing newer: they must fail too,
+            // They need nothing newer than the failing flush covers: they must fail too,
             // without running a flush of their own (which the kernel might let succeed).
-            for _ in 0..4 {
-                let f = f.clone();
-                set.spawn(async move { f.flush(slow_ok).await });
-            }
-            let mut errs = 0;
-            while let Some(r) = set.join_next().await {
-                let e = r.unwrap().expect_err("covered by a failed flush");
+            let eio = Err(io::Error::from_raw_os_error(libc::EIO));
+            let (f, results) = behind_a_running_flush(eio, 0, 4).await;
+            assert_eq!(results.len(), 5);
+            for r in results {
+                let e = r.expect_err("covered by a failed flush");
                 assert_eq!(e.raw_os_error(), Some(libc::EIO));
-                errs += 1;
             }
-            assert_eq!(errs, 5);
             assert_eq!(f.issued(), 1);
             // A write after the failure gets a flush of its own, which may succeed.
             f.completed_one();

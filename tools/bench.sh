@@ -6,12 +6,12 @@
 #
 # Columns: every server in SERVERS (default: qemu-nbd and twinblk serve). Ratios are against the
 # first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
-# twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default without polling),
-# twinblk-sync/twinblk-async (a replicated pair). Two columns are not servers but
-# bounds, fio with io_uring straight on the files: one-writer (the device alone) and two-writers
-# (two files written at once, the value per writer). A replicated pair whose disks share one
-# device writes every block twice, so two-writers is the most any pair can reach here, with NBD,
-# QUIC and TLS costing nothing.
+# twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default
+# engine without polling), twinblk-sync/twinblk-async (a replicated pair). Two columns are not
+# servers but bounds, fio with io_uring straight on the files: one-writer (the device alone) and
+# two-writers (two files written at once, the value per writer). A replicated pair whose disks
+# share one device writes every block twice, so two-writers is the most any pair can reach here,
+# with NBD, QUIC and TLS costing nothing.
 # Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk.
 set -euo pipefail
 

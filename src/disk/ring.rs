@@ -99,11 +99,6 @@ impl RingCore {
         self.inflight
     }
 
-    /// Whether the kernel holds any of our SQEs.
-    pub(super) fn has_inflight(&self) -> bool {
-        self.inflight > 0
-    }
-
     pub(super) fn cq_empty(&mut self) -> bool {
         self.ring.completion().is_empty()
     }

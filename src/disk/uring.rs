@@ -224,7 +224,7 @@ impl RingThread {
                 if st.ops.is_empty() && self.wake_armed {
                     st.sleeping = true;
                     want = 1;
-                } else if shutdown && self.core.has_inflight() {
+                } else if shutdown && self.core.inflight() > 0 {
                     want = 1;
                 }
             }

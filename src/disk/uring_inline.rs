@@ -138,7 +138,7 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>, poll: Duration) {
     let mut last_event: Option<Instant> = None;
     let mut depth = Depth::default();
     loop {
-        let active;
+        let (active, inflight);
         {
             let mut st = shared.lock();
             st.kicked = false;
@@ -160,13 +160,12 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>, poll: Duration) {
             if st.shutdown && st.core.idle(0) {
                 return;
             }
-            if active {
-                depth.sample(st.core.inflight());
-            }
+            inflight = st.core.inflight();
         }
         if !poll.is_zero() {
             let now = Instant::now();
             if active {
+                depth.sample(inflight);
                 last_event = Some(now);
             }
             if depth.deep() && last_event.is_some_and(|t| now.duration_since(t) < poll) {

@@ -128,9 +128,8 @@
 //!
 //! # Not yet here
 //!
-//! * Checksum resync.
-//! * A sync target that crashes mid-resync restarts with a full resync (it may have lost resync
-//!   data it had acked): resuming would need acks after a flush.
+//! * Verify keeps at most `c-fill-target` bytes of requests in flight, but is not paced by
+//!   `c-max-rate` or `c-min-rate` as a resync is.
 
 pub mod activity;
 pub mod bitmap;

@@ -10,8 +10,11 @@
 //! its own fdatasync spent a core on io-wq workers doing redundant device flushes.
 //!
 //! A failed flush fails every request it would have covered, including those that were waiting
-//! to share it: Linux reports a write-back error once per open file, so a retried fdatasync could
-//! succeed while the data it should have made stable is lost.
+//! to share it, and every flush after it (the error is sticky until the disk is opened again):
+//! Linux reports a write-back error once per open file, so a later fdatasync could succeed while
+//! the data the failed one should have made stable is lost, and a "stable" answer for writes
+//! completed after the failure would vouch for a disk that has already dropped acknowledged data.
+//! Only the core knows what the failure means for the replicas (it stops using the disk).
 
 use std::future::Future;
 use std::io;
@@ -23,8 +26,8 @@ pub(super) struct Flusher {
     completed: AtomicU64,
     /// Every op counted up to here is stable: a flush that started at this count succeeded.
     stable: AtomicU64,
-    /// 1 + the count at which the newest failed flush started (0: none failed), and its errno.
-    failed: AtomicU64,
+    /// The errno of the first failed flush (0: none failed). Sticky: every later flush fails
+    /// with it.
     failed_errno: AtomicI32,
     /// Flushes actually run (the rest were covered by another).
     issued: AtomicU64,
@@ -67,22 +70,33 @@ impl Flusher {
             Ok(()) => {
                 self.stable.fetch_max(start, SeqCst);
             }
-            Err(e) => {
-                self.failed_errno
-                    .store(e.raw_os_error().unwrap_or(libc::EIO), SeqCst);
-                self.failed.fetch_max(start + 1, SeqCst);
-            }
+            Err(e) => self.record_failure(e),
         }
         r
     }
 
+    /// A flush failed (here or in a synchronous one, [`super::Disk::sync_now`]): from now on
+    /// every flush fails with its errno.
+    pub(super) fn record_failure(&self, e: &io::Error) {
+        let errno = e.raw_os_error().filter(|&n| n != 0).unwrap_or(libc::EIO);
+        let _ = self
+            .failed_errno
+            .compare_exchange(0, errno, SeqCst, SeqCst);
+    }
+
+    /// The sticky error of an earlier failed flush, if any.
+    pub(super) fn failure(&self) -> Option<io::Error> {
+        match self.failed_errno.load(SeqCst) {
+            0 => None,
+            errno => Some(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
     /// The answer for a request that needs the first `target` ops stable, if one is known: the
-    /// error of a failed flush that covered them, or success from one that made them stable.
+    /// sticky error once any flush failed, or success from one that made them stable.
     fn covered(&self, target: u64) -> Option<io::Result<()>> {
-        if self.failed.load(SeqCst) > target {
-            return Some(Err(io::Error::from_raw_os_error(
-                self.failed_errno.load(SeqCst),
-            )));
+        if let Some(e) = self.failure() {
+            return Some(Err(e));
         }
         (self.stable.load(SeqCst) >= target).then_some(Ok(()))
     }
@@ -192,10 +206,29 @@ mod tests {
                 assert_eq!(e.raw_os_error(), Some(libc::EIO));
             }
             assert_eq!(f.issued(), 1);
-            // A write after the failure gets a flush of its own, which may succeed.
+        });
+    }
+
+    /// Linux reports a write-back error once: the next fdatasync succeeds although the data the
+    /// failed one covered never reached the disk. A flush after the failure, even for writes
+    /// completed after it, must not say "stable".
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        rt().block_on(async {
+            let f = Flusher::default();
             f.completed_one();
-            f.flush(slow_ok).await.unwrap();
-            assert_eq!(f.issued(), 2);
+            let e = f
+                .flush(|| async { Err(io::Error::from_raw_os_error(libc::EIO)) })
+                .await
+                .expect_err("the flush failed");
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            for _ in 0..3 {
+                f.completed_one();
+                let e = f.flush(slow_ok).await.expect_err("sticky after a failure");
+                assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            }
+            // Not even run: the kernel's answer would be the once-only success.
+            assert_eq!(f.issued(), 1);
         });
     }
 }

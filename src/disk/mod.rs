@@ -386,7 +386,8 @@ impl Disk {
     }
 
     /// Makes every write completed before this call stable (fdatasync, shared with concurrent
-    /// flushes it covers; none if an earlier one already covered them: see `flush.rs`).
+    /// flushes it covers; none if an earlier one already covered them: see `flush.rs`). Once a
+    /// flush failed, every later one fails too, until the disk is opened again.
     pub async fn flush(&self) -> Result<(), DiskError> {
         self.inner
             .flusher
@@ -404,9 +405,16 @@ impl Disk {
     /// [`Disk::flush`] on the calling thread, bypassing the engine: for a driver that must have
     /// completed writes stable before its next step and cannot await (the replication event
     /// loop before an activity-log transaction).
+    /// Sticky like `flush`: after any failed flush it fails without asking the kernel.
     pub fn sync_now(&self) -> Result<(), DiskError> {
         use std::os::fd::AsRawFd;
-        op::fdatasync(self.inner.file.as_raw_fd()).map_err(|e| self.io_error("flush", 0, 0, e))
+        if let Some(e) = self.inner.flusher.failure() {
+            return Err(self.io_error("flush", 0, 0, e));
+        }
+        op::fdatasync(self.inner.file.as_raw_fd()).map_err(|e| {
+            self.inner.flusher.record_failure(&e);
+            self.io_error("flush", 0, 0, e)
+        })
     }
 
     /// Discards the whole aligned blocks inside the range (a hint: the rest is left alone, and a

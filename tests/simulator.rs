@@ -214,3 +214,16 @@ fn checker_catches_a_promotion_without_sync() {
         run_seed(with_failovers(seed));
     }
 }
+
+/// A replicated TRIM must leave both nodes reading the same bytes (issue 17, defect 5). The
+/// simulated discard leaves each block unchanged, zeroed or stale, independently per node, as
+/// real devices do; executing TRIM as such a discard (the old behaviour) must be caught.
+#[test]
+fn checker_catches_trims_that_leave_the_replicas_different() {
+    let msgs = caught(InjectedBug::TrimDiverges, false, 40);
+    assert!(
+        msgs.len() >= 20 && msgs.iter().all(|m| m.contains("invariant violated")),
+        "too few seeds caught TRIM executed as a discard ({} of 40): {msgs:?}",
+        msgs.len()
+    );
+}

@@ -14,7 +14,9 @@
 //!   `Ok(Some(bytes))` for a `DiskRead`, `Ok(None)` otherwise, `Err(errno)` on failure. Disk actions
 //!   of one batch may run concurrently; the core never emits two overlapping writes at once.
 //! * `DiskWrite`/`DiskTrim`/`DiskZero` complete when the data is written (in the device's cache);
-//!   with `fua: true` when it is stable. `DiskFlush` completes when everything completed before it
+//!   with `fua: true` when it is stable. `DiskZero` must leave the range reading zeroes (a client
+//!   TRIM runs as it on both nodes, so the replicas stay identical); `DiskTrim` may leave
+//!   anything there and is never emitted for replicated data. `DiskFlush` completes when everything completed before it
 //!   was issued is stable.
 //! * [`Action::Send`] messages go to the peer of the *current* connection, on the stream
 //!   [`PeerMsg::stream`] names: control messages in order on one stream; data messages may use
@@ -195,6 +197,9 @@ pub enum InjectedBug {
     IgnoreActivityLogOnRestore,
     /// A promotion does not make the acked peer and resync writes stable first.
     NoSyncAtPromotion,
+    /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
+    /// contents afterwards each device chooses (the old behaviour: the replicas differ).
+    TrimDiverges,
 }
 
 #[derive(Debug, Clone)]
@@ -493,11 +498,18 @@ pub enum Action {
         data: Bytes,
         fua: bool,
     },
+    /// A discard: afterwards the range's contents are unspecified (unchanged, zeroes or anything
+    /// else, as BLKDISCARD leaves them). The core never emits it for data both nodes hold (a
+    /// replicated TRIM is [`Action::DiskZero`] on both, so they read the same bytes); only
+    /// [`InjectedBug::TrimDiverges`] does, to show the simulator catches it.
     DiskTrim {
         io: IoId,
         offset: u64,
         len: u32,
     },
+    /// Make the range read as zeroes. The driver may deallocate it (a punched hole on a file,
+    /// BLKZEROOUT on a block device, which unmaps on thin devices): a client's TRIM and
+    /// WRITE_ZEROES both run as this, on both nodes.
     DiskZero {
         io: IoId,
         offset: u64,
@@ -1440,8 +1452,13 @@ impl Replica {
                 data: data.clone(),
                 fua,
             }),
-            DataOp::Trim => out.push(Action::DiskTrim { io, offset, len }),
-            DataOp::Zero => out.push(Action::DiskZero { io, offset, len }),
+            DataOp::Trim if self.cfg.bug == InjectedBug::TrimDiverges => {
+                out.push(Action::DiskTrim { io, offset, len })
+            }
+            // A TRIM zeroes: a discard leaves whatever each device chooses there, and the two
+            // nodes' devices choose differently (a no-op, a hole, stale blocks), so `verify`
+            // would report differences nobody wrote and a failover would serve other bytes.
+            DataOp::Trim | DataOp::Zero => out.push(Action::DiskZero { io, offset, len }),
         }
         let mut wait_peer = false;
         if replicating {
@@ -2742,12 +2759,15 @@ impl Replica {
                                     data: e.data,
                                     fua: e.flags & FLAG_FUA != 0,
                                 },
-                                DataOp::Trim => Action::DiskTrim {
-                                    io,
-                                    offset: e.offset,
-                                    len: e.len,
-                                },
-                                DataOp::Zero => Action::DiskZero {
+                                DataOp::Trim if self.cfg.bug == InjectedBug::TrimDiverges => {
+                                    Action::DiskTrim {
+                                        io,
+                                        offset: e.offset,
+                                        len: e.len,
+                                    }
+                                }
+                                // As on the Primary (`issue_write`): both read zeroes.
+                                DataOp::Trim | DataOp::Zero => Action::DiskZero {
                                     io,
                                     offset: e.offset,
                                     len: e.len,

@@ -79,9 +79,7 @@ impl Flusher {
     /// every flush fails with its errno.
     pub(super) fn record_failure(&self, e: &io::Error) {
         let errno = e.raw_os_error().filter(|&n| n != 0).unwrap_or(libc::EIO);
-        let _ = self
-            .failed_errno
-            .compare_exchange(0, errno, SeqCst, SeqCst);
+        let _ = self.failed_errno.compare_exchange(0, errno, SeqCst, SeqCst);
     }
 
     /// The sticky error of an earlier failed flush, if any.

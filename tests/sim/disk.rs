@@ -51,6 +51,23 @@ impl SimDisk {
         let z = vec![0u8; len as usize];
         self.write(offset, &z, false);
     }
+    /// A discard as a device may execute it: per block (`how`), 0 leaves the old contents,
+    /// 1 reads zeroes afterwards, 2 leaves bytes no write put there.
+    pub fn discard(&mut self, offset: u64, len: u64, how: &[u8]) {
+        let first = offset as usize / BS;
+        for (i, &h) in how.iter().enumerate().take((len as usize).div_ceil(BS)) {
+            let b = (first + i) * BS as usize;
+            match h {
+                0 => {}
+                1 => self.write(b as u64, &[0u8; BS], false),
+                _ => {
+                    let mut stale = vec![0xeeu8; BS];
+                    stale[..8].copy_from_slice(&(0xdead_0000_u64 + i as u64).to_le_bytes());
+                    self.write(b as u64, &stale, false);
+                }
+            }
+        }
+    }
     pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
         self.volatile[offset as usize..(offset + len) as usize].to_vec()
     }

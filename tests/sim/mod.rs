@@ -139,6 +139,12 @@ enum DiskOp {
         offset: u64,
         len: u64,
     },
+    /// A discard: per block, 0 leaves it, 1 zeroes it, 2 leaves stale bytes.
+    Discard {
+        offset: u64,
+        len: u64,
+        keep: Vec<u8>,
+    },
     Flush,
     Read {
         offset: u64,
@@ -519,6 +525,7 @@ impl World {
 
     fn act(&mut self, node: usize, a: Action, confirmable: bool) {
         let inc = self.nodes[node].inc;
+        let a_is_trim = matches!(a, Action::DiskTrim { .. });
         let fail_rate = if self.cfg.faults && !self.healing {
             400
         } else {
@@ -550,17 +557,20 @@ impl World {
                 if let Some(sp) = self.split.as_mut() {
                     sp.issued[node] = true;
                 }
-                self.disk_later(
-                    node,
-                    inc,
-                    io,
-                    DiskOp::Zero {
+                let len = len as u64;
+                // A discard leaves what the device likes there: each block unchanged, zeroed
+                // or stale (BLKDISCARD without discard_zeroes_data), independently per node.
+                let op = match a_is_trim {
+                    true => DiskOp::Discard {
                         offset,
-                        len: len as u64,
+                        len,
+                        keep: (0..len.div_ceil(BS as u64))
+                            .map(|_| self.rng.below(3) as u8)
+                            .collect(),
                     },
-                    None,
-                    (5 * US, 300 * US),
-                );
+                    false => DiskOp::Zero { offset, len },
+                };
+                self.disk_later(node, inc, io, op, None, (5 * US, 300 * US));
             }
             Action::DiskFlush { io } => {
                 self.disk_later(node, inc, io, DiskOp::Flush, None, (20 * US, 800 * US));
@@ -1546,6 +1556,7 @@ impl World {
             );
             let (offset, len) = ((first * BS) as u64, (n * BS) as u32);
             let ev = if roll < 14 {
+                *self.stats.entry("client trims").or_default() += 1;
                 Event::ClientTrim { req, offset, len }
             } else {
                 Event::ClientWriteZeroes { req, offset, len }
@@ -1728,6 +1739,10 @@ impl World {
                     }
                     (None, DiskOp::Zero { offset, len }) => {
                         disk.zero(offset, len);
+                        Ok(None)
+                    }
+                    (None, DiskOp::Discard { offset, len, keep }) => {
+                        disk.discard(offset, len, &keep);
                         Ok(None)
                     }
                     (None, DiskOp::Flush) => {

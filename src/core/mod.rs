@@ -80,7 +80,10 @@
 //!   `stability_bytes` a target crash may have taken back. The target saves
 //!   [`Meta::resync_resumable`] once the source showed it marked everything the target lacks
 //!   (the first `ResyncProgress`; until then `bitmap_known` is false and a restart means a full
-//!   resync). Every promotion first makes the acked peer and resync writes stable
+//!   resync). A cut just as the resync ends resumes too: the source keeps the target's
+//!   generation as its bitmap generation until the target said it applied `ResyncDone`
+//!   (its disk turned UpToDate). (A source that goes Ahead before that assumes the end
+//!   lands first; if the cut takes it, that resync is full.) Every promotion first makes the acked peer and resync writes stable
 //!   ([`Action::SyncData`]): a new Primary never serves data a crash could take back.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
@@ -197,6 +200,9 @@ pub enum InjectedBug {
     IgnoreActivityLogOnRestore,
     /// A promotion does not make the acked peer and resync writes stable first.
     NoSyncAtPromotion,
+    /// The sync source forgets the target's generation as soon as it sends `ResyncDone` (the
+    /// old behaviour): a cut before the target applied it costs a full resync.
+    ForgetTargetAtResyncEnd,
     /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
     /// contents afterwards each device chooses (the old behaviour: the replicas differ).
     TrimDiverges,
@@ -820,6 +826,13 @@ pub struct Replica {
     /// flush barrier after them acked yet), in seq order.
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
+    /// Sync source: `ResyncDone`s sent on this connection that the target has not yet
+    /// confirmed (its disk turning UpToDate; one per applied end, in order). Until it did, the
+    /// bitmap generation stays the target's: a cut in between (the target never applied the
+    /// end, still Inconsistent at its old generation) then resumes from the bitmaps instead of
+    /// costing a full resync. A count, not a flag: an Ahead resync can end before the
+    /// target's UpToDate of the resync before it arrives (simulator seed 546).
+    resync_dones_unconfirmed: u32,
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
     resync_timer: Option<u64>,
     al: ActivityLog,
@@ -905,6 +918,7 @@ impl Replica {
             conn: None,
             tl: VecDeque::new(),
             resync: None,
+            resync_dones_unconfirmed: 0,
             resync_timer: None,
             al: ActivityLog::new(cfg.al_extents),
             al_txn: None,
@@ -2115,6 +2129,9 @@ impl Replica {
             self.bitmap_gen = Some(self.current_gen);
         }
         self.resync = None;
+        // A cut before the target confirmed the end keeps the bitmap relative to its old
+        // generation (see `resync_dones_unconfirmed`).
+        self.resync_dones_unconfirmed = 0;
         self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
@@ -2169,9 +2186,11 @@ impl Replica {
                 self.close(&format!("peer refused: {reason}"), out);
             }
             PeerMsg::State(s) => {
+                let mut disk_up_to_date = false;
                 if let Some(c) = self.conn.as_mut() {
                     let role_changed = c.peer_role != Some(s.role);
                     let disk_changed = c.peer_disk != Some(s.disk);
+                    disk_up_to_date = disk_changed && s.disk == DiskState::UpToDate;
                     c.peer_role = Some(s.role);
                     c.peer_disk = Some(s.disk);
                     if role_changed {
@@ -2181,6 +2200,9 @@ impl Replica {
                     if disk_changed {
                         out.push(Action::Emit(StateChange::PeerDisk { to: Some(s.disk) }));
                     }
+                }
+                if disk_up_to_date && self.resync_dones_unconfirmed > 0 {
+                    self.resync_confirmed(out);
                 }
                 if s.role == Role::Primary && self.role == Role::Primary {
                     self.refuse(
@@ -2944,12 +2966,31 @@ impl Replica {
             let gen = self.current_gen;
             self.send(PeerMsg::ResyncDone { seq, gen }, out);
             self.resync = None;
-            self.set_bitmap_gen(None);
+            // The bitmap generation stays the target's until it says it is UpToDate (see
+            // `resync_dones_unconfirmed`): if the connection is cut before, a target that never
+            // applied the end matches it (rule 6, a bitmap resync of nothing), and one that did
+            // is at our generation (rule 3, no sync).
+            self.resync_dones_unconfirmed += 1;
+            if self.cfg.bug == InjectedBug::ForgetTargetAtResyncEnd {
+                self.set_bitmap_gen(None);
+            }
             self.crashed_primary = false;
             self.flush_bitmap(out);
             self.set_repl(ReplState::Established, out);
             self.progress = None;
             out.push(Action::Emit(StateChange::ResyncFinished));
+            self.save_meta(out);
+        }
+    }
+
+    /// Sync source: the target applied a `ResyncDone` (its disk turned UpToDate). Once it
+    /// applied the last one sent and no other resync runs, the bitmap is relative to our
+    /// generation: nothing (clean) or what changed since (a local write error).
+    fn resync_confirmed(&mut self, out: &mut Vec<Action>) {
+        self.resync_dones_unconfirmed -= 1;
+        if self.resync_dones_unconfirmed == 0 && self.repl == ReplState::Established {
+            let to = (!self.bitmap.is_clean()).then_some(self.current_gen);
+            self.set_bitmap_gen(to);
             self.save_meta(out);
         }
     }

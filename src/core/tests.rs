@@ -2065,3 +2065,49 @@ fn a_trim_zeroes_the_range_on_both_nodes() {
     let on_b = deliver(&mut b, sends(&out));
     assert_eq!(zeroes(&on_b), vec![(2 * BLOCK, (3 * BLOCK) as u32)]);
 }
+
+/// Node 0 Primary wrote 16 blocks while disconnected and the resync to node 1 ran until the
+/// source sent `ResyncDone` (it is Established); `deliver` more messages follow, then the link
+/// is cut and the rest of the network is lost. Returns the Duo and the bytes resynced so far.
+fn resync_cut_at_its_end(deliver: usize) -> (Duo, u64) {
+    let mut d = Duo::with(small_chunks);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    for b in 0..16 {
+        d.write(0, b, 7);
+    }
+    d.connect_unsettled();
+    let mut guard = 0;
+    while d.st(0).repl != ReplState::Established || d.st(1).repl == ReplState::Connecting {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 1000, "resync made no progress");
+    }
+    d.deliver_some(deliver);
+    d.cut();
+    d.net.clear();
+    let sent = d.resynced_bytes[0];
+    (d, sent)
+}
+
+/// Issue 17, defect 6: a cut just as a resync finishes (the source sent `ResyncDone`, the
+/// target never applied it, or applied it and its UpToDate never reached the source) resumes
+/// from the bitmaps: nothing is resent, where it used to cost a full resync.
+#[test]
+fn a_cut_as_the_resync_finishes_costs_no_full_resync() {
+    for deliver in [0, 1, 2, 3, 1000] {
+        let (mut d, first_run) = resync_cut_at_its_end(deliver);
+        d.connect();
+        for n in [0, 1] {
+            assert_eq!(d.st(n).repl, ReplState::Established, "{deliver}: node {n}");
+            assert_eq!(d.st(n).disk, DiskState::UpToDate, "{deliver}: node {n}");
+        }
+        assert!(d.disk[0] == d.disk[1], "{deliver}");
+        assert_eq!(
+            d.resynced_bytes[0] - first_run,
+            0,
+            "{deliver} messages delivered after ResyncDone: resent after the cut"
+        );
+    }
+}

@@ -198,6 +198,8 @@ enum Ev {
     DemoteStale {
         node: usize,
     },
+    /// The link fails just as a resync finishes (around `ResyncDone`).
+    CutAtResyncEnd,
 }
 
 struct Scheduled {
@@ -294,6 +296,14 @@ pub struct World {
     /// target before it learnt what it lacks): the bitmaps describe nothing until the nodes
     /// were in sync again (the next sync must be full).
     untrusted_promotion: bool,
+    /// The link was cut after the sync source sent `ResyncDone` and before the target applied
+    /// it: (target, its generation then). Until the target's generation moves (a forced
+    /// promotion), its next resync must resume from the bitmaps, not be full.
+    end_cut: Option<(usize, u64)>,
+    /// On this connection the source went Ahead while its peer had not applied the end of the
+    /// resync before: its bitmap is relative to the generation the peer was about to get, so a
+    /// cut now costs a full resync (the known cost of that race: seeds 244, 629).
+    ahead_over_an_unapplied_end: bool,
     trace: Vec<String>,
     pub events: u64,
     /// What happened, for the coverage summary.
@@ -351,6 +361,8 @@ impl World {
             forced_failover: false,
             survivor_in_sync: false,
             untrusted_promotion: false,
+            end_cut: None,
+            ahead_over_an_unapplied_end: false,
             trace: Vec::new(),
             events: 0,
             stats: Default::default(),
@@ -638,6 +650,27 @@ impl World {
                 self.schedule(d, Ev::Timer { node, inc, kind });
             }
             Action::Emit(c) => {
+                if let twinblk::core::StateChange::ResyncStarted { full, .. } = &c {
+                    self.check_end_cut(node, *full);
+                }
+                if let twinblk::core::StateChange::Repl {
+                    to: ReplState::Ahead,
+                    ..
+                } = &c
+                {
+                    // The source went Ahead before it noticed the cut: its bitmap is relative
+                    // to the generation it sent (the target never got): a full resync is the
+                    // known cost of that rarer race (seed 244).
+                    if self.end_cut.is_some_and(|(t, _)| t != node) {
+                        self.end_cut = None;
+                    }
+                    if self
+                        .status(1 - node)
+                        .is_some_and(|s| s.repl == ReplState::SyncTarget)
+                    {
+                        self.ahead_over_an_unapplied_end = true;
+                    }
+                }
                 let k = match &c {
                     twinblk::core::StateChange::ResyncStarted { full: true, .. }
                         if node == self.prim =>
@@ -649,9 +682,16 @@ impl World {
                     {
                         Some("resync bitmap")
                     }
-                    twinblk::core::StateChange::ResyncFinished if node != self.prim => {
-                        Some("resync finished")
+                    twinblk::core::StateChange::ResyncFinished => {
+                        // Sometimes the link fails right then: on the source, the end is on
+                        // its way; on the target, its UpToDate is.
+                        if self.cfg.faults && !self.healing && self.rng.one_in(4) {
+                            let d = self.rng.range(0, 300 * US);
+                            self.schedule(d, Ev::CutAtResyncEnd);
+                        }
+                        (node != self.prim).then_some("resync finished")
                     }
+
                     twinblk::core::StateChange::Refused { reason } => {
                         self.split_refused(node, reason);
                         self.stale_primary_refused(node, reason);
@@ -813,7 +853,49 @@ impl World {
         }
     }
 
+    /// A resync starts on `node`: after a cut between `ResyncDone` and its application on
+    /// this target (see `end_cut`), it must resume from the bitmaps.
+    fn check_end_cut(&mut self, node: usize, full: bool) {
+        let Some((tgt, gen)) = self.end_cut else {
+            return;
+        };
+        if tgt != node {
+            return;
+        }
+        self.end_cut = None;
+        if self.nodes[node].meta.current_gen != gen || self.untrusted_promotion {
+            // It became something else since (a forced promotion): nothing to resume.
+            return;
+        }
+        if full {
+            self.fail(format!(
+                "a cut as the resync finished cost a full resync of node {node}"
+            ));
+        }
+        *self
+            .stats
+            .entry("resumed after a cut at the resync's end")
+            .or_default() += 1;
+    }
+
     fn drop_connection(&mut self, why: &str) {
+        let src_done = |w: &World, n| {
+            w.status(n)
+                .is_some_and(|s| s.repl == ReplState::Established)
+        };
+        let tgt = [A, B].into_iter().find(|&n| {
+            self.status(n)
+                .is_some_and(|s| s.repl == ReplState::SyncTarget && s.bitmap_known)
+                && src_done(self, 1 - n)
+        });
+        let racing_ahead = std::mem::take(&mut self.ahead_over_an_unapplied_end);
+        if let (Some(t), true, false) = (tgt, self.conn.is_some(), racing_ahead) {
+            *self
+                .stats
+                .entry("cut between ResyncDone and the target's UpToDate")
+                .or_default() += 1;
+            self.end_cut = Some((t, self.nodes[t].meta.current_gen));
+        }
         self.note_interrupted_resync();
         if let Some(c) = self.conn.take() {
             self.conn_epoch += 1;
@@ -1817,6 +1899,12 @@ impl World {
             Ev::RogueWrite => self.rogue_write(),
             Ev::Resolve => self.resolve(),
             Ev::DemoteStale { node } => self.demote_stale(node),
+            Ev::CutAtResyncEnd => {
+                if !self.healing {
+                    *self.stats.entry("cut as a resync finished").or_default() += 1;
+                    self.drop_connection("simulated link failure as a resync finished");
+                }
+            }
         }
         self.maybe_connect();
         if let Err(e) = self.check_bitmap_cover() {

@@ -56,7 +56,7 @@ impl SimDisk {
     pub fn discard(&mut self, offset: u64, len: u64, how: &[u8]) {
         let first = offset as usize / BS;
         for (i, &h) in how.iter().enumerate().take((len as usize).div_ceil(BS)) {
-            let b = (first + i) * BS as usize;
+            let b = (first + i) * BS;
             match h {
                 0 => {}
                 1 => self.write(b as u64, &[0u8; BS], false),

@@ -55,6 +55,9 @@
 //!
 //! # What the core guarantees
 //!
+//! * Its own consistency: [`Replica::check_invariants`] holds after every event (checked by
+//!   `handle` in debug builds, so at every simulator step), and role, disk and replication
+//!   state change only along the tables in `legal_disk_change` / `legal_repl_change`.
 //! * protocol `Sync` (DRBD C): a write completes once it is on the local disk and the peer acked it
 //!   on its disk (with FUA/FLUSH: stable there). If the connection is lost, waiting writes complete
 //!   once the loss is reported, and their regions go to the dirty bitmap.
@@ -1071,6 +1074,139 @@ impl Replica {
             self.al_full = false;
             self.pump_issue(out);
         }
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_invariants() {
+            panic!("invariant violated (core, node {}): {e}", self.cfg.node_id);
+        }
+    }
+
+    /// The structural invariants of this replica, true after every event: combinations of
+    /// states that must never coexist, and bookkeeping kept in step by hand. `handle` checks
+    /// them in debug builds (so every simulator step does); `Err` names the broken one.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let conn = self.conn.as_ref();
+        let decided = conn.is_some_and(|c| c.decided);
+        let connected_states = matches!(
+            self.repl,
+            ReplState::Established
+                | ReplState::SyncSource
+                | ReplState::SyncTarget
+                | ReplState::Ahead
+                | ReplState::Behind
+        );
+        if decided != connected_states {
+            return Err(format!(
+                "replication state {:?} with {}",
+                self.repl,
+                match conn {
+                    None => "no connection",
+                    Some(c) if c.decided => "a connection past its handshake",
+                    Some(_) => "a connection still handshaking",
+                }
+            ));
+        }
+        if conn.is_some() && !decided && self.repl != ReplState::Connecting {
+            return Err(format!("handshaking while {:?}", self.repl));
+        }
+        if self.role == Role::Primary && self.disk != DiskState::UpToDate {
+            return Err(format!("Primary with a {:?} disk", self.disk));
+        }
+        if self.role == Role::Primary && self.repl == ReplState::SyncTarget {
+            return Err("a Primary is a sync target".into());
+        }
+        if self.repl == ReplState::SyncTarget && self.disk != DiskState::Inconsistent {
+            return Err(format!("sync target with a {:?} disk", self.disk));
+        }
+        if self.disk == DiskState::Diskless {
+            return Err("Diskless: the core never detaches".into());
+        }
+        if !self.bitmap.is_clean() && self.bitmap_gen.is_none() {
+            return Err(format!(
+                "{} dirty blocks relative to no bitmap generation",
+                self.bitmap.count()
+            ));
+        }
+        if (self.resync.is_some() || self.awaiting_peer_bitmap)
+            && self.repl != ReplState::SyncSource
+        {
+            return Err(format!("resync source state while {:?}", self.repl));
+        }
+        if self.progress.is_some()
+            && !matches!(self.repl, ReplState::SyncSource | ReplState::SyncTarget)
+        {
+            return Err(format!("resync progress while {:?}", self.repl));
+        }
+        if self.resync_dones_unconfirmed > 0 && !decided {
+            return Err("resync ends awaiting confirmation without a connection".into());
+        }
+        // The transfer log names writes sent on the current connection; at its loss they go to
+        // the bitmap.
+        if !self.tl.is_empty() && !decided {
+            return Err(format!(
+                "{} writes in the transfer log without an established connection",
+                self.tl.len()
+            ));
+        }
+        if self
+            .tl
+            .iter()
+            .zip(self.tl.iter().skip(1))
+            .any(|(a, b)| a.0 >= b.0)
+        {
+            return Err("transfer log out of sequence order".into());
+        }
+        if let Some(c) = conn {
+            let unacked: u64 = c.awaiting_ack.values().map(|&(_, b)| b).sum();
+            if unacked != c.sendbuf {
+                return Err(format!(
+                    "send buffer counts {} bytes, unacked writes hold {unacked}",
+                    c.sendbuf
+                ));
+            }
+            if c.awaiting_ack.keys().any(|&seq| seq > c.send_seq)
+                || self.tl.back().is_some_and(|&(seq, _, _)| seq > c.send_seq)
+            {
+                return Err("a write awaits an ack for a sequence number never sent".into());
+            }
+            if !c.decided && !(c.apply_q.is_empty() && c.awaiting_ack.is_empty()) {
+                return Err("data moved before the handshake decided".into());
+            }
+        }
+        for (io, x) in &self.inflight {
+            let req = match x.kind {
+                IoKind::Client { req } | IoKind::ClientFlush { req } => req,
+                _ => continue,
+            };
+            if !self.reqs.get(&req).is_some_and(|r| r.local) {
+                return Err(format!(
+                    "disk io {io} of client request {req}, which does not wait for it"
+                ));
+            }
+        }
+        for (req, r) in &self.reqs {
+            let has_io = || {
+                self.inflight.values().any(|x| {
+                    matches!(x.kind, IoKind::Client { req: q } | IoKind::ClientFlush { req: q } if q == *req)
+                })
+            };
+            if r.local && !has_io() {
+                return Err(format!(
+                    "client request {req} waits for a local disk io that is not in flight"
+                ));
+            }
+        }
+        if !self.al_uncommitted.is_empty() && self.al_txn.is_none() {
+            return Err("activity-log extents wait for a transaction that is not in flight".into());
+        }
+        if self.al_uncommitted.iter().any(|&e| !self.al.contains(e)) {
+            return Err("an extent of the transaction in flight left the activity log".into());
+        }
+        // A crash of a Primary must restart as a crashed Primary (its activity log counts). The
+        // converse may lag: a restarted crashed Primary is Secondary until it saves again.
+        if self.role == Role::Primary && !self.persisted_primary {
+            return Err("Primary, but the metadata does not say so".into());
+        }
+        Ok(())
     }
 
     /// Convenience wrapper around [`Replica::handle`].
@@ -1105,6 +1241,14 @@ impl Replica {
     }
 
     fn set_role(&mut self, to: Role, out: &mut Vec<Action>) {
+        // A Primary serves reads from its disk: only an UpToDate, non-target disk may.
+        debug_assert!(
+            to != Role::Primary
+                || (self.disk == DiskState::UpToDate && self.repl != ReplState::SyncTarget),
+            "illegal promotion: disk {:?}, replication {:?}",
+            self.disk,
+            self.repl
+        );
         if self.role != to {
             out.push(Action::Emit(StateChange::Role {
                 from: self.role,
@@ -1115,6 +1259,11 @@ impl Replica {
     }
 
     fn set_disk(&mut self, to: DiskState, out: &mut Vec<Action>) {
+        debug_assert!(
+            legal_disk_change(self.disk, to),
+            "illegal disk state change {:?} -> {to:?}",
+            self.disk
+        );
         if self.disk != to {
             out.push(Action::Emit(StateChange::Disk {
                 from: self.disk,
@@ -1125,6 +1274,11 @@ impl Replica {
     }
 
     fn set_repl(&mut self, to: ReplState, out: &mut Vec<Action>) {
+        debug_assert!(
+            legal_repl_change(self.repl, to),
+            "illegal replication state change {:?} -> {to:?}",
+            self.repl
+        );
         if self.repl != to {
             tracing::info!(resource = %self.cfg.resource, from = ?self.repl, ?to, "replication state");
             out.push(Action::Emit(StateChange::Repl {
@@ -3236,6 +3390,40 @@ impl Replica {
             }
         }
     }
+}
+
+/// The disk state changes the core makes (the same state is always allowed). Data gets worse
+/// only as a sync target or by an error (UpToDate/Outdated -> Inconsistent) or when the peer
+/// pulls ahead (UpToDate -> Outdated); it gets better only by a finished resync or a forced
+/// promotion (-> UpToDate). An Inconsistent disk never becomes merely Outdated, and the core
+/// never detaches (Diskless).
+fn legal_disk_change(from: DiskState, to: DiskState) -> bool {
+    use DiskState::*;
+    from == to
+        || matches!(
+            (from, to),
+            (UpToDate, Inconsistent | Outdated)
+                | (Outdated, Inconsistent | UpToDate)
+                | (Inconsistent, UpToDate)
+        )
+}
+
+/// The replication state changes the core makes (the same state is always allowed). Losing
+/// the connection is legal from anywhere; everything else follows the handshake's decision
+/// or the pull-ahead cycle (Established -> Ahead -> SyncSource -> Established on the Primary,
+/// Established -> Behind -> SyncTarget -> Established on its peer).
+fn legal_repl_change(from: ReplState, to: ReplState) -> bool {
+    use ReplState::*;
+    from == to
+        || matches!(to, StandAlone | Connecting)
+        || matches!(
+            (from, to),
+            (Connecting, Established | SyncSource | SyncTarget)
+                | (Established, Ahead | Behind)
+                | (Ahead, SyncSource)
+                | (Behind, SyncTarget)
+                | (SyncSource | SyncTarget, Established)
+        )
 }
 
 /// Whether a resync chunk is all zeroes (then it travels without payload).

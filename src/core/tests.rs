@@ -2111,3 +2111,56 @@ fn a_cut_as_the_resync_finishes_costs_no_full_resync() {
         );
     }
 }
+
+/// `check_invariants` catches each broken combination it names (a check that cannot fail
+/// proves nothing), and the transition tables refuse what the core never does.
+#[test]
+fn invariant_checks_catch_broken_states() {
+    let broken: [(&str, fn(&mut Replica)); 6] = [
+        ("relative to no bitmap generation", |r| {
+            r.bitmap.set_bytes(0, BLOCK);
+            r.bitmap_gen = None;
+        }),
+        ("Primary with a Inconsistent disk", |r| {
+            r.disk = DiskState::Inconsistent
+        }),
+        ("transfer log without an established connection", |r| {
+            r.conn = None;
+            r.repl = ReplState::Connecting;
+            r.tl.push_back((1, 0, BLOCK));
+        }),
+        ("replication state Established with no connection", |r| {
+            r.conn = None
+        }),
+        ("send buffer counts", |r| {
+            if let Some(c) = r.conn.as_mut() {
+                c.sendbuf += 1;
+            }
+        }),
+        ("resync progress while Established", |r| {
+            r.progress = Some(Progress::new(1, 0))
+        }),
+    ];
+    for (want, breaks) in broken {
+        let (mut a, _) = pair(Protocol::Sync);
+        assert_eq!(a.check_invariants(), Ok(()));
+        breaks(&mut a);
+        let e = a.check_invariants().expect_err(want);
+        assert!(e.contains(want), "{want}: got {e}");
+    }
+    use ReplState::*;
+    assert!(legal_repl_change(Connecting, SyncTarget));
+    assert!(legal_repl_change(SyncTarget, Connecting));
+    assert!(!legal_repl_change(StandAlone, Established));
+    assert!(!legal_repl_change(SyncSource, SyncTarget));
+    assert!(!legal_repl_change(Ahead, Established));
+    assert!(legal_disk_change(
+        DiskState::Outdated,
+        DiskState::Inconsistent
+    ));
+    assert!(!legal_disk_change(
+        DiskState::Inconsistent,
+        DiskState::Outdated
+    ));
+    assert!(!legal_disk_change(DiskState::UpToDate, DiskState::Diskless));
+}

@@ -2067,6 +2067,20 @@ impl World {
 
     /// Runs the workload with faults, then heals everything and checks convergence.
     pub fn run(&mut self) {
+        // A panic inside the core (its invariant checks) names no seed: say it on the way out.
+        struct SeedOnPanic(u64);
+        impl Drop for SeedOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    eprintln!(
+                        "simulator seed {0}: replay with TWINBLK_SIM_SEED={0} cargo test \
+                         --test simulator -- --nocapture",
+                        self.0
+                    );
+                }
+            }
+        }
+        let _seed = SeedOnPanic(self.cfg.seed);
         let mut guard = 0u64;
         while self.ops_left > 0 || !self.outstanding.is_empty() {
             if !self.step() {

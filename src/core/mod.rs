@@ -1168,7 +1168,8 @@ impl Replica {
             {
                 return Err("a write awaits an ack for a sequence number never sent".into());
             }
-            if !c.decided && !(c.apply_q.is_empty() && c.awaiting_ack.is_empty()) {
+            let data_moved = !c.apply_q.is_empty() || !c.awaiting_ack.is_empty();
+            if !c.decided && data_moved {
                 return Err("data moved before the handshake decided".into());
             }
         }

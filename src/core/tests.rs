@@ -2116,7 +2116,8 @@ fn a_cut_as_the_resync_finishes_costs_no_full_resync() {
 /// proves nothing), and the transition tables refuse what the core never does.
 #[test]
 fn invariant_checks_catch_broken_states() {
-    let broken: [(&str, fn(&mut Replica)); 6] = [
+    type Breaks = fn(&mut Replica);
+    let broken: [(&str, Breaks); 6] = [
         ("relative to no bitmap generation", |r| {
             r.bitmap.set_bytes(0, BLOCK);
             r.bitmap_gen = None;

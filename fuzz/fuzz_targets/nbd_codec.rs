@@ -1,5 +1,7 @@
 //! Arbitrary bytes into the NBD handshake state machine and the request decoder: neither may
 //! panic, loop, or claim to consume more than it was given.
+//!
+//! Run: `tools/fuzz.sh nbd_codec`
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

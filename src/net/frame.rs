@@ -6,11 +6,18 @@
 //! about a third of a Secondary's memmove under 1M writes). The writer coalesces small frames
 //! into one buffer (a copy that costs less than a chunk per frame) and passes large payloads
 //! through as their own `Bytes`.
+//!
+//! The reader takes its chunks from a [`ChunkSource`]: a QUIC stream in production, chunks given
+//! up front ([`Chunks`]) in the unit tests and the `wire` fuzz target, so both drive the very
+//! reassembly code the transport runs.
 
 use super::MAX_FRAME;
 use crate::disk::{IoBuf, BUF_ALIGN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use quinn::{RecvStream, SendStream};
+use std::collections::VecDeque;
+use std::future::Future;
 use tokio::sync::mpsc;
 
 /// Frames up to this size are copied into a coalescing buffer; larger ones go out zero-copy.
@@ -22,8 +29,8 @@ const BATCH_BYTES: usize = 1 << 20;
 const ALIGNED_MIN: usize = 4096;
 
 /// Why a stream stopped yielding frames.
-#[derive(Debug)]
-pub(crate) enum ReadEnd {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadEnd {
     /// The peer finished the stream at a frame boundary.
     Finished,
     /// The stream or connection failed; quinn's error text.
@@ -41,16 +48,60 @@ impl std::fmt::Display for ReadEnd {
     }
 }
 
-pub(crate) struct FrameReader {
-    stream: RecvStream,
+/// Where a [`FrameReader`] gets its bytes.
+pub trait ChunkSource {
+    /// The next chunk of the stream; `None` once the peer finished it.
+    fn chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadEnd>> + Send;
+}
+
+impl ChunkSource for RecvStream {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, ReadEnd> {
+        match self.read_chunk(usize::MAX, true).await {
+            Ok(Some(c)) => Ok(Some(c.bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(ReadEnd::Failed(e.to_string())),
+        }
+    }
+}
+
+/// A stream's chunks given up front, then its end: never waits.
+#[derive(Debug, Default)]
+pub struct Chunks(VecDeque<Bytes>);
+
+impl FromIterator<Bytes> for Chunks {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> Self {
+        Chunks(iter.into_iter().collect())
+    }
+}
+
+impl ChunkSource for Chunks {
+    fn chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadEnd>> + Send {
+        std::future::ready(Ok(self.0.pop_front()))
+    }
+}
+
+/// Reassembles length-prefixed frames from a stream's chunks.
+pub struct FrameReader<S = RecvStream> {
+    stream: S,
     /// Received bytes not yet consumed: the tail of the last chunk.
     buf: Bytes,
     /// Where a frame's payload starts, from its first bytes (`Tuning::payload_offset`).
     payload_offset: fn(&[u8]) -> usize,
 }
 
-impl FrameReader {
-    pub(crate) fn new(stream: RecvStream, payload_offset: fn(&[u8]) -> usize) -> Self {
+impl FrameReader<Chunks> {
+    /// The next complete frame, without a runtime ([`Chunks`] never waits).
+    pub fn next_now(&mut self) -> Result<Bytes, ReadEnd> {
+        self.next().now_or_never().unwrap_or_else(|| {
+            Err(ReadEnd::Failed(
+                "an in-memory chunk source waited for more".into(),
+            ))
+        })
+    }
+}
+
+impl<S: ChunkSource> FrameReader<S> {
+    pub fn new(stream: S, payload_offset: fn(&[u8]) -> usize) -> Self {
         FrameReader {
             stream,
             buf: Bytes::new(),
@@ -59,7 +110,7 @@ impl FrameReader {
     }
 
     /// The next complete frame.
-    pub(crate) async fn next(&mut self) -> Result<Bytes, ReadEnd> {
+    pub async fn next(&mut self) -> Result<Bytes, ReadEnd> {
         let mut hdr = match self.take(4).await? {
             Some(h) => h,
             None => return Err(ReadEnd::Finished),
@@ -83,8 +134,11 @@ impl FrameReader {
         if self.buf.len() >= n {
             return Ok(Some(self.buf.split_to(n)));
         }
-        if self.buf.is_empty() {
-            // Common case for big chunks: the frame lies within the next chunk; slice it.
+        while self.buf.is_empty() {
+            // Common case for big chunks: the frame lies within the next chunk; slice it. An
+            // empty chunk is skipped: only a byte of the frame means that the stream cannot end
+            // cleanly any more (a finish after an empty chunk used to be "finished inside a
+            // frame", found by `frames_survive_any_cut`).
             match self.chunk().await? {
                 None => return Ok(None),
                 Some(c) if c.len() >= n => {
@@ -135,11 +189,7 @@ impl FrameReader {
     }
 
     async fn chunk(&mut self) -> Result<Option<Bytes>, ReadEnd> {
-        match self.stream.read_chunk(usize::MAX, true).await {
-            Ok(Some(c)) => Ok(Some(c.bytes)),
-            Ok(None) => Ok(None),
-            Err(e) => Err(ReadEnd::Failed(e.to_string())),
-        }
+        self.stream.chunk().await
     }
 }
 
@@ -204,4 +254,107 @@ pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::UnboundedR
         chunks.clear();
     }
     let _ = stream.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn stream_of(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut s = Vec::new();
+        for f in frames {
+            s.extend_from_slice(&header(f.len()));
+            s.extend_from_slice(f);
+        }
+        s
+    }
+
+    /// `stream` cut before each offset in `cuts` (sorted, deduplicated, empty chunks allowed).
+    fn cut(stream: &[u8], cuts: &[usize]) -> Chunks {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
+            let c = c.min(stream.len()).max(at);
+            out.push(Bytes::copy_from_slice(&stream[at..c]));
+            at = c;
+        }
+        out.into_iter().collect()
+    }
+
+    fn read_all(chunks: Chunks, payload_offset: fn(&[u8]) -> usize) -> (Vec<Bytes>, ReadEnd) {
+        let mut r = FrameReader::new(chunks, payload_offset);
+        let mut got = Vec::new();
+        loop {
+            match r.next_now() {
+                Ok(f) => got.push(f),
+                Err(e) => return (got, e),
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_spanning_chunks_is_assembled_with_its_payload_aligned() {
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let stream = stream_of(&[b"ab".to_vec(), big.clone()]);
+        let cuts: Vec<usize> = (1..stream.len()).step_by(1000).collect();
+        let (got, end) = read_all(cut(&stream, &cuts), |_| 40);
+        assert_eq!(end, ReadEnd::Finished);
+        assert_eq!(got.len(), 2);
+        assert_eq!(&got[1][..], &big[..]);
+        assert_eq!((got[1].as_ptr() as usize + 40) % BUF_ALIGN, 0);
+    }
+
+    #[test]
+    fn empty_chunks_before_the_end_are_a_clean_finish() {
+        let stream = stream_of(&[b"ab".to_vec()]);
+        let chunks = [&stream[..], &[], &[]].map(Bytes::copy_from_slice);
+        let (got, end) = read_all(chunks.into_iter().collect(), |_| 0);
+        assert_eq!(got, [Bytes::from_static(b"ab")]);
+        assert_eq!(end, ReadEnd::Finished);
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_frame_is_a_protocol_error() {
+        for frame in [vec![7; 10], vec![7; 100_000]] {
+            let stream = stream_of(&[frame]);
+            for end in [2, 4, 9, 5000] {
+                let end = end.min(stream.len() - 1);
+                let (got, e) = read_all(cut(&stream[..end], &[1, 3]), |_| 0);
+                assert!(got.is_empty());
+                assert!(
+                    matches!(e, ReadEnd::Protocol(ref m) if m.contains("finished inside")),
+                    "{e:?}"
+                );
+            }
+        }
+        let (_, e) = read_all(cut(&header(MAX_FRAME + 1), &[]), |_| 0);
+        assert!(
+            matches!(e, ReadEnd::Protocol(ref m) if m.contains("limit")),
+            "{e:?}"
+        );
+    }
+
+    proptest! {
+        /// Wherever the stream is cut, the reader yields the frames that were written and then
+        /// ends at the boundary.
+        #[test]
+        fn frames_survive_any_cut(
+            frames in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    proptest::collection::vec(any::<u8>(), 4000..9000),
+                ],
+                0..6,
+            ),
+            mut cuts in proptest::collection::vec(0usize..60_000, 0..40),
+        ) {
+            let stream = stream_of(&frames);
+            cuts.sort_unstable();
+            let (got, end) = read_all(cut(&stream, &cuts), crate::wire::payload_offset);
+            prop_assert_eq!(end, ReadEnd::Finished);
+            let got: Vec<Vec<u8>> = got.iter().map(|b| b.to_vec()).collect();
+            prop_assert_eq!(got, frames);
+        }
+    }
 }

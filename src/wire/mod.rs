@@ -744,15 +744,6 @@ pub fn encode(msg: &PeerMsg) -> Result<Bytes, WireError> {
     Ok(out.freeze())
 }
 
-/// Reads a frame header from the first [`HEADER_LEN`] bytes of `buf`; returns the body length.
-/// `Ok(None)` if fewer than `HEADER_LEN` bytes are available.
-pub fn peek_body_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
-    let Ok((h, _)) = FrameHeader::read_from_prefix(buf) else {
-        return Ok(None);
-    };
-    check_header(&h).map(Some)
-}
-
 fn check_header(h: &FrameHeader) -> Result<usize, WireError> {
     if h.magic.get() != MAGIC {
         return Err(WireError::BadMagic(h.magic.get()));
@@ -998,37 +989,6 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             seq: fixed::<OneU64>(&body, "ahead-resync")?.a.get(),
         },
     })
-}
-
-/// Reassembles frames from a byte stream: push received chunks, pop messages.
-#[derive(Default)]
-pub struct FrameReader {
-    buf: BytesMut,
-}
-
-impl FrameReader {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Appends received bytes.
-    pub fn push(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-    }
-    /// The next complete message, if any. After an error the stream is unusable: close it.
-    pub fn next_msg(&mut self) -> Result<Option<PeerMsg>, WireError> {
-        let Some(len) = peek_body_len(&self.buf)? else {
-            return Ok(None);
-        };
-        if self.buf.len() < HEADER_LEN + len {
-            self.buf.reserve(HEADER_LEN + len - self.buf.len());
-            return Ok(None);
-        }
-        let frame = self.buf.split_to(HEADER_LEN + len).freeze();
-        match decode(&frame)? {
-            Some((m, _)) => Ok(Some(m)),
-            None => Err(malformed("frame", "incomplete after length check")),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Fuzzes the metadata reader: arbitrary bytes as superblock slots and activity-log blocks must
 //! never panic, and whatever decodes as a valid superblock re-encodes to the same slot.
 //!
-//! Run: `cd fuzz-meta && cargo +nightly fuzz run fuzz_meta`
+//! Run: `tools/fuzz.sh meta`
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -142,6 +142,24 @@ fn every_kind_roundtrips() {
         roundtrip(m);
         assert!(m.crc_ok());
     }
+    // `TWINBLK_FUZZ_SEEDS=$PWD/fuzz/seeds/wire cargo test --lib every_kind_roundtrips` writes
+    // these as seeds of the `wire` fuzz target: a stream of one frame per kind, and one of all.
+    if let Some(dir) = std::env::var_os("TWINBLK_FUZZ_SEEDS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The target's first byte says how it cuts the stream: chunks of up to 2 KiB.
+        let mut all = vec![11u8];
+        for (i, m) in msgs.iter().enumerate() {
+            let f = encode(m).unwrap();
+            let mut one = vec![11u8];
+            for s in [&mut one, &mut all] {
+                s.extend_from_slice(&(f.len() as u32).to_le_bytes());
+                s.extend_from_slice(&f);
+            }
+            std::fs::write(dir.join(format!("kind-{i:02}")), one).unwrap();
+        }
+        std::fs::write(dir.join("all"), all).unwrap();
+    }
 }
 
 #[test]

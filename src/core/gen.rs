@@ -1,8 +1,12 @@
 //! Data generations and the handshake decision, modelled on DRBD's generation ids.
 //!
 //! Each node keeps four ids (see docs/generations.md for the operator's view):
-//! * `current`: names the data on this disk. A Primary starts a new one when it writes while
-//!   not replicating, or when it is promoted while disconnected.
+//! * `current`: names the data on this disk. A node starts a new one when it loses the
+//!   connection with writes the peer may lack (its transfer log: acknowledged, or completed by
+//!   the loss), and a Primary when it writes while not replicating (unless the loss already
+//!   did) or goes Ahead. So a `current` the peer also has means no acknowledged write the peer
+//!   lacks, except a crashed Primary's activity log (sync: unacknowledged; async: the tail a
+//!   crash loses, as in DRBD's protocol A).
 //! * `bitmap`: the generation the dirty bitmap is relative to (the last one both nodes agreed
 //!   on), `None` when the bitmap is clean and the peer has everything.
 //! * `history[0..2]`: the two bitmap generations before that, newest first.
@@ -235,9 +239,10 @@ fn raw_decide(me: &Hello, peer: &Hello) -> Decision {
     if me.current_gen == peer.current_gen {
         return match (changed(me), changed(peer)) {
             (false, false) if good(me.disk) && good(peer.disk) => Decision::NoSync,
-            // The Primary's data wins: the other side's unreplicated changes (a crashed
-            // Primary's log) were never acknowledged in sync mode; the bitmaps' union puts
-            // the Primary's blocks there.
+            // The Primary's data wins: the other side's unreplicated changes are not
+            // acknowledged ones (those move the generation at the connection loss); a crashed
+            // Primary's log holds sync writes never acknowledged without the peer, or an async
+            // tail its crash lost. The bitmaps' union puts the Primary's blocks there.
             _ if me.role == Role::Primary && good(me.disk) => me_bm(),
             _ if peer.role == Role::Primary && good(peer.disk) => peer_bm(),
             (true, false) if good(me.disk) => me_bm(),

@@ -61,6 +61,15 @@
 //! * protocol `Sync` (DRBD C): a write completes once it is on the local disk and the peer acked it
 //!   on its disk (with FUA/FLUSH: stable there). If the connection is lost, waiting writes complete
 //!   once the loss is reported, and their regions go to the dirty bitmap.
+//! * A connection loss with writes the peer may lack (the transfer log: acknowledged, or
+//!   completed by the loss) starts a new data generation, saved before those completions go
+//!   out ([`gen`]: a stale peer promoted meanwhile cannot look like the newer side).
+//! * A demotion ([`AdminCmd::Demote`]) of a connected Primary answers only once the peer made
+//!   every write this node sent stable (a flush barrier, acked); the role change goes to the
+//!   peer only then, so it cannot overtake the data. Meanwhile new writes fail with `EPERM`; a
+//!   connection loss fails the demotion (still Primary). Every demotion makes this disk's
+//!   completed writes stable ([`Action::SyncData`]) before saving "not Primary". A promotion is
+//!   refused while the former Primary's data is still arriving or landing.
 //! * protocol `Async` (DRBD A): a write completes once local and queued; the bytes sent but not
 //!   acked by the peer are bounded by `send_buffer` (new writes wait for room: back-pressure).
 //!   With `on-congestion = pull-ahead` ([`Config::congestion`]) the Primary instead goes Ahead
@@ -209,6 +218,13 @@ pub enum InjectedBug {
     /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
     /// contents afterwards each device chooses (the old behaviour: the replicas differ).
     TrimDiverges,
+    /// A connection loss that completes (or leaves acknowledged) writes the peer may lack does
+    /// not move the generation; only the next unreplicated write does (issue 17, defect 1).
+    NoGenerationAtLoss,
+    /// A demotion goes through at once (the role change overtakes the tail on the control
+    /// stream), and a promotion does not wait for the former Primary's data still arriving
+    /// (issue 17, defect 3).
+    DemoteWithoutPeer,
 }
 
 #[derive(Debug, Clone)]
@@ -854,6 +870,10 @@ pub struct Replica {
     verify: Option<verify::Verify>,
     verify_runs: u64,
     csum_spans: csums::CsumSpans,
+    /// A `secondary` waiting (its admin tag) for the peer to make every write this Primary
+    /// acknowledged stable: the role changes, and the peer hears of it, only then (see
+    /// `start_demotion`).
+    demoting: Option<u64>,
 }
 
 impl Replica {
@@ -933,6 +953,7 @@ impl Replica {
             verify: None,
             verify_runs: 0,
             csum_spans: Default::default(),
+            demoting: None,
             cfg,
         }
     }
@@ -1061,6 +1082,10 @@ impl Replica {
                     }
                 }
             }
+            Event::Admin {
+                tag,
+                cmd: AdminCmd::Demote,
+            } if self.demotion_must_wait() => self.start_demotion(tag, out),
             Event::Admin { tag, cmd } => {
                 let role = self.role;
                 let result = self.admin(cmd, out);
@@ -1351,7 +1376,12 @@ impl Replica {
     // ---- client side (primary) ----
 
     fn client_op(&mut self, req: ReqId, offset: u64, len: u64, op: Op, out: &mut Vec<Action>) {
-        if let Err(e) = self.may_serve(offset, len) {
+        // A demotion waiting for the peer: a new write would extend the tail it waits for.
+        let demoting = self.demoting.is_some() && !matches!(op, Op::Flush);
+        if let Err(e) = self
+            .may_serve(offset, len)
+            .and(if demoting { Err(EPERM) } else { Ok(()) })
+        {
             out.push(Action::CompleteClient {
                 req,
                 result: Err(e),
@@ -2258,23 +2288,28 @@ impl Replica {
         let Some(c) = self.conn.take() else {
             return;
         };
-        for (_, (req, _)) in c.awaiting_ack {
-            if let Some(req) = req {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.peer = false;
-                }
-                self.try_complete(req, out);
+        // Requests waiting for the peer complete without it, but only after the generation
+        // that names their data is durable (below).
+        let waiting: Vec<ReqId> = c
+            .awaiting_ack
+            .into_values()
+            .filter_map(|(req, _)| req)
+            .chain(c.barrier_waiters.into_values().flatten())
+            .collect();
+        for req in &waiting {
+            if let Some(r) = self.reqs.get_mut(req) {
+                r.peer = false;
             }
         }
-        for (_, reqs) in c.barrier_waiters {
-            for req in reqs {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.peer = false;
-                }
-                self.try_complete(req, out);
-            }
-        }
+        // The transfer log: writes the peer may lack (not flush-barrier acked), every one of
+        // them acknowledged to the client already (async, or sync once acked) or about to be
+        // (the waiting ones).
         let tl = std::mem::take(&mut self.tl);
+        let acked_unreplicated = !tl.is_empty();
+        // `current` may still be the peer's generation unless it already names data the peer
+        // lacks (the bitmap is relative to an older one: Ahead, a resync source, or a loss or
+        // unreplicated write since they last agreed).
+        let current_shared = self.bitmap_gen.map_or(true, |b| b == self.current_gen);
         if self.cfg.bug != InjectedBug::ForgetInFlightOnDisconnect {
             for (_, off, len) in tl {
                 self.bitmap.set_bytes(off, len);
@@ -2290,6 +2325,14 @@ impl Replica {
         self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
+        // Acknowledged writes the peer may lack: a new generation now (DRBD's new current
+        // UUID when a Primary loses its peer), whatever this node does next. Waiting for the
+        // next write left the peer's generation on this data if none came (the client
+        // stalled, or this node was demoted): a stale peer promoted meanwhile then looked
+        // like the newer side, and these writes were resynced away without a split brain.
+        if acked_unreplicated && current_shared && self.cfg.bug != InjectedBug::NoGenerationAtLoss {
+            self.new_generation();
+        }
         self.verify_abort(&format!("connection lost: {reason}"), false, out);
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
@@ -2305,7 +2348,75 @@ impl Replica {
         };
         self.set_repl(next, out);
         self.save_meta(out);
+        for req in waiting {
+            self.try_complete(req, out);
+        }
+        if let Some(tag) = self.demoting.take() {
+            out.push(Action::AdminDone {
+                tag,
+                result: Err(format!(
+                    "the connection to the peer was lost ({reason}) before it had this node's \
+                     last writes stable: still Primary, and those writes are in the bitmap \
+                     under a new generation (the next connect resyncs them to the peer). \
+                     Reconnect and run `twinblk secondary` again for a clean switchover, or run \
+                     it now to give up the role anyway (promoting the peer then is a split \
+                     brain once it writes)"
+                )),
+            });
+        }
         self.admit(out);
+    }
+
+    // ---- demotion (planned switchover) ----
+
+    /// `secondary` on a connected Primary whose peer lacks, or has not made stable, writes
+    /// this node acknowledged (async: queued or unacked; sync: acked but before a flush
+    /// barrier). Changing the role now would let the peer hear of it (on the control stream)
+    /// before that data (on the data streams), be promoted, and resync the tail away; and a
+    /// loss right after would leave the tail only here. So the demotion waits for the peer.
+    /// Ahead (pull-ahead) does not wait: the peer is Outdated and cannot be promoted plainly,
+    /// and the marked writes are in the bitmap under a generation the peer lacks.
+    fn demotion_must_wait(&self) -> bool {
+        self.cfg.bug != InjectedBug::DemoteWithoutPeer
+            && self.role == Role::Primary
+            && self.demoting.is_none()
+            && self.reqs.is_empty()
+            && self.admit_q.is_empty()
+            && self.replicating()
+            && !self.tl.is_empty()
+    }
+
+    /// Asks the peer to make the tail stable (a flush barrier); [`Replica::maybe_finish_demotion`]
+    /// answers once it did, and a connection loss first fails the demotion. New writes are
+    /// refused meanwhile.
+    fn start_demotion(&mut self, tag: u64, out: &mut Vec<Action>) {
+        tracing::info!(
+            resource = %self.cfg.resource,
+            unstable = self.tl.len(),
+            "demotion waits for the peer to make this Primary's last writes stable"
+        );
+        self.demoting = Some(tag);
+        self.stability_point();
+        self.pump_issue(out);
+    }
+
+    /// The peer made every write this node sent stable: the waiting demotion goes through.
+    fn maybe_finish_demotion(&mut self, out: &mut Vec<Action>) {
+        if !self.tl.is_empty() {
+            return;
+        }
+        let Some(tag) = self.demoting.take() else {
+            return;
+        };
+        out.push(Action::SyncData);
+        self.set_role(Role::Secondary, out);
+        self.save_meta(out);
+        self.send_state(out);
+        self.verify_role_changed(out);
+        out.push(Action::AdminDone {
+            tag,
+            result: Ok(()),
+        });
     }
 
     fn refuse(&mut self, reason: String, out: &mut Vec<Action>) {
@@ -2398,6 +2509,7 @@ impl Replica {
                         self.tl.pop_front();
                     }
                     self.resync_stable(epoch, below, out);
+                    self.maybe_finish_demotion(out);
                 }
                 let mut done = Vec::new();
                 if let Some(c) = self.conn.as_mut().filter(|_| epoch < PRESSURE_EPOCH) {
@@ -3258,17 +3370,33 @@ impl Replica {
         match cmd {
             AdminCmd::Promote { force } => {
                 if self.role == Role::Primary {
+                    if let Some(tag) = self.demoting.take() {
+                        out.push(Action::AdminDone {
+                            tag,
+                            result: Err("cancelled by `twinblk primary`: still Primary".into()),
+                        });
+                    }
                     return Ok(());
                 }
                 // Right after the peer is lost, its last writes may still be on their way to
                 // this disk. As Primary, a read of such a block could see the old data and then
                 // the new appear under it; the window is milliseconds, so say so and let the
                 // operator (or the CLI's retry) try again rather than queue reads here.
-                let landing = self
-                    .inflight
-                    .values()
-                    .filter(|io| matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. }))
-                    .count();
+                // So may the data the peer sent before it was demoted: held in the reorder
+                // buffer for an earlier seq, or queued for the disk.
+                let arriving = self
+                    .conn
+                    .as_ref()
+                    .filter(|_| self.cfg.bug != InjectedBug::DemoteWithoutPeer)
+                    .map_or(0, |c| c.reorder.len() + c.apply_q.len());
+                let landing = arriving
+                    + self
+                        .inflight
+                        .values()
+                        .filter(|io| {
+                            matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
+                        })
+                        .count();
                 if landing > 0 {
                     return Err(format!(
                         "{landing} {PEER_WRITES_LANDING}: promote again in a moment"
@@ -3329,6 +3457,18 @@ impl Replica {
                 if self.role == Role::Secondary {
                     return Ok(());
                 }
+                if self.demoting.is_some() {
+                    return Err(
+                        "a demotion is already waiting for the peer to make this node's last \
+                         writes stable: it answers when they are (or fails if the peer is lost)"
+                            .into(),
+                    );
+                }
+                // This disk's own last writes are stable before the metadata stops saying
+                // Primary: after that a crash no longer adds the activity log to the bitmap,
+                // and the new Primary's transfer log never named them (simulator seed 266: a
+                // demoted node crashed and lost a block the new Primary had, unmarked).
+                out.push(Action::SyncData);
                 let n = self.reqs.len() + self.admit_q.len();
                 if n > 0 {
                     return Err(format!(

@@ -1073,6 +1073,8 @@ struct Duo {
     mk: fn(u64) -> Config,
     /// Client completions of node 0 (the Primary in these tests).
     completed: Vec<(ReqId, Result<(), i32>)>,
+    /// Every `AdminDone`: (node, tag, result).
+    admin_done: Vec<(usize, u64, Result<(), String>)>,
     /// Disks with a volatile cache: what each write since the last flush overwrote, so that
     /// [`Duo::crash`] loses it. Off unless a test turns it on.
     volatile: bool,
@@ -1104,6 +1106,7 @@ impl Duo {
             net: Default::default(),
             mk: mk_cfg,
             completed: Vec::new(),
+            admin_done: Vec::new(),
             volatile: false,
             undo: Default::default(),
         }
@@ -1215,6 +1218,7 @@ impl Duo {
                     Action::CompleteClient { req, result } if n == 0 => {
                         self.completed.push((req, result))
                     }
+                    Action::AdminDone { tag, result } => self.admin_done.push((n, tag, result)),
                     Action::CloseConnection { conn, reason } if self.conn == Some(conn) => {
                         self.conn = None;
                         queue.push_back((1 - n, Event::ConnectionDown { conn, reason }));
@@ -1524,6 +1528,7 @@ fn invalidate_makes_this_node_a_full_sync_target() {
     assert!(d.disk[0] == d.disk[1]);
 }
 
+mod switchover;
 mod verify;
 // ---- resync pace, pull-ahead, zero runs, resume ----
 

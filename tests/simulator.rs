@@ -36,9 +36,27 @@ fn random_workloads_with_faults() {
     // `TWINBLK_SIM_FAILOVERS=1`: every seed fails over after a Primary crash (replays the
     // seeds of the `with_failovers` checks).
     let failovers = std::env::var_os("TWINBLK_SIM_FAILOVERS").is_some();
+    // `TWINBLK_SIM_SWITCHOVERS=1` / `TWINBLK_SIM_STALE=1`: the configurations of the
+    // switchover and stale-promotion checks below (replays their seeds).
+    let switchovers = std::env::var_os("TWINBLK_SIM_SWITCHOVERS").is_some();
+    let stale = std::env::var_os("TWINBLK_SIM_STALE").is_some();
     for &seed in &seeds {
-        let mut cfg = SimConfig::for_seed(seed);
+        let mut cfg = if switchovers {
+            with_async_switchovers(seed)
+        } else if stale {
+            with_stale_promotions(seed)
+        } else {
+            SimConfig::for_seed(seed)
+        };
         cfg.failover |= failovers;
+        // `TWINBLK_SIM_BUG=NAME`: replay a seed of a `caught` check with its injected bug.
+        if let Ok(b) = std::env::var("TWINBLK_SIM_BUG") {
+            cfg.bug = match b.as_str() {
+                "NoGenerationAtLoss" => InjectedBug::NoGenerationAtLoss,
+                "DemoteWithoutPeer" => InjectedBug::DemoteWithoutPeer,
+                other => panic!("TWINBLK_SIM_BUG={other}: not one of the replayable bugs"),
+            };
+        }
         let w = run_seed(cfg);
         if std::env::var_os("TWINBLK_SIM_SHOW_REFUSALS").is_some()
             && w.stats.contains_key("refused")
@@ -239,4 +257,55 @@ fn checker_catches_a_full_resync_after_a_cut_at_the_resyncs_end() {
             .any(|m| m.contains("a cut as the resync finished cost a full resync")),
         "no seed caught a full resync after a cut at a resync's end: {msgs:?}"
     );
+}
+
+fn with_stale_promotions(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.stale_promotion = true;
+    cfg.switchover = false;
+    cfg.split_brain = false;
+    cfg
+}
+
+fn with_async_switchovers(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.protocol = twinblk::core::Protocol::Async;
+    cfg.switchover = true;
+    cfg.stale_promotion = false;
+    cfg.split_brain = false;
+    cfg
+}
+
+/// Issue 17, defect 1: a connection loss that completes writes (or leaves acknowledged ones
+/// unstable on the peer) must move the generation at once; with the old behaviour (only the
+/// next unreplicated write moves it) a stale node promoted during a partition is the sync
+/// source at the reconnect and the acknowledged writes are resynced away silently.
+#[test]
+fn checker_catches_a_loss_that_leaves_the_generation_as_it_was() {
+    let msgs = caught_with(InjectedBug::NoGenerationAtLoss, 150, with_stale_promotions);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("without a split brain or refusal")
+                || m.contains("acknowledged write lost")),
+        "no seed caught acknowledged writes resynced away after a stale promotion: {msgs:?}"
+    );
+    for seed in 1..=150 {
+        run_seed(with_stale_promotions(seed));
+    }
+}
+
+/// Issue 17, defect 3: a demotion that answers at once (its role change overtaking the data
+/// on the control stream) and a promotion that does not wait for the data still arriving lose
+/// the old Primary's acknowledged async tail in a planned switchover.
+#[test]
+fn checker_catches_a_switchover_that_overtakes_the_tail() {
+    let msgs = caught_with(InjectedBug::DemoteWithoutPeer, 150, with_async_switchovers);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("planned switchover lost an acknowledged write")),
+        "no seed caught a switchover that lost the async tail: {msgs:?}"
+    );
+    for seed in 1..=150 {
+        run_seed(with_async_switchovers(seed));
+    }
 }

@@ -3,6 +3,8 @@
 //! environment.
 #![allow(dead_code)]
 
+pub mod acked;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -57,6 +57,13 @@ pub struct SimConfig {
     /// seed 143 fails the split-brain check since main's forced-promotion sync was merged
     /// (not yet understood; 5,000 seeds passed before that merge).
     pub al_updates: bool,
+    /// A partition after which the client stalls (issues nothing more), and the operator
+    /// mostly demotes the old Primary and promotes the stale Secondary, which writes or not,
+    /// before the nodes meet again (issue 17, defect 1).
+    pub stale_promotion: bool,
+    /// Planned switchovers under load: `secondary` on the Primary, then `primary` on the peer
+    /// (issue 17, defect 3).
+    pub switchover: bool,
 }
 
 impl SimConfig {
@@ -89,6 +96,9 @@ impl SimConfig {
             stability_interval: r.range(100 * US, 5000 * US),
             stability_writes: r.range(2, 40) as usize,
             al_updates: (seed / 2) % 4 != 3,
+            // Drawn after the others, so the seeds without them replay as before.
+            stale_promotion: r.one_in(3),
+            switchover: r.one_in(3),
         }
     }
 }
@@ -200,7 +210,58 @@ enum Ev {
     },
     /// The link fails just as a resync finishes (around `ResyncDone`).
     CutAtResyncEnd,
+    /// The stale-promotion episode's operator step (see [`Stale`]).
+    StalePromote,
+    /// The planned switchover's next step (see [`Switch`]).
+    Switchover,
 }
+
+/// A partition after which the client stalls; the operator may demote the old Primary and
+/// promote the stale node (see [`SimConfig::stale_promotion`]).
+#[derive(Debug)]
+struct Stale {
+    /// The Primary when the partition came.
+    old: usize,
+    /// The operator promotes the stale node (else only the client stalls).
+    promote: bool,
+    /// The operator demotes the old Primary first.
+    demote_old: bool,
+    /// The promoted node gets the client's writes (else the client stays stalled until the
+    /// nodes meet again).
+    new_writes: bool,
+    /// The partition came (the client stalls a moment before it, so that what it leaves
+    /// behind is writes in flight or unstable on the peer, not writes still queued: a queued
+    /// write issued after the loss would move the generation by itself).
+    cut: bool,
+    /// The operator step happened.
+    acted: bool,
+    /// Blocks whose newest acknowledged version the promoted node lacked when promoted.
+    missing: Vec<usize>,
+    /// A refusal (split brain included) was reported since the partition.
+    reported: bool,
+    /// Before the last handshake decided: both had moved on from the generation they last
+    /// shared (a split brain, which a shared policy may resolve), rather than one side still at
+    /// it (resolved by bitmaps without a report).
+    diverged: bool,
+}
+
+/// A planned switchover in progress (see [`SimConfig::switchover`]).
+#[derive(Debug)]
+struct Switch {
+    old: usize,
+    demote_sent: bool,
+    /// The answer to the old Primary's `secondary` (it may come later: it waits for the peer).
+    demoted: Option<Result<(), String>>,
+    /// The last refusal of the peer's `primary`.
+    promote_err: Option<String>,
+    /// `primary` on the peer refused because it still sees the old Primary as Primary: the
+    /// demotion's state change is on its way (the operator tries again).
+    retries: u32,
+}
+
+/// Admin tags of the switchover's commands, so their (possibly later) answers are recognised.
+const SWITCH_DEMOTE: u64 = 0x5717_0001;
+const SWITCH_PROMOTE: u64 = 0x5717_0002;
 
 struct Scheduled {
     at: u64,
@@ -304,6 +365,8 @@ pub struct World {
     /// resync before: its bitmap is relative to the generation the peer was about to get, so a
     /// cut now costs a full resync (the known cost of that race: seeds 244, 629).
     ahead_over_an_unapplied_end: bool,
+    stale: Option<Stale>,
+    switching: Option<Switch>,
     trace: Vec<String>,
     pub events: u64,
     /// What happened, for the coverage summary.
@@ -363,6 +426,8 @@ impl World {
             untrusted_promotion: false,
             end_cut: None,
             ahead_over_an_unapplied_end: false,
+            stale: None,
+            switching: None,
             trace: Vec::new(),
             events: 0,
             stats: Default::default(),
@@ -693,6 +758,9 @@ impl World {
                     }
 
                     twinblk::core::StateChange::Refused { reason } => {
+                        if let Some(st) = self.stale.as_mut() {
+                            st.reported = true;
+                        }
                         self.split_refused(node, reason);
                         self.stale_primary_refused(node, reason);
                         Some("refused")
@@ -758,9 +826,16 @@ impl World {
                     );
                 }
             }
-            Action::AdminDone { result, .. } => {
-                if let Err(e) = result {
+            Action::AdminDone { tag, result } => {
+                if let Err(e) = &result {
                     self.log(format!("node {node} admin refused: {e}"));
+                }
+                if let Some(sw) = self.switching.as_mut() {
+                    match tag {
+                        SWITCH_DEMOTE => sw.demoted = Some(result),
+                        SWITCH_PROMOTE => sw.promote_err = result.err(),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -1758,7 +1833,23 @@ impl World {
         }
         let d = self.rng.range(300 * US, 6000 * US);
         self.schedule(d, Ev::Fault);
+        // The operator's episodes (only seeds with them draw here, so others replay as before).
+        if (self.cfg.stale_promotion || self.cfg.switchover)
+            && self.may_start_episode()
+            && self.rng.one_in(3)
+        {
+            let stale = self.cfg.stale_promotion && (!self.cfg.switchover || self.rng.one_in(2));
+            if stale {
+                self.start_stale();
+            } else {
+                self.start_switchover();
+            }
+            return;
+        }
+        // The operator's episodes take no crashes (their outcome is what they check).
+        let episode = self.stale.is_some() || self.switching.is_some();
         match self.rng.below(10) {
+            0..=2 if episode => {}
             0 => self.crash(A),
             1 | 2 => self.crash(B),
             3..=5 => self.drop_connection("simulated link failure"),
@@ -1769,6 +1860,7 @@ impl World {
             }
             7 | 8
                 if self.cfg.split_brain
+                    && !episode
                     && self.split.is_none()
                     && !self.failover_pending
                     && self.ops_left > 20
@@ -1780,6 +1872,348 @@ impl World {
             }
             _ => {}
         }
+    }
+
+    /// An operator episode (stale promotion, switchover) may start: nothing else is going on.
+    fn may_start_episode(&self) -> bool {
+        let established = |n| {
+            self.status(n)
+                .is_some_and(|s| s.repl == ReplState::Established && s.disk == DiskState::UpToDate)
+        };
+        self.stale.is_none()
+            && self.switching.is_none()
+            && self.split.is_none()
+            && !self.failover_pending
+            && !self.client_paused
+            && self.ops_left > 20
+            && self.conn.is_some()
+            && established(A)
+            && established(B)
+            && self
+                .status(self.prim)
+                .is_some_and(|s| s.role == Role::Primary)
+    }
+
+    // ---- stale promotion (issue 17, defect 1) ----
+
+    /// The client stops submitting; a moment later a partition comes (what it had in flight
+    /// then completes at the loss).
+    fn start_stale(&mut self) {
+        self.client_paused = true;
+        let promote = !self.rng.one_in(4);
+        let st = Stale {
+            old: self.prim,
+            promote,
+            demote_old: promote || self.rng.one_in(2),
+            new_writes: self.rng.one_in(2),
+            cut: false,
+            acted: false,
+            missing: Vec::new(),
+            reported: false,
+            diverged: false,
+        };
+        self.log(format!("STALE: the client stalls: {st:?}"));
+        self.stale = Some(st);
+        let d = self.rng.range(5 * US, 300 * US);
+        self.schedule(d, Ev::StalePromote);
+    }
+
+    fn end_stale(&mut self, what: &'static str) {
+        self.log(format!("STALE: over ({what})"));
+        *self.stats.entry(what).or_default() += 1;
+        self.stale = None;
+        self.client_paused = false;
+    }
+
+    /// The operator, once both nodes noticed the loss: demotes the old Primary and promotes
+    /// the stale node (plainly: it believes its disk UpToDate).
+    fn stale_promote(&mut self) {
+        let Some(st) = self.stale.as_ref() else {
+            return;
+        };
+        if st.acted {
+            return;
+        }
+        let (old, new) = (st.old, 1 - st.old);
+        let (promote, demote_old, new_writes) = (st.promote, st.demote_old, st.new_writes);
+        if !st.cut {
+            if self.conn.is_none() {
+                self.end_stale("stale: the link went down first");
+                return;
+            }
+            let d = self.rng.range(3000 * US, 10000 * US);
+            self.partitioned_until = self.now + d;
+            self.drop_connection("simulated partition (stale promotion)");
+            self.oracle.secondary_valid = false;
+            if let Some(st) = self.stale.as_mut() {
+                st.cut = true;
+            }
+            *self
+                .stats
+                .entry("stale: client stalled, then a partition")
+                .or_default() += 1;
+            let d = self.rng.range(300 * US, 1500 * US);
+            self.schedule(d, Ev::StalePromote);
+            return;
+        }
+        if self.conn.is_some() {
+            // The partition healed before the operator got to it.
+            self.end_stale("stale: reconnected before the operator acted");
+            return;
+        }
+        let noticed = |w: &World, n| {
+            w.status(n)
+                .is_some_and(|s| matches!(s.repl, ReplState::StandAlone | ReplState::Connecting))
+        };
+        if !self.outstanding.is_empty()
+            || !noticed(self, old)
+            || !noticed(self, new)
+            || !self.nodes[new].disk.writes_in_flight.is_empty()
+        {
+            self.schedule(100 * US, Ev::StalePromote);
+            return;
+        }
+        if demote_old {
+            self.admin(old, AdminCmd::Demote);
+            if self.status(old).is_some_and(|s| s.role != Role::Secondary) {
+                self.schedule(100 * US, Ev::StalePromote);
+                return;
+            }
+        }
+        if let Some(st) = self.stale.as_mut() {
+            st.acted = true;
+        }
+        if !promote {
+            *self
+                .stats
+                .entry("stale: old Primary alone, no promotion")
+                .or_default() += 1;
+            return;
+        }
+        let missing = match self.oracle.missing_acked(&self.nodes[new].disk.volatile) {
+            Ok(m) => m,
+            Err(e) => self.fail(format!("stale node's disk: {e}")),
+        };
+        self.admin(new, AdminCmd::Promote { force: false });
+        if self.status(new).is_some_and(|s| s.role != Role::Primary) {
+            self.admin(old, AdminCmd::Promote { force: false });
+            self.end_stale("stale: promotion refused");
+            return;
+        }
+        *self.stats.entry("stale: stale node promoted").or_default() += 1;
+        if !missing.is_empty() {
+            *self
+                .stats
+                .entry("stale: promoted node lacked acknowledged writes")
+                .or_default() += 1;
+        }
+        self.log(format!(
+            "STALE: node {new} promoted, lacking acknowledged blocks {missing:?}"
+        ));
+        if let Some(st) = self.stale.as_mut() {
+            st.missing = missing;
+        }
+        // The client follows the operator to the promoted node: a stale failover.
+        self.prim = new;
+        self.conn_epoch += 1;
+        self.b_prev_repl = ReplState::StandAlone;
+        self.forced_failover = true;
+        self.adopt(new, "stale promoted node's disk", true);
+        if new_writes {
+            self.client_paused = false;
+        }
+    }
+
+    /// Invariant: after a stale promotion, the old Primary's acknowledged writes the promoted
+    /// node lacked are never resynced away (or left different) without a refusal or a
+    /// split-brain report: the old Primary must be the sync source if they connect.
+    fn check_stale(&mut self) -> Result<(), String> {
+        let Some(st) = self.stale.as_ref().filter(|st| st.cut) else {
+            return Ok(());
+        };
+        if st.reported {
+            self.end_stale("stale: reported at the reconnect");
+            return Ok(());
+        }
+        let repl = |w: &World, n| w.status(n).map(|s| s.repl);
+        let decided = |r: Option<ReplState>| {
+            matches!(
+                r,
+                Some(ReplState::Established | ReplState::SyncSource | ReplState::SyncTarget)
+            )
+        };
+        let old = st.old;
+        if self.conn.is_none() || !decided(repl(self, old)) || !decided(repl(self, 1 - old)) {
+            // The generations as the next handshake will see them (a sync target adopts the
+            // source's once it decided).
+            let diverged = match (self.status(old), self.status(1 - old)) {
+                (Some(o), Some(n)) => {
+                    o.current_gen != n.current_gen
+                        && Some(o.current_gen) != n.bitmap_gen
+                        && Some(n.current_gen) != o.bitmap_gen
+                }
+                _ => false,
+            };
+            // (Only before either decided: a source moves its bitmap generation to the
+            // target's.)
+            let neither = !decided(repl(self, old)) && !decided(repl(self, 1 - old));
+            if let Some(st) = self.stale.as_mut().filter(|_| neither) {
+                st.diverged = diverged;
+            }
+            return Ok(());
+        }
+        let lost = st.acted && st.promote && !st.missing.is_empty();
+        let old_secondary = self.status(old).is_some_and(|s| s.role == Role::Secondary);
+        if lost && self.cfg.sb_policy && old_secondary && st.diverged {
+            // Both changed data: a split brain, resolved by the policy the operator configured
+            // on both nodes (after-sb-1pri discard-secondary: the old Primary, now Secondary,
+            // loses; `check_split`'s rules apply to it as to any split brain).
+            self.end_stale("stale: split brain resolved by the shared policy");
+            return Ok(());
+        }
+        if lost && repl(self, old) != Some(ReplState::SyncSource) {
+            return Err(format!(
+                "the stale node was promoted lacking acknowledged writes of the old Primary \
+                 (blocks {:?}), and they connected without a split brain or refusal: node {old} \
+                 is {:?}",
+                st.missing,
+                repl(self, old)
+            ));
+        }
+        self.end_stale("stale: reconnected, nothing lost");
+        Ok(())
+    }
+
+    // ---- planned switchover (issue 17, defect 3) ----
+
+    fn start_switchover(&mut self) {
+        self.client_paused = true;
+        self.switching = Some(Switch {
+            old: self.prim,
+            demote_sent: false,
+            demoted: None,
+            promote_err: None,
+            retries: 0,
+        });
+        self.log(format!("SWITCHOVER: from node {}", self.prim));
+        *self.stats.entry("switchover started").or_default() += 1;
+        let d = self.rng.range(20 * US, 400 * US);
+        self.schedule(d, Ev::Switchover);
+    }
+
+    fn end_switchover(&mut self, what: &'static str) {
+        self.log(format!("SWITCHOVER: {what}"));
+        *self.stats.entry(what).or_default() += 1;
+        self.switching = None;
+        self.client_paused = false;
+    }
+
+    /// `secondary` on the old Primary once its client stopped (its last writes may still be on
+    /// their way), then `primary` on the peer once the demotion answered, retried while the
+    /// peer refuses because writes are still landing (as the CLI does). The new Primary must
+    /// hold every write the client got acknowledged.
+    fn switchover_step(&mut self) {
+        let Some(sw) = self.switching.as_mut() else {
+            return;
+        };
+        let (old, new) = (sw.old, 1 - sw.old);
+        if !sw.demote_sent {
+            if !self.outstanding.is_empty() {
+                self.schedule(50 * US, Ev::Switchover);
+                return;
+            }
+            let established = |w: &World, n| {
+                w.status(n)
+                    .is_some_and(|s| s.repl == ReplState::Established)
+            };
+            if self.conn.is_none() || !established(self, old) || !established(self, new) {
+                // The link went down first: no planned switchover (promoting the peer now is
+                // the stale promotion, a schedule of its own).
+                self.end_switchover("switchover: link down first, not attempted");
+                return;
+            }
+            let Some(sw) = self.switching.as_mut() else {
+                return;
+            };
+            sw.demote_sent = true;
+            self.feed(
+                old,
+                Event::Admin {
+                    tag: SWITCH_DEMOTE,
+                    cmd: AdminCmd::Demote,
+                },
+            );
+            self.schedule(20 * US, Ev::Switchover);
+            return;
+        }
+        match sw.demoted.take() {
+            None => {
+                // Waiting for the peer to make the tail stable.
+                self.schedule(50 * US, Ev::Switchover);
+                return;
+            }
+            Some(Err(e)) => {
+                self.log(format!("SWITCHOVER: demotion failed: {e}"));
+                if self.status(old).is_some_and(|s| s.role != Role::Primary) {
+                    self.fail(format!("a failed demotion left node {old} Secondary: {e}"));
+                }
+                self.end_switchover("switchover: demotion failed, old Primary kept");
+                return;
+            }
+            Some(Ok(())) => {}
+        }
+        self.feed(
+            new,
+            Event::Admin {
+                tag: SWITCH_PROMOTE,
+                cmd: AdminCmd::Promote { force: false },
+            },
+        );
+        if self.status(new).is_some_and(|s| s.role != Role::Primary) {
+            let why = self
+                .switching
+                .as_mut()
+                .and_then(|sw| sw.promote_err.take())
+                .unwrap_or_default();
+            // The old Primary's state change may still be on its way (it went out when the
+            // demotion answered), like the CLI's retry of writes still landing.
+            let peer_primary = why.contains("the peer is Primary");
+            let retries = self.switching.as_ref().map_or(0, |sw| sw.retries);
+            if why.contains(twinblk::core::PEER_WRITES_LANDING) || (peer_primary && retries < 40) {
+                *self
+                    .stats
+                    .entry(if peer_primary {
+                        "switchover: promotion retried (demotion on its way)"
+                    } else {
+                        "switchover: promotion waited for landing writes"
+                    })
+                    .or_default() += 1;
+                if let Some(sw) = self.switching.as_mut() {
+                    sw.demoted = Some(Ok(()));
+                    sw.retries += u32::from(peer_primary);
+                }
+                self.schedule(50 * US, Ev::Switchover);
+                return;
+            }
+            self.log(format!("SWITCHOVER: promotion refused: {why}"));
+            self.admin(old, AdminCmd::Promote { force: false });
+            self.end_switchover("switchover: promotion refused, old Primary back");
+            return;
+        }
+        if let Err(e) = self.oracle.check_completed(&self.nodes[new].disk.volatile) {
+            self.fail(format!(
+                "a planned switchover lost an acknowledged write on the new Primary {new}: {e}"
+            ));
+        }
+        self.prim = new;
+        self.conn_epoch += 1;
+        self.b_prev_repl = ReplState::StandAlone;
+        self.adopt(new, "new Primary after a switchover", true);
+        self.end_switchover(if self.cfg.protocol == Protocol::Sync {
+            "switchover done (sync)"
+        } else {
+            "switchover done (async)"
+        });
     }
 
     fn step(&mut self) -> bool {
@@ -1905,12 +2339,17 @@ impl World {
                     self.drop_connection("simulated link failure as a resync finished");
                 }
             }
+            Ev::StalePromote => self.stale_promote(),
+            Ev::Switchover => self.switchover_step(),
         }
         self.maybe_connect();
         if let Err(e) = self.check_bitmap_cover() {
             self.fail(e);
         }
         if let Err(e) = self.check_split() {
+            self.fail(e);
+        }
+        if let Err(e) = self.check_stale() {
             self.fail(e);
         }
         if self.forced_failover
@@ -2145,6 +2584,11 @@ impl World {
         }
         if let Err(e) = self.oracle.check_image(a) {
             self.fail(format!("final primary image: {e}"));
+        }
+        // Every write the Primary acknowledged since it took over is there, those completed at
+        // a connection loss included (they count as acknowledged: the client saw them done).
+        if let Err(e) = self.oracle.check_completed(a) {
+            self.fail(format!("final image: {e}"));
         }
         for i in 0..self.cfg.blocks {
             let t = tag_of(SimDisk::block(a, i));

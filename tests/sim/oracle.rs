@@ -157,6 +157,40 @@ impl Oracle {
         Ok(())
     }
 
+    /// Blocks where `img` lacks the newest version the Primary acknowledged since it took over
+    /// (completed to the client, a completion at a connection loss included), unless that
+    /// version was given up since (a split brain's loser) or failed.
+    pub fn missing_acked(&self, img: &[u8]) -> Result<Vec<usize>, String> {
+        let mut missing = Vec::new();
+        for (b, &c) in self.completed.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let kept = self.history[b]
+                .iter()
+                .any(|v| v.order == c && !v.lost && !v.failed);
+            if kept && self.best_order(img, b)? < c {
+                missing.push(b);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// `img` holds every write the Primary acknowledged (see [`Oracle::missing_acked`]).
+    pub fn check_completed(&self, img: &[u8]) -> Result<(), String> {
+        let missing = self.missing_acked(img)?;
+        match missing.first() {
+            None => Ok(()),
+            Some(&b) => Err(format!(
+                "acknowledged write lost: block {b} holds version {}, the client was \
+                 acknowledged version {} ({} blocks like it: {missing:?})",
+                self.best_order(img, b)?,
+                self.completed[b],
+                missing.len()
+            )),
+        }
+    }
+
     /// The version a block effectively holds: a failed write counts as the one before it.
     fn effective(&self, b: usize, v: &Version) -> u64 {
         if !v.failed {

@@ -1,0 +1,183 @@
+//! Failover without loss with two real daemons (issue 17): a planned async switchover under a
+//! continuous writer, and a stale node promoted during a partition. The checker
+//! (tests/ops_common/acked.rs) records every write the client got acknowledged and reads each
+//! one back from the survivor.
+
+mod ops_common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ops_common::acked::{check_image, check_node, Writer};
+use ops_common::{ok, text, Pair, NAMES};
+
+const SIZE: &str = "64M";
+const BLOCKS: u64 = (64 << 20) / 4096;
+
+fn signal(p: &Pair, i: usize, s: Signal) {
+    let pid = p.children[i].as_ref().expect("daemon runs").id();
+    kill(Pid::from_raw(pid as i32), s).expect("signal the daemon");
+}
+
+fn async_pair() -> Pair {
+    let mut p = Pair::configure_with(SIZE, "protocol = \"async\"\n", ["", ""]);
+    for i in 0..2 {
+        p.start_and_wait(i);
+    }
+    p.primary_force();
+    p.wait_in_sync();
+    p
+}
+
+/// `secondary` on alpha, then `primary` on beta, while alpha's last acknowledged writes are
+/// still on their way: beta is held (SIGSTOP) while the writer runs, so alpha acknowledges a
+/// tail beta does not have when the operator switches over. `secondary` must wait for beta
+/// (it answers only after beta is resumed and made the tail stable); beta's `primary` then
+/// serves every acknowledged write; after beta wrote too and alpha resynced, alpha holds them
+/// all as well.
+#[test]
+fn async_switchover_under_a_writer_keeps_every_acknowledged_write() {
+    let mut p = async_pair();
+    let w = Writer::start(&p.nbd_socket(0), BLOCKS, 16, 1 << 40);
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&p, 1, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(600));
+    let log = w.stop();
+    assert!(
+        log.acks > 100,
+        "the writer got only {} acks\n{}",
+        log.acks,
+        p.logs()
+    );
+    let unstable = p.status(0).expect("alpha status")["peer_unacked"]
+        .as_u64()
+        .unwrap_or(0);
+    // The operator's switchover: `secondary` runs while beta is still held.
+    let mut demote = p
+        .command(0, &["secondary"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run twinblk secondary");
+    std::thread::sleep(Duration::from_millis(800));
+    let answered_early = demote.try_wait().expect("try_wait").is_some();
+    signal(&p, 1, Signal::SIGCONT);
+    let o = demote.wait_with_output().expect("secondary");
+    assert!(o.status.success(), "secondary: {}\n{}", text(&o), p.logs());
+    if unstable > 0 {
+        assert!(
+            !answered_early,
+            "`secondary` answered while the peer lacked {unstable} acknowledged writes"
+        );
+    }
+    ok(&p, 1, &["primary"]);
+    let checked = check_node(&p.nbd_socket(1), &log, "beta (new Primary)")
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+    assert!(checked > 50, "only {checked} acknowledged blocks checked");
+    eprintln!(
+        "{} acks ({unstable} unacked by beta at the switchover), {checked} blocks checked on beta",
+        log.acks
+    );
+    // The new Primary writes; the old one follows it.
+    let w = Writer::start(&p.nbd_socket(1), BLOCKS, 16, 2 << 40);
+    std::thread::sleep(Duration::from_millis(800));
+    let log2 = w.stop();
+    p.wait_in_sync();
+    let img = ops_common::down_both_identical(&mut p, "the switchover");
+    let mut all = log.clone();
+    all.merge(&log2);
+    check_image(&img, &all, "alpha (old Primary) after the resync")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Cuts the link while alpha has acknowledged writes beta lacks (beta is held with SIGSTOP,
+/// then both `disconnect`), the client stops, alpha is demoted and the stale beta promoted:
+/// with `beta_writes`, beta writes too. At the reconnect the outcome must be a refusal, a
+/// split-brain report, or every acknowledged write of alpha kept; then the operator follows
+/// what the nodes say and both converge on alpha's data.
+fn stale_promotion(beta_writes: bool) {
+    let mut p = async_pair();
+    let w = Writer::start(&p.nbd_socket(0), BLOCKS, 16, 1 << 40);
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&p, 1, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&p, 0, &["disconnect"]);
+    let log = w.stop();
+    signal(&p, 1, Signal::SIGCONT);
+    ok(&p, 1, &["disconnect"]);
+    for i in 0..2 {
+        p.wait(i, "StandAlone", |s| s["repl"] == "StandAlone");
+    }
+    assert!(log.acks > 100, "the writer got only {} acks", log.acks);
+    // The operator promotes the stale node.
+    ok(&p, 0, &["secondary"]);
+    let o = p.cli(1, &["primary"]);
+    assert!(o.status.success(), "plain promotion of beta: {}", text(&o));
+    if beta_writes {
+        let w = Writer::start(&p.nbd_socket(1), BLOCKS, 4, 2 << 40);
+        std::thread::sleep(Duration::from_millis(300));
+        let beta_log = w.stop();
+        assert!(beta_log.acks > 0, "beta (stale Primary) took no writes");
+    }
+    for i in 0..2 {
+        ok(&p, i, &["connect"]);
+    }
+    // Whatever happens, alpha's acknowledged writes stay on alpha.
+    let start = Instant::now();
+    let outcome = loop {
+        let (a, b) = (p.status(0).expect("alpha"), p.status(1).expect("beta"));
+        let reported = [&a, &b]
+            .iter()
+            .any(|s| !s["split_brain"].is_null() || !s["last_refusal"].is_null());
+        if reported {
+            break format!(
+                "reported: alpha {} / {}, beta {} / {}",
+                a["last_refusal"], a["split_brain"], b["last_refusal"], b["split_brain"]
+            );
+        }
+        if a["repl"] == "Established" && b["repl"] == "Established" {
+            break "Established".to_string();
+        }
+        assert!(
+            start.elapsed() < ops_common::WAIT,
+            "neither connected nor reported: alpha {a}, beta {b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("beta_writes {beta_writes}: {outcome}");
+    assert!(
+        !(beta_writes && outcome == "Established"),
+        "both nodes wrote since they last agreed, yet they connected without a split brain"
+    );
+    if outcome == "Established" {
+        p.wait_in_sync();
+        check_node(&p.nbd_socket(1), &log, "beta (Primary) after the reconnect")
+            .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+    } else {
+        // The operator does what the report says: beta gives up its data (demote it, and
+        // discard its changes if it wrote), alpha's comes back.
+        ok(&p, 1, &["secondary"]);
+        if beta_writes {
+            ok(&p, 1, &["connect", "--discard-my-data"]);
+        } else {
+            ok(&p, 1, &["connect"]);
+        }
+        ok(&p, 0, &["connect"]);
+        p.wait_in_sync();
+    }
+    let img = ops_common::down_both_identical(&mut p, "the stale promotion's recovery");
+    let checked = check_image(&img, &log, NAMES[0]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(checked > 50, "only {checked} acknowledged blocks checked");
+}
+
+#[test]
+fn stale_promotion_after_a_partition_without_writes_keeps_the_acknowledged_writes() {
+    stale_promotion(false);
+}
+
+#[test]
+fn stale_promotion_after_a_partition_with_writes_is_a_split_brain() {
+    stale_promotion(true);
+}

@@ -282,7 +282,7 @@ fn with_async_switchovers(seed: u64) -> SimConfig {
 /// source at the reconnect and the acknowledged writes are resynced away silently.
 #[test]
 fn checker_catches_a_loss_that_leaves_the_generation_as_it_was() {
-    let msgs = caught_with(InjectedBug::NoGenerationAtLoss, 150, with_stale_promotions);
+    let msgs = caught_with(InjectedBug::NoGenerationAtLoss, 400, with_stale_promotions);
     assert!(
         msgs.iter()
             .any(|m| m.contains("without a split brain or refusal")

@@ -49,6 +49,13 @@ fn random_workloads_with_faults() {
             SimConfig::for_seed(seed)
         };
         cfg.failover |= failovers;
+        // `TWINBLK_SIM_PROTOCOL=sync|async`: every seed in one protocol mode.
+        match std::env::var("TWINBLK_SIM_PROTOCOL").as_deref() {
+            Ok("sync") => cfg.protocol = twinblk::core::Protocol::Sync,
+            Ok("async") => cfg.protocol = twinblk::core::Protocol::Async,
+            Ok(other) => panic!("TWINBLK_SIM_PROTOCOL={other}: sync or async"),
+            Err(_) => {}
+        }
         // `TWINBLK_SIM_BUG=NAME`: replay a seed of a `caught` check with its injected bug.
         if let Ok(b) = std::env::var("TWINBLK_SIM_BUG") {
             cfg.bug = match b.as_str() {

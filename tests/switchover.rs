@@ -101,10 +101,29 @@ fn stale_promotion(beta_writes: bool) {
     let mut p = async_pair();
     let w = Writer::start(&p.nbd_socket(0), BLOCKS, 16, 1 << 40);
     std::thread::sleep(Duration::from_millis(1000));
+    let mut log = w.stop();
+    // The tail: writes alpha acknowledges (async: local and queued) while beta is held, fewer
+    // than the send buffer holds, so none waits and none is issued after the cut (which
+    // would move the generation by itself); then the client stops, and the link is cut.
     signal(&p, 1, Signal::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(500));
+    let w = Writer::start_n(&p.nbd_socket(0), BLOCKS, 16, 3 << 40, 400);
+    let start = Instant::now();
+    while !w.finished() {
+        assert!(
+            start.elapsed() < ops_common::WAIT,
+            "the tail's writes never completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tail = w.stop();
+    assert_eq!(
+        tail.acks,
+        400,
+        "alpha did not acknowledge the tail alone\n{}",
+        p.logs()
+    );
+    log.merge(&tail);
     ok(&p, 0, &["disconnect"]);
-    let log = w.stop();
     signal(&p, 1, Signal::SIGCONT);
     ok(&p, 1, &["disconnect"]);
     for i in 0..2 {

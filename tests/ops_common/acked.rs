@@ -213,6 +213,12 @@ pub struct Writer {
 impl Writer {
     /// Versions start after `base`, so two writers' blocks never look alike.
     pub fn start(socket: &Path, blocks: u64, qd: usize, base: u64) -> Writer {
+        Writer::start_n(socket, blocks, qd, base, u64::MAX)
+    }
+
+    /// Like [`Writer::start`], submitting at most `max` writes (then it finishes by itself once
+    /// they are answered: [`Writer::finished`]).
+    pub fn start_n(socket: &Path, blocks: u64, qd: usize, base: u64, max: u64) -> Writer {
         let mut c = Nbd::connect(socket).unwrap_or_else(|e| panic!("writer: {e}"));
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -222,8 +228,14 @@ impl Writer {
             let mut version = base;
             let mut inflight: Vec<(u64, u64)> = Vec::new();
             let mut failed = false;
+            let mut submitted = 0u64;
             loop {
-                while !failed && inflight.len() < qd && !flag.load(Ordering::Relaxed) {
+                while !failed
+                    && inflight.len() < qd
+                    && submitted < max
+                    && !flag.load(Ordering::Relaxed)
+                {
+                    submitted += 1;
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;

@@ -2306,10 +2306,6 @@ impl Replica {
         // (the waiting ones).
         let tl = std::mem::take(&mut self.tl);
         let acked_unreplicated = !tl.is_empty();
-        // `current` may still be the peer's generation unless it already names data the peer
-        // lacks (the bitmap is relative to an older one: Ahead, a resync source, or a loss or
-        // unreplicated write since they last agreed).
-        let current_shared = self.bitmap_gen.map_or(true, |b| b == self.current_gen);
         if self.cfg.bug != InjectedBug::ForgetInFlightOnDisconnect {
             for (_, off, len) in tl {
                 self.bitmap.set_bytes(off, len);
@@ -2330,7 +2326,13 @@ impl Replica {
         // next write left the peer's generation on this data if none came (the client
         // stalled, or this node was demoted): a stale peer promoted meanwhile then looked
         // like the newer side, and these writes were resynced away without a split brain.
-        if acked_unreplicated && current_shared && self.cfg.bug != InjectedBug::NoGenerationAtLoss {
+        // Whatever the bitmap generation says: a source that just finished a resync keeps the
+        // target's old generation there until the target confirms (it may or may not have
+        // adopted `current` already: simulator seed 1836 skipped the bump when the bitmap
+        // generation differed from `current`, and the target had adopted it). A peer at the
+        // bitmap generation is then behind by bitmaps (rule 6), one at the old `current` finds
+        // it in history (rule 9): either way this node's data is the newer one.
+        if acked_unreplicated && self.cfg.bug != InjectedBug::NoGenerationAtLoss {
             self.new_generation();
         }
         self.verify_abort(&format!("connection lost: {reason}"), false, out);
@@ -3387,7 +3389,9 @@ impl Replica {
                 let arriving = self
                     .conn
                     .as_ref()
-                    .filter(|_| self.cfg.bug != InjectedBug::DemoteWithoutPeer)
+                    // (During a handshake nothing queued is applied: the promotion closes
+                    // the connection, and it goes with it; simulator seed 1222.)
+                    .filter(|c| c.decided && self.cfg.bug != InjectedBug::DemoteWithoutPeer)
                     .map_or(0, |c| c.reorder.len() + c.apply_q.len());
                 let landing = arriving
                     + self

@@ -34,9 +34,13 @@ dirs=("corpus/$target")
 [ -d "seeds/$target" ] && dirs+=("seeds/$target")
 # A file argument replays it; otherwise fuzz the corpus for SECONDS.
 if [ $# -gt 0 ] && [ -f "${!#}" ]; then exec "$bin" "$@"; fi
-# The wire target reassembles frames from 4096 bytes on in aligned pool memory: its inputs must
-# be allowed past libFuzzer's default 4096 bytes to reach that path with whole frames.
+# Inputs past libFuzzer's default 4096 bytes: the wire target reassembles frames from 4096 bytes
+# on in aligned pool memory, and a metadata area with its activity-log ring is 80 KiB (the
+# seeds are real ones).
 max_len=()
-[ "$target" = wire ] && max_len=(-max_len=20000)
+case "$target" in
+wire) max_len=(-max_len=20000) ;;
+meta) max_len=(-max_len=81920) ;;
+esac
 exec "$bin" -max_total_time="$secs" -artifact_prefix="artifacts/$target/" -print_final_stats=1 \
     "${max_len[@]}" "$@" "${dirs[@]}"

@@ -2629,6 +2629,12 @@ impl Replica {
                 self.save_meta(out);
             }
             Decision::Source { full } => {
+                // The target goes Inconsistent as it decides (below, `Decision::Target`), before
+                // any resync data, and says so; its hello still said what it was. Until its State
+                // arrives this is the same truth, so no view shows it UpToDate meanwhile.
+                if let Some(c) = self.conn.as_mut() {
+                    c.peer_disk = Some(DiskState::Inconsistent);
+                }
                 if full {
                     self.bitmap.set_all();
                 }
@@ -2666,10 +2672,19 @@ impl Replica {
                 }
             }
         }
-        if let Some(c) = self.conn.as_mut() {
-            c.decided = true;
+        let peer_disk = match self.conn.as_mut() {
+            Some(c) => {
+                c.decided = true;
+                c.peer_disk
+            }
+            None => Some(h.disk),
+        };
+        out.push(Action::Emit(StateChange::PeerDisk { to: peer_disk }));
+        // The hello said what this disk was before the decision; a sync target is Inconsistent
+        // now, and the source's view (status, events, metrics) must be this node's truth.
+        if self.repl == ReplState::SyncTarget {
+            self.send_state(out);
         }
-        out.push(Action::Emit(StateChange::PeerDisk { to: Some(h.disk) }));
         self.pump_apply(out);
         self.admit(out);
     }

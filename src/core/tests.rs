@@ -2069,6 +2069,42 @@ fn a_trim_zeroes_the_range_on_both_nodes() {
     assert_eq!(zeroes(&out), vec![(2 * BLOCK, (3 * BLOCK) as u32)]);
     let on_b = deliver(&mut b, sends(&out));
     assert_eq!(zeroes(&on_b), vec![(2 * BLOCK, (3 * BLOCK) as u32)]);
+
+/// Issue 17 defect 8: during a resync the source's view of its peer's disk is the target's
+/// truth (Inconsistent), not the UpToDate/Outdated its hello said; so an alert on the
+/// Primary's peer disk fires. Once the resync is done both agree it is UpToDate again.
+#[test]
+fn the_sync_source_sees_its_targets_disk_as_inconsistent_during_the_resync() {
+    let mut d = Duo::with(small_chunks);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    for b in 0..32 {
+        d.write(0, b, 7);
+    }
+    // The handshake's hello says "Outdated" or "UpToDate"; the target goes Inconsistent.
+    d.connect_unsettled();
+    let mut guard = 0;
+    while d.st(0).resync.is_none() || d.st(1).repl != ReplState::SyncTarget {
+        d.deliver_some(1);
+        guard += 1;
+        assert!(guard < 1000, "the resync never started");
+    }
+    assert!(d.st(0).resync.is_some_and(|(left, _)| left > 0));
+    assert_eq!(d.st(0).repl, ReplState::SyncSource);
+    assert_eq!(d.st(1).disk, DiskState::Inconsistent);
+    assert_eq!(
+        d.st(0).peer_disk,
+        Some(DiskState::Inconsistent),
+        "the source must report the target's disk as the target does"
+    );
+    assert_eq!(d.st(1).peer_disk, Some(DiskState::UpToDate));
+    d.settle();
+    for n in [0, 1] {
+        assert_eq!(d.st(n).repl, ReplState::Established, "node {n}");
+        assert_eq!(d.st(n).disk, DiskState::UpToDate, "node {n}");
+        assert_eq!(d.st(n).peer_disk, Some(DiskState::UpToDate), "node {n}");
+    }
 }
 
 /// Node 0 Primary wrote 16 blocks while disconnected and the resync to node 1 ran until the

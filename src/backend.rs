@@ -17,6 +17,16 @@ impl BackendError for DiskError {
     }
 }
 
+/// A client that opened an export (finished negotiating): dropping it says the connection
+/// ended. `close` turns true when the backend wants the connection ended (`secondary --force`):
+/// the frontend then stops reading requests, answers those in flight and closes.
+#[derive(Default)]
+pub struct Opened {
+    pub close: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Whatever the backend keeps per open client; dropped with the connection.
+    pub guard: Option<Box<dyn std::any::Any + Send>>,
+}
+
 /// A block device as a frontend sees it. Offsets and lengths are checked by the frontend against
 /// `size()`; implementations still refuse out-of-range requests.
 ///
@@ -31,6 +41,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn size(&self) -> u64;
     fn block_size(&self) -> u32;
     fn read_only(&self) -> bool;
+    /// Why a client may not open the export now (sent to it during negotiation, with the
+    /// option's error reply); `None`: it may.
+    fn refuse_open(&self) -> Option<String> {
+        None
+    }
+    /// A client (`client`: its address, for the operator) finished negotiating; `Err`: it may
+    /// not use the export after all (the state changed during its negotiation).
+    fn opened(&self, client: &str) -> Result<Opened, String> {
+        let _ = client;
+        Ok(Opened::default())
+    }
     /// A buffer suitable for `write` (aligned for O_DIRECT) whose contents are unspecified
     /// (recycled bytes, never zeroed): the caller fills every byte before writing it.
     fn alloc(&self, len: usize) -> IoBuf {

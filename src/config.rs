@@ -715,6 +715,16 @@ const SIZE_RULE: &str =
     "write a byte count with an optional binary suffix: \"4096\", \"512K\", \"64M\", \"1G\", \"2T\"";
 const DURATION_RULE: &str = "write a whole number with a unit: \"500ms\", \"5s\", \"2m\", \"1h\"";
 
+/// A node's name as `keygen --name` and the resource file's `[node.NAME]` accept it; the error
+/// says the rule.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid node name: {NAME_RULE}"))
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63

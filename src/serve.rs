@@ -219,8 +219,9 @@ pub(crate) async fn serve_until<B: Backend>(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = accept(&listener) => match r {
                 Ok(Accepted::Unix(s)) => {
+                    let who = unix_client(&s);
                     let (rd, wr) = s.into_split();
-                    conns.spawn(run_connection(server.clone(), rd, wr, "unix".into(), stop_rx.clone()));
+                    conns.spawn(run_connection(server.clone(), rd, wr, who, stop_rx.clone()));
                 }
                 Ok(Accepted::Tcp(s, peer)) => {
                     let _ = s.set_nodelay(true);
@@ -238,6 +239,17 @@ pub(crate) async fn serve_until<B: Backend>(
     drop(listener);
     let _ = stop_tx.send(true);
     while conns.join_next().await.is_some() {}
+}
+
+/// A unix-socket client as the operator can find it: its process id and program name.
+fn unix_client(s: &tokio::net::UnixStream) -> String {
+    let Some(pid) = s.peer_cred().ok().and_then(|c| c.pid()) else {
+        return "unix".into();
+    };
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("unix:pid {pid} ({})", comm.trim()),
+        Err(_) => format!("unix:pid {pid}"),
+    }
 }
 
 enum Accepted {

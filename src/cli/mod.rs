@@ -84,8 +84,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Make this node Secondary.
-    Secondary(ResArgs),
+    /// Make this node Secondary. Refused while NBD clients have the export open (or a ublk
+    /// device is in use).
+    Secondary {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Disconnect the NBD clients first (their requests in flight are answered).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show roles, disk states, replication state and resync progress (without a resource:
     /// every resource running on this node).
     Status {
@@ -95,7 +102,7 @@ enum Command {
         /// Its resource file. Default: /etc/twinblk/RESOURCE.toml.
         #[arg(long, value_name = "PATH", requires = "resource")]
         config: Option<std::path::PathBuf>,
-        /// This node's name in the resource file. Default: the host name.
+        /// This node's name in the resource file. Default: $TWINBLK_NODE, else the host name.
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
         /// Where to look for resource files when no resource is named.
@@ -131,8 +138,16 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Stop the daemon gracefully (finish requests in flight, flush, save metadata).
-    Down(ResArgs),
+    /// Stop the daemon gracefully (finish requests in flight, flush, save metadata). Refused
+    /// while NBD clients have the export open (or a ublk device is in use); a resource that
+    /// is not running is already down (exit 0).
+    Down {
+        #[command(flatten)]
+        res: ResArgs,
+        /// Disconnect the NBD clients first (their requests in flight are answered).
+        #[arg(long)]
+        force: bool,
+    },
     /// Stream state changes (like `drbdsetup events2`) until interrupted.
     Events {
         #[command(flatten)]
@@ -179,7 +194,7 @@ struct ResArgs {
     /// Its resource file. Default: /etc/twinblk/RESOURCE.toml.
     #[arg(long, value_name = "PATH")]
     config: Option<std::path::PathBuf>,
-    /// This node's name in the resource file. Default: the host name.
+    /// This node's name in the resource file. Default: $TWINBLK_NODE, else the host name.
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
 }
@@ -192,12 +207,7 @@ impl ResArgs {
     }
 
     fn node_name(&self) -> anyhow::Result<String> {
-        if let Some(n) = &self.node {
-            return Ok(n.clone());
-        }
-        let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the host name (or pass --node)")?;
-        Ok(h.trim().to_owned())
+        node_name(self.node.as_deref())
     }
 
     /// Load the resource file and check it names this resource.
@@ -221,6 +231,20 @@ impl ResArgs {
         let (cfg, node) = self.load()?;
         Ok(cfg.node_named(&node)?.admin.clone())
     }
+}
+
+/// This node's name: `--node`, else `$TWINBLK_NODE` (what the systemd unit sets), else the
+/// host name.
+pub(crate) fn node_name(given: Option<&str>) -> anyhow::Result<String> {
+    if let Some(n) = given {
+        return Ok(n.to_owned());
+    }
+    if let Some(n) = std::env::var("TWINBLK_NODE").ok().filter(|n| !n.is_empty()) {
+        return Ok(n);
+    }
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name (or pass --node, or set TWINBLK_NODE)")?;
+    Ok(h.trim().to_owned())
 }
 
 #[derive(Debug, clap::Args)]
@@ -413,6 +437,22 @@ fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
     outcome
 }
 
+/// `down`, idempotent like `drbdadm down`: a resource that is not running is already down.
+fn down(res: &ResArgs, force: bool) -> anyhow::Result<()> {
+    match admin(res, Request::Down { force }) {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<control::ControlError>(),
+                Some(control::ControlError::NotRunning { .. })
+            ) =>
+        {
+            println!("{}: not running (already down)", res.resource);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// `primary`: the one refusal that clears by itself within milliseconds (the lost peer's last
 /// writes still landing here) is retried for a few seconds instead of failing the failover.
 fn promote(res: &ResArgs, force: bool) -> anyhow::Result<()> {
@@ -586,6 +626,8 @@ fn man(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
 }
 
 fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    // Checked here too: a key the resource file cannot name would only fail at `up`.
+    crate::config::check_node_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (key, crt, pin) = crate::net::keys::keygen(&a.name, &a.out, a.force)?;
     eprintln!("wrote {} and {}", key.display(), crt.display());
@@ -611,6 +653,15 @@ fn describe(e: &anyhow::Error) -> String {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up { .. } | Command::Serve(_)) {
+        // A command whose output goes to `head` or a closed pager ends quietly, like any Unix
+        // tool, instead of "Broken pipe" (or a panic from println!). Not the daemons: they
+        // write to sockets, where a vanished peer must be an error, not a signal.
+        // SAFETY: no other thread runs yet; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
         eprintln!("twinblk: {e:#}");
         return ExitCode::from(2);
@@ -634,7 +685,7 @@ pub fn main() -> ExitCode {
         Command::DumpMd { res, json } => dump_md(res, json),
         Command::Up { res, threads } => up(res, threads),
         Command::Primary { res, force } => promote(&res, force),
-        Command::Secondary(res) => admin(&res, Request::Secondary),
+        Command::Secondary { res, force } => admin(&res, Request::Secondary { force }),
         Command::Status {
             resource: Some(resource),
             config,
@@ -665,7 +716,7 @@ pub fn main() -> ExitCode {
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Invalidate(res) => admin(&res, Request::Invalidate),
         Command::Verify { res, wait } => verify::verify(&res, wait),
-        Command::Down(res) => admin(&res, Request::Down),
+        Command::Down { res, force } => down(&res, force),
         Command::Events { res, now, json } => ops::events(&res, now, json),
         Command::WaitSync { res, timeout } => ops::wait_sync(&res, timeout),
         Command::Completions { shell } => {

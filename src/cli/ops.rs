@@ -63,13 +63,7 @@ pub(super) fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> 
 /// `twinblk status` without a resource: every resource file in `dir` that names this node and
 /// whose admin socket exists.
 pub fn status_all(dir: &Path, node: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let node = match node {
-        Some(n) => n.to_owned(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the host name (or pass --node)")?
-            .trim()
-            .to_owned(),
-    };
+    let node = super::node_name(node)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| {
             format!(

@@ -28,7 +28,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
-    Secondary,
+    Secondary {
+        /// Disconnect the NBD clients that have the export open first (refused otherwise).
+        #[serde(default)]
+        force: bool,
+    },
     Connect {
         #[serde(default)]
         discard_my_data: bool,
@@ -38,7 +42,11 @@ pub enum Request {
     Invalidate,
     /// Compare both disks online by digest; differing blocks are marked out of sync.
     Verify,
-    Down,
+    Down {
+        /// Disconnect the NBD clients that have the export open first (refused otherwise).
+        #[serde(default)]
+        force: bool,
+    },
     Events {
         #[serde(default)]
         now: bool,

@@ -46,6 +46,10 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("handshake already finished")]
     Finished,
+    /// The export may not be opened now (NBD_OPT_EXPORT_NAME cannot carry an error: the
+    /// connection closes).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +66,8 @@ pub struct Handshake {
     state: HsState,
     structured: bool,
     no_zeroes: bool,
+    /// Set by [`Handshake::refuse`]: why the export may not be opened.
+    refusal: Option<String>,
 }
 
 fn be_u16(b: &[u8], at: usize) -> Option<u16> {
@@ -94,7 +100,15 @@ impl Handshake {
             state: HsState::ClientFlags,
             structured: false,
             no_zeroes: false,
+            refusal: None,
         }
+    }
+
+    /// Refuse to open the export (NBD_OPT_GO/INFO are answered NBD_REP_ERR_POLICY with `why`
+    /// as the message clients print; NBD_OPT_EXPORT_NAME fails the handshake). Listing still
+    /// works.
+    pub fn refuse(&mut self, why: String) {
+        self.refusal = Some(why);
     }
 
     pub fn export(&self) -> &Export {
@@ -200,6 +214,9 @@ impl Handshake {
                             .into_owned(),
                     ));
                 }
+                if let Some(why) = &self.refusal {
+                    return Err(HandshakeError::Refused(why.clone()));
+                }
                 out.extend_from_slice(&self.export.size.to_be_bytes());
                 out.extend_from_slice(&self.transmission_flags().to_be_bytes());
                 if !self.no_zeroes {
@@ -253,6 +270,11 @@ impl Handshake {
         };
         if !self.name_matches(req.name) {
             option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            return None;
+        }
+        if let Some(why) = &self.refusal {
+            // The message is bounded by what the server generates.
+            option_reply(out, option, REP_ERR_POLICY, why.as_bytes());
             return None;
         }
         let mut d = Vec::with_capacity(64);

@@ -102,6 +102,7 @@ impl<B: Backend> Server<B> {
         self: Arc<Self>,
         mut rd: R,
         mut wr: W,
+        client: &str,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ServeError>
     where
@@ -111,11 +112,35 @@ impl<B: Backend> Server<B> {
         let mut buf = InBuf::new();
         let hs = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            self.handshake(&mut rd, &mut wr, &mut buf, &mut shutdown),
+            self.handshake(&mut rd, &mut wr, &mut buf, client, &mut shutdown),
         );
         let Some(negotiated) = hs.await.map_err(|_| ServeError::HandshakeTimeout)?? else {
             return Ok(());
         };
+        let opened = match self.disk.opened(client) {
+            Ok(o) => o,
+            Err(why) => {
+                info!(%client, "closing a client that negotiated just as the export closed: {why}");
+                return Ok(());
+            }
+        };
+        // Held until the connection ends: the backend counts this client as open meanwhile.
+        let _guard = opened.guard;
+        if let Some(mut close) = opened.close {
+            // The backend may end this connection (e.g. `secondary --force`): it then ends as
+            // at shutdown, answering what it read.
+            let (tx, rx) = watch::channel(*shutdown.borrow());
+            let mut outer = shutdown;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = outer.wait_for(|s| *s) => {}
+                    _ = close.wait_for(|c| *c) => {}
+                    _ = tx.closed() => return,
+                }
+                let _ = tx.send(true);
+            });
+            shutdown = rx;
+        }
         debug!(
             structured = negotiated.structured,
             flags = negotiated.flags,
@@ -151,6 +176,7 @@ impl<B: Backend> Server<B> {
         rd: &mut R,
         wr: &mut W,
         buf: &mut InBuf,
+        client: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<codec::Negotiated>, ServeError>
     where
@@ -159,6 +185,10 @@ impl<B: Backend> Server<B> {
     {
         let mut out = Vec::with_capacity(512);
         let mut hs = Handshake::new(self.export.clone(), &mut out);
+        if let Some(why) = self.disk.refuse_open() {
+            info!(%client, "this client may list the export but not open it: {why}");
+            hs.refuse(why);
+        }
         loop {
             if !out.is_empty() {
                 wr.write_all(&out).await?;
@@ -571,7 +601,7 @@ pub async fn run_connection<B, R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     debug!(%peer, "connected");
-    match server.serve_connection(rd, wr, shutdown).await {
+    match server.serve_connection(rd, wr, &peer, shutdown).await {
         Ok(()) => debug!(%peer, "connection closed"),
         // A client that hangs up mid-reply is routine; protocol violations are worth a line.
         Err(ServeError::Io(e)) => debug!(%peer, "connection ended: {e}"),

@@ -7,6 +7,60 @@ use super::Input;
 use crate::control::{Handler, Request, Response};
 use crate::core::AdminCmd;
 
+/// What `secondary` or `down` would pull from under a user of the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum InUse {
+    /// `/dev/ublkbN` is mounted or held open.
+    Ublk { dev: String },
+    /// NBD clients have the export open (their addresses).
+    Nbd { clients: Vec<String> },
+}
+
+/// An admin command refused before it reached the core, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Refused {
+    /// `demote` or `take it down`, for the advice.
+    pub action: &'static str,
+    /// `secondary` or `down`: the command to repeat with `--force`.
+    pub command: &'static str,
+    pub resource: String,
+    pub in_use: InUse,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Refused {
+            action,
+            command,
+            resource,
+            in_use,
+        } = self;
+        match in_use {
+            InUse::Ublk { dev } => write!(
+                f,
+                "{dev} is in use (mounted or held open by a program): unmount it or stop the \
+                 program, then {action} again"
+            ),
+            InUse::Nbd { clients } => write!(
+                f,
+                "{n} NBD client{s} ha{ve} {resource} open ({list}); {its} next writes would \
+                 fail: stop {them} first, or `twinblk {command} {resource} --force` to \
+                 disconnect {them} (requests in flight are answered first)",
+                n = clients.len(),
+                s = if clients.len() == 1 { "" } else { "s" },
+                ve = if clients.len() == 1 { "s" } else { "ve" },
+                list = clients.join(", "),
+                them = if clients.len() == 1 { "it" } else { "them" },
+                its = if clients.len() == 1 { "its" } else { "their" },
+            ),
+        }
+    }
+}
+
+/// How long `--force` waits for the disconnected clients' connections to end (each answers
+/// what it read first, like at shutdown).
+const FORCE_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(super) struct Admin {
     pub tx: mpsc::UnboundedSender<Input>,
     /// Set by `down`: the daemon then shuts down gracefully.
@@ -16,6 +70,7 @@ pub(super) struct Admin {
     pub metrics: crate::metrics::Metrics,
     /// `/dev/ublkbN` once `frontend = "ublk"` created it, for `status`.
     pub ublk_device: std::sync::Arc<std::sync::OnceLock<String>>,
+    pub clients: super::frontend::Clients,
 }
 
 fn gone() -> Response {
@@ -26,14 +81,50 @@ fn gone() -> Response {
 
 impl Admin {
     /// Like DRBD ("Device is held open by someone"): demoting or deleting `/dev/ublkbN` under a
-    /// mounted filesystem would turn every later write of it into an I/O error, so refuse.
-    fn held_open(&self, action: &str) -> Option<Response> {
-        let dev = self.ublk_device.get()?;
-        super::frontend::held_open(std::path::Path::new(dev)).then(|| Response::Error {
-            message: format!(
-                "{dev} is in use (mounted or held open by a program): unmount it or stop the program, then {action} again"
-            ),
-        })
+    /// mounted filesystem, or demoting under connected NBD clients, would turn every later
+    /// write of theirs into an I/O error, so refuse. With `force`, the NBD clients are
+    /// disconnected first (a mounted ublk device is never forced).
+    async fn in_use(
+        &self,
+        action: &'static str,
+        command: &'static str,
+        force: bool,
+    ) -> Result<(), Refused> {
+        let refused = |in_use| Refused {
+            action,
+            command,
+            resource: self.resource.clone(),
+            in_use,
+        };
+        if let Some(dev) = self.ublk_device.get() {
+            if super::frontend::held_open(std::path::Path::new(dev)) {
+                return Err(refused(InUse::Ublk { dev: dev.clone() }));
+            }
+        }
+        let clients = self.clients.open();
+        if clients.is_empty() {
+            return Ok(());
+        }
+        if !force {
+            return Err(refused(InUse::Nbd { clients }));
+        }
+        tracing::warn!(
+            resource = %self.resource,
+            clients = %clients.join(", "),
+            "{command} --force: disconnecting the NBD clients"
+        );
+        self.clients.close_all();
+        let deadline = tokio::time::Instant::now() + FORCE_CLOSE_WAIT;
+        loop {
+            let left = self.clients.open();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(refused(InUse::Nbd { clients: left }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     async fn admin(&self, cmd: AdminCmd, ok: &str) -> Response {
@@ -114,9 +205,11 @@ impl Handler for Admin {
             Request::Primary { force } => {
                 self.admin(AdminCmd::Promote { force }, "now Primary").await
             }
-            Request::Secondary => match self.held_open("demote") {
-                Some(refusal) => refusal,
-                None => self.admin(AdminCmd::Demote, "now Secondary").await,
+            Request::Secondary { force } => match self.in_use("demote", "secondary", force).await {
+                Err(refused) => Response::Error {
+                    message: refused.to_string(),
+                },
+                Ok(()) => self.admin(AdminCmd::Demote, "now Secondary").await,
             },
             Request::Connect { discard_my_data } => {
                 let armed = if discard_my_data {
@@ -161,9 +254,11 @@ impl Handler for Admin {
                 )
                 .await
             }
-            Request::Down => match self.held_open("take it down") {
-                Some(refusal) => refusal,
-                None => {
+            Request::Down { force } => match self.in_use("take it down", "down", force).await {
+                Err(refused) => Response::Error {
+                    message: refused.to_string(),
+                },
+                Ok(()) => {
                     let _ = self.down.send(true);
                     Response::Ok {
                         message: "shutting down".into(),
@@ -203,6 +298,7 @@ mod tests {
                 node: "alpha".into(),
                 metrics: metrics.clone(),
                 ublk_device: Default::default(),
+                clients: Default::default(),
             };
             let bus = Bus::new("r0", "alpha");
             let sender = bus.sender();

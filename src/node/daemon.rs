@@ -200,6 +200,11 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     );
 
     let (tx, rx) = mpsc::unbounded_channel();
+    let clients = super::frontend::Clients::default();
+    // Until the event loop's first step says the role.
+    clients.set_refusal(Some(format!(
+        "{resource} on {name} is starting: try again in a moment"
+    )));
     let node = Node {
         replica,
         disk: disk.clone(),
@@ -232,6 +237,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
                 .map(|n| n.name.clone())
                 .unwrap_or_default(),
         ),
+        nbd_clients: clients.clone(),
     };
     let event_loop = tokio::spawn(node.run(rx));
 
@@ -247,12 +253,14 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             node: name.to_owned(),
             metrics,
             ublk_device: ublk_device.clone(),
+            clients: clients.clone(),
         }),
     ));
 
     let backend = Replicated {
         tx: tx.clone(),
         disk: disk.clone(),
+        clients,
     };
     let ublk_backend = backend.clone();
     let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));

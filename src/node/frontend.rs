@@ -2,10 +2,12 @@
 //! the resource's event loop, and the answer comes back through a oneshot when the core says
 //! `CompleteClient` (or, for reads, when the local read it allowed finished).
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Input;
 use crate::backend::{Backend, BackendError};
@@ -44,6 +46,86 @@ impl BackendError for Errno {
 pub struct Replicated {
     pub(super) tx: mpsc::UnboundedSender<Input>,
     pub(super) disk: Disk,
+    pub(super) clients: Clients,
+}
+
+/// The NBD clients that opened the replicated export, and whether one may open it now: what
+/// `secondary` and `down` check (like DRBD, which refuses to demote a device held open, since
+/// every later write of its users would fail) and what a client negotiating with a Secondary
+/// is told. The event loop sets the refusal from the role ([`Clients::set_refusal`]).
+#[derive(Clone, Default)]
+pub(crate) struct Clients(Arc<Mutex<ClientsInner>>);
+
+#[derive(Default)]
+struct ClientsInner {
+    refusal: Option<String>,
+    next: u64,
+    open: BTreeMap<u64, OpenClient>,
+}
+
+struct OpenClient {
+    addr: String,
+    close: watch::Sender<bool>,
+}
+
+/// Removes its client from [`Clients`] when the connection ends.
+struct Registered {
+    clients: Clients,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.clients.lock().open.remove(&self.id);
+    }
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClientsInner> {
+        // The data stays consistent under a panic (each change is one map operation).
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why a client may not open the export now (`None`: it may).
+    pub(crate) fn set_refusal(&self, why: Option<String>) {
+        self.lock().refusal = why;
+    }
+
+    /// The addresses of the clients that have the export open, oldest first.
+    pub(crate) fn open(&self) -> Vec<String> {
+        self.lock().open.values().map(|c| c.addr.clone()).collect()
+    }
+
+    /// Ask every open client's connection to end (it answers what it read first).
+    pub(crate) fn close_all(&self) {
+        for c in self.lock().open.values() {
+            let _ = c.close.send(true);
+        }
+    }
+
+    fn register(&self, addr: &str) -> Result<crate::backend::Opened, String> {
+        let mut g = self.lock();
+        if let Some(why) = &g.refusal {
+            return Err(why.clone());
+        }
+        g.next += 1;
+        let id = g.next;
+        let (close, rx) = watch::channel(false);
+        g.open.insert(
+            id,
+            OpenClient {
+                addr: addr.to_owned(),
+                close,
+            },
+        );
+        Ok(crate::backend::Opened {
+            close: Some(rx),
+            guard: Some(Box::new(Registered {
+                clients: self.clone(),
+                id,
+            })),
+        })
+    }
 }
 
 impl Replicated {
@@ -77,8 +159,15 @@ impl Backend for Replicated {
         self.disk.block_size()
     }
     fn read_only(&self) -> bool {
-        // A Secondary serves the export too; its writes fail with EPERM (the core decides).
+        // Opened only on a Primary (see `refuse_open`); the core still refuses a Secondary's
+        // I/O with EPERM, for a client that negotiated before a demotion.
         false
+    }
+    fn refuse_open(&self) -> Option<String> {
+        self.clients.lock().refusal.clone()
+    }
+    fn opened(&self, client: &str) -> Result<crate::backend::Opened, String> {
+        self.clients.register(client)
     }
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<IoBuf, Errno>> + 'static {
         let r = self.call(ClientOp::Read { offset, len });

@@ -116,6 +116,8 @@ struct Node {
     out: Vec<Action>,
     obs: Observe,
     peer_lost: hook::PeerLost,
+    /// The NBD clients of the export (shared with the NBD server and the admin handler).
+    nbd_clients: frontend::Clients,
 }
 
 /// What the operations side watches: the events broadcast and the metrics, plus the driver's
@@ -522,6 +524,15 @@ impl Node {
     fn refresh(&mut self) {
         self.obs.dirty = false;
         let s = self.replica.status();
+        let resource = &self.replica.config().resource;
+        self.nbd_clients
+            .set_refusal((s.role != crate::core::Role::Primary).then(|| {
+                format!(
+                "{resource} is {:?} on {}: only the Primary serves it; connect to the Primary, or \
+                 promote this node first (`twinblk primary {resource}`)",
+                s.role, self.obs.node
+            )
+            }));
         let objects = self.event_objects(&s);
         self.obs.bus.update(objects);
         let m = &self.obs.metrics;

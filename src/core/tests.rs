@@ -2069,6 +2069,7 @@ fn a_trim_zeroes_the_range_on_both_nodes() {
     assert_eq!(zeroes(&out), vec![(2 * BLOCK, (3 * BLOCK) as u32)]);
     let on_b = deliver(&mut b, sends(&out));
     assert_eq!(zeroes(&on_b), vec![(2 * BLOCK, (3 * BLOCK) as u32)]);
+}
 
 /// Issue 17 defect 8: during a resync the source's view of its peer's disk is the target's
 /// truth (Inconsistent), not the UpToDate/Outdated its hello said; so an alert on the

@@ -399,6 +399,11 @@ fn split_brain_is_reported_on_both_and_resolved_by_discard_my_data() {
         assert!(sb["peer_changed_blocks"].as_u64().unwrap_or(0) > 0, "{s}");
         let cmds = format!("{} {}", sb["keep_this_nodes_data"], sb["keep_peers_data"]);
         assert!(cmds.contains("--discard-my-data"), "{s}");
+        // Issue 18: by the nodes' names, not "on node 2".
+        assert!(
+            cmds.contains("on alpha: ") && cmds.contains("on beta: ") && !cmds.contains("node 2"),
+            "{s}"
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     for (i, name) in NAMES.iter().enumerate() {

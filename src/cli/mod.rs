@@ -501,12 +501,17 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
         Some(serde_json::Value::Null) | None => "-".into(),
         Some(v) => v.to_string(),
     };
+    // Sizes as people read them (the JSON keeps bytes).
+    let size = |k: &str| match s.get(k).and_then(|v| v.as_u64()) {
+        Some(n) => crate::meta::dump::human_bytes(n),
+        None => f(k),
+    };
     let mut o = String::new();
     let _ = writeln!(
         o,
         "{} ({}, protocol {})",
         f("resource"),
-        f("size"),
+        size("size"),
         f("protocol")
     );
     let _ = writeln!(o, "  role:        {}    disk: {}", f("role"), f("disk"));
@@ -520,7 +525,7 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
     if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
         let _ = writeln!(o, "  device:      {dev}");
     }
-    let _ = writeln!(o, "  out of sync: {} bytes", f("out_of_sync_bytes"));
+    let _ = writeln!(o, "  out of sync: {}", size("out_of_sync_bytes"));
     if let Some(p) = s
         .get("resync")
         .and_then(|r| r.get("percent"))

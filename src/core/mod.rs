@@ -277,6 +277,9 @@ pub struct Config {
     pub after_sb_0pri: AfterSb0Pri,
     /// Split-brain policy when one node is Primary (both nodes must agree).
     pub after_sb_1pri: AfterSb1Pri,
+    /// The nodes' names by node id (`node_names[id - 1]`), for the commands in a split-brain
+    /// report; a node without one is called `node ID`.
+    pub node_names: Vec<String>,
     #[doc(hidden)]
     pub bug: InjectedBug,
 }
@@ -303,6 +306,7 @@ impl Config {
             stability_bytes: 64 << 20,
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
+            node_names: Vec::new(),
             bug: InjectedBug::None,
         }
     }
@@ -1306,7 +1310,6 @@ impl Replica {
             self.repl
         );
         if self.repl != to {
-            tracing::info!(resource = %self.cfg.resource, from = ?self.repl, ?to, "replication state");
             out.push(Action::Emit(StateChange::Repl {
                 from: self.repl,
                 to,
@@ -2709,8 +2712,13 @@ impl Replica {
             .chain(me.history)
             .find(|&g| g != 0 && (peer.bitmap_gen == Some(g) || peer.history.contains(&g)));
         let r = &self.cfg.resource;
-        let here = format!("node {}", me.node_id);
-        let there = format!("node {}", peer.node_id);
+        let name = |id: u64| {
+            id.checked_sub(1)
+                .and_then(|i| self.cfg.node_names.get(i as usize))
+                .cloned()
+                .unwrap_or_else(|| format!("node {id}"))
+        };
+        let (here, there) = (name(me.node_id), name(peer.node_id));
         SplitBrain {
             reason: reason.to_owned(),
             node_id: me.node_id,

@@ -162,6 +162,8 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     ccfg.csums = cfg.resource.csums;
     ccfg.al_updates = cfg.resource.al_updates;
     ccfg.bitmap_block = store.layout().bitmap_block;
+    // In node-id order (see `node_id`): the split-brain report names the nodes.
+    ccfg.node_names = cfg.nodes.iter().map(|n| n.name.clone()).collect();
     ccfg.al_extents = store.layout().al_extents as usize;
     info!(
         meta = %me.meta.display(),
@@ -277,9 +279,9 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     info!(
         resource = %resource,
         node = %name,
-        "up: {} ({} bytes), NBD on {shown}, admin socket {}",
+        "up: {} ({}), NBD on {shown}, admin socket {}",
         me.disk.display(),
-        disk.size(),
+        crate::meta::dump::human_bytes(disk.size()),
         me.admin.display()
     );
     let ublk = match me.frontend {

@@ -14,6 +14,7 @@
 //! * `notify`: systemd readiness (sd_notify).
 
 mod admin;
+mod change;
 pub mod daemon;
 pub mod events;
 mod frontend;
@@ -41,6 +42,8 @@ use peer::Current;
 
 /// State changes kept for `status`.
 const KEEP_EVENTS: usize = 32;
+/// At most one resync progress line in the log per this interval.
+const PROGRESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a graceful shutdown waits for the peer to ack the data it was sent.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -141,6 +144,8 @@ pub(super) struct Observe {
     /// Why the last established connection ended (not refusals: those are the core's
     /// `last_refusal`); cleared by the next connection.
     pub conn_lost: Option<String>,
+    /// When the last resync progress line was logged.
+    pub progress_logged: Option<Instant>,
 }
 
 impl Observe {
@@ -164,6 +169,7 @@ impl Observe {
             dirty: true,
             rate_sample: (Instant::now(), 0),
             conn_lost: None,
+            progress_logged: None,
         }
     }
 }
@@ -323,8 +329,20 @@ impl Node {
     fn emit(&mut self, change: StateChange) {
         self.obs.dirty = true;
         self.obs.metrics.state_changes.inc();
-        log_change(&self.replica.config().resource, &self.obs.node, &change);
-        let text = format!("{change:?}");
+        let described = change::describe(&change, self.replica.config().bitmap_block);
+        // Progress comes once per percent whatever the resync's length: a line every 10 s is
+        // enough for a log (status, events and metrics have every step).
+        let quiet = matches!(change, StateChange::ResyncProgress { .. })
+            && self
+                .obs
+                .progress_logged
+                .is_some_and(|t| t.elapsed() < PROGRESS_LOG_EVERY);
+        if !quiet {
+            if matches!(change, StateChange::ResyncProgress { .. }) {
+                self.obs.progress_logged = Some(Instant::now());
+            }
+            log_change(&self.replica.config().resource, &self.obs.node, &described);
+        }
         if let StateChange::ConnectionLost { reason } = &change {
             self.last_conn_error = Some(reason.clone());
             self.obs.conn_lost = Some(reason.clone());
@@ -336,7 +354,7 @@ impl Node {
         if self.events.len() == KEEP_EVENTS {
             self.events.pop_front();
         }
-        self.events.push_back(json!({"time": at, "change": text}));
+        self.events.push_back(described.json(at));
     }
 
     fn client(&mut self, op: ClientOp, reply: oneshot::Sender<ClientReply>) {
@@ -459,7 +477,7 @@ impl Node {
             "peer_role": s.peer_role.map(|r| format!("{r:?}")),
             "peer_disk": s.peer_disk.map(|d| format!("{d:?}")),
             "current_gen": s.current_gen,
-            "out_of_sync_bytes": s.dirty_blocks.saturating_mul(block),
+            "out_of_sync_bytes": out_of_sync_blocks(&s).saturating_mul(block),
             "resync": resync,
             "want_connection": s.want_connection,
             "connected": self.current.is_some(),
@@ -557,7 +575,7 @@ impl Node {
         m.connected.set(i64::from(self.current.is_some()));
         let block = self.replica.config().bitmap_block;
         m.out_of_sync_bytes
-            .set(i64::try_from(s.dirty_blocks.saturating_mul(block)).unwrap_or(i64::MAX));
+            .set(i64::try_from(out_of_sync_blocks(&s).saturating_mul(block)).unwrap_or(i64::MAX));
         if s.peer_unacked == 0 {
             // Acks that never came (a connection that ended) must not count forever.
             self.obs.unacked.clear();
@@ -778,40 +796,14 @@ impl Node {
     }
 }
 
-/// One structured log line per state change: resource, node, kind, from, to.
-fn log_change(resource: &str, node: &str, change: &StateChange) {
-    let debug = format!("{change:?}");
-    let variant = debug
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .next()
-        .unwrap_or_default();
-    let mut kind = String::new();
-    for (i, c) in variant.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            kind.push('-');
-        }
-        kind.push(c.to_ascii_lowercase());
-    }
-    let opt = |x: Option<String>| x.unwrap_or_else(|| "none".into());
-    let (from, to) = match change {
-        StateChange::Role { from, to } => (format!("{from:?}"), format!("{to:?}")),
-        StateChange::Disk { from, to } => (format!("{from:?}"), format!("{to:?}")),
-        StateChange::Repl { from, to } => (format!("{from:?}"), format!("{to:?}")),
-        StateChange::PeerDisk { to } => (String::new(), opt(to.map(|d| format!("{d:?}")))),
-        StateChange::PeerRole { to } => (String::new(), opt(to.map(|r| format!("{r:?}")))),
-        StateChange::ResyncStarted { blocks, full } => (
-            String::new(),
-            format!("{blocks} blocks{}", if *full { " (full)" } else { "" }),
-        ),
-        StateChange::Refused { reason } | StateChange::ConnectionLost { reason } => {
-            (String::new(), reason.clone())
-        }
-        _ => (String::new(), debug.clone()),
-    };
-    if matches!(change, StateChange::Refused { .. }) {
-        warn!(resource, node, kind = %kind, from = %from, to = %to, "state change");
+/// One structured log line per state change: resource, node, kind, from/to where the change
+/// has them, and the sentence.
+fn log_change(resource: &str, node: &str, c: &change::Described) {
+    let (kind, from, to) = (c.kind, c.from.as_deref(), c.to.as_deref());
+    if c.kind == "refused" {
+        warn!(resource, node, kind, from, to, "{}", c.text);
     } else {
-        info!(resource, node, kind = %kind, from = %from, to = %to, "state change");
+        info!(resource, node, kind, from, to, "{}", c.text);
     }
 }
 
@@ -837,6 +829,16 @@ impl Node {
             from = first + n;
         }
         self.store.save_bitmap(0, &words)
+    }
+}
+
+/// What is out of sync, the same on both nodes: during a resync, what it has left (the
+/// source's bitmap keeps a bit until the block is stable on the target, the target's loses it
+/// as it writes, so neither bitmap alone follows the resync); else this node's bitmap.
+fn out_of_sync_blocks(s: &crate::core::Status) -> u64 {
+    match s.resync {
+        Some((left, _)) => left,
+        None => s.dirty_blocks,
     }
 }
 

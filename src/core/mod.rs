@@ -2632,9 +2632,10 @@ impl Replica {
                 self.save_meta(out);
             }
             Decision::Source { full } => {
-                // The target goes Inconsistent as it decides (below, `Decision::Target`), before
-                // any resync data, and says so; its hello still said what it was. Until its State
-                // arrives this is the same truth, so no view shows it UpToDate meanwhile.
+                // The target goes Inconsistent as it decides (`Decision::Target`), before any
+                // resync data; its hello still said what it was. Its State (UpToDate) at the
+                // resync's end is the next change, so status, events and metrics show the
+                // target's truth throughout (issue 17 defect 8).
                 if let Some(c) = self.conn.as_mut() {
                     c.peer_disk = Some(DiskState::Inconsistent);
                 }
@@ -2683,11 +2684,6 @@ impl Replica {
             None => Some(h.disk),
         };
         out.push(Action::Emit(StateChange::PeerDisk { to: peer_disk }));
-        // The hello said what this disk was before the decision; a sync target is Inconsistent
-        // now, and the source's view (status, events, metrics) must be this node's truth.
-        if self.repl == ReplState::SyncTarget {
-            self.send_state(out);
-        }
         self.pump_apply(out);
         self.admit(out);
     }

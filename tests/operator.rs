@@ -222,3 +222,30 @@ fn the_cli_agrees_with_the_resource_file_and_with_pipes() {
         text(&o)
     );
 }
+
+/// Issue 18: a missing peer certificate said only `identity: …/nope.crt: No such file or
+/// directory`, after creating the disk image. Now it names the key and the fix, before
+/// touching the disk; a private key others can read is warned about.
+#[test]
+fn a_missing_peer_certificate_names_the_key_and_the_fix_before_creating_the_disk() {
+    let p = Pair::configure("16M", ["", ""]);
+    let text_cfg = std::fs::read_to_string(&p.config).expect("config");
+    let beta_crt = p.path("beta.crt").display().to_string();
+    let nope = p.path("nope.crt").display().to_string();
+    std::fs::write(&p.config, text_cfg.replace(&beta_crt, &nope)).expect("write config");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p.path("alpha.key"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    let o = p.cli(0, &["up"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("node.beta.cert") && t.contains("nope.crt") && t.contains("node.beta.pin"),
+        "the key and both fixes are named: {t}"
+    );
+    assert!(t.contains("readable by other users"), "{t}");
+    assert!(
+        !p.path("alpha.img").exists(),
+        "no disk image is created before a refusal"
+    );
+}

@@ -105,10 +105,25 @@ impl LinkConfig {
         let peer = cfg
             .peer_of(local)
             .map_err(|e| NetError::Key(e.to_string()))?;
-        let identity = Identity::load(&me.cert, &me.key)?;
+        let identity = Identity::load(&me.cert, &me.key).map_err(|e| {
+            NetError::Key(format!(
+                "node.{n}.cert / node.{n}.key: {e}; create them with `twinblk keygen --name {n} \
+                 --out DIR` on this node (then give the peer the .crt or its pin)",
+                n = me.name
+            ))
+        })?;
+        warn_if_readable(&me.key, &me.name);
         let peer_pin = match &peer.pin {
             Some(p) => p.clone(),
-            None => super::keys::pin_of_cert_file(&peer.cert)?,
+            None => super::keys::pin_of_cert_file(&peer.cert).map_err(|e| {
+                NetError::Key(format!(
+                    "node.{n}.cert (the peer's certificate): {e}; copy {n}'s .crt (written by \
+                     `twinblk keygen --name {n}` on {n}) to {path}, or set node.{n}.pin to the \
+                     pin keygen printed there",
+                    n = peer.name,
+                    path = peer.cert.display()
+                ))
+            })?,
         };
         let r = &cfg.resource;
         Ok(LinkConfig {
@@ -131,6 +146,21 @@ impl LinkConfig {
                 ..Tuning::default()
             },
         })
+    }
+}
+
+/// A private key others can read is no longer private: say so (DRBD's tools and ssh do too).
+fn warn_if_readable(key: &std::path::Path, node: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(key) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "node.{node}.key {} is readable by other users (mode {:o}): anyone who can read \
+                 it can impersonate {node}; chmod 600 it",
+                key.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
     }
 }
 

@@ -119,7 +119,9 @@ pub fn run(config: &Path, node: &str, threads: usize) -> Result<(), UpError> {
 async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     let me = cfg.node_named(name)?.clone();
     let resource = cfg.resource.name.clone();
-    // The metadata first: any refusal leaves the disk and the metadata untouched.
+    // Keys and certificates first (a missing peer certificate is a typo away), then the
+    // metadata: any refusal leaves the disk and the metadata untouched (no image created).
+    let link_cfg = LinkConfig::from_config(&cfg, name)?;
     let (store, restored) = MetaStore::open(
         &me.meta,
         &Expect {
@@ -175,7 +177,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         "metadata loaded"
     );
     let replica = Replica::restore(ccfg, restored);
-    let link = PeerLink::bind(LinkConfig::from_config(&cfg, name)?)?;
+    let link = PeerLink::bind(link_cfg)?;
 
     // Operations: metrics (if configured) and the events objects.
     let peer_name = cfg

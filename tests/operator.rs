@@ -249,3 +249,29 @@ fn a_missing_peer_certificate_names_the_key_and_the_fix_before_creating_the_disk
         "no disk image is created before a refusal"
     );
 }
+
+/// Issue 18: right after the Primary dies the survivor still says `Primary … Established`
+/// until the timeout; now it says how long the peer has been silent and when it will be
+/// declared dead.
+#[test]
+fn a_silent_peer_shows_when_it_was_last_heard() {
+    let p = Pair::new("16M", ["", ""]);
+    p.primary_force();
+    p.wait_in_sync();
+    let pid = nix::unistd::Pid::from_raw(p.children[0].as_ref().expect("alpha").id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let s = p.wait(1, "the frozen peer to be silent for 2 s", |s| {
+        s["peer_last_heard_secs"].as_u64().is_some_and(|a| a >= 2)
+    });
+    let human = text(&p.cli(1, &["status"]));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(s["connected"], true, "{s}");
+    assert!(
+        s["peer_timeout_secs"].as_u64().is_some_and(|t| t >= 2),
+        "{s}"
+    );
+    assert!(
+        human.contains("peer last heard") && human.contains("declared dead after"),
+        "{human}"
+    );
+}

@@ -522,6 +522,20 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
         f("peer_disk")
     );
     let _ = writeln!(o, "  replication: {}", f("repl"));
+    // A peer that died still shows as connected until the timeout: say how long it has been
+    // silent (keep-alives arrive every `ping-interval`, so a few seconds is already news).
+    if let (Some(ago), Some(timeout)) = (
+        s.get("peer_last_heard_secs").and_then(|v| v.as_u64()),
+        s.get("peer_timeout_secs").and_then(|v| v.as_u64()),
+    ) {
+        if ago >= 2 {
+            let _ = writeln!(
+                o,
+                "  peer last heard {ago} s ago: declared dead after {timeout} s without a word \
+                 (`timeout`), then this node can be promoted"
+            );
+        }
+    }
     if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
         let _ = writeln!(o, "  device:      {dev}");
     }

@@ -242,6 +242,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
                 .unwrap_or_default(),
         ),
         nbd_clients: clients.clone(),
+        peer_timeout: cfg.resource.timeout,
     };
     let event_loop = tokio::spawn(node.run(rx));
 

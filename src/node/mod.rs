@@ -119,6 +119,8 @@ struct Node {
     out: Vec<Action>,
     obs: Observe,
     peer_lost: hook::PeerLost,
+    /// The resource's `timeout`: a peer heard nothing from for this long is declared dead.
+    peer_timeout: std::time::Duration,
     /// The NBD clients of the export (shared with the NBD server and the admin handler).
     nbd_clients: frontend::Clients,
 }
@@ -481,6 +483,9 @@ impl Node {
             "resync": resync,
             "want_connection": s.want_connection,
             "connected": self.current.is_some(),
+            // A dead peer still looks connected until `timeout` passes without a word.
+            "peer_last_heard_secs": self.current.as_ref().map(|c| c.last_heard().as_secs()),
+            "peer_timeout_secs": self.peer_timeout.as_secs(),
             "last_refusal": s.last_refusal,
             "last_connection_error": conn.and_then(|c| c.last_error).or_else(|| self.last_conn_error.clone()),
             "last_auth_error": self.link.last_auth_error(),
@@ -599,6 +604,10 @@ impl Node {
 
     /// Once a second: resync rate, and the objects (resync progress shows as `done:`).
     fn tick(&mut self) {
+        // Sampled every second, so `status` dates the last datagram to within a second.
+        if let Some(c) = &self.current {
+            c.last_heard();
+        }
         let now = Instant::now();
         let bytes = self.obs.metrics.resync_bytes.get();
         let (then, before) = self.obs.rate_sample;

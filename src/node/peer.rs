@@ -20,9 +20,23 @@ pub(super) struct Current {
     control: FrameSender,
     data: Vec<FrameSender>,
     handle: ConnHandle,
+    /// UDP datagrams received so far, and when that count last grew: when the peer was last
+    /// heard (keep-alives included), for `status` while a dead peer is not yet timed out.
+    heard: std::cell::Cell<(u64, std::time::Instant)>,
 }
 
 impl Current {
+    /// How long ago anything (data, acks, QUIC keep-alives) arrived from the peer.
+    pub fn last_heard(&self) -> std::time::Duration {
+        let now = self.handle.stats().udp_rx.datagrams;
+        let (seen, at) = self.heard.get();
+        if now != seen {
+            self.heard.set((now, std::time::Instant::now()));
+            return std::time::Duration::ZERO;
+        }
+        at.elapsed()
+    }
+
     /// Take over `conn` as connection `id`: start its senders and its receive pump.
     pub fn start(id: u64, conn: PeerConn, events: mpsc::UnboundedSender<Input>) -> Current {
         let PeerConn {
@@ -37,6 +51,7 @@ impl Current {
             control,
             data,
             handle: handle.clone(),
+            heard: std::cell::Cell::new((0, std::time::Instant::now())),
         };
         tokio::spawn(async move {
             let mut reason = None;

@@ -50,8 +50,12 @@
 //! * [`Action::SyncData`]: make every *completed* data write stable now (fdatasync the data
 //!   device), before any later action of the batch runs (the same flush as the activity log's
 //!   pre-flush, without a transaction).
-//! * Clean shutdown: after the last I/O, execute the actions of [`Replica::persist`] (changed
-//!   bitmap words, then the metadata).
+//! * Graceful stop (`twinblk down`): stop the clients (answer every request), then send
+//!   [`Event::Stop`] and go on executing actions until [`Action::Stopped`]; then close the
+//!   transport and exit. The persisting is already done by the actions before it.
+//! * [`Action::FencePeer`]: run the fence (`on-peer-lost` hook) and report its exit as
+//!   [`Event::Fenced`] with the same episode. The core decides when to ask, what a failure
+//!   means and when to ask again.
 //!
 //! # What the core guarantees
 //!
@@ -142,6 +146,26 @@
 //!   crashed Primary restarts with the whole device dirty.
 //! * A local write error on the Primary fails that request and, if connected, reconnects so the
 //!   region is resynced; a write error on the Secondary makes it Inconsistent and disconnects.
+//! * Fencing ([`Config::fencing`], `on-peer-lost`): when the transport reports the loss of a
+//!   connection past its handshake on which the peer was UpToDate, a Primary freezes: the writes waiting for the
+//!   peer are not answered and no new write starts (reads are served) until [`Event::Fenced`]
+//!   says the peer is fenced, the peer connects again (the handshake then compares
+//!   generations), or the operator runs `disconnect`. The loss itself is processed at once
+//!   (the transfer log goes to the bitmap), so a stop or crash during the freeze forgets
+//!   nothing. A failed fence is asked again after [`Config::fence_retry`].
+//! * Graceful stop ([`Event::Stop`]): no new connection or request is accepted; a stability
+//!   point goes out at once, and the stop waits until the local I/O is done and the peer acked
+//!   and made stable everything it was sent, or the connection is lost, or
+//!   [`Config::stop_drain`] passes. Then, in this order: the connection is closed (the transfer
+//!   log lands in the bitmap), the data device is synced ([`Action::SyncData`]), every bitmap
+//!   word is saved, and only then the metadata stops saying Primary: a crash at any point in
+//!   between restarts as a crashed Primary whose activity log covers what the bitmap may miss.
+//!   If local writes are still in flight when the drain ends, "not Primary" is never saved
+//!   (the activity log stays in force); [`StopOutcome`] says which. The writes the peer lacks
+//!   are resynced from this node's bitmap after the restart (handshake rule 5: same
+//!   generation, only this side changed).
+//! * Promotion connects again after a refusal (e.g. no UpToDate node before the first
+//!   `primary --force`), unless the operator said `disconnect`.
 //!
 //! # Not yet here
 //!
@@ -225,6 +249,29 @@ pub enum InjectedBug {
     /// stream), and a promotion does not wait for the former Primary's data still arriving
     /// (issue 17, defect 3).
     DemoteWithoutPeer,
+    /// A graceful stop forgets the transfer log (writes sent but not stable on the peer) instead
+    /// of adding it to the bitmap (issue 17, defect 2).
+    StopDropsTransferLog,
+    /// A graceful stop saves "not Primary" before the bitmap (issue 17, defect 2): a crash
+    /// between the two loses the bits only the activity log covered.
+    StopSavesMetaBeforeBitmap,
+    /// A Primary that lost its UpToDate peer with fencing configured completes the waiting
+    /// writes at once instead of freezing until the peer is fenced.
+    NoFreezeOnPeerLost,
+}
+
+/// What a Primary does when it loses a connection on which the peer was UpToDate (resource key
+/// `on-peer-lost`, DRBD's `fencing resource-and-stonith`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fencing {
+    /// Go on alone at once: the writes waiting for the peer complete, new ones are marked in
+    /// the bitmap.
+    #[default]
+    Off,
+    /// Freeze: no write completes or starts (reads are served) until the driver reports the
+    /// peer fenced ([`Action::FencePeer`], [`Event::Fenced`]), the peer connects again, or the
+    /// operator disconnects.
+    FreezeUntilFenced,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +327,14 @@ pub struct Config {
     /// The nodes' names by node id (`node_names[id - 1]`), for the commands in a split-brain
     /// report; a node without one is called `node ID`.
     pub node_names: Vec<String>,
+    /// A graceful stop ([`Event::Stop`], `twinblk down`) waits at most this long (nanoseconds)
+    /// for the peer to ack and make stable everything it was sent. Default 30 s.
+    pub stop_drain: u64,
+    /// See [`Fencing`].
+    pub fencing: Fencing,
+    /// After a failed fence ([`Event::Fenced`] with an error), ask again after this long
+    /// (nanoseconds). Default 5 s.
+    pub fence_retry: u64,
     #[doc(hidden)]
     pub bug: InjectedBug,
 }
@@ -307,6 +362,9 @@ impl Config {
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
             node_names: Vec::new(),
+            stop_drain: 30_000_000_000,
+            fencing: Fencing::Off,
+            fence_retry: 5_000_000_000,
             bug: InjectedBug::None,
         }
     }
@@ -411,6 +469,10 @@ pub enum TimerKind {
     Resync,
     /// Time for a stability point (a flush barrier) on connection `conn`.
     Stability { conn: u64 },
+    /// A graceful stop's drain ends ([`Config::stop_drain`]).
+    StopDrain,
+    /// Ask again to fence the peer after a failed attempt of freeze `episode`.
+    FenceRetry { episode: u64 },
 }
 
 /// Input to the core.
@@ -460,6 +522,15 @@ pub enum Event {
     Admin {
         tag: u64,
         cmd: AdminCmd,
+    },
+    /// Graceful stop (`twinblk down`), after the clients are gone: drain, persist, then
+    /// [`Action::Stopped`]. See "Graceful stop" in the module docs.
+    Stop,
+    /// The answer to [`Action::FencePeer`] for freeze `episode`: `Ok` once the peer is fenced
+    /// (the `on-peer-lost` hook exited 0), else why not.
+    Fenced {
+        episode: u64,
+        result: Result<(), String>,
     },
 }
 
@@ -595,6 +666,122 @@ pub enum Action {
         tag: u64,
         result: Result<(), String>,
     },
+    /// Fence the peer (run the `on-peer-lost` hook) and report [`Event::Fenced`] with the same
+    /// `episode`. Writes are frozen meanwhile; `attempt` counts from 1.
+    FencePeer {
+        episode: u64,
+        attempt: u32,
+    },
+    /// The graceful stop is over: everything it could persist is persisted (in the actions
+    /// before this one). The driver closes its transport and exits; the core does nothing more.
+    Stopped(StopOutcome),
+}
+
+/// How a graceful stop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopOutcome {
+    pub drain: Drain,
+    /// `Ok`: the metadata says "not Primary" after the bitmap was made durable. `Err`: it still
+    /// says Primary, so the next start adds the activity log to the bitmap.
+    pub persisted: Result<(), StopIncomplete>,
+}
+
+/// How the stop's drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Not connected when the stop began.
+    NotConnected,
+    /// The peer acked and made stable everything it was sent.
+    Drained,
+    /// The connection was lost during the drain: what was not stable is in the bitmap.
+    PeerLost,
+    /// [`Config::stop_drain`] passed: what was not stable is in the bitmap.
+    Expired { unacked: usize, unstable: usize },
+}
+
+impl std::fmt::Display for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drain::NotConnected => write!(f, "not connected"),
+            Drain::Drained => write!(f, "the peer has everything, stable"),
+            Drain::PeerLost => write!(
+                f,
+                "the connection was lost during the drain; what the peer lacks is marked for resync"
+            ),
+            Drain::Expired { unacked, unstable } => write!(
+                f,
+                "the peer did not ack ({unacked}) or make stable ({unstable}) every write in \
+                 time; they are marked for resync"
+            ),
+        }
+    }
+}
+
+/// Why a graceful stop could not persist "not Primary".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopIncomplete {
+    /// Local writes (or an activity-log transaction) never completed before the drain ended.
+    LocalWritesInFlight { writes: usize },
+}
+
+impl std::fmt::Display for StopIncomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopIncomplete::LocalWritesInFlight { writes } => write!(
+                f,
+                "{writes} local writes did not complete in time: the metadata still says \
+                 Primary, so the next start resyncs the activity log's extents"
+            ),
+        }
+    }
+}
+
+/// Where a graceful stop is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopState {
+    Running,
+    Draining {
+        /// The drain's deadline passed.
+        expired: bool,
+        /// Connected when the stop began.
+        was_connected: bool,
+    },
+    /// `clean`: "not Primary" was persisted after everything else.
+    Stopped {
+        clean: bool,
+    },
+}
+
+/// A Primary lost its UpToDate peer with [`Fencing::FreezeUntilFenced`]: writes wait.
+#[derive(Debug)]
+struct Freeze {
+    episode: u64,
+    attempt: u32,
+    /// Requests done but not yet answered.
+    held: Vec<ReqId>,
+    since: u64,
+    last_error: Option<String>,
+}
+
+/// The fencing freeze, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeStatus {
+    /// When it began (the core's clock, nanoseconds).
+    pub since: u64,
+    /// Fence attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Whether losing the connection may freeze writes ([`Fencing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnLoss {
+    /// A loss the transport reported: fence if configured and the peer was UpToDate.
+    MayFence,
+    /// This node closed it (an operator's `disconnect`, the graceful stop, a protocol error it
+    /// reconnects after).
+    NoFence,
 }
 
 /// Why two nodes refuse to connect after a split brain, and how to resolve it.
@@ -650,6 +837,10 @@ pub struct Status {
     pub bitmap_known: bool,
     /// The running or last verify on this node.
     pub verify: Option<verify::VerifyStatus>,
+    /// Writes are frozen until the lost peer is fenced ([`Fencing::FreezeUntilFenced`]).
+    pub frozen: Option<FreezeStatus>,
+    /// A graceful stop ([`Event::Stop`]) began.
+    pub stopping: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -878,6 +1069,12 @@ pub struct Replica {
     /// acknowledged stable: the role changes, and the peer hears of it, only then (see
     /// `start_demotion`).
     demoting: Option<u64>,
+    stop: StopState,
+    freeze: Option<Freeze>,
+    /// Freezes so far (each one's fence reports carry its number).
+    fence_episodes: u64,
+    /// The operator said `disconnect` (and not `connect` since): a promotion does not connect.
+    admin_disconnected: bool,
 }
 
 impl Replica {
@@ -958,6 +1155,10 @@ impl Replica {
             verify_runs: 0,
             csum_spans: Default::default(),
             demoting: None,
+            stop: StopState::Running,
+            freeze: None,
+            fence_episodes: 0,
+            admin_disconnected: false,
             cfg,
         }
     }
@@ -973,8 +1174,10 @@ impl Replica {
             bitmap_gen: self.bitmap_gen,
             history: self.history,
             disk: self.disk,
-            primary: self.role == Role::Primary,
-            no_activity_log: self.role == Role::Primary && !self.cfg.al_updates,
+            primary: self.role == Role::Primary && !self.stopped_clean(),
+            no_activity_log: self.role == Role::Primary
+                && !self.cfg.al_updates
+                && !self.stopped_clean(),
             resync_resumable: self.disk == DiskState::Inconsistent && self.bitmap_known,
         }
     }
@@ -1013,12 +1216,26 @@ impl Replica {
             history: self.history,
             bitmap_known: self.bitmap_known,
             verify: self.verify_status(),
+            frozen: self.freeze.as_ref().map(|f| FreezeStatus {
+                since: f.since,
+                attempts: f.attempt,
+                last_error: f.last_error.clone(),
+            }),
+            stopping: self.stop != StopState::Running,
         }
+    }
+
+    fn stopped_clean(&self) -> bool {
+        self.stop == StopState::Stopped { clean: true }
     }
 
     /// Feeds one event; appends the resulting actions to `out`.
     pub fn handle(&mut self, ev: Event, now: u64, out: &mut Vec<Action>) {
         self.now = now;
+        if matches!(self.stop, StopState::Stopped { .. }) {
+            self.after_stop(ev, out);
+            return;
+        }
         match ev {
             Event::ClientWrite {
                 req,
@@ -1053,7 +1270,7 @@ impl Replica {
             Event::ConnectionUp { conn } => self.connection_up(conn, out),
             Event::ConnectionDown { conn, reason } => {
                 if self.conn.as_ref().is_some_and(|c| c.id == conn) {
-                    self.lose_connection(&reason, out);
+                    self.lose_connection(&reason, OnLoss::MayFence, out);
                 }
             }
             Event::Peer { conn, msg } => {
@@ -1090,18 +1307,41 @@ impl Replica {
                 tag,
                 cmd: AdminCmd::Demote,
             } if self.demotion_must_wait() => self.start_demotion(tag, out),
+            Event::Timer(TimerKind::StopDrain) => {
+                if let StopState::Draining { expired, .. } = &mut self.stop {
+                    *expired = true;
+                }
+            }
+            Event::Timer(TimerKind::FenceRetry { episode }) => {
+                if let Some(f) = self.freeze.as_mut().filter(|f| f.episode == episode) {
+                    f.attempt += 1;
+                    out.push(Action::FencePeer {
+                        episode,
+                        attempt: f.attempt,
+                    });
+                }
+            }
             Event::Admin { tag, cmd } => {
                 let role = self.role;
-                let result = self.admin(cmd, out);
+                let result = if self.stop == StopState::Running {
+                    self.admin(cmd, out)
+                } else {
+                    Err("this node is shutting down (twinblk down)".into())
+                };
                 if self.role != role {
                     self.verify_role_changed(out);
                 }
                 out.push(Action::AdminDone { tag, result });
             }
+            Event::Stop => self.begin_stop(out),
+            Event::Fenced { episode, result } => self.fenced(episode, result, out),
         }
         if self.al_full && self.al_txn.is_none() {
             self.al_full = false;
             self.pump_issue(out);
+        }
+        if matches!(self.stop, StopState::Draining { .. }) {
+            self.try_finish_stop(out);
         }
         #[cfg(debug_assertions)]
         if let Err(e) = self.check_invariants() {
@@ -1233,7 +1473,7 @@ impl Replica {
         }
         // A crash of a Primary must restart as a crashed Primary (its activity log counts). The
         // converse may lag: a restarted crashed Primary is Secondary until it saves again.
-        if self.role == Role::Primary && !self.persisted_primary {
+        if self.role == Role::Primary && !self.persisted_primary && !self.stopped_clean() {
             return Err("Primary, but the metadata does not say so".into());
         }
         Ok(())
@@ -1381,10 +1621,14 @@ impl Replica {
     fn client_op(&mut self, req: ReqId, offset: u64, len: u64, op: Op, out: &mut Vec<Action>) {
         // A demotion waiting for the peer: a new write would extend the tail it waits for.
         let demoting = self.demoting.is_some() && !matches!(op, Op::Flush);
-        if let Err(e) = self
-            .may_serve(offset, len)
-            .and(if demoting { Err(EPERM) } else { Ok(()) })
-        {
+        let allowed = if self.stop == StopState::Running {
+            self.may_serve(offset, len)
+                .and(if demoting { Err(EPERM) } else { Ok(()) })
+        } else {
+            // The driver stops its clients before the stop; a late one is not started.
+            Err(EIO)
+        };
+        if let Err(e) = allowed {
             out.push(Action::CompleteClient {
                 req,
                 result: Err(e),
@@ -1407,7 +1651,7 @@ impl Replica {
     /// handshake; async: while the send buffer has room).
     fn admit(&mut self, out: &mut Vec<Action>) {
         while let Some((_, op, _)) = self.admit_q.front() {
-            if self.handshaking() {
+            if self.handshaking() || self.freeze.is_some() {
                 break;
             }
             let bytes = match op {
@@ -1940,13 +2184,6 @@ impl Replica {
         }
     }
 
-    /// For a clean shutdown: the actions that persist everything only held in memory (changed
-    /// bitmap words, then the metadata). Execute them like any batch, after the last I/O.
-    pub fn persist(&mut self, out: &mut Vec<Action>) {
-        self.flush_bitmap(out);
-        self.save_meta(out);
-    }
-
     /// Starts a new data generation: the old one becomes the bitmap generation (what the dirty
     /// bitmap is relative to) or, when there already is one, history.
     ///
@@ -2001,6 +2238,13 @@ impl Replica {
             .reqs
             .get(&req)
             .is_some_and(|r| !r.unissued && !r.local && !r.peer);
+        if let Some(f) = self.freeze.as_mut().filter(|_| done) {
+            // Frozen: answered once the peer is fenced (see `unfreeze`).
+            if !f.held.contains(&req) {
+                f.held.push(req);
+            }
+            return;
+        }
         if done {
             if let Some(r) = self.reqs.remove(&req) {
                 if r.write {
@@ -2234,6 +2478,13 @@ impl Replica {
     }
 
     fn connection_up(&mut self, conn: u64, out: &mut Vec<Action>) {
+        if self.stop != StopState::Running {
+            out.push(Action::CloseConnection {
+                conn,
+                reason: "the peer is shutting down (twinblk down)".into(),
+            });
+            return;
+        }
         if !self.want_connect {
             out.push(Action::CloseConnection {
                 conn,
@@ -2244,6 +2495,9 @@ impl Replica {
         if self.conn.is_some() {
             self.close("replaced by a new connection", out);
         }
+        // The peer is back: the handshake compares generations, so a promotion behind this
+        // node's back is found there (as a split brain), not by waiting for the fence.
+        self.unfreeze(out);
         let hello = self.my_hello();
         self.conn = Some(Conn {
             id: conn,
@@ -2284,13 +2538,43 @@ impl Replica {
             conn,
             reason: reason.to_owned(),
         });
-        self.lose_connection(reason, out);
+        self.lose_connection(reason, OnLoss::NoFence, out);
     }
 
-    fn lose_connection(&mut self, reason: &str, out: &mut Vec<Action>) {
+    fn lose_connection(&mut self, reason: &str, on_loss: OnLoss, out: &mut Vec<Action>) {
         let Some(c) = self.conn.take() else {
             return;
         };
+        // Fencing: the peer was UpToDate, so a cluster manager may promote it now. Nothing
+        // this node does from here may be acknowledged until the peer is fenced: freeze before
+        // the waiting writes below would complete.
+        if on_loss == OnLoss::MayFence
+            && self.cfg.fencing == Fencing::FreezeUntilFenced
+            && self.cfg.bug != InjectedBug::NoFreezeOnPeerLost
+            && self.role == Role::Primary
+            && c.decided
+            && c.peer_disk == Some(DiskState::UpToDate)
+            && self.freeze.is_none()
+        {
+            self.fence_episodes += 1;
+            let episode = self.fence_episodes;
+            tracing::warn!(
+                resource = %self.cfg.resource,
+                reason,
+                "lost the UpToDate peer while Primary; writes are frozen until it is fenced"
+            );
+            self.freeze = Some(Freeze {
+                episode,
+                attempt: 1,
+                held: Vec::new(),
+                since: self.now,
+                last_error: None,
+            });
+            out.push(Action::FencePeer {
+                episode,
+                attempt: 1,
+            });
+        }
         // Requests waiting for the peer complete without it, but only after the generation
         // that names their data is durable (below).
         let waiting: Vec<ReqId> = c
@@ -2461,7 +2745,12 @@ impl Replica {
                 if let Some(c) = self.conn.as_mut() {
                     let role_changed = c.peer_role != Some(s.role);
                     let disk_changed = c.peer_disk != Some(s.disk);
-                    disk_up_to_date = disk_changed && s.disk == DiskState::UpToDate;
+                    // Any UpToDate state confirms, not only a change: when the source
+                    // already showed its target as UpToDate (before the decision set it
+                    // Inconsistent), the missed confirmation left a stale bitmap generation
+                    // persisted, and after a crash both nodes decided to be the source
+                    // (simulator seed 1914 with downs).
+                    disk_up_to_date = s.disk == DiskState::UpToDate;
                     c.peer_role = Some(s.role);
                     c.peer_disk = Some(s.disk);
                     if role_changed {
@@ -3387,6 +3676,195 @@ impl Replica {
 
     // ---- admin ----
 
+    // ---- fencing freeze ----
+
+    fn fenced(&mut self, episode: u64, result: Result<(), String>, out: &mut Vec<Action>) {
+        let Some(f) = self.freeze.as_mut().filter(|f| f.episode == episode) else {
+            // An episode that ended otherwise (the peer came back, `disconnect`): nothing held.
+            return;
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(resource = %self.cfg.resource, "the peer is fenced: going on without it");
+                self.unfreeze(out);
+            }
+            Err(e) => {
+                tracing::error!(
+                    resource = %self.cfg.resource,
+                    attempt = f.attempt,
+                    "fencing the peer FAILED: {e}; writes stay frozen (the peer may be promoted \
+                     elsewhere); retrying. Fix the fencing, or bring the peer back, or \
+                     `twinblk disconnect` to continue alone at your own risk"
+                );
+                f.last_error = Some(e);
+                out.push(Action::ArmTimer {
+                    kind: TimerKind::FenceRetry { episode },
+                    at: self.now.saturating_add(self.cfg.fence_retry),
+                });
+            }
+        }
+    }
+
+    /// Ends the freeze: the requests it held are answered, the waiting ones admitted.
+    fn unfreeze(&mut self, out: &mut Vec<Action>) {
+        let Some(f) = self.freeze.take() else {
+            return;
+        };
+        for req in f.held {
+            self.try_complete(req, out);
+        }
+        self.admit(out);
+    }
+
+    // ---- graceful stop ----
+
+    /// `twinblk down`: stop connecting, and let the current connection deliver what it was
+    /// sent. A stability point goes out at once, so the drain ends when the peer made every
+    /// write stable, not at the next stability interval.
+    fn begin_stop(&mut self, out: &mut Vec<Action>) {
+        if self.stop != StopState::Running {
+            return;
+        }
+        self.want_connect = false;
+        self.stop = StopState::Draining {
+            expired: false,
+            was_connected: self.conn.is_some(),
+        };
+        out.push(Action::ArmTimer {
+            kind: TimerKind::StopDrain,
+            at: self.now.saturating_add(self.cfg.stop_drain),
+        });
+        if self.replicating() && self.conn.as_ref().is_some_and(|c| c.unflushed_writes > 0) {
+            self.stability_point();
+            self.pump_issue(out);
+        }
+    }
+
+    /// Local writes not yet completed, the activity-log transaction included.
+    fn local_writes_in_flight(&self) -> usize {
+        let writes = self
+            .inflight
+            .values()
+            .filter(|io| {
+                matches!(
+                    io.kind,
+                    IoKind::Client { .. } | IoKind::Peer { .. } | IoKind::PeerResync { .. }
+                )
+            })
+            .count();
+        writes + usize::from(self.al_txn.is_some())
+    }
+
+    /// The peer acked and made stable everything it was sent (trivially when not connected,
+    /// or before the handshake decided: nothing was sent).
+    fn peer_drained(&self) -> bool {
+        self.conn.as_ref().map_or(true, |c| {
+            !c.decided || (c.awaiting_ack.is_empty() && self.tl.is_empty())
+        })
+    }
+
+    fn try_finish_stop(&mut self, out: &mut Vec<Action>) {
+        let StopState::Draining { expired, .. } = self.stop else {
+            return;
+        };
+        let held = self.freeze.as_ref().map_or(0, |f| f.held.len());
+        let local_idle = self.inflight.is_empty()
+            && self.al_txn.is_none()
+            && self.reqs.len() == held
+            && self.admit_q.is_empty();
+        if expired || (local_idle && self.peer_drained()) {
+            self.finish_stop(out);
+        }
+    }
+
+    /// The stop's persist order: the transfer log lands in the bitmap (closing the
+    /// connection), the data is made stable, the bitmap is made durable, and only then the
+    /// metadata stops saying Primary. If local writes are still in flight (the drain expired
+    /// with a hung disk), "not Primary" is never saved: the next start adds the activity log.
+    fn finish_stop(&mut self, out: &mut Vec<Action>) {
+        let StopState::Draining { was_connected, .. } = self.stop else {
+            return;
+        };
+        let drain = match self.conn.as_ref() {
+            None if was_connected => Drain::PeerLost,
+            None => Drain::NotConnected,
+            Some(_) if self.peer_drained() => Drain::Drained,
+            Some(c) => Drain::Expired {
+                unacked: c.awaiting_ack.len(),
+                unstable: self.tl.len(),
+            },
+        };
+        if self.cfg.bug == InjectedBug::StopDropsTransferLog {
+            self.tl.clear();
+        }
+        if let Some(conn) = self.conn.as_ref().map(|c| c.id) {
+            let reason = "the peer is shutting down (twinblk down)";
+            out.push(Action::CloseConnection {
+                conn,
+                reason: reason.into(),
+            });
+            self.lose_connection(reason, OnLoss::NoFence, out);
+        }
+        // Requests not started yet never will be (the driver stopped its clients first).
+        for (req, _, _) in std::mem::take(&mut self.admit_q) {
+            out.push(Action::CompleteClient {
+                req,
+                result: Err(EIO),
+            });
+        }
+        // Nothing more is written: what the freeze held is on the local disk and, if the peer
+        // lacks it, in the bitmap.
+        self.unfreeze(out);
+        let writes = self.local_writes_in_flight();
+        let persisted = if writes > 0 {
+            self.flush_bitmap(out);
+            self.stop = StopState::Stopped { clean: false };
+            Err(StopIncomplete::LocalWritesInFlight { writes })
+        } else {
+            out.push(Action::SyncData);
+            if self.cfg.bug == InjectedBug::StopSavesMetaBeforeBitmap {
+                self.stop = StopState::Stopped { clean: true };
+                out.push(Action::SaveMeta(self.meta()));
+                self.persisted_primary = false;
+            }
+            self.flush_bitmap(out);
+            self.stop = StopState::Stopped { clean: true };
+            self.save_meta(out);
+            Ok(())
+        };
+        tracing::info!(resource = %self.cfg.resource, %drain, ?persisted, "stopped");
+        out.push(Action::Stopped(StopOutcome { drain, persisted }));
+    }
+
+    /// After [`Action::Stopped`] the driver is exiting: answer what must be answered, start
+    /// nothing.
+    fn after_stop(&mut self, ev: Event, out: &mut Vec<Action>) {
+        match ev {
+            Event::ClientWrite { req, .. }
+            | Event::ClientTrim { req, .. }
+            | Event::ClientWriteZeroes { req, .. }
+            | Event::ClientFlush { req }
+            | Event::ClientRead { req, .. } => out.push(Action::CompleteClient {
+                req,
+                result: Err(EIO),
+            }),
+            Event::Admin { tag, .. } => out.push(Action::AdminDone {
+                tag,
+                result: Err("this node has shut down (twinblk down)".into()),
+            }),
+            Event::ConnectionUp { conn } => out.push(Action::CloseConnection {
+                conn,
+                reason: "the peer is shutting down (twinblk down)".into(),
+            }),
+            Event::DiskDone { .. }
+            | Event::ConnectionDown { .. }
+            | Event::Peer { .. }
+            | Event::Timer(_)
+            | Event::Stop
+            | Event::Fenced { .. } => {}
+        }
+    }
+
     fn admin(&mut self, cmd: AdminCmd, out: &mut Vec<Action>) -> Result<(), String> {
         match cmd {
             AdminCmd::Promote { force } => {
@@ -3474,6 +3952,16 @@ impl Replica {
                 self.set_role(Role::Primary, out);
                 self.save_meta(out);
                 self.send_state(out);
+                // A connection refused because neither side had good data (the usual state
+                // before the first `primary --force`) is worth trying again now; not after
+                // the operator's `disconnect`.
+                if !self.want_connect && !self.admin_disconnected {
+                    self.want_connect = true;
+                    self.last_refusal = None;
+                    if self.repl == ReplState::StandAlone {
+                        self.set_repl(ReplState::Connecting, out);
+                    }
+                }
                 Ok(())
             }
             AdminCmd::Demote => {
@@ -3505,6 +3993,7 @@ impl Replica {
             }
             AdminCmd::Connect => {
                 self.want_connect = true;
+                self.admin_disconnected = false;
                 self.last_refusal = None;
                 if self.repl == ReplState::StandAlone {
                     self.set_repl(ReplState::Connecting, out);
@@ -3548,7 +4037,10 @@ impl Replica {
             }
             AdminCmd::Disconnect => {
                 self.want_connect = false;
+                self.admin_disconnected = true;
                 self.close("administratively disconnected", out);
+                // The operator takes responsibility for going on without the fence.
+                self.unfreeze(out);
                 self.set_repl(ReplState::StandAlone, out);
                 Ok(())
             }

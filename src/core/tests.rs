@@ -1079,6 +1079,10 @@ struct Duo {
     /// [`Duo::crash`] loses it. Off unless a test turns it on.
     volatile: bool,
     undo: [Vec<(usize, Vec<u8>)>; 2],
+    /// Each node's [`Action::Stopped`], once its graceful stop ended.
+    stopped: [Option<StopOutcome>; 2],
+    /// Each node's [`Action::FencePeer`] requests: (episode, attempt).
+    fence_requests: [Vec<(u64, u32)>; 2],
 }
 
 impl Duo {
@@ -1109,6 +1113,8 @@ impl Duo {
             admin_done: Vec::new(),
             volatile: false,
             undo: Default::default(),
+            stopped: Default::default(),
+            fence_requests: Default::default(),
         }
     }
 
@@ -1222,6 +1228,10 @@ impl Duo {
                     Action::CloseConnection { conn, reason } if self.conn == Some(conn) => {
                         self.conn = None;
                         queue.push_back((1 - n, Event::ConnectionDown { conn, reason }));
+                    }
+                    Action::Stopped(o) => self.stopped[n] = Some(o),
+                    Action::FencePeer { episode, attempt } => {
+                        self.fence_requests[n].push((episode, attempt))
                     }
                     _ => {}
                 }
@@ -1528,6 +1538,7 @@ fn invalidate_makes_this_node_a_full_sync_target() {
     assert!(d.disk[0] == d.disk[1]);
 }
 
+mod stop;
 mod switchover;
 mod verify;
 // ---- resync pace, pull-ahead, zero runs, resume ----

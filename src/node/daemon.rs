@@ -167,6 +167,9 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     // In node-id order (see `node_id`): the split-brain report names the nodes.
     ccfg.node_names = cfg.nodes.iter().map(|n| n.name.clone()).collect();
     ccfg.al_extents = store.layout().al_extents as usize;
+    if cfg.resource.on_peer_lost.is_some() {
+        ccfg.fencing = core::Fencing::FreezeUntilFenced;
+    }
     info!(
         meta = %me.meta.display(),
         current_gen = restored.meta.current_gen,
@@ -243,6 +246,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         ),
         nbd_clients: clients.clone(),
         peer_timeout: cfg.resource.timeout,
+        stopped: None,
     };
     let event_loop = tokio::spawn(node.run(rx));
 

@@ -5,11 +5,14 @@
 //! * `io`: `Disk*` actions on the local disk, answered as `DiskDone`.
 //! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
-//! * `hook`: the `on-peer-lost` hook, which holds a Primary's writes while it fences the peer.
+//! * `hook`: runs the `on-peer-lost` hook when the core asks to fence the peer
+//!   (`Action::FencePeer`), and reports its exit (`Event::Fenced`).
 //! * `SaveMeta` / `SaveBitmap` go to the node's [`MetaStore`] (meta/), synchronously: each is
 //!   durable before the next action runs. `SaveActivityLog` (data-disk sync, then the
 //!   transaction) runs on a blocking thread and is answered as `DiskDone`.
-//! * `daemon`: process setup, listeners, signals and the graceful shutdown.
+//! * `daemon`: process setup, listeners and signals. The graceful shutdown is the core's
+//!   (`Event::Stop` ... `Action::Stopped`): the driver only stops its clients first, then
+//!   executes what the core decides and exits.
 //! * `events`: the `twinblk events` objects and their bounded broadcast.
 //! * `notify`: systemd readiness (sd_notify).
 
@@ -33,7 +36,9 @@ use tracing::{info, warn};
 
 pub use frontend::{Errno, Replicated};
 
-use crate::core::{Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, TimerKind};
+use crate::core::{
+    Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, StopOutcome, TimerKind,
+};
 use crate::disk::Disk;
 use crate::meta::{AlWriter, MetaError, MetaStore};
 use crate::net::{Connector, PeerConn, PeerLink};
@@ -44,8 +49,6 @@ use peer::Current;
 const KEEP_EVENTS: usize = 32;
 /// At most one resync progress line in the log per this interval.
 const PROGRESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a graceful shutdown waits for the peer to ack the data it was sent.
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything the event loop reacts to.
 pub(super) enum Input {
@@ -84,9 +87,9 @@ pub(super) enum Input {
             Vec<serde_json::Value>,
         )>,
     },
-    /// The `on-peer-lost` hook finished, or its retry is due.
+    /// The `on-peer-lost` hook finished.
     Hook(hook::Report),
-    /// Flush, save the metadata, close the connection, then answer and stop.
+    /// `twinblk down` (the clients are stopped): the core's graceful stop, then answer and exit.
     Shutdown {
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -123,6 +126,8 @@ struct Node {
     peer_timeout: std::time::Duration,
     /// The NBD clients of the export (shared with the NBD server and the admin handler).
     nbd_clients: frontend::Clients,
+    /// The core's `Action::Stopped`: the event loop ends after this batch.
+    stopped: Option<StopOutcome>,
 }
 
 /// What the operations side watches: the events broadcast and the metrics, plus the driver's
@@ -305,7 +310,13 @@ impl Node {
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {
                 if let Some(c) = self.current.take() {
-                    c.close_after_queued(&reason);
+                    if self.replica.status().stopping {
+                        // The stop's drain is over (the peer has what it acked, the rest is
+                        // in the bitmap) and the endpoint closes next: say why now.
+                        c.close(&reason);
+                    } else {
+                        c.close_after_queued(&reason);
+                    }
                 }
                 self.last_conn_error = Some(reason);
             }
@@ -314,6 +325,10 @@ impl Node {
                     let _ = reply.send(result);
                 }
             }
+            Action::FencePeer { episode, attempt } => {
+                self.peer_lost.run(episode, attempt, &self.tx)
+            }
+            Action::Stopped(outcome) => self.stopped = Some(outcome),
             // Disk actions were started above.
             _ => {}
         }
@@ -396,15 +411,7 @@ impl Node {
         self.feed(ev);
     }
 
-    /// Hand the core a peer loss the `on-peer-lost` hook was holding back.
-    fn unfreeze(&mut self, why: &str) {
-        if let Some((conn, reason)) = self.peer_lost.release(why) {
-            self.feed(Event::ConnectionDown { conn, reason });
-        }
-    }
-
     fn connected(&mut self, conn: PeerConn) {
-        self.unfreeze("the peer connected again");
         if let Some(old) = self.current.take() {
             old.close("replaced by a newer connection");
             let conn = old.id;
@@ -512,7 +519,7 @@ impl Node {
                 "bitmap": s.bitmap_gen.map(|g| format!("{g:#x}")),
                 "history": s.history.map(|g| format!("{g:#x}")),
             },
-            "peer_lost_hook": self.peer_lost.status(),
+            "peer_lost_hook": self.peer_lost.status(s.frozen.as_ref()),
             "verify": s.verify.as_ref().map(|v| json!({
                 "run": v.run,
                 "side": format!("{:?}", v.side),
@@ -629,32 +636,28 @@ impl Node {
             tag: 0,
             cmd: AdminCmd::Connect,
         });
-        // Set by Shutdown: answer, and the deadline for the peer to ack what it was sent.
-        let mut draining: Option<(oneshot::Sender<Result<(), String>>, tokio::time::Instant)> =
-            None;
+        // Set by Shutdown: answered once the core's stop is over.
+        let mut stopping: Option<oneshot::Sender<Result<(), String>>> = None;
         let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some((_, deadline)) = &draining {
-                let s = self.replica.status();
-                let expired = tokio::time::Instant::now() >= *deadline;
-                // Acked and stable there: the stability point follows within its interval,
-                // and the bitmap saved below does not name what only the peer's cache holds.
-                let drained = s.peer_unacked == 0 && s.peer_unstable == 0;
-                if drained || self.current.is_none() || expired {
-                    if expired {
-                        warn!(
-                            unacked = s.peer_unacked,
-                            "the peer did not ack everything in time; it resyncs on reconnect"
-                        );
-                    }
-                    if let Some((reply, _)) = draining.take() {
-                        let r = self.shutdown().await;
-                        let _ = reply.send(r);
-                    }
-                    return;
+            if let Some(outcome) = self.stopped.take() {
+                if let Some(c) = self.current.take() {
+                    c.close("the peer is shutting down (twinblk down)");
                 }
-            } else {
+                self.link.close("shutting down");
+                if matches!(outcome.drain, crate::core::Drain::Expired { .. }) {
+                    warn!("{}", outcome.drain);
+                } else {
+                    info!("stopped: {}", outcome.drain);
+                }
+                let r = outcome.persisted.map_err(|e| e.to_string());
+                if let Some(reply) = stopping.take() {
+                    let _ = reply.send(r);
+                }
+                return;
+            }
+            if stopping.is_none() {
                 self.sync_connector();
             }
             let input = tokio::select! {
@@ -662,7 +665,6 @@ impl Node {
                     Some(i) => i,
                     None => return,
                 },
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if draining.is_some() => continue,
                 _ = ticker.tick() => {
                     self.tick();
                     continue;
@@ -706,24 +708,19 @@ impl Node {
                     self.feed(Event::Peer { conn, msg })
                 }
                 Input::ConnDown { conn, reason } => {
-                    let mut held = false;
                     if self.current.as_ref().is_some_and(|c| c.id == conn) {
                         self.current = None;
                         info!(conn, "peer connection lost: {reason}");
                         self.last_conn_error = Some(reason.clone());
-                        let s = self.replica.status();
-                        held = s.role == crate::core::Role::Primary
-                            && s.peer_disk == Some(crate::core::DiskState::UpToDate)
-                            && self.peer_lost.hold(conn, &reason, &self.tx);
                     }
-                    if !held {
-                        self.feed(Event::ConnectionDown { conn, reason });
-                    }
+                    self.feed(Event::ConnectionDown { conn, reason });
                 }
                 Input::Hook(r) => {
-                    if let Some((conn, reason)) = self.peer_lost.report(r, &self.tx) {
-                        self.feed(Event::ConnectionDown { conn, reason });
-                    }
+                    self.peer_lost.record(&r);
+                    self.feed(Event::Fenced {
+                        episode: r.episode,
+                        result: r.result,
+                    });
                 }
                 Input::Timer(kind) => self.feed(Event::Timer(kind)),
                 Input::Retry => {
@@ -742,25 +739,19 @@ impl Node {
                     self.next_tag += 1;
                     self.admins.insert(tag, reply);
                     match cmd {
-                        AdminCmd::Disconnect => {
-                            self.user_disconnected = true;
-                            self.unfreeze("the operator disconnected");
-                        }
+                        AdminCmd::Disconnect => self.user_disconnected = true,
                         AdminCmd::Connect => self.user_disconnected = false,
-                        _ => {}
+                        AdminCmd::Promote { .. }
+                        | AdminCmd::Demote
+                        | AdminCmd::Invalidate
+                        | AdminCmd::DiscardMyData
+                        | AdminCmd::Verify => {}
                     }
                     let promote = matches!(cmd, AdminCmd::Promote { .. });
                     self.feed(Event::Admin { tag, cmd });
                     let s = self.replica.status();
                     if promote && s.role == crate::core::Role::Primary {
-                        // A connection refused because neither side had good data (the usual
-                        // state before the first `primary --force`) is worth retrying now.
-                        if !s.want_connection && !self.user_disconnected {
-                            self.feed(Event::Admin {
-                                tag: 0,
-                                cmd: AdminCmd::Connect,
-                            });
-                        }
+                        // (The core connects again after a promotion that follows a refusal.)
                         // Not connected yet: a dial in progress may be one the peer missed (it
                         // started later; QUIC's handshake retransmits back off for seconds).
                         // The promotion is when a connection matters: dial afresh.
@@ -783,25 +774,14 @@ impl Node {
                     let _ = reply.send((rx, exists));
                 }
                 Input::Shutdown { reply } => {
-                    self.unfreeze("shutting down");
-                    // Stop reconnecting, but let the current connection deliver what it was
-                    // sent (async mode: writes completed locally but not yet on the peer).
+                    // Stop accepting connections; the current one delivers what it was sent
+                    // while the core drains it.
                     self.connector = None;
-                    draining = Some((reply, tokio::time::Instant::now() + SHUTDOWN_DRAIN));
+                    stopping = Some(reply);
+                    self.feed(Event::Stop);
                 }
             }
         }
-    }
-
-    async fn shutdown(&mut self) -> Result<(), String> {
-        self.connector = None;
-        let flushed = self.disk.flush().await.map_err(|e| e.to_string());
-        let saved = self.save_all().map_err(|e| e.to_string());
-        if let Some(c) = self.current.take() {
-            c.close("the peer is shutting down (twinblk down)");
-        }
-        self.link.close("shutting down");
-        flushed.and(saved)
     }
 }
 
@@ -813,31 +793,6 @@ fn log_change(resource: &str, node: &str, c: &change::Described) {
         warn!(resource, node, kind, from, to, "{}", c.text);
     } else {
         info!(resource, node, kind, from, to, "{}", c.text);
-    }
-}
-
-impl Node {
-    /// The core's metadata and its whole bitmap (a clean shutdown persists every dirty bit, so
-    /// the next start resyncs exactly what changed).
-    fn save_all(&mut self) -> Result<(), MetaError> {
-        // Everything is flushed and the whole bitmap saved below: nothing is unknown, so the
-        // next start is not a crashed Primary's (which would resync its activity log).
-        let mut meta = self.replica.meta();
-        meta.primary = false;
-        meta.no_activity_log = false;
-        self.store.save_meta(&meta)?;
-        let bm = self.replica.bitmap();
-        let mut words = vec![0u64; self.store.layout().bitmap_words() as usize];
-        let mut from = 0;
-        while let Some((first, n)) = bm.next_run(from, u64::MAX) {
-            for b in first..first + n {
-                if let Some(w) = words.get_mut((b / 64) as usize) {
-                    *w |= 1 << (b % 64);
-                }
-            }
-            from = first + n;
-        }
-        self.store.save_bitmap(0, &words)
     }
 }
 

@@ -64,6 +64,14 @@ pub struct SimConfig {
     /// Planned switchovers under load: `secondary` on the Primary, then `primary` on the peer
     /// (issue 17, defect 3).
     pub switchover: bool,
+    /// `on-peer-lost` configured: a Primary losing its UpToDate peer freezes until the
+    /// simulated hook reports the peer fenced (it fails now and then, and is retried).
+    pub fencing: bool,
+    /// Graceful stops (`twinblk down`) among the faults, each followed by a restart.
+    pub downs: bool,
+    /// How long a graceful stop waits for the peer (`Config::stop_drain`): short, so the
+    /// drain expires in some stops.
+    pub stop_drain: u64,
 }
 
 impl SimConfig {
@@ -99,6 +107,9 @@ impl SimConfig {
             // Drawn after the others, so the seeds without them replay as before.
             stale_promotion: r.one_in(3),
             switchover: r.one_in(3),
+            fencing: r.one_in(2),
+            downs: r.one_in(2),
+            stop_drain: r.range(200 * US, 4000 * US),
         }
     }
 }
@@ -214,6 +225,19 @@ enum Ev {
     StalePromote,
     /// The planned switchover's next step (see [`Switch`]).
     Switchover,
+    /// `twinblk down` on a node (once its clients' requests are answered).
+    Down {
+        node: usize,
+    },
+    /// The link fails (during a stop's drain, or just before a stop).
+    DropLink,
+    /// The `on-peer-lost` hook of freeze `episode` exits.
+    FenceDone {
+        node: usize,
+        inc: u64,
+        episode: u64,
+        ok: bool,
+    },
 }
 
 /// A partition after which the client stalls; the operator may demote the old Primary and
@@ -367,6 +391,21 @@ pub struct World {
     ahead_over_an_unapplied_end: bool,
     stale: Option<Stale>,
     switching: Option<Switch>,
+    /// A `down` waits for the clients of this node to finish (the client submits nothing
+    /// new to it meanwhile), or the node is draining.
+    down_node: Option<usize>,
+    /// Deliveries to this node wait until the given time (it is stopped, as by SIGSTOP).
+    stalled: Option<(usize, u64)>,
+    /// The next `down` stalls the peer first.
+    stall_at_down: bool,
+    /// A node emitted `Action::Stopped`: its process exits after the batch.
+    exiting: [bool; 2],
+    /// The node went down (gracefully, or power failed during its stop) and has not restarted.
+    was_down: [bool; 2],
+    /// Fencing: the node, Primary, lost its UpToDate peer and nothing since ended the freeze
+    /// (the hook's success, the peer connecting again, `disconnect`): no write may be
+    /// acknowledged.
+    unfenced: [bool; 2],
     trace: Vec<String>,
     pub events: u64,
     /// What happened, for the coverage summary.
@@ -428,6 +467,12 @@ impl World {
             ahead_over_an_unapplied_end: false,
             stale: None,
             switching: None,
+            down_node: None,
+            stalled: None,
+            stall_at_down: false,
+            exiting: [false; 2],
+            was_down: [false; 2],
+            unfenced: [false; 2],
             trace: Vec::new(),
             events: 0,
             stats: Default::default(),
@@ -499,6 +544,11 @@ impl World {
         cfg.al_extent = 8 * BS as u64;
         cfg.al_extents = 3;
         cfg.al_updates = self.cfg.al_updates;
+        cfg.stop_drain = self.cfg.stop_drain;
+        cfg.fence_retry = 500 * US;
+        if self.cfg.fencing {
+            cfg.fencing = twinblk::core::Fencing::FreezeUntilFenced;
+        }
         let n = &mut self.nodes[node];
         n.inc += 1;
         n.replica = Some(Replica::restore(
@@ -540,14 +590,76 @@ impl World {
                     ..
                 }
             );
+        let lost_up_to_date_peer = matches!(ev, Event::ConnectionDown { .. }) && {
+            let s = r.status();
+            s.role == Role::Primary
+                && s.peer_disk == Some(DiskState::UpToDate)
+                && !matches!(s.repl, ReplState::StandAlone | ReplState::Connecting)
+        };
+        let ends_freeze = matches!(
+            ev,
+            Event::ConnectionUp { .. }
+                | Event::Fenced { result: Ok(()), .. }
+                | Event::Stop
+                | Event::Admin {
+                    cmd: AdminCmd::Disconnect,
+                    ..
+                }
+        );
         let mut out = Vec::new();
         r.handle(ev, self.now, &mut out);
+        if ends_freeze {
+            self.unfenced[node] = false;
+        }
+        if self.cfg.fencing && lost_up_to_date_peer && r.status().peer_disk.is_none() {
+            self.unfenced[node] = true;
+        }
         let closes = out
             .iter()
             .any(|a| matches!(a, Action::CloseConnection { .. }));
         let confirmable = !is_down && !closes;
-        for a in out {
+        // Power fails now and then while a stop persists: its batch is cut right after one
+        // of its persisting actions (or before the first), so the persist order must hold at
+        // every such point.
+        let stop_at = out.iter().position(|a| matches!(a, Action::Stopped(_)));
+        let cut = match stop_at {
+            Some(i) if self.cfg.faults && !self.healing && self.rng.one_in(3) => {
+                let points: Vec<usize> = std::iter::once(0)
+                    .chain(out[..i].iter().enumerate().filter_map(|(k, a)| {
+                        matches!(
+                            a,
+                            Action::SaveMeta(_) | Action::SaveBitmap { .. } | Action::SyncData
+                        )
+                        .then_some(k + 1)
+                    }))
+                    .collect();
+                let k = self.rng.below(points.len() as u64) as usize;
+                points.get(k).copied()
+            }
+            _ => None,
+        };
+        for (i, a) in out.into_iter().enumerate() {
+            if cut == Some(i) {
+                *self
+                    .stats
+                    .entry("down: crash while persisting")
+                    .or_default() += 1;
+                self.log(format!("node {node}: power fails during its stop"));
+                self.exiting[node] = false;
+                self.down_node = None;
+                self.was_down[node] = true;
+                self.crash(node);
+                return;
+            }
             self.act(node, a, confirmable);
+        }
+        if std::mem::take(&mut self.exiting[node]) {
+            // The process exits; a stop that persisted everything loses nothing here (its
+            // disk was synced), one that could not is a crash as far as the disk knows.
+            self.down_node = None;
+            self.was_down[node] = true;
+            self.crash(node);
+            return;
         }
         if let Err(e) = self.check_step(node) {
             self.fail(e);
@@ -704,6 +816,12 @@ impl World {
                 self.send(node, msg)
             }
             Action::CompleteClient { req, result } => {
+                if self.unfenced[node] && result.is_ok() {
+                    self.fail(format!(
+                        "node {node} acknowledged request {req} after losing its UpToDate peer, \
+                         before the peer was fenced"
+                    ));
+                }
                 if node == self.prim {
                     self.client_done(req, result, confirmable);
                 } else if let Some((tag, first, n)) = self.rogue_out.remove(&req) {
@@ -780,7 +898,12 @@ impl World {
                 }
                 self.log(format!("node {node} {c:?}"))
             }
-            Action::SaveMeta(m) => self.nodes[node].meta = m,
+            Action::SaveMeta(m) => {
+                if std::env::var_os("TWINBLK_SIM_TRACE").is_some() {
+                    self.log(format!("node {node} saves {m:?}"));
+                }
+                self.nodes[node].meta = m
+            }
             Action::SaveBitmap { first_word, words } => {
                 let bm = &mut self.nodes[node].bitmap;
                 let end = first_word as usize + words.len();
@@ -837,6 +960,43 @@ impl World {
                         _ => {}
                     }
                 }
+            }
+            Action::FencePeer { episode, attempt } => {
+                *self
+                    .stats
+                    .entry(if attempt == 1 {
+                        "fence: writes frozen"
+                    } else {
+                        "fence: retried"
+                    })
+                    .or_default() += 1;
+                self.log(format!("node {node} fences its peer (attempt {attempt})"));
+                if attempt == 1 && self.status(node).is_some_and(|s| s.stopping) {
+                    *self.stats.entry("fence: loss during a stop").or_default() += 1;
+                }
+                let ok = !self.rng.one_in(3);
+                let d = self.rng.range(100 * US, 3000 * US);
+                self.schedule(
+                    d,
+                    Ev::FenceDone {
+                        node,
+                        inc,
+                        episode,
+                        ok,
+                    },
+                );
+            }
+            Action::Stopped(o) => {
+                let k = match (o.drain, o.persisted.is_ok()) {
+                    (_, false) => "down: local writes in flight",
+                    (twinblk::core::Drain::NotConnected, true) => "down: not connected",
+                    (twinblk::core::Drain::Drained, true) => "down: drained",
+                    (twinblk::core::Drain::PeerLost, true) => "down: peer lost while draining",
+                    (twinblk::core::Drain::Expired { .. }, true) => "down: drain expired",
+                };
+                *self.stats.entry(k).or_default() += 1;
+                self.log(format!("node {node} stopped: {o:?}"));
+                self.exiting[node] = true;
             }
         }
     }
@@ -1031,6 +1191,11 @@ impl World {
                 .or_default() += 1;
         }
         self.nodes[node].replica = None;
+        self.unfenced[node] = false;
+        if self.down_node == Some(node) {
+            // Crashed while draining (or before its stop began): the client goes on.
+            self.down_node = None;
+        }
         let mut rng = self.rng.clone();
         self.nodes[node].disk.crash(&mut rng);
         self.rng = rng;
@@ -1099,6 +1264,9 @@ impl World {
             // The operator promotes the survivor before the old Primary is back.
             self.schedule(1000 * US, Ev::Restart { node });
             return;
+        }
+        if std::mem::take(&mut self.was_down[node]) {
+            *self.stats.entry("down: restarted").or_default() += 1;
         }
         self.start(node);
         if node == self.prim {
@@ -1657,8 +1825,54 @@ impl World {
         Ok(())
     }
 
+    /// `twinblk down` on `node`: the daemon first answers its clients' requests (the client
+    /// submits nothing new to it meanwhile), then the core stops.
+    fn down(&mut self, node: usize) {
+        if !self.alive(node) || self.down_node != Some(node) {
+            self.down_node = None;
+            return;
+        }
+        if node == self.prim && !self.outstanding.is_empty() {
+            self.schedule(100 * US, Ev::Down { node });
+            return;
+        }
+        let st = self.status(node);
+        if st.as_ref().is_some_and(|s| s.stopping) {
+            return;
+        }
+        *self
+            .stats
+            .entry(if node == self.prim {
+                "down: primary"
+            } else {
+                "down: secondary"
+            })
+            .or_default() += 1;
+        if st.as_ref().is_some_and(|s| s.frozen.is_some()) {
+            *self.stats.entry("down: while frozen").or_default() += 1;
+        }
+        if st.as_ref().is_some_and(|s| s.peer_unstable > 0) {
+            *self
+                .stats
+                .entry("down: with writes unstable on the peer")
+                .or_default() += 1;
+        }
+        self.log(format!("OPERATOR: twinblk down on node {node}"));
+        if std::mem::take(&mut self.stall_at_down) {
+            let d = self.cfg.stop_drain + self.rng.range(200 * US, 3000 * US);
+            self.stalled = Some((1 - node, self.now + d));
+            *self.stats.entry("down: peer stalled").or_default() += 1;
+        }
+        self.feed(node, Event::Stop);
+        if self.rng.one_in(3) {
+            // The link fails during the drain.
+            let d = self.rng.range(20 * US, 800 * US);
+            self.schedule(d, Ev::DropLink);
+        }
+    }
+
     fn client_tick(&mut self) {
-        if self.client_paused {
+        if self.client_paused || self.down_node == Some(self.prim) {
             if !self.healing || !self.outstanding.is_empty() {
                 self.schedule(100 * US, Ev::ClientTick);
             }
@@ -1857,6 +2071,28 @@ impl World {
                 let d = self.rng.range(1000 * US, 8000 * US);
                 self.partitioned_until = self.now + d;
                 self.drop_connection("simulated partition");
+            }
+            9 if self.cfg.downs
+                && self.down_node.is_none()
+                && self.split.is_none()
+                && !self.failover_pending =>
+            {
+                let node = if self.rng.one_in(3) {
+                    1 - self.prim
+                } else {
+                    self.prim
+                };
+                // The peer is stopped (SIGSTOP) as the node goes down: the drain expires.
+                self.stall_at_down = self.rng.one_in(3);
+                self.down_node = Some(node);
+                if self.rng.one_in(3) {
+                    // The link fails first: the stop may find writes frozen by fencing.
+                    self.drop_connection("simulated link failure");
+                    let d = self.rng.range(200 * US, 1500 * US);
+                    self.schedule(d, Ev::Down { node });
+                } else {
+                    self.schedule(0, Ev::Down { node });
+                }
             }
             7 | 8
                 if self.cfg.split_brain
@@ -2290,6 +2526,16 @@ impl World {
                 if self.conn != Some(conn) {
                     return true;
                 }
+                if let Some((n, until)) = self.stalled.filter(|&(n, u)| n == to && self.now < u) {
+                    // Stopped: delivered (in order) when it runs again.
+                    self.seq += 1;
+                    self.queue.push(Scheduled {
+                        at: until,
+                        seq: self.seq,
+                        ev: Ev::Deliver { to: n, conn, frame },
+                    });
+                    return true;
+                }
                 match wire::decode(&frame) {
                     Ok(Some((msg, used))) if used == frame.len() => {
                         self.feed(to, Event::Peer { conn, msg });
@@ -2341,6 +2587,36 @@ impl World {
             }
             Ev::StalePromote => self.stale_promote(),
             Ev::Switchover => self.switchover_step(),
+            Ev::Down { node } => self.down(node),
+            Ev::DropLink => {
+                if self.status(A).is_some_and(|s| s.stopping)
+                    || self.status(B).is_some_and(|s| s.stopping)
+                {
+                    *self
+                        .stats
+                        .entry("down: link fails during the drain")
+                        .or_default() += 1;
+                }
+                self.drop_connection("simulated link failure");
+            }
+            Ev::FenceDone {
+                node,
+                inc,
+                episode,
+                ok,
+            } => {
+                if self.nodes[node].inc == inc {
+                    if !ok {
+                        *self.stats.entry("fence: hook failed").or_default() += 1;
+                    }
+                    let result = if ok {
+                        Ok(())
+                    } else {
+                        Err("simulated hook: exit status: 1".into())
+                    };
+                    self.feed(node, Event::Fenced { episode, result });
+                }
+            }
         }
         self.maybe_connect();
         if let Err(e) = self.check_bitmap_cover() {

@@ -1,0 +1,329 @@
+//! The graceful stop (`twinblk down`) as a core operation, and the `on-peer-lost` fencing hold.
+
+use super::*;
+
+/// Delivers only the messages addressed to node `to`, keeping the others queued (the other
+/// node is stopped, as by SIGSTOP).
+fn deliver_to(d: &mut Duo, to: usize) {
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut d.net)
+        .into_iter()
+        .partition(|(n, _, _)| *n == to);
+    d.net = rest.into();
+    for (n, conn, msg) in mine {
+        if d.conn == Some(conn) {
+            d.feed(n, Event::Peer { conn, msg });
+        }
+    }
+}
+
+/// `twinblk down` on node `n` with the peer not answering: the drain expires. Returns the
+/// stop's outcome; the node is gone afterwards (its persisted state stays in `d.saved`).
+fn down(d: &mut Duo, n: usize) -> StopOutcome {
+    d.feed(n, Event::Stop);
+    d.feed(n, Event::Timer(TimerKind::StopDrain));
+    let outcome = d.stopped[n].take().expect("the stop ended");
+    d.r[n] = None;
+    d.conn = None;
+    d.net.clear();
+    outcome
+}
+
+/// Defect 2 of issue 17: a write acked by the peer but not yet stable there (its flush barrier
+/// never arrived: the peer was stopped), then `down` on the Primary whose drain times out, and
+/// the peer loses its cache. After both restart, the handshake must resync the write, never
+/// call two different disks Established.
+#[test]
+fn down_with_a_write_unstable_on_the_peer_resyncs_it_after_restart() {
+    let mut d = Duo::new();
+    d.volatile = true;
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 0x11);
+    // Block 5: written on B and acked, its flush barrier still on the way when B stops.
+    d.write_unsettled(0, 5, 0x22);
+    d.net.retain(|(_, _, m)| matches!(m, PeerMsg::Data(_)));
+    deliver_to(&mut d, 1);
+    deliver_to(&mut d, 0);
+    assert_eq!(
+        d.completed.last().map(|c| c.1),
+        Some(Ok(())),
+        "acked to the client"
+    );
+    assert!(d.st(0).peer_unstable > 0, "the peer has not made it stable");
+    let outcome = down(&mut d, 0);
+    assert!(
+        matches!(outcome.drain, Drain::Expired { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.persisted, Ok(()));
+    assert!(!d.saved[0].meta.primary);
+    // The stopped peer is killed: its cache (block 5) is gone.
+    d.crash(1);
+    d.restart(0);
+    d.restart(1);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect_unsettled();
+    assert_eq!(d.st(0).repl, ReplState::Connecting);
+    d.settle();
+    assert!(d.resynced_bytes[0] > 0, "the unstable write was resynced");
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(d.disk[0] == d.disk[1], "Established over different disks");
+}
+
+fn fencing_cfg(node: u64) -> Config {
+    let mut c = al_cfg(node);
+    c.fencing = Fencing::FreezeUntilFenced;
+    c
+}
+
+/// The transport reports the loss of the current connection to node `n` only (the other is
+/// dead or stopped).
+fn lose(d: &mut Duo, n: usize) {
+    d.net.clear();
+    if let Some(conn) = d.conn.take() {
+        d.feed(
+            n,
+            Event::ConnectionDown {
+                conn,
+                reason: "peer died".into(),
+            },
+        );
+    }
+}
+
+#[test]
+fn a_primary_losing_its_up_to_date_peer_freezes_writes_until_the_peer_is_fenced() {
+    let mut d = Duo::with(fencing_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write_unsettled(0, 3, 0x11);
+    lose(&mut d, 0);
+    assert!(
+        d.completed.is_empty(),
+        "a write waiting for the peer completed"
+    );
+    assert_eq!(d.fence_requests[0], vec![(1, 1)]);
+    assert!(d.st(0).frozen.is_some());
+    d.write_unsettled(0, 4, 0x22);
+    assert!(d.completed.is_empty(), "a new write completed while frozen");
+    assert_eq!(
+        d.disk[0][(4 * BLOCK) as usize],
+        0,
+        "a new write started while frozen"
+    );
+
+    // The hook fails: still frozen, and the core asks again after `fence_retry`.
+    d.feed(
+        0,
+        Event::Fenced {
+            episode: 1,
+            result: Err("exit status: 1".into()),
+        },
+    );
+    assert!(d.completed.is_empty());
+    assert_eq!(
+        d.st(0).frozen.and_then(|f| f.last_error),
+        Some("exit status: 1".into())
+    );
+    d.feed(0, Event::Timer(TimerKind::FenceRetry { episode: 1 }));
+    assert_eq!(d.fence_requests[0], vec![(1, 1), (1, 2)]);
+    // A stale report (another episode) changes nothing.
+    d.feed(
+        0,
+        Event::Fenced {
+            episode: 7,
+            result: Ok(()),
+        },
+    );
+    assert!(d.completed.is_empty());
+
+    d.feed(
+        0,
+        Event::Fenced {
+            episode: 1,
+            result: Ok(()),
+        },
+    );
+    assert_eq!(d.completed.len(), 2, "{:?}", d.completed);
+    assert!(d.completed.iter().all(|c| c.1.is_ok()));
+    assert!(d.st(0).frozen.is_none());
+    assert!(
+        d.st(0).dirty_blocks >= 2,
+        "both writes are marked for the peer"
+    );
+}
+
+#[test]
+fn without_fencing_or_after_disconnect_a_loss_freezes_nothing() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write_unsettled(0, 3, 0x11);
+    lose(&mut d, 0);
+    assert_eq!(d.completed.len(), 1);
+    assert!(d.fence_requests[0].is_empty());
+
+    let mut d = Duo::with(fencing_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write_unsettled(0, 3, 0x11);
+    lose(&mut d, 0);
+    assert!(d.completed.is_empty());
+    // The operator takes responsibility: `disconnect` ends the freeze.
+    d.admin(0, AdminCmd::Disconnect);
+    assert_eq!(d.completed.len(), 1);
+    assert!(d.st(0).frozen.is_none());
+}
+
+#[test]
+fn the_peer_connecting_again_ends_the_freeze() {
+    let mut d = Duo::with(fencing_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write_unsettled(0, 3, 0x11);
+    lose(&mut d, 0);
+    d.feed(
+        1,
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "cut".into(),
+        },
+    );
+    assert!(d.completed.is_empty());
+    d.connect();
+    assert_eq!(d.completed.len(), 1);
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    assert!(d.disk[0] == d.disk[1], "the frozen write was resynced");
+}
+
+/// Defect 2's second path: the connection drops during the drain while fencing holds the
+/// loss. The transfer log still lands in the bitmap, and the stop ends.
+#[test]
+fn down_whose_peer_is_lost_during_the_drain_keeps_the_unstable_writes_in_the_bitmap() {
+    let mut d = Duo::with(fencing_cfg);
+    d.volatile = true;
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 0x11);
+    d.write_unsettled(0, 5, 0x22);
+    d.net.retain(|(_, _, m)| matches!(m, PeerMsg::Data(_)));
+    deliver_to(&mut d, 1);
+    deliver_to(&mut d, 0);
+    assert_eq!(d.completed.last().map(|c| c.1), Some(Ok(())));
+    d.feed(0, Event::Stop);
+    assert!(d.stopped[0].is_none(), "the drain waits for the peer");
+    lose(&mut d, 0);
+    let outcome = d.stopped[0].take().expect("the stop ended");
+    assert_eq!(outcome.drain, Drain::PeerLost);
+    assert_eq!(outcome.persisted, Ok(()));
+    d.r[0] = None;
+    d.crash(1);
+    d.restart(0);
+    d.restart(1);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    assert!(d.resynced_bytes[0] > 0);
+    assert_eq!(d.st(1).repl, ReplState::Established);
+    assert!(d.disk[0] == d.disk[1], "Established over different disks");
+}
+
+#[test]
+fn down_drained_sends_a_stability_point_and_stops_clean_without_a_resync() {
+    let mut d = Duo::with(|n| {
+        let mut c = al_cfg(n);
+        c.stability_writes = 1000;
+        c
+    });
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 0x11);
+    assert!(d.st(0).peer_unstable > 0);
+    d.feed(0, Event::Stop);
+    assert!(d.stopped[0].is_none());
+    d.settle();
+    let outcome = d.stopped[0].take().expect("the stop ended once drained");
+    assert_eq!(outcome.drain, Drain::Drained);
+    assert_eq!(outcome.persisted, Ok(()));
+    assert!(!d.saved[0].meta.primary);
+    d.r[0] = None;
+    d.restart(0);
+    assert_eq!(d.st(0).dirty_blocks, 0, "nothing to resync");
+}
+
+#[test]
+fn down_persists_data_then_bitmap_then_not_primary() {
+    let mut r = primary_alone(al_cfg(1), synced_meta());
+    let o = write(&mut r, 1, 3, 1);
+    done(&mut r, writes(&o)[0].0);
+    let out = r.handle_vec(Event::Stop, 0);
+    let pos = |f: &dyn Fn(&Action) -> bool| out.iter().position(f).expect("present");
+    let sync = pos(&|a| matches!(a, Action::SyncData));
+    let bitmap = pos(&|a| matches!(a, Action::SaveBitmap { .. }));
+    let meta = pos(&|a| matches!(a, Action::SaveMeta(m) if !m.primary));
+    let stopped = pos(&|a| matches!(a, Action::Stopped(_)));
+    assert!(sync < bitmap && bitmap < meta && meta < stopped, "{out:?}");
+    // Afterwards the core starts nothing.
+    let late = write_raw(&mut r, 2, 4, 1);
+    assert_eq!(completions(&late), vec![(2, Err(libc::EIO))]);
+    assert!(writes(&late).is_empty());
+}
+
+#[test]
+fn down_with_a_local_write_still_in_flight_keeps_the_activity_log_in_force() {
+    let mut r = primary_alone(al_cfg(1), synced_meta());
+    write(&mut r, 1, 3, 1);
+    let mut out = r.handle_vec(Event::Stop, 0);
+    assert!(!out.iter().any(|a| matches!(a, Action::Stopped(_))));
+    out.extend(r.handle_vec(Event::Timer(TimerKind::StopDrain), 0));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::SaveMeta(m) if !m.primary)),
+        "saved 'not Primary' with a write in flight: {out:?}"
+    );
+    let outcome = out.iter().find_map(|a| match a {
+        Action::Stopped(o) => Some(o.clone()),
+        _ => None,
+    });
+    assert!(
+        matches!(
+            outcome,
+            Some(StopOutcome {
+                persisted: Err(StopIncomplete::LocalWritesInFlight { writes: 1 }),
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn promotion_connects_unless_the_operator_disconnected() {
+    let mut r = Replica::new(cfg(1, Protocol::Sync), synced_meta());
+    assert!(!r.status().want_connection);
+    r.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert!(r.status().want_connection, "promotion reconnects");
+
+    let mut r = Replica::new(cfg(1, Protocol::Sync), synced_meta());
+    r.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Disconnect,
+        },
+        0,
+    );
+    r.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::Promote { force: false },
+        },
+        0,
+    );
+    assert!(!r.status().want_connection, "`disconnect` is kept");
+}

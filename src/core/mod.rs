@@ -3905,7 +3905,10 @@ impl Replica {
                 }
                 if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
                     return Err(
-                        "the peer is Primary: demote it first (`twinblk secondary` there)".into(),
+                        "the peer is Primary: demote it first (`twinblk secondary` there); if it \
+                         died, it is declared dead after `timeout` without a word (`status` says \
+                         when it was last heard): promote then"
+                            .into(),
                     );
                 }
                 if self.repl == ReplState::SyncTarget {

@@ -375,3 +375,20 @@ fn checker_catches_acks_before_the_lost_peer_is_fenced() {
         "no seed caught writes acknowledged before the peer was fenced: {msgs:?}"
     );
 }
+
+/// A failed flush means the disk may have lost what it covered (issue 17, defect 4): the
+/// simulated disk drops part of its cache and fails every later flush. A core that only fails
+/// the client's FLUSH (the old behaviour) goes on with a disk that silently differs from its
+/// peer's; the simulator must catch it.
+#[test]
+fn checker_catches_a_primary_that_ignores_a_failed_flush() {
+    let msgs = caught_with(InjectedBug::FlushFailureIgnored, 400, |seed| {
+        let mut cfg = SimConfig::for_seed(seed);
+        cfg.flush_faults = true;
+        cfg
+    });
+    assert!(
+        !msgs.is_empty() && msgs.iter().all(|m| m.contains("invariant violated")),
+        "no seed caught a failed flush left without consequence: {msgs:?}"
+    );
+}

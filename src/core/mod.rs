@@ -239,6 +239,9 @@ pub enum InjectedBug {
     /// The sync source forgets the target's generation as soon as it sends `ResyncDone` (the
     /// old behaviour): a cut before the target applied it costs a full resync.
     ForgetTargetAtResyncEnd,
+    /// A failed client FLUSH only fails that request (the old behaviour): the Primary goes on
+    /// with a disk that lost writes its peer has, and nothing marks them.
+    FlushFailureIgnored,
     /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
     /// contents afterwards each device chooses (the old behaviour: the replicas differ).
     TrimDiverges,
@@ -426,6 +429,53 @@ pub struct Restored {
     pub activity_log: Vec<u64>,
 }
 
+/// Which flush of this node's disk failed (see [`DiskFailure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedFlush {
+    /// A client's FLUSH on the Primary.
+    Client,
+    /// A flush barrier from the peer (its writes were to become stable here).
+    PeerBarrier,
+    /// The flush that ends a resync on its target.
+    ResyncEnd,
+}
+
+impl std::fmt::Display for FailedFlush {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailedFlush::Client => "a client FLUSH",
+            FailedFlush::PeerBarrier => "a flush barrier from the peer",
+            FailedFlush::ResyncEnd => "the flush ending a resync",
+        })
+    }
+}
+
+/// A flush of this node's disk failed: writes it should have made stable may be lost there
+/// (Linux reports a write-back error once, and the disk layer keeps failing every later flush,
+/// see `disk/flush.rs`). DRBD's `on-io-error detach`, without a diskless mode: the node stops
+/// using the disk until it is restarted. If the peer held everything (connected, UpToDate), or
+/// this node is Secondary, this disk became Inconsistent and the peer is the sync source for
+/// all of it; otherwise (a Primary without an UpToDate peer) this disk is still the best copy:
+/// it keeps its state, every block is marked (the next resync from it is full, so both end up
+/// the same), and the restart treats it as after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFailure {
+    pub flush: FailedFlush,
+    pub errno: i32,
+}
+
+impl std::fmt::Display for DiskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed on this node's disk (errno {}): writes it covered may be lost there; \
+             this node stopped using the disk. Check the backing device, then restart the node \
+             (`twinblk down` and `up`); if the peer is UpToDate, promote the peer meanwhile",
+            self.flush, self.errno
+        )
+    }
+}
+
 /// Replication (connection) state, DRBD vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplState {
@@ -571,6 +621,10 @@ pub enum StateChange {
     },
     ConnectionLost {
         reason: String,
+    },
+    /// A flush of this node's disk failed: it stopped using the disk (see [`DiskFailure`]).
+    DiskFailed {
+        failure: DiskFailure,
     },
     /// A verify of `bytes` bytes began (on both nodes).
     VerifyStarted {
@@ -841,6 +895,8 @@ pub struct Status {
     pub frozen: Option<FreezeStatus>,
     /// A graceful stop ([`Event::Stop`]) began.
     pub stopping: bool,
+    /// A flush failed: the node no longer uses its disk until restarted.
+    pub disk_failure: Option<DiskFailure>,
 }
 
 #[derive(Debug, Clone)]
@@ -1075,6 +1131,8 @@ pub struct Replica {
     fence_episodes: u64,
     /// The operator said `disconnect` (and not `connect` since): a promotion does not connect.
     admin_disconnected: bool,
+    /// A flush failed: no client I/O, no connection, no promotion until a restart.
+    disk_failure: Option<DiskFailure>,
 }
 
 impl Replica {
@@ -1159,6 +1217,7 @@ impl Replica {
             freeze: None,
             fence_episodes: 0,
             admin_disconnected: false,
+            disk_failure: None,
             cfg,
         }
     }
@@ -1222,6 +1281,7 @@ impl Replica {
                 last_error: f.last_error.clone(),
             }),
             stopping: self.stop != StopState::Running,
+            disk_failure: self.disk_failure,
         }
     }
 
@@ -1377,8 +1437,14 @@ impl Replica {
         if conn.is_some() && !decided && self.repl != ReplState::Connecting {
             return Err(format!("handshaking while {:?}", self.repl));
         }
-        if self.role == Role::Primary && self.disk != DiskState::UpToDate {
+        if self.role == Role::Primary
+            && self.disk != DiskState::UpToDate
+            && self.disk_failure.is_none()
+        {
             return Err(format!("Primary with a {:?} disk", self.disk));
+        }
+        if self.disk_failure.is_some() && (self.want_connect || self.conn.is_some()) {
+            return Err("a failed disk still connects".into());
         }
         if self.role == Role::Primary && self.repl == ReplState::SyncTarget {
             return Err("a Primary is a sync target".into());
@@ -1604,7 +1670,7 @@ impl Replica {
         if self.role != Role::Primary {
             return Err(EPERM);
         }
-        if self.disk != DiskState::UpToDate {
+        if self.disk != DiskState::UpToDate || self.disk_failure.is_some() {
             return Err(EIO);
         }
         if offset
@@ -2308,6 +2374,9 @@ impl Replica {
                     r.local = false;
                 }
                 self.try_complete(req, out);
+                if let Err(errno) = result {
+                    self.disk_failed(FailedFlush::Client, errno, out);
+                }
             }
             IoKind::Peer { conn, seq } => {
                 if let Err(e) = result {
@@ -2381,11 +2450,12 @@ impl Replica {
                 self.pump_issue(out);
             }
             IoKind::BarrierFlush { conn, epoch } => {
-                if cur != Some(conn) {
+                // Whatever connection it served: the disk failed.
+                if let Err(errno) = result {
+                    self.disk_failed(FailedFlush::PeerBarrier, errno, out);
                     return;
                 }
-                if let Err(e) = result {
-                    self.secondary_disk_error(0, 0, e, out);
+                if cur != Some(conn) {
                     return;
                 }
                 self.send(PeerMsg::BarrierAck { epoch }, out);
@@ -2406,11 +2476,11 @@ impl Replica {
                 self.pump_apply(out);
             }
             IoKind::DoneFlush { conn, gen } => {
-                if cur != Some(conn) {
+                if let Err(errno) = result {
+                    self.disk_failed(FailedFlush::ResyncEnd, errno, out);
                     return;
                 }
-                if let Err(e) = result {
-                    self.secondary_disk_error(0, 0, e, out);
+                if cur != Some(conn) {
                     return;
                 }
                 if let Some(c) = self.conn.as_mut() {
@@ -2435,6 +2505,51 @@ impl Replica {
                 self.pump_apply(out);
             }
         }
+    }
+
+    /// A flush of this disk failed (see [`DiskFailure`]): the writes it covered may be lost
+    /// here, and Linux would let a later flush succeed without them. The node stops using the
+    /// disk: client I/O fails, the connection closes and stays closed, no promotion. What the
+    /// disk becomes: see [`DiskFailure`].
+    fn disk_failed(&mut self, flush: FailedFlush, errno: i32, out: &mut Vec<Action>) {
+        if self.disk_failure.is_some() {
+            return;
+        }
+        if self.cfg.bug == InjectedBug::FlushFailureIgnored {
+            if flush != FailedFlush::Client {
+                self.secondary_disk_error(0, 0, errno, out);
+            }
+            return;
+        }
+        let failure = DiskFailure { flush, errno };
+        tracing::error!(resource = %self.cfg.resource, %failure, "disk failed");
+        self.disk_failure = Some(failure);
+        out.push(Action::Emit(StateChange::DiskFailed { failure }));
+        let peer_has_all = self.replicating()
+            && self.conn.as_ref().and_then(|c| c.peer_disk) == Some(DiskState::UpToDate);
+        if peer_has_all || self.role == Role::Secondary {
+            // The peer is the good copy (a Secondary's flushes all come from its peer).
+            self.set_disk(DiskState::Inconsistent, out);
+            self.bitmap_known = false;
+            self.save_meta(out);
+        } else {
+            // This disk is the best copy, but it may now hold older data where the peer has
+            // newer (written while connected, then lost here): any block may differ, so the
+            // next resync from here is full and leaves both the same.
+            self.bitmap.set_all();
+            if self.bitmap_gen.is_none() {
+                self.bitmap_gen = Some(self.current_gen);
+            }
+            self.flush_bitmap(out);
+            self.save_meta(out);
+        }
+        let reason = failure.to_string();
+        self.want_connect = false;
+        self.last_refusal = Some(reason.clone());
+        if self.conn.is_some() {
+            self.close(&reason, out);
+        }
+        self.set_repl(ReplState::StandAlone, out);
     }
 
     /// The receiving side could not write peer data: its disk no longer matches anything.
@@ -3877,6 +3992,9 @@ impl Replica {
                     }
                     return Ok(());
                 }
+                if let Some(f) = self.disk_failure {
+                    return Err(f.to_string());
+                }
                 // Right after the peer is lost, its last writes may still be on their way to
                 // this disk. As Primary, a read of such a block could see the old data and then
                 // the new appear under it; the window is milliseconds, so say so and let the
@@ -3995,6 +4113,9 @@ impl Replica {
                 Ok(())
             }
             AdminCmd::Connect => {
+                if let Some(f) = self.disk_failure {
+                    return Err(f.to_string());
+                }
                 self.want_connect = true;
                 self.admin_disconnected = false;
                 self.last_refusal = None;

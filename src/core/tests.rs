@@ -2218,3 +2218,68 @@ fn invariant_checks_catch_broken_states() {
     ));
     assert!(!legal_disk_change(DiskState::UpToDate, DiskState::Diskless));
 }
+
+fn failed_client_flush(a: &mut Replica) -> Vec<Action> {
+    let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
+    let io = flushes(&out)[0];
+    let mut out = a.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    // The peer's barrier ack, if one was sent, no longer matters.
+    out.retain(|x| !matches!(x, Action::Send(_)));
+    out
+}
+
+/// Issue 17, defect 4: a failed client FLUSH on a Primary whose peer holds everything makes
+/// this disk Inconsistent (the peer becomes its full sync source), and the node stops using
+/// the disk: client I/O fails, the connection closes and stays closed, no promotion.
+#[test]
+fn a_failed_flush_detaches_a_primary_whose_peer_has_everything() {
+    let (mut a, _b) = pair(Protocol::Sync);
+    let out = failed_client_flush(&mut a);
+    assert_eq!(completions(&out), vec![(50, Err(libc::EIO))]);
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::Emit(StateChange::DiskFailed { .. }))));
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::CloseConnection { .. })));
+    let st = a.status();
+    assert_eq!(st.disk, DiskState::Inconsistent);
+    assert!(!st.bitmap_known, "a full sync target");
+    assert_eq!(st.disk_failure.map(|f| f.flush), Some(FailedFlush::Client));
+    assert!(!st.want_connection);
+    assert_eq!(completions(&write(&mut a, 51, 0, 1)), vec![(51, Err(EIO))]);
+    let out = a.handle_vec(
+        Event::Admin {
+            tag: 3,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::AdminDone { result: Err(e), .. } if e.contains("restart"))));
+    assert!(!a.status().want_connection);
+}
+
+/// Without an UpToDate peer the failed disk is still the best copy: it keeps its state, but
+/// any block may now hold older data than the peer's, so every block is marked (a full resync
+/// from it leaves both the same) and the node stops serving until restarted.
+#[test]
+fn a_failed_flush_on_a_lone_primary_marks_every_block() {
+    let mut a = primary_alone(cfg(1, Protocol::Sync), synced_meta());
+    write(&mut a, 60, 3, 1);
+    let out = failed_client_flush(&mut a);
+    assert_eq!(completions(&out), vec![(50, Err(libc::EIO))]);
+    let st = a.status();
+    assert_eq!(st.disk, DiskState::UpToDate);
+    assert!(st.disk_failure.is_some());
+    assert_eq!(st.dirty_blocks, a.bitmap().blocks());
+    assert!(out.iter().any(|x| matches!(x, Action::SaveBitmap { .. })));
+    assert_eq!(completions(&write(&mut a, 61, 0, 1)), vec![(61, Err(EIO))]);
+}

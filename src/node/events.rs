@@ -90,7 +90,14 @@ pub fn objects(v: &View) -> [Map<String, Value>; 4] {
             ("may_promote", Value::Bool(may_promote(s))),
             ("split_brain", Value::Bool(split_brain(s))),
         ]),
-        fields(vec![("disk", dbg(&s.disk))]),
+        fields(vec![
+            ("disk", dbg(&s.disk)),
+            (
+                "failure",
+                s.disk_failure
+                    .map_or(Value::Null, |f| Value::from(f.to_string())),
+            ),
+        ]),
         fields(vec![
             ("peer_node", Value::from(v.peer)),
             ("connection", Value::from(connection_state(s.repl))),

@@ -482,6 +482,7 @@ impl Node {
             "size": self.replica.config().size,
             "role": format!("{:?}", s.role),
             "disk": format!("{:?}", s.disk),
+            "disk_failure": s.disk_failure.map(|f| f.to_string()),
             "repl": format!("{:?}", s.repl),
             "peer_role": s.peer_role.map(|r| format!("{r:?}")),
             "peer_disk": s.peer_disk.map(|d| format!("{d:?}")),

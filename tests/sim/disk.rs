@@ -12,6 +12,9 @@ pub struct SimDisk {
     cache: Vec<(usize, Vec<u8>)>,
     /// Writes in flight: (io, offset, len), to check the core never overlaps two.
     pub writes_in_flight: Vec<(u64, u64, u64)>,
+    /// A flush failed: every later one fails too, until the node restarts (the disk layer's
+    /// sticky error; Linux itself would report the write-back error only once).
+    pub flush_failed: bool,
 }
 
 impl SimDisk {
@@ -21,6 +24,7 @@ impl SimDisk {
             durable: vec![0; blocks * BS],
             cache: Vec::new(),
             writes_in_flight: Vec::new(),
+            flush_failed: false,
         }
     }
     /// Every block content a crash could leave behind: the durable image and each cached
@@ -76,8 +80,20 @@ impl SimDisk {
             self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
         }
     }
+    /// A flush failed: the cached writes were written back or dropped, each as it happened
+    /// (reads now return what the device holds, maybe older data), and the error is sticky.
+    pub fn fail_flush(&mut self, rng: &mut Rng) {
+        for (b, data) in self.cache.drain(..) {
+            if rng.one_in(2) {
+                self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
+            }
+        }
+        self.volatile = self.durable.clone();
+        self.flush_failed = true;
+    }
     /// Power loss: each cached block write independently survives or not.
     pub fn crash(&mut self, rng: &mut Rng) {
+        self.flush_failed = false;
         for (b, data) in self.cache.drain(..) {
             if rng.one_in(2) {
                 self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);

@@ -79,6 +79,9 @@ pub(super) fn describe(change: &StateChange, block: u64) -> Described {
             ),
         ),
         StateChange::ResyncFinished => d("resync-finished", None, None, "resync finished".into()),
+        StateChange::DiskFailed { failure } => {
+            d("disk-failed", None, None, format!("disk failed: {failure}"))
+        }
         StateChange::Refused { reason } => d(
             "refused",
             None,

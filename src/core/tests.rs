@@ -2145,23 +2145,19 @@ fn resync_cut_at_its_end(deliver: usize) -> (Duo, u64) {
 }
 
 /// Issue 17, defect 6: a cut just as a resync finishes (the source sent `ResyncDone`, the
-/// target never applied it, or applied it and its UpToDate never reached the source) resumes
-/// from the bitmaps: nothing is resent, where it used to cost a full resync.
+/// target never applied it, or applied it and its UpToDate never reached the source) converges
+/// on the next connection. It still costs a full resync (see the `ResyncDone` comment in
+/// core/mod.rs: resuming kept the target's generation in a way that let a later one fall out
+/// of the history, a false split brain); this pins the safe part.
 #[test]
-fn a_cut_as_the_resync_finishes_costs_no_full_resync() {
+fn a_cut_as_the_resync_finishes_converges_at_the_next_connection() {
     for deliver in [0, 1, 2, 3, 1000] {
-        let (mut d, first_run) = resync_cut_at_its_end(deliver);
+        let (mut d, _first_run) = resync_cut_at_its_end(deliver);
         d.connect();
         for n in [0, 1] {
-            assert_eq!(d.st(n).repl, ReplState::Established, "{deliver}: node {n}");
             assert_eq!(d.st(n).disk, DiskState::UpToDate, "{deliver}: node {n}");
         }
         assert!(d.disk[0] == d.disk[1], "{deliver}");
-        assert_eq!(
-            d.resynced_bytes[0] - first_run,
-            0,
-            "{deliver} messages delivered after ResyncDone: resent after the cut"
-        );
     }
 }
 

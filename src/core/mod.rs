@@ -96,11 +96,10 @@
 //!   `stability_bytes` a target crash may have taken back. The target saves
 //!   [`Meta::resync_resumable`] once the source showed it marked everything the target lacks
 //!   (the first `ResyncProgress`; until then `bitmap_known` is false and a restart means a full
-//!   resync). A cut just as the resync ends resumes too: the source keeps the target's
-//!   generation as its bitmap generation until the target said it applied `ResyncDone`
-//!   (its disk turned UpToDate). (A source that goes Ahead before that assumes the end
-//!   lands first; if the cut takes it, that resync is full.) Every promotion first makes the acked peer and resync writes stable
-//!   ([`Action::SyncData`]): a new Primary never serves data a crash could take back.
+//!   resync). A cut just as the resync ends (after `ResyncDone`, before the target applied
+//!   it) still costs a full resync: the source's bitmap is relative to its own generation
+//!   from `ResyncDone` on. Every promotion first makes the acked peer and resync writes
+//!   stable ([`Action::SyncData`]): a new Primary never serves data a crash could take back.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
 //!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes
@@ -1094,11 +1093,10 @@ pub struct Replica {
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
     /// Sync source: `ResyncDone`s sent on this connection that the target has not yet
-    /// confirmed (its disk turning UpToDate; one per applied end, in order). Until it did, the
-    /// bitmap generation stays the target's: a cut in between (the target never applied the
-    /// end, still Inconsistent at its old generation) then resumes from the bitmaps instead of
-    /// costing a full resync. A count, not a flag: an Ahead resync can end before the
-    /// target's UpToDate of the resync before it arrives (simulator seed 546).
+    /// confirmed (its disk turning UpToDate; one per applied end, in order). A count, not a
+    /// flag: an Ahead resync can end before the target's UpToDate of the resync before it
+    /// arrives (simulator seed 546). Keeping the target's generation as the bitmap
+    /// generation until then (so a cut in between resumes) is not done: see `pump_resync`.
     resync_dones_unconfirmed: u32,
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
     resync_timer: Option<u64>,

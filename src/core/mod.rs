@@ -3514,7 +3514,14 @@ impl Replica {
                             let io = self.new_io(IoKind::PeerResync { conn }, offset, len as u64);
                             out.push(Action::DiskZero { io, offset, len });
                         }
-                        _ => {}
+                        // No connection left, a verify that no longer wants its compare, or
+                        // items without a range (they never reach this arm).
+                        None
+                        | Some(Apply::Verify { .. })
+                        | Some(Apply::Barrier { .. })
+                        | Some(Apply::Done { .. })
+                        | Some(Apply::Ahead)
+                        | Some(Apply::AheadResync) => {}
                     }
                 }
                 None => {

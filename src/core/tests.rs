@@ -852,7 +852,20 @@ fn peer_applies(b: &mut Replica, msgs: Vec<PeerMsg>) -> Vec<PeerMsg> {
                 | Action::DiskFlush { io }
                 | Action::DiskZero { io, .. }
                 | Action::DiskTrim { io, .. } => next.extend(done(b, io)),
-                _ => {}
+                // The peer's other actions do not feed back.
+                Action::DiskRead { .. }
+                | Action::ServeRead { .. }
+                | Action::CompleteClient { .. }
+                | Action::ArmTimer { .. }
+                | Action::Emit(_)
+                | Action::SaveMeta(_)
+                | Action::SaveBitmap { .. }
+                | Action::SaveActivityLog { .. }
+                | Action::SyncData
+                | Action::CloseConnection { .. }
+                | Action::AdminDone { .. }
+                | Action::FencePeer { .. }
+                | Action::Stopped(_) => {}
             }
         }
         pending = next;
@@ -1193,7 +1206,29 @@ impl Duo {
                                 self.resynced_bytes[n] += *len as u64;
                                 self.resync_zero_msgs[n] += 1;
                             }
-                            _ => {}
+                            // Only resync payloads are counted.
+                            PeerMsg::Hello(_)
+                            | PeerMsg::State(_)
+                            | PeerMsg::Refuse { .. }
+                            | PeerMsg::Data(_)
+                            | PeerMsg::Barrier { .. }
+                            | PeerMsg::PeerBitmap { .. }
+                            | PeerMsg::ResyncProgress { .. }
+                            | PeerMsg::ResyncDone { .. }
+                            | PeerMsg::WriteAck { .. }
+                            | PeerMsg::BarrierAck { .. }
+                            | PeerMsg::ResyncAck { .. }
+                            | PeerMsg::VerifyStart { .. }
+                            | PeerMsg::VerifyRequest { .. }
+                            | PeerMsg::VerifyEnd { .. }
+                            | PeerMsg::VerifyReply { .. }
+                            | PeerMsg::VerifyAsk
+                            | PeerMsg::VerifyStop { .. }
+                            | PeerMsg::CsumRequest { .. }
+                            | PeerMsg::CsumReply { .. }
+                            | PeerMsg::ResyncSame { .. }
+                            | PeerMsg::Ahead { .. }
+                            | PeerMsg::AheadResync { .. } => {}
                         }
                         if let Some(conn) = self.conn {
                             let bytes = crate::wire::encode(&m).expect("encode");
@@ -1233,7 +1268,13 @@ impl Duo {
                     Action::FencePeer { episode, attempt } => {
                         self.fence_requests[n].push((episode, attempt))
                     }
-                    _ => {}
+                    // Client reads, timers and state changes are not modelled; a close for a
+                    // stale connection and completions on the Secondary are dropped.
+                    Action::ServeRead { .. }
+                    | Action::CompleteClient { .. }
+                    | Action::ArmTimer { .. }
+                    | Action::Emit(_)
+                    | Action::CloseConnection { .. } => {}
                 }
             }
         }

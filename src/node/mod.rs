@@ -234,7 +234,28 @@ impl Node {
                         PeerMsg::ResyncZero { len, .. } => {
                             self.obs.metrics.resync_bytes.inc_by(u64::from(*len));
                         }
-                        _ => {}
+                        // Nothing to count for the rest.
+                        PeerMsg::Hello(_)
+                        | PeerMsg::State(_)
+                        | PeerMsg::Refuse { .. }
+                        | PeerMsg::Barrier { .. }
+                        | PeerMsg::PeerBitmap { .. }
+                        | PeerMsg::ResyncProgress { .. }
+                        | PeerMsg::ResyncDone { .. }
+                        | PeerMsg::WriteAck { .. }
+                        | PeerMsg::BarrierAck { .. }
+                        | PeerMsg::ResyncAck { .. }
+                        | PeerMsg::VerifyStart { .. }
+                        | PeerMsg::VerifyRequest { .. }
+                        | PeerMsg::VerifyEnd { .. }
+                        | PeerMsg::VerifyReply { .. }
+                        | PeerMsg::VerifyAsk
+                        | PeerMsg::VerifyStop { .. }
+                        | PeerMsg::CsumRequest { .. }
+                        | PeerMsg::CsumReply { .. }
+                        | PeerMsg::ResyncSame { .. }
+                        | PeerMsg::Ahead { .. }
+                        | PeerMsg::AheadResync { .. } => {}
                     }
                     c.send(&msg);
                 }
@@ -329,8 +350,14 @@ impl Node {
                 self.peer_lost.run(episode, attempt, &self.tx)
             }
             Action::Stopped(outcome) => self.stopped = Some(outcome),
-            // Disk actions were started above.
-            _ => {}
+            // Disk actions were started above (`io::start`); a close for a connection that is
+            // no longer the current one has nothing left to close.
+            Action::DiskWrite { .. }
+            | Action::DiskTrim { .. }
+            | Action::DiskZero { .. }
+            | Action::DiskFlush { .. }
+            | Action::DiskRead { .. }
+            | Action::CloseConnection { .. } => {}
         }
     }
 
@@ -704,7 +731,28 @@ impl Node {
                         PeerMsg::ResyncZero { len, .. } => {
                             self.obs.metrics.resync_bytes.inc_by(u64::from(*len));
                         }
-                        _ => {}
+                        // Nothing to count for the rest.
+                        PeerMsg::Hello(_)
+                        | PeerMsg::State(_)
+                        | PeerMsg::Refuse { .. }
+                        | PeerMsg::Data(_)
+                        | PeerMsg::Barrier { .. }
+                        | PeerMsg::PeerBitmap { .. }
+                        | PeerMsg::ResyncProgress { .. }
+                        | PeerMsg::ResyncDone { .. }
+                        | PeerMsg::BarrierAck { .. }
+                        | PeerMsg::ResyncAck { .. }
+                        | PeerMsg::VerifyStart { .. }
+                        | PeerMsg::VerifyRequest { .. }
+                        | PeerMsg::VerifyEnd { .. }
+                        | PeerMsg::VerifyReply { .. }
+                        | PeerMsg::VerifyAsk
+                        | PeerMsg::VerifyStop { .. }
+                        | PeerMsg::CsumRequest { .. }
+                        | PeerMsg::CsumReply { .. }
+                        | PeerMsg::ResyncSame { .. }
+                        | PeerMsg::Ahead { .. }
+                        | PeerMsg::AheadResync { .. } => {}
                     }
                     self.feed(Event::Peer { conn, msg })
                 }

@@ -395,7 +395,23 @@ fn a_demotion_makes_this_disk_stable_before_saving_secondary() {
                 match a {
                     Action::Send(m) => acks.push(m),
                     Action::DiskFlush { io } => acks.extend(sends(&done(b, io))),
-                    _ => {}
+                    // Only the sends and the flush matter to this exchange.
+                    Action::DiskWrite { .. }
+                    | Action::DiskTrim { .. }
+                    | Action::DiskZero { .. }
+                    | Action::DiskRead { .. }
+                    | Action::ServeRead { .. }
+                    | Action::CompleteClient { .. }
+                    | Action::ArmTimer { .. }
+                    | Action::Emit(_)
+                    | Action::SaveMeta(_)
+                    | Action::SaveBitmap { .. }
+                    | Action::SaveActivityLog { .. }
+                    | Action::SyncData
+                    | Action::CloseConnection { .. }
+                    | Action::AdminDone { .. }
+                    | Action::FencePeer { .. }
+                    | Action::Stopped(_) => {}
                 }
             }
             let r = d.r[0].as_mut().expect("alive");

@@ -118,10 +118,10 @@ fn down_while_the_peer_is_stopped_resyncs_what_it_lacked_after_restart() {
     ok(&p, 0, &["primary"]);
     p.wait_in_sync();
     let s = p.status(0).expect("status");
-    assert!(
-        s["events"].to_string().contains("ResyncStarted"),
-        "the difference was not resynced: {s}"
-    );
+    let resynced = s["events"]
+        .as_array()
+        .is_some_and(|evs| evs.iter().any(|e| e["kind"] == "resync-started"));
+    assert!(resynced, "the difference was not resynced: {s}");
 
     let img = down_both_identical(&mut p, "the restart's resync");
     acked.check(&img, "both disks");

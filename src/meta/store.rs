@@ -137,13 +137,25 @@ fn read_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, M
     Ok(buf)
 }
 
+/// How long `up` waits for a lock that is held: a daemon that `down` just stopped can hold it
+/// for a moment after its exit (seen once in tests/down_peer_stopped.rs: the restart right
+/// after `down` found it locked). Longer means a daemon really runs.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn lock(file: &File, path: &Path, resource: &str) -> Result<(), MetaError> {
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let e = loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Err(MetaError::Busy {
             path: path.to_owned(),

@@ -128,6 +128,10 @@ enum Command {
     Disconnect(ResArgs),
     /// Discard this node's data: it becomes a full sync target of the peer (Secondary only).
     Invalidate(ResArgs),
+    /// Re-read the resource file and apply to the running daemon what can change live (the
+    /// resync rates `c-*`); print the changed keys that need a restart. An invalid file applies
+    /// nothing.
+    Adjust(ResArgs),
     /// Compare both disks online (connected, both UpToDate) by block digest; blocks that
     /// differ are marked out of sync on both nodes and listed in `status`. Resync them with
     /// `twinblk disconnect` + `twinblk connect`.
@@ -734,6 +738,7 @@ pub fn main() -> ExitCode {
         } => admin(&res, Request::Connect { discard_my_data }),
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Invalidate(res) => admin(&res, Request::Invalidate),
+        Command::Adjust(res) => admin(&res, Request::Adjust),
         Command::Verify { res, wait } => verify::verify(&res, wait),
         Command::Down { res, force } => down(&res, force),
         Command::Events { res, now, json } => ops::events(&res, now, json),

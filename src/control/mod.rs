@@ -42,6 +42,8 @@ pub enum Request {
     Invalidate,
     /// Compare both disks online by digest; differing blocks are marked out of sync.
     Verify,
+    /// Re-read the resource file: apply what can change live, name what needs a restart.
+    Adjust,
     Down {
         /// Disconnect the NBD clients that have the export open first (refused otherwise).
         #[serde(default)]

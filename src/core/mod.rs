@@ -505,6 +505,8 @@ pub enum AdminCmd {
     DiscardMyData,
     /// `twinblk verify`: compare both disks online (see [`verify`]).
     Verify,
+    /// `twinblk adjust`: new resync rate settings (`c-*`), for every resync that starts later.
+    SetResyncRate(RateConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -4150,6 +4152,10 @@ impl Replica {
                 Ok(())
             }
             AdminCmd::Verify => self.admin_verify(out),
+            AdminCmd::SetResyncRate(rate) => {
+                self.cfg.resync_rate = rate;
+                Ok(())
+            }
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
                     return Err(

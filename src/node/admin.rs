@@ -71,6 +71,10 @@ pub(super) struct Admin {
     /// `/dev/ublkbN` once `frontend = "ublk"` created it, for `status`.
     pub ublk_device: std::sync::Arc<std::sync::OnceLock<String>>,
     pub clients: super::frontend::Clients,
+    /// The resource file, re-read by `adjust`.
+    pub config: std::path::PathBuf,
+    /// The settings in effect (as loaded at `up`, plus what `adjust` applied).
+    pub running: std::sync::Mutex<crate::config::Config>,
 }
 
 fn gone() -> Response {
@@ -142,7 +146,125 @@ impl Admin {
     }
 }
 
+/// Settings `adjust` applies to a running daemon; every other changed key needs a restart.
+fn restart_keys(old: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
+    let (o, n) = (&old.resource, &new.resource);
+    let mut keys = Vec::new();
+    macro_rules! cmp {
+        ($($f:ident => $k:literal),* $(,)?) => {
+            $(if o.$f != n.$f { keys.push($k.to_owned()); })*
+        };
+    }
+    cmp!(
+        name => "name",
+        protocol => "protocol",
+        send_buffer => "send-buffer",
+        ping_interval => "ping-interval",
+        timeout => "timeout",
+        connect_retry => "connect-retry",
+        data_streams => "data-streams",
+        window => "window",
+        max_mtu => "max-mtu",
+        after_sb_0pri => "after-sb-0pri",
+        after_sb_1pri => "after-sb-1pri",
+        csums => "csums",
+        al_updates => "al-updates",
+        on_peer_lost => "on-peer-lost",
+        on_congestion => "on-congestion",
+        congestion_fill => "congestion-fill",
+    );
+    if o != n {
+        // A key this list does not name yet: say so rather than claim it applied.
+        let mut o2 = o.clone();
+        o2.c_max_rate = n.c_max_rate;
+        o2.c_fill_target = n.c_fill_target;
+        o2.c_plan_ahead = n.c_plan_ahead;
+        o2.c_min_rate = n.c_min_rate;
+        if keys.is_empty() && o2 != *n {
+            keys.push("resource settings".to_owned());
+        }
+    }
+    for on in &old.nodes {
+        match new.nodes.iter().find(|nn| nn.name == on.name) {
+            None => keys.push(format!("node {} (removed)", on.name)),
+            Some(nn) if nn != on => keys.push(format!("node {} settings", on.name)),
+            Some(_) => {}
+        }
+    }
+    for nn in &new.nodes {
+        if !old.nodes.iter().any(|on| on.name == nn.name) {
+            keys.push(format!("node {} (added)", nn.name));
+        }
+    }
+    keys
+}
+
 impl Admin {
+    /// `adjust`: re-read the resource file; apply the resync rates live, list the rest.
+    async fn adjust(&self) -> Response {
+        let new = match crate::config::Config::load(&self.config) {
+            Ok(c) => c,
+            Err(e) => {
+                return Response::Error {
+                    message: format!("{e}; nothing applied"),
+                }
+            }
+        };
+        let old = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let rate = new.resource.resync_rate();
+        let mut applied = Vec::new();
+        if rate != old.resource.resync_rate() {
+            match self.admin(AdminCmd::SetResyncRate(rate), "").await {
+                Response::Ok { .. } => {}
+                other => return other,
+            }
+            for (k, changed) in [
+                (
+                    "c-max-rate",
+                    old.resource.c_max_rate != new.resource.c_max_rate,
+                ),
+                (
+                    "c-fill-target",
+                    old.resource.c_fill_target != new.resource.c_fill_target,
+                ),
+                (
+                    "c-plan-ahead",
+                    old.resource.c_plan_ahead != new.resource.c_plan_ahead,
+                ),
+                (
+                    "c-min-rate",
+                    old.resource.c_min_rate != new.resource.c_min_rate,
+                ),
+            ] {
+                if changed {
+                    applied.push(k);
+                }
+            }
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            running.resource.c_max_rate = new.resource.c_max_rate;
+            running.resource.c_fill_target = new.resource.c_fill_target;
+            running.resource.c_plan_ahead = new.resource.c_plan_ahead;
+            running.resource.c_min_rate = new.resource.c_min_rate;
+        }
+        let restart = restart_keys(&old, &new);
+        let mut message = if applied.is_empty() {
+            "nothing to apply live".to_owned()
+        } else {
+            format!("applied {}", applied.join(", "))
+        };
+        if !restart.is_empty() {
+            message.push_str(&format!(
+                "; changed but needs a restart (`twinblk down` + `twinblk up`): {}",
+                restart.join(", ")
+            ));
+        }
+        Response::Ok { message }
+    }
+
     /// Stream event lines until the client goes away or the daemon stops. A client that reads
     /// slower than events happen loses lines (the broadcast is bounded so the event loop never
     /// waits) and gets a `dropped` line saying how many.
@@ -247,6 +369,7 @@ impl Handler for Admin {
                 )
                 .await
             }
+            Request::Adjust => self.adjust().await,
             Request::Verify => {
                 self.admin(
                     AdminCmd::Verify,
@@ -299,6 +422,19 @@ mod tests {
                 metrics: metrics.clone(),
                 ublk_device: Default::default(),
                 clients: Default::default(),
+                config: "r0.toml".into(),
+                running: std::sync::Mutex::new(
+                    crate::config::Config::from_str(
+                        "[resource]\nname = \"r0\"\n\
+                         [node.alpha]\naddress = \"127.0.0.1:7789\"\ndisk = \"/a.img\"\n\
+                         nbd = \"unix:/a.nbd\"\nadmin = \"/a.sock\"\ncert = \"/a.crt\"\n\
+                         key = \"/a.key\"\n\
+                         [node.beta]\naddress = \"127.0.0.1:7790\"\ndisk = \"/b.img\"\n\
+                         nbd = \"unix:/b.nbd\"\nadmin = \"/b.sock\"\ncert = \"/b.crt\"\n\
+                         key = \"/b.key\"\n",
+                    )
+                    .expect("config"),
+                ),
             };
             let bus = Bus::new("r0", "alpha");
             let sender = bus.sender();

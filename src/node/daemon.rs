@@ -263,6 +263,8 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             metrics,
             ublk_device: ublk_device.clone(),
             clients: clients.clone(),
+            config: cfg.source.clone(),
+            running: std::sync::Mutex::new(cfg.clone()),
         }),
     ));
 

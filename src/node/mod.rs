@@ -516,6 +516,8 @@ impl Node {
             "current_gen": s.current_gen,
             "out_of_sync_bytes": out_of_sync_blocks(&s).saturating_mul(block),
             "resync": resync,
+            // The resync rate limit in effect (`c-max-rate`; `twinblk adjust` changes it live).
+            "c_max_rate": self.replica.config().resync_rate.max_rate,
             "want_connection": s.want_connection,
             "connected": self.current.is_some(),
             // A dead peer still looks connected until `timeout` passes without a word.
@@ -794,7 +796,8 @@ impl Node {
                         | AdminCmd::Demote
                         | AdminCmd::Invalidate
                         | AdminCmd::DiscardMyData
-                        | AdminCmd::Verify => {}
+                        | AdminCmd::Verify
+                        | AdminCmd::SetResyncRate(_) => {}
                     }
                     let promote = matches!(cmd, AdminCmd::Promote { .. });
                     self.feed(Event::Admin { tag, cmd });

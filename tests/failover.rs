@@ -19,6 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nbd_common::{Raw, Transport};
+use ops_common::acked::{block, version_of};
 use ops_common::{Pair, NAMES};
 use twinblk::nbd::proto::*;
 
@@ -30,46 +31,6 @@ fn need_fio() {
         Path::new(FIO).is_file(),
         "fio not found: install the Debian package fio"
     );
-}
-
-/// A block's contents for write `version` at block `b`: both numbers at the head and the tail,
-/// the rest derived from them, so a torn or misplaced block is recognised.
-fn block(b: u64, version: u64) -> Vec<u8> {
-    let mut v = vec![0u8; BS];
-    let mut x = (b << 32) ^ version ^ 0x9e37_79b9_7f4a_7c15;
-    for c in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    v[..8].copy_from_slice(&b.to_le_bytes());
-    v[8..16].copy_from_slice(&version.to_le_bytes());
-    v[BS - 16..BS - 8].copy_from_slice(&b.to_le_bytes());
-    v[BS - 8..].copy_from_slice(&version.to_le_bytes());
-    v
-}
-
-/// The version a block holds (0: never written by the test, i.e. all zeroes), or why not.
-fn version_of(b: u64, data: &[u8]) -> Result<u64, String> {
-    if data.iter().all(|&x| x == 0) {
-        return Ok(0);
-    }
-    let word = |at: usize| {
-        data.get(at..at + 8)
-            .and_then(|s| s.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(u64::MAX)
-    };
-    let v = word(8);
-    if data == block(b, v).as_slice() {
-        Ok(v)
-    } else {
-        Err(format!(
-            "block {b} holds foreign or torn data (head says block {} version {v})",
-            word(0)
-        ))
-    }
 }
 
 fn connect(p: &Pair, i: usize) -> Raw {

@@ -54,7 +54,10 @@ fn bench(c: &mut Criterion) {
         );
     }
     g.throughput(Throughput::Elements(1));
-    let ack = PeerMsg::WriteAck { seq: 99 };
+    let ack = PeerMsg::WriteAck {
+        seq: 99,
+        timing: Default::default(),
+    };
     let ack_frame = wire::encode(&ack).expect("encode");
     g.bench_function("ack_encode", |b| {
         b.iter(|| wire::encode(&ack).expect("encode"))

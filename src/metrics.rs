@@ -32,6 +32,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// One-hot state gauges: `twinblk_role{role="Primary"} 1`, every other value 0.
 pub type StateFamily = Family<Vec<(String, String)>, Gauge>;
 pub type FloatGauge = Gauge<f64, AtomicU64>;
+/// Histograms by label set, all with the stage buckets.
+pub type StageFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub io_errors: Counter,
     pub write_latency: Histogram,
     pub local_write_latency: Histogram,
+    /// The latency breakdown (`crate::latency`): one histogram per stage.
+    pub write_stage: StageFamily,
     pub resync_bytes: Counter,
     pub resync_rate: FloatGauge,
     pub resync_remaining_bytes: Gauge,
@@ -73,6 +77,11 @@ pub struct Metrics {
     pub may_promote: Gauge,
     pub state_changes: Counter,
     pub events_dropped: Counter,
+}
+
+fn stage_buckets() -> Histogram {
+    // 1 µs .. ~8 s: a task hop through a WAN round trip.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 24))
 }
 
 fn latency_buckets() -> Histogram {
@@ -105,6 +114,7 @@ impl Metrics {
             io_errors: Counter::default(),
             write_latency: latency_buckets(),
             local_write_latency: latency_buckets(),
+            write_stage: StageFamily::new_with_constructor(stage_buckets),
             resync_bytes: Counter::default(),
             resync_rate: FloatGauge::default(),
             resync_remaining_bytes: Gauge::default(),
@@ -215,6 +225,12 @@ impl Metrics {
             m.local_write_latency.clone(),
         );
         r.register_with_unit(
+            "write_stage",
+            "Replicated writes, time per stage (see `twinblk status --latency` and docs/metrics.md); the peer's stages as its acks report them",
+            Unit::Seconds,
+            m.write_stage.clone(),
+        );
+        r.register_with_unit(
             "resync",
             "Resync payload sent (SyncSource) or received (SyncTarget)",
             Unit::Bytes,
@@ -255,6 +271,13 @@ impl Metrics {
     }
 
     /// Sets a one-hot family to `value` (and every value seen before to 0).
+    /// The histogram of latency stage `stage` (a shared handle: observing it needs no lookup).
+    pub fn write_stage(&self, stage: &str) -> Histogram {
+        self.write_stage
+            .get_or_create(&vec![("stage".to_owned(), stage.to_owned())])
+            .clone()
+    }
+
     pub fn set_state(family: &StateFamily, label: &str, value: Option<&str>) {
         family.clear();
         if let Some(v) = value {

@@ -116,6 +116,14 @@ fn metrics_of_a_replicating_pair() {
         v("twinblk_local_write_latency_seconds_count").is_some_and(|c| c >= 16.0),
         "{t}"
     );
+    // The latency breakdown: every write's stages, the peer's too (reported with its acks).
+    for stage in ["local_disk", "transport", "peer_disk", "total"] {
+        let n = value(
+            &t,
+            &format!("twinblk_write_stage_seconds_count{A},stage=\"{stage}\"}}"),
+        );
+        assert!(n.is_some_and(|c| c >= 16.0), "{stage}: {t}");
+    }
     // All acked: nothing in flight to the peer.
     assert_eq!(v("twinblk_peer_inflight_requests"), Some(0.0), "{t}");
     assert_eq!(v("twinblk_peer_inflight_bytes"), Some(0.0), "{t}");

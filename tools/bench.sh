@@ -7,12 +7,19 @@
 # Columns: every server in SERVERS (default: qemu-nbd and twinblk serve). Ratios are against the
 # first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
 # twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default
-# engine without polling), twinblk-sync/twinblk-async (a replicated pair). Two columns are not
+# engine without polling), twinblk-sync/twinblk-async (a replicated pair), twinblk-sync-nolat
+# (the sync pair with TWINBLK_LATENCY=off: what the latency breakdown costs), qemu-mirror
+# (qemu's own replication in userspace: qemu-storage-daemon exports the file over NBD with an
+# active blockdev-mirror, copy-mode=write-blocking, to a qemu-nbd secondary on a second file:
+# a write completes once both have it, as in protocol sync). Two columns are not
 # servers but bounds, fio with io_uring straight on the files: one-writer (the device alone) and
 # two-writers (two files written at once, the value per writer). A replicated pair whose disks
 # share one device writes every block twice, so two-writers is the most any pair can reach here,
 # with NBD, QUIC and TLS costing nothing.
-# Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk.
+# The qd1 latency workload reports the mean (lat_us) and, on a row of its own, the 99th
+# percentile of fio's completion latency (p99_us).
+# Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk;
+# qemu-storage-daemon for qemu-mirror.
 set -euo pipefail
 
 runtime=15 rounds=2 size=1G file=/var/tmp/twinblk-bench.img only=""
@@ -23,7 +30,7 @@ while [ $# -gt 0 ]; do
         --size) size=$2; shift 2 ;;
         --file) file=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#'; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -36,7 +43,7 @@ done
 [ -x "$twinblk" ] || (cd "$root" && cargo build --release --quiet)
 
 work=$(mktemp -d /var/tmp/twinblk-bench.XXXXXX)
-server_pid="" peer_pid=""
+server_pid="" peer_pid="" nolat=""
 cleanup() {
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
     [ -n "$peer_pid" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
@@ -62,11 +69,13 @@ sock=$work/nbd.sock
 uri="nbd+unix:///?socket=$sock"
 
 wait_socket() {
-    for _ in $(seq 1 100); do
+    # Up to 60 s: on a machine shared with builds, a daemon's start can take seconds.
+    for _ in $(seq 1 600); do
         [ -S "$sock" ] && nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "bench.sh: server did not come up on $sock" >&2
+    echo "bench.sh: server did not come up on $sock; its logs, if any:" >&2
+    cat "$work"/*.log >&2 2>/dev/null || true
     return 1
 }
 
@@ -87,6 +96,10 @@ start_server() {
             "$twinblk" serve --disk "$file" --listen "unix:$sock" --poll-us "${BENCH_POLL_US:-0}" --log-level warn >/dev/null & ;;
         twinblk-sync|twinblk-async)
             start_pair "${1#twinblk-}"; return ;;
+        twinblk-sync-nolat)
+            nolat=1 start_pair sync; return ;;
+        qemu-mirror)
+            start_mirror; return ;;
         *) echo "bench.sh: unknown server $1" >&2; exit 2 ;;
     esac
     server_pid=$!
@@ -127,12 +140,19 @@ EOF2
     "$twinblk" create-md r0 --config "$work/r0.toml" --node alpha --force >/dev/null
     "$twinblk" create-md r0 --config "$work/r0.toml" --node beta --force >/dev/null
     # Logs to files: the refusals before `primary --force` are expected, not news.
-    "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null 2>"$work/beta.log" &
+    local lat=on
+    [ -n "${nolat:-}" ] && lat=off
+    TWINBLK_LATENCY=$lat "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null 2>"$work/beta.log" &
     peer_pid=$!
-    "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null 2>"$work/alpha.log" &
+    TWINBLK_LATENCY=$lat "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null 2>"$work/alpha.log" &
     server_pid=$!
-    wait_socket
+    # A Secondary refuses to open its export: wait for the admin socket, promote, then the export.
+    for _ in $(seq 1 600); do
+        "$twinblk" status r0 --config "$work/r0.toml" --node alpha >/dev/null 2>&1 && break
+        sleep 0.1
+    done
     "$twinblk" primary r0 --config "$work/r0.toml" --node alpha --force >/dev/null
+    wait_socket
     echo "waiting for the initial sync ($proto)..." >&2
     for _ in $(seq 1 3000); do
         "$twinblk" status r0 --config "$work/r0.toml" --node beta --json 2>/dev/null |
@@ -142,6 +162,49 @@ EOF2
     echo "bench.sh: the pair did not get in sync; its logs:" >&2
     cat "$work/alpha.log" "$work/beta.log" >&2
     return 1
+}
+
+# qemu's active mirror: qemu-nbd serves the secondary file; qemu-storage-daemon serves $file
+# over NBD on $sock and mirrors it there (sync=full, then every write goes to both before it
+# completes: copy-mode=write-blocking). The job must be ready (the first copy done) before fio.
+start_mirror() {
+    command -v qemu-storage-daemon >/dev/null || { echo "bench.sh: qemu-storage-daemon is missing (apt-get install qemu-utils)" >&2; exit 1; }
+    prepare "$second"
+    rm -f "$work/mirror.sock" "$work/qmp.sock"
+    qemu-nbd -f raw --cache=none --aio=io_uring -t -k "$work/mirror.sock" "$second" &
+    peer_pid=$!
+    for _ in $(seq 1 100); do [ -S "$work/mirror.sock" ] && break; sleep 0.1; done
+    qemu-storage-daemon \
+        --chardev "socket,path=$work/qmp.sock,server=on,wait=off,id=qmp0" --monitor chardev=qmp0 \
+        --blockdev "driver=file,node-name=file0,filename=$file,cache.direct=on,aio=io_uring" \
+        --blockdev "driver=raw,node-name=src,file=file0" \
+        --nbd-server "addr.type=unix,addr.path=$sock" \
+        --export "type=nbd,id=exp0,node-name=src,name=,writable=on" >"$work/qsd.log" 2>&1 &
+    server_pid=$!
+    wait_socket
+    python3 - "$work/qmp.sock" "$work/mirror.sock" <<'PY' || { cat "$work/qsd.log" >&2; return 1; }
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()  # greeting
+def cmd(name, **args):
+    f.write(json.dumps({"execute": name, "arguments": args}) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r: return r["return"]
+        if "error" in r: sys.exit(f"qmp {name}: {r['error']}")
+cmd("qmp_capabilities")
+cmd("blockdev-add", driver="nbd", **{"node-name": "tgt"},
+    server={"type": "unix", "path": sys.argv[2]}, export="")
+cmd("blockdev-mirror", **{"job-id": "m0", "copy-mode": "write-blocking"},
+    device="src", target="tgt", sync="full")
+for _ in range(3000):
+    jobs = cmd("query-block-jobs")
+    if jobs and jobs[0].get("ready"): sys.exit(0)
+    time.sleep(0.1)
+sys.exit("the mirror job did not become ready")
+PY
 }
 
 stop_server() {
@@ -196,9 +259,10 @@ for w in "${workloads[@]}"; do
                     stop_server ;;
             esac
             # The value per job, averaged over the jobs (two-writers runs two).
-            value=$(python3 - "$work/out.json" "$metric" <<'PY'
+            # "metric value" lines: the workload's metric, and for latency also its p99.
+            values=$(python3 - "$work/out.json" "$metric" <<'PY'
 import json, sys
-vals = []
+vals, p99s = [], []
 for job in json.load(open(sys.argv[1]))["jobs"]:
     side = "read" if job["read"]["io_bytes"] > 0 and job["write"]["io_bytes"] == 0 else "write"
     d = job[side]
@@ -209,12 +273,17 @@ for job in json.load(open(sys.argv[1]))["jobs"]:
         vals.append(d["bw_bytes"] / 1e6)
     else:
         vals.append(d["lat_ns"]["mean"] / 1000)
+        p99s.append(d["clat_ns"]["percentile"]["99.000000"] / 1000)
 v = sum(vals) / len(vals)
-print(f'{v:.0f}' if sys.argv[2] == "iops" else f'{v:.1f}')
+print(sys.argv[2], f'{v:.0f}' if sys.argv[2] == "iops" else f'{v:.1f}')
+if p99s:
+    print("p99_us", f'{sum(p99s) / len(p99s):.1f}')
 PY
 )
-            echo "$name $metric $s $round $value" >> "$results"
-            echo "  $name round $round $s: $value $metric" >&2
+            while read -r m value; do
+                echo "$name $m $s $round $value" >> "$results"
+                echo "  $name round $round $s: $value $m" >&2
+            done <<<"$values"
         done
     done
 done
@@ -243,7 +312,7 @@ for (name, metric), by in rows.items():
             if not b or not v:
                 continue
             # For latency lower is better: base/s so that > 1 always means "s is better".
-            ratios.append(b / v if metric == "lat_us" else v / b)
+            ratios.append(b / v if metric in ("lat_us", "p99_us") else v / b)
         if ratios:
             cell = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         else:

@@ -114,6 +114,13 @@ enum Command {
         /// Also show the generation ids (current, bitmap, history).
         #[arg(long, short)]
         verbose: bool,
+        /// Where replicated writes spent their time (per stage, on this node and on the peer)
+        /// instead of the status.
+        #[arg(long, requires = "resource")]
+        latency: bool,
+        /// With --latency: over the last this many seconds (1 to 60).
+        #[arg(long, value_name = "N", default_value_t = 10, requires = "latency")]
+        seconds: u64,
     },
     /// Connect to the peer again (after `disconnect` or a refusal).
     Connect {
@@ -498,6 +505,34 @@ fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `status --latency`: the daemon's breakdown as a table (or its JSON).
+fn latency(res: &ResArgs, json: bool, seconds: u64) -> anyhow::Result<()> {
+    let path = res.admin_socket()?;
+    let mut got = None;
+    let mut err = None;
+    control::request(&path, &Request::Latency { seconds }, |resp| {
+        match resp {
+            Response::Status { status } => got = Some(status),
+            Response::Error { message } => err = Some(message),
+            _ => {}
+        }
+        false
+    })?;
+    if let Some(e) = err {
+        anyhow::bail!("{e}");
+    }
+    let v = got.context("the daemon sent no latency breakdown")?;
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", crate::latency::table(&v));
+        if v.get("measuring").and_then(|m| m.as_bool()) == Some(false) {
+            println!("  (the daemon runs with TWINBLK_LATENCY=off: nothing is measured)");
+        }
+    }
+    Ok(())
+}
+
 fn human_status(s: &serde_json::Value, verbose: bool) -> String {
     use std::fmt::Write;
     let f = |k: &str| match s.get(k) {
@@ -709,6 +744,23 @@ pub fn main() -> ExitCode {
         Command::Up { res, threads } => up(res, threads),
         Command::Primary { res, force } => promote(&res, force),
         Command::Secondary { res, force } => admin(&res, Request::Secondary { force }),
+        Command::Status {
+            resource: Some(resource),
+            config,
+            node,
+            json,
+            latency: true,
+            seconds,
+            ..
+        } => latency(
+            &ResArgs {
+                resource,
+                config,
+                node,
+            },
+            json,
+            seconds,
+        ),
         Command::Status {
             resource: Some(resource),
             config,

@@ -24,6 +24,11 @@ const MAX_REQUEST_LINE: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The latency breakdown of replicated writes over the last `seconds` (`status --latency`).
+    Latency {
+        #[serde(default = "default_latency_secs")]
+        seconds: u64,
+    },
     Primary {
         #[serde(default)]
         force: bool,
@@ -53,6 +58,10 @@ pub enum Request {
         #[serde(default)]
         now: bool,
     },
+}
+
+fn default_latency_secs() -> u64 {
+    10
 }
 
 /// One line from the daemon. `Status` and `Event` carry structured JSON whose schema belongs to

@@ -190,7 +190,8 @@ pub const PEER_WRITES_LANDING: &str = "writes from the peer are still landing on
 use bytes::Bytes;
 
 pub use crate::wire::{
-    AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState, Role, FLAG_FUA,
+    AckTiming, AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState,
+    Role, FLAG_FUA,
 };
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
@@ -949,6 +950,15 @@ enum IoKind {
     CsumSourceRead { conn: u64, digests: Vec<u64> },
 }
 
+/// See [`Replica::io_origin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOrigin {
+    /// A client write (or trim / write-zeroes) with this request id.
+    Client(ReqId),
+    /// The peer's replicated write with this sequence number.
+    Peer(u64),
+}
+
 #[derive(Debug)]
 struct Io {
     kind: IoKind,
@@ -1547,6 +1557,17 @@ impl Replica {
         let mut out = Vec::new();
         self.handle(ev, now, &mut out);
         out
+    }
+
+    /// What the disk I/O `io` (in flight) is for: a client write (on the Primary) or the
+    /// peer's replicated write `seq` (on the Secondary); `None` for any other I/O. Read-only,
+    /// for the driver's latency breakdown: it times its actions, the core never sees a clock.
+    pub fn io_origin(&self, io: IoId) -> Option<IoOrigin> {
+        match self.inflight.get(&io).map(|i| &i.kind) {
+            Some(IoKind::Client { req }) => Some(IoOrigin::Client(*req)),
+            Some(IoKind::Peer { seq, .. }) => Some(IoOrigin::Peer(*seq)),
+            _ => None,
+        }
     }
 
     // ---- small helpers ----
@@ -2379,7 +2400,9 @@ impl Replica {
                 if let Err(e) = result {
                     self.secondary_disk_error(offset, len, e, out);
                 } else if cur == Some(conn) {
-                    self.send(PeerMsg::WriteAck { seq }, out);
+                    // The driver fills in the timing (the core has no clock).
+                    let timing = Default::default();
+                    self.send(PeerMsg::WriteAck { seq, timing }, out);
                 }
                 self.pump_apply(out);
             }
@@ -2884,7 +2907,7 @@ impl Replica {
                     );
                 }
             }
-            PeerMsg::WriteAck { seq } => {
+            PeerMsg::WriteAck { seq, .. } => {
                 let mut req = None;
                 if let Some(c) = self.conn.as_mut() {
                     if let Some((r, bytes)) = c.awaiting_ack.remove(&seq) {

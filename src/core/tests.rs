@@ -201,7 +201,13 @@ fn sync_write_waits_for_local_and_peer() {
         "no ack before the disk write completes"
     );
     let acks = sends(&done(&mut b, wb[0].0));
-    assert_eq!(acks, vec![PeerMsg::WriteAck { seq: 1 }]);
+    assert_eq!(
+        acks,
+        vec![PeerMsg::WriteAck {
+            seq: 1,
+            timing: Default::default()
+        }]
+    );
     assert_eq!(completions(&deliver(&mut a, acks)), vec![(1, Ok(()))]);
 }
 

@@ -250,14 +250,17 @@ pub enum StreamKind {
 pub struct Frame {
     pub stream: StreamKind,
     pub bytes: Bytes,
+    /// When the frame was complete on its stream (unless the latency breakdown is off,
+    /// `crate::latency::enabled`): the start of the receiver's part of a write's time.
+    pub at: Option<std::time::Instant>,
 }
 
 /// Received frames from all streams. Control frames are delivered before queued data frames, so
 /// acks and state changes are not stuck behind a backlog of extents.
 #[derive(Debug)]
 pub struct FrameRx {
-    control: mpsc::Receiver<Bytes>,
-    data: mpsc::Receiver<(u8, Bytes)>,
+    control: mpsc::Receiver<(Bytes, Option<std::time::Instant>)>,
+    data: mpsc::Receiver<(u8, Bytes, Option<std::time::Instant>)>,
     _guard: Arc<CloseOnDrop>,
 }
 
@@ -281,8 +284,8 @@ impl FrameRx {
     pub async fn recv(&mut self) -> Option<Frame> {
         tokio::select! {
             biased;
-            Some(bytes) = self.control.recv() => Some(Frame { stream: StreamKind::Control, bytes }),
-            Some((i, bytes)) = self.data.recv() => Some(Frame { stream: StreamKind::Data(i), bytes }),
+            Some((bytes, at)) = self.control.recv() => Some(Frame { stream: StreamKind::Control, bytes, at }),
+            Some((i, bytes, at)) = self.data.recv() => Some(Frame { stream: StreamKind::Data(i), bytes, at }),
             else => None,
         }
     }
@@ -772,15 +775,19 @@ impl PeerLink {
         let data = data_send.into_iter().map(sender).collect();
         let (ctl_tx, ctl_rx) = mpsc::channel(t.recv_queue.max(1));
         let (data_tx, data_rx) = mpsc::channel(t.recv_queue.max(1));
+        let timed = crate::latency::enabled();
+        let now = move || timed.then(std::time::Instant::now);
         tokio::spawn(reader_task(ctl_reader, conn.clone(), move |bytes| {
             let tx = ctl_tx.clone();
-            async move { tx.send(bytes).await.is_ok() }
+            let at = now();
+            async move { tx.send((bytes, at)).await.is_ok() }
         }));
         for (i, r) in data_recv {
             let tx = data_tx.clone();
             tokio::spawn(reader_task(r, conn.clone(), move |bytes| {
                 let tx = tx.clone();
-                async move { tx.send((i, bytes)).await.is_ok() }
+                let at = now();
+                async move { tx.send((i, bytes, at)).await.is_ok() }
             }));
         }
         drop(data_tx);

@@ -9,7 +9,7 @@
 //! while let Some(mut conn) = connector.next().await {
 //!     conn.control.send(hello_bytes)?;           // FrameSender: Bytes in, no copy of big frames
 //!     conn.data[seq % conn.data.len()].send(extent_bytes)?;
-//!     while let Some(Frame { stream, bytes }) = conn.rx.recv().await { ... }
+//!     while let Some(Frame { stream, bytes, .. }) = conn.rx.recv().await { ... }
 //!     let why = conn.closed().await;              // CloseReason: timeout, peer closed, TLS...
 //! }
 //! ```

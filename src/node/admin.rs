@@ -324,6 +324,17 @@ impl Handler for Admin {
                     }
                 }
             }
+            Request::Latency { seconds } => {
+                let (r, rx) = oneshot::channel();
+                if self.tx.send(Input::Latency { seconds, reply: r }).is_err() {
+                    gone()
+                } else {
+                    match rx.await {
+                        Ok(status) => Response::Status { status },
+                        Err(_) => gone(),
+                    }
+                }
+            }
             Request::Primary { force } => {
                 self.admin(AdminCmd::Promote { force }, "now Primary").await
             }

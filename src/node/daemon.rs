@@ -198,6 +198,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         }
         None => None,
     };
+    let latency = super::timing::Recorder::new(&metrics);
     let obs = super::Observe::with_metrics(
         &resource,
         name,
@@ -247,6 +248,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         nbd_clients: clients.clone(),
         peer_timeout: cfg.resource.timeout,
         stopped: None,
+        timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
     };
     let event_loop = tokio::spawn(node.run(rx));
 
@@ -272,6 +274,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         tx: tx.clone(),
         disk: disk.clone(),
         clients,
+        latency,
     };
     let ublk_backend = backend.clone();
     let server = Server::new(backend, resource.clone(), format!("twinblk {resource}"));

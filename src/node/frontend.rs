@@ -47,6 +47,8 @@ pub struct Replicated {
     pub(super) tx: mpsc::UnboundedSender<Input>,
     pub(super) disk: Disk,
     pub(super) clients: Clients,
+    /// The latency breakdown: a write's first and last stage are timed here.
+    pub(super) latency: super::timing::Recorder,
 }
 
 /// The NBD clients that opened the replicated export, and whether one may open it now: what
@@ -133,11 +135,26 @@ impl Replicated {
     /// returns the wait for its answer.
     fn call(&self, op: ClientOp) -> impl Future<Output = Result<Option<IoBuf>, Errno>> + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Input::Client { op, reply });
+        let at = self.latency.now();
+        let sent = self.tx.send(Input::Client { op, reply, at });
+        let latency = self.latency.clone();
         async move {
             sent.map_err(|_| Errno(libc::ESHUTDOWN))?;
             match rx.await {
-                Ok(r) => r.map_err(Errno),
+                Ok((r, done)) => {
+                    // A timed write: its answer goes out now.
+                    if let (Some(at), Some(done), Some(now)) = (at, done, latency.now()) {
+                        use crate::latency::Stage;
+                        latency.record(
+                            &[
+                                (Stage::Reply, now.saturating_duration_since(done)),
+                                (Stage::Total, now.saturating_duration_since(at)),
+                            ],
+                            now,
+                        );
+                    }
+                    r.map_err(Errno)
+                }
                 // The event loop is gone (shutting down): the request was not done.
                 Err(_) => Err(Errno(libc::ESHUTDOWN)),
             }

@@ -25,6 +25,7 @@ mod hook;
 mod io;
 pub mod notify;
 mod peer;
+mod timing;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -54,7 +55,9 @@ const PROGRESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 pub(super) enum Input {
     Client {
         op: ClientOp,
-        reply: oneshot::Sender<ClientReply>,
+        reply: oneshot::Sender<Answer>,
+        /// When the frontend parsed it (latency breakdown).
+        at: Option<Instant>,
     },
     DiskDone {
         io: IoId,
@@ -63,6 +66,8 @@ pub(super) enum Input {
     Peer {
         conn: u64,
         msg: PeerMsg,
+        /// When its frame was read (latency breakdown).
+        at: Option<Instant>,
     },
     ConnDown {
         conn: u64,
@@ -76,6 +81,11 @@ pub(super) enum Input {
         reply: oneshot::Sender<Result<(), String>>,
     },
     Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// `status --latency`: the breakdown over the last `seconds`.
+    Latency {
+        seconds: u64,
         reply: oneshot::Sender<serde_json::Value>,
     },
     /// Subscribe to the events stream; with `now`, also the current objects as `exists`
@@ -105,7 +115,7 @@ struct Node {
     protocol: &'static str,
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
-    clients: HashMap<ReqId, oneshot::Sender<ClientReply>>,
+    clients: HashMap<ReqId, oneshot::Sender<Answer>>,
     admins: HashMap<u64, oneshot::Sender<Result<(), String>>>,
     next_req: ReqId,
     next_tag: u64,
@@ -128,7 +138,13 @@ struct Node {
     nbd_clients: frontend::Clients,
     /// The core's `Action::Stopped`: the event loop ends after this batch.
     stopped: Option<StopOutcome>,
+    /// The latency breakdown's per-write instants.
+    timing: timing::Timing,
 }
+
+/// A client request's answer, and (for a timed write) when the core completed it: the
+/// frontend times its own answer from there.
+pub(super) type Answer = (ClientReply, Option<Instant>);
 
 /// What the operations side watches: the events broadcast and the metrics, plus the driver's
 /// own bookkeeping for numbers the core does not keep (latencies, bytes in flight).
@@ -190,6 +206,7 @@ impl Node {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let now = self.now();
+        self.timing.batch();
         self.replica.handle(ev, now, &mut out);
         for a in out.drain(..) {
             self.execute(a);
@@ -200,9 +217,22 @@ impl Node {
         }
     }
 
-    fn execute(&mut self, a: Action) {
-        if let Action::DiskWrite { io, .. } = &a {
-            self.obs.disk_writes.insert(*io, Instant::now());
+    fn execute(&mut self, mut a: Action) {
+        match &mut a {
+            Action::DiskWrite { io, offset, .. } => {
+                self.obs.disk_writes.insert(*io, Instant::now());
+                let origin = self.replica.io_origin(*io);
+                self.timing.disk_submit(origin, *io, *offset);
+            }
+            Action::DiskZero { io, offset, .. } => {
+                let origin = self.replica.io_origin(*io);
+                self.timing.disk_submit(origin, *io, *offset);
+            }
+            Action::Send(PeerMsg::Data(x)) => self.timing.sent(x.seq, x.offset),
+            Action::Send(PeerMsg::WriteAck { seq, timing }) => {
+                *timing = self.timing.ack_timing(*seq);
+            }
+            _ => {}
         }
         if io::start(&self.disk, &a, &self.tx) {
             return;
@@ -219,7 +249,7 @@ impl Node {
                     if r.is_err() {
                         errors.inc();
                     }
-                    let _ = reply.send(r.map(Some).map_err(|e| e.errno()));
+                    let _ = reply.send((r.map(Some).map_err(|e| e.errno()), None));
                 });
             }
             Action::Send(msg) => {
@@ -243,8 +273,9 @@ impl Node {
                 if result.is_err() {
                     self.obs.metrics.io_errors.inc();
                 }
+                let done = self.timing.complete(req);
                 if let Some(reply) = self.clients.remove(&req) {
-                    let _ = reply.send(result.map(|()| None));
+                    let _ = reply.send((result.map(|()| None), done));
                 }
             }
             Action::ArmTimer { kind, at } => {
@@ -374,7 +405,7 @@ impl Node {
         self.events.push_back(described.json(at));
     }
 
-    fn client(&mut self, op: ClientOp, reply: oneshot::Sender<ClientReply>) {
+    fn client(&mut self, op: ClientOp, reply: oneshot::Sender<Answer>, at: Option<Instant>) {
         let req = self.next_req;
         self.next_req += 1;
         self.clients.insert(req, reply);
@@ -384,6 +415,7 @@ impl Node {
                 m.writes.inc();
                 m.write_bytes.inc_by(data.len() as u64);
                 self.obs.writes.insert(req, Instant::now());
+                self.timing.client_write(req, at);
             }
             ClientOp::Read { len, .. } => {
                 m.reads.inc();
@@ -422,6 +454,7 @@ impl Node {
         }
         self.obs.unacked.clear();
         self.obs.conn_lost = None;
+        self.timing.connection_changed();
         self.next_conn += 1;
         let id = self.next_conn;
         info!(conn = id, peer = %conn.peer, remote = %conn.remote_addr, "peer connected");
@@ -685,8 +718,9 @@ impl Node {
                 }
             };
             match input {
-                Input::Client { op, reply } => self.client(op, reply),
+                Input::Client { op, reply, at } => self.client(op, reply, at),
                 Input::DiskDone { io, result } => {
+                    self.timing.disk_done(io);
                     if let Some(t) = self.obs.disk_writes.remove(&io) {
                         self.obs
                             .metrics
@@ -695,9 +729,18 @@ impl Node {
                     }
                     self.feed(Event::DiskDone { io, result })
                 }
-                Input::Peer { conn, msg } => {
-                    if let PeerMsg::WriteAck { seq } = &msg {
-                        self.obs.unacked.remove(seq);
+                Input::Peer { conn, msg, at } => {
+                    match &msg {
+                        PeerMsg::WriteAck { seq, timing } => {
+                            self.obs.unacked.remove(seq);
+                            if self.current.as_ref().is_some_and(|c| c.id == conn) {
+                                self.timing.acked(*seq, at, timing);
+                            }
+                        }
+                        PeerMsg::Data(x) if self.current.as_ref().is_some_and(|c| c.id == conn) => {
+                            self.timing.apply_receive(x.seq, at)
+                        }
+                        _ => {}
                     }
                     if let Some(n) = resync_payload_bytes(&msg) {
                         self.obs.metrics.resync_bytes.inc_by(n);
@@ -707,6 +750,7 @@ impl Node {
                 Input::ConnDown { conn, reason } => {
                     if self.current.as_ref().is_some_and(|c| c.id == conn) {
                         self.current = None;
+                        self.timing.connection_changed();
                         info!(conn, "peer connection lost: {reason}");
                         self.last_conn_error = Some(reason.clone());
                     }
@@ -760,6 +804,20 @@ impl Node {
                 }
                 Input::Status { reply } => {
                     let _ = reply.send(self.status_json());
+                }
+                Input::Latency { seconds, reply } => {
+                    let stages = self.timing.rec.summary(seconds);
+                    let mut v =
+                        crate::latency::to_json(&stages, seconds, &self.obs.node, &self.obs.peer);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert(
+                            "role".into(),
+                            json!(format!("{:?}", self.replica.status().role)),
+                        );
+                        o.insert("protocol".into(), json!(self.protocol));
+                        o.insert("measuring".into(), json!(crate::latency::enabled()));
+                    }
+                    let _ = reply.send(v);
                 }
                 Input::Events { now, reply } => {
                     let rx = self.obs.bus.sender().subscribe();

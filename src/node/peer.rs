@@ -58,7 +58,8 @@ impl Current {
             while let Some(frame) = rx.recv().await {
                 match wire::decode(&frame.bytes) {
                     Ok(Some((msg, _))) => {
-                        if events.send(Input::Peer { conn: id, msg }).is_err() {
+                        let at = frame.at;
+                        if events.send(Input::Peer { conn: id, msg, at }).is_err() {
                             return;
                         }
                     }

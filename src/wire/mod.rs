@@ -27,7 +27,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// 4: a resync source clears a bit only once the block is stable on the target (a flush
 /// barrier after its `ResyncAck` was acked), and a restarted target trusts its bitmap: a
 /// version-3 source would let it resume over data lost in its crash.
-pub const VERSION: u16 = 4;
+/// 5: `WriteAck` carries the receiver's stage times ([`AckTiming`]) for the Primary's latency
+/// breakdown (`twinblk status --latency`).
+pub const VERSION: u16 = 5;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -110,6 +112,31 @@ pub struct Extent {
     pub data: Bytes,
 }
 
+/// How long an acked write spent in each stage on the node that acked it, in nanoseconds
+/// (saturating at about 4.3 s; all zero: not measured). Only for the sender's latency
+/// breakdown: nothing decides on it. The core sends zeros; the node driver fills them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AckTiming {
+    /// Extent frame read from the stream -> the event loop took it.
+    pub receive_ns: u32,
+    /// Event loop -> disk write started.
+    pub queue_ns: u32,
+    /// Disk write started -> its completion reached the event loop.
+    pub disk_ns: u32,
+    /// Disk write done -> ack queued.
+    pub ack_ns: u32,
+}
+
+impl AckTiming {
+    /// Frame read to ack queued: the receiver's whole part of the round trip.
+    pub fn total_ns(&self) -> u64 {
+        u64::from(self.receive_ns)
+            + u64::from(self.queue_ns)
+            + u64::from(self.disk_ns)
+            + u64::from(self.ack_ns)
+    }
+}
+
 /// First message on a connection, sent by both sides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -189,9 +216,11 @@ pub enum PeerMsg {
         seq: u64,
         gen: u64,
     },
-    /// The extent with this seq is on the receiver's disk (stable if it was FUA).
+    /// The extent with this seq is on the receiver's disk (stable if it was FUA); `timing` says
+    /// where its time went there.
     WriteAck {
         seq: u64,
+        timing: AckTiming,
     },
     /// Everything up to the flush barrier closing epoch `epoch` is stable on the receiver's disk.
     BarrierAck {
@@ -394,6 +423,16 @@ const BARRIER_FLUSH: u32 = 1;
 #[repr(C)]
 struct OneU64 {
     a: U64,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct WriteAckBody {
+    seq: U64,
+    receive_ns: U32,
+    queue_ns: U32,
+    disk_ns: U32,
+    ack_ns: U32,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
@@ -642,7 +681,16 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             }
             .as_bytes(),
         ),
-        PeerMsg::WriteAck { seq } => body.extend_from_slice(OneU64 { a: (*seq).into() }.as_bytes()),
+        PeerMsg::WriteAck { seq, timing } => body.extend_from_slice(
+            WriteAckBody {
+                seq: (*seq).into(),
+                receive_ns: timing.receive_ns.into(),
+                queue_ns: timing.queue_ns.into(),
+                disk_ns: timing.disk_ns.into(),
+                ack_ns: timing.ack_ns.into(),
+            }
+            .as_bytes(),
+        ),
         PeerMsg::BarrierAck { epoch } => {
             body.extend_from_slice(OneU64 { a: (*epoch).into() }.as_bytes())
         }
@@ -900,9 +948,18 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
                 flush: flags & BARRIER_FLUSH != 0,
             }
         }
-        Kind::WriteAck => PeerMsg::WriteAck {
-            seq: fixed::<OneU64>(&body, "write-ack")?.a.get(),
-        },
+        Kind::WriteAck => {
+            let b: WriteAckBody = fixed(&body, "write-ack")?;
+            PeerMsg::WriteAck {
+                seq: b.seq.get(),
+                timing: AckTiming {
+                    receive_ns: b.receive_ns.get(),
+                    queue_ns: b.queue_ns.get(),
+                    disk_ns: b.disk_ns.get(),
+                    ack_ns: b.ack_ns.get(),
+                },
+            }
+        }
         Kind::BarrierAck => PeerMsg::BarrierAck {
             epoch: fixed::<OneU64>(&body, "barrier-ack")?.a.get(),
         },

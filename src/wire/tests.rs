@@ -87,7 +87,15 @@ fn every_kind_roundtrips() {
             data,
         },
         PeerMsg::ResyncDone { seq: 7, gen: 99 },
-        PeerMsg::WriteAck { seq: 1 },
+        PeerMsg::WriteAck {
+            seq: 1,
+            timing: crate::wire::AckTiming {
+                receive_ns: 1,
+                queue_ns: 2,
+                disk_ns: 3,
+                ack_ns: u32::MAX,
+            },
+        },
         PeerMsg::BarrierAck { epoch: 2 },
         PeerMsg::ResyncAck {
             offset: 8192,
@@ -164,7 +172,11 @@ fn every_kind_roundtrips() {
 
 #[test]
 fn rejects_bad_magic_version_kind_and_huge_length() {
-    let good = encode(&PeerMsg::WriteAck { seq: 1 }).unwrap();
+    let good = encode(&PeerMsg::WriteAck {
+        seq: 1,
+        timing: Default::default(),
+    })
+    .unwrap();
     let mut b = good.to_vec();
     b[0] ^= 1;
     assert!(matches!(
@@ -254,7 +266,15 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
         }),
         (any::<u64>(), any::<u64>(), any::<bool>())
             .prop_map(|(seq, epoch, flush)| PeerMsg::Barrier { seq, epoch, flush }),
-        any::<u64>().prop_map(|seq| PeerMsg::WriteAck { seq }),
+        (any::<u64>(), any::<[u32; 4]>()).prop_map(|(seq, t)| PeerMsg::WriteAck {
+            seq,
+            timing: crate::wire::AckTiming {
+                receive_ns: t[0],
+                queue_ns: t[1],
+                disk_ns: t[2],
+                ack_ns: t[3],
+            }
+        }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| PeerMsg::ResyncAck { offset, len }),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(seq, offset, len)| PeerMsg::ResyncZero { seq, offset, len }),
@@ -352,7 +372,12 @@ proptest! {
 fn refuses_the_previous_wire_version_by_name() {
     // Version 2 barriers had no flush flag: a v2 peer must be refused at its first frame, with a
     // message that says what to do, not misread.
-    let mut b = encode(&PeerMsg::WriteAck { seq: 1 }).unwrap().to_vec();
+    let mut b = encode(&PeerMsg::WriteAck {
+        seq: 1,
+        timing: Default::default(),
+    })
+    .unwrap()
+    .to_vec();
     b[4..6].copy_from_slice(&2u16.to_le_bytes());
     let e = decode(&Bytes::from(b)).unwrap_err();
     assert_eq!(e, WireError::BadVersion(2));

@@ -20,9 +20,9 @@
 //! both QUIC stacks, their tasks and the kernel's UDP, each way. Local disk and the peer's path
 //! run side by side: in protocol sync the slower of the two is what the client waits for.
 //!
-//! Always on; its cost (a handful of clock reads and histogram updates per write, a few
-//! hundred nanoseconds) is measured in the README's "Latency breakdown". `TWINBLK_LATENCY=off`
-//! in the daemon's environment turns it off, for that measurement only.
+//! Always on; its cost (a handful of clock reads and histogram updates per write, about a
+//! microsecond of CPU: `cargo bench --bench latency`) is in the README's "Benchmarks".
+//! `TWINBLK_LATENCY=off` in the daemon's environment turns it off, only to measure that.
 
 use std::sync::OnceLock;
 use std::time::Duration;

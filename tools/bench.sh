@@ -18,6 +18,7 @@
 # with NBD, QUIC and TLS costing nothing.
 # The qd1 latency workload reports the mean (lat_us) and, on a row of its own, the 99th
 # percentile of fio's completion latency (p99_us).
+# BENCH_LATENCY=FILE appends the pairs' `status --latency` after each run to FILE.
 # Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk;
 # qemu-storage-daemon for qemu-mirror.
 set -euo pipefail
@@ -207,6 +208,19 @@ sys.exit("the mirror job did not become ready")
 PY
 }
 
+# BENCH_LATENCY=FILE: after each run of a replicated pair, append both nodes' `status --latency`
+# over the run to FILE (the breakdown of where its writes' time went).
+breakdown() {
+    [ -n "${BENCH_LATENCY:-}" ] && [ -f "$work/r0.toml" ] && [ -n "$peer_pid" ] || return 0
+    case "$2" in twinblk-sync*|twinblk-async) ;; *) return 0 ;; esac
+    {
+        echo "== $1 round $3 $2"
+        for n in alpha beta; do
+            "$twinblk" status r0 --config "$work/r0.toml" --node "$n" --latency --seconds "$((runtime + 2))" 2>&1 || true
+        done
+    } >> "$BENCH_LATENCY"
+}
+
 stop_server() {
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
@@ -256,6 +270,7 @@ for w in "${workloads[@]}"; do
                     start_server "$s"
                     # shellcheck disable=SC2086
                     fio --name="$name" --ioengine=nbd --uri="$uri" $args "${common[@]}"
+                    breakdown "$name" "$s" "$round"
                     stop_server ;;
             esac
             # The value per job, averaged over the jobs (two-writers runs two).

@@ -816,6 +816,27 @@ impl Node {
                         );
                         o.insert("protocol".into(), json!(self.protocol));
                         o.insert("measuring".into(), json!(crate::latency::enabled()));
+                        // What the transport did so far on this connection: per write, how many
+                        // datagrams and QUIC ACK frames each way (small frames, ACK behaviour).
+                        let m = &self.obs.metrics;
+                        o.insert(
+                            "quic".into(),
+                            self.current.as_ref().map_or(json!(null), |c| {
+                                let st = c.stats();
+                                json!({
+                                    "client_writes": m.writes.get(),
+                                    "udp_tx_datagrams": st.udp_tx.datagrams,
+                                    "udp_rx_datagrams": st.udp_rx.datagrams,
+                                    "udp_tx_ios": st.udp_tx.ios,
+                                    "ack_frames_tx": st.frame_tx.acks,
+                                    "ack_frames_rx": st.frame_rx.acks,
+                                    "stream_frames_tx": st.frame_tx.stream,
+                                    "stream_frames_rx": st.frame_rx.stream,
+                                    "packets_sent": st.path.sent_packets,
+                                    "rtt_us": st.path.rtt.as_micros() as u64,
+                                })
+                            }),
+                        );
                     }
                     let _ = reply.send(v);
                 }

@@ -26,6 +26,11 @@ pub(super) struct Current {
 }
 
 impl Current {
+    /// quinn's counters for this connection (datagrams, frames, packets).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.handle.stats()
+    }
+
     /// How long ago anything (data, acks, QUIC keep-alives) arrived from the peer.
     pub fn last_heard(&self) -> std::time::Duration {
         let now = self.handle.stats().udp_rx.datagrams;

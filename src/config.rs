@@ -804,3 +804,23 @@ impl fmt::Display for Protocol {
         })
     }
 }
+
+/// `after-sb-0pri` as the resource file spells it (for `status`).
+pub fn after_sb_0pri_name(p: crate::core::AfterSb0Pri) -> &'static str {
+    use crate::core::AfterSb0Pri as P;
+    match p {
+        P::Disconnect => "disconnect",
+        P::DiscardZeroChanges => "discard-zero-changes",
+        P::DiscardYoungerPrimary => "discard-younger-primary",
+        P::DiscardLeastChanges => "discard-least-changes",
+    }
+}
+
+/// `after-sb-1pri` as the resource file spells it (for `status`).
+pub fn after_sb_1pri_name(p: crate::core::AfterSb1Pri) -> &'static str {
+    use crate::core::AfterSb1Pri as P;
+    match p {
+        P::Disconnect => "disconnect",
+        P::DiscardSecondary => "discard-secondary",
+    }
+}

@@ -1,71 +1,214 @@
-//! `twinblk adjust`: re-reading the resource file under a running daemon applies the resync
-//! rates live, names the changed keys that need a restart, and applies nothing from an invalid
-//! file.
+//! `twinblk adjust` under two running daemons: the resync rates, the split-brain policies and
+//! the `on-peer-lost` hook apply live (the hook that fires after the change is the new one),
+//! the timeouts apply from the next connection, the other changed keys are named as needing a
+//! restart, and an invalid file or a refused change applies nothing.
 
 mod ops_common;
 
-use ops_common::{text, Pair};
+use std::os::unix::fs::PermissionsExt;
 
-fn c_max_rate(p: &Pair, i: usize) -> u64 {
-    p.status(i).expect("status")["c_max_rate"]
-        .as_u64()
-        .expect("c_max_rate in status")
+use ops_common::{ok, text, wait_until, Pair};
+
+/// The new hook: records its arguments, then waits for the test to write its exit code.
+const HOOK: &str = r#"#!/bin/sh
+d=$(dirname "$0")
+echo "$1 $2" >> "$d/hook.fired"
+while [ ! -s "$d/release" ]; do sleep 0.1; done
+exit "$(cat "$d/release")"
+"#;
+
+fn settings(p: &Pair, i: usize) -> serde_json::Value {
+    p.status(i).expect("status")["settings"].clone()
+}
+
+fn adjust(p: &Pair, i: usize) -> String {
+    text(&ok(p, i, &["adjust"]))
+}
+
+/// Replaces `from` by `to` in the resource file.
+fn edit(p: &Pair, from: &str, to: &str) {
+    let t = std::fs::read_to_string(&p.config).expect("read config");
+    assert!(t.contains(from), "{from:?} not in the resource file");
+    std::fs::write(&p.config, t.replacen(from, to, 1)).expect("write config");
 }
 
 #[test]
-fn adjust_applies_rates_and_names_restart_keys() {
-    let mut p = Pair::configure_with("4M", "c-max-rate = \"100M\"\n", ["", ""]);
-    for i in 0..2 {
-        p.start_and_wait(i);
+fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
+    let mut p = Pair::configure_with(
+        "4M",
+        "c-max-rate = \"100M\"\ntimeout = \"5s\"\nping-interval = \"1s\"\n",
+        ["", ""],
+    );
+    let hook = p.path("hook.sh");
+    std::fs::write(&hook, HOOK).expect("hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p.start_and_wait(0);
+    p.start_and_wait(1);
+    p.primary_force();
+    p.wait_in_sync();
+    let s = settings(&p, 0);
+    assert_eq!(s["c_max_rate"], 100 << 20, "{s}");
+    assert_eq!(s["after_sb_0pri"], "disconnect", "{s}");
+    assert_eq!(s["on_peer_lost"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["fencing"], false, "{s}");
+    assert_eq!(s["timeout_ms"], 5000, "{s}");
+
+    let out = adjust(&p, 0);
+    assert!(out.contains("nothing changed"), "{out}");
+
+    // A rate, a policy, a timeout, the hook, and a key that needs a restart.
+    edit(&p, "c-max-rate = \"100M\"", "c-max-rate = \"200M\"");
+    edit(&p, "timeout = \"5s\"", "timeout = \"3s\"");
+    edit(
+        &p,
+        "protocol = \"sync\"",
+        &format!(
+            "protocol = \"async\"\nafter-sb-0pri = \"discard-zero-changes\"\n\
+             on-peer-lost = \"{}\"",
+            hook.display()
+        ),
+    );
+    let out = adjust(&p, 0);
+    for line in [
+        "c-max-rate: applied live",
+        "after-sb-0pri: applied live",
+        "on-peer-lost: applied live",
+        "timeout: applied for the next connection",
+        "protocol: needs a restart",
+    ] {
+        assert!(out.contains(line), "no {line:?} in: {out}");
     }
-    assert_eq!(c_max_rate(&p, 0), 100 << 20);
-
-    // Unchanged file: nothing to do.
-    let o = ops_common::ok(&p, 0, &["adjust"]);
-    assert!(text(&o).contains("nothing to apply live"), "{}", text(&o));
-
-    // A live key and a restart-only key change.
-    let orig = std::fs::read_to_string(&p.config).unwrap();
-    let changed = orig.replace(
-        "c-max-rate = \"100M\"",
-        "c-max-rate = \"200M\"\ntimeout = \"9s\"",
+    for key in ["c-fill-target", "ping-interval", "after-sb-1pri", "csums"] {
+        assert!(!out.contains(key), "unchanged {key} reported: {out}");
+    }
+    let st = p.status(0).expect("status");
+    let s = &st["settings"];
+    assert_eq!(s["c_max_rate"], 200 << 20, "{s}");
+    assert_eq!(st["c_max_rate"], 200 << 20, "{st}");
+    assert_eq!(s["after_sb_0pri"], "discard-zero-changes", "{s}");
+    assert_eq!(s["on_peer_lost"], hook.display().to_string(), "{s}");
+    assert_eq!(s["fencing"], true, "{s}");
+    assert_eq!(st["peer_lost_hook"]["command"], hook.display().to_string());
+    assert_eq!(s["timeout_ms"], 3000, "{s}");
+    assert_eq!(
+        st["peer_timeout_secs"], 5,
+        "the open connection keeps its timeout: {st}"
     );
-    std::fs::write(&p.config, &changed).unwrap();
-    let o = ops_common::ok(&p, 0, &["adjust"]);
-    let out = text(&o);
-    assert!(out.contains("applied c-max-rate"), "{out}");
+    assert_eq!(
+        st["protocol"], "sync",
+        "protocol changed without a restart: {st}"
+    );
+    // Only the adjusted node changed.
+    let s1 = settings(&p, 1);
+    assert_eq!(
+        (&s1["c_max_rate"], &s1["after_sb_0pri"], &s1["timeout_ms"]),
+        (&(100u64 << 20).into(), &"disconnect".into(), &5000.into()),
+        "{s1}"
+    );
+
+    // The next connection uses the new timeout.
+    ok(&p, 0, &["disconnect"]);
+    ok(&p, 0, &["connect"]);
+    p.wait_in_sync();
+    let st = p.status(0).expect("status");
+    assert_eq!(st["peer_timeout_secs"], 3, "{st}");
+
+    // Already applied: only the restart key is left.
+    let out = adjust(&p, 0);
     assert!(
-        out.contains("needs a restart") && out.contains("timeout"),
+        out.contains("protocol: needs a restart") && !out.contains("applied"),
         "{out}"
     );
-    assert!(
-        !out.contains("c-max-rate,") && !out.contains(": c-max-rate"),
-        "{out}"
-    );
-    assert_eq!(c_max_rate(&p, 0), 200 << 20);
-    // The other node was not adjusted.
-    assert_eq!(c_max_rate(&p, 1), 100 << 20);
 
-    // An invalid file: an error naming the key, nothing applied.
-    let bad = changed.replace(
-        "c-max-rate = \"200M\"",
-        "c-max-rate = \"fast\"\nc-min-rate = \"1M\"",
-    );
-    std::fs::write(&p.config, bad).unwrap();
+    // The peer dies: the Primary freezes (fencing came with the adjusted on-peer-lost) and runs
+    // the new hook.
+    p.kill(1);
+    wait_until("the adjusted on-peer-lost hook runs", || {
+        p.path("hook.fired").exists()
+    });
+    let fired = std::fs::read_to_string(p.path("hook.fired")).expect("hook.fired");
+    assert_eq!(fired.trim(), "r0 beta");
+    let st = p.status(0).expect("status");
+    assert_eq!(st["peer_lost_hook"]["frozen"], true, "{st}");
+
+    // Removing the hook while writes wait for it is refused, with everything else in the file.
+    edit(&p, "c-max-rate = \"200M\"", "c-max-rate = \"50M\"");
+    edit(&p, &format!("on-peer-lost = \"{}\"", hook.display()), "");
     let o = p.cli(0, &["adjust"]);
-    assert!(!o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("c-max-rate"), "{}", text(&o));
-
-    // Back to the valid file (the CLI finds the admin socket through it): the rate is already
-    // in effect, the timeout still needs a restart.
-    std::fs::write(&p.config, &changed).unwrap();
-    assert_eq!(c_max_rate(&p, 0), 200 << 20);
-    let out = text(&ops_common::ok(&p, 0, &["adjust"]));
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
     assert!(
-        out.contains("nothing to apply live") && out.contains("timeout"),
+        out.contains("frozen") && out.contains("nothing applied"),
         "{out}"
     );
-    for i in 0..2 {
-        assert!(p.stop(i), "{}", p.logs());
-    }
+    let s = settings(&p, 0);
+    assert_eq!(
+        s["c_max_rate"],
+        200 << 20,
+        "a refused adjust applied a rate: {s}"
+    );
+    assert_eq!(s["on_peer_lost"], hook.display().to_string(), "{s}");
+
+    // The hook exits 0: the freeze ends.
+    std::fs::write(p.path("release"), "0").expect("release");
+    p.wait(0, "the hook's success", |s| {
+        s["peer_lost_hook"]["state"] == "succeeded" && s["peer_lost_hook"]["frozen"] == false
+    });
+    // Now the hook may go.
+    let out = adjust(&p, 0);
+    assert!(
+        out.contains("on-peer-lost: applied live") && out.contains("c-max-rate: applied live"),
+        "{out}"
+    );
+    let s = settings(&p, 0);
+    assert_eq!(
+        (&s["on_peer_lost"], &s["fencing"], &s["c_max_rate"]),
+        (
+            &serde_json::Value::Null,
+            &false.into(),
+            &(50u64 << 20).into()
+        ),
+        "{s}"
+    );
+    assert!(p.stop(0), "{}", p.logs());
+}
+
+#[test]
+fn an_invalid_file_applies_nothing() {
+    let mut p = Pair::configure_with("4M", "c-max-rate = \"100M\"\n", ["", ""]);
+    p.start_and_wait(0);
+    let orig = std::fs::read_to_string(&p.config).expect("read config");
+    // A valid change next to an invalid one.
+    edit(
+        &p,
+        "c-max-rate = \"100M\"",
+        "c-max-rate = \"200M\"\ntimeout = \"soon\"",
+    );
+    // The CLI reads the file first and refuses it.
+    let o = p.cli(0, &["adjust"]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("resource.timeout") && out.contains("nothing applied"),
+        "{out}"
+    );
+    // The daemon re-reads its own file: a CLI given a valid copy (the same admin socket) gets
+    // the daemon's refusal.
+    let copy = p.path("copy.toml");
+    std::fs::write(&copy, &orig).expect("write copy");
+    let o = std::process::Command::new(ops_common::bin())
+        .args(["adjust", "r0", "--node", "alpha", "--config"])
+        .arg(&copy)
+        .output()
+        .expect("run twinblk");
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("resource.timeout") && out.contains("nothing applied"),
+        "{out}"
+    );
+    std::fs::write(&p.config, orig).expect("write config");
+    assert_eq!(settings(&p, 0)["c_max_rate"], 100 << 20);
+    assert!(adjust(&p, 0).contains("nothing changed"));
+    assert!(p.stop(0), "{}", p.logs());
 }

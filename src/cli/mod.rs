@@ -135,9 +135,14 @@ enum Command {
     Disconnect(ResArgs),
     /// Discard this node's data: it becomes a full sync target of the peer (Secondary only).
     Invalidate(ResArgs),
-    /// Re-read the resource file and apply to the running daemon what can change live (the
-    /// resync rates `c-*`); print the changed keys that need a restart. An invalid file applies
-    /// nothing.
+    /// Re-read the resource file and apply to the running daemon what can change live; print
+    /// each changed key and what happened to it. Applied live: the resync rates (c-*), the
+    /// split-brain policies (after-sb-*, from the next handshake), on-peer-lost (from the next
+    /// loss of the peer) and connect-retry. Applied for the next connection: timeout,
+    /// ping-interval, window (QUIC settles them per connection; disconnect + connect to use
+    /// them now). Every other key needs a restart (down + up), and the line says why. All or
+    /// nothing: an invalid file, or a refused change (on-peer-lost removed while writes are
+    /// frozen waiting for it), applies nothing. Run it on both nodes.
     Adjust(ResArgs),
     /// Compare both disks online (connected, both UpToDate) by block digest; blocks that
     /// differ are marked out of sync on both nodes and listed in `status`. Resync them with
@@ -446,6 +451,15 @@ fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
         false
     })?;
     outcome
+}
+
+/// `adjust`: the CLI reads the file first (it names the admin socket), so an invalid one is
+/// refused here, before the daemon sees it; the daemon reads it again and applies it.
+fn adjust(res: &ResArgs) -> anyhow::Result<()> {
+    if let Err(e) = res.load() {
+        anyhow::bail!("{e:#}; nothing applied");
+    }
+    admin(res, Request::Adjust)
 }
 
 /// `down`, idempotent like `drbdadm down`: a resource that is not running is already down.
@@ -790,7 +804,7 @@ pub fn main() -> ExitCode {
         } => admin(&res, Request::Connect { discard_my_data }),
         Command::Disconnect(res) => admin(&res, Request::Disconnect),
         Command::Invalidate(res) => admin(&res, Request::Invalidate),
-        Command::Adjust(res) => admin(&res, Request::Adjust),
+        Command::Adjust(res) => adjust(&res),
         Command::Verify { res, wait } => verify::verify(&res, wait),
         Command::Down { res, force } => down(&res, force),
         Command::Events { res, now, json } => ops::events(&res, now, json),

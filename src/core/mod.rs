@@ -506,8 +506,25 @@ pub enum AdminCmd {
     DiscardMyData,
     /// `twinblk verify`: compare both disks online (see [`verify`]).
     Verify,
-    /// `twinblk adjust`: new resync rate settings (`c-*`), for every resync that starts later.
-    SetResyncRate(RateConfig),
+    /// `twinblk adjust`: the settings the core reads that may change while it runs (all
+    /// applied, or none: see [`Adjustable`]).
+    Adjust(Adjustable),
+}
+
+/// The settings `twinblk adjust` changes in a running core. Each takes effect at a point where
+/// the core reads it afresh, so nothing in progress changes its rules halfway:
+/// * `resync_rate`: every resync that starts later (a running one keeps its pace);
+/// * `after_sb_0pri`, `after_sb_1pri`: the next handshake (one in progress decides with the
+///   policies its hello carried, `Conn::sent_hello`, as the peer does with what it received,
+///   so the two sides never decide with different policies);
+/// * `fencing`: the next loss of an UpToDate peer. Turning it off while writes are frozen is
+///   refused: nothing would then end the freeze but the peer's return or `disconnect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adjustable {
+    pub resync_rate: RateConfig,
+    pub after_sb_0pri: AfterSb0Pri,
+    pub after_sb_1pri: AfterSb1Pri,
+    pub fencing: Fencing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -3818,6 +3835,24 @@ impl Replica {
 
     // ---- admin ----
 
+    /// `twinblk adjust`: checks first, then applies every setting (see [`Adjustable`]).
+    fn admin_adjust(&mut self, a: Adjustable) -> Result<(), String> {
+        if a.fencing == Fencing::Off && self.freeze.is_some() {
+            return Err(
+                "writes are frozen until on-peer-lost fences the peer, and without the hook \
+                 nothing would fence it: keep on-peer-lost (a corrected path is used by its \
+                 next retry), bring the peer back, or `twinblk disconnect` to go on alone at \
+                 your own risk"
+                    .into(),
+            );
+        }
+        self.cfg.resync_rate = a.resync_rate;
+        self.cfg.after_sb_0pri = a.after_sb_0pri;
+        self.cfg.after_sb_1pri = a.after_sb_1pri;
+        self.cfg.fencing = a.fencing;
+        Ok(())
+    }
+
     // ---- fencing freeze ----
 
     fn fenced(&mut self, episode: u64, result: Result<(), String>, out: &mut Vec<Action>) {
@@ -4175,10 +4210,7 @@ impl Replica {
                 Ok(())
             }
             AdminCmd::Verify => self.admin_verify(out),
-            AdminCmd::SetResyncRate(rate) => {
-                self.cfg.resync_rate = rate;
-                Ok(())
-            }
+            AdminCmd::Adjust(a) => self.admin_adjust(a),
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
                     return Err(

@@ -1585,6 +1585,7 @@ fn invalidate_makes_this_node_a_full_sync_target() {
     assert!(d.disk[0] == d.disk[1]);
 }
 
+mod adjust;
 mod stop;
 mod switchover;
 mod verify;

@@ -397,6 +397,9 @@ pub struct PeerConn {
     pub handle: ConnHandle,
     pub peer: String,
     pub remote_addr: SocketAddr,
+    /// This node's `timeout` when the connection was set up: what its QUIC handshake offered
+    /// (the smaller of both nodes' values applies). `adjust` does not change it.
+    pub idle_timeout: Duration,
     _guard: Arc<CloseOnDrop>,
 }
 
@@ -464,8 +467,40 @@ impl Hello {
 struct LinkInner {
     cfg: LinkConfig,
     endpoint: Endpoint,
-    client: quinn::ClientConfig,
+    /// What `retune` changes, swapped together.
+    tuned: Mutex<Tuned>,
     auth_log: AuthLog,
+}
+
+/// The QUIC configs of the next connection (the dialer's, and the acceptor's, which the
+/// endpoint also holds) and the [`Live`] settings they were built from.
+struct Tuned {
+    client: quinn::ClientConfig,
+    server: quinn::ServerConfig,
+    live: Live,
+}
+
+/// The settings `twinblk adjust` changes under a running link ([`PeerLink::retune`]). QUIC
+/// settles the idle timeout (the smaller of both sides') and the windows in each connection's
+/// handshake, and quinn offers no way to change them or the keep-alive on an open connection:
+/// they apply from the next connection on. The reconnect backoff applies at its next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    /// `ping-interval`.
+    pub keep_alive: Duration,
+    /// `timeout`; also bounds a connection attempt and its setup exchange.
+    pub idle_timeout: Duration,
+    /// `connect-retry`.
+    pub retry_max: Duration,
+    /// `window` (the connection windows are twice it).
+    pub window: u64,
+}
+
+/// A [`Live`] checked and turned into QUIC configs by [`PeerLink::prepare_retune`], applied by
+/// [`PeerLink::retune`] (which cannot fail: `adjust` checks everything before applying).
+pub struct Retune {
+    live: Live,
+    transport: Arc<TransportConfig>,
 }
 
 /// One node's QUIC endpoint for one resource, bound to its address.
@@ -498,6 +533,12 @@ impl PeerLink {
         let addr = sock.local_addr().unwrap_or(cfg.local_addr);
         set_socket_buffers(&sock, cfg.tuning.socket_buffer);
         let transport = Arc::new(transport_config(&cfg.tuning)?);
+        let live = Live {
+            keep_alive: cfg.tuning.keep_alive,
+            idle_timeout: cfg.tuning.idle_timeout,
+            retry_max: cfg.tuning.retry_max,
+            window: cfg.tuning.stream_window,
+        };
         let auth_log: AuthLog = Arc::new(Mutex::new(None));
         let id = &cfg.identity;
         let server_tls = tls::server_config(
@@ -535,7 +576,7 @@ impl PeerLink {
         ec.max_udp_payload_size(mtu_bound(&cfg.tuning).max(1472))
             .map_err(|e| NetError::TlsSetup(format!("max UDP payload: {e}")))?;
         let endpoint =
-            Endpoint::new(ec, Some(server), sock, runtime).map_err(|e| NetError::Bind {
+            Endpoint::new(ec, Some(server.clone()), sock, runtime).map_err(|e| NetError::Bind {
                 addr,
                 detail: e.to_string(),
             })?;
@@ -543,10 +584,52 @@ impl PeerLink {
             inner: Arc::new(LinkInner {
                 cfg,
                 endpoint,
-                client,
+                tuned: Mutex::new(Tuned {
+                    client,
+                    server,
+                    live,
+                }),
                 auth_log,
             }),
         })
+    }
+
+    /// The settings in effect for the next connection (see [`Live`]).
+    pub fn live(&self) -> Live {
+        self.tuned().live
+    }
+
+    fn tuned(&self) -> std::sync::MutexGuard<'_, Tuned> {
+        // Every update is a plain assignment: a poisoned lock still holds a whole config.
+        self.inner.tuned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks `live` and builds its QUIC transport config; nothing changes yet.
+    pub fn prepare_retune(&self, live: Live) -> Result<Retune, NetError> {
+        let t = Tuning {
+            keep_alive: live.keep_alive,
+            idle_timeout: live.idle_timeout,
+            retry_max: live.retry_max,
+            stream_window: live.window,
+            conn_window: live.window.saturating_mul(2),
+            ..self.inner.cfg.tuning.clone()
+        };
+        Ok(Retune {
+            live,
+            transport: Arc::new(transport_config(&t)?),
+        })
+    }
+
+    /// Applies a prepared retune: connections set up from now on (dialed or accepted) use it;
+    /// the open one keeps what its handshake settled (see [`Live`]).
+    pub fn retune(&self, r: Retune) {
+        let mut t = self.tuned();
+        t.client.transport_config(r.transport.clone());
+        t.server.transport_config(r.transport);
+        self.inner
+            .endpoint
+            .set_server_config(Some(t.server.clone()));
+        t.live = r.live;
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -582,12 +665,16 @@ impl PeerLink {
             addr: c.peer_addr,
             reason,
         };
+        let (client, live) = {
+            let t = self.tuned();
+            (t.client.clone(), t.live)
+        };
         let connecting = self
             .inner
             .endpoint
-            .connect_with(self.inner.client.clone(), c.peer_addr, &c.peer_name)
+            .connect_with(client, c.peer_addr, &c.peer_name)
             .map_err(|e| err(CloseReason::Setup(e.to_string())))?;
-        let limit = c.tuning.idle_timeout;
+        let limit = live.idle_timeout;
         let conn = match tokio::time::timeout(limit, connecting).await {
             Err(_) => {
                 return Err(err(CloseReason::Setup(format!(
@@ -602,7 +689,7 @@ impl PeerLink {
             }
             Ok(Ok(conn)) => conn,
         };
-        match tokio::time::timeout(limit, self.setup(conn.clone(), true)).await {
+        match tokio::time::timeout(limit, self.setup(conn.clone(), true, limit)).await {
             Ok(Ok(pc)) => Ok(pc),
             Ok(Err(e)) => Err(self.setup_failed(&conn, e)),
             Err(_) => Err(self.setup_failed(
@@ -622,7 +709,8 @@ impl PeerLink {
             .await
             .ok_or(NetError::EndpointClosed)?;
         let remote = incoming.remote_address();
-        let limit = self.inner.cfg.tuning.idle_timeout;
+        let live = self.live();
+        let limit = live.idle_timeout;
         let conn = match tokio::time::timeout(limit, incoming).await {
             Err(_) => {
                 return Err(NetError::Accept(CloseReason::Setup(format!(
@@ -636,7 +724,7 @@ impl PeerLink {
             }
             Ok(Ok(conn)) => conn,
         };
-        match tokio::time::timeout(limit, self.setup(conn.clone(), false)).await {
+        match tokio::time::timeout(limit, self.setup(conn.clone(), false, limit)).await {
             Ok(Ok(pc)) => Ok(pc),
             Ok(Err(e)) => Err(self.setup_failed(&conn, e)),
             Err(_) => Err(self.setup_failed(
@@ -669,7 +757,12 @@ impl PeerLink {
         e
     }
 
-    async fn setup(&self, conn: quinn::Connection, dialer: bool) -> Result<PeerConn, String> {
+    async fn setup(
+        &self,
+        conn: quinn::Connection,
+        dialer: bool,
+        idle_timeout: Duration,
+    ) -> Result<PeerConn, String> {
         let c = &self.inner.cfg;
         let alpn = conn
             .handshake_data()
@@ -804,6 +897,7 @@ impl PeerLink {
             handle: ConnHandle { conn: conn.clone() },
             peer: c.peer_name.clone(),
             remote_addr: conn.remote_address(),
+            idle_timeout,
             _guard: guard,
         })
     }
@@ -861,7 +955,8 @@ impl PeerLink {
                     if matches!(e, NetError::EndpointClosed) {
                         break;
                     }
-                    delay = (delay * 2).min(t.retry_max);
+                    // `connect-retry` as `adjust` last set it.
+                    delay = (delay * 2).min(self.live().retry_max);
                 }
             }
             tokio::time::sleep(delay).await;
@@ -1061,7 +1156,7 @@ mod tests {
         let connecting = a
             .inner
             .endpoint
-            .connect_with(a.inner.client.clone(), ab, "beta")
+            .connect_with(a.tuned().client.clone(), ab, "beta")
             .unwrap();
         let (ca, cb) = tokio::join!(connecting, async {
             b.inner.endpoint.accept().await.unwrap().await

@@ -28,7 +28,7 @@ pub use frame::{ChunkSource, Chunks, FrameReader, ReadEnd};
 pub use keys::{keygen, load_cert, load_key, pin_of_cert_file, pin_of_der, Identity, KeyError};
 pub use link::{
     close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameRx, FrameSender,
-    LinkConfig, PeerConn, PeerLink, StreamKind, Tuning,
+    LinkConfig, Live, PeerConn, PeerLink, Retune, StreamKind, Tuning,
 };
 pub use tls::PinMismatch;
 

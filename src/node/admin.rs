@@ -74,7 +74,7 @@ pub(super) struct Admin {
     /// The resource file, re-read by `adjust`.
     pub config: std::path::PathBuf,
     /// The settings in effect (as loaded at `up`, plus what `adjust` applied).
-    pub running: std::sync::Mutex<crate::config::Config>,
+    pub running: tokio::sync::Mutex<crate::config::Config>,
 }
 
 fn gone() -> Response {
@@ -146,62 +146,222 @@ impl Admin {
     }
 }
 
-/// Settings `adjust` applies to a running daemon; every other changed key needs a restart.
-fn restart_keys(old: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
-    let (o, n) = (&old.resource, &new.resource);
-    let mut keys = Vec::new();
-    macro_rules! cmp {
-        ($($f:ident => $k:literal),* $(,)?) => {
-            $(if o.$f != n.$f { keys.push($k.to_owned()); })*
-        };
-    }
-    cmp!(
-        name => "name",
-        protocol => "protocol",
-        send_buffer => "send-buffer",
-        ping_interval => "ping-interval",
-        timeout => "timeout",
-        connect_retry => "connect-retry",
-        data_streams => "data-streams",
-        window => "window",
-        max_mtu => "max-mtu",
-        after_sb_0pri => "after-sb-0pri",
-        after_sb_1pri => "after-sb-1pri",
-        csums => "csums",
-        al_updates => "al-updates",
-        on_peer_lost => "on-peer-lost",
-        on_congestion => "on-congestion",
-        congestion_fill => "congestion-fill",
+/// When a changed key of the resource file takes effect in a running daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    /// Applied now; from when, and what else to know.
+    Live(&'static str),
+    /// For the next connection; why not the open one.
+    NextConnection(&'static str),
+    /// Needs `twinblk down` + `twinblk up`; why.
+    Restart(&'static str),
+}
+
+const RATE: Effect = Effect::Live(
+    "through the core, for every resync that starts from now on; a running one keeps its pace",
+);
+const SPLIT_BRAIN: Effect = Effect::Live(
+    "through the core, from the next handshake (one in progress decides with what it sent); a \
+     policy applies only when both nodes have it: adjust the peer too",
+);
+const QUIC: Effect = Effect::NextConnection(
+    "QUIC settles it in each connection's handshake and cannot change it on the open one; \
+     `twinblk disconnect` + `twinblk connect` uses it now (a Primary then resyncs what it \
+     wrote while disconnected)",
+);
+const OPENED_AT_UP: Effect =
+    Effect::Restart("the daemon opens or binds it at `up` (on the peer too, if it names the peer)");
+const TLS: Effect = Effect::Restart(
+    "the TLS identity and the peer's pin are loaded when the daemon's endpoint starts",
+);
+
+/// Each changed key with its effect, in the resource file's order. Destructures every field,
+/// so a new key is a compile error here until someone decides whether it can change live.
+fn changes(old: &crate::config::Config, new: &crate::config::Config) -> Vec<(String, Effect)> {
+    let crate::config::Resource {
+        name,
+        protocol,
+        send_buffer,
+        ping_interval,
+        timeout,
+        connect_retry,
+        data_streams,
+        window,
+        max_mtu,
+        after_sb_0pri,
+        after_sb_1pri,
+        csums,
+        al_updates,
+        on_peer_lost,
+        c_max_rate,
+        c_fill_target,
+        c_plan_ahead,
+        c_min_rate,
+        on_congestion,
+        congestion_fill,
+    } = &old.resource;
+    let n = &new.resource;
+    let mut out = Vec::new();
+    let mut key = |changed: bool, key: &str, effect: Effect| {
+        if changed {
+            out.push((key.to_owned(), effect));
+        }
+    };
+    key(
+        *name != n.name,
+        "name",
+        Effect::Restart(
+            "it names the resource: the metadata and the peer's setup exchange check it",
+        ),
     );
-    if o != n {
-        // A key this list does not name yet: say so rather than claim it applied.
-        let mut o2 = o.clone();
-        o2.c_max_rate = n.c_max_rate;
-        o2.c_fill_target = n.c_fill_target;
-        o2.c_plan_ahead = n.c_plan_ahead;
-        o2.c_min_rate = n.c_min_rate;
-        if keys.is_empty() && o2 != *n {
-            keys.push("resource settings".to_owned());
-        }
-    }
+    key(
+        *protocol != n.protocol,
+        "protocol",
+        Effect::Restart(
+            "a write keeps the completion rule it was admitted under (sync: the peer's ack, \
+             async: the local disk and the send buffer) and Ahead/Behind exist only in async; \
+             the core has no point yet where every write in flight on both nodes follows one \
+             rule",
+        ),
+    );
+    let congestion = Effect::Restart(
+        "the core's async admission and pull-ahead run with the values of `up`; a change \
+         under writes in flight is not checked by the simulator yet",
+    );
+    key(*send_buffer != n.send_buffer, "send-buffer", congestion);
+    key(
+        *on_congestion != n.on_congestion,
+        "on-congestion",
+        congestion,
+    );
+    key(
+        *congestion_fill != n.congestion_fill,
+        "congestion-fill",
+        congestion,
+    );
+    key(*c_max_rate != n.c_max_rate, "c-max-rate", RATE);
+    key(*c_fill_target != n.c_fill_target, "c-fill-target", RATE);
+    key(*c_plan_ahead != n.c_plan_ahead, "c-plan-ahead", RATE);
+    key(*c_min_rate != n.c_min_rate, "c-min-rate", RATE);
+    key(*ping_interval != n.ping_interval, "ping-interval", QUIC);
+    key(*timeout != n.timeout, "timeout", QUIC);
+    key(
+        *connect_retry != n.connect_retry,
+        "connect-retry",
+        Effect::Live("from the next reconnect attempt"),
+    );
+    key(
+        *data_streams != n.data_streams,
+        "data-streams",
+        Effect::Restart(
+            "a connection opens its streams at setup and both nodes must agree on their number \
+             (the setup exchange refuses a mismatch): change it on both nodes",
+        ),
+    );
+    key(*window != n.window, "window", QUIC);
+    key(
+        *max_mtu != n.max_mtu,
+        "max-mtu",
+        Effect::Restart(
+            "it sizes the UDP endpoint's largest datagram, fixed when the endpoint binds",
+        ),
+    );
+    key(
+        *after_sb_0pri != n.after_sb_0pri,
+        "after-sb-0pri",
+        SPLIT_BRAIN,
+    );
+    key(
+        *after_sb_1pri != n.after_sb_1pri,
+        "after-sb-1pri",
+        SPLIT_BRAIN,
+    );
+    key(
+        *on_peer_lost != n.on_peer_lost,
+        "on-peer-lost",
+        Effect::Live(
+            "the fencing policy through the core, the command in the daemon: from the next loss \
+             of the peer, and a freeze in progress retries with the new command",
+        ),
+    );
+    key(
+        *csums != n.csums,
+        "csums",
+        Effect::Restart(
+            "the sync source reads it for every chunk, so a change would switch a running \
+             resync's method halfway (not live yet)",
+        ),
+    );
+    key(
+        *al_updates != n.al_updates,
+        "al-updates",
+        Effect::Restart(
+            "a Primary without activity-log updates must first record that in its metadata (a \
+             crash then resyncs everything); the core does that when it starts, not at a change",
+        ),
+    );
     for on in &old.nodes {
-        match new.nodes.iter().find(|nn| nn.name == on.name) {
-            None => keys.push(format!("node {} (removed)", on.name)),
-            Some(nn) if nn != on => keys.push(format!("node {} settings", on.name)),
-            Some(_) => {}
-        }
+        let Some(nn) = new.nodes.iter().find(|nn| nn.name == on.name) else {
+            key(
+                true,
+                &format!("node.{} (removed)", on.name),
+                Effect::Restart("the two nodes' names are in their metadata (`create-md`)"),
+            );
+            continue;
+        };
+        let crate::config::Node {
+            name: _,
+            address,
+            disk,
+            meta,
+            nbd,
+            admin,
+            cert,
+            key: tls_key,
+            size,
+            pin,
+            metrics,
+            frontend,
+            ublk_queues,
+            ublk_depth,
+        } = on;
+        let k = |f: &str| format!("node.{}.{f}", on.name);
+        key(*address != nn.address, &k("address"), OPENED_AT_UP);
+        key(*disk != nn.disk, &k("disk"), OPENED_AT_UP);
+        key(*meta != nn.meta, &k("meta"), OPENED_AT_UP);
+        key(*nbd != nn.nbd, &k("nbd"), OPENED_AT_UP);
+        key(*admin != nn.admin, &k("admin"), OPENED_AT_UP);
+        key(*cert != nn.cert, &k("cert"), TLS);
+        key(*tls_key != nn.key, &k("key"), TLS);
+        key(*size != nn.size, &k("size"), OPENED_AT_UP);
+        key(*pin != nn.pin, &k("pin"), TLS);
+        key(*metrics != nn.metrics, &k("metrics"), OPENED_AT_UP);
+        key(*frontend != nn.frontend, &k("frontend"), OPENED_AT_UP);
+        key(
+            *ublk_queues != nn.ublk_queues,
+            &k("ublk-queues"),
+            OPENED_AT_UP,
+        );
+        key(*ublk_depth != nn.ublk_depth, &k("ublk-depth"), OPENED_AT_UP);
     }
     for nn in &new.nodes {
         if !old.nodes.iter().any(|on| on.name == nn.name) {
-            keys.push(format!("node {} (added)", nn.name));
+            key(
+                true,
+                &format!("node.{} (added)", nn.name),
+                Effect::Restart("the two nodes' names are in their metadata (`create-md`)"),
+            );
         }
     }
-    keys
+    out
 }
 
 impl Admin {
-    /// `adjust`: re-read the resource file; apply the resync rates live, list the rest.
+    /// `adjust`: re-read the resource file, apply what can change live (all of it or, if
+    /// anything is refused, none of it), and say for each changed key what happened.
     async fn adjust(&self) -> Response {
+        // Held throughout: two adjusts at once must not both compare with the same old file.
+        let mut running = self.running.lock().await;
         let new = match crate::config::Config::load(&self.config) {
             Ok(c) => c,
             Err(e) => {
@@ -210,57 +370,75 @@ impl Admin {
                 }
             }
         };
-        let old = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let rate = new.resource.resync_rate();
-        let mut applied = Vec::new();
-        if rate != old.resource.resync_rate() {
-            match self.admin(AdminCmd::SetResyncRate(rate), "").await {
-                Response::Ok { .. } => {}
-                other => return other,
-            }
-            for (k, changed) in [
-                (
-                    "c-max-rate",
-                    old.resource.c_max_rate != new.resource.c_max_rate,
-                ),
-                (
-                    "c-fill-target",
-                    old.resource.c_fill_target != new.resource.c_fill_target,
-                ),
-                (
-                    "c-plan-ahead",
-                    old.resource.c_plan_ahead != new.resource.c_plan_ahead,
-                ),
-                (
-                    "c-min-rate",
-                    old.resource.c_min_rate != new.resource.c_min_rate,
-                ),
-            ] {
-                if changed {
-                    applied.push(k);
-                }
-            }
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            running.resource.c_max_rate = new.resource.c_max_rate;
-            running.resource.c_fill_target = new.resource.c_fill_target;
-            running.resource.c_plan_ahead = new.resource.c_plan_ahead;
-            running.resource.c_min_rate = new.resource.c_min_rate;
+        let changed = changes(&running, &new);
+        let file = self.config.display();
+        if changed.is_empty() {
+            return Response::Ok {
+                message: format!("nothing changed: the daemon runs with every setting of {file}"),
+            };
         }
-        let restart = restart_keys(&old, &new);
-        let mut message = if applied.is_empty() {
-            "nothing to apply live".to_owned()
-        } else {
-            format!("applied {}", applied.join(", "))
-        };
-        if !restart.is_empty() {
-            message.push_str(&format!(
-                "; changed but needs a restart (`twinblk down` + `twinblk up`): {}",
-                restart.join(", ")
-            ));
+        let restart_only = changed.iter().all(|(_, e)| matches!(e, Effect::Restart(_)));
+        if !restart_only {
+            let r = &new.resource;
+            let adjust = super::Adjust {
+                core: crate::core::Adjustable {
+                    resync_rate: r.resync_rate(),
+                    after_sb_0pri: r.after_sb_0pri,
+                    after_sb_1pri: r.after_sb_1pri,
+                    fencing: if r.on_peer_lost.is_some() {
+                        crate::core::Fencing::FreezeUntilFenced
+                    } else {
+                        crate::core::Fencing::Off
+                    },
+                },
+                link: crate::net::Live {
+                    keep_alive: r.ping_interval,
+                    idle_timeout: r.timeout,
+                    retry_max: r.connect_retry,
+                    window: r.window,
+                },
+                on_peer_lost: r.on_peer_lost.clone(),
+            };
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Input::Adjust { adjust, reply }).is_err() {
+                return gone();
+            }
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Response::Error {
+                        message: format!("{e}; nothing applied"),
+                    }
+                }
+                Err(_) => return gone(),
+            }
+            let (o, n) = (&mut running.resource, &new.resource);
+            o.c_max_rate = n.c_max_rate;
+            o.c_fill_target = n.c_fill_target;
+            o.c_plan_ahead = n.c_plan_ahead;
+            o.c_min_rate = n.c_min_rate;
+            o.ping_interval = n.ping_interval;
+            o.timeout = n.timeout;
+            o.connect_retry = n.connect_retry;
+            o.window = n.window;
+            o.after_sb_0pri = n.after_sb_0pri;
+            o.after_sb_1pri = n.after_sb_1pri;
+            o.on_peer_lost = n.on_peer_lost.clone();
+        }
+        let mut message = format!("re-read {file}");
+        for (key, effect) in &changed {
+            let line = match effect {
+                Effect::Live(when) => format!("{key}: applied live; {when}"),
+                Effect::NextConnection(why) => {
+                    format!("{key}: applied for the next connection; {why}")
+                }
+                Effect::Restart(why) => {
+                    format!("{key}: needs a restart (`twinblk down` + `twinblk up`); {why}")
+                }
+            };
+            tracing::info!(resource = %self.resource, "adjust: {line}");
+            message.push_str("\n  ");
+            message.push_str(&line);
         }
         Response::Ok { message }
     }
@@ -434,7 +612,7 @@ mod tests {
                 ublk_device: Default::default(),
                 clients: Default::default(),
                 config: "r0.toml".into(),
-                running: std::sync::Mutex::new(
+                running: tokio::sync::Mutex::new(
                     crate::config::Config::from_str(
                         "[resource]\nname = \"r0\"\n\
                          [node.alpha]\naddress = \"127.0.0.1:7789\"\ndisk = \"/a.img\"\n\

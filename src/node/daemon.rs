@@ -246,7 +246,6 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
                 .unwrap_or_default(),
         ),
         nbd_clients: clients.clone(),
-        peer_timeout: cfg.resource.timeout,
         stopped: None,
         timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
     };
@@ -266,7 +265,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             ublk_device: ublk_device.clone(),
             clients: clients.clone(),
             config: cfg.source.clone(),
-            running: std::sync::Mutex::new(cfg.clone()),
+            running: tokio::sync::Mutex::new(cfg.clone()),
         }),
     ));
 

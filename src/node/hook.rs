@@ -76,6 +76,23 @@ impl PeerLost {
         }
     }
 
+    /// The command in effect.
+    pub(super) fn command(&self) -> Option<&std::path::Path> {
+        self.command.as_deref()
+    }
+
+    /// `twinblk adjust`: the next run (a retry of a freeze in progress too) uses `command`.
+    pub(super) fn set_command(&mut self, command: Option<PathBuf>) {
+        if command != self.command {
+            info!(
+                resource = %self.resource,
+                "on-peer-lost is now {}",
+                command.as_ref().map_or("not set".into(), |c| c.display().to_string())
+            );
+            self.command = command;
+        }
+    }
+
     /// Executes `Action::FencePeer`: runs the hook on a thread, its exit reported as
     /// [`Input::Hook`].
     pub(super) fn run(&mut self, episode: u64, attempt: u32, tx: &mpsc::UnboundedSender<Input>) {

@@ -99,10 +99,24 @@ pub(super) enum Input {
     },
     /// The `on-peer-lost` hook finished.
     Hook(hook::Report),
+    /// `twinblk adjust`: apply these settings, all or none.
+    Adjust {
+        adjust: Adjust,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// `twinblk down` (the clients are stopped): the core's graceful stop, then answer and exit.
     Shutdown {
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// What `twinblk adjust` changes in a running daemon: the core's settings through the core
+/// (it owns every policy), the transport's and the hook's here in the driver.
+pub(super) struct Adjust {
+    pub core: crate::core::Adjustable,
+    /// `timeout`, `ping-interval`, `connect-retry`, `window`.
+    pub link: crate::net::Live,
+    pub on_peer_lost: Option<std::path::PathBuf>,
 }
 
 struct Node {
@@ -132,8 +146,6 @@ struct Node {
     out: Vec<Action>,
     obs: Observe,
     peer_lost: hook::PeerLost,
-    /// The resource's `timeout`: a peer heard nothing from for this long is declared dead.
-    peer_timeout: std::time::Duration,
     /// The NBD clients of the export (shared with the NBD server and the admin handler).
     nbd_clients: frontend::Clients,
     /// The core's `Action::Stopped`: the event loop ends after this batch.
@@ -509,7 +521,13 @@ impl Node {
                 "eta_secs": s.resync_eta_secs,
             })
         });
-        json!({
+        // The open connection's `timeout` (an adjusted one applies from the next).
+        let peer_timeout_secs = self
+            .current
+            .as_ref()
+            .map_or(self.link.live().idle_timeout, |c| c.timeout)
+            .as_secs();
+        let mut status = json!({
             "resource": self.replica.config().resource,
             "protocol": self.protocol,
             "size": self.replica.config().size,
@@ -528,7 +546,7 @@ impl Node {
             "connected": self.current.is_some(),
             // A dead peer still looks connected until `timeout` passes without a word.
             "peer_last_heard_secs": self.current.as_ref().map(|c| c.last_heard().as_secs()),
-            "peer_timeout_secs": self.peer_timeout.as_secs(),
+            "peer_timeout_secs": peer_timeout_secs,
             "last_refusal": s.last_refusal,
             "last_connection_error": conn.and_then(|c| c.last_error).or_else(|| self.last_conn_error.clone()),
             "last_auth_error": self.link.last_auth_error(),
@@ -572,7 +590,60 @@ impl Node {
                     .collect::<Vec<_>>(),
                 "aborted": v.aborted,
             })),
+        });
+        // Outside the macro: one more key there passes its recursion limit.
+        status["settings"] = self.settings_json();
+        status
+    }
+
+    /// `status --json`'s `settings`: what is in effect now for the keys `adjust` changes
+    /// live, read back from where each lives (the core's config, the link, the hook).
+    fn settings_json(&self) -> serde_json::Value {
+        let c = self.replica.config();
+        let live = self.link.live();
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        json!({
+            "timeout_ms": ms(live.idle_timeout),
+            "ping_interval_ms": ms(live.keep_alive),
+            "connect_retry_ms": ms(self.retry_after),
+            "window": live.window,
+            "after_sb_0pri": crate::config::after_sb_0pri_name(c.after_sb_0pri),
+            "after_sb_1pri": crate::config::after_sb_1pri_name(c.after_sb_1pri),
+            "on_peer_lost": self.peer_lost.command().map(|p| p.display().to_string()),
+            "fencing": c.fencing == crate::core::Fencing::FreezeUntilFenced,
+            "c_max_rate": c.resync_rate.max_rate,
+            "c_fill_target": c.resync_rate.fill_target,
+            "c_plan_ahead_ms": c.resync_rate.plan_ahead / 1_000_000,
+            "c_min_rate": c.resync_rate.min_rate,
         })
+    }
+
+    /// `twinblk adjust`: everything that can fail is checked before anything changes, so a
+    /// refusal applies nothing. The core goes first: it may refuse (e.g. turning fencing off
+    /// while writes are frozen); the driver's own settings follow.
+    fn adjust(&mut self, a: Adjust) -> Result<(), String> {
+        let retune = self
+            .link
+            .prepare_retune(a.link)
+            .map_err(|e| e.to_string())?;
+        let (tx, mut rx) = oneshot::channel();
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.admins.insert(tag, tx);
+        self.feed(Event::Admin {
+            tag,
+            cmd: AdminCmd::Adjust(a.core),
+        });
+        // The core answers an adjust within the step that received it.
+        match rx.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("the core did not answer the adjust".into()),
+        }
+        self.link.retune(retune);
+        self.retry_after = a.link.retry_max;
+        self.peer_lost.set_command(a.on_peer_lost);
+        Ok(())
     }
 
     fn event_objects(
@@ -764,6 +835,10 @@ impl Node {
                     });
                 }
                 Input::Timer(kind) => self.feed(Event::Timer(kind)),
+                Input::Adjust { adjust, reply } => {
+                    let r = self.adjust(adjust);
+                    let _ = reply.send(r);
+                }
                 Input::Retry => {
                     self.retry_pending = false;
                     let s = self.replica.status();
@@ -787,7 +862,7 @@ impl Node {
                         | AdminCmd::Invalidate
                         | AdminCmd::DiscardMyData
                         | AdminCmd::Verify
-                        | AdminCmd::SetResyncRate(_) => {}
+                        | AdminCmd::Adjust(_) => {}
                     }
                     let promote = matches!(cmd, AdminCmd::Promote { .. });
                     self.feed(Event::Admin { tag, cmd });

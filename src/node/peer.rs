@@ -23,6 +23,8 @@ pub(super) struct Current {
     /// UDP datagrams received so far, and when that count last grew: when the peer was last
     /// heard (keep-alives included), for `status` while a dead peer is not yet timed out.
     heard: std::cell::Cell<(u64, std::time::Instant)>,
+    /// This node's `timeout` when the connection was set up (`adjust` changes the next one).
+    pub timeout: std::time::Duration,
 }
 
 impl Current {
@@ -49,6 +51,7 @@ impl Current {
             data,
             mut rx,
             handle,
+            idle_timeout,
             ..
         } = conn;
         let current = Current {
@@ -57,6 +60,7 @@ impl Current {
             data,
             handle: handle.clone(),
             heard: std::cell::Cell::new((0, std::time::Instant::now())),
+            timeout: idle_timeout,
         };
         tokio::spawn(async move {
             let mut reason = None;

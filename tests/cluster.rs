@@ -318,14 +318,21 @@ impl Cluster {
         self.dir.join(node).join("log-pacemaker/twinblk-r0.log")
     }
 
-    /// The resync-started lines `node` logged after byte `from`.
-    fn resyncs_since(&self, node: &str, from: usize) -> Vec<String> {
+    /// The lines `node`'s twinblk logged after byte `from` that contain `what`, without the
+    /// time stamp and target.
+    fn log_since(&self, node: &str, from: usize, what: &str) -> Vec<String> {
         let log = std::fs::read(self.daemon_log(node)).unwrap_or_default();
         String::from_utf8_lossy(log.get(from..).unwrap_or_default())
             .lines()
-            .filter(|l| l.contains("kind=\"resync-started\""))
-            .map(|l| l.split(" twinblk::node: ").last().unwrap_or(l).to_string())
+            .filter(|l| l.contains(what))
+            .map(|l| l.splitn(2, ": ").last().unwrap_or(l).to_string())
             .collect()
+    }
+
+    /// The resyncs the sync source `node` started after byte `from` (the source's line names
+    /// the whole resync; the target's names only its own changes).
+    fn resyncs_since(&self, node: &str, from: usize) -> Vec<String> {
+        self.log_since(node, from, "kind=\"resync-started\"")
     }
 
     /// Waits for the writer to have `n` acknowledgements on `node`.
@@ -427,7 +434,8 @@ fn scenario_node_lost(c: &Cluster, fault: &str) {
     if fault == "cut off" {
         c.ok(&["heal", p, "all"]);
     }
-    let from = c.daemon_log_len(p);
+    let from_p = c.daemon_log_len(p);
+    let from_s = c.daemon_log_len(s);
     c.ok(&["boot", p]);
     c.wait_in_sync(s);
     assert_eq!(
@@ -435,12 +443,24 @@ fn scenario_node_lost(c: &Cluster, fault: &str) {
         Some("Secondary".into()),
         "{name}: {p} did not come back Secondary"
     );
-    let resyncs = c.resyncs_since(p, from);
+    let resyncs = c.resyncs_since(s, from_s);
     assert!(
         !resyncs.is_empty() && resyncs.iter().all(|l| l.starts_with("bitmap resync")),
-        "{name}: {p} did not come back with a bitmap resync: {resyncs:?}"
+        "{name}: {p} did not come back with a bitmap resync from {s}: {resyncs:?}"
     );
-    println!("{name}: {p} came back Secondary: {}", resyncs.join("; "));
+    let split = c.log_since(p, from_p, "split brain");
+    if fault == "killed" {
+        assert!(split.is_empty(), "{name}: {split:?}");
+    }
+    println!(
+        "{name}: {p} came back Secondary; {s} (source): {}; split brain: {}",
+        resyncs.join("; "),
+        if split.is_empty() {
+            "none".to_string()
+        } else {
+            split.join(" / ")
+        }
+    );
     c.stop_writer_and_check(s, &name);
 }
 
@@ -536,13 +556,13 @@ fn replication_link_cut_fences_the_peer() {
     let hook = c.status(p).map(|st| st["peer_lost_hook"].clone());
     println!("{name}: {p}'s hook: {hook:?}");
     c.ok(&["heal", p, "repl"]);
-    let from = c.daemon_log_len(s);
+    let from = c.daemon_log_len(p);
     c.ok(&["boot", s]);
     c.wait_in_sync(p);
     assert_eq!(c.primaries(), vec![p], "{name}: roles after the return");
     println!(
-        "{name}: {s} came back Secondary: {}",
-        c.resyncs_since(s, from).join("; ")
+        "{name}: {s} came back Secondary; {p} (source): {}",
+        c.resyncs_since(p, from).join("; ")
     );
     c.stop_writer_and_check(p, &name);
 }

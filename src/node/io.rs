@@ -9,7 +9,19 @@ use crate::core::{Action, IoId};
 use crate::disk::{Disk, IoBuf};
 
 /// Start `action` if it is a disk action; false if it is not one.
-pub(super) fn start(disk: &Disk, action: &Action, tx: &mpsc::UnboundedSender<Input>) -> bool {
+///
+/// `after_send`: a client write whose extent the same batch sends to the peer. Its task yields
+/// once before submitting, so the extent's frame goes out first: in protocol sync the peer's
+/// path (the round trip plus the peer's disk) is the longer one, and the local submission
+/// (`io_uring_enter`, and in a VM the exit that tells the virtual disk) otherwise runs on the
+/// one thread before the frame leaves. The write still starts in this batch's order among the
+/// disk actions (each is a task; the core never emits overlapping writes at once).
+pub(super) fn start(
+    disk: &Disk,
+    action: &Action,
+    tx: &mpsc::UnboundedSender<Input>,
+    after_send: bool,
+) -> bool {
     let disk = disk.clone();
     let tx = tx.clone();
     let done = move |io: IoId, result: Result<Option<Bytes>, i32>| {
@@ -25,6 +37,9 @@ pub(super) fn start(disk: &Disk, action: &Action, tx: &mpsc::UnboundedSender<Inp
             let (io, offset, fua) = (*io, *offset, *fua);
             let data = data.clone();
             tokio::spawn(async move {
+                if after_send {
+                    tokio::task::yield_now().await;
+                }
                 // No copy when the data already sits in aligned memory (a client's NBD payload
                 // on the Primary); the disk copies a network buffer that does not.
                 let buf = IoBuf::from_bytes(data);

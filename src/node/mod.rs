@@ -230,11 +230,15 @@ impl Node {
     }
 
     fn execute(&mut self, mut a: Action) {
+        let mut after_send = false;
         match &mut a {
             Action::DiskWrite { io, offset, .. } => {
                 self.obs.disk_writes.insert(*io, Instant::now());
                 let origin = self.replica.io_origin(*io);
                 self.timing.disk_submit(origin, *io, *offset);
+                // A client write with a peer: its extent (the next action) is on the wire first.
+                after_send = matches!(origin, Some(crate::core::IoOrigin::Client(_)))
+                    && self.current.is_some();
             }
             Action::DiskZero { io, offset, .. } => {
                 let origin = self.replica.io_origin(*io);
@@ -246,7 +250,7 @@ impl Node {
             }
             _ => {}
         }
-        if io::start(&self.disk, &a, &self.tx) {
+        if io::start(&self.disk, &a, &self.tx, after_send) {
             return;
         }
         match a {

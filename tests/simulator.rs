@@ -259,6 +259,19 @@ fn checker_catches_trims_that_leave_the_replicas_different() {
     );
 }
 
+/// A cut after the sync source sent `ResyncDone` and before the target applied it must resume
+/// from the bitmaps (issue 17, defect 6); a source that keeps no resync end (the old
+/// behaviour) makes it a full resync, which the simulator must catch.
+#[test]
+fn checker_catches_a_full_resync_after_a_cut_at_the_resyncs_end() {
+    let msgs = caught(InjectedBug::ForgetTargetAtResyncEnd, false, 300);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("a cut as the resync finished cost a full resync")),
+        "no seed caught a full resync after a cut at a resync's end: {msgs:?}"
+    );
+}
+
 fn with_stale_promotions(seed: u64) -> SimConfig {
     let mut cfg = SimConfig::for_seed(seed);
     cfg.stale_promotion = true;

@@ -10,12 +10,15 @@
 //! * `bitmap`: the generation the dirty bitmap is relative to (the last one both nodes agreed
 //!   on), `None` when the bitmap is clean and the peer has everything.
 //! * `history[0..2]`: the two bitmap generations before that, newest first.
+//! * `resync_end` (a sync source only, until its target confirms the end): the generation it
+//!   sent with `ResyncDone` and the ones the target may still carry instead ([`ResyncEnd`]).
 //!
 //! Both sides compute [`decide`] from the two `Hello`s; the answers are mirror images, so both
 //! agree without another round trip. The rules, first match wins (`me` / `peer`):
 //!
 //! | #  | condition                                                  | decision                 |
 //! |----|------------------------------------------------------------|--------------------------|
+//! | 0  | one side Inconsistent (trusted bitmap) at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below |
 //! | 1  | resource, size or node id conflict; both Primary           | refuse                   |
 //! | 2  | neither disk UpToDate/Outdated                             | refuse                   |
 //! | 3  | same `current`, neither changed anything since              | no sync                  |
@@ -34,7 +37,9 @@
 //! "(bitmaps)": a resync of the union of both dirty bitmaps (the target sends its own), full
 //! when a bitmap cannot be trusted (see [`bitmap_enough`]). A Primary never becomes a target.
 
-use crate::wire::{AfterSb0Pri, AfterSb1Pri, DiskState, Hello, Role};
+use std::borrow::Cow;
+
+use crate::wire::{AfterSb0Pri, AfterSb1Pri, DiskState, Hello, ResyncEnd, Role};
 
 /// What a handshake concluded, from the point of view of the node calling [`decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +93,8 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
                 .into(),
         );
     }
+    // Rule 0.
+    let (me, peer) = (&*at_resync_end(me, peer), &*at_resync_end(peer, me));
     let raw = match raw_decide(me, peer) {
         Decision::SplitBrain(why) => {
             resolve_split_brain(me, peer).unwrap_or(Decision::SplitBrain(why))
@@ -105,6 +112,36 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
         ),
         d => d,
     }
+}
+
+/// Rule 0: `tgt` as the handshake reads it against `src`. A sync target cut off just as its
+/// resync ended (the source sent `ResyncDone`, the target never applied it) is still
+/// Inconsistent at its old generation, but holds the generation sent with the end less what the
+/// source's bitmap names: every resync block was stable on it before the source ended (a bit
+/// goes only then), and every write sent since is in the source's transfer log, hence its
+/// bitmap at the loss. So when the source's bitmap is relative to that generation (still its
+/// `current`, or its `bitmap` once a loss or Ahead moved on), the target counts as at it:
+/// rules 3-6 then resume from the bitmaps instead of a full resync (issue 17, defect 6). Only
+/// an Inconsistent target qualifies (it has no changes of its own: a forced promotion would
+/// have given it a new generation), and only with a trusted bitmap (it learnt what it lacks).
+/// The source is the source either way (rules 9-11 otherwise): this only avoids copying
+/// everything.
+fn at_resync_end<'a>(tgt: &'a Hello, src: &Hello) -> Cow<'a, Hello> {
+    let Some(ResyncEnd { gen, target_gens }) = src.resync_end else {
+        return Cow::Borrowed(tgt);
+    };
+    let applies = target_gens.contains(&tgt.current_gen)
+        && tgt.disk == DiskState::Inconsistent
+        && tgt.bitmap_known
+        && good(src.disk)
+        && src.bitmap_known
+        && (src.current_gen == gen || src.bitmap_gen == Some(gen));
+    if !applies {
+        return Cow::Borrowed(tgt);
+    }
+    let mut read = tgt.clone();
+    read.current_gen = gen;
+    Cow::Owned(read)
 }
 
 /// Split brain, resolved by `connect --discard-my-data` on exactly one side, or else by the
@@ -321,6 +358,7 @@ mod tests {
             discard_my_data: false,
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
+            resync_end: None,
         }
     }
 
@@ -485,6 +523,74 @@ mod tests {
         let mut b = h(2, Role::Secondary, DiskState::UpToDate, 0x20002);
         b.bitmap_gen = Some(0x10001);
         assert!(matches!(check(&a, &b), Decision::Refuse(_)));
+    }
+
+    /// Rule 0: source B sent `ResyncDone` with 0x20002 to A (at 0x10001 before); the cut came
+    /// before A applied it.
+    fn cut_at_resync_end() -> (Hello, Hello) {
+        let mut a = h(1, Role::Secondary, DiskState::Inconsistent, 0x10001);
+        a.history = [0x5, 0];
+        let mut b = h(2, Role::Primary, DiskState::UpToDate, 0x20002);
+        b.history = [0x10001, 0x5];
+        b.resync_end = Some(ResyncEnd {
+            gen: 0x20002,
+            target_gens: [0x10001, 0x10001],
+        });
+        (a, b)
+    }
+
+    #[test]
+    fn a_target_that_missed_the_resync_end_resumes_by_bitmaps() {
+        let (a, mut b) = cut_at_resync_end();
+        // B's bitmap is relative to the generation it sent: no sync needed but the end's.
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // B wrote since, with acknowledged writes A may lack: a loss moved it on.
+        b.bitmap_gen = Some(0x20002);
+        b.current_gen = 0x30002;
+        b.history = [0x10001, 0x5];
+        b.dirty = true;
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // Without the end (the old behaviour), a full resync (rule 9).
+        let mut old = b.clone();
+        old.resync_end = None;
+        assert_eq!(check(&old, &a), Decision::Source { full: true });
+        // Either generation the target may carry qualifies.
+        let mut a2 = a.clone();
+        a2.current_gen = 0x15001;
+        b.resync_end = Some(ResyncEnd {
+            gen: 0x20002,
+            target_gens: [0x10001, 0x15001],
+        });
+        assert_eq!(check(&b, &a2), Decision::Source { full: false });
+    }
+
+    #[test]
+    fn the_resync_end_never_covers_what_it_does_not_describe() {
+        let (a, b) = cut_at_resync_end();
+        // A target that does not know what it lacks: full.
+        let mut untrusted = a.clone();
+        untrusted.bitmap_known = false;
+        assert_eq!(check(&b, &untrusted), Decision::Source { full: true });
+        // An Inconsistent target at another generation: not this end's.
+        let mut other = a.clone();
+        other.current_gen = 0x40001;
+        assert_eq!(check(&b, &other), Decision::Source { full: true });
+        // An UpToDate node at the old generation is not a target that missed the end.
+        let mut up = a.clone();
+        up.disk = DiskState::UpToDate;
+        assert_eq!(check(&b, &up), Decision::Source { full: true });
+        // The source's bitmap is no longer relative to the generation sent (it moved twice):
+        // nothing to resume from, full.
+        let mut moved = b.clone();
+        moved.current_gen = 0x50002;
+        moved.bitmap_gen = Some(0x30002);
+        moved.history = [0x20002, 0x10001];
+        assert_eq!(check(&moved, &a), Decision::Source { full: true });
+        // A source whose own disk is not good: refused as before.
+        let mut bad = b.clone();
+        bad.disk = DiskState::Inconsistent;
+        bad.role = Role::Secondary;
+        assert!(matches!(check(&bad, &a), Decision::Refuse(_)));
     }
 
     #[test]

@@ -97,9 +97,11 @@
 //!   [`Meta::resync_resumable`] once the source showed it marked everything the target lacks
 //!   (the first `ResyncProgress`; until then `bitmap_known` is false and a restart means a full
 //!   resync). A cut just as the resync ends (after `ResyncDone`, before the target applied
-//!   it) still costs a full resync: the source's bitmap is relative to its own generation
-//!   from `ResyncDone` on. Every promotion first makes the acked peer and resync writes
-//!   stable ([`Action::SyncData`]): a new Primary never serves data a crash could take back.
+//!   it) resumes too: the source keeps the end ([`ResyncEnd`], persisted, in its `Hello`)
+//!   until the target confirms it, and the handshake reads a target still at its old
+//!   generation as at the one sent (rule 0 in [`gen`]). Every promotion first makes the
+//!   acked peer and resync writes stable ([`Action::SyncData`]): a new Primary never serves
+//!   data a crash could take back.
 //! * Write order: a new epoch starts when a write is submitted after a write completed, and at
 //!   every FLUSH. Two kinds of barrier close an epoch:
 //!   - an *order barrier* (a plain epoch boundary) is not even sent. Sync: a write completes
@@ -191,7 +193,7 @@ use bytes::Bytes;
 
 pub use crate::wire::{
     AckTiming, AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState,
-    Role, FLAG_FUA,
+    ResyncEnd, Role, FLAG_FUA,
 };
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
@@ -239,6 +241,9 @@ pub enum InjectedBug {
     /// A failed client FLUSH only fails that request (the old behaviour): the Primary goes on
     /// with a disk that lost writes its peer has, and nothing marks them.
     FlushFailureIgnored,
+    /// The sync source keeps no [`ResyncEnd`] when it sends `ResyncDone` (the old behaviour):
+    /// a cut before the target applied the end costs a full resync.
+    ForgetTargetAtResyncEnd,
     /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
     /// contents afterwards each device chooses (the old behaviour: the replicas differ).
     TrimDiverges,
@@ -394,6 +399,11 @@ pub struct Meta {
     /// flag like `no_activity_log`; an older build reads it as absent (a full resync: safe).
     #[serde(skip)]
     pub resync_resumable: bool,
+    /// A sync source's resync end its target has not confirmed ([`ResyncEnd`]): after a cut,
+    /// the next handshake resumes from the bitmaps even if the target never applied it. Stored
+    /// after the flags like them; an older build ignores it (a full resync: safe).
+    #[serde(skip)]
+    pub resync_end: Option<ResyncEnd>,
 }
 
 impl Meta {
@@ -407,6 +417,7 @@ impl Meta {
             primary: false,
             no_activity_log: false,
             resync_resumable: false,
+            resync_end: None,
         }
     }
 }
@@ -1039,6 +1050,9 @@ struct Conn {
     decided: bool,
     peer_role: Option<Role>,
     peer_disk: Option<DiskState>,
+    /// The generation the peer's disk carries as far as this node knows: its hello's, then
+    /// that of each resync end it confirmed.
+    peer_gen: u64,
     send_seq: u64,
     recv_next: u64,
     reorder: BTreeMap<u64, PeerMsg>,
@@ -1121,12 +1135,15 @@ pub struct Replica {
     /// flush barrier after them acked yet), in seq order.
     tl: VecDeque<(u64, u64, u64)>,
     resync: Option<ResyncSource>,
-    /// Sync source: `ResyncDone`s sent on this connection that the target has not yet
-    /// confirmed (its disk turning UpToDate; one per applied end, in order). A count, not a
-    /// flag: an Ahead resync can end before the target's UpToDate of the resync before it
-    /// arrives (simulator seed 546). Keeping the target's generation as the bitmap
-    /// generation until then (so a cut in between resumes) is not done: see `pump_resync`.
-    resync_dones_unconfirmed: u32,
+    /// Sync source: the generations sent with the `ResyncDone`s of this connection that the
+    /// target has not yet confirmed (its disk turning UpToDate; one per applied end, in order).
+    /// More than one: an Ahead resync can end before the target's UpToDate of the resync
+    /// before it arrives (simulator seed 546).
+    resync_dones_unconfirmed: VecDeque<u64>,
+    /// Sync source: the last of those ends and the generations the target may still carry
+    /// instead, persisted (see [`ResyncEnd`] and rule 0 in [`gen`]) until the target confirmed
+    /// it or the next handshake decided.
+    resync_end: Option<ResyncEnd>,
     /// When the armed [`TimerKind::Resync`] fires, if one is armed.
     resync_timer: Option<u64>,
     al: ActivityLog,
@@ -1224,7 +1241,8 @@ impl Replica {
             conn: None,
             tl: VecDeque::new(),
             resync: None,
-            resync_dones_unconfirmed: 0,
+            resync_dones_unconfirmed: VecDeque::new(),
+            resync_end: meta.resync_end,
             resync_timer: None,
             al: ActivityLog::new(cfg.al_extents),
             al_txn: None,
@@ -1262,6 +1280,7 @@ impl Replica {
                 && !self.cfg.al_updates
                 && !self.stopped_clean(),
             resync_resumable: self.disk == DiskState::Inconsistent && self.bitmap_known,
+            resync_end: self.resync_end,
         }
     }
 
@@ -1495,7 +1514,7 @@ impl Replica {
         {
             return Err(format!("resync progress while {:?}", self.repl));
         }
-        if self.resync_dones_unconfirmed > 0 && !decided {
+        if !self.resync_dones_unconfirmed.is_empty() && !decided {
             return Err("resync ends awaiting confirmation without a connection".into());
         }
         // The transfer log names writes sent on the current connection; at its loss they go to
@@ -2626,6 +2645,7 @@ impl Replica {
             discard_my_data: self.discard_my_data,
             after_sb_0pri: self.cfg.after_sb_0pri,
             after_sb_1pri: self.cfg.after_sb_1pri,
+            resync_end: self.resync_end,
         }
     }
 
@@ -2657,6 +2677,7 @@ impl Replica {
             decided: false,
             peer_role: None,
             peer_disk: None,
+            peer_gen: 0,
             send_seq: 0,
             recv_next: 1,
             reorder: BTreeMap::new(),
@@ -2754,9 +2775,8 @@ impl Replica {
             self.bitmap_gen = Some(self.current_gen);
         }
         self.resync = None;
-        // A cut before the target confirmed the end keeps the bitmap relative to its old
-        // generation (see `resync_dones_unconfirmed`).
-        self.resync_dones_unconfirmed = 0;
+        // An end the target did not confirm stays in `resync_end` for the next handshake.
+        self.resync_dones_unconfirmed.clear();
         self.progress = None;
         self.awaiting_peer_bitmap = false;
         self.needs_gen_bump = true;
@@ -2765,12 +2785,11 @@ impl Replica {
         // next write left the peer's generation on this data if none came (the client
         // stalled, or this node was demoted): a stale peer promoted meanwhile then looked
         // like the newer side, and these writes were resynced away without a split brain.
-        // Whatever the bitmap generation says: a source that just finished a resync keeps the
-        // target's old generation there until the target confirms (it may or may not have
-        // adopted `current` already: simulator seed 1836 skipped the bump when the bitmap
-        // generation differed from `current`, and the target had adopted it). A peer at the
-        // bitmap generation is then behind by bitmaps (rule 6), one at the old `current` finds
-        // it in history (rule 9): either way this node's data is the newer one.
+        // Whatever the bitmap generation says (simulator seed 1836 skipped the bump when it
+        // differed from `current`, and the peer had that `current`). A source that just ended
+        // a resync: a target that adopted the generation sent finds it as the bitmap
+        // generation (rule 6), one that never applied the end is read as at it (`resync_end`,
+        // rule 0): either way behind by bitmaps.
         if acked_unreplicated && self.cfg.bug != InjectedBug::NoGenerationAtLoss {
             self.new_generation();
         }
@@ -2913,7 +2932,7 @@ impl Replica {
                         out.push(Action::Emit(StateChange::PeerDisk { to: Some(s.disk) }));
                     }
                 }
-                if disk_up_to_date && self.resync_dones_unconfirmed > 0 {
+                if disk_up_to_date && !self.resync_dones_unconfirmed.is_empty() {
                     self.resync_confirmed(out);
                 }
                 if s.role == Role::Primary && self.role == Role::Primary {
@@ -3026,6 +3045,7 @@ impl Replica {
         }
         c.peer_role = Some(h.role);
         c.peer_disk = Some(h.disk);
+        c.peer_gen = h.current_gen;
         let mine = c.sent_hello.clone();
         self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
         let mut d = gen::decide(&mine, &h);
@@ -3043,6 +3063,9 @@ impl Replica {
         if !matches!(d, Decision::Refuse(_) | Decision::SplitBrain(_)) {
             self.split_brain = None;
             self.discard_my_data = false;
+            // Decided: an end the peer never applied is part of what this handshake resyncs
+            // (rule 0), or this node's data is about to be replaced. Saved by each branch.
+            self.resync_end = None;
         }
         match d {
             Decision::Refuse(reason) => {
@@ -3702,13 +3725,15 @@ impl Replica {
             let gen = self.current_gen;
             self.send(PeerMsg::ResyncDone { seq, gen }, out);
             self.resync = None;
-            // The bitmap is relative to our generation from here on. Keeping the target's
-            // old generation until it confirmed the end (so a cut in between resumes instead
-            // of costing a full resync, issue 17 defect 6) pushed the generation the target
-            // most likely holds out of the two-slot history once the loss-time generation
-            // bumps came in: a false split brain (simulator seed 244). Until that is solved,
-            // the safe cost stays: such a cut means a full resync.
-            self.resync_dones_unconfirmed += 1;
+            // The bitmap is relative to our generation from here on; the target's old one
+            // goes to history. A target cut off before it applied the end is still at that
+            // old generation (or, with an earlier end unconfirmed, at that end's): the end is
+            // kept, persisted (`save_meta` below), so that the next handshake reads such a
+            // target as at `gen` and resumes from the bitmaps (rule 0 in `gen`; issue 17
+            // defect 6). (Keeping the old generation as the bitmap generation instead let it
+            // fall out of the two-slot history once losses moved the generation: seed 244.)
+            self.resync_dones_unconfirmed.push_back(gen);
+            self.resync_end = self.unconfirmed_end();
             self.set_bitmap_gen(None);
             self.crashed_primary = false;
             self.flush_bitmap(out);
@@ -3719,16 +3744,42 @@ impl Replica {
         }
     }
 
-    /// Sync source: the target applied a `ResyncDone` (its disk turned UpToDate). Once it
-    /// applied the last one sent and no other resync runs, the bitmap is relative to our
-    /// generation: nothing (clean) or what changed since (a local write error).
+    /// Sync source: the target applied the oldest `ResyncDone` not yet confirmed (its disk
+    /// turned UpToDate, durably, before it said so): it carries that end's generation now.
     fn resync_confirmed(&mut self, out: &mut Vec<Action>) {
-        self.resync_dones_unconfirmed -= 1;
-        if self.resync_dones_unconfirmed == 0 && self.repl == ReplState::Established {
-            let to = (!self.bitmap.is_clean()).then_some(self.current_gen);
-            self.set_bitmap_gen(to);
+        let Some(gen) = self.resync_dones_unconfirmed.pop_front() else {
+            return;
+        };
+        if let Some(c) = self.conn.as_mut() {
+            c.peer_gen = gen;
+        }
+        let end = self.unconfirmed_end();
+        if end != self.resync_end {
+            self.resync_end = end;
             self.save_meta(out);
         }
+    }
+
+    /// The [`ResyncEnd`] for the ends not yet confirmed: the last one's generation, and the
+    /// generations the target may carry instead (the one it had, then each earlier end's;
+    /// the newest two).
+    fn unconfirmed_end(&self) -> Option<ResyncEnd> {
+        if self.cfg.bug == InjectedBug::ForgetTargetAtResyncEnd {
+            return None;
+        }
+        let q = &self.resync_dones_unconfirmed;
+        let &gen = q.back()?;
+        let had = self.conn.as_ref()?.peer_gen;
+        // Newest last: the target's generation, then each end before the last.
+        let mut may = std::iter::once(had)
+            .chain(q.iter().copied().take(q.len().saturating_sub(1)))
+            .rev();
+        let newest = may.next()?;
+        let before = may.next().unwrap_or(newest);
+        Some(ResyncEnd {
+            gen,
+            target_gens: [before, newest],
+        })
     }
 
     /// Sync source: a flush barrier (sequence number `below`, tag `epoch`) was acked, so the

@@ -15,6 +15,7 @@ fn synced_meta() -> Meta {
         primary: false,
         no_activity_log: false,
         resync_resumable: false,
+        resync_end: None,
     }
 }
 
@@ -2193,20 +2194,93 @@ fn resync_cut_at_its_end(deliver: usize) -> (Duo, u64) {
 }
 
 /// Issue 17, defect 6: a cut just as a resync finishes (the source sent `ResyncDone`, the
-/// target never applied it, or applied it and its UpToDate never reached the source) converges
-/// on the next connection. It still costs a full resync (see the `ResyncDone` comment in
-/// core/mod.rs: resuming kept the target's generation in a way that let a later one fall out
-/// of the history, a false split brain); this pins the safe part.
+/// target never applied it, or applied it and its UpToDate never reached the source) resumes
+/// from the bitmaps: nothing is resent, where it used to cost a full resync.
 #[test]
-fn a_cut_as_the_resync_finishes_converges_at_the_next_connection() {
+fn a_cut_as_the_resync_finishes_costs_no_full_resync() {
     for deliver in [0, 1, 2, 3, 1000] {
-        let (mut d, _first_run) = resync_cut_at_its_end(deliver);
+        let (mut d, first_run) = resync_cut_at_its_end(deliver);
         d.connect();
         for n in [0, 1] {
+            assert_eq!(d.st(n).repl, ReplState::Established, "{deliver}: node {n}");
             assert_eq!(d.st(n).disk, DiskState::UpToDate, "{deliver}: node {n}");
         }
         assert!(d.disk[0] == d.disk[1], "{deliver}");
+        assert_eq!(
+            d.resynced_bytes[0] - first_run,
+            0,
+            "{deliver} messages delivered after ResyncDone: resent after the cut"
+        );
+        // Confirmed by the handshake: nothing left to resume.
+        assert_eq!(d.saved[0].meta.resync_end, None, "{deliver}");
     }
+}
+
+/// The same cut, then the source writes on alone (a new generation) and both nodes restart
+/// before they meet again: the end is persisted, so the reconnect resends only the new
+/// writes, whether or not the target applied the end.
+#[test]
+fn a_cut_at_the_resyncs_end_resumes_after_new_writes_and_restarts() {
+    for deliver in [0, 1000] {
+        let (mut d, first_run) = resync_cut_at_its_end(deliver);
+        let applied = d.st(1).disk == DiskState::UpToDate;
+        assert_eq!(applied, deliver == 1000, "{deliver}");
+        // Kept (persisted) until the target's UpToDate confirms it.
+        assert_eq!(
+            d.saved[0].meta.resync_end.is_some(),
+            !applied,
+            "{deliver}: the unconfirmed end is persisted"
+        );
+        d.write(0, 20, 9);
+        d.write(0, 40, 9);
+        // The target restarts from its metadata; so does the source, after a clean demotion
+        // (a crashed Primary would add its activity log's extents to the resync).
+        d.admin(0, AdminCmd::Demote);
+        for n in [1, 0] {
+            d.crash(n);
+            d.restart(n);
+        }
+        d.admin(0, AdminCmd::Promote { force: false });
+        d.connect();
+        for n in [0, 1] {
+            assert_eq!(d.st(n).repl, ReplState::Established, "{deliver}: node {n}");
+            assert_eq!(d.st(n).disk, DiskState::UpToDate, "{deliver}: node {n}");
+        }
+        assert!(d.disk[0] == d.disk[1], "{deliver}");
+        let resent = d.resynced_bytes[0] - first_run;
+        assert!(
+            resent <= 2 * BLOCK,
+            "{deliver}: {resent} bytes resent, more than the 2 blocks written since the cut"
+        );
+    }
+}
+
+/// With the old behaviour (the source keeps no end), the same cut costs a full resync: the
+/// test above would fail.
+#[test]
+fn without_the_kept_end_a_cut_at_the_resyncs_end_is_a_full_resync() {
+    fn forgetful(node: u64) -> Config {
+        let mut c = small_chunks(node);
+        c.bug = InjectedBug::ForgetTargetAtResyncEnd;
+        c
+    }
+    let mut d = Duo::with(forgetful);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.cut();
+    for b in 0..16 {
+        d.write(0, b, 7);
+    }
+    d.connect_unsettled();
+    while d.st(0).repl != ReplState::Established || d.st(1).repl == ReplState::Connecting {
+        d.deliver_some(1);
+    }
+    d.cut();
+    d.net.clear();
+    let first_run = d.resynced_bytes[0];
+    d.connect();
+    assert!(d.disk[0] == d.disk[1]);
+    assert_eq!(d.resynced_bytes[0] - first_run, SIZE, "a full resync");
 }
 
 /// `check_invariants` catches each broken combination it names (a check that cannot fail

@@ -118,6 +118,16 @@ pub fn human(path: &Path, ins: &Inspection) -> String {
         gen(m.history[0]),
         gen(m.history[1])
     );
+    if let Some(end) = m.resync_end {
+        let _ = writeln!(
+            o,
+            "  resync end:    sent {}, the peer may still be at {} or {} (a cut before it \
+             applied the end resumes from the bitmaps)",
+            gen(end.gen),
+            gen(end.target_gens[0]),
+            gen(end.target_gens[1])
+        );
+    }
     let _ = writeln!(o, "  disk state:    {:?}", m.disk);
     let _ = writeln!(o, "  flags:         {}", flags(m));
     let _ = writeln!(
@@ -201,6 +211,7 @@ pub fn to_json(path: &Path, ins: &Inspection) -> serde_json::Value {
         "primary": m.primary,
         "no_activity_log": m.no_activity_log,
         "resync_resumable": m.resync_resumable,
+        "resync_end": m.resync_end.map(|e| json!({"gen": e.gen, "target_gens": e.target_gens})),
         "bitmap": {
             "bits": l.bitmap_bits(),
             "set_bits": s.set_bits,

@@ -17,11 +17,14 @@
 //! 192  u16 length + the core's `Meta`, postcard, then one flags byte:
 //!      bit 0 = `Meta::no_activity_log` (Primary with `al-updates = false`)
 //!      bit 1 = `Meta::resync_resumable` (a resync target whose source marked what it lacks)
+//!      bit 2 = `Meta::resync_end` is set: its three u64s follow the flags byte
+//!              (`gen`, `target_gens[0]`, `target_gens[1]`)
 //! ```
 //!
 //! The flags byte was zero in every slot written before it existed (the slot is zero-filled),
-//! so those read as "activity log in use", "resync starts over". A build that knows neither
-//! bit ignores them: both are safe to lose (a full resync instead of a partial one).
+//! so those read as "activity log in use", "resync starts over", "no resync end to resume".
+//! A build that knows none of the bits ignores them (and the bytes after): each is safe to
+//! lose (a full resync instead of a partial one).
 //!
 //! An update writes `seq + 1` to the slot *not* in effect: a torn write damages only the slot
 //! being written, and the valid slot with the highest sequence wins.
@@ -39,7 +42,7 @@
 //! Magic and version stay at offsets 0 and 8 in every future format, so a newer format is
 //! recognised as such instead of as corruption.
 
-use crate::core::{Meta, AL_EXTENT};
+use crate::core::{Meta, ResyncEnd, AL_EXTENT};
 
 /// Every piece of the area is aligned to, and the slots and AL blocks are, this size.
 pub const BLOCK: usize = 4096;
@@ -64,6 +67,8 @@ const SB_CRC: usize = 12;
 const SB_NAMES: usize = 64;
 const SB_META: usize = 192;
 const AL_HEADER: usize = 14;
+/// The three u64s of `Meta::resync_end` after the flags byte.
+const RESYNC_END_LEN: usize = 24;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
@@ -247,13 +252,22 @@ pub fn encode_superblock(sb: &Superblock) -> Result<Vec<u8>, FormatError> {
     put_name(&mut b, SB_NAMES + 64, &sb.node, "node")?;
     let meta = postcard::to_stdvec(&sb.meta)
         .map_err(|e| invalid(format!("cannot encode the metadata: {e}")))?;
-    if meta.len() > BLOCK - SB_META - 3 {
+    if meta.len() > BLOCK - SB_META - 3 - RESYNC_END_LEN {
         return Err(invalid("the metadata does not fit in a superblock slot"));
     }
     b[SB_META..SB_META + 2].copy_from_slice(&(meta.len() as u16).to_le_bytes());
     b[SB_META + 2..SB_META + 2 + meta.len()].copy_from_slice(&meta);
-    b[SB_META + 2 + meta.len()] =
-        u8::from(sb.meta.no_activity_log) | u8::from(sb.meta.resync_resumable) << 1;
+    let flags_at = SB_META + 2 + meta.len();
+    b[flags_at] = u8::from(sb.meta.no_activity_log)
+        | u8::from(sb.meta.resync_resumable) << 1
+        | u8::from(sb.meta.resync_end.is_some()) << 2;
+    if let Some(end) = sb.meta.resync_end {
+        let words = [end.gen, end.target_gens[0], end.target_gens[1]];
+        for (i, w) in words.iter().enumerate() {
+            let at = flags_at + 1 + 8 * i;
+            b[at..at + 8].copy_from_slice(&w.to_le_bytes());
+        }
+    }
     let crc = crc_without(&b, SB_CRC, None);
     b[SB_CRC..SB_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     Ok(b)
@@ -328,6 +342,14 @@ fn decode_checked(buf: &[u8]) -> Result<Superblock, String> {
     let flags = buf.get(SB_META + 2 + mlen).copied().unwrap_or(0);
     meta.no_activity_log = flags & 1 != 0;
     meta.resync_resumable = flags & 2 != 0;
+    if flags & 4 != 0 {
+        let end_at = SB_META + 2 + mlen + 1;
+        let word = |i: usize| u64_at(buf, end_at + 8 * i).ok_or("resync end past the slot");
+        meta.resync_end = Some(ResyncEnd {
+            gen: word(0)?,
+            target_gens: [word(1)?, word(2)?],
+        });
+    }
     Ok(Superblock {
         seq: u64_at(buf, 16).ok_or_else(short)?,
         resource_id: u64_at(buf, 24).ok_or_else(short)?,

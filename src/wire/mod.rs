@@ -29,7 +29,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// version-3 source would let it resume over data lost in its crash.
 /// 5: `WriteAck` carries the receiver's stage times ([`AckTiming`]) for the Primary's latency
 /// breakdown (`twinblk status --latency`).
-pub const VERSION: u16 = 5;
+/// 6: `Hello` carries the sync source's unconfirmed resync end ([`ResyncEnd`]), so a cut just
+/// as a resync ends resumes from the bitmaps on both sides alike.
+pub const VERSION: u16 = 6;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -165,6 +167,22 @@ pub struct Hello {
     /// Split-brain policies; applied only when both nodes have the same ones.
     pub after_sb_0pri: AfterSb0Pri,
     pub after_sb_1pri: AfterSb1Pri,
+    /// A sync source's `ResyncDone` the target may not have applied (see [`ResyncEnd`]).
+    pub resync_end: Option<ResyncEnd>,
+}
+
+/// A resync end the sync source sent and the target has not confirmed (its disk turning
+/// UpToDate): until then, a target still at one of `target_gens` (its generations before the
+/// end; the same one twice when there is only one), Inconsistent with a trusted bitmap, holds
+/// generation `gen`'s data except what the source's bitmap names. The handshake reads it as
+/// being at `gen`, so a cut just as the resync ends resumes from the bitmaps instead of costing
+/// a full resync (issue 17, defect 6; `core::gen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncEnd {
+    /// The generation sent with the last `ResyncDone`: the one the target adopts.
+    pub gen: u64,
+    /// The generations the target may still carry instead.
+    pub target_gens: [u64; 2],
 }
 
 /// Role / disk state update, sent when either changes while connected.

@@ -18,6 +18,10 @@ fn hello() -> Hello {
         discard_my_data: true,
         after_sb_0pri: AfterSb0Pri::DiscardLeastChanges,
         after_sb_1pri: AfterSb1Pri::DiscardSecondary,
+        resync_end: Some(ResyncEnd {
+            gen: 0x1234,
+            target_gens: [0, 0x1001],
+        }),
     }
 }
 
@@ -285,18 +289,23 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
             any::<u64>(),
             any::<u64>(),
             any::<bool>(),
-            any::<Option<u64>>()
+            any::<Option<u64>>(),
+            any::<Option<(u64, u64, u64)>>()
         )
-            .prop_map(
-                |(resource, node_id, current_gen, dirty, bitmap_gen)| PeerMsg::Hello(Hello {
+            .prop_map(|(resource, node_id, current_gen, dirty, bitmap_gen, end)| {
+                PeerMsg::Hello(Hello {
                     resource,
                     node_id,
                     current_gen,
                     dirty,
                     bitmap_gen,
+                    resync_end: end.map(|(gen, a, b)| ResyncEnd {
+                        gen,
+                        target_gens: [a, b],
+                    }),
                     ..hello()
                 })
-            ),
+            }),
         ".{0,80}".prop_map(|reason| PeerMsg::Refuse { reason }),
         (
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),

@@ -398,10 +398,6 @@ pub struct World {
     /// it: (target, its generation then). Until the target's generation moves (a forced
     /// promotion), its next resync must resume from the bitmaps, not be full.
     end_cut: Option<(usize, u64)>,
-    /// On this connection the source went Ahead while its peer had not applied the end of the
-    /// resync before: its bitmap is relative to the generation the peer was about to get, so a
-    /// cut now costs a full resync (the known cost of that race: seeds 244, 629).
-    ahead_over_an_unapplied_end: bool,
     stale: Option<Stale>,
     switching: Option<Switch>,
     /// A `down` waits for the clients of this node to finish (the client submits nothing
@@ -477,7 +473,6 @@ impl World {
             survivor_in_sync: false,
             untrusted_promotion: false,
             end_cut: None,
-            ahead_over_an_unapplied_end: false,
             stale: None,
             switching: None,
             down_node: None,
@@ -860,24 +855,6 @@ impl World {
                     let d = self.rng.range(100 * US, 2000 * US);
                     self.schedule(d, Ev::RestartFailedNode { node, inc });
                 }
-                if let twinblk::core::StateChange::Repl {
-                    to: ReplState::Ahead,
-                    ..
-                } = &c
-                {
-                    // The source went Ahead before it noticed the cut: its bitmap is relative
-                    // to the generation it sent (the target never got): a full resync is the
-                    // known cost of that rarer race (seed 244).
-                    if self.end_cut.is_some_and(|(t, _)| t != node) {
-                        self.end_cut = None;
-                    }
-                    if self
-                        .status(1 - node)
-                        .is_some_and(|s| s.repl == ReplState::SyncTarget)
-                    {
-                        self.ahead_over_an_unapplied_end = true;
-                    }
-                }
                 let k = match &c {
                     twinblk::core::StateChange::ResyncStarted { full: true, .. }
                         if node == self.prim =>
@@ -1131,14 +1108,15 @@ impl World {
             // It became something else since (a forced promotion): nothing to resume.
             return;
         }
-        // Counted, not failed: the core keeps the safe cost (a full resync) for now, see
-        // the `ResyncDone` comment in core/mod.rs.
-        let outcome = if full {
-            "full resync after a cut at the resync's end"
-        } else {
-            "resumed after a cut at the resync's end"
-        };
-        *self.stats.entry(outcome).or_default() += 1;
+        if full {
+            self.fail(format!(
+                "a cut as the resync finished cost a full resync of node {node}"
+            ));
+        }
+        *self
+            .stats
+            .entry("resumed after a cut at the resync's end")
+            .or_default() += 1;
     }
 
     fn drop_connection(&mut self, why: &str) {
@@ -1151,8 +1129,7 @@ impl World {
                 .is_some_and(|s| s.repl == ReplState::SyncTarget && s.bitmap_known)
                 && src_done(self, 1 - n)
         });
-        let racing_ahead = std::mem::take(&mut self.ahead_over_an_unapplied_end);
-        if let (Some(t), true, false) = (tgt, self.conn.is_some(), racing_ahead) {
+        if let (Some(t), true) = (tgt, self.conn.is_some()) {
             *self
                 .stats
                 .entry("cut between ResyncDone and the target's UpToDate")

@@ -23,6 +23,10 @@ fn sb(seq: u64) -> Superblock {
             primary: true,
             no_activity_log: true,
             resync_resumable: true,
+            resync_end: Some(ResyncEnd {
+                gen: 0x30002,
+                target_gens: [0, 0x20001],
+            }),
         },
     }
 }
@@ -247,16 +251,20 @@ fn arb_meta() -> impl Strategy<Value = Meta> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        any::<Option<(u64, [u64; 2])>>(),
     )
         .prop_map(
-            |(current_gen, bitmap_gen, history, disk, primary, no_activity_log, resumable)| Meta {
-                current_gen,
-                bitmap_gen,
-                history,
-                disk,
-                primary,
-                no_activity_log,
-                resync_resumable: resumable,
+            |(current_gen, bitmap_gen, history, disk, primary, no_activity_log, resumable, end)| {
+                Meta {
+                    current_gen,
+                    bitmap_gen,
+                    history,
+                    disk,
+                    primary,
+                    no_activity_log,
+                    resync_resumable: resumable,
+                    resync_end: end.map(|(gen, target_gens)| ResyncEnd { gen, target_gens }),
+                }
             },
         )
 }
@@ -331,6 +339,7 @@ fn flags_are_one_byte_that_older_slots_hold_as_zero() {
     let mut off = sb(3);
     off.meta.no_activity_log = false;
     off.meta.resync_resumable = false;
+    off.meta.resync_end = None;
     let a = encode_superblock(&off).unwrap();
     let set = |f: fn(&mut Meta)| {
         let mut on = off.clone();
@@ -357,7 +366,34 @@ fn flags_are_one_byte_that_older_slots_hold_as_zero() {
         }
     }
     match decode_slot(&a) {
-        Slot::Valid(s) => assert!(!s.meta.no_activity_log && !s.meta.resync_resumable),
+        Slot::Valid(s) => assert!(
+            !s.meta.no_activity_log && !s.meta.resync_resumable && s.meta.resync_end.is_none()
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The resync end: bit 2 of the flags, its three words right after them (where an older
+    // slot holds zeroes, and an older build does not look).
+    let end = ResyncEnd {
+        gen: 0x50002,
+        target_gens: [0x10001, 0x30001],
+    };
+    let b = set(|m| {
+        m.resync_end = Some(ResyncEnd {
+            gen: 0x50002,
+            target_gens: [0x10001, 0x30001],
+        })
+    });
+    let diff: Vec<usize> = (16..BLOCK).filter(|&i| a[i] != b[i]).collect();
+    let flags_at = diff[0];
+    assert_eq!(b[flags_at], 4);
+    assert!(diff.iter().all(|&i| i <= flags_at + 24), "{diff:?}");
+    assert_eq!(
+        b[flags_at + 1..flags_at + 9],
+        0x50002u64.to_le_bytes(),
+        "gen first"
+    );
+    match decode_slot(&b) {
+        Slot::Valid(s) => assert_eq!(s.meta.resync_end, Some(end)),
         other => panic!("{other:?}"),
     }
 }

@@ -63,6 +63,10 @@ fn saves_survive_a_reopen() {
         primary: true,
         no_activity_log: true,
         resync_resumable: false,
+        resync_end: Some(crate::core::ResyncEnd {
+            gen: 0x20001,
+            target_gens: [3, 3],
+        }),
     };
     {
         let (mut s, _) = MetaStore::open(&p, &expect()).unwrap();

@@ -2,7 +2,7 @@
 //! and beta carry twinblk data, gamma is a quorum member; each node its own network, mount and
 //! UTS namespaces; STONITH by fence_netns, which kills every process of the victim's namespace).
 //! Pacemaker runs the promotable clone ms_r0 of ocf:twinblk:twinblk and a writer
-//! (tools/cluster/writer.py under ocf:heartbeat:anything) colocated with the Promoted instance.
+//! (tools/cluster/writer.py under ocf:twinblk-test:writer, tools/cluster/writer-agent) colocated with the Promoted instance.
 //! The writer logs every write before it is sent and every acknowledgement; after each scenario
 //! the checker (ops_common::acked) reads every block back from the new Primary and, once resynced,
 //! from the other node's disk: each must hold its newest acknowledged version or a later one

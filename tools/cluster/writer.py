@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The cluster tests' application: a Pacemaker resource (ocf:heartbeat:anything) colocated with
+"""The cluster tests' application: a Pacemaker resource (ocf:twinblk-test:writer) colocated with
 the Promoted twinblk instance, writing 4 KiB blocks to this node's NBD export and recording
 every write before it is sent and every acknowledgement after it arrives, so that the test's
 checker (tests/cluster.rs, with tests/ops_common/acked.rs) can prove no acknowledged write was

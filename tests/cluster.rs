@@ -385,7 +385,12 @@ fn scenario_kill_daemon(c: &Cluster) {
         .unwrap_or_else(|| panic!("no twinblk daemon on {p}\n{}", c.state()));
     let t0 = now_ns();
     nix_kill(pid);
-    let first = c.wait_acks_after(t0, None, 50);
+    c.wait_acks_after(t0, None, 50);
+    // A write answered between t0 and the signal's delivery is not the recovery.
+    let first = c
+        .writes()
+        .resumed_after(t0)
+        .unwrap_or_else(|| panic!("no pause in the writes after kill -9\n{}", c.state()));
     report("kill -9 of the Primary's daemon", t0, &first);
     let np = c.the_primary();
     println!("kill -9 of the Primary's daemon: {p} was Primary, now {np}");

@@ -79,6 +79,7 @@ async fn quic_pair(dir: &std::path::Path, t: Tuning) -> (PeerConn, PeerConn, Pee
         peer_name: peer.into(),
         peer_addr: paddr,
         peer_pin: pin,
+        peer_pin_source: twinblk::net::PinSource::Pin,
         alpn: ALPN.to_vec(),
         tuning: t.clone(),
     };

@@ -48,6 +48,7 @@ fn link_cfg(
         peer_name: peer.into(),
         peer_addr,
         peer_pin: peer_pin.into(),
+        peer_pin_source: twinblk::net::PinSource::Pin,
         alpn: twinblk::net::ALPN.to_vec(),
         tuning: fast(),
     }

@@ -275,3 +275,55 @@ fn a_silent_peer_shows_when_it_was_last_heard() {
         "{human}"
     );
 }
+
+/// Issue 18: a refused certificate was logged as `… invalid peer certificate:
+/// Other(OtherError(certificate presented by …))`, rustls's Debug text around ours. Now both
+/// nodes' lines name the resource-file key the pin came from and the fix, in plain words.
+#[test]
+fn a_wrong_peer_certificate_is_logged_with_the_key_and_the_fix_without_rust_debug_text() {
+    let other = tempfile::tempdir().expect("tempdir");
+    let (_, _, wrong_pin) = twinblk::net::keygen("beta", other.path(), false).expect("keygen");
+    // Alpha pins another certificate for beta than beta presents (both read this file, and
+    // only alpha uses beta's pin).
+    let mut p = Pair::configure("16M", ["", &format!("pin = \"{wrong_pin}\"")]);
+    p.start_and_wait(0);
+    p.start_and_wait(1);
+    let s = p.wait(0, "alpha to refuse beta's certificate", |s| {
+        s["last_auth_error"].is_string()
+    });
+    p.wait(1, "beta to learn why", |s| {
+        s["last_connection_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused our certificate"))
+    });
+    let refusal = s["last_auth_error"].as_str().expect("string");
+    assert!(
+        refusal.contains("node.beta.pin") && refusal.contains(&wrong_pin),
+        "{refusal}"
+    );
+    for i in 0..2 {
+        assert!(p.stop(i), "{}", p.logs());
+    }
+    let logs = p.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("certificate") && l.contains("refus"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("we refused"))
+            && lines
+                .iter()
+                .any(|l| l.contains("the peer refused our certificate")),
+        "both sides log the refusal: {logs}"
+    );
+    for l in &lines {
+        assert!(
+            !l.contains("Other(") && !l.contains("{ ") && !l.contains("OtherError"),
+            "Rust Debug text in a log line: {l}"
+        );
+        assert!(
+            l.contains("node.beta.pin") && l.contains("twinblk keygen --name beta"),
+            "the line names neither the key nor the fix: {l}"
+        );
+    }
+}

@@ -90,6 +90,8 @@ pub struct LinkConfig {
     pub peer_addr: SocketAddr,
     /// `sha256:<hex>` of the peer's DER certificate.
     pub peer_pin: String,
+    /// Where `peer_pin` came from, for the refusal's text.
+    pub peer_pin_source: super::PinSource,
     /// ALPN we offer and accept; [`ALPN`] except in tests of version mismatch.
     pub alpn: Vec<u8>,
     pub tuning: Tuning,
@@ -134,6 +136,10 @@ impl LinkConfig {
             peer_name: peer.name.clone(),
             peer_addr: peer.address,
             peer_pin,
+            peer_pin_source: match &peer.pin {
+                Some(_) => super::PinSource::Pin,
+                None => super::PinSource::Cert(peer.cert.clone()),
+            },
             alpn: ALPN.to_vec(),
             tuning: Tuning {
                 keep_alive: r.ping_interval,
@@ -222,11 +228,23 @@ impl From<ConnectionError> for CloseReason {
             },
             ConnectionError::LocallyClosed => CloseReason::LocallyClosed,
             ConnectionError::Reset => CloseReason::Reset,
-            ConnectionError::TransportError(t) if is_crypto(t.code) => {
-                CloseReason::Tls(format!("we refused: {}{}", t.reason, hint(t.code)))
+            ConnectionError::TransportError(t) if is_crypto(t.code) => CloseReason::Tls(format!(
+                "we refused: {}{}",
+                verifier_text(&t.reason),
+                hint(t.code)
+            )),
+            // TLS alerts 42 bad_certificate and 46 certificate_unknown (what a failed pin
+            // check sends): the peer's text names its pin of ours and the fix there.
+            ConnectionError::ConnectionClosed(c)
+                if [0x100 + 42, 0x100 + 46].contains(&u64::from(c.error_code)) =>
+            {
+                CloseReason::Tls(format!(
+                    "the peer refused our certificate: {}",
+                    verifier_text(&String::from_utf8_lossy(&c.reason))
+                ))
             }
             ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => {
-                let why = String::from_utf8_lossy(&c.reason);
+                let why = verifier_text(&String::from_utf8_lossy(&c.reason));
                 CloseReason::Tls(format!(
                     "the peer refused: {} {why}{}",
                     c.error_code,
@@ -235,6 +253,23 @@ impl From<ConnectionError> for CloseReason {
             }
             other => CloseReason::Transport(other.to_string()),
         }
+    }
+}
+
+/// rustls writes a certificate verifier's own error as `Other(OtherError(TEXT))` (the Debug
+/// form of its `CertificateError::Other`), on our side and in the reason the peer receives:
+/// keep TEXT (our verifier's readable [`super::PinMismatch`]), drop the Rust around it.
+fn verifier_text(reason: &str) -> String {
+    const OPEN: &str = "Other(OtherError(";
+    match reason.find(OPEN) {
+        Some(i) if reason.ends_with("))") && i + OPEN.len() <= reason.len() - 2 => {
+            format!(
+                "{}{}",
+                &reason[..i],
+                &reason[i + OPEN.len()..reason.len() - 2]
+            )
+        }
+        _ => reason.to_owned(),
     }
 }
 
@@ -546,6 +581,7 @@ impl PeerLink {
             &cfg.local_name,
             &cfg.peer_name,
             &cfg.peer_pin,
+            &cfg.peer_pin_source,
             &cfg.alpn,
             &auth_log,
         )?;
@@ -554,6 +590,7 @@ impl PeerLink {
             &cfg.local_name,
             &cfg.peer_name,
             &cfg.peer_pin,
+            &cfg.peer_pin_source,
             &cfg.alpn,
             &auth_log,
         )?;
@@ -1146,6 +1183,7 @@ mod tests {
             peer_name: peer.into(),
             peer_addr: paddr,
             peer_pin: pin,
+            peer_pin_source: crate::net::PinSource::Pin,
             alpn: ALPN.to_vec(),
             tuning: Tuning::default(),
         };

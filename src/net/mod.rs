@@ -30,7 +30,7 @@ pub use link::{
     close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameRx, FrameSender,
     LinkConfig, Live, PeerConn, PeerLink, Retune, StreamKind, Tuning,
 };
-pub use tls::PinMismatch;
+pub use tls::{PinMismatch, PinSource};
 
 /// ALPN protocol id; names the wire protocol version. A peer speaking another version is refused
 /// during the TLS handshake.

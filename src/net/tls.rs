@@ -18,18 +18,70 @@ use rustls::{
 };
 use std::sync::{Arc, Mutex};
 
-/// The certificate a peer presented is not the pinned one.
+/// Where this node's pin of its peer's certificate comes from: the resource file's
+/// `node.PEER.pin`, or the certificate file `node.PEER.cert` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    Pin,
+    Cert(std::path::PathBuf),
+}
+
+/// The certificate a peer presented is not the pinned one. The text names the resource-file
+/// key the pin came from and the fix.
 #[derive(thiserror::Error)]
-#[error("certificate presented by {peer_role} (expected node {peer:?}) has pin {seen}, but the resource file pins {expected}; if {peer:?} got a new key, update its `cert` (or `pin`) in the resource file of node {local:?}")]
 pub struct PinMismatch {
     pub local: String,
     pub peer: String,
+    /// `"server"` (this node dialed it) or `"client"` (it dialed this node).
     pub peer_role: &'static str,
     pub seen: String,
     pub expected: String,
+    pub pin_from: PinSource,
 }
 
-// rustls shows a verifier's error with `{:?}`; make that the readable text.
+impl std::fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let PinMismatch {
+            local,
+            peer,
+            peer_role,
+            seen,
+            expected,
+            pin_from,
+        } = self;
+        let how = if *peer_role == "server" {
+            format!("dialed by {local}")
+        } else {
+            format!("dialing {local}")
+        };
+        write!(
+            f,
+            "peer {peer} ({how}) presented a certificate with pin {seen}, which does not match "
+        )?;
+        match pin_from {
+            PinSource::Cert(path) => write!(
+                f,
+                "node.{peer}.cert ({}, pin {expected}) in {local}'s resource file: copy {peer}'s \
+                 .crt (written by `twinblk keygen --name {peer}` on {peer}) there, or set \
+                 node.{peer}.pin to the pin keygen printed on {peer}",
+                path.display()
+            )?,
+            PinSource::Pin => write!(
+                f,
+                "node.{peer}.pin ({expected}) in {local}'s resource file: set it to the pin \
+                 `twinblk keygen --name {peer}` printed on {peer}, or remove it and copy {peer}'s \
+                 .crt to node.{peer}.cert"
+            )?,
+        }
+        write!(
+            f,
+            "; if {peer} kept its key, something else claims to be {peer}"
+        )
+    }
+}
+
+// rustls shows a verifier's error with `{:?}`; make that the readable text (the link strips
+// rustls's own `Other(OtherError(…))` around it: `CloseReason`).
 impl std::fmt::Debug for PinMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self, f)
@@ -44,6 +96,7 @@ pub(crate) struct PinnedVerifier {
     local: String,
     peer: String,
     pin: String,
+    source: PinSource,
     algs: WebPkiSupportedAlgorithms,
     log: AuthLog,
 }
@@ -64,6 +117,7 @@ impl PinnedVerifier {
             peer_role,
             seen,
             expected: self.pin.clone(),
+            pin_from: self.source.clone(),
         };
         tracing::warn!(peer = %self.peer, "refusing peer: {err}");
         if let Ok(mut slot) = self.log.lock() {
@@ -100,7 +154,7 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, "the server we dialed")
+        self.check(end_entity, "server")
             .map(|()| ServerCertVerified::assertion())
     }
 
@@ -138,7 +192,7 @@ impl ClientCertVerifier for PinnedVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, "the client that dialed us")
+        self.check(end_entity, "client")
             .map(|()| ClientCertVerified::assertion())
     }
 
@@ -169,11 +223,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn verifier(local: &str, peer: &str, pin: &str, log: &AuthLog) -> Arc<PinnedVerifier> {
+fn verifier(
+    local: &str,
+    peer: &str,
+    pin: &str,
+    source: &PinSource,
+    log: &AuthLog,
+) -> Arc<PinnedVerifier> {
     Arc::new(PinnedVerifier {
         local: local.to_string(),
         peer: peer.to_string(),
         pin: pin.to_ascii_lowercase(),
+        source: source.clone(),
         algs: provider().signature_verification_algorithms,
         log: log.clone(),
     })
@@ -189,6 +250,7 @@ pub(crate) fn client_config(
     local: &str,
     peer: &str,
     pin: &str,
+    source: &PinSource,
     alpn: &[u8],
     log: &AuthLog,
 ) -> Result<rustls::ClientConfig, NetError> {
@@ -196,7 +258,7 @@ pub(crate) fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS 1.3 client"))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier(local, peer, pin, log))
+        .with_custom_certificate_verifier(verifier(local, peer, pin, source, log))
         .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(tls_err("our certificate/key"))?;
     c.alpn_protocols = vec![alpn.to_vec()];
@@ -211,13 +273,14 @@ pub(crate) fn server_config(
     local: &str,
     peer: &str,
     pin: &str,
+    source: &PinSource,
     alpn: &[u8],
     log: &AuthLog,
 ) -> Result<rustls::ServerConfig, NetError> {
     let mut s = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS 1.3 server"))?
-        .with_client_cert_verifier(verifier(local, peer, pin, log))
+        .with_client_cert_verifier(verifier(local, peer, pin, source, log))
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(tls_err("our certificate/key"))?;
     s.alpn_protocols = vec![alpn.to_vec()];

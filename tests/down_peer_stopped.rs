@@ -114,17 +114,20 @@ fn down_while_the_peer_is_stopped_resyncs_what_it_lacked_after_restart() {
         "alpha restarted without the writes its peer lacks in the bitmap: {s}\n{}",
         p.logs()
     );
-    signal(&p, 1, nix::sys::signal::Signal::SIGCONT);
+    // Promoted before the peer returns: a promotion that lands while the handshake is under
+    // way restarts it, and a peer that had already decided to be the sync target is then an
+    // Inconsistent target that never learnt what it lacks, which the next handshake can only
+    // fully resync (the one full resync seen in CI: 64 MiB instead of these 640 KiB).
     ok(&p, 0, &["primary"]);
+    signal(&p, 1, nix::sys::signal::Signal::SIGCONT);
     p.wait_in_sync();
-    let s = p.status(0).expect("status");
-    // The events list keeps only the latest changes: a long resync's progress lines can push
-    // its start out, so any resync event counts.
-    let resynced = s["events"].as_array().is_some_and(|evs| {
-        evs.iter()
-            .any(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("resync-")))
-    });
-    assert!(resynced, "the difference was not resynced: {s}");
+    // alpha.log began at the restart; state changes other than progress are all logged.
+    let log = std::fs::read_to_string(p.path("alpha.log")).expect("alpha.log");
+    assert!(
+        log.contains("bitmap resync started") && !log.contains("full resync started"),
+        "the difference was not resynced by bitmap:\n{}",
+        p.logs()
+    );
 
     let img = down_both_identical(&mut p, "the restart's resync");
     acked.check(&img, "both disks");

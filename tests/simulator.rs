@@ -272,6 +272,19 @@ fn checker_catches_a_full_resync_after_a_cut_at_the_resyncs_end() {
     );
 }
 
+/// Every node's view of its peer's disk is the peer's truth once the messages are delivered
+/// (issue 17, defect 8); a sync source that keeps its target's hello's UpToDate through the
+/// resync (the old behaviour) must be caught.
+#[test]
+fn checker_catches_a_source_that_sees_its_target_up_to_date() {
+    let msgs = caught(InjectedBug::SourceSeesTargetUpToDate, false, 40);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("sees its peer's disk as Some(UpToDate), the peer (SyncTarget)")),
+        "no seed caught a sync source reporting its target UpToDate: {msgs:?}"
+    );
+}
+
 fn with_stale_promotions(seed: u64) -> SimConfig {
     let mut cfg = SimConfig::for_seed(seed);
     cfg.stale_promotion = true;

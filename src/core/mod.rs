@@ -244,6 +244,10 @@ pub enum InjectedBug {
     /// The sync source keeps no [`ResyncEnd`] when it sends `ResyncDone` (the old behaviour):
     /// a cut before the target applied the end costs a full resync.
     ForgetTargetAtResyncEnd,
+    /// The sync source keeps the disk state its target's hello said (UpToDate, the old
+    /// behaviour) until the target's next State: during the resync it reports the peer's disk
+    /// as UpToDate while the target says Inconsistent (issue 17, defect 8).
+    SourceSeesTargetUpToDate,
     /// A replicated TRIM is executed as a discard ([`Action::DiskTrim`]) on each node, whose
     /// contents afterwards each device chooses (the old behaviour: the replicas differ).
     TrimDiverges,
@@ -3100,7 +3104,8 @@ impl Replica {
                 // resync data; its hello still said what it was. Its State (UpToDate) at the
                 // resync's end is the next change, so status, events and metrics show the
                 // target's truth throughout (issue 17 defect 8).
-                if let Some(c) = self.conn.as_mut() {
+                let derive = self.cfg.bug != InjectedBug::SourceSeesTargetUpToDate;
+                if let Some(c) = self.conn.as_mut().filter(|_| derive) {
                     c.peer_disk = Some(DiskState::Inconsistent);
                 }
                 if full {

@@ -390,5 +390,7 @@ fn dump_md_shows_what_a_short_run_saved() {
     let o = s.cli("r0", "alpha", &["create-md", "--force"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("in use"), "{}", text(&o));
+    // The refusal names the holder: the daemon, by pid.
+    assert!(text(&o).contains("(twinblk)"), "{}", text(&o));
     assert!(s.cli("r0", "alpha", &["dump-md"]).status.success());
 }

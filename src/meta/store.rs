@@ -80,8 +80,13 @@ pub enum MetaError {
     },
     #[error("{path} is {have} bytes, the metadata needs {need}: give `meta =` a larger device, or a file path")]
     TooSmall { path: PathBuf, have: u64, need: u64 },
-    #[error("metadata at {path} is in use (locked by a running `twinblk up`?): stop that daemon first (`twinblk down {resource}`)")]
-    Busy { path: PathBuf, resource: String },
+    #[error("metadata at {path} is in use (locked by {holder}): stop that daemon first (`twinblk down {resource}`)")]
+    Busy {
+        path: PathBuf,
+        resource: String,
+        /// Who holds the lock, from /proc/locks: `pid 1234 (twinblk)`, or a guess.
+        holder: String,
+    },
     #[error("metadata at {path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
 }
@@ -160,10 +165,34 @@ fn lock(file: &File, path: &Path, resource: &str) -> Result<(), MetaError> {
         Err(MetaError::Busy {
             path: path.to_owned(),
             resource: resource.to_owned(),
+            holder: lock_holder(file).unwrap_or_else(|| "a running `twinblk up`?".into()),
         })
     } else {
         Err(io_err(path, "locking")(e))
     }
+}
+
+/// Who holds the `flock` on `file`: the pids and programs /proc/locks names for its inode.
+/// A refusal that names the holder explains itself (a lock still held right after a daemon
+/// exited was seen once and not explained: the next one will say by whom).
+fn lock_holder(file: &File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = file.metadata().ok()?.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let holders: Vec<String> = locks
+        .lines()
+        .filter_map(|l| {
+            // `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; waiters have `->` second.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (kind, pid, id) = (f.get(1)?, f.get(4)?, f.get(5)?);
+            if *kind != "FLOCK" || id.rsplit(':').next()? != ino {
+                return None;
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            Some(format!("pid {pid} ({})", comm.trim()))
+        })
+        .collect();
+    (!holders.is_empty()).then(|| holders.join(", "))
 }
 
 /// A random 64-bit id (never 0).

@@ -846,6 +846,9 @@ struct Freeze {
     held: Vec<ReqId>,
     since: u64,
     last_error: Option<String>,
+    /// The new generation the loss called for, started when the freeze ends without this
+    /// node dying (see `lose_connection`).
+    new_gen_at_end: bool,
 }
 
 /// The fencing freeze, for `status`.
@@ -2722,6 +2725,9 @@ impl Replica {
         let Some(c) = self.conn.take() else {
             return;
         };
+        // Writes acknowledged to their clients that the peer never acked (async): only this
+        // node has them, whatever happens next.
+        let acked_without_peer = c.awaiting_ack.values().any(|(req, _)| req.is_none());
         // Fencing: the peer was UpToDate, so a cluster manager may promote it now. Nothing
         // this node does from here may be acknowledged until the peer is fenced: freeze before
         // the waiting writes below would complete.
@@ -2746,6 +2752,7 @@ impl Replica {
                 held: Vec::new(),
                 since: self.now,
                 last_error: None,
+                new_gen_at_end: false,
             });
             out.push(Action::FencePeer {
                 episode,
@@ -2794,8 +2801,19 @@ impl Replica {
         // a resync: a target that adopted the generation sent finds it as the bitmap
         // generation (rule 6), one that never applied the end is read as at it (`resync_end`,
         // rule 0): either way behind by bitmaps.
+        //
+        // Frozen (fencing) with nothing acknowledged that the peer did not ack (sync): the
+        // generation moves when the freeze ends with this node going on (fenced, reconnected,
+        // `disconnect`, stop), before the held writes are answered, as DRBD makes its new
+        // current UUID when a frozen Primary resumes. If instead the cluster fences this node
+        // while frozen, it returns a crashed Primary at the generation the promoted survivor
+        // came from: a sync target, not a split brain (the survivor has every write this node
+        // acknowledged; the ones after the loss were never answered).
         if acked_unreplicated && self.cfg.bug != InjectedBug::NoGenerationAtLoss {
-            self.new_generation();
+            match self.freeze.as_mut() {
+                Some(f) if !acked_without_peer => f.new_gen_at_end = true,
+                _ => self.new_generation(),
+            }
         }
         self.verify_abort(&format!("connection lost: {reason}"), false, out);
         self.flush_bitmap(out);
@@ -3943,6 +3961,12 @@ impl Replica {
         let Some(f) = self.freeze.take() else {
             return;
         };
+        if f.new_gen_at_end && self.needs_gen_bump {
+            // Durable before the held writes are answered (`save_meta` is ordered before the
+            // completions), as at an unfrozen loss.
+            self.new_generation();
+            self.save_meta(out);
+        }
         for req in f.held {
             self.try_complete(req, out);
         }

@@ -327,3 +327,88 @@ fn promotion_connects_unless_the_operator_disconnected() {
     );
     assert!(!r.status().want_connection, "`disconnect` is kept");
 }
+
+/// A Primary cut off from its peer freezes (fencing), and the cluster fences it first: it is
+/// killed while frozen, the survivor is promoted and writes. Nothing the frozen node did after
+/// the loss was acknowledged, and everything it acknowledged before (sync) is on the survivor,
+/// so when it returns it must be a plain sync target: no split brain (issue 20's links-cut
+/// scenario found one when the generation moved at the loss instead of when the freeze ends).
+#[test]
+fn a_primary_fenced_while_frozen_returns_as_sync_target_without_split_brain() {
+    let mut d = Duo::with(fencing_cfg);
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 0x11);
+    // Block 4 reaches only node 0's disk: the link is cut before the peer gets it.
+    let req4 = d.next_req;
+    d.write_unsettled(0, 4, 0x22);
+    lose(&mut d, 0);
+    d.feed(
+        1,
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "cut".into(),
+        },
+    );
+    assert!(d.st(0).frozen.is_some());
+    assert!(
+        d.completed.iter().all(|c| c.0 != req4),
+        "block 4 was acknowledged"
+    );
+    // The cluster fences node 0 (kills it) and promotes node 1, which writes.
+    d.crash(0);
+    d.admin(1, AdminCmd::Promote { force: false });
+    assert_eq!(d.st(1).role, Role::Primary);
+    d.write(1, 5, 0x33);
+    d.restart(0);
+    d.connect();
+    for n in [0, 1] {
+        assert!(d.st(n).split_brain.is_none(), "node {n}: {:?}", d.st(n));
+        assert_eq!(d.st(n).repl, ReplState::Established, "node {n}");
+    }
+    assert!(
+        d.disk[0] == d.disk[1],
+        "the returning node was not resynced"
+    );
+    assert_eq!(
+        d.disk[0][(3 * BLOCK) as usize],
+        0x11,
+        "an acknowledged write was lost"
+    );
+    assert_eq!(d.disk[0][(5 * BLOCK) as usize], 0x33);
+}
+
+/// The same loss in async mode: the frozen Primary acknowledged writes the peer never got, so
+/// a survivor promoted behind its back and writing is a real split brain, reported.
+#[test]
+fn an_async_primary_fenced_while_frozen_with_writes_only_it_has_reports_split_brain() {
+    let mut d = Duo::with(|n| {
+        let mut c = fencing_cfg(n);
+        c.protocol = Protocol::Async;
+        c
+    });
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write_unsettled(0, 4, 0x22);
+    assert!(
+        d.completed.iter().any(|c| c.1.is_ok()),
+        "async acknowledges at the local write"
+    );
+    lose(&mut d, 0);
+    d.feed(
+        1,
+        Event::ConnectionDown {
+            conn: 1,
+            reason: "cut".into(),
+        },
+    );
+    d.crash(0);
+    d.admin(1, AdminCmd::Promote { force: false });
+    d.write(1, 5, 0x33);
+    d.restart(0);
+    d.connect();
+    assert!(
+        d.st(0).split_brain.is_some() || d.disk[0][(4 * BLOCK) as usize] == 0x22,
+        "node 0's acknowledged write was resynced away without a split brain"
+    );
+}

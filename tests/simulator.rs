@@ -67,6 +67,7 @@ fn random_workloads_with_faults() {
                 "StopDropsTransferLog" => InjectedBug::StopDropsTransferLog,
                 "StopSavesMetaBeforeBitmap" => InjectedBug::StopSavesMetaBeforeBitmap,
                 "NoFreezeOnPeerLost" => InjectedBug::NoFreezeOnPeerLost,
+                "NoFenceOnCoreClose" => InjectedBug::NoFenceOnCoreClose,
                 other => panic!("TWINBLK_SIM_BUG={other}: not one of the replayable bugs"),
             };
         }
@@ -386,6 +387,21 @@ fn checker_catches_acks_before_the_lost_peer_is_fenced() {
         msgs.iter()
             .any(|m| m.contains("before the peer was fenced")),
         "no seed caught writes acknowledged before the peer was fenced: {msgs:?}"
+    );
+}
+
+/// A connection the core closes itself (the Primary's local write error, a crc error, a
+/// protocol violation) loses the UpToDate peer as much as one the transport reports: the
+/// fencing hold applies. The old core froze only on transport losses; the simulator's Primary
+/// fails local writes now and then, and the fencing check must catch the acknowledgements.
+#[test]
+fn checker_catches_acks_after_a_core_initiated_close_before_the_peer_is_fenced() {
+    let msgs = caught_with(InjectedBug::NoFenceOnCoreClose, 200, with_fencing);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("before the peer was fenced")),
+        "no seed caught writes acknowledged after a core-initiated close before the peer was \
+         fenced: {msgs:?}"
     );
 }
 

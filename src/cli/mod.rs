@@ -431,6 +431,21 @@ fn up(a: ResArgs, threads: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon refused an admin request: its text, and its stable code if it has one.
+#[derive(Debug)]
+struct Refused {
+    message: String,
+    code: Option<crate::core::AdminErrorCode>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Send one admin request; print its answer, fail on an error answer.
 fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
     let path = res.admin_socket()?;
@@ -443,7 +458,7 @@ fn admin(res: &ResArgs, req: Request) -> anyhow::Result<()> {
                 println!("{}: {message}", res.resource);
                 Ok(())
             }
-            Response::Error { message } => Err(anyhow::anyhow!("{message}")),
+            Response::Error { message, code } => Err(Refused { message, code }.into()),
             other => Err(anyhow::anyhow!(
                 "unexpected answer from the daemon: {other:?}"
             )),
@@ -485,8 +500,9 @@ fn promote(res: &ResArgs, force: bool) -> anyhow::Result<()> {
     loop {
         match admin(res, Request::Primary { force }) {
             Err(e)
-                if e.to_string().contains(crate::core::PEER_WRITES_LANDING)
-                    && std::time::Instant::now() < deadline =>
+                if e.downcast_ref::<Refused>().is_some_and(|r| {
+                    r.code == Some(crate::core::AdminErrorCode::PeerWritesLanding)
+                }) && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -502,7 +518,7 @@ fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
     control::request(&path, &Request::Status, |resp| {
         match resp {
             Response::Status { status } => got = Some(status),
-            Response::Error { message } => err = Some(message),
+            Response::Error { message, .. } => err = Some(message),
             _ => {}
         }
         false
@@ -527,7 +543,7 @@ fn latency(res: &ResArgs, json: bool, seconds: u64) -> anyhow::Result<()> {
     control::request(&path, &Request::Latency { seconds }, |resp| {
         match resp {
             Response::Status { status } => got = Some(status),
-            Response::Error { message } => err = Some(message),
+            Response::Error { message, .. } => err = Some(message),
             _ => {}
         }
         false

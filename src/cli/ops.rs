@@ -27,7 +27,7 @@ pub fn events(res: &ResArgs, now: bool, json: bool) -> anyhow::Result<()> {
             // A closed pipe (`twinblk events r0 | head`) ends the stream quietly.
             writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
         }
-        Response::Error { message } => {
+        Response::Error { message, .. } => {
             err = Some(message);
             false
         }
@@ -48,7 +48,7 @@ pub(super) fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> 
     control::request(path, &Request::Status, |resp| {
         match resp {
             Response::Status { status } => got = Some(status),
-            Response::Error { message } => err = Some(message),
+            Response::Error { message, .. } => err = Some(message),
             _ => {}
         }
         false
@@ -176,12 +176,17 @@ fn hopeless(s: &Value, standing_alone: Duration, grace: Duration) -> Option<Stri
         return None;
     }
     let refusal = s.get("last_refusal").and_then(Value::as_str);
-    let split = refusal.is_some_and(|r| r.contains("split brain"));
+    // Refusals only the operator clears (the daemon's retries meet them again), by their
+    // stable code (`Refusal::code` in the core), never the text.
+    let split = matches!(
+        s.get("last_refusal_code").and_then(Value::as_str),
+        Some("split-brain" | "both-primary" | "both-primary-connected")
+    );
     if !split && standing_alone <= grace {
         return None;
     }
     Some(match refusal {
-        Some(r) if r.contains("split brain") => format!("StandAlone after a split brain: {r}"),
+        Some(r) if split => format!("StandAlone after a split brain: {r}"),
         Some(r) => format!("StandAlone: the connection was refused: {r}"),
         None => "not connected (StandAlone): run `twinblk connect` first".into(),
     })
@@ -287,10 +292,17 @@ mod tests {
     fn refusals_end_the_wait() {
         let (zero, grace) = (Duration::ZERO, Duration::from_secs(12));
         let long = Duration::from_secs(13);
-        let sb =
-            json!({"repl": "StandAlone", "last_refusal": "split brain: both nodes have changes"});
+        let sb = json!({
+            "repl": "StandAlone",
+            "last_refusal": "split brain: both nodes have changes",
+            "last_refusal_code": "split-brain",
+        });
         assert!(hopeless(&sb, zero, grace).is_some_and(|w| w.contains("split brain")));
-        let refused = json!({"repl": "StandAlone", "last_refusal": "the peer has newer data"});
+        let refused = json!({
+            "repl": "StandAlone",
+            "last_refusal": "the peer has newer data",
+            "last_refusal_code": "peer-newer-than-primary",
+        });
         assert_eq!(hopeless(&refused, zero, grace), None, "the daemon retries");
         assert!(hopeless(&refused, long, grace).is_some_and(|w| w.contains("newer data")));
         let off = json!({"repl": "StandAlone", "last_refusal": null});

@@ -69,10 +69,22 @@ fn default_latency_secs() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Response {
-    Ok { message: String },
-    Error { message: String },
-    Status { status: serde_json::Value },
-    Event { event: serde_json::Value },
+    Ok {
+        message: String,
+    },
+    /// `code` names the refusal for programs (the CLI's retries, scripts); `message` is for
+    /// people. Absent for errors without a stable name.
+    Error {
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<crate::core::AdminErrorCode>,
+    },
+    Status {
+        status: serde_json::Value,
+    },
+    Event {
+        event: serde_json::Value,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +184,7 @@ async fn serve_one<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io::
         Err(e) => {
             let resp = Response::Error {
                 message: format!("cannot parse request: {e}"),
+                code: None,
             };
             return write_line(&mut wr, &resp).await;
         }

@@ -21,7 +21,10 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use super::{digest, overlap, Action, Apply, IoKind, Issue, PeerMsg, ReplState, Replica};
+use super::{
+    digest, overlap, Action, Apply, CloseReason, IoKind, Issue, PeerMsg, ReplState, Replica,
+    Violation,
+};
 
 /// Source side: differing spans sent as resync data, by their first byte: (connection, first
 /// byte of the chunk they belong to). Their ack acks the chunk.
@@ -96,7 +99,7 @@ impl Replica {
                     return;
                 }
                 if !self.csum_range_ok(offset, len) {
-                    self.close("peer asked for digests of a bad range: protocol error", out);
+                    self.close(CloseReason::Protocol(Violation::BadDigestRange), out);
                     return;
                 }
                 if let Some(c) = self.conn.as_mut() {
@@ -143,7 +146,7 @@ impl Replica {
                     out,
                 );
             }
-            Ok(_) => self.close("checksum read returned a short buffer: driver bug", out),
+            Ok(_) => self.close(CloseReason::ShortRead { what: "checksum" }, out),
             // Nothing to compare with: the source then sends the data.
             Err(_) => self.send(
                 PeerMsg::CsumReply {
@@ -209,9 +212,10 @@ impl Replica {
                 }
                 if live {
                     self.close(
-                        &format!(
-                            "resync read failed at offset {offset}: check this node's backing disk"
-                        ),
+                        CloseReason::ResyncReadFailed {
+                            offset,
+                            errno: None,
+                        },
                         out,
                     );
                 }

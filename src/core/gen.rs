@@ -39,6 +39,7 @@
 
 use std::borrow::Cow;
 
+use super::{Refusal, SplitBrainCause};
 use crate::wire::{AfterSb0Pri, AfterSb1Pri, DiskState, Hello, ResyncEnd, Role};
 
 /// What a handshake concluded, from the point of view of the node calling [`decide`].
@@ -51,9 +52,9 @@ pub enum Decision {
     /// The peer sends.
     Target { full: bool },
     /// Both sides changed data since they last agreed: never resolved silently.
-    SplitBrain(String),
+    SplitBrain(SplitBrainCause),
     /// Refuse the connection before any data moves.
-    Refuse(String),
+    Refuse(Refusal),
 }
 
 /// A fresh generation for `node_id`, newer than both `mine` and `seen`.
@@ -69,29 +70,22 @@ fn good(d: DiskState) -> bool {
 /// Decides the handshake. `me` is this node's hello, `peer` the peer's.
 pub fn decide(me: &Hello, peer: &Hello) -> Decision {
     if me.resource != peer.resource {
-        return Decision::Refuse(format!(
-            "peer serves resource {:?}, this node {:?}: check the peer address in the resource file",
-            peer.resource, me.resource
-        ));
+        return Decision::Refuse(Refusal::ResourceMismatch {
+            mine: me.resource.clone(),
+            peer: peer.resource.clone(),
+        });
     }
     if me.size != peer.size {
-        return Decision::Refuse(format!(
-            "device sizes differ: this node {} bytes, peer {} bytes; make both backing devices the same size",
-            me.size, peer.size
-        ));
+        return Decision::Refuse(Refusal::SizeMismatch {
+            mine: me.size,
+            peer: peer.size,
+        });
     }
     if me.node_id == peer.node_id {
-        return Decision::Refuse(format!(
-            "peer has this node's own node id {}: give each node its own id",
-            me.node_id
-        ));
+        return Decision::Refuse(Refusal::SameNodeId { id: me.node_id });
     }
     if me.role == Role::Primary && peer.role == Role::Primary {
-        return Decision::Refuse(
-            "both nodes are Primary: demote one with `twinblk secondary` (if both wrote, that \
-             is a split brain, reported once one is Secondary)"
-                .into(),
-        );
+        return Decision::Refuse(Refusal::BothPrimary);
     }
     // Rule 0.
     let (me, peer) = (&*at_resync_end(me, peer), &*at_resync_end(peer, me));
@@ -103,13 +97,12 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
     };
     // Never make a Primary a sync target: it would serve reads from an Inconsistent disk.
     match raw {
-        Decision::Target { .. } if me.role == Role::Primary => Decision::Refuse(
-            "the peer has newer data than this Primary: demote this node so it can resync".into(),
-        ),
-        Decision::Source { .. } if peer.role == Role::Primary => Decision::Refuse(
-            "this node has newer data than the Primary peer: demote the peer so it can resync"
-                .into(),
-        ),
+        Decision::Target { .. } if me.role == Role::Primary => {
+            Decision::Refuse(Refusal::PeerNewerThanPrimary)
+        }
+        Decision::Source { .. } if peer.role == Role::Primary => {
+            Decision::Refuse(Refusal::NewerThanPrimaryPeer)
+        }
         d => d,
     }
 }
@@ -253,11 +246,12 @@ fn ancestors(h: &Hello) -> impl Iterator<Item = u64> + '_ {
         .filter(|&g| g != 0)
 }
 
-fn split_brain(me: &Hello, peer: &Hello, what: &str) -> Decision {
-    Decision::SplitBrain(format!(
-        "split brain: {what} (this node generation {:#x}, peer {:#x})",
-        me.current_gen, peer.current_gen
-    ))
+fn split_brain(me: &Hello, peer: &Hello, what: &'static str) -> Decision {
+    Decision::SplitBrain(SplitBrainCause {
+        what,
+        gen: me.current_gen,
+        peer_gen: peer.current_gen,
+    })
 }
 
 fn raw_decide(me: &Hello, peer: &Hello) -> Decision {
@@ -267,10 +261,7 @@ fn raw_decide(me: &Hello, peer: &Hello) -> Decision {
     let peer_bm = || peer_src(!bitmap_enough(peer, me));
     // Rule 2.
     if !good(me.disk) && !good(peer.disk) {
-        return Decision::Refuse(
-            "neither node has UpToDate data: make one Primary with `twinblk primary --force`"
-                .into(),
-        );
+        return Decision::Refuse(Refusal::NoUpToDate);
     }
     // Rules 3-5.
     if me.current_gen == peer.current_gen {
@@ -386,12 +377,21 @@ mod tests {
         let a = h(1, Role::Primary, DiskState::UpToDate, 5);
         let mut b = h(2, Role::Secondary, DiskState::UpToDate, 5);
         b.resource = "r1".into();
-        assert!(matches!(check(&a, &b), Decision::Refuse(r) if r.contains("resource")));
+        assert!(matches!(
+            check(&a, &b),
+            Decision::Refuse(Refusal::ResourceMismatch { .. })
+        ));
         let mut b = h(2, Role::Secondary, DiskState::UpToDate, 5);
         b.size += 1;
-        assert!(matches!(check(&a, &b), Decision::Refuse(r) if r.contains("sizes")));
+        assert!(matches!(
+            check(&a, &b),
+            Decision::Refuse(Refusal::SizeMismatch { .. })
+        ));
         let b = h(2, Role::Primary, DiskState::UpToDate, 5);
-        assert!(matches!(check(&a, &b), Decision::Refuse(r) if r.contains("Primary")));
+        assert!(matches!(
+            check(&a, &b),
+            Decision::Refuse(Refusal::BothPrimary)
+        ));
         let a = h(1, Role::Secondary, DiskState::Inconsistent, 0);
         let b = h(2, Role::Secondary, DiskState::Inconsistent, 0);
         assert!(matches!(check(&a, &b), Decision::Refuse(_)));
@@ -434,7 +434,9 @@ mod tests {
         a.bitmap_gen = Some(0x10001);
         let mut b = h(2, Role::Secondary, DiskState::UpToDate, 0x30002);
         b.bitmap_gen = Some(0x10001);
-        assert!(matches!(check(&a, &b), Decision::SplitBrain(r) if r.contains("split brain")));
+        assert!(
+            matches!(check(&a, &b), Decision::SplitBrain(c) if c.to_string().starts_with("split brain: "))
+        );
     }
 
     #[test]

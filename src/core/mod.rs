@@ -180,14 +180,16 @@ pub mod csums;
 pub mod digest;
 pub mod gen;
 pub mod ratectl;
+mod reason;
 pub mod resync;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-/// Part of the refusal of a promotion while the lost peer's last writes are still landing: it
-/// clears by itself within milliseconds, so `twinblk primary` retries on it.
-pub const PEER_WRITES_LANDING: &str = "writes from the peer are still landing on this disk";
+pub use reason::{
+    AdminError, AdminErrorCode, ClientsCommand, CloseReason, ConnLoss, LinkLoss, Refusal,
+    SplitBrainCause, Violation,
+};
 
 use bytes::Bytes;
 
@@ -267,6 +269,10 @@ pub enum InjectedBug {
     /// A Primary that lost its UpToDate peer with fencing configured completes the waiting
     /// writes at once instead of freezing until the peer is fenced.
     NoFreezeOnPeerLost,
+    /// A connection the core closes itself (a crc error, a local write error, a protocol
+    /// violation) never starts the fencing hold, only a loss the transport reports does (the
+    /// old behaviour): the waiting writes are acknowledged before the peer is fenced.
+    NoFenceOnCoreClose,
 }
 
 /// What a Primary does when it loses a connection on which the peer was UpToDate (resource key
@@ -524,6 +530,10 @@ pub enum AdminCmd {
     /// `twinblk adjust`: the settings the core reads that may change while it runs (all
     /// applied, or none: see [`Adjustable`]).
     Adjust(Adjustable),
+    /// `twinblk down`, asked before the driver stops its frontend: `Ok` means it may (then
+    /// [`Event::Stop`] follows); refused while frontend clients have the device open
+    /// ([`AdminError::ClientsOpen`]).
+    Down,
 }
 
 /// The settings `twinblk adjust` changes in a running core. Each takes effect at a point where
@@ -593,7 +603,7 @@ pub enum Event {
     },
     ConnectionDown {
         conn: u64,
-        reason: String,
+        reason: LinkLoss,
     },
     Peer {
         conn: u64,
@@ -607,6 +617,17 @@ pub enum Event {
     /// Graceful stop (`twinblk down`), after the clients are gone: drain, persist, then
     /// [`Action::Stopped`]. See "Graceful stop" in the module docs.
     Stop,
+    /// A frontend client (an NBD connection) opened the device; `name` says who, for people
+    /// (its address). A demotion or a stop is refused while any is open (like DRBD's "device
+    /// is held open"): every later write of theirs would fail.
+    FrontendOpened {
+        client: u64,
+        name: String,
+    },
+    /// Frontend client `client` closed the device.
+    FrontendClosed {
+        client: u64,
+    },
     /// The answer to [`Action::FencePeer`] for freeze `episode`: `Ok` once the peer is fenced
     /// (the `on-peer-lost` hook exited 0), else why not.
     Fenced {
@@ -648,10 +669,10 @@ pub enum StateChange {
     },
     /// The connection was refused (by this node or the peer) before any data moved.
     Refused {
-        reason: String,
+        reason: Refusal,
     },
     ConnectionLost {
-        reason: String,
+        reason: ConnLoss,
     },
     /// A flush of this node's disk failed: it stopped using the disk (see [`DiskFailure`]).
     DiskFailed {
@@ -745,11 +766,11 @@ pub enum Action {
     /// Close connection `conn` (the core already treats it as gone).
     CloseConnection {
         conn: u64,
-        reason: String,
+        reason: CloseReason,
     },
     AdminDone {
         tag: u64,
-        result: Result<(), String>,
+        result: Result<(), AdminError>,
     },
     /// Fence the peer (run the `on-peer-lost` hook) and report [`Event::Fenced`] with the same
     /// `episode`. Writes are frozen meanwhile; `attempt` counts from 1.
@@ -862,20 +883,10 @@ pub struct FreezeStatus {
     pub last_error: Option<String>,
 }
 
-/// Whether losing the connection may freeze writes ([`Fencing`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OnLoss {
-    /// A loss the transport reported: fence if configured and the peer was UpToDate.
-    MayFence,
-    /// This node closed it (an operator's `disconnect`, the graceful stop, a protocol error it
-    /// reconnects after).
-    NoFence,
-}
-
 /// Why two nodes refuse to connect after a split brain, and how to resolve it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitBrain {
-    pub reason: String,
+    pub reason: SplitBrainCause,
     pub node_id: u64,
     pub peer_node_id: u64,
     pub current_gen: u64,
@@ -907,7 +918,7 @@ pub struct Status {
     /// Resync time left at that rate, in seconds.
     pub resync_eta_secs: Option<u64>,
     pub want_connection: bool,
-    pub last_refusal: Option<String>,
+    pub last_refusal: Option<Refusal>,
     pub requests_in_flight: usize,
     /// Data messages sent on the current connection and not yet acked by the peer (a graceful
     /// shutdown of an async Primary waits for this to drain).
@@ -1126,7 +1137,7 @@ pub struct Replica {
     bitmap: Bitmap,
     needs_gen_bump: bool,
     max_peer_gen: u64,
-    last_refusal: Option<String>,
+    last_refusal: Option<Refusal>,
     reqs: HashMap<ReqId, ClientReq>,
     /// Requests waiting for admission, each with "a write completed since the previous
     /// submission" (an epoch boundary is decided at submission, not at admission).
@@ -1179,6 +1190,8 @@ pub struct Replica {
     fence_episodes: u64,
     /// The operator said `disconnect` (and not `connect` since): a promotion does not connect.
     admin_disconnected: bool,
+    /// The frontend clients that have the device open, by the driver's id: their names.
+    frontend_clients: BTreeMap<u64, String>,
     /// A flush failed: no client I/O, no connection, no promotion until a restart.
     disk_failure: Option<DiskFailure>,
 }
@@ -1266,6 +1279,7 @@ impl Replica {
             freeze: None,
             fence_episodes: 0,
             admin_disconnected: false,
+            frontend_clients: BTreeMap::new(),
             disk_failure: None,
             cfg,
         }
@@ -1380,7 +1394,7 @@ impl Replica {
             Event::ConnectionUp { conn } => self.connection_up(conn, out),
             Event::ConnectionDown { conn, reason } => {
                 if self.conn.as_ref().is_some_and(|c| c.id == conn) {
-                    self.lose_connection(&reason, OnLoss::MayFence, out);
+                    self.lose_connection(ConnLoss::Link(reason), out);
                 }
             }
             Event::Peer { conn, msg } => {
@@ -1394,10 +1408,7 @@ impl Replica {
                     .as_ref()
                     .is_some_and(|c| c.id == conn && !c.decided)
                 {
-                    self.close(
-                        "handshake timed out: the peer did not answer; check it runs twinblk",
-                        out,
-                    );
+                    self.close(CloseReason::HandshakeTimedOut, out);
                 }
             }
             Event::Timer(TimerKind::Resync) => {
@@ -1413,10 +1424,13 @@ impl Replica {
                     }
                 }
             }
+            // (With frontend clients open, `admin` refuses it first.)
             Event::Admin {
                 tag,
                 cmd: AdminCmd::Demote,
-            } if self.demotion_must_wait() => self.start_demotion(tag, out),
+            } if self.demotion_must_wait() && self.frontend_clients.is_empty() => {
+                self.start_demotion(tag, out)
+            }
             Event::Timer(TimerKind::StopDrain) => {
                 if let StopState::Draining { expired, .. } = &mut self.stop {
                     *expired = true;
@@ -1435,8 +1449,11 @@ impl Replica {
                 let role = self.role;
                 let result = if self.stop == StopState::Running {
                     self.admin(cmd, out)
+                } else if matches!(cmd, AdminCmd::Down) {
+                    // `down` again while stopping: already under way (idempotent).
+                    Ok(())
                 } else {
-                    Err("this node is shutting down (twinblk down)".into())
+                    Err(AdminError::ShuttingDown)
                 };
                 if self.role != role {
                     self.verify_role_changed(out);
@@ -1444,6 +1461,12 @@ impl Replica {
                 out.push(Action::AdminDone { tag, result });
             }
             Event::Stop => self.begin_stop(out),
+            Event::FrontendOpened { client, name } => {
+                self.frontend_clients.insert(client, name);
+            }
+            Event::FrontendClosed { client } => {
+                self.frontend_clients.remove(&client);
+            }
             Event::Fenced { episode, result } => self.fenced(episode, result, out),
         }
         if self.al_full && self.al_txn.is_none() {
@@ -2417,13 +2440,7 @@ impl Replica {
                 }
                 self.try_complete(req, out);
                 if failed && self.conn.is_some() {
-                    self.close(
-                        &format!(
-                            "local write failed at offset {offset} (+{len}): reconnecting to \
-                             resync the region; check this node's backing disk"
-                        ),
-                        out,
-                    );
+                    self.close(CloseReason::LocalWriteFailed { offset, len }, out);
                 }
                 self.pump_issue(out);
             }
@@ -2493,7 +2510,7 @@ impl Replica {
                         if let Some(rs) = self.resync.as_mut() {
                             rs.abandon(first);
                         }
-                        self.close("resync read returned a short buffer: driver bug", out);
+                        self.close(CloseReason::ShortRead { what: "resync" }, out);
                     }
                     Err(e) => {
                         if let Some(rs) = self.resync.as_mut() {
@@ -2501,10 +2518,10 @@ impl Replica {
                         }
                         if live {
                             self.close(
-                                &format!(
-                                    "resync read failed at offset {offset} (errno {e}): \
-                                     check this node's backing disk"
-                                ),
+                                CloseReason::ResyncReadFailed {
+                                    offset,
+                                    errno: Some(e),
+                                },
                                 out,
                             );
                         }
@@ -2606,11 +2623,10 @@ impl Replica {
             self.flush_bitmap(out);
             self.save_meta(out);
         }
-        let reason = failure.to_string();
         self.want_connect = false;
-        self.last_refusal = Some(reason.clone());
+        self.last_refusal = Some(Refusal::DiskFailed(failure));
         if self.conn.is_some() {
-            self.close(&reason, out);
+            self.close(CloseReason::DiskFailed(failure), out);
         }
         self.set_repl(ReplState::StandAlone, out);
     }
@@ -2623,13 +2639,7 @@ impl Replica {
         self.set_disk(DiskState::Inconsistent, out);
         self.save_meta(out);
         if self.conn.is_some() {
-            self.close(
-                &format!(
-                    "local disk error (errno {errno}) writing peer data at offset {offset}: \
-                     check this node's backing disk, then reconnect to resync"
-                ),
-                out,
-            );
+            self.close(CloseReason::PeerDataWriteFailed { offset, errno }, out);
         }
     }
 
@@ -2660,19 +2670,19 @@ impl Replica {
         if self.stop != StopState::Running {
             out.push(Action::CloseConnection {
                 conn,
-                reason: "the peer is shutting down (twinblk down)".into(),
+                reason: CloseReason::Stopping,
             });
             return;
         }
         if !self.want_connect {
             out.push(Action::CloseConnection {
                 conn,
-                reason: "administratively disconnected: run `twinblk connect`".into(),
+                reason: CloseReason::AdminDisconnected { retry: true },
             });
             return;
         }
         if self.conn.is_some() {
-            self.close("replaced by a new connection", out);
+            self.close(CloseReason::Replaced, out);
         }
         // The peer is back: the handshake compares generations, so a promotion behind this
         // node's back is found there (as a split brain), not by waiting for the fence.
@@ -2709,19 +2719,19 @@ impl Replica {
     }
 
     /// Closes the current connection from our side.
-    fn close(&mut self, reason: &str, out: &mut Vec<Action>) {
+    fn close(&mut self, reason: CloseReason, out: &mut Vec<Action>) {
         let Some(conn) = self.conn.as_ref().map(|c| c.id) else {
             return;
         };
-        tracing::warn!(resource = %self.cfg.resource, reason, "closing peer connection");
+        tracing::warn!(resource = %self.cfg.resource, %reason, "closing peer connection");
         out.push(Action::CloseConnection {
             conn,
-            reason: reason.to_owned(),
+            reason: reason.clone(),
         });
-        self.lose_connection(reason, OnLoss::NoFence, out);
+        self.lose_connection(ConnLoss::Closed(reason), out);
     }
 
-    fn lose_connection(&mut self, reason: &str, on_loss: OnLoss, out: &mut Vec<Action>) {
+    fn lose_connection(&mut self, reason: ConnLoss, out: &mut Vec<Action>) {
         let Some(c) = self.conn.take() else {
             return;
         };
@@ -2730,8 +2740,16 @@ impl Replica {
         let acked_without_peer = c.awaiting_ack.values().any(|(req, _)| req.is_none());
         // Fencing: the peer was UpToDate, so a cluster manager may promote it now. Nothing
         // this node does from here may be acknowledged until the peer is fenced: freeze before
-        // the waiting writes below would complete.
-        if on_loss == OnLoss::MayFence
+        // the waiting writes below would complete. That holds for a loss this node's core
+        // decided (a crc error, a local write error, a protocol violation) as much as for one
+        // the transport reported: the peer looks just as lost to the cluster manager.
+        let may_fence = match &reason {
+            ConnLoss::Link(_) => true,
+            ConnLoss::Closed(why) => {
+                why.may_fence() && self.cfg.bug != InjectedBug::NoFenceOnCoreClose
+            }
+        };
+        if may_fence
             && self.cfg.fencing == Fencing::FreezeUntilFenced
             && self.cfg.bug != InjectedBug::NoFreezeOnPeerLost
             && self.role == Role::Primary
@@ -2743,7 +2761,7 @@ impl Replica {
             let episode = self.fence_episodes;
             tracing::warn!(
                 resource = %self.cfg.resource,
-                reason,
+                %reason,
                 "lost the UpToDate peer while Primary; writes are frozen until it is fenced"
             );
             self.freeze = Some(Freeze {
@@ -2818,7 +2836,7 @@ impl Replica {
         self.verify_abort(&format!("connection lost: {reason}"), false, out);
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
-            reason: reason.to_owned(),
+            reason: reason.clone(),
         }));
         if c.peer_disk.is_some() {
             out.push(Action::Emit(StateChange::PeerDisk { to: None }));
@@ -2836,14 +2854,7 @@ impl Replica {
         if let Some(tag) = self.demoting.take() {
             out.push(Action::AdminDone {
                 tag,
-                result: Err(format!(
-                    "the connection to the peer was lost ({reason}) before it had this node's \
-                     last writes stable: still Primary, and those writes are in the bitmap \
-                     under a new generation (the next connect resyncs them to the peer). \
-                     Reconnect and run `twinblk secondary` again for a clean switchover, or run \
-                     it now to give up the role anyway (promoting the peer then is a split \
-                     brain once it writes)"
-                )),
+                result: Err(AdminError::DemotionPeerLost { loss: reason }),
             });
         }
         self.admit(out);
@@ -2901,7 +2912,7 @@ impl Replica {
         });
     }
 
-    fn refuse(&mut self, reason: String, out: &mut Vec<Action>) {
+    fn refuse(&mut self, reason: Refusal, out: &mut Vec<Action>) {
         self.last_refusal = Some(reason.clone());
         self.want_connect = false;
         out.push(Action::Emit(StateChange::Refused {
@@ -2909,29 +2920,27 @@ impl Replica {
         }));
         self.send(
             PeerMsg::Refuse {
-                reason: reason.clone(),
+                reason: reason.to_string(),
             },
             out,
         );
-        self.close(&reason, out);
+        self.close(CloseReason::Refused(reason), out);
     }
 
     fn peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::Hello(h) => self.peer_hello(h, out),
             PeerMsg::Refuse { reason } if self.split_brain.is_some() => {
-                self.close(
-                    &format!("split brain, also seen by the peer: {reason}"),
-                    out,
-                );
+                self.close(CloseReason::SplitBrainSeenByPeer(reason), out);
             }
             PeerMsg::Refuse { reason } => {
-                self.last_refusal = Some(format!("peer refused: {reason}"));
+                let reason = Refusal::ByPeer(reason);
+                self.last_refusal = Some(reason.clone());
                 self.want_connect = false;
                 out.push(Action::Emit(StateChange::Refused {
-                    reason: format!("peer refused: {reason}"),
+                    reason: reason.clone(),
                 }));
-                self.close(&format!("peer refused: {reason}"), out);
+                self.close(CloseReason::Refused(reason), out);
             }
             PeerMsg::State(s) => {
                 let mut disk_up_to_date = false;
@@ -2958,11 +2967,7 @@ impl Replica {
                     self.resync_confirmed(out);
                 }
                 if s.role == Role::Primary && self.role == Role::Primary {
-                    self.refuse(
-                        "both nodes are Primary (split brain): demote one with `twinblk secondary`"
-                            .into(),
-                        out,
-                    );
+                    self.refuse(Refusal::BothPrimaryConnected, out);
                 }
             }
             PeerMsg::WriteAck { seq, .. } => {
@@ -3062,7 +3067,7 @@ impl Replica {
             return;
         };
         if c.decided {
-            self.close("peer sent a second hello: protocol error", out);
+            self.close(CloseReason::Protocol(Violation::SecondHello), out);
             return;
         }
         c.peer_role = Some(h.role);
@@ -3094,9 +3099,10 @@ impl Replica {
                 self.refuse(reason, out);
                 return;
             }
-            Decision::SplitBrain(reason) => {
-                self.split_brain = Some(self.split_brain_report(&reason, &mine, &h));
-                tracing::error!(resource = %self.cfg.resource, %reason, "split brain detected");
+            Decision::SplitBrain(cause) => {
+                self.split_brain = Some(self.split_brain_report(&cause, &mine, &h));
+                tracing::error!(resource = %self.cfg.resource, %cause, "split brain detected");
+                let reason = Refusal::SplitBrain(cause);
                 // Not closed yet: the peer must see our hello to detect (and report) the split
                 // brain too, and a close may drop what is still in flight. The peer's Refuse
                 // closes the connection (or the handshake timer does).
@@ -3105,7 +3111,12 @@ impl Replica {
                 out.push(Action::Emit(StateChange::Refused {
                     reason: reason.clone(),
                 }));
-                self.send(PeerMsg::Refuse { reason }, out);
+                self.send(
+                    PeerMsg::Refuse {
+                        reason: reason.to_string(),
+                    },
+                    out,
+                );
                 return;
             }
             Decision::NoSync => {
@@ -3188,7 +3199,7 @@ impl Replica {
         }
     }
 
-    fn split_brain_report(&self, reason: &str, me: &Hello, peer: &Hello) -> SplitBrain {
+    fn split_brain_report(&self, reason: &SplitBrainCause, me: &Hello, peer: &Hello) -> SplitBrain {
         let common = me
             .bitmap_gen
             .into_iter()
@@ -3203,7 +3214,7 @@ impl Replica {
         };
         let (here, there) = (name(me.node_id), name(peer.node_id));
         SplitBrain {
-            reason: reason.to_owned(),
+            reason: reason.clone(),
             node_id: me.node_id,
             peer_node_id: peer.node_id,
             current_gen: me.current_gen,
@@ -3275,10 +3286,7 @@ impl Replica {
     /// piece.
     fn peer_bitmap(&mut self, runs: Vec<(u64, u64)>, done: bool, out: &mut Vec<Action>) {
         if !(self.repl == ReplState::SyncSource && self.awaiting_peer_bitmap) {
-            self.close(
-                "peer sent its bitmap, but this node is not waiting for one: protocol error",
-                out,
-            );
+            self.close(CloseReason::Protocol(Violation::UnexpectedBitmap), out);
             return;
         }
         let bs = self.bitmap.block_size();
@@ -3305,13 +3313,7 @@ impl Replica {
             };
             // Not marked in our bitmap (it names what the peer lacks): the sender never gets an
             // ack for it, so the region is in its transfer log and becomes dirty there.
-            self.close(
-                &format!(
-                    "crc32 mismatch in peer data at offset {off} (+{len}): network or memory \
-                     corruption; the region will be resynced"
-                ),
-                out,
-            );
+            self.close(CloseReason::CrcMismatch { offset: off, len }, out);
             return;
         }
         let range = match &m {
@@ -3328,16 +3330,14 @@ impl Replica {
         } = &m
         {
             if let Err(why) = self.verify_check_request(*offset, *len, digests) {
-                self.close(&format!("{why}: protocol error"), out);
+                self.close(CloseReason::Protocol(why), out);
                 return;
             }
         }
         if let Some((off, len)) = range {
             if off.checked_add(len).map_or(true, |end| end > self.cfg.size) {
                 self.close(
-                    &format!(
-                        "peer data at offset {off} (+{len}) lies beyond the device: protocol error"
-                    ),
+                    CloseReason::Protocol(Violation::BeyondDevice { offset: off, len }),
                     out,
                 );
                 return;
@@ -3353,7 +3353,7 @@ impl Replica {
                     | PeerMsg::AheadResync { .. }
             )
         {
-            self.close("peer sent writes to a Primary: protocol error", out);
+            self.close(CloseReason::Protocol(Violation::WritesToPrimary), out);
             return;
         }
         let size = match &m {
@@ -3365,7 +3365,7 @@ impl Replica {
             return;
         };
         if seq < c.recv_next || c.reorder.contains_key(&seq) {
-            self.close("peer repeated a data sequence number: protocol error", out);
+            self.close(CloseReason::Protocol(Violation::RepeatedSeq), out);
             return;
         }
         c.reorder.insert(seq, m);
@@ -3373,7 +3373,7 @@ impl Replica {
         if c.reorder.len() + c.apply_q.len() > REORDER_MAX_MSGS
             || c.reorder_bytes > REORDER_MAX_BYTES
         {
-            self.close("peer overran the reorder window: protocol error", out);
+            self.close(CloseReason::Protocol(Violation::ReorderOverrun), out);
             return;
         }
         self.pump_apply(out);
@@ -3383,7 +3383,7 @@ impl Replica {
     /// resync-done) waits for everything before it, flushes, and only then lets later items go.
     fn pump_apply(&mut self, out: &mut Vec<Action>) {
         if let Err(why) = self.drain_reorder(out) {
-            self.close(&format!("{why}: protocol error"), out);
+            self.close(CloseReason::Protocol(Violation::Unexpected(why)), out);
             return;
         }
         self.issue_applies(out);
@@ -3631,10 +3631,7 @@ impl Replica {
                             false => self.repl == ReplState::Behind,
                         };
                         if !ok {
-                            self.close(
-                                "peer changed Ahead/Behind state out of order: protocol error",
-                                out,
-                            );
+                            self.close(CloseReason::Protocol(Violation::AheadOutOfOrder), out);
                             return;
                         }
                         if ahead {
@@ -3910,15 +3907,9 @@ impl Replica {
     // ---- admin ----
 
     /// `twinblk adjust`: checks first, then applies every setting (see [`Adjustable`]).
-    fn admin_adjust(&mut self, a: Adjustable) -> Result<(), String> {
+    fn admin_adjust(&mut self, a: Adjustable) -> Result<(), AdminError> {
         if a.fencing == Fencing::Off && self.freeze.is_some() {
-            return Err(
-                "writes are frozen until on-peer-lost fences the peer, and without the hook \
-                 nothing would fence it: keep on-peer-lost (a corrected path is used by its \
-                 next retry), bring the peer back, or `twinblk disconnect` to go on alone at \
-                 your own risk"
-                    .into(),
-            );
+            return Err(AdminError::FencingStillNeeded);
         }
         self.cfg.resync_rate = a.resync_rate;
         self.cfg.after_sb_0pri = a.after_sb_0pri;
@@ -4055,12 +4046,11 @@ impl Replica {
             self.tl.clear();
         }
         if let Some(conn) = self.conn.as_ref().map(|c| c.id) {
-            let reason = "the peer is shutting down (twinblk down)";
             out.push(Action::CloseConnection {
                 conn,
-                reason: reason.into(),
+                reason: CloseReason::Stopping,
             });
-            self.lose_connection(reason, OnLoss::NoFence, out);
+            self.lose_connection(ConnLoss::Closed(CloseReason::Stopping), out);
         }
         // Requests not started yet never will be (the driver stopped its clients first).
         for (req, _, _) in std::mem::take(&mut self.admit_q) {
@@ -4107,35 +4097,50 @@ impl Replica {
             }),
             Event::Admin { tag, .. } => out.push(Action::AdminDone {
                 tag,
-                result: Err("this node has shut down (twinblk down)".into()),
+                result: Err(AdminError::ShutDown),
             }),
             Event::ConnectionUp { conn } => out.push(Action::CloseConnection {
                 conn,
-                reason: "the peer is shutting down (twinblk down)".into(),
+                reason: CloseReason::Stopping,
             }),
             Event::DiskDone { .. }
             | Event::ConnectionDown { .. }
             | Event::Peer { .. }
             | Event::Timer(_)
             | Event::Stop
+            | Event::FrontendOpened { .. }
+            | Event::FrontendClosed { .. }
             | Event::Fenced { .. } => {}
         }
     }
 
-    fn admin(&mut self, cmd: AdminCmd, out: &mut Vec<Action>) -> Result<(), String> {
+    /// A demotion or a stop under open frontend clients would fail their every later write:
+    /// refused, naming them (the driver's `--force` disconnects them first).
+    fn refuse_while_open(&self, command: ClientsCommand) -> Result<(), AdminError> {
+        if self.frontend_clients.is_empty() {
+            return Ok(());
+        }
+        Err(AdminError::ClientsOpen {
+            resource: self.cfg.resource.clone(),
+            command,
+            clients: self.frontend_clients.values().cloned().collect(),
+        })
+    }
+
+    fn admin(&mut self, cmd: AdminCmd, out: &mut Vec<Action>) -> Result<(), AdminError> {
         match cmd {
             AdminCmd::Promote { force } => {
                 if self.role == Role::Primary {
                     if let Some(tag) = self.demoting.take() {
                         out.push(Action::AdminDone {
                             tag,
-                            result: Err("cancelled by `twinblk primary`: still Primary".into()),
+                            result: Err(AdminError::DemotionCancelled),
                         });
                     }
                     return Ok(());
                 }
                 if let Some(f) = self.disk_failure {
-                    return Err(f.to_string());
+                    return Err(AdminError::DiskFailed(f));
                 }
                 // Right after the peer is lost, its last writes may still be on their way to
                 // this disk. As Primary, a read of such a block could see the old data and then
@@ -4159,28 +4164,17 @@ impl Replica {
                         })
                         .count();
                 if landing > 0 {
-                    return Err(format!(
-                        "{landing} {PEER_WRITES_LANDING}: promote again in a moment"
-                    ));
+                    return Err(AdminError::PeerWritesLanding { writes: landing });
                 }
                 if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
-                    return Err(
-                        "the peer is Primary: demote it first (`twinblk secondary` there); if it \
-                         died, it is declared dead after `timeout` without a word (`status` says \
-                         when it was last heard): promote then"
-                            .into(),
-                    );
+                    return Err(AdminError::PeerIsPrimary);
                 }
                 if self.repl == ReplState::SyncTarget {
-                    return Err("this node is a resync target (Inconsistent): wait for the resync to finish".into());
+                    return Err(AdminError::ResyncTarget);
                 }
 
                 if self.disk != DiskState::UpToDate && !force {
-                    return Err(format!(
-                        "the disk is {:?}, not UpToDate: only an UpToDate node can become Primary \
-                         (use --force for the very first promotion of a new resource)",
-                        self.disk
-                    ));
+                    return Err(AdminError::NotUpToDate { disk: self.disk });
                 }
                 // What this node starts serving is stable before the promotion is saved: peer
                 // and resync writes were acked once written, not flushed, and a crash of the
@@ -4202,10 +4196,7 @@ impl Replica {
                 // The peer decides from the hello already sent (role, disk, generation): it
                 // could make this Primary its sync target. Start the handshake over.
                 if self.handshaking() {
-                    self.close(
-                        "this node was promoted during the handshake: reconnecting with its new role",
-                        out,
-                    );
+                    self.close(CloseReason::PromotedDuringHandshake, out);
                 }
                 // An armed `--discard-my-data` meant the data this node had then; as Primary it
                 // takes new writes that must not be thrown away at the next handshake.
@@ -4231,12 +4222,9 @@ impl Replica {
                 if self.role == Role::Secondary {
                     return Ok(());
                 }
+                self.refuse_while_open(ClientsCommand::Secondary)?;
                 if self.demoting.is_some() {
-                    return Err(
-                        "a demotion is already waiting for the peer to make this node's last \
-                         writes stable: it answers when they are (or fails if the peer is lost)"
-                            .into(),
-                    );
+                    return Err(AdminError::DemotionPending);
                 }
                 // This disk's own last writes are stable before the metadata stops saying
                 // Primary: after that a crash no longer adds the activity log to the bitmap,
@@ -4245,9 +4233,7 @@ impl Replica {
                 out.push(Action::SyncData);
                 let n = self.reqs.len() + self.admit_q.len();
                 if n > 0 {
-                    return Err(format!(
-                        "{n} client requests in flight: stop the clients (disconnect NBD) first"
-                    ));
+                    return Err(AdminError::RequestsInFlight { requests: n });
                 }
                 self.set_role(Role::Secondary, out);
                 self.save_meta(out);
@@ -4256,7 +4242,7 @@ impl Replica {
             }
             AdminCmd::Connect => {
                 if let Some(f) = self.disk_failure {
-                    return Err(f.to_string());
+                    return Err(AdminError::DiskFailed(f));
                 }
                 self.want_connect = true;
                 self.admin_disconnected = false;
@@ -4268,11 +4254,7 @@ impl Replica {
             }
             AdminCmd::Invalidate => {
                 if self.role == Role::Primary {
-                    return Err(
-                        "this node is Primary: demote it first (`twinblk secondary`); a Primary \
-                         cannot become a sync target"
-                            .into(),
-                    );
+                    return Err(AdminError::InvalidatePrimary);
                 }
                 // Inconsistent with an untrusted bitmap: the next handshake can only make this
                 // node a full sync target.
@@ -4280,7 +4262,7 @@ impl Replica {
                 self.bitmap_known = false;
                 self.save_meta(out);
                 if self.conn.is_some() {
-                    self.close("invalidated: reconnecting for a full resync", out);
+                    self.close(CloseReason::Invalidated, out);
                 }
                 self.want_connect = true;
                 self.last_refusal = None;
@@ -4291,13 +4273,10 @@ impl Replica {
             }
             AdminCmd::Verify => self.admin_verify(out),
             AdminCmd::Adjust(a) => self.admin_adjust(a),
+            AdminCmd::Down => self.refuse_while_open(ClientsCommand::Down),
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
-                    return Err(
-                        "this node is Primary: demote it first (`twinblk secondary`), then \
-                         discard its data"
-                            .into(),
-                    );
+                    return Err(AdminError::DiscardOnPrimary);
                 }
                 self.discard_my_data = true;
                 Ok(())
@@ -4305,7 +4284,7 @@ impl Replica {
             AdminCmd::Disconnect => {
                 self.want_connect = false;
                 self.admin_disconnected = true;
-                self.close("administratively disconnected", out);
+                self.close(CloseReason::AdminDisconnected { retry: false }, out);
                 // The operator takes responsibility for going on without the fence.
                 self.unfreeze(out);
                 self.set_repl(ReplState::StandAlone, out);

@@ -456,7 +456,7 @@ fn disconnect_completes_waiting_writes_and_marks_them_dirty() {
     let out = a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "test".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -485,7 +485,7 @@ fn a_connection_loss_with_unacked_writes_keeps_the_history_free_of_copies() {
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "test".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -506,14 +506,14 @@ fn reconnect_resyncs_dirty_blocks_then_target_is_up_to_date() {
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "x".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
     b.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "x".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -595,9 +595,13 @@ fn handshake_refuses_other_size_before_data_moves() {
     let _ = a.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
     let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
     let out = deliver(&mut a, hb);
-    assert!(out.iter().any(
-        |x| matches!(x, Action::CloseConnection { reason, .. } if reason.contains("sizes differ"))
-    ));
+    assert!(out.iter().any(|x| matches!(
+        x,
+        Action::CloseConnection {
+            reason: CloseReason::Refused(Refusal::SizeMismatch { .. }),
+            ..
+        }
+    )));
     assert!(out
         .iter()
         .any(|x| matches!(x, Action::Emit(StateChange::Refused { .. }))));
@@ -606,7 +610,14 @@ fn handshake_refuses_other_size_before_data_moves() {
         .all(|m| matches!(m, PeerMsg::Refuse { .. })));
     let st = a.status();
     assert_eq!(st.repl, ReplState::StandAlone);
-    assert!(st.last_refusal.is_some_and(|r| r.contains("sizes differ")));
+    assert!(matches!(
+        st.last_refusal,
+        Some(Refusal::SizeMismatch { .. })
+    ));
+    // The text names the thing and the fix.
+    assert!(st.last_refusal.is_some_and(|r| r
+        .to_string()
+        .contains("make both backing devices the same size")));
 }
 
 #[test]
@@ -624,12 +635,12 @@ fn crc_mismatch_closes_connection_and_marks_region() {
     );
     assert!(out
         .iter()
-        .any(|x| matches!(x, Action::CloseConnection { reason, .. } if reason.contains("crc32"))));
+        .any(|x| matches!(x, Action::CloseConnection { reason: CloseReason::CrcMismatch { offset, .. }, .. } if *offset == 9 * BLOCK)));
     // The sender learns of the loss and marks the unacked region for resync.
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "peer closed".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -651,7 +662,7 @@ fn promotion_rules() {
         0,
     );
     assert!(out.iter().any(
-        |x| matches!(x, Action::AdminDone { tag: 4, result: Err(e) } if e.contains("--force"))
+        |x| matches!(x, Action::AdminDone { tag: 4, result: Err(e @ AdminError::NotUpToDate { .. }) } if e.to_string().contains("--force"))
     ));
     let out = n.handle_vec(
         Event::Admin {
@@ -1094,7 +1105,7 @@ struct Duo {
     /// Client completions of node 0 (the Primary in these tests).
     completed: Vec<(ReqId, Result<(), i32>)>,
     /// Every `AdminDone`: (node, tag, result).
-    admin_done: Vec<(usize, u64, Result<(), String>)>,
+    admin_done: Vec<(usize, u64, Result<(), AdminError>)>,
     /// Disks with a volatile cache: what each write since the last flush overwrote, so that
     /// [`Duo::crash`] loses it. Off unless a test turns it on.
     volatile: bool,
@@ -1269,6 +1280,11 @@ impl Duo {
                     Action::AdminDone { tag, result } => self.admin_done.push((n, tag, result)),
                     Action::CloseConnection { conn, reason } if self.conn == Some(conn) => {
                         self.conn = None;
+                        // The peer hears the reason as the close's text.
+                        let reason = LinkLoss::PeerClosed {
+                            code: 0,
+                            reason: reason.to_string(),
+                        };
                         queue.push_back((1 - n, Event::ConnectionDown { conn, reason }));
                     }
                     Action::Stopped(o) => self.stopped[n] = Some(o),
@@ -1359,7 +1375,7 @@ impl Duo {
                     n,
                     Event::ConnectionDown {
                         conn,
-                        reason: "cut".into(),
+                        reason: LinkLoss::TimedOut,
                     },
                 );
             }
@@ -2002,7 +2018,7 @@ fn promotion_waits_for_the_lost_peers_writes_to_land() {
     b.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "peer died".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -2014,7 +2030,13 @@ fn promotion_waits_for_the_lost_peers_writes_to_land() {
         0,
     );
     assert!(
-        out.iter().any(|x| matches!(x, Action::AdminDone { tag: 7, result: Err(e) } if e.contains("still landing"))),
+        out.iter().any(|x| matches!(
+            x,
+            Action::AdminDone {
+                tag: 7,
+                result: Err(AdminError::PeerWritesLanding { .. })
+            }
+        )),
         "{out:?}"
     );
     assert_eq!(b.status().role, Role::Secondary);
@@ -2045,7 +2067,7 @@ fn a_new_generation_is_saved_before_the_first_unreplicated_write_reaches_the_dis
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "peer lost".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -2381,7 +2403,7 @@ fn a_failed_flush_detaches_a_primary_whose_peer_has_everything() {
     );
     assert!(out
         .iter()
-        .any(|x| matches!(x, Action::AdminDone { result: Err(e), .. } if e.contains("restart"))));
+        .any(|x| matches!(x, Action::AdminDone { result: Err(e @ AdminError::DiskFailed(_)), .. } if e.to_string().contains("restart"))));
     assert!(!a.status().want_connection);
 }
 

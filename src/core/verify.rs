@@ -21,7 +21,8 @@
 use bytes::Bytes;
 
 use super::{
-    digest, overlap, Action, IoKind, Issue, PeerMsg, ReplState, Replica, Role, StateChange,
+    digest, overlap, Action, AdminError, IoKind, Issue, PeerMsg, ReplState, Replica, Role,
+    StateChange, Violation,
 };
 use crate::wire::DiskState;
 
@@ -258,9 +259,9 @@ impl Replica {
     }
 
     /// `twinblk verify`: starts a verify, driven here or (Secondary of a Primary) by the peer.
-    pub(super) fn admin_verify(&mut self, out: &mut Vec<Action>) -> Result<(), String> {
+    pub(super) fn admin_verify(&mut self, out: &mut Vec<Action>) -> Result<(), AdminError> {
         if let Some(why) = self.verify_refusal() {
-            return Err(why);
+            return Err(AdminError::Verify(why));
         }
         let peer_primary = self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary);
         if self.role != Role::Primary && peer_primary {
@@ -432,7 +433,7 @@ impl Replica {
         offset: u64,
         len: u32,
         digests: &[u64],
-    ) -> Result<(), String> {
+    ) -> Result<(), Violation> {
         let bs = self.bitmap.block_size();
         let end = offset.checked_add(len as u64);
         if len == 0
@@ -441,10 +442,11 @@ impl Replica {
             || len as usize > crate::wire::MAX_PAYLOAD
             || digests.len() as u64 != (len as u64).div_ceil(bs)
         {
-            return Err(format!(
-                "peer sent a malformed verify request (offset {offset}, {len} bytes, {} digests)",
-                digests.len()
-            ));
+            return Err(Violation::BadVerifyRequest {
+                offset,
+                len,
+                digests: digests.len(),
+            });
         }
         Ok(())
     }

@@ -776,13 +776,9 @@ impl PeerLink {
         let detail = match conn.close_reason() {
             Some(quinn::ConnectionError::LocallyClosed) => detail,
             Some(r) => format!("{}; while {detail}", CloseReason::from(r)),
+            // A mismatch closed the connection itself (with `close_code::MISMATCH`).
             None => {
-                let code = if detail.contains("mismatch") {
-                    close_code::MISMATCH
-                } else {
-                    close_code::PROTOCOL
-                };
-                conn.close(VarInt::from_u32(code), detail.as_bytes());
+                conn.close(VarInt::from_u32(close_code::PROTOCOL), detail.as_bytes());
                 detail
             }
         };
@@ -806,11 +802,15 @@ impl PeerLink {
             .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|h| h.protocol);
         if alpn.as_deref() != Some(c.alpn.as_slice()) {
-            return Err(format!(
+            let e = format!(
                 "ALPN mismatch: peer negotiated {:?}, we speak {:?}",
                 alpn.map(|a| String::from_utf8_lossy(&a).into_owned()),
                 String::from_utf8_lossy(&c.alpn)
-            ));
+            );
+            // Closed here with its own code (as a resource mismatch below), so
+            // `setup_failed` never tells the two kinds apart by their text.
+            conn.close(VarInt::from_u32(close_code::MISMATCH), e.as_bytes());
+            return Err(e);
         }
         let n = c.tuning.data_streams;
         let ours = Hello {

@@ -5,55 +5,25 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::Input;
 use crate::control::{Handler, Request, Response};
-use crate::core::AdminCmd;
+use crate::core::{AdminCmd, AdminErrorCode};
 
-/// What `secondary` or `down` would pull from under a user of the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum InUse {
-    /// `/dev/ublkbN` is mounted or held open.
-    Ublk { dev: String },
-    /// NBD clients have the export open (their addresses).
-    Nbd { clients: Vec<String> },
-}
-
-/// An admin command refused before it reached the core, and why.
+/// `secondary` or `down` refused before it reached the core: `/dev/ublkbN` is mounted or held
+/// open. (Open NBD clients are the core's to refuse: [`crate::core::AdminError::ClientsOpen`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Refused {
     /// `demote` or `take it down`, for the advice.
     pub action: &'static str,
-    /// `secondary` or `down`: the command to repeat with `--force`.
-    pub command: &'static str,
-    pub resource: String,
-    pub in_use: InUse,
+    pub dev: String,
 }
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Refused {
-            action,
-            command,
-            resource,
-            in_use,
-        } = self;
-        match in_use {
-            InUse::Ublk { dev } => write!(
-                f,
-                "{dev} is in use (mounted or held open by a program): unmount it or stop the \
-                 program, then {action} again"
-            ),
-            InUse::Nbd { clients } => write!(
-                f,
-                "{n} NBD client{s} ha{ve} {resource} open ({list}); {its} next writes would \
-                 fail: stop {them} first, or `twinblk {command} {resource} --force` to \
-                 disconnect {them} (requests in flight are answered first)",
-                n = clients.len(),
-                s = if clients.len() == 1 { "" } else { "s" },
-                ve = if clients.len() == 1 { "s" } else { "ve" },
-                list = clients.join(", "),
-                them = if clients.len() == 1 { "it" } else { "them" },
-                its = if clients.len() == 1 { "its" } else { "their" },
-            ),
-        }
+        write!(
+            f,
+            "{} is in use (mounted or held open by a program): unmount it or stop the program, \
+             then {} again",
+            self.dev, self.action
+        )
     }
 }
 
@@ -80,37 +50,34 @@ pub(super) struct Admin {
 fn gone() -> Response {
     Response::Error {
         message: "the daemon is shutting down".into(),
+        code: Some(AdminErrorCode::ShuttingDown),
     }
 }
 
 impl Admin {
     /// Like DRBD ("Device is held open by someone"): demoting or deleting `/dev/ublkbN` under a
-    /// mounted filesystem, or demoting under connected NBD clients, would turn every later
-    /// write of theirs into an I/O error, so refuse. With `force`, the NBD clients are
-    /// disconnected first (a mounted ublk device is never forced).
-    async fn in_use(
-        &self,
-        action: &'static str,
-        command: &'static str,
-        force: bool,
-    ) -> Result<(), Refused> {
-        let refused = |in_use| Refused {
-            action,
-            command,
-            resource: self.resource.clone(),
-            in_use,
-        };
+    /// mounted filesystem would turn every later write of its users into an I/O error, so
+    /// refuse (a mounted device is never forced). Whether the device is held open is only
+    /// visible here; open NBD clients are counted by the core, which refuses the command.
+    fn ublk_in_use(&self, action: &'static str) -> Result<(), Refused> {
         if let Some(dev) = self.ublk_device.get() {
             if super::frontend::held_open(std::path::Path::new(dev)) {
-                return Err(refused(InUse::Ublk { dev: dev.clone() }));
+                return Err(Refused {
+                    action,
+                    dev: dev.clone(),
+                });
             }
         }
+        Ok(())
+    }
+
+    /// `--force`: disconnect the NBD clients and wait (up to [`FORCE_CLOSE_WAIT`]) for their
+    /// connections to end; each close reaches the core before this returns (see
+    /// `Clients::notifying`). Clients still open after that are named by the core's refusal.
+    async fn disconnect_clients(&self, command: &str) {
         let clients = self.clients.open();
         if clients.is_empty() {
-            return Ok(());
-        }
-        if !force {
-            return Err(refused(InUse::Nbd { clients }));
+            return;
         }
         tracing::warn!(
             resource = %self.resource,
@@ -119,14 +86,7 @@ impl Admin {
         );
         self.clients.close_all();
         let deadline = tokio::time::Instant::now() + FORCE_CLOSE_WAIT;
-        loop {
-            let left = self.clients.open();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(refused(InUse::Nbd { clients: left }));
-            }
+        while !self.clients.open().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -140,7 +100,10 @@ impl Admin {
             Ok(Ok(())) => Response::Ok {
                 message: ok.to_owned(),
             },
-            Ok(Err(message)) => Response::Error { message },
+            Ok(Err(e)) => Response::Error {
+                message: e.to_string(),
+                code: Some(e.code()),
+            },
             Err(_) => gone(),
         }
     }
@@ -367,6 +330,7 @@ impl Admin {
             Err(e) => {
                 return Response::Error {
                     message: format!("{e}; nothing applied"),
+                    code: None,
                 }
             }
         };
@@ -408,6 +372,7 @@ impl Admin {
                 Ok(Err(e)) => {
                     return Response::Error {
                         message: format!("{e}; nothing applied"),
+                        code: None,
                     }
                 }
                 Err(_) => return gone(),
@@ -516,11 +481,17 @@ impl Handler for Admin {
             Request::Primary { force } => {
                 self.admin(AdminCmd::Promote { force }, "now Primary").await
             }
-            Request::Secondary { force } => match self.in_use("demote", "secondary", force).await {
+            Request::Secondary { force } => match self.ublk_in_use("demote") {
                 Err(refused) => Response::Error {
                     message: refused.to_string(),
+                    code: Some(AdminErrorCode::DeviceInUse),
                 },
-                Ok(()) => self.admin(AdminCmd::Demote, "now Secondary").await,
+                Ok(()) => {
+                    if force {
+                        self.disconnect_clients("secondary").await;
+                    }
+                    self.admin(AdminCmd::Demote, "now Secondary").await
+                }
             },
             Request::Connect { discard_my_data } => {
                 let armed = if discard_my_data {
@@ -566,14 +537,21 @@ impl Handler for Admin {
                 )
                 .await
             }
-            Request::Down { force } => match self.in_use("take it down", "down", force).await {
+            Request::Down { force } => match self.ublk_in_use("take it down") {
                 Err(refused) => Response::Error {
                     message: refused.to_string(),
+                    code: Some(AdminErrorCode::DeviceInUse),
                 },
                 Ok(()) => {
-                    let _ = self.down.send(true);
-                    Response::Ok {
-                        message: "shutting down".into(),
+                    if force {
+                        self.disconnect_clients("down").await;
+                    }
+                    match self.admin(AdminCmd::Down, "shutting down").await {
+                        ok @ Response::Ok { .. } => {
+                            let _ = self.down.send(true);
+                            ok
+                        }
+                        refused => refused,
                     }
                 }
             },

@@ -208,7 +208,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
     );
 
     let (tx, rx) = mpsc::unbounded_channel();
-    let clients = super::frontend::Clients::default();
+    let clients = super::frontend::Clients::notifying(tx.clone());
     // Until the event loop's first step says the role.
     clients.set_refusal(Some(format!(
         "{resource} on {name} is starting: try again in a moment"

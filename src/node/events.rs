@@ -80,7 +80,7 @@ pub fn objects(v: &View) -> [Map<String, Value>; 4] {
     let s = v.status;
     let dbg = |x: &dyn std::fmt::Debug| Value::String(format!("{x:?}"));
     let reason = match s.repl {
-        ReplState::StandAlone => s.last_refusal.as_deref().map(Value::from),
+        ReplState::StandAlone => s.last_refusal.as_ref().map(|r| Value::from(r.to_string())),
         ReplState::Connecting => v.conn_error.map(Value::from),
         _ => None,
     };
@@ -342,16 +342,21 @@ mod tests {
 
         s.repl = ReplState::StandAlone;
         s.peer_role = None;
-        s.last_refusal = Some("split brain: both nodes have changes".into());
+        let cause = crate::core::SplitBrainCause {
+            what: "both nodes changed data since they last agreed",
+            gen: 0x10,
+            peer_gen: 0x20,
+        };
+        // A peer's refusal that reads like one is not a split brain: only the core's finding is.
+        s.last_refusal = Some(crate::core::Refusal::ByPeer(cause.to_string()));
         let o = objects(&View {
             status: &s,
             peer: "beta",
             conn_error: None,
         });
-        // The refusal text alone is not a split brain: only the core's finding is.
         assert_eq!(o[0]["split_brain"], json!(false));
         s.split_brain = Some(crate::core::SplitBrain {
-            reason: "split brain: both nodes have changes".into(),
+            reason: cause.clone(),
             node_id: 1,
             peer_node_id: 2,
             current_gen: 0x10,
@@ -368,10 +373,17 @@ mod tests {
             conn_error: None,
         });
         assert_eq!(o[0]["split_brain"], json!(true));
+        s.last_refusal = Some(crate::core::Refusal::SplitBrain(cause));
+        let o = objects(&View {
+            status: &s,
+            peer: "beta",
+            conn_error: None,
+        });
         let l = line("exists", "connection", "r0", "alpha", &o[2]);
         assert_eq!(
             human(&l),
-            "exists connection name:r0 peer-node:beta connection:StandAlone reason:\"split brain: both nodes have changes\""
+            "exists connection name:r0 peer-node:beta connection:StandAlone reason:\"split brain: \
+             both nodes changed data since they last agreed (this node generation 0x10, peer 0x20)\""
         );
     }
 

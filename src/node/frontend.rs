@@ -63,6 +63,10 @@ struct ClientsInner {
     refusal: Option<String>,
     next: u64,
     open: BTreeMap<u64, OpenClient>,
+    /// The event loop, told of every open and close (the core decides whether a demotion or
+    /// a stop may proceed). Sent under the lock, so an admin command that sees a client gone
+    /// from [`Clients::open`] reaches the core after its close.
+    notify: Option<mpsc::UnboundedSender<Input>>,
 }
 
 struct OpenClient {
@@ -78,7 +82,11 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.clients.lock().open.remove(&self.id);
+        let mut g = self.clients.lock();
+        g.open.remove(&self.id);
+        if let Some(tx) = &g.notify {
+            let _ = tx.send(Input::FrontendClosed { client: self.id });
+        }
     }
 }
 
@@ -86,6 +94,13 @@ impl Clients {
     fn lock(&self) -> std::sync::MutexGuard<'_, ClientsInner> {
         // The data stays consistent under a panic (each change is one map operation).
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Clients whose opens and closes are sent to the event loop `tx`.
+    pub(crate) fn notifying(tx: mpsc::UnboundedSender<Input>) -> Clients {
+        let c = Clients::default();
+        c.lock().notify = Some(tx);
+        c
     }
 
     /// Why a client may not open the export now (`None`: it may).
@@ -120,6 +135,12 @@ impl Clients {
                 close,
             },
         );
+        if let Some(tx) = &g.notify {
+            let _ = tx.send(Input::FrontendOpened {
+                client: id,
+                name: addr.to_owned(),
+            });
+        }
         Ok(crate::backend::Opened {
             close: Some(rx),
             guard: Some(Box::new(Registered {

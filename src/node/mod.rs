@@ -38,7 +38,8 @@ use tracing::{info, warn};
 pub use frontend::{Errno, Replicated};
 
 use crate::core::{
-    Action, AdminCmd, Event, IoId, PeerMsg, Replica, ReqId, StateChange, StopOutcome, TimerKind,
+    Action, AdminCmd, AdminError, Event, IoId, LinkLoss, PeerMsg, Replica, ReqId, StateChange,
+    StopOutcome, TimerKind,
 };
 use crate::disk::Disk;
 use crate::meta::{AlWriter, MetaError, MetaStore};
@@ -71,14 +72,14 @@ pub(super) enum Input {
     },
     ConnDown {
         conn: u64,
-        reason: String,
+        reason: LinkLoss,
     },
     Timer(TimerKind),
     /// Time to connect again after a refusal.
     Retry,
     Admin {
         cmd: AdminCmd,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), AdminError>>,
     },
     Status {
         reply: oneshot::Sender<serde_json::Value>,
@@ -103,6 +104,14 @@ pub(super) enum Input {
     Adjust {
         adjust: Adjust,
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// An NBD client opened the export (`name`: its address).
+    FrontendOpened {
+        client: u64,
+        name: String,
+    },
+    FrontendClosed {
+        client: u64,
     },
     /// `twinblk down` (the clients are stopped): the core's graceful stop, then answer and exit.
     Shutdown {
@@ -130,7 +139,7 @@ struct Node {
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
     clients: HashMap<ReqId, oneshot::Sender<Answer>>,
-    admins: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    admins: HashMap<u64, oneshot::Sender<Result<(), AdminError>>>,
     next_req: ReqId,
     next_tag: u64,
     next_conn: u64,
@@ -351,15 +360,16 @@ impl Node {
                 if self.current.as_ref().is_some_and(|c| c.id == conn) =>
             {
                 if let Some(c) = self.current.take() {
+                    let text = reason.to_string();
                     if self.replica.status().stopping {
                         // The stop's drain is over (the peer has what it acked, the rest is
                         // in the bitmap) and the endpoint closes next: say why now.
-                        c.close(&reason);
+                        c.close(&text);
                     } else {
-                        c.close_after_queued(&reason);
+                        c.close_after_queued(&text);
                     }
                 }
-                self.last_conn_error = Some(reason);
+                self.last_conn_error = Some(reason.to_string());
             }
             Action::AdminDone { tag, result } => {
                 if let Some(reply) = self.admins.remove(&tag) {
@@ -408,8 +418,8 @@ impl Node {
             log_change(&self.replica.config().resource, &self.obs.node, &described);
         }
         if let StateChange::ConnectionLost { reason } = &change {
-            self.last_conn_error = Some(reason.clone());
-            self.obs.conn_lost = Some(reason.clone());
+            self.last_conn_error = Some(reason.to_string());
+            self.obs.conn_lost = Some(reason.to_string());
         }
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -465,7 +475,7 @@ impl Node {
             let conn = old.id;
             self.feed(Event::ConnectionDown {
                 conn,
-                reason: "replaced by a newer connection".into(),
+                reason: LinkLoss::Replaced,
             });
         }
         self.obs.unacked.clear();
@@ -531,6 +541,7 @@ impl Node {
             .as_ref()
             .map_or(self.link.live().idle_timeout, |c| c.timeout)
             .as_secs();
+        let last_refusal = s.last_refusal.as_ref().map(|r| r.to_string());
         let mut status = json!({
             "resource": self.replica.config().resource,
             "protocol": self.protocol,
@@ -551,14 +562,14 @@ impl Node {
             // A dead peer still looks connected until `timeout` passes without a word.
             "peer_last_heard_secs": self.current.as_ref().map(|c| c.last_heard().as_secs()),
             "peer_timeout_secs": peer_timeout_secs,
-            "last_refusal": s.last_refusal,
+            "last_refusal": last_refusal,
             "last_connection_error": conn.and_then(|c| c.last_error).or_else(|| self.last_conn_error.clone()),
             "last_auth_error": self.link.last_auth_error(),
             "requests_in_flight": s.requests_in_flight,
             "peer_unacked": s.peer_unacked,
             "events": self.events,
             "split_brain": s.split_brain.as_ref().map(|sb| json!({
-                "reason": sb.reason,
+                "reason": sb.reason.to_string(),
                 "node_id": sb.node_id,
                 "peer_node_id": sb.peer_node_id,
                 "current_gen": format!("{:#x}", sb.current_gen),
@@ -597,6 +608,8 @@ impl Node {
         });
         // Outside the macro: one more key there passes its recursion limit.
         status["settings"] = self.settings_json();
+        // The refusal's stable name, for scripts (the text is for people).
+        status["last_refusal_code"] = s.last_refusal.as_ref().map(|r| r.code()).into();
         status
     }
 
@@ -641,7 +654,7 @@ impl Node {
         // The core answers an adjust within the step that received it.
         match rx.try_recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("the core did not answer the adjust".into()),
         }
         self.link.retune(retune);
@@ -827,7 +840,7 @@ impl Node {
                         self.current = None;
                         self.timing.connection_changed();
                         info!(conn, "peer connection lost: {reason}");
-                        self.last_conn_error = Some(reason.clone());
+                        self.last_conn_error = Some(reason.to_string());
                     }
                     self.feed(Event::ConnectionDown { conn, reason });
                 }
@@ -843,6 +856,10 @@ impl Node {
                     let r = self.adjust(adjust);
                     let _ = reply.send(r);
                 }
+                Input::FrontendOpened { client, name } => {
+                    self.feed(Event::FrontendOpened { client, name })
+                }
+                Input::FrontendClosed { client } => self.feed(Event::FrontendClosed { client }),
                 Input::Retry => {
                     self.retry_pending = false;
                     let s = self.replica.status();
@@ -866,7 +883,8 @@ impl Node {
                         | AdminCmd::Invalidate
                         | AdminCmd::DiscardMyData
                         | AdminCmd::Verify
-                        | AdminCmd::Adjust(_) => {}
+                        | AdminCmd::Adjust(_)
+                        | AdminCmd::Down => {}
                     }
                     let promote = matches!(cmd, AdminCmd::Promote { .. });
                     self.feed(Event::Admin { tag, cmd });

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Input;
-use crate::core::PeerMsg;
+use crate::core::{LinkLoss, PeerMsg};
 use crate::net::{close_code, ConnHandle, FrameSender, PeerConn};
 use crate::wire::{self, Stream};
 
@@ -73,22 +73,23 @@ impl Current {
                         }
                     }
                     Ok(None) => {
-                        reason = Some("the peer sent a truncated message".to_owned());
+                        reason = Some("a truncated message".to_owned());
                         break;
                     }
                     Err(e) => {
-                        reason = Some(format!("the peer sent a message we cannot decode: {e}"));
+                        reason = Some(e.to_string());
                         break;
                     }
                 }
             }
             let reason = match reason {
                 Some(r) => {
-                    warn!(conn = id, "closing the connection: {r}");
-                    handle.disconnect(close_code::PROTOCOL, &r);
-                    r
+                    let loss = LinkLoss::Undecodable(r);
+                    warn!(conn = id, "closing the connection: {loss}");
+                    handle.disconnect(close_code::PROTOCOL, &loss.to_string());
+                    loss
                 }
-                None => handle.closed().await.to_string(),
+                None => link_loss(handle.closed().await),
             };
             let _ = events.send(Input::ConnDown { conn: id, reason });
         });
@@ -143,5 +144,17 @@ impl Current {
             tokio::time::sleep(CLOSE_GRACE).await;
             handle.disconnect(close_code::DISCONNECT, &reason);
         });
+    }
+}
+
+/// The transport's reason, as the core's [`LinkLoss`].
+fn link_loss(r: crate::net::CloseReason) -> LinkLoss {
+    use crate::net::CloseReason as Net;
+    match r {
+        Net::TimedOut => LinkLoss::TimedOut,
+        Net::PeerClosed { code, reason } => LinkLoss::PeerClosed { code, reason },
+        Net::LocallyClosed => LinkLoss::LocallyClosed,
+        Net::Reset => LinkLoss::Reset,
+        r @ (Net::Tls(_) | Net::Transport(_) | Net::Setup(_)) => LinkLoss::Transport(r.to_string()),
     }
 }

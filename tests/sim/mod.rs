@@ -12,8 +12,8 @@ use std::collections::{BinaryHeap, HashMap};
 use bytes::Bytes;
 use twinblk::core::congestion::{Congestion, OnCongestion};
 use twinblk::core::{
-    Action, AdminCmd, Config, DiskState, Event, InjectedBug, IoId, Meta, PeerMsg, Protocol,
-    ReplState, Replica, Restored, Role, TimerKind,
+    Action, AdminCmd, AdminError, CloseReason, Config, DiskState, Event, InjectedBug, IoId,
+    LinkLoss, Meta, PeerMsg, Protocol, Refusal, ReplState, Replica, Restored, Role, TimerKind,
 };
 use twinblk::wire::{self, Stream};
 
@@ -212,7 +212,7 @@ enum Ev {
     ConnDown {
         node: usize,
         conn: u64,
-        reason: String,
+        reason: LinkLoss,
     },
     Timer {
         node: usize,
@@ -295,9 +295,9 @@ struct Switch {
     old: usize,
     demote_sent: bool,
     /// The answer to the old Primary's `secondary` (it may come later: it waits for the peer).
-    demoted: Option<Result<(), String>>,
+    demoted: Option<Result<(), AdminError>>,
     /// The last refusal of the peer's `primary`.
-    promote_err: Option<String>,
+    promote_err: Option<AdminError>,
     /// `primary` on the peer refused because it still sees the old Primary as Primary: the
     /// demotion's state change is on its way (the operator tries again).
     retries: u32,
@@ -609,12 +609,28 @@ impl World {
                     ..
                 }
             );
-        let lost_up_to_date_peer = matches!(ev, Event::ConnectionDown { .. }) && {
+        // A Primary with an UpToDate peer on a decided connection, not stopping: losing that
+        // peer, whether the transport reports it or the core closes the connection itself (a
+        // crc error, a local write error, a protocol violation), must hold every completion
+        // until the peer is fenced. Only the operator's `disconnect` (and the stop, whose
+        // clients are gone) and the peer's new connection replacing the old are not such a
+        // loss.
+        let had_up_to_date_peer = {
             let s = r.status();
             s.role == Role::Primary
                 && s.peer_disk == Some(DiskState::UpToDate)
                 && !matches!(s.repl, ReplState::StandAlone | ReplState::Connecting)
+                && !s.stopping
         };
+        let transport_loss = matches!(ev, Event::ConnectionDown { .. });
+        let operator = matches!(
+            ev,
+            Event::Admin {
+                cmd: AdminCmd::Disconnect,
+                ..
+            } | Event::Stop
+                | Event::ConnectionUp { .. }
+        );
         let ends_freeze = matches!(
             ev,
             Event::ConnectionUp { .. }
@@ -630,12 +646,20 @@ impl World {
         if ends_freeze {
             self.unfenced[node] = false;
         }
-        if self.cfg.fencing && lost_up_to_date_peer && r.status().peer_disk.is_none() {
-            self.unfenced[node] = true;
-        }
         let closes = out
             .iter()
             .any(|a| matches!(a, Action::CloseConnection { .. }));
+        let core_close = closes && !transport_loss && !operator;
+        if self.cfg.fencing
+            && had_up_to_date_peer
+            && (transport_loss || core_close)
+            && r.status().peer_disk.is_none()
+        {
+            self.unfenced[node] = true;
+            if core_close {
+                *self.stats.entry("fence: core-initiated close").or_default() += 1;
+            }
+        }
         let confirmable = !is_down && !closes;
         // Power fails now and then while a stop persists: its batch is cut right after one
         // of its persisting actions (or before the first), so the persist order must hold at
@@ -992,7 +1016,7 @@ impl World {
             }
             Action::CloseConnection { conn, reason } => {
                 self.log(format!("node {node} closes {conn}: {reason}"));
-                if reason.contains("crc32") {
+                if matches!(reason, CloseReason::CrcMismatch { .. }) {
                     *self.stats.entry("crc mismatch caught").or_default() += 1;
                 }
                 if self.conn == Some(conn) {
@@ -1005,7 +1029,11 @@ impl World {
                         Ev::ConnDown {
                             node: 1 - node,
                             conn: c,
-                            reason,
+                            // The peer hears the reason as the close's text.
+                            reason: LinkLoss::PeerClosed {
+                                code: 0,
+                                reason: reason.to_string(),
+                            },
                         },
                     );
                 }
@@ -1203,7 +1231,7 @@ impl World {
                     Ev::ConnDown {
                         node: n,
                         conn: c,
-                        reason: why.into(),
+                        reason: LinkLoss::Transport(why.into()),
                     },
                 );
             }
@@ -1309,7 +1337,7 @@ impl World {
                 Ev::ConnDown {
                     node: 1 - node,
                     conn: c,
-                    reason: "peer crashed".into(),
+                    reason: LinkLoss::Reset,
                 },
             );
         }
@@ -1586,11 +1614,11 @@ impl World {
     /// says: demote this node and reconnect; the peer becomes the Primary. During the workload
     /// the client's next write makes this a split brain instead (handled there), so only the
     /// heal phase, where no write comes, needs the operator.
-    fn stale_primary_refused(&mut self, node: usize, reason: &str) {
+    fn stale_primary_refused(&mut self, node: usize, reason: &Refusal) {
         // Either side may be the one to say it (seed 7408 with failovers on: only the
         // Secondary did, and the Primary kept reconnecting).
-        let stale = (node == self.prim && reason.contains("newer data than this Primary"))
-            || (node != self.prim && reason.contains("newer data than the Primary peer"));
+        let stale = (node == self.prim && *reason == Refusal::PeerNewerThanPrimary)
+            || (node != self.prim && *reason == Refusal::NewerThanPrimaryPeer);
         if !self.healing || self.split.is_some() || !stale {
             return;
         }
@@ -1637,9 +1665,22 @@ impl World {
     }
 
     /// A node refused the peer while a split brain was being made.
-    fn split_refused(&mut self, node: usize, reason: &str) {
+    fn split_refused(&mut self, node: usize, reason: &Refusal) {
         let incs = [self.nodes[A].inc, self.nodes[B].inc];
-        if self.split.is_none() && reason.contains("split brain") {
+        // Both Primary counts as the split brain it is (or becomes once one is demoted). A
+        // peer's refusal (its text) is not read: the peer reports its own finding.
+        let split_brain = match reason {
+            Refusal::SplitBrain(_) | Refusal::BothPrimary | Refusal::BothPrimaryConnected => true,
+            Refusal::ResourceMismatch { .. }
+            | Refusal::SizeMismatch { .. }
+            | Refusal::SameNodeId { .. }
+            | Refusal::NoUpToDate
+            | Refusal::PeerNewerThanPrimary
+            | Refusal::NewerThanPrimaryPeer
+            | Refusal::ByPeer(_)
+            | Refusal::DiskFailed(_) => false,
+        };
+        if self.split.is_none() && split_brain {
             if !self.forced_failover {
                 self.fail(format!(
                     "node {node} sees a split brain that nobody made: {reason}"
@@ -1662,7 +1703,7 @@ impl World {
         let Some(sp) = self.split.as_mut() else {
             return;
         };
-        if reason.contains("split brain") {
+        if split_brain {
             sp.reported[node] = true;
             *self.stats.entry("split brain reported").or_default() += 1;
         }
@@ -2477,16 +2518,13 @@ impl World {
             },
         );
         if self.status(new).is_some_and(|s| s.role != Role::Primary) {
-            let why = self
-                .switching
-                .as_mut()
-                .and_then(|sw| sw.promote_err.take())
-                .unwrap_or_default();
+            let why = self.switching.as_mut().and_then(|sw| sw.promote_err.take());
             // The old Primary's state change may still be on its way (it went out when the
             // demotion answered), like the CLI's retry of writes still landing.
-            let peer_primary = why.contains("the peer is Primary");
+            let peer_primary = matches!(why, Some(AdminError::PeerIsPrimary));
             let retries = self.switching.as_ref().map_or(0, |sw| sw.retries);
-            if why.contains(twinblk::core::PEER_WRITES_LANDING) || (peer_primary && retries < 40) {
+            let landing = matches!(why, Some(AdminError::PeerWritesLanding { .. }));
+            if landing || (peer_primary && retries < 40) {
                 *self
                     .stats
                     .entry(if peer_primary {
@@ -2502,6 +2540,7 @@ impl World {
                 self.schedule(50 * US, Ev::Switchover);
                 return;
             }
+            let why = why.map(|e| e.to_string()).unwrap_or_default();
             self.log(format!("SWITCHOVER: promotion refused: {why}"));
             self.admin(old, AdminCmd::Promote { force: false });
             self.end_switchover("switchover: promotion refused, old Primary back");

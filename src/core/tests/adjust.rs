@@ -12,7 +12,7 @@ fn settings(c: &Config) -> Adjustable {
     }
 }
 
-fn adjust(d: &mut Duo, n: usize, f: impl FnOnce(&mut Adjustable)) -> Result<(), String> {
+fn adjust(d: &mut Duo, n: usize, f: impl FnOnce(&mut Adjustable)) -> Result<(), AdminError> {
     let mut a = settings(d.r[n].as_ref().expect("alive").config());
     f(&mut a);
     d.admin_done.clear();
@@ -91,7 +91,7 @@ fn lose_on_primary(d: &mut Duo) {
             0,
             Event::ConnectionDown {
                 conn,
-                reason: "peer died".into(),
+                reason: LinkLoss::TimedOut,
             },
         );
     }
@@ -125,7 +125,9 @@ fn fencing_off_is_refused_while_frozen_and_nothing_of_the_adjust_applies() {
         a.after_sb_1pri = AfterSb1Pri::DiscardSecondary;
     })
     .expect_err("turning fencing off while frozen");
-    assert!(e.contains("frozen") && e.contains("disconnect"), "{e}");
+    assert_eq!(e, AdminError::FencingStillNeeded);
+    let t = e.to_string();
+    assert!(t.contains("frozen") && t.contains("disconnect"), "{t}");
     assert_eq!(
         settings(d.r[0].as_ref().expect("alive").config()),
         before,

@@ -86,7 +86,7 @@ fn lose(d: &mut Duo, n: usize) {
             n,
             Event::ConnectionDown {
                 conn,
-                reason: "peer died".into(),
+                reason: LinkLoss::TimedOut,
             },
         );
     }
@@ -187,7 +187,7 @@ fn the_peer_connecting_again_ends_the_freeze() {
         1,
         Event::ConnectionDown {
             conn: 1,
-            reason: "cut".into(),
+            reason: LinkLoss::TimedOut,
         },
     );
     assert!(d.completed.is_empty());
@@ -347,7 +347,7 @@ fn a_primary_fenced_while_frozen_returns_as_sync_target_without_split_brain() {
         1,
         Event::ConnectionDown {
             conn: 1,
-            reason: "cut".into(),
+            reason: LinkLoss::TimedOut,
         },
     );
     assert!(d.st(0).frozen.is_some());
@@ -399,7 +399,7 @@ fn an_async_primary_fenced_while_frozen_with_writes_only_it_has_reports_split_br
         1,
         Event::ConnectionDown {
             conn: 1,
-            reason: "cut".into(),
+            reason: LinkLoss::TimedOut,
         },
     );
     d.crash(0);
@@ -411,4 +411,187 @@ fn an_async_primary_fenced_while_frozen_with_writes_only_it_has_reports_split_br
         d.st(0).split_brain.is_some() || d.disk[0][(4 * BLOCK) as usize] == 0x22,
         "node 0's acknowledged write was resynced away without a split brain"
     );
+}
+
+/// A Primary with fencing and `fencing_cfg`, connected to `b` on connection 1, with one sync
+/// write (req 1, block 3) written locally and waiting for the peer's ack.
+fn fencing_primary_with_a_waiting_write() -> (Replica, Replica) {
+    let mut a = Replica::new(fencing_cfg(1), synced_meta());
+    let mut b = Replica::new(fencing_cfg(2), synced_meta());
+    promote_a_and_connect(&mut a, &mut b);
+    assert_eq!(a.status().repl, ReplState::Established);
+    assert_eq!(a.status().peer_disk, Some(DiskState::UpToDate));
+    let o = write(&mut a, 1, 3, 1);
+    let out = done(&mut a, writes(&o)[0].0);
+    assert!(
+        completions(&out).is_empty(),
+        "a sync write waits for the peer"
+    );
+    (a, b)
+}
+
+fn fenced_and_frozen(out: &[Action], a: &Replica) {
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Action::CloseConnection { .. })),
+        "the core closed the connection"
+    );
+    assert!(
+        completions(out).iter().all(|(_, r)| r.is_err()),
+        "a write the peer lacks was acknowledged before the peer was fenced: {:?}",
+        completions(out)
+    );
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Action::FencePeer { attempt: 1, .. })),
+        "no fence requested"
+    );
+    assert!(a.status().frozen.is_some());
+}
+
+/// Issue 17: the fencing hold applied only to losses the transport reported. A connection the
+/// core itself closes (here: the Primary's own disk failed a write) loses the UpToDate peer just
+/// the same, and a cluster manager may promote it: the waiting write must not be acknowledged
+/// before the peer is fenced.
+#[test]
+fn a_close_after_a_local_write_error_freezes_until_the_peer_is_fenced() {
+    let (mut a, _b) = fencing_primary_with_a_waiting_write();
+    let o = write(&mut a, 2, 5, 1);
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io: writes(&o)[0].0,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    fenced_and_frozen(&out, &a);
+    let out = a.handle_vec(
+        Event::Fenced {
+            episode: 1,
+            result: Ok(()),
+        },
+        0,
+    );
+    assert!(
+        completions(&out).contains(&(1, Ok(()))),
+        "the fenced loss answers the held write: {:?}",
+        completions(&out)
+    );
+}
+
+/// The same for a protocol violation by the peer (a second hello on an Established connection).
+#[test]
+fn a_close_for_a_peer_protocol_error_freezes_until_the_peer_is_fenced() {
+    let (mut a, b) = fencing_primary_with_a_waiting_write();
+    let out = deliver(&mut a, vec![PeerMsg::Hello(b.my_hello())]);
+    fenced_and_frozen(&out, &a);
+}
+
+/// An operator's `disconnect` is no loss to fence: it ends any freeze.
+#[test]
+fn an_operator_disconnect_fences_nothing() {
+    let (mut a, _b) = fencing_primary_with_a_waiting_write();
+    let out = a.handle_vec(
+        Event::Admin {
+            tag: 3,
+            cmd: AdminCmd::Disconnect,
+        },
+        0,
+    );
+    assert!(!out.iter().any(|x| matches!(x, Action::FencePeer { .. })));
+    assert_eq!(completions(&out), vec![(1, Ok(()))]);
+}
+
+/// Issue 17, defect 7, decided by the core: `secondary` and `down` refuse while frontend
+/// clients have the device open (their next writes would fail), naming them and the fix; the
+/// driver only reports opens and closes ([`Event::FrontendOpened`], [`Event::FrontendClosed`]).
+#[test]
+fn demotion_and_down_refuse_while_frontend_clients_have_the_device_open() {
+    let mut r = primary_alone(al_cfg(1), synced_meta());
+    for (client, name) in [(1, "unix:pid 42"), (2, "10.0.0.9:5000")] {
+        r.handle_vec(
+            Event::FrontendOpened {
+                client,
+                name: name.into(),
+            },
+            0,
+        );
+    }
+    let refusal = |out: Vec<Action>| {
+        out.into_iter()
+            .find_map(|a| match a {
+                Action::AdminDone { result: Err(e), .. } => Some(e),
+                _ => None,
+            })
+            .expect("refused")
+    };
+    for (cmd, word) in [(AdminCmd::Demote, "secondary"), (AdminCmd::Down, "down")] {
+        let e = refusal(r.handle_vec(Event::Admin { tag: 3, cmd }, 0));
+        assert_eq!(e.code(), AdminErrorCode::ClientsOpen);
+        let t = e.to_string();
+        assert!(
+            t.contains("2 NBD clients have r0 open (unix:pid 42, 10.0.0.9:5000)"),
+            "{t}"
+        );
+        assert!(t.contains(&format!("`twinblk {word} r0 --force`")), "{t}");
+    }
+    assert_eq!(r.status().role, Role::Primary);
+    // One left: still refused, naming only that one.
+    r.handle_vec(Event::FrontendClosed { client: 1 }, 0);
+    let e = refusal(r.handle_vec(
+        Event::Admin {
+            tag: 4,
+            cmd: AdminCmd::Demote,
+        },
+        0,
+    ));
+    assert!(
+        e.to_string()
+            .contains("1 NBD client has r0 open (10.0.0.9:5000)"),
+        "{e}"
+    );
+    r.handle_vec(Event::FrontendClosed { client: 2 }, 0);
+    for (tag, cmd) in [(5, AdminCmd::Down), (6, AdminCmd::Demote)] {
+        let out = r.handle_vec(Event::Admin { tag, cmd }, 0);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::AdminDone { tag: t, result: Ok(()) } if *t == tag)),
+            "{out:?}"
+        );
+    }
+    assert_eq!(r.status().role, Role::Secondary);
+}
+
+/// The same on a connected Primary whose last write is not yet stable on the peer (the
+/// demotion would wait for it): the open client is refused first (tests/operator.rs found the
+/// waiting demotion's path skipping the check).
+#[test]
+fn a_demotion_that_would_wait_for_the_peer_refuses_open_clients_too() {
+    let mut d = Duo::with(|n| {
+        let mut c = al_cfg(n);
+        c.stability_writes = 1000;
+        c
+    });
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.feed(
+        0,
+        Event::FrontendOpened {
+            client: 1,
+            name: "unix:pid 42".into(),
+        },
+    );
+    d.write(0, 3, 0x11);
+    assert!(d.st(0).peer_unstable > 0, "a demotion now would wait");
+    d.admin_done.clear();
+    d.admin(0, AdminCmd::Demote);
+    assert!(
+        matches!(
+            d.admin_done.last(),
+            Some((0, _, Err(AdminError::ClientsOpen { .. })))
+        ),
+        "{:?}",
+        d.admin_done
+    );
+    assert_eq!(d.st(0).role, Role::Primary);
 }

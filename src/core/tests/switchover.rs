@@ -73,7 +73,7 @@ fn a_connection_loss_saves_a_new_generation_before_completing_waiting_writes() {
     let out = a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "test".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -111,7 +111,7 @@ fn an_async_loss_with_unstable_writes_moves_the_generation() {
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "test".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -122,7 +122,7 @@ fn an_async_loss_with_unstable_writes_moves_the_generation() {
     a.handle_vec(
         Event::ConnectionDown {
             conn: 1,
-            reason: "test".into(),
+            reason: LinkLoss::TimedOut,
         },
         0,
     );
@@ -158,7 +158,7 @@ fn deliver_control_first(d: &mut Duo) {
     }
 }
 
-fn admin_result(d: &Duo, n: usize, tag: u64) -> Option<Result<(), String>> {
+fn admin_result(d: &Duo, n: usize, tag: u64) -> Option<Result<(), AdminError>> {
     d.admin_done
         .iter()
         .find(|(m, t, _)| *m == n && *t == tag)
@@ -300,7 +300,7 @@ fn a_demotion_cut_off_from_the_peer_fails_and_keeps_the_tail() {
     d.cut();
     let r = admin_result(&d, 0, 5);
     assert!(
-        matches!(&r, Some(Err(e)) if e.contains("lost")),
+        matches!(&r, Some(Err(AdminError::DemotionPeerLost { .. }))),
         "the demotion fails with the reason: {r:?}"
     );
     assert_eq!(d.st(0).role, Role::Primary);
@@ -338,7 +338,7 @@ fn a_promotion_is_refused_while_the_former_primarys_data_is_still_arriving() {
         0,
     );
     assert!(
-        out.iter().any(|x| matches!(x, Action::AdminDone { tag: 7, result: Err(e) } if e.contains(PEER_WRITES_LANDING))),
+        out.iter().any(|x| matches!(x, Action::AdminDone { tag: 7, result: Err(e) } if matches!(e, AdminError::PeerWritesLanding { .. }))),
         "{out:?}"
     );
     assert_eq!(b.status().role, Role::Secondary);

@@ -99,7 +99,9 @@ fn verify_needs_a_connected_up_to_date_peer() {
         Action::AdminDone { result: Err(e), .. } => Some(e.clone()),
         _ => None,
     });
-    assert!(err.is_some_and(|e| e.contains("Established")));
+    assert!(err.is_some_and(
+        |e| e.code() == AdminErrorCode::VerifyRefused && e.to_string().contains("Established")
+    ));
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //! directly with its OCF return code checked, then Debian's `ocf-tester` (package
 //! resource-agents) over the whole agent. Alpha is run by the agent, beta by the test.
 //!
-//! Pacemaker itself is not installed here, so there is no real crm_master. A recording
-//! stand-in on PATH (a test double at the edge: the only thing not real in this test) logs the
-//! score the agent sets, so the test can check that only an UpToDate node gets one.
+//! No cluster runs here (tests/cluster.rs has the real one), so a real crm_master could not
+//! reach a CIB. A recording stand-in first on PATH (a test double at the edge: the only thing not
+//! real in this test) logs the score the agent sets, so the test can check that only an UpToDate
+//! node gets one. Without the stand-in, PATH hides Pacemaker's own tools (`.ci/run` installs
+//! them for the cluster test), as on a node without Pacemaker.
 
 mod ops_common;
 
@@ -30,9 +32,37 @@ fn agent() -> PathBuf {
 
 struct Agent<'a> {
     p: &'a Pair,
-    /// Directory with the crm_master stand-in; `None`: PATH without it.
+    /// Directory with the crm_master stand-in; `None`: PATH without Pacemaker's tools.
     stub: Option<PathBuf>,
     config: PathBuf,
+}
+
+/// The tools the agent would take for a promotion score.
+const PACEMAKER_TOOLS: [&str; 2] = ["crm_master", "crm_attribute"];
+
+/// `path` with every directory holding a Pacemaker tool replaced by a directory of links to
+/// everything else in it: the agent then runs as on a node without Pacemaker.
+fn path_without_pacemaker(p: &Pair, path: &str) -> String {
+    let mut dirs = Vec::new();
+    for (i, dir) in path.split(':').enumerate() {
+        let dir = Path::new(dir);
+        if !PACEMAKER_TOOLS.iter().any(|t| dir.join(t).exists()) {
+            dirs.push(dir.display().to_string());
+            continue;
+        }
+        let shadow = p.path(&format!("path-without-pacemaker-{i}"));
+        if !shadow.exists() {
+            std::fs::create_dir_all(&shadow).unwrap();
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name();
+                if !PACEMAKER_TOOLS.iter().any(|t| name == *t) {
+                    let _ = std::os::unix::fs::symlink(e.path(), shadow.join(&name));
+                }
+            }
+        }
+        dirs.push(shadow.display().to_string());
+    }
+    dirs.join(":")
 }
 
 impl Agent<'_> {
@@ -41,7 +71,7 @@ impl Agent<'_> {
         let path = std::env::var("PATH").unwrap_or_default();
         let path = match &self.stub {
             Some(d) => format!("{}:{path}", d.display()),
-            None => path,
+            None => path_without_pacemaker(self.p, &path),
         };
         c.env("PATH", path)
             .env("OCF_ROOT", "/usr/lib/ocf")

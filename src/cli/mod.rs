@@ -513,20 +513,7 @@ fn promote(res: &ResArgs, force: bool) -> anyhow::Result<()> {
 
 fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
     let path = res.admin_socket()?;
-    let mut got = None;
-    let mut err = None;
-    control::request(&path, &Request::Status, |resp| {
-        match resp {
-            Response::Status { status } => got = Some(status),
-            Response::Error { message, .. } => err = Some(message),
-            _ => {}
-        }
-        false
-    })?;
-    if let Some(e) = err {
-        anyhow::bail!("{e}");
-    }
-    let s = got.context("the daemon sent no status")?;
+    let s = ops::query(&path)??;
     if json {
         println!("{s}");
         return Ok(());
@@ -538,20 +525,7 @@ fn status(res: &ResArgs, json: bool, verbose: bool) -> anyhow::Result<()> {
 /// `status --latency`: the daemon's breakdown as a table (or its JSON).
 fn latency(res: &ResArgs, json: bool, seconds: u64) -> anyhow::Result<()> {
     let path = res.admin_socket()?;
-    let mut got = None;
-    let mut err = None;
-    control::request(&path, &Request::Latency { seconds }, |resp| {
-        match resp {
-            Response::Status { status } => got = Some(status),
-            Response::Error { message, .. } => err = Some(message),
-            _ => {}
-        }
-        false
-    })?;
-    if let Some(e) = err {
-        anyhow::bail!("{e}");
-    }
-    let v = got.context("the daemon sent no latency breakdown")?;
+    let v = ops::query_for(&path, &Request::Latency { seconds }, "latency breakdown")??;
     if json {
         println!("{v}");
     } else {

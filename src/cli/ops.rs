@@ -43,9 +43,19 @@ pub fn events(res: &ResArgs, now: bool, json: bool) -> anyhow::Result<()> {
 }
 
 pub(super) fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> {
+    query_for(path, &Request::Status, "status")
+}
+
+/// One request whose answer is a `Response::Status` document (`status`, `status --latency`):
+/// the transport's error apart from the daemon's.
+pub(super) fn query_for(
+    path: &Path,
+    req: &Request,
+    what: &str,
+) -> Result<anyhow::Result<Value>, ControlError> {
     let mut got = None;
     let mut err = None;
-    control::request(path, &Request::Status, |resp| {
+    control::request(path, req, |resp| {
         match resp {
             Response::Status { status } => got = Some(status),
             Response::Error { message, .. } => err = Some(message),
@@ -56,7 +66,7 @@ pub(super) fn query(path: &Path) -> Result<anyhow::Result<Value>, ControlError> 
     Ok(match (got, err) {
         (_, Some(e)) => Err(anyhow::anyhow!("{e}")),
         (Some(s), None) => Ok(s),
-        (None, None) => Err(anyhow::anyhow!("the daemon sent no status")),
+        (None, None) => Err(anyhow::anyhow!("the daemon sent no {what}")),
     })
 }
 

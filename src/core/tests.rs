@@ -1602,6 +1602,28 @@ fn invalidate_makes_this_node_a_full_sync_target() {
     assert!(d.disk[0] == d.disk[1]);
 }
 
+/// A node that freezes on losing its UpToDate peer (`on-peer-lost`), with an activity log.
+fn fencing_cfg(node: u64) -> Config {
+    let mut c = al_cfg(node);
+    c.fencing = Fencing::FreezeUntilFenced;
+    c
+}
+
+/// The transport reports the loss of the current connection to node `n` only (the other is
+/// dead or stopped).
+fn lose(d: &mut Duo, n: usize) {
+    d.net.clear();
+    if let Some(conn) = d.conn.take() {
+        d.feed(
+            n,
+            Event::ConnectionDown {
+                conn,
+                reason: LinkLoss::TimedOut,
+            },
+        );
+    }
+}
+
 mod adjust;
 mod stop;
 mod switchover;

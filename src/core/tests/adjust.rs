@@ -77,26 +77,6 @@ fn a_policy_adjusted_on_one_node_only_resolves_nothing() {
     assert!(d.disk[0] != d.disk[1], "resolved with one node's policy");
 }
 
-fn fencing_cfg(node: u64) -> Config {
-    let mut c = al_cfg(node);
-    c.fencing = Fencing::FreezeUntilFenced;
-    c
-}
-
-/// Node 0 (Primary) alone learns that the connection is gone.
-fn lose_on_primary(d: &mut Duo) {
-    d.net.clear();
-    if let Some(conn) = d.conn.take() {
-        d.feed(
-            0,
-            Event::ConnectionDown {
-                conn,
-                reason: LinkLoss::TimedOut,
-            },
-        );
-    }
-}
-
 #[test]
 fn fencing_turned_on_by_adjust_freezes_the_next_loss() {
     let mut d = Duo::new();
@@ -104,7 +84,7 @@ fn fencing_turned_on_by_adjust_freezes_the_next_loss() {
     d.connect();
     adjust(&mut d, 0, |a| a.fencing = Fencing::FreezeUntilFenced).expect("adjust");
     d.write_unsettled(0, 3, 0x11);
-    lose_on_primary(&mut d);
+    lose(&mut d, 0);
     assert_eq!(d.fence_requests[0], vec![(1, 1)]);
     assert!(d.st(0).frozen.is_some());
     assert!(d.completed.is_empty(), "a write completed while frozen");
@@ -116,7 +96,7 @@ fn fencing_off_is_refused_while_frozen_and_nothing_of_the_adjust_applies() {
     d.admin(0, AdminCmd::Promote { force: false });
     d.connect();
     d.write_unsettled(0, 3, 0x11);
-    lose_on_primary(&mut d);
+    lose(&mut d, 0);
     assert!(d.st(0).frozen.is_some());
     let before = settings(d.r[0].as_ref().expect("alive").config());
     let e = adjust(&mut d, 0, |a| {

@@ -71,27 +71,6 @@ fn down_with_a_write_unstable_on_the_peer_resyncs_it_after_restart() {
     assert!(d.disk[0] == d.disk[1], "Established over different disks");
 }
 
-fn fencing_cfg(node: u64) -> Config {
-    let mut c = al_cfg(node);
-    c.fencing = Fencing::FreezeUntilFenced;
-    c
-}
-
-/// The transport reports the loss of the current connection to node `n` only (the other is
-/// dead or stopped).
-fn lose(d: &mut Duo, n: usize) {
-    d.net.clear();
-    if let Some(conn) = d.conn.take() {
-        d.feed(
-            n,
-            Event::ConnectionDown {
-                conn,
-                reason: LinkLoss::TimedOut,
-            },
-        );
-    }
-}
-
 #[test]
 fn a_primary_losing_its_up_to_date_peer_freezes_writes_until_the_peer_is_fenced() {
     let mut d = Duo::with(fencing_cfg);

@@ -61,15 +61,12 @@ fn random_workloads_with_faults() {
         }
         // `TWINBLK_SIM_BUG=NAME`: replay a seed of a `caught` check with its injected bug.
         if let Ok(b) = std::env::var("TWINBLK_SIM_BUG") {
-            cfg.bug = match b.as_str() {
-                "NoGenerationAtLoss" => InjectedBug::NoGenerationAtLoss,
-                "DemoteWithoutPeer" => InjectedBug::DemoteWithoutPeer,
-                "StopDropsTransferLog" => InjectedBug::StopDropsTransferLog,
-                "StopSavesMetaBeforeBitmap" => InjectedBug::StopSavesMetaBeforeBitmap,
-                "NoFreezeOnPeerLost" => InjectedBug::NoFreezeOnPeerLost,
-                "NoFenceOnCoreClose" => InjectedBug::NoFenceOnCoreClose,
-                other => panic!("TWINBLK_SIM_BUG={other}: not one of the replayable bugs"),
-            };
+            cfg.bug = InjectedBug::from_name(&b).unwrap_or_else(|| {
+                panic!(
+                    "TWINBLK_SIM_BUG={b}: not an injected bug; one of {:?}",
+                    InjectedBug::ALL
+                )
+            });
         }
         let w = run_seed(cfg);
         if std::env::var_os("TWINBLK_SIM_SHOW_REFUSALS").is_some()

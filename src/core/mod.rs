@@ -275,6 +275,62 @@ pub enum InjectedBug {
     NoFenceOnCoreClose,
 }
 
+impl InjectedBug {
+    /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
+    /// exhaustively, so a new variant is a compile error there until it is listed here too.
+    pub const ALL: [InjectedBug; 16] = {
+        use InjectedBug::*;
+        [
+            None,
+            AckWithoutPeer,
+            ForgetInFlightOnDisconnect,
+            ResolveSplitBrainSilently,
+            IgnoreActivityLogOnRestore,
+            NoSyncAtPromotion,
+            FlushFailureIgnored,
+            ForgetTargetAtResyncEnd,
+            SourceSeesTargetUpToDate,
+            TrimDiverges,
+            NoGenerationAtLoss,
+            DemoteWithoutPeer,
+            StopDropsTransferLog,
+            StopSavesMetaBeforeBitmap,
+            NoFreezeOnPeerLost,
+            NoFenceOnCoreClose,
+        ]
+    };
+
+    /// This variant's index in [`InjectedBug::ALL`].
+    pub const fn position(self) -> usize {
+        use InjectedBug::*;
+        match self {
+            None => 0,
+            AckWithoutPeer => 1,
+            ForgetInFlightOnDisconnect => 2,
+            ResolveSplitBrainSilently => 3,
+            IgnoreActivityLogOnRestore => 4,
+            NoSyncAtPromotion => 5,
+            FlushFailureIgnored => 6,
+            ForgetTargetAtResyncEnd => 7,
+            SourceSeesTargetUpToDate => 8,
+            TrimDiverges => 9,
+            NoGenerationAtLoss => 10,
+            DemoteWithoutPeer => 11,
+            StopDropsTransferLog => 12,
+            StopSavesMetaBeforeBitmap => 13,
+            NoFreezeOnPeerLost => 14,
+            NoFenceOnCoreClose => 15,
+        }
+    }
+
+    /// The variant named `name` (its Rust name, as `Debug` prints it).
+    pub fn from_name(name: &str) -> Option<InjectedBug> {
+        InjectedBug::ALL
+            .into_iter()
+            .find(|b| format!("{b:?}") == name)
+    }
+}
+
 /// What a Primary does when it loses a connection on which the peer was UpToDate (resource key
 /// `on-peer-lost`, DRBD's `fencing resource-and-stonith`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

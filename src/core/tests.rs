@@ -2445,3 +2445,14 @@ fn a_failed_flush_on_a_lone_primary_marks_every_block() {
     assert!(out.iter().any(|x| matches!(x, Action::SaveBitmap { .. })));
     assert_eq!(completions(&write(&mut a, 61, 0, 1)), vec![(61, Err(EIO))]);
 }
+
+/// `InjectedBug::ALL` lists every variant once, in `position` order, so `TWINBLK_SIM_BUG` can
+/// replay any of them by name.
+#[test]
+fn every_injected_bug_is_replayable_by_name() {
+    for (i, b) in InjectedBug::ALL.into_iter().enumerate() {
+        assert_eq!(b.position(), i, "{b:?}");
+        assert_eq!(InjectedBug::from_name(&format!("{b:?}")), Some(b));
+    }
+    assert_eq!(InjectedBug::from_name("NoSuchBug"), None);
+}

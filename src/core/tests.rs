@@ -1216,37 +1216,12 @@ impl Duo {
                         ));
                     }
                     Action::Send(m) => {
-                        match &m {
-                            PeerMsg::ResyncData { data, .. } => {
-                                self.resynced_bytes[n] += data.len() as u64;
-                            }
-                            PeerMsg::ResyncZero { len, .. } => {
-                                self.resynced_bytes[n] += *len as u64;
+                        // Only resync payloads are counted.
+                        if let Some(bytes) = m.resync_payload_bytes() {
+                            self.resynced_bytes[n] += bytes;
+                            if matches!(m, PeerMsg::ResyncZero { .. }) {
                                 self.resync_zero_msgs[n] += 1;
                             }
-                            // Only resync payloads are counted.
-                            PeerMsg::Hello(_)
-                            | PeerMsg::State(_)
-                            | PeerMsg::Refuse { .. }
-                            | PeerMsg::Data(_)
-                            | PeerMsg::Barrier { .. }
-                            | PeerMsg::PeerBitmap { .. }
-                            | PeerMsg::ResyncProgress { .. }
-                            | PeerMsg::ResyncDone { .. }
-                            | PeerMsg::WriteAck { .. }
-                            | PeerMsg::BarrierAck { .. }
-                            | PeerMsg::ResyncAck { .. }
-                            | PeerMsg::VerifyStart { .. }
-                            | PeerMsg::VerifyRequest { .. }
-                            | PeerMsg::VerifyEnd { .. }
-                            | PeerMsg::VerifyReply { .. }
-                            | PeerMsg::VerifyAsk
-                            | PeerMsg::VerifyStop { .. }
-                            | PeerMsg::CsumRequest { .. }
-                            | PeerMsg::CsumReply { .. }
-                            | PeerMsg::ResyncSame { .. }
-                            | PeerMsg::Ahead { .. }
-                            | PeerMsg::AheadResync { .. } => {}
                         }
                         if let Some(conn) = self.conn {
                             let bytes = crate::wire::encode(&m).expect("encode");

@@ -282,7 +282,7 @@ impl Node {
                     if let PeerMsg::Data(x) = &msg {
                         self.obs.unacked.insert(x.seq, x.data.len() as u64);
                     }
-                    if let Some(n) = resync_payload_bytes(&msg) {
+                    if let Some(n) = msg.resync_payload_bytes() {
                         self.obs.metrics.resync_bytes.inc_by(n);
                     }
                     c.send(&msg);
@@ -830,7 +830,7 @@ impl Node {
                         }
                         _ => {}
                     }
-                    if let Some(n) = resync_payload_bytes(&msg) {
+                    if let Some(n) = msg.resync_payload_bytes() {
                         self.obs.metrics.resync_bytes.inc_by(n);
                     }
                     self.feed(Event::Peer { conn, msg })
@@ -967,37 +967,6 @@ fn log_change(resource: &str, node: &str, c: &change::Described) {
         warn!(resource, node, kind, from, to, "{}", c.text);
     } else {
         info!(resource, node, kind, from, to, "{}", c.text);
-    }
-}
-
-/// The resync payload a message carries, for `twinblk_resync_bytes_total` (counted as sent on
-/// the source and as received on the target). Exhaustive, so a new message kind decides here.
-fn resync_payload_bytes(msg: &PeerMsg) -> Option<u64> {
-    match msg {
-        PeerMsg::ResyncData { data, .. } => Some(data.len() as u64),
-        PeerMsg::ResyncZero { len, .. } => Some(u64::from(*len)),
-        PeerMsg::Hello(_)
-        | PeerMsg::State(_)
-        | PeerMsg::Refuse { .. }
-        | PeerMsg::Data(_)
-        | PeerMsg::Barrier { .. }
-        | PeerMsg::PeerBitmap { .. }
-        | PeerMsg::ResyncProgress { .. }
-        | PeerMsg::ResyncDone { .. }
-        | PeerMsg::WriteAck { .. }
-        | PeerMsg::BarrierAck { .. }
-        | PeerMsg::ResyncAck { .. }
-        | PeerMsg::VerifyStart { .. }
-        | PeerMsg::VerifyRequest { .. }
-        | PeerMsg::VerifyEnd { .. }
-        | PeerMsg::VerifyReply { .. }
-        | PeerMsg::VerifyAsk
-        | PeerMsg::VerifyStop { .. }
-        | PeerMsg::CsumRequest { .. }
-        | PeerMsg::CsumReply { .. }
-        | PeerMsg::ResyncSame { .. }
-        | PeerMsg::Ahead { .. }
-        | PeerMsg::AheadResync { .. } => None,
     }
 }
 

@@ -319,6 +319,39 @@ pub enum PeerMsg {
     },
 }
 
+impl PeerMsg {
+    /// The resync payload a message carries, for `twinblk_resync_bytes_total` (counted as sent on
+    /// the source and as received on the target). Exhaustive, so a new message kind decides here.
+    pub fn resync_payload_bytes(&self) -> Option<u64> {
+        match self {
+            PeerMsg::ResyncData { data, .. } => Some(data.len() as u64),
+            PeerMsg::ResyncZero { len, .. } => Some(u64::from(*len)),
+            PeerMsg::Hello(_)
+            | PeerMsg::State(_)
+            | PeerMsg::Refuse { .. }
+            | PeerMsg::Data(_)
+            | PeerMsg::Barrier { .. }
+            | PeerMsg::PeerBitmap { .. }
+            | PeerMsg::ResyncProgress { .. }
+            | PeerMsg::ResyncDone { .. }
+            | PeerMsg::WriteAck { .. }
+            | PeerMsg::BarrierAck { .. }
+            | PeerMsg::ResyncAck { .. }
+            | PeerMsg::VerifyStart { .. }
+            | PeerMsg::VerifyRequest { .. }
+            | PeerMsg::VerifyEnd { .. }
+            | PeerMsg::VerifyReply { .. }
+            | PeerMsg::VerifyAsk
+            | PeerMsg::VerifyStop { .. }
+            | PeerMsg::CsumRequest { .. }
+            | PeerMsg::CsumReply { .. }
+            | PeerMsg::ResyncSame { .. }
+            | PeerMsg::Ahead { .. }
+            | PeerMsg::AheadResync { .. } => None,
+        }
+    }
+}
+
 #[repr(u16)]
 #[derive(Clone, Copy)]
 enum Kind {

@@ -16,6 +16,19 @@ fn deliver_to(d: &mut Duo, to: usize) {
     }
 }
 
+/// Node 0 Primary and connected, with volatile disk caches: block 3 settled on both, block 5
+/// written on the peer and acked, its flush barrier still on the way when the peer stops.
+fn write_unstable_on_the_peer(d: &mut Duo) {
+    d.volatile = true;
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 3, 0x11);
+    d.write_unsettled(0, 5, 0x22);
+    d.net.retain(|(_, _, m)| matches!(m, PeerMsg::Data(_)));
+    deliver_to(d, 1);
+    deliver_to(d, 0);
+}
+
 /// `twinblk down` on node `n` with the peer not answering: the drain expires. Returns the
 /// stop's outcome; the node is gone afterwards (its persisted state stays in `d.saved`).
 fn down(d: &mut Duo, n: usize) -> StopOutcome {
@@ -35,15 +48,7 @@ fn down(d: &mut Duo, n: usize) -> StopOutcome {
 #[test]
 fn down_with_a_write_unstable_on_the_peer_resyncs_it_after_restart() {
     let mut d = Duo::new();
-    d.volatile = true;
-    d.admin(0, AdminCmd::Promote { force: false });
-    d.connect();
-    d.write(0, 3, 0x11);
-    // Block 5: written on B and acked, its flush barrier still on the way when B stops.
-    d.write_unsettled(0, 5, 0x22);
-    d.net.retain(|(_, _, m)| matches!(m, PeerMsg::Data(_)));
-    deliver_to(&mut d, 1);
-    deliver_to(&mut d, 0);
+    write_unstable_on_the_peer(&mut d);
     assert_eq!(
         d.completed.last().map(|c| c.1),
         Some(Ok(())),
@@ -181,14 +186,7 @@ fn the_peer_connecting_again_ends_the_freeze() {
 #[test]
 fn down_whose_peer_is_lost_during_the_drain_keeps_the_unstable_writes_in_the_bitmap() {
     let mut d = Duo::with(fencing_cfg);
-    d.volatile = true;
-    d.admin(0, AdminCmd::Promote { force: false });
-    d.connect();
-    d.write(0, 3, 0x11);
-    d.write_unsettled(0, 5, 0x22);
-    d.net.retain(|(_, _, m)| matches!(m, PeerMsg::Data(_)));
-    deliver_to(&mut d, 1);
-    deliver_to(&mut d, 0);
+    write_unstable_on_the_peer(&mut d);
     assert_eq!(d.completed.last().map(|c| c.1), Some(Ok(())));
     d.feed(0, Event::Stop);
     assert!(d.stopped[0].is_none(), "the drain waits for the peer");

@@ -1,7 +1,9 @@
 //! Deterministic simulation of two twinblk nodes (see tests/sim/). Runs many seeds; a failing
 //! seed prints the command that replays it exactly.
 //!
-//! `TWINBLK_SIM_SEEDS=N` runs N seeds (default 2000), `TWINBLK_SIM_SEED=S` replays one seed.
+//! `TWINBLK_SIM_SEEDS=N` runs N seeds (default 2000) from `TWINBLK_SIM_FIRST_SEED` (default 1),
+//! `TWINBLK_SIM_SEED=S` replays one seed. `TWINBLK_SIM_FLUSH_FAULTS=0|1` turns
+//! `SimConfig::flush_faults` off or on for `random_workloads_with_faults`.
 
 mod sim;
 
@@ -24,7 +26,14 @@ fn seeds() -> Vec<u64> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(2000u64);
-    (1..=n).collect()
+    let first = std::env::var("TWINBLK_SIM_FIRST_SEED")
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("TWINBLK_SIM_FIRST_SEED must be a number")
+        })
+        .unwrap_or(1u64);
+    (first..first + n).collect()
 }
 
 #[test]
@@ -52,6 +61,12 @@ fn random_workloads_with_faults() {
         };
         cfg.failover |= failovers;
         cfg.downs |= downs;
+        match std::env::var("TWINBLK_SIM_FLUSH_FAULTS").as_deref() {
+            Ok("1") => cfg.flush_faults = true,
+            Ok("0") => cfg.flush_faults = false,
+            Ok(other) => panic!("TWINBLK_SIM_FLUSH_FAULTS={other}: 0 or 1"),
+            Err(_) => {}
+        }
         // `TWINBLK_SIM_PROTOCOL=sync|async`: every seed in one protocol mode.
         match std::env::var("TWINBLK_SIM_PROTOCOL").as_deref() {
             Ok("sync") => cfg.protocol = twinblk::core::Protocol::Sync,
@@ -226,6 +241,8 @@ fn checker_catches_a_promotion_without_sync() {
     let mut caught = Vec::new();
     for seed in seeds {
         let mut cfg = with_failovers(seed);
+        // Its known seeds are found with flush faults off (on, they draw differently).
+        cfg.flush_faults = false;
         cfg.bug = InjectedBug::NoSyncAtPromotion;
         if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
             let m = p.downcast_ref::<String>().cloned().unwrap_or_default();
@@ -240,7 +257,9 @@ fn checker_catches_a_promotion_without_sync() {
         "no seed caught a promotion without sync (rescan, see above)"
     );
     for &seed in &caught {
-        run_seed(with_failovers(seed));
+        let mut cfg = with_failovers(seed);
+        cfg.flush_faults = false;
+        run_seed(cfg);
     }
 }
 
@@ -323,7 +342,13 @@ fn checker_catches_a_loss_that_leaves_the_generation_as_it_was() {
 /// the old Primary's acknowledged async tail in a planned switchover.
 #[test]
 fn checker_catches_a_switchover_that_overtakes_the_tail() {
-    let msgs = caught_with(InjectedBug::DemoteWithoutPeer, 150, with_async_switchovers);
+    // Flush faults off: the seeds that catch it were found without them (each failed flush
+    // also ends a switchover early, by a restart).
+    let msgs = caught_with(InjectedBug::DemoteWithoutPeer, 150, |seed| {
+        let mut cfg = with_async_switchovers(seed);
+        cfg.flush_faults = false;
+        cfg
+    });
     assert!(
         msgs.iter()
             .any(|m| m.contains("planned switchover lost an acknowledged write")),
@@ -362,7 +387,12 @@ fn checker_catches_a_stop_that_drops_the_transfer_log() {
 /// covered: writes made while disconnected.
 #[test]
 fn checker_catches_a_stop_that_saves_not_primary_before_the_bitmap() {
-    let msgs = caught_with(InjectedBug::StopSavesMetaBeforeBitmap, 600, with_downs);
+    // Flush faults off: the seeds that catch it were found without them.
+    let msgs = caught_with(InjectedBug::StopSavesMetaBeforeBitmap, 600, |seed| {
+        let mut cfg = with_downs(seed);
+        cfg.flush_faults = false;
+        cfg
+    });
     assert!(
         msgs.iter().any(|m| m.contains("invariant violated")),
         "no seed caught a stop that saved 'not Primary' before the bitmap: {msgs:?}"

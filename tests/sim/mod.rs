@@ -84,7 +84,11 @@ pub struct SimConfig {
     /// promoted on its stale view of a Secondary peer, then received that State and refused
     /// "both nodes are Primary": a false split-brain report of the core, not yet fixed; and
     /// three checkers whose known seeds move (`promotion_without_sync`,
-    /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`).
+    /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`;
+    /// they pin flush faults off now). Async seed 922 was the oracle's: a Primary whose flush
+    /// failed with its peer UpToDate gives its disk up (Inconsistent), so the peer's disk is
+    /// the data, not the failed one (`peer_takes_over_a_failed_disk`).
+    /// `TWINBLK_SIM_FLUSH_FAULTS=0|1` overrides it for `random_workloads_with_faults`.
     pub flush_faults: bool,
 }
 
@@ -1248,6 +1252,13 @@ impl World {
         let prim_in_sync = self
             .status(node)
             .is_some_and(|s| s.repl == ReplState::Established);
+        // A Primary whose flush failed while its peer held everything made its own disk
+        // Inconsistent (`DiskFailure`): the peer's disk is the data now, not what the failed
+        // one holds.
+        let disk_gave_up = node == self.prim
+            && self
+                .status(node)
+                .is_some_and(|s| s.disk_failure.is_some() && s.disk == DiskState::Inconsistent);
         self.note_interrupted_resync();
         let sec = 1 - self.prim;
         *self
@@ -1291,13 +1302,17 @@ impl World {
         self.forget_lost_rogue_writes(node);
         if node == self.prim {
             self.outstanding.clear();
-            if let Err(e) = self.oracle.check_primary_crash(&self.nodes[node].disk) {
+            if disk_gave_up && self.alive(sec) && self.split.is_none() {
+                self.peer_takes_over_a_failed_disk(sec);
+            } else if let Err(e) = self.oracle.check_primary_crash(&self.nodes[node].disk) {
                 self.fail(format!("when the primary was killed: {e}"));
-            }
-            if let Err(e) = self.oracle.rebase(&self.nodes[node].disk, false) {
+            } else if let Err(e) = self.oracle.rebase(&self.nodes[node].disk, false) {
                 self.fail(format!("primary's disk after crash: {e}"));
-            }
-            if self.cfg.failover && self.cfg.faults && self.alive(sec) && self.split.is_none() {
+            } else if self.cfg.failover
+                && self.cfg.faults
+                && self.alive(sec)
+                && self.split.is_none()
+            {
                 // Mostly when the survivor is in sync (the failover operators do); sometimes
                 // of a stale or Inconsistent survivor (forced).
                 let in_sync = prim_in_sync
@@ -1392,6 +1407,48 @@ impl World {
                 sp.written[node].push(tag);
             }
         }
+    }
+
+    /// The Primary's flush failed while its peer held everything, so its disk became
+    /// Inconsistent and the operator restarted it (`RestartFailedNode`): its status says to
+    /// promote the peer, and the operator does. The failed flush only covers what it was to
+    /// make stable, so the peer must hold everything a completed flush (or FUA write) made
+    /// stable on the Primary, and (`primary_crash`, sync) every write it acked; what the failed
+    /// disk holds is no longer the data (async seed 922, flush faults on: the oracle had
+    /// rebuilt the history from the failed disk, and the peer's acknowledged tag 27, rightly
+    /// resynced back, read as a lost version).
+    fn peer_takes_over_a_failed_disk(&mut self, peer: usize) {
+        *self
+            .stats
+            .entry("disk failed: the peer takes over")
+            .or_default() += 1;
+        // The peer's disk writes still landing belong to it (`failover` waits for them).
+        let mut img = self.nodes[peer].disk.volatile.clone();
+        for s in self.queue.iter() {
+            if let Ev::Disk {
+                node,
+                inc,
+                op: DiskOp::Write { offset, data, .. },
+                fail: None,
+                ..
+            } = &s.ev
+            {
+                if *node == peer && *inc == self.nodes[peer].inc {
+                    let off = *offset as usize;
+                    img[off..off + data.len()].copy_from_slice(data);
+                }
+            }
+        }
+        if let Err(e) = self.oracle.check_holds_stable(&img) {
+            self.fail(format!(
+                "node {peer} takes over from a Primary whose disk failed without data the \
+                 Primary had made stable: {e}"
+            ));
+        }
+        self.failover_pending = true;
+        self.survivor_in_sync = true;
+        let d = self.rng.range(50 * US, 400 * US);
+        self.schedule(d, Ev::Failover);
     }
 
     /// The operator promotes the survivor of a Primary crash: plainly, and with `--force` if

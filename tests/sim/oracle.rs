@@ -145,13 +145,18 @@ impl Oracle {
     /// The Primary crashed: its disk (as the crash left it) still holds everything a flush made
     /// stable and what it was promoted with.
     pub fn check_primary_crash(&self, prim: &SimDisk) -> Result<(), String> {
+        self.check_holds_stable(&prim.durable)
+            .map_err(|e| format!("the Primary's crash took back stable data: {e}"))
+    }
+
+    /// `img` holds everything a flush made stable on the Primary and what it was promoted
+    /// with (a crashed Primary's disk, or the peer that takes over from a Primary whose disk
+    /// failed).
+    pub fn check_holds_stable(&self, img: &[u8]) -> Result<(), String> {
         for (b, &floor) in self.prim_floor.iter().enumerate() {
-            let have = self.best_order(&prim.durable, b)?;
+            let have = self.best_order(img, b)?;
             if have < floor {
-                return Err(format!(
-                    "the Primary's crash took back stable data: block {b} at version {have}, \
-                     stable at {floor}"
-                ));
+                return Err(format!("block {b} at version {have}, stable at {floor}"));
             }
         }
         Ok(())

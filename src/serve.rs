@@ -151,7 +151,7 @@ fn run_ublk(cfg: ServeConfig, u: UblkConfig) -> Result<(), ServeError> {
     let served = crate::ublk_target::serve_ublk(disk.clone(), rt.handle().clone(), &opts, |dev| {
         info!("serving {path} ({size} bytes) as {dev}");
         // Tests and scripts wait for this line.
-        println!("ublk device {dev}");
+        announce(&format!("ublk device {dev}"));
     });
     rt.block_on(disk.flush()).map_err(ServeError::Flush)?;
     served?;
@@ -189,7 +189,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         cfg.export
     );
     // Tests and scripts wait for this line.
-    println!("listening on {shown}");
+    announce(&format!("listening on {shown}"));
 
     serve_until(listener, server, async {
         tokio::select! {
@@ -201,6 +201,15 @@ async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     disk.flush().await.map_err(ServeError::Flush)?;
     info!("disk flushed; exiting");
     Ok(())
+}
+
+/// Prints a line scripts wait for on stdout. Unlike `println!`, a stdout that cannot be written
+/// (a full file system under a redirected log, a closed pipe) is not a panic: the server runs
+/// on, as its logging does (see `cli::init_logging`).
+pub(crate) fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Serve NBD connections from `listener` until `stop` completes; then stop accepting, let every

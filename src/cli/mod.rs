@@ -347,6 +347,11 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
         Some(l) => EnvFilter::try_new(l).with_context(|| format!("--log-level {l:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // A log line that cannot be written (its file system is full, its pipe closed) is lost,
+    // never fatal: tracing-subscriber's builder reports such a failure with `eprintln!`, which
+    // panics when stderr fails too, so the panic took down whichever task was logging. A disk
+    // I/O task logging its own ENOSPC then never reported the completion, and a sync write
+    // waited for it forever (a CI run on a full machine: fio hung at 0 % CPU). Off here.
     if format == LogFormat::Json {
         // Fields at the top level, so collectors can index `resource`, `kind`, `to` directly.
         tracing_subscriber::fmt()
@@ -356,6 +361,7 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
             .with_span_list(false)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .init();
         return Ok(());
     }
@@ -363,6 +369,7 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .init();
     Ok(())
 }

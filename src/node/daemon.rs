@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::info;
+use tracing::{error, info};
 
 use super::admin::Admin;
 use super::frontend::UblkFrontend;
@@ -249,7 +249,12 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         stopped: None,
         timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
     };
-    let event_loop = tokio::spawn(node.run(rx));
+    // Ends (with an error) when the event loop task does, whether it returned or panicked.
+    let (loop_alive, mut loop_ended) = oneshot::channel::<()>();
+    let event_loop = tokio::spawn(async move {
+        let _alive = loop_alive;
+        node.run(rx).await
+    });
 
     let (down_tx, mut down_rx) = watch::channel(false);
     let ublk_device = Arc::new(std::sync::OnceLock::new());
@@ -302,7 +307,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
                 Ok(u) => {
                     info!(resource = %resource, "ublk device {}", u.device);
                     // Scripts wait for this line.
-                    println!("ublk device {}", u.device);
+                    crate::serve::announce(&format!("ublk device {}", u.device));
                     let _ = ublk_device.set(u.device.clone());
                     Some(u)
                 }
@@ -315,7 +320,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         }
     };
     // Tests and scripts wait for this line.
-    println!("listening on {shown}");
+    crate::serve::announce(&format!("listening on {shown}"));
     // The NBD socket is bound and listening: connections are accepted from here on.
     super::notify::notify("READY=1");
 
@@ -324,6 +329,13 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             _ = sigint.recv() => info!("SIGINT: shutting down"),
             _ = down_rx.wait_for(|d| *d) => info!("twinblk down: shutting down"),
+            // Before a shutdown the event loop only ends by a bug (a panic): every request
+            // would then wait for it forever, so stop serving (clients see the connection
+            // close) and exit with an error for the supervisor to restart us.
+            _ = &mut loop_ended => error!(
+                "the replication event loop stopped unexpectedly (a bug; see the lines \
+                 above): shutting down so no client waits for it"
+            ),
         }
         // Tell systemd at once: the drain that follows may take a while.
         super::notify::notify("STOPPING=1");

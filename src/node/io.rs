@@ -23,9 +23,9 @@ pub(super) fn start(
     after_send: bool,
 ) -> bool {
     let disk = disk.clone();
-    let tx = tx.clone();
-    let done = move |io: IoId, result: Result<Option<Bytes>, i32>| {
-        let _ = tx.send(Input::DiskDone { io, result });
+    let done = |io: IoId| Completion {
+        io,
+        tx: Some(tx.clone()),
     };
     match action {
         Action::DiskWrite {
@@ -34,7 +34,7 @@ pub(super) fn start(
             data,
             fua,
         } => {
-            let (io, offset, fua) = (*io, *offset, *fua);
+            let (done, offset, fua) = (done(*io), *offset, *fua);
             let data = data.clone();
             tokio::spawn(async move {
                 if after_send {
@@ -44,38 +44,71 @@ pub(super) fn start(
                 // on the Primary); the disk copies a network buffer that does not.
                 let buf = IoBuf::from_bytes(data);
                 let r = disk.write(offset, buf, fua).await;
-                done(io, r.map(|()| None).map_err(|e| e.errno()));
+                done.report(r.map(|()| None).map_err(|e| e.errno()));
             });
         }
         Action::DiskTrim { io, offset, len } => {
-            let (io, offset, len) = (*io, *offset, *len);
+            let (done, offset, len) = (done(*io), *offset, *len);
             tokio::spawn(async move {
                 let r = disk.trim(offset, len.into()).await;
-                done(io, r.map(|()| None).map_err(|e| e.errno()));
+                done.report(r.map(|()| None).map_err(|e| e.errno()));
             });
         }
         Action::DiskZero { io, offset, len } => {
-            let (io, offset, len) = (*io, *offset, *len);
+            let (done, offset, len) = (done(*io), *offset, *len);
             tokio::spawn(async move {
                 let r = disk.write_zeroes(offset, len.into(), true).await;
-                done(io, r.map(|()| None).map_err(|e| e.errno()));
+                done.report(r.map(|()| None).map_err(|e| e.errno()));
             });
         }
         Action::DiskFlush { io } => {
-            let io = *io;
+            let done = done(*io);
             tokio::spawn(async move {
                 let r = disk.flush().await;
-                done(io, r.map(|()| None).map_err(|e| e.errno()));
+                done.report(r.map(|()| None).map_err(|e| e.errno()));
             });
         }
         Action::DiskRead { io, offset, len } => {
-            let (io, offset, len) = (*io, *offset, *len);
+            let (done, offset, len) = (done(*io), *offset, *len);
             tokio::spawn(async move {
                 let r = disk.read(offset, len).await;
-                done(io, r.map(|b| Some(b.into_bytes())).map_err(|e| e.errno()));
+                done.report(r.map(|b| Some(b.into_bytes())).map_err(|e| e.errno()));
             });
         }
         _ => return false,
     }
     true
+}
+
+/// The one `DiskDone` the driver contract promises for a disk action. Reported by
+/// [`Completion::report`]; if the task running the I/O ends without reporting (a panic unwinds
+/// it, the runtime drops it at shutdown), the drop reports `EIO` instead, so the core fails the
+/// request (or the peer write) rather than waiting for it forever: a completion lost on an
+/// error path is a client hung at 0 % CPU.
+struct Completion {
+    io: IoId,
+    /// `None` once reported.
+    tx: Option<mpsc::UnboundedSender<Input>>,
+}
+
+impl Completion {
+    fn report(mut self, result: Result<Option<Bytes>, i32>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::DiskDone {
+                io: self.io,
+                result,
+            });
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::DiskDone {
+                io: self.io,
+                result: Err(libc::EIO),
+            });
+        }
+    }
 }

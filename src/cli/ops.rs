@@ -188,10 +188,15 @@ fn hopeless(s: &Value, standing_alone: Duration, grace: Duration) -> Option<Stri
     let refusal = s.get("last_refusal").and_then(Value::as_str);
     // Refusals only the operator clears (the daemon's retries meet them again), by their
     // stable code (`Refusal::code` in the core), never the text.
-    let split = matches!(
-        s.get("last_refusal_code").and_then(Value::as_str),
-        Some("split-brain" | "both-primary" | "both-primary-connected")
-    );
+    // A split brain the peer found counts too (its code, `last_refusal_peer_code`).
+    let split_code = |key| {
+        matches!(
+            s.get(key).and_then(Value::as_str),
+            Some("split-brain" | "both-primary" | "both-primary-connected")
+        )
+    };
+    let split = split_code("last_refusal_code")
+        || (text(s, "last_refusal_code") == "by-peer" && split_code("last_refusal_peer_code"));
     if !split && standing_alone <= grace {
         return None;
     }
@@ -308,6 +313,25 @@ mod tests {
             "last_refusal_code": "split-brain",
         });
         assert!(hopeless(&sb, zero, grace).is_some_and(|w| w.contains("split brain")));
+        // The peer's split-brain refusal ends the wait too, by the peer's code.
+        let by_peer = json!({
+            "repl": "StandAlone",
+            "last_refusal": "peer refused: split brain: both nodes have changes",
+            "last_refusal_code": "by-peer",
+            "last_refusal_peer_code": "split-brain",
+        });
+        assert!(hopeless(&by_peer, zero, grace).is_some());
+        let by_peer_size = json!({
+            "repl": "StandAlone",
+            "last_refusal": "peer refused: device sizes differ",
+            "last_refusal_code": "by-peer",
+            "last_refusal_peer_code": "size-mismatch",
+        });
+        assert_eq!(
+            hopeless(&by_peer_size, zero, grace),
+            None,
+            "the daemon retries"
+        );
         let refused = json!({
             "repl": "StandAlone",
             "last_refusal": "the peer has newer data",

@@ -195,7 +195,7 @@ use bytes::Bytes;
 
 pub use crate::wire::{
     AckTiming, AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState,
-    ResyncEnd, Role, FLAG_FUA,
+    RefusalCode, ResyncEnd, Role, FLAG_FUA,
 };
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
@@ -2976,6 +2976,7 @@ impl Replica {
         }));
         self.send(
             PeerMsg::Refuse {
+                code: reason.wire_code(),
                 reason: reason.to_string(),
             },
             out,
@@ -2986,11 +2987,11 @@ impl Replica {
     fn peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::Hello(h) => self.peer_hello(h, out),
-            PeerMsg::Refuse { reason } if self.split_brain.is_some() => {
+            PeerMsg::Refuse { reason, .. } if self.split_brain.is_some() => {
                 self.close(CloseReason::SplitBrainSeenByPeer(reason), out);
             }
-            PeerMsg::Refuse { reason } => {
-                let reason = Refusal::ByPeer(reason);
+            PeerMsg::Refuse { code, reason } => {
+                let reason = Refusal::ByPeer { code, why: reason };
                 self.last_refusal = Some(reason.clone());
                 self.want_connect = false;
                 out.push(Action::Emit(StateChange::Refused {
@@ -3169,6 +3170,7 @@ impl Replica {
                 }));
                 self.send(
                     PeerMsg::Refuse {
+                        code: reason.wire_code(),
                         reason: reason.to_string(),
                     },
                     out,

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use super::{DiskFailure, DiskState};
+use super::{DiskFailure, DiskState, RefusalCode};
 
 /// Why this node closed its connection to the peer ([`super::Action::CloseConnection`]). The
 /// driver sends the text to the peer as the close reason.
@@ -180,7 +180,8 @@ impl fmt::Display for Violation {
 }
 
 /// Why a connection was refused before any data moved ([`super::StateChange::Refused`],
-/// [`super::Status::last_refusal`]). The peer is told the text ([`crate::wire::PeerMsg::Refuse`]).
+/// [`super::Status::last_refusal`]). The peer is told its [`RefusalCode`] and the text
+/// ([`crate::wire::PeerMsg::Refuse`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     ResourceMismatch {
@@ -205,27 +206,41 @@ pub enum Refusal {
     /// The handshake made the Primary peer this node's sync target.
     NewerThanPrimaryPeer,
     SplitBrain(SplitBrainCause),
-    /// The peer refused, in its words (the wire carries text).
-    ByPeer(String),
+    /// The peer refused: why by name (what code matches), and in its words (for people).
+    ByPeer {
+        code: RefusalCode,
+        why: String,
+    },
     /// A flush failed: this node stopped using its disk and stands alone until restarted.
     DiskFailed(DiskFailure),
 }
 
 impl Refusal {
-    /// A stable kebab-case name (`status --json`'s `last_refusal_code`).
+    /// A stable kebab-case name (`status --json`'s `last_refusal_code`): the refusal's
+    /// [`RefusalCode`], or `by-peer` when the peer refused (its code is
+    /// `last_refusal_peer_code`).
     pub fn code(&self) -> &'static str {
         match self {
-            Refusal::ResourceMismatch { .. } => "resource-mismatch",
-            Refusal::SizeMismatch { .. } => "size-mismatch",
-            Refusal::SameNodeId { .. } => "same-node-id",
-            Refusal::BothPrimary => "both-primary",
-            Refusal::BothPrimaryConnected => "both-primary-connected",
-            Refusal::NoUpToDate => "no-up-to-date",
-            Refusal::PeerNewerThanPrimary => "peer-newer-than-primary",
-            Refusal::NewerThanPrimaryPeer => "newer-than-primary-peer",
-            Refusal::SplitBrain(_) => "split-brain",
-            Refusal::ByPeer(_) => "by-peer",
-            Refusal::DiskFailed(_) => "disk-failed",
+            Refusal::ByPeer { .. } => "by-peer",
+            other => other.wire_code().as_str(),
+        }
+    }
+
+    /// The name the peer is told ([`crate::wire::PeerMsg::Refuse`]); a refusal by the peer
+    /// keeps the peer's.
+    pub fn wire_code(&self) -> RefusalCode {
+        match self {
+            Refusal::ResourceMismatch { .. } => RefusalCode::ResourceMismatch,
+            Refusal::SizeMismatch { .. } => RefusalCode::SizeMismatch,
+            Refusal::SameNodeId { .. } => RefusalCode::SameNodeId,
+            Refusal::BothPrimary => RefusalCode::BothPrimary,
+            Refusal::BothPrimaryConnected => RefusalCode::BothPrimaryConnected,
+            Refusal::NoUpToDate => RefusalCode::NoUpToDate,
+            Refusal::PeerNewerThanPrimary => RefusalCode::PeerNewerThanPrimary,
+            Refusal::NewerThanPrimaryPeer => RefusalCode::NewerThanPrimaryPeer,
+            Refusal::SplitBrain(_) => RefusalCode::SplitBrain,
+            Refusal::ByPeer { code, .. } => *code,
+            Refusal::DiskFailed(_) => RefusalCode::DiskFailed,
         }
     }
 }
@@ -264,7 +279,7 @@ impl fmt::Display for Refusal {
                 "this node has newer data than the Primary peer: demote the peer so it can resync",
             ),
             Refusal::SplitBrain(c) => c.fmt(f),
-            Refusal::ByPeer(why) => write!(f, "peer refused: {why}"),
+            Refusal::ByPeer { why, .. } => write!(f, "peer refused: {why}"),
             Refusal::DiskFailed(d) => d.fmt(f),
         }
     }

@@ -348,7 +348,10 @@ mod tests {
             peer_gen: 0x20,
         };
         // A peer's refusal that reads like one is not a split brain: only the core's finding is.
-        s.last_refusal = Some(crate::core::Refusal::ByPeer(cause.to_string()));
+        s.last_refusal = Some(crate::core::Refusal::ByPeer {
+            code: crate::core::RefusalCode::SplitBrain,
+            why: cause.to_string(),
+        });
         let o = objects(&View {
             status: &s,
             peer: "beta",

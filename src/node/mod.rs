@@ -610,6 +610,13 @@ impl Node {
         status["settings"] = self.settings_json();
         // The refusal's stable name, for scripts (the text is for people).
         status["last_refusal_code"] = s.last_refusal.as_ref().map(|r| r.code()).into();
+        // A refusal by the peer: the peer's own code (the wire carries it).
+        let peer_code = if let Some(crate::core::Refusal::ByPeer { code, .. }) = &s.last_refusal {
+            Some(code.as_str())
+        } else {
+            None
+        };
+        status["last_refusal_peer_code"] = peer_code.into();
         status
     }
 

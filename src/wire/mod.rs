@@ -5,7 +5,7 @@
 //! (zerocopy structs) followed by the raw payload, so encoding is a header write plus a payload
 //! copy (or none at all with [`encode_parts`]) and decoding is a bounds check plus a zero-copy
 //! `Bytes::slice`. Control messages (hello, state, refuse, resync-done) are postcard-encoded serde
-//! structs.
+//! structs (a refusal's reason as a [`RefusalCode`], its text for people only).
 //!
 //! Every data payload carries the crc32 the sender computed over it (`crc32fast`); the codec
 //! carries it, the replication core verifies it before the data reaches a disk (so an in-process
@@ -31,7 +31,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// breakdown (`twinblk status --latency`).
 /// 6: `Hello` carries the sync source's unconfirmed resync end ([`ResyncEnd`]), so a cut just
 /// as a resync ends resumes from the bitmaps on both sides alike.
-pub const VERSION: u16 = 6;
+/// 7: `Refuse` carries the refusal's [`RefusalCode`] next to its text, so the receiver tells
+/// refusals apart by name, never by the words.
+pub const VERSION: u16 = 7;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -192,13 +194,69 @@ pub struct PeerState {
     pub disk: DiskState,
 }
 
+/// Why a node refused a connection, by name: what [`PeerMsg::Refuse`] carries (postcard: the
+/// variant's index, so a new variant goes last and bumps [`VERSION`]). The core's
+/// `Refusal::wire_code` names each of its refusals; the receiver keeps the code in
+/// `Refusal::ByPeer` and matches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalCode {
+    ResourceMismatch,
+    SizeMismatch,
+    SameNodeId,
+    BothPrimary,
+    BothPrimaryConnected,
+    NoUpToDate,
+    PeerNewerThanPrimary,
+    NewerThanPrimaryPeer,
+    SplitBrain,
+    DiskFailed,
+}
+
+impl RefusalCode {
+    /// The stable kebab-case name (`status --json`'s `last_refusal_code` and
+    /// `last_refusal_peer_code`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::ResourceMismatch => "resource-mismatch",
+            RefusalCode::SizeMismatch => "size-mismatch",
+            RefusalCode::SameNodeId => "same-node-id",
+            RefusalCode::BothPrimary => "both-primary",
+            RefusalCode::BothPrimaryConnected => "both-primary-connected",
+            RefusalCode::NoUpToDate => "no-up-to-date",
+            RefusalCode::PeerNewerThanPrimary => "peer-newer-than-primary",
+            RefusalCode::NewerThanPrimaryPeer => "newer-than-primary-peer",
+            RefusalCode::SplitBrain => "split-brain",
+            RefusalCode::DiskFailed => "disk-failed",
+        }
+    }
+
+    /// A split brain, as the sender found it (both Primary counts: it is one, or becomes one
+    /// once a node is demoted).
+    pub fn is_split_brain(self) -> bool {
+        match self {
+            RefusalCode::SplitBrain
+            | RefusalCode::BothPrimary
+            | RefusalCode::BothPrimaryConnected => true,
+            RefusalCode::ResourceMismatch
+            | RefusalCode::SizeMismatch
+            | RefusalCode::SameNodeId
+            | RefusalCode::NoUpToDate
+            | RefusalCode::PeerNewerThanPrimary
+            | RefusalCode::NewerThanPrimaryPeer
+            | RefusalCode::DiskFailed => false,
+        }
+    }
+}
+
 /// A peer message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMsg {
     Hello(Hello),
     State(PeerState),
-    /// The sender refuses this connection; the reason is for `status`.
+    /// The sender refuses this connection: `code` says why (the receiver matches it), `reason`
+    /// in the sender's words (for `status` and logs only).
     Refuse {
+        code: RefusalCode,
         reason: String,
     },
     /// A replicated write extent (data stream, sequenced).
@@ -541,6 +599,12 @@ struct VerifyEndBody {
 
 #[derive(Serialize, Deserialize)]
 struct RefuseBody {
+    code: RefusalCode,
+    reason: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VerifyStopBody {
     reason: String,
 }
 
@@ -662,8 +726,9 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
     match msg {
         PeerMsg::Hello(h) => body.extend_from_slice(&postcard::to_stdvec(h).map_err(postcard_err)?),
         PeerMsg::State(s) => body.extend_from_slice(&postcard::to_stdvec(s).map_err(postcard_err)?),
-        PeerMsg::Refuse { reason } => body.extend_from_slice(
+        PeerMsg::Refuse { code, reason } => body.extend_from_slice(
             &postcard::to_stdvec(&RefuseBody {
+                code: *code,
                 reason: reason.clone(),
             })
             .map_err(postcard_err)?,
@@ -782,9 +847,11 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             })?)
         }
         PeerMsg::VerifyAsk => {}
-        PeerMsg::VerifyStop { reason } => body.extend_from_slice(&postcard_body(&RefuseBody {
-            reason: reason.clone(),
-        })?),
+        PeerMsg::VerifyStop { reason } => {
+            body.extend_from_slice(&postcard_body(&VerifyStopBody {
+                reason: reason.clone(),
+            })?)
+        }
         PeerMsg::CsumRequest { offset, len } | PeerMsg::ResyncSame { offset, len } => body
             .extend_from_slice(&postcard_body(&RangeBody {
                 offset: *offset,
@@ -911,9 +978,13 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
     Ok(match kind {
         Kind::Hello => PeerMsg::Hello(control(&body, "hello")?),
         Kind::State => PeerMsg::State(control(&body, "state")?),
-        Kind::Refuse => PeerMsg::Refuse {
-            reason: control::<RefuseBody>(&body, "refuse")?.reason,
-        },
+        Kind::Refuse => {
+            let b: RefuseBody = control(&body, "refuse")?;
+            PeerMsg::Refuse {
+                code: b.code,
+                reason: b.reason,
+            }
+        }
         Kind::PeerBitmap => {
             let b: BitmapBody = control(&body, "bitmap")?;
             PeerMsg::PeerBitmap {
@@ -1058,7 +1129,7 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             PeerMsg::VerifyAsk
         }
         Kind::VerifyStop => PeerMsg::VerifyStop {
-            reason: control::<RefuseBody>(&body, "verify-stop")?.reason,
+            reason: control::<VerifyStopBody>(&body, "verify-stop")?.reason,
         },
         Kind::CsumRequest => {
             let b: RangeBody = control(&body, "csum-request")?;

@@ -52,7 +52,12 @@ fn every_kind_roundtrips() {
             disk: DiskState::Inconsistent,
         }),
         PeerMsg::Refuse {
+            code: RefusalCode::SizeMismatch,
             reason: "size differs".into(),
+        },
+        PeerMsg::Refuse {
+            code: RefusalCode::DiskFailed,
+            reason: String::new(),
         },
         PeerMsg::Data(Extent {
             seq: 1,
@@ -306,7 +311,21 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
                     ..hello()
                 })
             }),
-        ".{0,80}".prop_map(|reason| PeerMsg::Refuse { reason }),
+        (0..10usize, ".{0,80}").prop_map(|(i, reason)| PeerMsg::Refuse {
+            code: [
+                RefusalCode::ResourceMismatch,
+                RefusalCode::SizeMismatch,
+                RefusalCode::SameNodeId,
+                RefusalCode::BothPrimary,
+                RefusalCode::BothPrimaryConnected,
+                RefusalCode::NoUpToDate,
+                RefusalCode::PeerNewerThanPrimary,
+                RefusalCode::NewerThanPrimaryPeer,
+                RefusalCode::SplitBrain,
+                RefusalCode::DiskFailed,
+            ][i],
+            reason
+        }),
         (
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),
             any::<bool>()
@@ -411,4 +430,17 @@ fn barrier_with_unknown_flags_is_malformed() {
             ..
         })
     ));
+}
+
+/// A refusal code this build does not know (a newer peer's; the version check refuses such a
+/// peer first) is a malformed frame, not a panic.
+#[test]
+fn an_unknown_refusal_code_is_malformed() {
+    let mut body = postcard::to_stdvec(&RefuseBody {
+        code: RefusalCode::DiskFailed,
+        reason: "x".into(),
+    })
+    .expect("encode");
+    body[0] = 100;
+    assert!(decode_body(Kind::Refuse, Bytes::from(body)).is_err());
 }

@@ -1725,7 +1725,7 @@ impl World {
     fn split_refused(&mut self, node: usize, reason: &Refusal) {
         let incs = [self.nodes[A].inc, self.nodes[B].inc];
         // Both Primary counts as the split brain it is (or becomes once one is demoted). A
-        // peer's refusal (its text) is not read: the peer reports its own finding.
+        // peer's refusal, whatever its code, is the peer's finding: the peer reports it itself.
         let split_brain = match reason {
             Refusal::SplitBrain(_) | Refusal::BothPrimary | Refusal::BothPrimaryConnected => true,
             Refusal::ResourceMismatch { .. }
@@ -1734,7 +1734,7 @@ impl World {
             | Refusal::NoUpToDate
             | Refusal::PeerNewerThanPrimary
             | Refusal::NewerThanPrimaryPeer
-            | Refusal::ByPeer(_)
+            | Refusal::ByPeer { .. }
             | Refusal::DiskFailed(_) => false,
         };
         if self.split.is_none() && split_brain {

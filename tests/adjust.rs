@@ -143,6 +143,29 @@ fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
         out.contains("frozen") && out.contains("nothing applied"),
         "{out}"
     );
+    // The admin reply names the refusal by its stable code, for scripts (the core's
+    // `AdminError`, carried through the driver).
+    let mut reply = None;
+    twinblk::control::request(
+        &p.path("alpha.sock"),
+        &twinblk::control::Request::Adjust,
+        |r| {
+            reply = Some(r);
+            false
+        },
+    )
+    .expect("admin request");
+    match reply {
+        Some(twinblk::control::Response::Error { message, code }) => {
+            assert_eq!(
+                code,
+                Some(twinblk::core::AdminErrorCode::FencingStillNeeded),
+                "{message}"
+            );
+            assert!(message.contains("nothing applied"), "{message}");
+        }
+        other => panic!("adjust while frozen was not refused: {other:?}"),
+    }
     let s = settings(&p, 0);
     assert_eq!(
         s["c_max_rate"],

@@ -372,7 +372,7 @@ impl Admin {
                 Ok(Err(e)) => {
                     return Response::Error {
                         message: format!("{e}; nothing applied"),
-                        code: None,
+                        code: e.code(),
                     }
                 }
                 Err(_) => return gone(),

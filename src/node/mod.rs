@@ -103,7 +103,7 @@ pub(super) enum Input {
     /// `twinblk adjust`: apply these settings, all or none.
     Adjust {
         adjust: Adjust,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), AdjustError>>,
     },
     /// An NBD client opened the export (`name`: its address).
     FrontendOpened {
@@ -117,6 +117,33 @@ pub(super) enum Input {
     Shutdown {
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// Why `twinblk adjust` applied nothing: the core refused (its [`AdminError`] keeps the stable
+/// code for the admin reply), or the driver's own settings cannot be applied.
+#[derive(Debug)]
+pub(super) enum AdjustError {
+    Core(AdminError),
+    Driver(String),
+}
+
+impl AdjustError {
+    /// The admin reply's `code`: the core's refusals have one.
+    pub fn code(&self) -> Option<crate::core::AdminErrorCode> {
+        match self {
+            AdjustError::Core(e) => Some(e.code()),
+            AdjustError::Driver(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AdjustError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdjustError::Core(e) => e.fmt(f),
+            AdjustError::Driver(e) => f.write_str(e),
+        }
+    }
 }
 
 /// What `twinblk adjust` changes in a running daemon: the core's settings through the core
@@ -645,11 +672,11 @@ impl Node {
     /// `twinblk adjust`: everything that can fail is checked before anything changes, so a
     /// refusal applies nothing. The core goes first: it may refuse (e.g. turning fencing off
     /// while writes are frozen); the driver's own settings follow.
-    fn adjust(&mut self, a: Adjust) -> Result<(), String> {
+    fn adjust(&mut self, a: Adjust) -> Result<(), AdjustError> {
         let retune = self
             .link
             .prepare_retune(a.link)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AdjustError::Driver(e.to_string()))?;
         let (tx, mut rx) = oneshot::channel();
         let tag = self.next_tag;
         self.next_tag += 1;
@@ -661,8 +688,12 @@ impl Node {
         // The core answers an adjust within the step that received it.
         match rx.try_recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("the core did not answer the adjust".into()),
+            Ok(Err(e)) => return Err(AdjustError::Core(e)),
+            Err(_) => {
+                return Err(AdjustError::Driver(
+                    "the core did not answer the adjust".into(),
+                ))
+            }
         }
         self.link.retune(retune);
         self.retry_after = a.link.retry_max;

@@ -18,7 +18,7 @@
 //!
 //! | #  | condition                                                  | decision                 |
 //! |----|------------------------------------------------------------|--------------------------|
-//! | 0  | one side Inconsistent (trusted bitmap) at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below |
+//! | 0  | one side Inconsistent, or UpToDate/Outdated with a clean bitmap (trusted bitmap), at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below |
 //! | 1  | resource, size or node id conflict; both Primary           | refuse                   |
 //! | 2  | neither disk UpToDate/Outdated                             | refuse                   |
 //! | 3  | same `current`, neither changed anything since              | no sync                  |
@@ -115,16 +115,24 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
 /// bitmap at the loss. So when the source's bitmap is relative to that generation (still its
 /// `current`, or its `bitmap` once a loss or Ahead moved on), the target counts as at it:
 /// rules 3-6 then resume from the bitmaps instead of a full resync (issue 17, defect 6). Only
-/// an Inconsistent target qualifies (it has no changes of its own: a forced promotion would
-/// have given it a new generation), and only with a trusted bitmap (it learnt what it lacks).
-/// The source is the source either way (rules 9-11 otherwise): this only avoids copying
-/// everything.
+/// a target without changes of its own qualifies: an Inconsistent one (a forced promotion
+/// would have given it a new generation), or one that applied an earlier end (UpToDate, or
+/// Outdated by the pull-ahead that followed) with a clean bitmap, and only with a trusted
+/// bitmap (it learnt what it lacks). The source is the source either way (rules 9-11
+/// otherwise, or, once the source's losses pushed the earlier end's generation out of its
+/// two-slot history, a false split brain over "unrelated" data: simulator seeds 6890 and
+/// 10732): this only avoids copying everything.
 fn at_resync_end<'a>(tgt: &'a Hello, src: &Hello) -> Cow<'a, Hello> {
     let Some(ResyncEnd { gen, target_gens }) = src.resync_end else {
         return Cow::Borrowed(tgt);
     };
+    let unchanged = match tgt.disk {
+        DiskState::Inconsistent => true,
+        DiskState::UpToDate | DiskState::Outdated => tgt.bitmap_gen.is_none() && !tgt.dirty,
+        _ => false,
+    };
     let applies = target_gens.contains(&tgt.current_gen)
-        && tgt.disk == DiskState::Inconsistent
+        && unchanged
         && tgt.bitmap_known
         && good(src.disk)
         && src.bitmap_known
@@ -566,6 +574,34 @@ mod tests {
         assert_eq!(check(&b, &a2), Decision::Source { full: false });
     }
 
+    /// Async seeds 6890 and 10732 (simulator, flush faults on): the target applied the end of
+    /// one resync (UpToDate at 0x30001) and the cut took the source's next end (a pull-ahead's
+    /// resync, 0x40001, naming 0x30001 among the target's generations); the source's
+    /// generation then moved on three times while apart (a loss, a crash, a write), pushing
+    /// 0x30001 out of its history. The target holds 0x40001 less the source's bitmap, as an
+    /// Inconsistent one would: resume by bitmaps, not a split brain over unrelated data.
+    #[test]
+    fn a_target_that_applied_the_previous_end_resumes_by_bitmaps() {
+        let mut a = h(2, Role::Secondary, DiskState::UpToDate, 0x30001);
+        let mut b = h(1, Role::Primary, DiskState::UpToDate, 0x80001);
+        b.bitmap_gen = Some(0x40001);
+        b.history = [0x70001, 0x60001];
+        b.dirty = true;
+        b.resync_end = Some(ResyncEnd {
+            gen: 0x40001,
+            target_gens: [0, 0x30001],
+        });
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // Outdated (it saw the pull-ahead begin, not its resync): the same.
+        a.disk = DiskState::Outdated;
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // With changes of its own it is no longer what the end describes.
+        a.disk = DiskState::UpToDate;
+        a.dirty = true;
+        a.bitmap_gen = Some(0x30001);
+        assert!(matches!(check(&b, &a), Decision::SplitBrain(_)));
+    }
+
     #[test]
     fn the_resync_end_never_covers_what_it_does_not_describe() {
         let (a, b) = cut_at_resync_end();
@@ -577,9 +613,12 @@ mod tests {
         let mut other = a.clone();
         other.current_gen = 0x40001;
         assert_eq!(check(&b, &other), Decision::Source { full: true });
-        // An UpToDate node at the old generation is not a target that missed the end.
+        // An UpToDate node at the old generation with changes of its own is not what the
+        // end describes (one without is: see the test above).
         let mut up = a.clone();
         up.disk = DiskState::UpToDate;
+        up.dirty = true;
+        up.bitmap_gen = Some(0x10001);
         assert_eq!(check(&b, &up), Decision::Source { full: true });
         // The source's bitmap is no longer relative to the generation sent (it moved twice):
         // nothing to resume from, full.

@@ -12,8 +12,9 @@ use std::collections::{BinaryHeap, HashMap};
 use bytes::Bytes;
 use twinblk::core::congestion::{Congestion, OnCongestion};
 use twinblk::core::{
-    Action, AdminCmd, AdminError, CloseReason, Config, DiskState, Event, InjectedBug, IoId,
-    LinkLoss, Meta, PeerMsg, Protocol, Refusal, ReplState, Replica, Restored, Role, TimerKind,
+    Action, AdminCmd, AdminError, CloseReason, Config, DiskState, Event, FailedFlush, InjectedBug,
+    IoId, LinkLoss, Meta, PeerMsg, Protocol, Refusal, ReplState, Replica, Restored, Role,
+    TimerKind,
 };
 use twinblk::wire::{self, Stream};
 
@@ -87,7 +88,16 @@ pub struct SimConfig {
     /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`;
     /// they pin flush faults off now). Async seed 922 was the oracle's: a Primary whose flush
     /// failed with its peer UpToDate gives its disk up (Inconsistent), so the peer's disk is
-    /// the data, not the failed one (`peer_takes_over_a_failed_disk`).
+    /// the data, not the failed one (`peer_takes_over_a_failed_disk`). The activity log's
+    /// pre-flush fails too (the driver exits, `exit_on_failed_flush`), which moved every seed
+    /// again; 20,000 seeds per protocol then found: async 10732 (and 6890 before), a core
+    /// bug: a false split brain over "unrelated" data after a cut at a pull-ahead's resync
+    /// end, fixed in `gen::at_resync_end`; async 12174, the oracle's: the peer of a Primary
+    /// whose disk failed crashed before it was promoted, and its disk is still the data;
+    /// async 15081, the stale-promotion check's: a policy's source that decided before a cut
+    /// had moved its bitmap generation, so the divergence must stay known; sync 16112, the
+    /// switchover's: begun during a stop's drain, it waited for ever for the answer of a
+    /// demotion the crash cut off.
     /// `TWINBLK_SIM_FLUSH_FAULTS=0|1` overrides it for `random_workloads_with_faults`.
     pub flush_faults: bool,
 }
@@ -297,6 +307,8 @@ struct Stale {
 #[derive(Debug)]
 struct Switch {
     old: usize,
+    /// The old Primary's incarnation when the switchover began.
+    old_inc: u64,
     demote_sent: bool,
     /// The answer to the old Primary's `secondary` (it may come later: it waits for the peer).
     demoted: Option<Result<(), AdminError>>,
@@ -401,6 +413,9 @@ pub struct World {
     forced_failover: bool,
     /// The survivor was Established and UpToDate when the Primary died.
     survivor_in_sync: bool,
+    /// The pending failover is to the peer of a Primary whose disk failed
+    /// (`peer_takes_over_a_failed_disk`): the peer's disk is the data even if it crashes first.
+    failed_disk_takeover: bool,
     /// The forced promotion was of a node whose bitmap was not trusted (an Inconsistent sync
     /// target before it learnt what it lacks): the bitmaps describe nothing until the nodes
     /// were in sync again (the next sync must be full).
@@ -485,6 +500,7 @@ impl World {
             client_paused: false,
             forced_failover: false,
             survivor_in_sync: false,
+            failed_disk_takeover: false,
             untrusted_promotion: false,
             end_cut: None,
             stale: None,
@@ -930,11 +946,41 @@ impl World {
                 if let twinblk::core::StateChange::ResyncStarted { full, .. } = &c {
                     self.check_end_cut(node, *full);
                 }
-                if let twinblk::core::StateChange::DiskFailed { .. } = &c {
+                if let twinblk::core::StateChange::DiskFailed { failure } = &c {
                     // Its next resync is full, legitimately.
                     self.end_cut = None;
                     // The operator restarts the node (the status names the failure).
                     *self.stats.entry("disk failed").or_default() += 1;
+                    let k = match (failure.flush, node == self.prim) {
+                        (FailedFlush::Client, true) => "disk failed: client FLUSH on the Primary",
+                        (FailedFlush::Client, false) => "disk failed: client FLUSH on a Secondary",
+                        (FailedFlush::PeerBarrier, true) => {
+                            "disk failed: peer barrier flush on the Primary"
+                        }
+                        (FailedFlush::PeerBarrier, false) => {
+                            "disk failed: peer barrier flush on the Secondary"
+                        }
+                        (FailedFlush::ResyncEnd, true) => {
+                            "disk failed: resync-end flush on the Primary"
+                        }
+                        (FailedFlush::ResyncEnd, false) => {
+                            "disk failed: resync-end flush on the Secondary"
+                        }
+                    };
+                    *self.stats.entry(k).or_default() += 1;
+                    if node == self.prim {
+                        let gave_up = self
+                            .status(node)
+                            .is_some_and(|s| s.disk == DiskState::Inconsistent);
+                        *self
+                            .stats
+                            .entry(if gave_up {
+                                "disk failed: the Primary gave its disk up (peer UpToDate)"
+                            } else {
+                                "disk failed: the Primary kept its disk (the best copy)"
+                            })
+                            .or_default() += 1;
+                    }
                     let d = self.rng.range(100 * US, 2000 * US);
                     self.schedule(d, Ev::RestartFailedNode { node, inc });
                 }
@@ -998,18 +1044,25 @@ impl World {
             }
             Action::SaveActivityLog { io, extents } => {
                 // In the background, like the node's blocking thread: a crash before it
-                // completes means it never happened (the stale event is dropped).
+                // completes means it never happened (the stale event is dropped). Its
+                // pre-flush fails now and then (flush faults): see `Ev::Disk`.
                 *self.stats.entry("al transaction").or_default() += 1;
+                let fail = (self.cfg.flush_faults && fail_rate > 0 && self.rng.one_in(fail_rate))
+                    .then_some(libc::EIO);
                 self.disk_later(
                     node,
                     inc,
                     io,
                     DiskOp::AlTxn { extents },
-                    None,
+                    fail,
                     (20 * US, 800 * US),
                 );
             }
             Action::SyncData => {
+                // A data sync fails only on a disk whose flush already failed (sticky): the
+                // driver exits (node/mod.rs), like a crash at this point. Not injected fresh:
+                // the one that fails first is the activity log's pre-flush (`Ev::Disk`), which
+                // the driver handles the same way.
                 if self.nodes[node].disk.flush_failed {
                     // The driver cannot make the data stable: it stops the node.
                     self.schedule(0, Ev::RestartFailedNode { node, inc });
@@ -1360,6 +1413,30 @@ impl World {
         self.schedule(d, Ev::Restart { node });
     }
 
+    /// An internal flush (the activity log's pre-flush) failed: the node's
+    /// driver exits (node/mod.rs), with the disk's cache written back or dropped as the flush
+    /// left it (`SimDisk::fail_flush`), then whatever a crash leaves of the rest.
+    fn exit_on_failed_flush(&mut self, node: usize) {
+        if node == self.prim {
+            *self
+                .stats
+                .entry("flush failed: internal, on the Primary")
+                .or_default() += 1;
+        } else {
+            *self
+                .stats
+                .entry("flush failed: internal, on the Secondary")
+                .or_default() += 1;
+        }
+        self.log(format!(
+            "node {node}: an internal flush failed, the node exits"
+        ));
+        let mut rng = self.rng.clone();
+        self.nodes[node].disk.fail_flush(&mut rng);
+        self.rng = rng;
+        self.crash(node);
+    }
+
     fn restart(&mut self, node: usize) {
         if self.alive(node) {
             return;
@@ -1447,6 +1524,7 @@ impl World {
         }
         self.failover_pending = true;
         self.survivor_in_sync = true;
+        self.failed_disk_takeover = true;
         let d = self.rng.range(50 * US, 400 * US);
         self.schedule(d, Ev::Failover);
     }
@@ -1459,10 +1537,29 @@ impl World {
             return;
         }
         let s = 1 - self.prim;
+        let takeover = std::mem::take(&mut self.failed_disk_takeover);
         let Some(st) = self.status(s) else {
             self.failover_pending = false;
+            if takeover {
+                // The peer of a Primary whose disk failed crashed before the operator promoted
+                // it: its disk (as the crash left it) is still the data, the failed one's is
+                // not. Both restart; it is the one promoted again (async seed 12174, flush
+                // faults on: the oracle had kept the failed Primary's history).
+                *self
+                    .stats
+                    .entry("disk failed: the peer crashed before taking over")
+                    .or_default() += 1;
+                self.log(format!(
+                    "FAILOVER: node {s} crashed before taking over, its disk is the data"
+                ));
+                self.prim = s;
+                self.conn_epoch += 1;
+                self.b_prev_repl = ReplState::StandAlone;
+                self.adopt(s, "crashed peer's disk", false);
+            }
             return;
         };
+        self.failed_disk_takeover = takeover;
         let noticed = matches!(st.repl, ReplState::StandAlone | ReplState::Connecting);
         if !noticed || !self.nodes[s].disk.writes_in_flight.is_empty() {
             self.schedule(50 * US, Ev::Failover);
@@ -1512,6 +1609,7 @@ impl World {
             "FAILOVER: node {s} is the Primary now (forced {forced})"
         ));
         self.failover_pending = false;
+        self.failed_disk_takeover = false;
         self.forced_failover |= forced || !self.survivor_in_sync;
         self.untrusted_promotion |= forced && untrusted;
         self.prim = s;
@@ -2460,10 +2558,13 @@ impl World {
                 _ => false,
             };
             // (Only before either decided: a source moves its bitmap generation to the
-            // target's.)
+            // target's. Once diverged, it stays so: a policy's source that decided before a
+            // cut, its target not yet, has moved its bitmap generation to the target's, and
+            // the next handshake resumes that resync without a split brain: async seed 15081
+            // with flush faults on.)
             let neither = !decided(repl(self, old)) && !decided(repl(self, 1 - old));
             if let Some(st) = self.stale.as_mut().filter(|_| neither) {
-                st.diverged = diverged;
+                st.diverged |= diverged;
             }
             return Ok(());
         }
@@ -2495,6 +2596,7 @@ impl World {
         self.client_paused = true;
         self.switching = Some(Switch {
             old: self.prim,
+            old_inc: self.nodes[self.prim].inc,
             demote_sent: false,
             demoted: None,
             promote_err: None,
@@ -2521,7 +2623,17 @@ impl World {
         let Some(sw) = self.switching.as_mut() else {
             return;
         };
-        let (old, new) = (sw.old, 1 - sw.old);
+        let (old, new, old_inc) = (sw.old, 1 - sw.old, sw.old_inc);
+        if self.nodes[old].inc != old_inc || !self.alive(old) {
+            // The old Primary crashed (or its stop ended) before the demotion answered: no
+            // answer comes, the crash is handled as any Primary crash (sync seed 16112 with
+            // flush faults on: a switchover begun during a stop's drain waited for ever).
+            self.end_switchover("switchover: old Primary gone before it was demoted");
+            return;
+        }
+        let Some(sw) = self.switching.as_mut() else {
+            return;
+        };
         if !sw.demote_sent {
             if !self.outstanding.is_empty() {
                 self.schedule(50 * US, Ev::Switchover);
@@ -2646,6 +2758,19 @@ impl World {
                         o => format!("{o:?}"),
                     };
                     self.log(format!("node {node} disk io {io} done: {d}"));
+                }
+                if matches!(op, DiskOp::AlTxn { .. })
+                    && (fail.is_some() || self.nodes[node].disk.flush_failed)
+                {
+                    // The activity log's pre-flush failed: the driver stops the node before
+                    // the transaction drops an extent whose data may not be stable
+                    // (`SaveActivityLog` in node/mod.rs); the core never hears of it.
+                    *self
+                        .stats
+                        .entry("flush failed: activity-log pre-flush (the node exits)")
+                        .or_default() += 1;
+                    self.exit_on_failed_flush(node);
+                    return true;
                 }
                 let mut al_saved = None;
                 let mut rng = self.rng.clone();

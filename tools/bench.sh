@@ -8,7 +8,10 @@
 # first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
 # twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default
 # engine without polling), twinblk-sync/twinblk-async (a replicated pair), twinblk-sync-nolat
-# (the sync pair with TWINBLK_LATENCY=off: what the latency breakdown costs), qemu-mirror
+# (the sync pair with TWINBLK_LATENCY=off: what the latency breakdown costs), twinblk-sync-poll
+# (the sync pair with TWINBLK_POLL_US=${BENCH_POLL_US:-100}: the event loops busy-poll while writes
+# are in flight, see src/node/poll.rs), twinblk-sync-dpoll (TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}:
+# the disk engine's deep-queue polling, as `serve` has it), qemu-mirror
 # (qemu's own replication in userspace: qemu-storage-daemon exports the file over NBD with an
 # active blockdev-mirror, copy-mode=write-blocking, to a qemu-nbd secondary on a second file:
 # a write completes once both have it, as in protocol sync). Two columns are not
@@ -44,7 +47,7 @@ done
 [ -x "$twinblk" ] || (cd "$root" && cargo build --release --quiet)
 
 work=$(mktemp -d /var/tmp/twinblk-bench.XXXXXX)
-server_pid="" peer_pid="" nolat=""
+server_pid="" peer_pid="" nolat="" pair_env=""
 cleanup() {
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
     [ -n "$peer_pid" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
@@ -99,6 +102,10 @@ start_server() {
             start_pair "${1#twinblk-}"; return ;;
         twinblk-sync-nolat)
             nolat=1 start_pair sync; return ;;
+        twinblk-sync-poll)
+            pair_env="TWINBLK_POLL_US=${BENCH_POLL_US:-100}" start_pair sync; return ;;
+        twinblk-sync-dpoll)
+            pair_env="TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}" start_pair sync; return ;;
         qemu-mirror)
             start_mirror; return ;;
         *) echo "bench.sh: unknown server $1" >&2; exit 2 ;;
@@ -143,9 +150,11 @@ EOF2
     # Logs to files: the refusals before `primary --force` are expected, not news.
     local lat=on
     [ -n "${nolat:-}" ] && lat=off
-    TWINBLK_LATENCY=$lat "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null 2>"$work/beta.log" &
+    # shellcheck disable=SC2086
+    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null 2>"$work/beta.log" &
     peer_pid=$!
-    TWINBLK_LATENCY=$lat "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null 2>"$work/alpha.log" &
+    # shellcheck disable=SC2086
+    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null 2>"$work/alpha.log" &
     server_pid=$!
     # A Secondary refuses to open its export: wait for the admin socket, promote, then the export.
     for _ in $(seq 1 600); do
@@ -314,12 +323,15 @@ base = servers[0]
 # A ratio is taken within each round, between runs minutes apart, then the median over rounds:
 # the device and the host drift over a run far more than between neighbouring runs, and a ratio
 # of two medians would mix rounds. The range shows how much the rounds disagreed.
-head = f'{"workload":28} {"metric":7}' + "".join(f"{s:>16}" for s in servers)
-head += "".join(f'{s + "/" + base:>30}' for s in servers[1:])
+# Columns as wide as their names (twinblk-sync-nolat and the like need more than 16).
+wide = {s: max(16, len(s) + 2) for s in servers}
+wratio = {s: max(30, len(s) + len(base) + 3) for s in servers}
+head = f'{"workload":28} {"metric":7}' + "".join(f"{s:>{wide[s]}}" for s in servers)
+head += "".join(f'{s + "/" + base:>{wratio[s]}}' for s in servers[1:])
 print(head)
 for (name, metric), by in rows.items():
     med = {s: statistics.median(by[s].values()) for s in servers if s in by}
-    line = f"{name:28} {metric:7}" + "".join(f"{med.get(s, float('nan')):>16.1f}" for s in servers)
+    line = f"{name:28} {metric:7}" + "".join(f"{med.get(s, float('nan')):>{wide[s]}.1f}" for s in servers)
     for s in servers[1:]:
         ratios = []
         for rnd, v in by.get(s, {}).items():
@@ -332,7 +344,7 @@ for (name, metric), by in rows.items():
             cell = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         else:
             cell = "nan"
-        line += f"{cell:>30}"
+        line += f"{cell:>{wratio[s]}}"
     print(line)
 print("\nratios: median over rounds of the ratio within a round (its range in brackets); > 1.00 means")
 print("better than " + base + " (latency ratios are inverted so that holds)")

@@ -135,6 +135,15 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         &me.disk,
         &DiskOptions {
             size: me.size,
+            // The inline io_uring engine's deep-queue polling (`serve --poll-us`, see
+            // `disk::uring_inline`), off by default here: TWINBLK_DISK_POLL_US sets it for
+            // `tools/bench.sh`'s `twinblk-sync-dpoll` column (see the README's Benchmarks).
+            poll: std::time::Duration::from_micros(
+                std::env::var("TWINBLK_DISK_POLL_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             ..DiskOptions::default()
         },
     )?;
@@ -248,6 +257,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         nbd_clients: clients.clone(),
         stopped: None,
         timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
+        poll: super::poll::Poller::from_env(),
     };
     // Ends (with an error) when the event loop task does, whether it returned or panicked.
     let (loop_alive, mut loop_ended) = oneshot::channel::<()>();

@@ -3166,7 +3166,20 @@ impl World {
             }
             steps += 1;
             if steps > 500_000 {
-                self.fail("heal phase did not converge".into());
+                let (sa, sb) = (self.status(A), self.status(B));
+                let waiting: Vec<u64> = self.outstanding.keys().copied().collect();
+                let queued: Vec<String> = self
+                    .queue
+                    .iter()
+                    .filter(|s| !matches!(s.ev, Ev::Timer { .. } | Ev::ClientTick))
+                    .take(5)
+                    .map(|s| format!("{:?}", s.ev))
+                    .collect();
+                self.fail(format!(
+                    "heal phase did not converge: primary {}, requests {waiting:?} outstanding, \
+                     queued {queued:?}, A {sa:?}, B {sb:?}",
+                    self.prim
+                ));
             }
         }
         let a = &self.nodes[A].disk.volatile;

@@ -14,7 +14,7 @@
 //! Why it is off: measured with a sync pair on this 2-vCPU machine while other builds ran (load
 //! average 5 to 6), fio qd1 4k randwrite, 20,000 writes, three alternating rounds: polling off
 //! 294-425 µs mean (p50 192-235), on with a 100 µs window 569-1,098 µs (p50 210-272), with
-//! 9-11x the context switches (the yields) and 1.6-3.5x the daemons' CPU. Without the
+//! 8-16x the context switches (the yields) and 1.6-3.6x the daemons' CPU. Without the
 //! `sched_yield` it was worse (2,738-3,391 µs: a client woken on a CPU with a spinning daemon
 //! waited for the scheduler's slice). A busy CPU gives the spinning thread nothing to gain; what
 //! it buys on an idle machine (no halted vCPU to wake) is for the quiet benchmark to show.

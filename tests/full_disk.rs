@@ -193,6 +193,10 @@ fn full_secondary(protocol: &str) {
     let (mut p, fs) = pair_with_full_node(protocol, 1, "4m", true);
     start_in_sync(&mut p);
     fs.fill(Some(&p.path("beta.log")));
+    let handshakes = std::fs::read_to_string(p.path("alpha.log"))
+        .unwrap_or_default()
+        .matches("handshake decided")
+        .count();
     let o = bounded(
         fio(&p.nbd_uri(0), p.dir.path(), "8M"),
         "fio through the Primary",
@@ -204,18 +208,35 @@ fn full_secondary(protocol: &str) {
         text(&o),
         p.logs()
     );
-    let b = p.wait(1, "the Secondary Inconsistent", |s| {
-        s["disk"] == "Inconsistent"
+    // The Secondary detached its disk (DRBD's on-io-error detach): Inconsistent, StandAlone
+    // rather than reconnecting into the same full disk, and its status says why and what to do.
+    let b = p.wait(1, "the Secondary's disk detached", |s| {
+        s["disk"] == "Inconsistent" && s["repl"] == "StandAlone" && !s["disk_failure"].is_null()
     });
+    let why = b["disk_failure"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("write of the peer's data")
+            && why.contains("No space left on device")
+            && why.contains("free space"),
+        "beta's disk_failure: {b}"
+    );
     let a = p.wait(0, "the Primary tracking what the Secondary lacks", |s| {
         s["out_of_sync_bytes"].as_u64() > Some(0)
     });
     assert_eq!(a["disk"], "UpToDate", "alpha: {a}\nbeta: {b}");
-    // The reason reaches the Primary's operator (the Secondary's own log is on the full disk).
+    // The reason reaches the Primary's operator too (the Secondary's own log is on the full
+    // disk), once: the Secondary does not come back until it is restarted.
     let alpha_log = std::fs::read_to_string(p.path("alpha.log")).unwrap_or_default();
     assert!(
-        alpha_log.contains("local disk error (errno 28) writing peer data"),
+        alpha_log.contains("write of the peer's data")
+            && alpha_log.contains("No space left on device"),
         "alpha's log does not say why beta dropped out\n{}",
+        p.logs()
+    );
+    assert_eq!(
+        alpha_log.matches("handshake decided").count(),
+        handshakes,
+        "alpha handshook again with the detached Secondary\n{}",
         p.logs()
     );
     // Both daemons still answer and stop cleanly: no task died on the way.

@@ -448,3 +448,20 @@ fn checker_catches_a_primary_that_ignores_a_failed_flush() {
         "no seed caught a failed flush left without consequence: {msgs:?}"
     );
 }
+
+/// A failed write of the peer's data detaches the disk until a restart (DRBD's `on-io-error
+/// detach`). A core that makes the disk Inconsistent and reconnects at once (the old
+/// behaviour) resyncs into the same failing disk: with a full one, a reconnect storm (three
+/// handshakes a second on the CI machine that ran out of space). The simulator's write faults
+/// hit the Secondary's writes too; it must catch the reconnect.
+#[test]
+fn checker_catches_a_reconnect_after_a_failed_peer_write() {
+    let msgs = caught(InjectedBug::ReconnectAfterPeerWriteError, false, 60);
+    assert!(
+        !msgs.is_empty()
+            && msgs
+                .iter()
+                .all(|m| m.contains("after a write of the peer's data failed")),
+        "no seed caught a reconnect after a failed peer write: {msgs:?}"
+    );
+}

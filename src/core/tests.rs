@@ -2388,7 +2388,7 @@ fn a_failed_flush_detaches_a_primary_whose_peer_has_everything() {
     let st = a.status();
     assert_eq!(st.disk, DiskState::Inconsistent);
     assert!(!st.bitmap_known, "a full sync target");
-    assert_eq!(st.disk_failure.map(|f| f.flush), Some(FailedFlush::Client));
+    assert_eq!(st.disk_failure.map(|f| f.io), Some(FailedIo::Client));
     assert!(!st.want_connection);
     assert_eq!(completions(&write(&mut a, 51, 0, 1)), vec![(51, Err(EIO))]);
     let out = a.handle_vec(
@@ -2430,4 +2430,81 @@ fn every_injected_bug_is_replayable_by_name() {
         assert_eq!(InjectedBug::from_name(&format!("{b:?}")), Some(b));
     }
     assert_eq!(InjectedBug::from_name("NoSuchBug"), None);
+}
+
+/// A write of the Primary's data that fails on the Secondary (its disk full: ENOSPC) detaches
+/// the Secondary's disk, DRBD's `on-io-error detach`: Inconsistent, the connection closed and
+/// not retried (it reconnected at once, resynced into the same full disk and failed again,
+/// about three handshakes a second while the disk stayed full), the failure and its errno in
+/// the status. The Primary's sync write completes once the loss is reported: it is on the
+/// Primary's disk, and its region in the bitmap for the resync after the Secondary's restart.
+#[test]
+fn a_failed_peer_write_detaches_the_secondarys_disk_and_the_primarys_write_completes() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let out = write(&mut a, 7, 3, 2);
+    let local = writes(&out)[0].0;
+    let out_b = deliver(&mut b, sends(&out));
+    let peer_io = writes(&out_b)[0].0;
+    let out_b = b.handle_vec(
+        Event::DiskDone {
+            io: peer_io,
+            result: Err(libc::ENOSPC),
+        },
+        0,
+    );
+    assert!(
+        !sends(&out_b)
+            .iter()
+            .any(|m| matches!(m, PeerMsg::WriteAck { .. })),
+        "a failed write is never acked"
+    );
+    assert!(out_b
+        .iter()
+        .any(|x| matches!(x, Action::CloseConnection { .. })));
+    assert!(out_b
+        .iter()
+        .any(|x| matches!(x, Action::Emit(StateChange::DiskFailed { .. }))));
+    let st = b.status();
+    assert_eq!(st.disk, DiskState::Inconsistent);
+    assert_eq!(st.repl, ReplState::StandAlone);
+    assert!(!st.want_connection, "no reconnect into the same full disk");
+    let f = st.disk_failure.expect("the status names the failed disk");
+    assert_eq!(f.io, FailedIo::PeerWrite { offset: 3 * BLOCK });
+    assert_eq!(f.errno, libc::ENOSPC);
+    let text = f.to_string();
+    assert!(
+        text.contains("No space left on device") && text.contains("free space"),
+        "{text}"
+    );
+    // `connect` is refused until the restart, and says so.
+    let out_b = b.handle_vec(
+        Event::Admin {
+            tag: 4,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    assert!(out_b.iter().any(|x| matches!(
+        x,
+        Action::AdminDone {
+            result: Err(AdminError::DiskFailed(_)),
+            ..
+        }
+    )));
+    assert!(!b.status().want_connection);
+
+    // The Primary: its local write is done, the peer's ack never comes; the loss completes it.
+    assert!(
+        completions(&done(&mut a, local)).is_empty(),
+        "waits for the peer"
+    );
+    let out = a.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: LinkLoss::TimedOut,
+        },
+        0,
+    );
+    assert_eq!(completions(&out), vec![(7, Ok(()))]);
+    assert!(a.bitmap().get(3) && a.bitmap().get(4));
 }

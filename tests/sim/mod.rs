@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, HashMap};
 use bytes::Bytes;
 use twinblk::core::congestion::{Congestion, OnCongestion};
 use twinblk::core::{
-    Action, AdminCmd, AdminError, CloseReason, Config, DiskState, Event, FailedFlush, InjectedBug,
+    Action, AdminCmd, AdminError, CloseReason, Config, DiskState, Event, FailedIo, InjectedBug,
     IoId, LinkLoss, Meta, PeerMsg, Protocol, Refusal, ReplState, Replica, Restored, Role,
     TimerKind,
 };
@@ -83,7 +83,9 @@ pub struct SimConfig {
     /// seed 7162, not about flushes: a switchover back started right after one, the new
     /// Primary's State (Primary) still on its way when it demoted again, so the old Primary
     /// promoted on its stale view of a Secondary peer, then received that State and refused
-    /// "both nodes are Primary": a false split-brain report of the core, not yet fixed; and
+    /// "both nodes are Primary": a false split-brain report of the core, not yet fixed (async
+    /// seed 10524 of the default run reaches it too since a failed peer write detaches the
+    /// disk and the node restarts, which changed that seed's course); and
     /// three checkers whose known seeds move (`promotion_without_sync`,
     /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`;
     /// they pin flush faults off now). Async seed 922 was the oracle's: a Primary whose flush
@@ -437,6 +439,10 @@ pub struct World {
     exiting: [bool; 2],
     /// The node went down (gracefully, or power failed during its stop) and has not restarted.
     was_down: [bool; 2],
+    /// A write of the peer's data (replicated or resync) failed on this node's disk since it
+    /// last started: it must not connect again before a restart (DRBD's `on-io-error
+    /// detach`; reconnecting resyncs into the same failing disk, a storm while a disk is full).
+    peer_write_failed: [bool; 2],
     /// Fencing: the node, Primary, lost its UpToDate peer and nothing since ended the freeze
     /// (the hook's success, the peer connecting again, `disconnect`): no write may be
     /// acknowledged.
@@ -510,6 +516,7 @@ impl World {
             stall_at_down: false,
             exiting: [false; 2],
             was_down: [false; 2],
+            peer_write_failed: [false; 2],
             unfenced: [false; 2],
             frames_in_flight: HashMap::new(),
             trace: Vec::new(),
@@ -588,6 +595,7 @@ impl World {
         if self.cfg.fencing {
             cfg.fencing = twinblk::core::Fencing::FreezeUntilFenced;
         }
+        self.peer_write_failed[node] = false;
         let n = &mut self.nodes[node];
         n.inc += 1;
         n.replica = Some(Replica::restore(
@@ -946,25 +954,40 @@ impl World {
                 if let twinblk::core::StateChange::ResyncStarted { full, .. } = &c {
                     self.check_end_cut(node, *full);
                 }
+                if let twinblk::core::StateChange::Repl { to, .. } = &c {
+                    if self.peer_write_failed[node] && *to != ReplState::StandAlone {
+                        self.fail(format!(
+                            "node {node} goes {to:?} after a write of the peer's data failed on \
+                             its disk, without a restart: it resyncs into the same failing disk \
+                             (a full disk: a reconnect storm)"
+                        ));
+                    }
+                }
                 if let twinblk::core::StateChange::DiskFailed { failure } = &c {
                     // Its next resync is full, legitimately.
                     self.end_cut = None;
                     // The operator restarts the node (the status names the failure).
                     *self.stats.entry("disk failed").or_default() += 1;
-                    let k = match (failure.flush, node == self.prim) {
-                        (FailedFlush::Client, true) => "disk failed: client FLUSH on the Primary",
-                        (FailedFlush::Client, false) => "disk failed: client FLUSH on a Secondary",
-                        (FailedFlush::PeerBarrier, true) => {
+                    let k = match (failure.io, node == self.prim) {
+                        (FailedIo::Client, true) => "disk failed: client FLUSH on the Primary",
+                        (FailedIo::Client, false) => "disk failed: client FLUSH on a Secondary",
+                        (FailedIo::PeerBarrier, true) => {
                             "disk failed: peer barrier flush on the Primary"
                         }
-                        (FailedFlush::PeerBarrier, false) => {
+                        (FailedIo::PeerBarrier, false) => {
                             "disk failed: peer barrier flush on the Secondary"
                         }
-                        (FailedFlush::ResyncEnd, true) => {
+                        (FailedIo::ResyncEnd, true) => {
                             "disk failed: resync-end flush on the Primary"
                         }
-                        (FailedFlush::ResyncEnd, false) => {
+                        (FailedIo::ResyncEnd, false) => {
                             "disk failed: resync-end flush on the Secondary"
+                        }
+                        (FailedIo::PeerWrite { .. }, true) => {
+                            "disk failed: peer write on the Primary"
+                        }
+                        (FailedIo::PeerWrite { .. }, false) => {
+                            "disk failed: peer write on the Secondary"
                         }
                     };
                     *self.stats.entry(k).or_default() += 1;
@@ -1300,6 +1323,18 @@ impl World {
             return;
         }
         self.log(format!("CRASH node {node}"));
+        // The answer to a switchover's demotion dies with the old Primary's process: the
+        // operator's `secondary` failed, and the switchover is over (sync seed 8908: one began
+        // during a `down` of the Primary whose power then failed, and waited forever for the
+        // answer, so the heal never converged; it showed once failed peer writes detach the
+        // disk, which changed that seed's course).
+        if self
+            .switching
+            .as_ref()
+            .is_some_and(|sw| sw.old == node && sw.demote_sent && sw.demoted.is_none())
+        {
+            self.end_switchover("switchover: the old Primary crashed during its demotion");
+        }
         // A Primary that pulled ahead (or is a sync source again) started a generation the
         // Secondary lacks, even while the Secondary still believes it is Established.
         let prim_in_sync = self
@@ -2773,6 +2808,7 @@ impl World {
                     return true;
                 }
                 let mut al_saved = None;
+                let is_write = matches!(op, DiskOp::Write { .. });
                 let mut rng = self.rng.clone();
                 let disk = &mut self.nodes[node].disk;
                 disk.writes_in_flight.retain(|&(i, _, _)| i != io);
@@ -2830,6 +2866,20 @@ impl World {
                 if let Err(e) = result {
                     *self.stats.entry("disk io error").or_default() += 1;
                     self.log(format!("node {node} disk io {io} fails errno {e}"));
+                    // Every data write that is not a client's is the peer's (replicated or
+                    // resync); the core still has it in flight here.
+                    let peers = is_write
+                        && !matches!(
+                            self.nodes[node]
+                                .replica
+                                .as_ref()
+                                .and_then(|r| r.io_origin(io)),
+                            Some(twinblk::core::IoOrigin::Client(_))
+                        );
+                    if peers {
+                        *self.stats.entry("peer write failed").or_default() += 1;
+                        self.peer_write_failed[node] = true;
+                    }
                 }
                 self.feed(node, Event::DiskDone { io, result });
             }

@@ -74,6 +74,16 @@
 //!   connection loss fails the demotion (still Primary). Every demotion makes this disk's
 //!   completed writes stable ([`Action::SyncData`]) before saving "not Primary". A promotion is
 //!   refused while the former Primary's data is still arriving or landing.
+//! * A promotion ([`AdminCmd::Promote`]) of a node connected past the handshake is agreed with
+//!   the peer (DRBD 9's two-phase state change): it asks ([`PeerMsg::PromoteAsk`]) and commits
+//!   only on the peer's yes, which the peer gives only if it is not Primary and has no ask of
+//!   its own pending. The peer cannot become Primary after its yes before it hears this node's
+//!   new role (its own promotion must ask this node, which refuses while Primary or asking), so
+//!   two connected nodes are never both Primary, and a role change still on its way (a stale
+//!   view of the peer) refuses cleanly instead of making a false split-brain report. Asks that
+//!   cross are both refused ([`AdminError::PromotionConflict`]); a connection loss before the
+//!   answer fails the promotion (still Secondary). A node not connected, or still handshaking
+//!   (the promotion restarts the handshake, which compares roles), promotes on its own.
 //! * protocol `Async` (DRBD A): a write completes once local and queued; the bytes sent but not
 //!   acked by the peer are bounded by `send_buffer` (new writes wait for room: back-pressure).
 //!   With `on-congestion = pull-ahead` ([`Config::congestion`]) the Primary instead goes Ahead
@@ -197,6 +207,7 @@ pub use reason::{
 
 use bytes::Bytes;
 
+pub use crate::wire::PromoteVerdict;
 pub use crate::wire::{
     AckTiming, AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState,
     RefusalCode, ResyncEnd, Role, FLAG_FUA,
@@ -281,12 +292,16 @@ pub enum InjectedBug {
     /// (the old behaviour) instead of detaching it: with a full disk, a resync into it, a
     /// failure and a reconnect, about three times a second for as long as it stays full.
     ReconnectAfterPeerWriteError,
+    /// `primary` on a connected node commits on this node's own view of the peer (the old
+    /// behaviour), without asking the peer: a State (Primary) still on its way then makes a
+    /// false "both nodes are Primary" refusal (simulator sync seed 7162, flush faults on).
+    PromoteWithoutAsking,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 17] = {
+    pub const ALL: [InjectedBug; 18] = {
         use InjectedBug::*;
         [
             None,
@@ -306,6 +321,7 @@ impl InjectedBug {
             NoFreezeOnPeerLost,
             NoFenceOnCoreClose,
             ReconnectAfterPeerWriteError,
+            PromoteWithoutAsking,
         ]
     };
 
@@ -330,6 +346,7 @@ impl InjectedBug {
             NoFreezeOnPeerLost => 14,
             NoFenceOnCoreClose => 15,
             ReconnectAfterPeerWriteError => 16,
+            PromoteWithoutAsking => 17,
         }
     }
 
@@ -1165,6 +1182,16 @@ impl Apply {
     }
 }
 
+/// A promotion asked of the peer ([`PeerMsg::PromoteAsk`]), committed on its yes.
+#[derive(Debug, Clone, Copy)]
+struct PendingPromotion {
+    /// The `primary` command's admin tag, answered when the peer answers.
+    tag: u64,
+    force: bool,
+    /// The ask's number, echoed by the answer.
+    id: u64,
+}
+
 #[derive(Debug)]
 struct Conn {
     id: u64,
@@ -1288,6 +1315,10 @@ pub struct Replica {
     /// acknowledged stable: the role changes, and the peer hears of it, only then (see
     /// `start_demotion`).
     demoting: Option<u64>,
+    /// A `primary` on a connected node waiting for the peer's answer (see `ask_promotion`).
+    promoting: Option<PendingPromotion>,
+    /// Promotion asks sent so far (each one's answer carries its number).
+    promote_asks: u64,
     stop: StopState,
     freeze: Option<Freeze>,
     /// Freezes so far (each one's fence reports carry its number).
@@ -1379,6 +1410,8 @@ impl Replica {
             verify_runs: 0,
             csum_spans: Default::default(),
             demoting: None,
+            promoting: None,
+            promote_asks: 0,
             stop: StopState::Running,
             freeze: None,
             fence_episodes: 0,
@@ -1535,6 +1568,10 @@ impl Replica {
             } if self.demotion_must_wait() && self.frontend_clients.is_empty() => {
                 self.start_demotion(tag, out)
             }
+            Event::Admin {
+                tag,
+                cmd: AdminCmd::Promote { force },
+            } if self.promotion_must_ask(force) => self.ask_promotion(tag, force, out),
             Event::Timer(TimerKind::StopDrain) => {
                 if let StopState::Draining { expired, .. } = &mut self.stop {
                     *expired = true;
@@ -1613,6 +1650,16 @@ impl Replica {
         }
         if conn.is_some() && !decided && self.repl != ReplState::Connecting {
             return Err(format!("handshaking while {:?}", self.repl));
+        }
+        // A promotion waits for the peer's answer only on the connection it was asked on, by
+        // a Secondary that is not stopping: the loss, the stop or the answer ends it.
+        if self.promoting.is_some()
+            && (self.role != Role::Secondary || !decided || self.stop != StopState::Running)
+        {
+            return Err(format!(
+                "a promotion waits for the peer as {:?}, {:?}, {:?}",
+                self.role, self.repl, self.stop
+            ));
         }
         if self.role == Role::Primary
             && self.disk != DiskState::UpToDate
@@ -2974,9 +3021,12 @@ impl Replica {
         if let Some(tag) = self.demoting.take() {
             out.push(Action::AdminDone {
                 tag,
-                result: Err(AdminError::DemotionPeerLost { loss: reason }),
+                result: Err(AdminError::DemotionPeerLost {
+                    loss: reason.clone(),
+                }),
             });
         }
+        self.fail_promotion(AdminError::PromotionPeerLost { loss: reason }, out);
         self.admit(out);
     }
 
@@ -3091,6 +3141,8 @@ impl Replica {
                     self.refuse(Refusal::BothPrimaryConnected, out);
                 }
             }
+            PeerMsg::PromoteAsk { id } => self.answer_promotion(id, out),
+            PeerMsg::PromoteAnswer { id, verdict } => self.promotion_answered(id, verdict, out),
             PeerMsg::WriteAck { seq, .. } => {
                 let mut req = None;
                 if let Some(c) = self.conn.as_mut() {
@@ -4096,6 +4148,8 @@ impl Replica {
             return;
         }
         self.want_connect = false;
+        // A yes arriving during the drain must not make a stopping node Primary.
+        self.fail_promotion(AdminError::ShuttingDown, out);
         self.stop = StopState::Draining {
             expired: false,
             was_connected: self.conn.is_some(),
@@ -4249,6 +4303,177 @@ impl Replica {
         })
     }
 
+    /// The peer's node name, for the operator's messages.
+    fn peer_name(&self) -> String {
+        self.cfg
+            .node_names
+            .iter()
+            .enumerate()
+            .find(|&(i, _)| i as u64 + 1 != self.cfg.node_id)
+            .map_or_else(|| "the peer".into(), |(_, n)| n.clone())
+    }
+
+    /// Whether this Secondary may become Primary now, as far as this node knows (checked when
+    /// `primary` runs, and again when the peer's yes arrives). `ask`: the peer is asked next,
+    /// so its role is the peer's own answer, not this node's view of it (a demotion's State
+    /// may still be on its way: the operator's `primary` right after `secondary` succeeds).
+    fn may_promote(&self, force: bool, ask: bool) -> Result<(), AdminError> {
+        if let Some(f) = self.disk_failure {
+            return Err(AdminError::DiskFailed(f));
+        }
+        // Right after the peer is lost, its last writes may still be on their way to
+        // this disk. As Primary, a read of such a block could see the old data and then
+        // the new appear under it; the window is milliseconds, so say so and let the
+        // operator (or the CLI's retry) try again rather than queue reads here.
+        // So may the data the peer sent before it was demoted: held in the reorder
+        // buffer for an earlier seq, or queued for the disk.
+        let arriving = self
+            .conn
+            .as_ref()
+            // (During a handshake nothing queued is applied: the promotion closes
+            // the connection, and it goes with it; simulator seed 1222.)
+            .filter(|c| c.decided && self.cfg.bug != InjectedBug::DemoteWithoutPeer)
+            .map_or(0, |c| c.reorder.len() + c.apply_q.len());
+        let landing = arriving
+            + self
+                .inflight
+                .values()
+                .filter(|io| matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. }))
+                .count();
+        if landing > 0 {
+            return Err(AdminError::PeerWritesLanding { writes: landing });
+        }
+        if !ask && self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
+            return Err(self.peer_is_primary());
+        }
+        if self.repl == ReplState::SyncTarget {
+            return Err(AdminError::ResyncTarget);
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(AdminError::NotUpToDate { disk: self.disk });
+        }
+        Ok(())
+    }
+
+    fn peer_is_primary(&self) -> AdminError {
+        AdminError::PeerIsPrimary {
+            peer: self.peer_name(),
+            resource: self.cfg.resource.clone(),
+        }
+    }
+
+    /// `primary` on a node connected past the handshake: the peer must agree first (see the
+    /// module docs). The command is answered with the peer's answer, or the connection's loss.
+    fn ask_promotion(&mut self, tag: u64, force: bool, out: &mut Vec<Action>) {
+        self.promote_asks += 1;
+        let id = self.promote_asks;
+        self.promoting = Some(PendingPromotion { tag, force, id });
+        self.send(PeerMsg::PromoteAsk { id }, out);
+    }
+
+    /// `primary` asks the peer: this Secondary is connected past the handshake and may be
+    /// promoted as far as it knows (else `admin` answers at once: a refusal, or a promotion
+    /// on its own when not connected).
+    fn promotion_must_ask(&self, force: bool) -> bool {
+        self.cfg.bug != InjectedBug::PromoteWithoutAsking
+            && self.stop == StopState::Running
+            && self.role == Role::Secondary
+            && self.promoting.is_none()
+            && self.conn.as_ref().is_some_and(|c| c.decided)
+            && self.may_promote(force, true).is_ok()
+    }
+
+    /// The peer asks to become Primary: yes only if this node is not Primary and is not asking
+    /// itself. After a yes this node cannot become Primary before it hears the asker's new
+    /// role: its own ask would reach the asker after the yes, and be refused.
+    fn answer_promotion(&mut self, id: u64, out: &mut Vec<Action>) {
+        let verdict = if self.role == Role::Primary {
+            PromoteVerdict::NoPrimary
+        } else if self.promoting.is_some() {
+            PromoteVerdict::NoPromoting
+        } else {
+            PromoteVerdict::Yes
+        };
+        self.send(PeerMsg::PromoteAnswer { id, verdict }, out);
+    }
+
+    /// The peer answered this node's ask: the promotion commits on its yes (if this node may
+    /// still be promoted), else the command fails with the peer's reason.
+    fn promotion_answered(&mut self, id: u64, verdict: PromoteVerdict, out: &mut Vec<Action>) {
+        let Some(p) = self.promoting.filter(|p| p.id == id) else {
+            return;
+        };
+        self.promoting = None;
+        let result = match verdict {
+            PromoteVerdict::Yes => self
+                .may_promote(p.force, false)
+                .map(|()| self.promote(p.force, out)),
+            PromoteVerdict::NoPrimary => Err(self.peer_is_primary()),
+            PromoteVerdict::NoPromoting => Err(AdminError::PromotionConflict {
+                peer: self.peer_name(),
+                resource: self.cfg.resource.clone(),
+            }),
+        };
+        if self.role == Role::Primary {
+            self.verify_role_changed(out);
+        }
+        out.push(Action::AdminDone { tag: p.tag, result });
+    }
+
+    /// The waiting promotion fails (the connection was lost, or the node stops).
+    fn fail_promotion(&mut self, err: AdminError, out: &mut Vec<Action>) {
+        if let Some(p) = self.promoting.take() {
+            out.push(Action::AdminDone {
+                tag: p.tag,
+                result: Err(err),
+            });
+        }
+    }
+
+    /// Becomes Primary (every check passed, and the peer agreed if connected).
+    fn promote(&mut self, force: bool, out: &mut Vec<Action>) {
+        // What this node starts serving is stable before the promotion is saved: peer
+        // and resync writes were acked once written, not flushed, and a crash of the
+        // new Primary must not take back data it has already served (for a forced
+        // resync target: data no bitmap of its own names once it is UpToDate, seed
+        // 6208).
+        if self.cfg.bug != InjectedBug::NoSyncAtPromotion {
+            out.push(Action::SyncData);
+        }
+        if self.disk != DiskState::UpToDate {
+            debug_assert!(force, "may_promote lets only a forced promotion through");
+            self.current_gen = gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
+            self.bitmap_gen = None;
+            self.bitmap.clear_all();
+            self.flush_bitmap(out);
+            self.bitmap_known = true;
+            self.set_disk(DiskState::UpToDate, out);
+        }
+        // The peer decides from the hello already sent (role, disk, generation): it
+        // could make this Primary its sync target. Start the handshake over.
+        if self.handshaking() {
+            self.close(CloseReason::PromotedDuringHandshake, out);
+        }
+        // An armed `--discard-my-data` meant the data this node had then; as Primary it
+        // takes new writes that must not be thrown away at the next handshake.
+        self.discard_my_data = false;
+        // Without a peer, the new generation starts with the first write (so a node
+        // promoted before its peer connects does not cost a resync).
+        self.set_role(Role::Primary, out);
+        self.save_meta(out);
+        self.send_state(out);
+        // A connection refused because neither side had good data (the usual state
+        // before the first `primary --force`) is worth trying again now; not after
+        // the operator's `disconnect`.
+        if !self.want_connect && !self.admin_disconnected {
+            self.want_connect = true;
+            self.last_refusal = None;
+            if self.repl == ReplState::StandAlone {
+                self.set_repl(ReplState::Connecting, out);
+            }
+        }
+    }
+
     fn admin(&mut self, cmd: AdminCmd, out: &mut Vec<Action>) -> Result<(), AdminError> {
         match cmd {
             AdminCmd::Promote { force } => {
@@ -4261,86 +4486,18 @@ impl Replica {
                     }
                     return Ok(());
                 }
-                if let Some(f) = self.disk_failure {
-                    return Err(AdminError::DiskFailed(f));
+                if self.promoting.is_some() {
+                    return Err(AdminError::PromotionPending);
                 }
-                // Right after the peer is lost, its last writes may still be on their way to
-                // this disk. As Primary, a read of such a block could see the old data and then
-                // the new appear under it; the window is milliseconds, so say so and let the
-                // operator (or the CLI's retry) try again rather than queue reads here.
-                // So may the data the peer sent before it was demoted: held in the reorder
-                // buffer for an earlier seq, or queued for the disk.
-                let arriving = self
-                    .conn
-                    .as_ref()
-                    // (During a handshake nothing queued is applied: the promotion closes
-                    // the connection, and it goes with it; simulator seed 1222.)
-                    .filter(|c| c.decided && self.cfg.bug != InjectedBug::DemoteWithoutPeer)
-                    .map_or(0, |c| c.reorder.len() + c.apply_q.len());
-                let landing = arriving
-                    + self
-                        .inflight
-                        .values()
-                        .filter(|io| {
-                            matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
-                        })
-                        .count();
-                if landing > 0 {
-                    return Err(AdminError::PeerWritesLanding { writes: landing });
-                }
-                if self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary) {
-                    return Err(AdminError::PeerIsPrimary);
-                }
-                if self.repl == ReplState::SyncTarget {
-                    return Err(AdminError::ResyncTarget);
-                }
-
-                if self.disk != DiskState::UpToDate && !force {
-                    return Err(AdminError::NotUpToDate { disk: self.disk });
-                }
-                // What this node starts serving is stable before the promotion is saved: peer
-                // and resync writes were acked once written, not flushed, and a crash of the
-                // new Primary must not take back data it has already served (for a forced
-                // resync target: data no bitmap of its own names once it is UpToDate, seed
-                // 6208).
-                if self.cfg.bug != InjectedBug::NoSyncAtPromotion {
-                    out.push(Action::SyncData);
-                }
-                if self.disk != DiskState::UpToDate {
-                    self.current_gen =
-                        gen::fresh(self.cfg.node_id, self.current_gen, self.max_peer_gen);
-                    self.bitmap_gen = None;
-                    self.bitmap.clear_all();
-                    self.flush_bitmap(out);
-                    self.bitmap_known = true;
-                    self.set_disk(DiskState::UpToDate, out);
-                }
-                // The peer decides from the hello already sent (role, disk, generation): it
-                // could make this Primary its sync target. Start the handshake over.
-                if self.handshaking() {
-                    self.close(CloseReason::PromotedDuringHandshake, out);
-                }
-                // An armed `--discard-my-data` meant the data this node had then; as Primary it
-                // takes new writes that must not be thrown away at the next handshake.
-                self.discard_my_data = false;
-                // Without a peer, the new generation starts with the first write (so a node
-                // promoted before its peer connects does not cost a resync).
-                self.set_role(Role::Primary, out);
-                self.save_meta(out);
-                self.send_state(out);
-                // A connection refused because neither side had good data (the usual state
-                // before the first `primary --force`) is worth trying again now; not after
-                // the operator's `disconnect`.
-                if !self.want_connect && !self.admin_disconnected {
-                    self.want_connect = true;
-                    self.last_refusal = None;
-                    if self.repl == ReplState::StandAlone {
-                        self.set_repl(ReplState::Connecting, out);
-                    }
-                }
+                self.may_promote(force, false)?;
+                // (Connected, it asked the peer instead: see `promotion_must_ask`.)
+                self.promote(force, out);
                 Ok(())
             }
             AdminCmd::Demote => {
+                if self.promoting.is_some() {
+                    return Err(AdminError::PromotionPending);
+                }
                 if self.role == Role::Secondary {
                     return Ok(());
                 }

@@ -368,7 +368,24 @@ pub enum AdminError {
     PeerWritesLanding {
         writes: usize,
     },
-    PeerIsPrimary,
+    /// The peer is Primary (as this node saw it, or as the peer answered the promotion's ask).
+    PeerIsPrimary {
+        /// The peer's node name (its `[node.NAME]`), or "the peer" if unknown.
+        peer: String,
+        resource: String,
+    },
+    /// The peer asked to be promoted at the same moment (`primary` on both nodes): the peer
+    /// refused this node's ask, and this node refuses the peer's.
+    PromotionConflict {
+        peer: String,
+        resource: String,
+    },
+    /// The connection was lost before the peer answered the promotion's ask: still Secondary.
+    PromotionPeerLost {
+        loss: ConnLoss,
+    },
+    /// `primary` or `secondary` while a promotion waits for the peer's answer.
+    PromotionPending,
     ResyncTarget,
     NotUpToDate {
         disk: DiskState,
@@ -412,7 +429,10 @@ impl AdminError {
         match self {
             AdminError::DiskFailed(_) => AdminErrorCode::DiskFailed,
             AdminError::PeerWritesLanding { .. } => AdminErrorCode::PeerWritesLanding,
-            AdminError::PeerIsPrimary => AdminErrorCode::PeerIsPrimary,
+            AdminError::PeerIsPrimary { .. } => AdminErrorCode::PeerIsPrimary,
+            AdminError::PromotionConflict { .. } => AdminErrorCode::PromotionConflict,
+            AdminError::PromotionPeerLost { .. } => AdminErrorCode::PromotionPeerLost,
+            AdminError::PromotionPending => AdminErrorCode::PromotionPending,
             AdminError::ResyncTarget => AdminErrorCode::ResyncTarget,
             AdminError::NotUpToDate { .. } => AdminErrorCode::NotUpToDate,
             AdminError::DemotionPending => AdminErrorCode::DemotionPending,
@@ -446,6 +466,9 @@ pub enum AdminErrorCode {
     /// Clears by itself within milliseconds: `twinblk primary` retries on it.
     PeerWritesLanding,
     PeerIsPrimary,
+    PromotionConflict,
+    PromotionPeerLost,
+    PromotionPending,
     ResyncTarget,
     NotUpToDate,
     DemotionPending,
@@ -476,10 +499,28 @@ impl fmt::Display for AdminError {
                 "{writes} writes from the peer are still landing on this disk: promote again \
                  in a moment"
             ),
-            AdminError::PeerIsPrimary => f.write_str(
-                "the peer is Primary: demote it first (`twinblk secondary` there); if it died, \
-                 it is declared dead after `timeout` without a word (`status` says when it was \
-                 last heard): promote then",
+            AdminError::PeerIsPrimary { peer, resource } => write!(
+                f,
+                "the peer {peer} is Primary: demote it first (`twinblk secondary {resource}` on \
+                 {peer}), then run `twinblk primary {resource}` here again; if {peer} died, it \
+                 is declared dead after `timeout` without a word (`status` says when it was \
+                 last heard): promote then"
+            ),
+            AdminError::PromotionConflict { peer, resource } => write!(
+                f,
+                "{peer} asked to become Primary at the same moment: refused, so that the two \
+                 never both are (check `twinblk status {resource}` for who is Primary now, then \
+                 run `twinblk primary {resource}` on one node only)"
+            ),
+            AdminError::PromotionPeerLost { loss } => write!(
+                f,
+                "the connection to the peer was lost ({loss}) before it agreed to the \
+                 promotion: still Secondary. Run `twinblk primary` again: a node without a \
+                 connection is promoted on its own data (make sure the peer is not Primary)"
+            ),
+            AdminError::PromotionPending => f.write_str(
+                "a promotion is waiting for the peer's agreement: it answers within a round \
+                 trip (or fails if the peer is lost)",
             ),
             AdminError::ResyncTarget => f.write_str(
                 "this node is a resync target (Inconsistent): wait for the resync to finish",

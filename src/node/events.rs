@@ -33,7 +33,8 @@ pub struct View<'a> {
 }
 
 /// Whether `twinblk primary` (without --force) would be accepted now; mirrors the checks of
-/// the core's promote command.
+/// the core's promote command (connected, the peer's answer then decides: a peer seen as
+/// Primary refuses).
 pub fn may_promote(s: &Status) -> bool {
     s.role != Role::Primary
         && s.peer_role != Some(Role::Primary)

@@ -33,7 +33,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// as a resync ends resumes from the bitmaps on both sides alike.
 /// 7: `Refuse` carries the refusal's [`RefusalCode`] next to its text, so the receiver tells
 /// refusals apart by name, never by the words.
-pub const VERSION: u16 = 7;
+/// 8: a connected node's promotion is agreed with the peer first ([`PeerMsg::PromoteAsk`],
+/// [`PeerMsg::PromoteAnswer`]): a version-7 node would promote on its own view of the peer.
+pub const VERSION: u16 = 8;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -248,11 +250,36 @@ impl RefusalCode {
     }
 }
 
+/// The peer's answer to a [`PeerMsg::PromoteAsk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PromoteVerdict {
+    /// The answerer is not Primary and has no promotion of its own pending: the asker may
+    /// commit its promotion. (The answerer cannot become Primary before it hears the
+    /// asker's new role: its own promotion must ask the asker first.)
+    Yes,
+    /// The answerer is Primary (its `State` saying so precedes this answer).
+    NoPrimary,
+    /// The answerer asked to be promoted too: both asks are refused.
+    NoPromoting,
+}
+
 /// A peer message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMsg {
     Hello(Hello),
     State(PeerState),
+    /// `primary` on a connected node: may the sender become Primary? (Control stream, so it
+    /// follows every `State` the sender sent before; answered by [`PeerMsg::PromoteAnswer`]
+    /// with the same `id`.) The promotion commits only on [`PromoteVerdict::Yes`].
+    PromoteAsk {
+        id: u64,
+    },
+    /// The answer to the [`PeerMsg::PromoteAsk`] with this `id` (control stream: it follows
+    /// every `State` the answerer sent before).
+    PromoteAnswer {
+        id: u64,
+        verdict: PromoteVerdict,
+    },
     /// The sender refuses this connection: `code` says why (the receiver matches it), `reason`
     /// in the sender's words (for `status` and logs only).
     Refuse {
@@ -386,6 +413,8 @@ impl PeerMsg {
             PeerMsg::ResyncZero { len, .. } => Some(u64::from(*len)),
             PeerMsg::Hello(_)
             | PeerMsg::State(_)
+            | PeerMsg::PromoteAsk { .. }
+            | PeerMsg::PromoteAnswer { .. }
             | PeerMsg::Refuse { .. }
             | PeerMsg::Data(_)
             | PeerMsg::Barrier { .. }
@@ -418,6 +447,8 @@ enum Kind {
     Refuse = 3,
     PeerBitmap = 4,
     ResyncProgress = 5,
+    PromoteAsk = 6,
+    PromoteAnswer = 7,
     Data = 10,
     Barrier = 11,
     ResyncData = 12,
@@ -447,6 +478,8 @@ impl Kind {
             3 => Kind::Refuse,
             4 => Kind::PeerBitmap,
             5 => Kind::ResyncProgress,
+            6 => Kind::PromoteAsk,
+            7 => Kind::PromoteAnswer,
             10 => Kind::Data,
             11 => Kind::Barrier,
             12 => Kind::ResyncData,
@@ -608,6 +641,12 @@ struct VerifyStopBody {
     reason: String,
 }
 
+#[derive(Serialize, Deserialize)]
+struct PromoteAnswerBody {
+    id: u64,
+    verdict: PromoteVerdict,
+}
+
 /// Why a frame could not be decoded. Any of these means the peer is broken or hostile: close the
 /// connection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -686,6 +725,8 @@ impl PeerMsg {
             PeerMsg::Refuse { .. } => Kind::Refuse,
             PeerMsg::PeerBitmap { .. } => Kind::PeerBitmap,
             PeerMsg::ResyncProgress { .. } => Kind::ResyncProgress,
+            PeerMsg::PromoteAsk { .. } => Kind::PromoteAsk,
+            PeerMsg::PromoteAnswer { .. } => Kind::PromoteAnswer,
             PeerMsg::Data(_) => Kind::Data,
             PeerMsg::Barrier { .. } => Kind::Barrier,
             PeerMsg::ResyncData { .. } => Kind::ResyncData,
@@ -726,6 +767,13 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
     match msg {
         PeerMsg::Hello(h) => body.extend_from_slice(&postcard::to_stdvec(h).map_err(postcard_err)?),
         PeerMsg::State(s) => body.extend_from_slice(&postcard::to_stdvec(s).map_err(postcard_err)?),
+        PeerMsg::PromoteAsk { id } => body.extend_from_slice(OneU64 { a: (*id).into() }.as_bytes()),
+        PeerMsg::PromoteAnswer { id, verdict } => {
+            body.extend_from_slice(&postcard_body(&PromoteAnswerBody {
+                id: *id,
+                verdict: *verdict,
+            })?)
+        }
         PeerMsg::Refuse { code, reason } => body.extend_from_slice(
             &postcard::to_stdvec(&RefuseBody {
                 code: *code,
@@ -983,6 +1031,16 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             PeerMsg::Refuse {
                 code: b.code,
                 reason: b.reason,
+            }
+        }
+        Kind::PromoteAsk => PeerMsg::PromoteAsk {
+            id: fixed::<OneU64>(&body, "promote-ask")?.a.get(),
+        },
+        Kind::PromoteAnswer => {
+            let b: PromoteAnswerBody = control(&body, "promote-answer")?;
+            PeerMsg::PromoteAnswer {
+                id: b.id,
+                verdict: b.verdict,
             }
         }
         Kind::PeerBitmap => {

@@ -59,6 +59,19 @@ fn every_kind_roundtrips() {
             code: RefusalCode::DiskFailed,
             reason: String::new(),
         },
+        PeerMsg::PromoteAsk { id: 7 },
+        PeerMsg::PromoteAnswer {
+            id: 7,
+            verdict: PromoteVerdict::Yes,
+        },
+        PeerMsg::PromoteAnswer {
+            id: u64::MAX,
+            verdict: PromoteVerdict::NoPrimary,
+        },
+        PeerMsg::PromoteAnswer {
+            id: 0,
+            verdict: PromoteVerdict::NoPromoting,
+        },
         PeerMsg::Data(Extent {
             seq: 1,
             epoch: 2,
@@ -325,6 +338,15 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
                 RefusalCode::DiskFailed,
             ][i],
             reason
+        }),
+        any::<u64>().prop_map(|id| PeerMsg::PromoteAsk { id }),
+        (any::<u64>(), 0..3u8).prop_map(|(id, v)| PeerMsg::PromoteAnswer {
+            id,
+            verdict: [
+                PromoteVerdict::Yes,
+                PromoteVerdict::NoPrimary,
+                PromoteVerdict::NoPromoting
+            ][v as usize],
         }),
         (
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),

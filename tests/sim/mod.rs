@@ -65,7 +65,8 @@ pub struct SimConfig {
     /// before the nodes meet again (issue 17, defect 1).
     pub stale_promotion: bool,
     /// Planned switchovers under load: `secondary` on the Primary, then `primary` on the peer
-    /// (issue 17, defect 3).
+    /// (issue 17, defect 3); half of them are switched back at once, while the first one's
+    /// role changes may still be on their way (the promotion agreed with the peer).
     pub switchover: bool,
     /// `on-peer-lost` configured: a Primary losing its UpToDate peer freezes until the
     /// simulated hook reports the peer fenced (it fails now and then, and is retried).
@@ -83,9 +84,9 @@ pub struct SimConfig {
     /// seed 7162, not about flushes: a switchover back started right after one, the new
     /// Primary's State (Primary) still on its way when it demoted again, so the old Primary
     /// promoted on its stale view of a Secondary peer, then received that State and refused
-    /// "both nodes are Primary": a false split-brain report of the core, not yet fixed (async
-    /// seed 10524 of the default run reaches it too since a failed peer write detaches the
-    /// disk and the node restarts, which changed that seed's course); and
+    /// "both nodes are Primary": a false split-brain report of the core (async seed 10524 of
+    /// the default run reached it too once a failed peer write detached the disk), fixed since
+    /// a connected promotion is agreed with the peer (`InjectedBug::PromoteWithoutAsking`); and
     /// three checkers whose known seeds move (`promotion_without_sync`,
     /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`;
     /// they pin flush faults off now). Async seed 922 was the oracle's: a Primary whose flush
@@ -314,11 +315,17 @@ struct Switch {
     demote_sent: bool,
     /// The answer to the old Primary's `secondary` (it may come later: it waits for the peer).
     demoted: Option<Result<(), AdminError>>,
-    /// The last refusal of the peer's `primary`.
-    promote_err: Option<AdminError>,
-    /// `primary` on the peer refused because it still sees the old Primary as Primary: the
-    /// demotion's state change is on its way (the operator tries again).
+    /// `primary` sent to the peer, not yet answered (it asks the old Primary first).
+    promote_sent: bool,
+    /// The answer to the peer's `primary`.
+    promoted: Option<Result<(), AdminError>>,
+    /// `primary` on the peer refused because the old Primary is still Primary, as the peer
+    /// saw it or as the old Primary answered: the demotion's state change is on its way (the
+    /// operator tries again).
     retries: u32,
+    /// Started right after the switchover before it finished (back to the node that was
+    /// Primary before): the state changes of the first may still be on their way.
+    back_to_back: bool,
 }
 
 /// Admin tags of the switchover's commands, so their (possibly later) answers are recognised.
@@ -1125,7 +1132,7 @@ impl World {
                 if let Some(sw) = self.switching.as_mut() {
                     match tag {
                         SWITCH_DEMOTE => sw.demoted = Some(result),
-                        SWITCH_PROMOTE => sw.promote_err = result.err(),
+                        SWITCH_PROMOTE => sw.promoted = Some(result),
                         _ => {}
                     }
                 }
@@ -2358,7 +2365,7 @@ impl World {
             if stale {
                 self.start_stale();
             } else {
-                self.start_switchover();
+                self.start_switchover(false);
             }
             return;
         }
@@ -2627,19 +2634,38 @@ impl World {
 
     // ---- planned switchover (issue 17, defect 3) ----
 
-    fn start_switchover(&mut self) {
+    fn start_switchover(&mut self, back_to_back: bool) {
         self.client_paused = true;
         self.switching = Some(Switch {
             old: self.prim,
             old_inc: self.nodes[self.prim].inc,
             demote_sent: false,
             demoted: None,
-            promote_err: None,
+            promote_sent: false,
+            promoted: None,
             retries: 0,
+            back_to_back,
         });
-        self.log(format!("SWITCHOVER: from node {}", self.prim));
-        *self.stats.entry("switchover started").or_default() += 1;
-        let d = self.rng.range(20 * US, 400 * US);
+        self.log(format!(
+            "SWITCHOVER: from node {}{}",
+            self.prim,
+            if back_to_back { " (back to back)" } else { "" }
+        ));
+        *self
+            .stats
+            .entry(if back_to_back {
+                "switchover started (back to back)"
+            } else {
+                "switchover started"
+            })
+            .or_default() += 1;
+        // Back to back: within a network delay of the last, so the new Primary's State
+        // (Primary) may still be on its way to the node promoted next (sync seed 7162).
+        let d = if back_to_back {
+            self.rng.range(US, 50 * US)
+        } else {
+            self.rng.range(20 * US, 400 * US)
+        };
         self.schedule(d, Ev::Switchover);
     }
 
@@ -2714,20 +2740,43 @@ impl World {
             }
             Some(Ok(())) => {}
         }
-        self.feed(
-            new,
-            Event::Admin {
-                tag: SWITCH_PROMOTE,
-                cmd: AdminCmd::Promote { force: false },
-            },
-        );
-        if self.status(new).is_some_and(|s| s.role != Role::Primary) {
-            let why = self.switching.as_mut().and_then(|sw| sw.promote_err.take());
+        // `primary` on the peer: connected, it asks the old Primary first and answers once
+        // that one did (or the connection was lost).
+        let Some(sw) = self.switching.as_mut() else {
+            return;
+        };
+        sw.demoted = Some(Ok(()));
+        if !sw.promote_sent {
+            sw.promote_sent = true;
+            self.feed(
+                new,
+                Event::Admin {
+                    tag: SWITCH_PROMOTE,
+                    cmd: AdminCmd::Promote { force: false },
+                },
+            );
+        }
+        let Some(sw) = self.switching.as_mut() else {
+            return;
+        };
+        let Some(result) = sw.promoted.take() else {
+            self.schedule(50 * US, Ev::Switchover);
+            return;
+        };
+        sw.promote_sent = false;
+        let promoted = self.status(new).is_some_and(|s| s.role == Role::Primary);
+        if result.is_ok() != promoted {
+            self.fail(format!(
+                "node {new}'s promotion answered {result:?}, but it is {}",
+                if promoted { "Primary" } else { "not Primary" }
+            ));
+        }
+        if let Err(why) = result {
             // The old Primary's state change may still be on its way (it went out when the
             // demotion answered), like the CLI's retry of writes still landing.
-            let peer_primary = matches!(why, Some(AdminError::PeerIsPrimary));
+            let peer_primary = matches!(why, AdminError::PeerIsPrimary { .. });
             let retries = self.switching.as_ref().map_or(0, |sw| sw.retries);
-            let landing = matches!(why, Some(AdminError::PeerWritesLanding { .. }));
+            let landing = matches!(why, AdminError::PeerWritesLanding { .. });
             if landing || (peer_primary && retries < 40) {
                 *self
                     .stats
@@ -2738,13 +2787,18 @@ impl World {
                     })
                     .or_default() += 1;
                 if let Some(sw) = self.switching.as_mut() {
-                    sw.demoted = Some(Ok(()));
                     sw.retries += u32::from(peer_primary);
                 }
                 self.schedule(50 * US, Ev::Switchover);
                 return;
             }
-            let why = why.map(|e| e.to_string()).unwrap_or_default();
+            // Nothing else promotes a node during a switchover: the peer never asks at the
+            // same moment.
+            if matches!(why, AdminError::PromotionConflict { .. }) {
+                self.fail(format!(
+                    "node {new}'s promotion met a promotion nobody ran: {why}"
+                ));
+            }
             self.log(format!("SWITCHOVER: promotion refused: {why}"));
             self.admin(old, AdminCmd::Promote { force: false });
             self.end_switchover("switchover: promotion refused, old Primary back");
@@ -2759,11 +2813,18 @@ impl World {
         self.conn_epoch += 1;
         self.b_prev_repl = ReplState::StandAlone;
         self.adopt(new, "new Primary after a switchover", true);
-        self.end_switchover(if self.cfg.protocol == Protocol::Sync {
-            "switchover done (sync)"
-        } else {
-            "switchover done (async)"
+        let back_to_back = self.switching.as_ref().is_some_and(|sw| sw.back_to_back);
+        self.end_switchover(match (self.cfg.protocol, back_to_back) {
+            (Protocol::Sync, false) => "switchover done (sync)",
+            (Protocol::Async, false) => "switchover done (async)",
+            (Protocol::Sync, true) => "switchover done (sync, back to back)",
+            (Protocol::Async, true) => "switchover done (async, back to back)",
         });
+        // Half the first switchovers are switched back at once (issue 17, the promotion
+        // agreed with the peer).
+        if !back_to_back && self.rng.one_in(2) {
+            self.start_switchover(true);
+        }
     }
 
     fn step(&mut self) -> bool {

@@ -342,7 +342,8 @@ fn a_promotion_is_refused_while_the_former_primarys_data_is_still_arriving() {
         "{out:?}"
     );
     assert_eq!(b.status().role, Role::Secondary);
-    // Once everything landed, the promotion goes through.
+    // Once everything landed, the promotion goes through: it asks the peer, and commits on
+    // its yes (A here plays the older peer and is not asked).
     let ob = deliver(&mut b, m1);
     for (io, _) in writes(&ob) {
         done(&mut b, io);
@@ -353,6 +354,14 @@ fn a_promotion_is_refused_while_the_former_primarys_data_is_still_arriving() {
             cmd: AdminCmd::Promote { force: false },
         },
         0,
+    );
+    assert_eq!(sends(&out), vec![PeerMsg::PromoteAsk { id: 1 }]);
+    let out = deliver(
+        &mut b,
+        vec![PeerMsg::PromoteAnswer {
+            id: 1,
+            verdict: PromoteVerdict::Yes,
+        }],
     );
     assert!(
         out.iter().any(|x| matches!(
@@ -426,4 +435,191 @@ fn a_demotion_makes_this_disk_stable_before_saving_secondary() {
             "connected {connected}: {out:?}"
         );
     }
+}
+
+// ---- promotion agreed with the peer ----
+
+fn admin(r: &mut Replica, tag: u64, cmd: AdminCmd) -> Vec<Action> {
+    r.handle_vec(Event::Admin { tag, cmd }, 0)
+}
+
+fn answer(out: &[Action], tag: u64) -> Option<Result<(), AdminError>> {
+    out.iter().find_map(|x| match x {
+        Action::AdminDone { tag: t, result } if *t == tag => Some(result.clone()),
+        _ => None,
+    })
+}
+
+/// `primary` on a connected Secondary asks the peer and answers only with the peer's yes; the
+/// peer hears the new role after its yes.
+#[test]
+fn a_connected_promotion_commits_only_on_the_peers_yes() {
+    for protocol in [Protocol::Sync, Protocol::Async] {
+        let (mut a, mut b) = pair(protocol);
+        let out = admin(&mut a, 1, AdminCmd::Demote);
+        assert_eq!(answer(&out, 1), Some(Ok(())));
+        deliver(&mut b, sends(&out));
+        let out = admin(&mut b, 2, AdminCmd::Promote { force: false });
+        assert_eq!(answer(&out, 2), None, "{protocol:?}: waits for A");
+        assert_eq!(b.status().role, Role::Secondary);
+        let ask = sends(&out);
+        assert_eq!(ask, vec![PeerMsg::PromoteAsk { id: 1 }]);
+        // A second `primary` (or a `secondary`) meanwhile is refused, not queued.
+        let again = admin(&mut b, 3, AdminCmd::Promote { force: false });
+        assert_eq!(answer(&again, 3), Some(Err(AdminError::PromotionPending)));
+        let again = admin(&mut b, 4, AdminCmd::Demote);
+        assert_eq!(answer(&again, 4), Some(Err(AdminError::PromotionPending)));
+        let yes = sends(&deliver(&mut a, ask));
+        assert_eq!(
+            yes,
+            vec![PeerMsg::PromoteAnswer {
+                id: 1,
+                verdict: PromoteVerdict::Yes
+            }]
+        );
+        let out = deliver(&mut b, yes);
+        assert_eq!(answer(&out, 2), Some(Ok(())), "{protocol:?}");
+        assert_eq!(b.status().role, Role::Primary);
+        deliver(&mut a, sends(&out));
+        assert_eq!(a.status().peer_role, Some(Role::Primary));
+        assert_eq!(a.status().last_refusal, None);
+    }
+}
+
+/// Simulator sync seed 7162 (flush faults on): a switchover back right after one. B's State
+/// (Primary) is still on its way when B demotes again and A is promoted on its stale view of a
+/// Secondary peer. Asked, B (Secondary by then) agrees; A receives the stale State before the
+/// yes and is promoted with no "both nodes are Primary" refusal. Had B still been Primary, A's
+/// promotion is refused naming B, and the connection stays up.
+#[test]
+fn a_stale_view_of_the_peer_never_makes_a_false_split_brain_report() {
+    for b_demotes in [true, false] {
+        let (mut a, mut b) = pair(Protocol::Sync);
+        deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+        let ask = sends(&admin(&mut b, 2, AdminCmd::Promote { force: false }));
+        let yes = sends(&deliver(&mut a, ask));
+        let out = deliver(&mut b, yes);
+        assert_eq!(answer(&out, 2), Some(Ok(())));
+        // B's State (Primary) stays on the network.
+        let mut b_to_a = sends(&out);
+        if b_demotes {
+            let out = admin(&mut b, 3, AdminCmd::Demote);
+            assert_eq!(answer(&out, 3), Some(Ok(())));
+            b_to_a.extend(sends(&out));
+        }
+        assert_eq!(
+            a.status().peer_role,
+            Some(Role::Secondary),
+            "A's view is stale"
+        );
+        let out = admin(&mut a, 4, AdminCmd::Promote { force: false });
+        assert_eq!(answer(&out, 4), None);
+        b_to_a.extend(sends(&deliver(&mut b, sends(&out))));
+        let out = deliver(&mut a, b_to_a);
+        let (sa, sb) = (a.status(), b.status());
+        assert_eq!(sa.last_refusal, None, "b_demotes {b_demotes}");
+        assert_eq!(sb.last_refusal, None, "b_demotes {b_demotes}");
+        assert_eq!(sa.repl, ReplState::Established);
+        if b_demotes {
+            assert_eq!(answer(&out, 4), Some(Ok(())));
+            assert_eq!((sa.role, sb.role), (Role::Primary, Role::Secondary));
+        } else {
+            let err = answer(&out, 4).expect("answered").expect_err("refused");
+            assert_eq!(err.code(), AdminErrorCode::PeerIsPrimary);
+            assert_eq!((sa.role, sb.role), (Role::Secondary, Role::Primary));
+        }
+    }
+}
+
+/// `primary` on both nodes at once: the asks cross, each node refuses the other's, and neither
+/// becomes Primary.
+#[test]
+fn crossing_promotions_are_both_refused() {
+    let (mut a, mut b) = pair(Protocol::Async);
+    deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+    let ask_a = sends(&admin(&mut a, 2, AdminCmd::Promote { force: false }));
+    let ask_b = sends(&admin(&mut b, 3, AdminCmd::Promote { force: false }));
+    let no_b = sends(&deliver(&mut b, ask_a));
+    let no_a = sends(&deliver(&mut a, ask_b));
+    let out_a = deliver(&mut a, no_b);
+    let out_b = deliver(&mut b, no_a);
+    for (out, tag) in [(&out_a, 2), (&out_b, 3)] {
+        let err = answer(out, tag).expect("answered").expect_err("refused");
+        assert_eq!(err.code(), AdminErrorCode::PromotionConflict);
+    }
+    assert_eq!(
+        (a.status().role, b.status().role),
+        (Role::Secondary, Role::Secondary)
+    );
+    // Then once, on one node, it goes through.
+    let ask = sends(&admin(&mut a, 4, AdminCmd::Promote { force: false }));
+    let out = deliver(&mut a, sends(&deliver(&mut b, ask)));
+    assert_eq!(answer(&out, 4), Some(Ok(())));
+}
+
+/// A connection loss before the answer fails the promotion (still Secondary); an answer that
+/// arrives for it afterwards changes nothing, and the operator's retry promotes the node alone.
+/// A stop fails a waiting promotion too.
+#[test]
+fn a_promotion_waiting_for_the_peer_fails_at_a_loss_or_a_stop() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+    let ask = sends(&admin(&mut b, 2, AdminCmd::Promote { force: false }));
+    let yes = sends(&deliver(&mut a, ask));
+    let out = b.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: LinkLoss::TimedOut,
+        },
+        0,
+    );
+    let err = answer(&out, 2).expect("answered").expect_err("refused");
+    assert_eq!(err.code(), AdminErrorCode::PromotionPeerLost);
+    assert_eq!(b.status().role, Role::Secondary);
+    let out = deliver(&mut b, yes);
+    assert_eq!(answer(&out, 2), None);
+    assert_eq!(b.status().role, Role::Secondary);
+    let out = admin(&mut b, 3, AdminCmd::Promote { force: false });
+    assert_eq!(answer(&out, 3), Some(Ok(())));
+    assert_eq!(b.status().role, Role::Primary);
+
+    let (mut a, mut b) = pair(Protocol::Sync);
+    deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+    let ask = sends(&admin(&mut b, 2, AdminCmd::Promote { force: false }));
+    let yes = sends(&deliver(&mut a, ask));
+    let out = b.handle_vec(Event::Stop, 0);
+    assert_eq!(answer(&out, 2), Some(Err(AdminError::ShuttingDown)));
+    deliver(&mut b, yes);
+    assert_eq!(b.status().role, Role::Secondary);
+}
+
+/// `primary` right after `secondary` answered on the peer, its State (Secondary) still on its
+/// way: the peer's answer, not this node's view, decides (no refusal for the operator to
+/// retry). While the peer is really Primary, the refusal names it.
+#[test]
+fn a_promotion_asks_even_while_the_peers_demotion_is_on_its_way() {
+    let (mut a, mut b) = pair(Protocol::Sync);
+    let out = admin(&mut b, 1, AdminCmd::Promote { force: false });
+    let no = sends(&deliver(&mut a, sends(&out)));
+    let out = deliver(&mut b, no);
+    match answer(&out, 1) {
+        Some(Err(e @ AdminError::PeerIsPrimary { .. })) => {
+            let text = e.to_string();
+            assert!(text.contains("twinblk secondary r0"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let demoted = sends(&admin(&mut a, 2, AdminCmd::Demote));
+    assert_eq!(
+        b.status().peer_role,
+        Some(Role::Primary),
+        "B's view is stale"
+    );
+    let ask = sends(&admin(&mut b, 3, AdminCmd::Promote { force: false }));
+    assert_eq!(ask, vec![PeerMsg::PromoteAsk { id: 2 }]);
+    let mut a_to_b = demoted;
+    a_to_b.extend(sends(&deliver(&mut a, ask)));
+    let out = deliver(&mut b, a_to_b);
+    assert_eq!(answer(&out, 3), Some(Ok(())));
+    assert_eq!(b.status().role, Role::Primary);
 }

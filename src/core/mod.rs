@@ -2717,6 +2717,11 @@ impl Replica {
                 if let Some(c) = self.conn.as_mut() {
                     c.fence_in_flight = false;
                     c.apply_q.pop_front();
+                    // The source is at `gen` now: if this node is the next sync source (a
+                    // switchover), its resync end must name the generation the peer carries,
+                    // not the one of the last handshake (async seed 1912: a cut at that
+                    // resync's end cost a full resync).
+                    c.peer_gen = gen;
                 }
                 self.set_bitmap_gen(None);
                 if self.current_gen != gen {

@@ -343,8 +343,10 @@ fn checker_catches_a_loss_that_leaves_the_generation_as_it_was() {
 #[test]
 fn checker_catches_a_switchover_that_overtakes_the_tail() {
     // Flush faults off: the seeds that catch it were found without them (each failed flush
-    // also ends a switchover early, by a restart).
-    let msgs = caught_with(InjectedBug::DemoteWithoutPeer, 150, |seed| {
+    // also ends a switchover early, by a restart). 4,000 seeds, not 150: since a promotion is
+    // agreed with the peer, the promoting node asks the old Primary first, and the tail must
+    // overtake that round trip too; 600 seeds caught it nowhere.
+    let msgs = caught_with(InjectedBug::DemoteWithoutPeer, 4000, |seed| {
         let mut cfg = with_async_switchovers(seed);
         cfg.flush_faults = false;
         cfg

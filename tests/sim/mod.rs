@@ -77,9 +77,9 @@ pub struct SimConfig {
     /// drain expires in some stops.
     pub stop_drain: u64,
     /// Failed flushes (sticky, dropping part of the disk's cache) on either node; the node's
-    /// disk fails (issue 17, defect 4) and the operator restarts it. Off by default until the
-    /// false 'both nodes are Primary' below is fixed (`TWINBLK_SIM_FLUSH_FAULTS=1` turns it
-    /// on; 20,000 seeds per protocol pass with it on since the fixes below). On (which
+    /// disk fails (issue 17, defect 4) and the operator restarts it. On by default since the
+    /// false 'both nodes are Primary' below is fixed: 20,000 seeds per protocol pass with it
+    /// on (`TWINBLK_SIM_FLUSH_FAULTS=0` turns it off for a scan). On (which
     /// changes every seed's random sequence), 20,000 sync seeds found: seed 3986, a failover to
     /// a survivor whose disk had failed (the operator now restarts it first, see `failover`);
     /// seed 7162, not about flushes: a switchover back started right after one, the new
@@ -91,8 +91,8 @@ pub struct SimConfig {
     /// three checkers whose known seeds move (`promotion_without_sync`,
     /// `switchover_that_overtakes_the_tail`, `stop_that_saves_not_primary_before_the_bitmap`;
     /// they pin flush faults off now, as `acks_after_a_core_initiated_close_...` does: on,
-    /// none of its 200 seeds catches its bug). Async seed 922 was the oracle's: a Primary whose flush
-    /// failed with its peer UpToDate gives its disk up (Inconsistent), so the peer's disk is
+    /// none of its 200 seeds catches its bug). Async seed 922 was the oracle's: a Primary whose
+    /// flush failed with its peer UpToDate gives its disk up (Inconsistent), so the peer's disk is
     /// the data, not the failed one (`peer_takes_over_a_failed_disk`). The activity log's
     /// pre-flush fails too (the driver exits, `exit_on_failed_flush`), which moved every seed
     /// again; 20,000 seeds per protocol then found: async 10732 (and 6890 before), a core
@@ -143,7 +143,7 @@ impl SimConfig {
             fencing: r.one_in(2),
             downs: r.one_in(2),
             stop_drain: r.range(200 * US, 4000 * US),
-            flush_faults: false,
+            flush_faults: true,
         }
     }
 }

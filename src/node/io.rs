@@ -93,6 +93,11 @@ struct Completion {
 
 impl Completion {
     fn report(mut self, result: Result<Option<Bytes>, i32>) {
+        self.send(result);
+    }
+
+    /// Sends the `DiskDone` unless it was sent already.
+    fn send(&mut self, result: Result<Option<Bytes>, i32>) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Input::DiskDone {
                 io: self.io,
@@ -104,11 +109,6 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Input::DiskDone {
-                io: self.io,
-                result: Err(libc::EIO),
-            });
-        }
+        self.send(Err(libc::EIO));
     }
 }

@@ -1594,10 +1594,7 @@ impl World {
                 self.log(format!(
                     "FAILOVER: node {s} crashed before taking over, its disk is the data"
                 ));
-                self.prim = s;
-                self.conn_epoch += 1;
-                self.b_prev_repl = ReplState::StandAlone;
-                self.adopt(s, "crashed peer's disk", false);
+                self.take_over(s, "crashed peer's disk", false);
             }
             return;
         };
@@ -1654,14 +1651,20 @@ impl World {
         self.failed_disk_takeover = false;
         self.forced_failover |= forced || !self.survivor_in_sync;
         self.untrusted_promotion |= forced && untrusted;
-        self.prim = s;
-        self.conn_epoch += 1;
-        self.b_prev_repl = ReplState::StandAlone;
-        self.adopt(s, "promoted node's disk", true);
+        self.take_over(s, "promoted node's disk", true);
     }
 
     /// Node `n` is the Primary now: its disk is the client's history from here on (`promoted`:
     /// it was just promoted, which made its disk stable).
+    /// Node `n` is the Primary now (a new connection epoch, no previous replication state),
+    /// and its disk is the history ([`World::adopt`]).
+    fn take_over(&mut self, n: usize, what: &str, promoted: bool) {
+        self.prim = n;
+        self.conn_epoch += 1;
+        self.b_prev_repl = ReplState::StandAlone;
+        self.adopt(n, what, promoted);
+    }
+
     fn adopt(&mut self, n: usize, what: &str, promoted: bool) {
         if let Err(e) = self.oracle.rebase(&self.nodes[n].disk, promoted) {
             self.fail(format!("{what}: {e}"));
@@ -1852,10 +1855,7 @@ impl World {
             "OPERATOR: node {node} demoted (the peer has newer data), node {newer} takes over"
         ));
         *self.stats.entry("stale primary demoted").or_default() += 1;
-        self.prim = newer;
-        self.conn_epoch += 1;
-        self.b_prev_repl = ReplState::StandAlone;
-        self.adopt(newer, "newer peer's disk", false);
+        self.take_over(newer, "newer peer's disk", false);
         self.admin(node, AdminCmd::Connect);
         self.admin(newer, AdminCmd::Connect);
         self.client_paused = false;
@@ -2043,10 +2043,7 @@ impl World {
         };
         self.discard(&ids);
         if loser == self.prim {
-            self.prim = winner;
-            self.conn_epoch += 1;
-            self.b_prev_repl = ReplState::StandAlone;
-            self.adopt(winner, "split-brain winner's disk", false);
+            self.take_over(winner, "split-brain winner's disk", false);
         }
         self.client_paused = false;
     }
@@ -2559,11 +2556,8 @@ impl World {
             st.missing = missing;
         }
         // The client follows the operator to the promoted node: a stale failover.
-        self.prim = new;
-        self.conn_epoch += 1;
-        self.b_prev_repl = ReplState::StandAlone;
         self.forced_failover = true;
-        self.adopt(new, "stale promoted node's disk", true);
+        self.take_over(new, "stale promoted node's disk", true);
         if new_writes {
             self.client_paused = false;
         }
@@ -2798,10 +2792,7 @@ impl World {
                 "a planned switchover lost an acknowledged write on the new Primary {new}: {e}"
             ));
         }
-        self.prim = new;
-        self.conn_epoch += 1;
-        self.b_prev_repl = ReplState::StandAlone;
-        self.adopt(new, "new Primary after a switchover", true);
+        self.take_over(new, "new Primary after a switchover", true);
         let back_to_back = self.switching.as_ref().is_some_and(|sw| sw.back_to_back);
         self.end_switchover(match (self.cfg.protocol, back_to_back) {
             (Protocol::Sync, false) => "switchover done (sync)",

@@ -462,10 +462,21 @@ async fn acceptor_replaces_an_old_connection_when_the_dialer_returns() {
     tx.send(Bytes::from_static(b"last")).unwrap();
     assert_eq!(recv(&mut cb2).await.bytes, Bytes::from_static(b"last"));
     drop(tx);
-    assert!(matches!(
-        cb2.closed().await,
-        CloseReason::PeerClosed { code: 0, .. }
-    ));
+    // The owner's drop sends one CONNECTION_CLOSE (code 0). That datagram is not retransmitted:
+    // if a loaded machine drops it (seen once in CI), the acceptor learns of the close from the
+    // stateless reset its next keep-alive draws, or from the idle timeout. Either still proves
+    // the connection ended, because a connection kept open answers keep-alives and never ends:
+    // the bound below is what fails if the drop does not close it.
+    let reason = tokio::time::timeout(Duration::from_secs(20), cb2.closed())
+        .await
+        .expect("the connection still open 20 s after its owner dropped it");
+    assert!(
+        matches!(
+            reason,
+            CloseReason::PeerClosed { code: 0, .. } | CloseReason::Reset | CloseReason::TimedOut
+        ),
+        "the dropped connection ended for another reason: {reason:?}"
+    );
 }
 
 /// `send_parts` (head + payload, as the driver sends write extents) arrives as one whole frame,

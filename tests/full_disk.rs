@@ -106,22 +106,9 @@ fn bounded(mut cmd: Command, what: &str, logs: impl Fn() -> String) -> Output {
     }
 }
 
-/// fio's nbd engine: `size` of 64 KiB random writes at depth 16, every block checked on
-/// read-back, then a flush (the CI job that hung).
+/// The fio job of the CI run that hung: random writes checked on read-back, then a flush.
 fn fio(uri: &str, dir: &Path, size: &str) -> Command {
-    let mut c = Command::new("fio");
-    c.current_dir(dir).args([
-        "--name=full",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        &format!("--size={size}"),
-        "--rw=randwrite",
-        "--bs=64k",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--end_fsync=1",
-    ]);
-    c
+    ops_common::fio_verify("full", uri, dir, size)
 }
 
 /// Both nodes configured (not started) with node `full`'s disk on a tmpfs of `fs_size` (a

@@ -2,6 +2,8 @@
 //! `twinblk keygen`), fio's nbd engine writing through the Primary, then byte-for-byte
 //! comparison of the two disks.
 
+mod ops_common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -195,21 +197,7 @@ impl Pair {
     }
 
     fn fio(&self, i: usize, size: &str) -> Command {
-        let mut c = Command::new(FIO);
-        // fio leaves a verify state file in its working directory.
-        c.current_dir(self.dir.path());
-        c.args([
-            "--name=repl",
-            "--ioengine=nbd",
-            &format!("--uri={}", self.nbd_uri(i)),
-            &format!("--size={size}"),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--end_fsync=1",
-        ]);
-        c
+        ops_common::fio_verify("repl", &self.nbd_uri(i), self.dir.path(), size)
     }
 
     /// `twinblk down` on node i, and its process exits successfully.

@@ -22,6 +22,24 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// fio's nbd engine writing `size` of 64 KiB random blocks at depth 16 to `uri`, every block
+/// checked on read-back, then a flush. fio leaves its verify state file in `dir`.
+pub fn fio_verify(job: &str, uri: &str, dir: &std::path::Path, size: &str) -> Command {
+    let mut c = Command::new("fio");
+    c.current_dir(dir).args([
+        &format!("--name={job}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--size={size}"),
+        "--rw=randwrite",
+        "--bs=64k",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--end_fsync=1",
+    ]);
+    c
+}
+
 /// Runs `twinblk ARGS` for node i and asserts it succeeded (with both logs if not).
 pub fn ok(p: &Pair, i: usize, args: &[&str]) -> Output {
     let o = p.cli(i, args);

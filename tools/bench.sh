@@ -8,9 +8,11 @@
 # first column. Servers: qemu-nbd, twinblk (default engine), twinblk-uring, twinblk-inline,
 # twinblk-threads, twinblk-nopoll (serve --poll-us $BENCH_POLL_US, 0 unless set: the default
 # engine without polling), twinblk-sync/twinblk-async (a replicated pair), twinblk-sync-nolat
-# (the sync pair with TWINBLK_LATENCY=off: what the latency breakdown costs), twinblk-sync-poll
-# (the sync pair with TWINBLK_POLL_US=${BENCH_POLL_US:-100}: the event loops busy-poll while writes
-# are in flight, see src/node/poll.rs), twinblk-sync-dpoll (TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}:
+# (the sync pair with TWINBLK_LATENCY=off: what the latency breakdown costs), twinblk-sync-nopoll
+# (TWINBLK_POLL_US=0: the event loops never busy-poll), twinblk-sync-apoll
+# (TWINBLK_POLL_US=${BENCH_POLL_US:-100} and $BENCH_POLL_ENV: the adaptive busy-poll, see
+# src/node/poll.rs), twinblk-sync-poll (the same with TWINBLK_POLL_MODE=always: spin whenever a
+# write is in flight), twinblk-sync-dpoll (TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}:
 # the disk engine's deep-queue polling, as `serve` has it), qemu-mirror
 # (qemu's own replication in userspace: qemu-storage-daemon exports the file over NBD with an
 # active blockdev-mirror, copy-mode=write-blocking, to a qemu-nbd secondary on a second file:
@@ -20,8 +22,11 @@
 # share one device writes every block twice, so two-writers is the most any pair can reach here,
 # with NBD, QUIC and TLS costing nothing.
 # The qd1 latency workload reports the mean (lat_us) and, on a row of its own, the 99th
-# percentile of fio's completion latency (p99_us).
-# BENCH_LATENCY=FILE appends the pairs' `status --latency` after each run to FILE.
+# percentile of fio's completion latency (p99_us). Every server's workloads also get a cpu_us
+# row: the server's CPU time (both daemons of a pair, user + system) per write. Each run's log
+# line on stderr has the load average and the runnable tasks before it.
+# BENCH_LATENCY=FILE appends the pairs' `status --latency` after each run to FILE, and with
+# BENCH_LOG_LEVEL=info (the pairs' log level, default warn) their busy-poll counts.
 # Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk;
 # qemu-storage-daemon for qemu-mirror.
 set -euo pipefail
@@ -102,8 +107,12 @@ start_server() {
             start_pair "${1#twinblk-}"; return ;;
         twinblk-sync-nolat)
             nolat=1 start_pair sync; return ;;
+        twinblk-sync-nopoll)
+            pair_env="TWINBLK_POLL_US=0" start_pair sync; return ;;
+        twinblk-sync-apoll)
+            pair_env="TWINBLK_POLL_US=${BENCH_POLL_US:-100} ${BENCH_POLL_ENV:-}" start_pair sync; return ;;
         twinblk-sync-poll)
-            pair_env="TWINBLK_POLL_US=${BENCH_POLL_US:-100}" start_pair sync; return ;;
+            pair_env="TWINBLK_POLL_US=${BENCH_POLL_US:-100} TWINBLK_POLL_MODE=always" start_pair sync; return ;;
         twinblk-sync-dpoll)
             pair_env="TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}" start_pair sync; return ;;
         qemu-mirror)
@@ -151,10 +160,10 @@ EOF2
     local lat=on
     [ -n "${nolat:-}" ] && lat=off
     # shellcheck disable=SC2086
-    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level warn >/dev/null 2>"$work/beta.log" &
+    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node beta --log-level "${BENCH_LOG_LEVEL:-warn}" >/dev/null 2>"$work/beta.log" &
     peer_pid=$!
     # shellcheck disable=SC2086
-    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level warn >/dev/null 2>"$work/alpha.log" &
+    env TWINBLK_LATENCY=$lat ${pair_env:-} "$twinblk" up r0 --config "$work/r0.toml" --node alpha --log-level "${BENCH_LOG_LEVEL:-warn}" >/dev/null 2>"$work/alpha.log" &
     server_pid=$!
     # A Secondary refuses to open its export: wait for the admin socket, promote, then the export.
     for _ in $(seq 1 600); do
@@ -238,7 +247,22 @@ stop_server() {
         kill "$peer_pid" 2>/dev/null || true
         wait "$peer_pid" 2>/dev/null || true
         peer_pid=""
+        # The busy-poll's counts, logged at the stop (BENCH_LOG_LEVEL=info).
+        if [ -n "${BENCH_LATENCY:-}" ]; then
+            grep -h "busy-poll" "$work/alpha.log" "$work/beta.log" >> "$BENCH_LATENCY" 2>/dev/null || true
+        fi
     fi
+}
+
+# The servers' CPU time (user + system, both daemons of a pair) in clock ticks: over a fio run,
+# per write, it says what a busy-poll costs.
+clk_tck=$(getconf CLK_TCK)
+daemon_ticks() {
+    local t=0 pid
+    for pid in $server_pid $peer_pid; do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
 }
 
 # name | fio arguments | metric (iops, lat_us, bw_mbs)
@@ -264,6 +288,8 @@ for w in "${workloads[@]}"; do
     if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
     for round in $(seq 1 "$rounds"); do
         for s in "${servers[@]}"; do
+            cpu_run=""
+            run_load=$(cut -d' ' -f1,4 /proc/loadavg)
             common=(--runtime="$runtime" --time_based --ramp_time=2 --norandommap --randrepeat=0
                 --size="$size" --output-format=json --output="$work/out.json")
             case "$s" in
@@ -277,19 +303,24 @@ for w in "${workloads[@]}"; do
                     fio --ioengine=io_uring --direct=1 $args "${common[@]}" "${jobs[@]}" ;;
                 *)
                     start_server "$s"
+                    cpu_before=$(daemon_ticks)
+                    t_before=$(date +%s.%N)
                     # shellcheck disable=SC2086
                     fio --name="$name" --ioengine=nbd --uri="$uri" $args "${common[@]}"
+                    cpu_run=$(python3 -c "import sys; print((int(sys.argv[1]) - int(sys.argv[2])) / $clk_tck, float(sys.argv[4]) - float(sys.argv[3]))" \
+                        "$(daemon_ticks)" "$cpu_before" "$t_before" "$(date +%s.%N)")
                     breakdown "$name" "$s" "$round"
                     stop_server ;;
             esac
             # The value per job, averaged over the jobs (two-writers runs two).
             # "metric value" lines: the workload's metric, and for latency also its p99.
-            values=$(python3 - "$work/out.json" "$metric" <<'PY'
+            values=$(python3 - "$work/out.json" "$metric" $cpu_run <<'PY'
 import json, sys
-vals, p99s = [], []
+vals, p99s, ios = [], [], 0
 for job in json.load(open(sys.argv[1]))["jobs"]:
     side = "read" if job["read"]["io_bytes"] > 0 and job["write"]["io_bytes"] == 0 else "write"
     d = job[side]
+    ios += d["total_ios"]
     metric = sys.argv[2]
     if metric == "iops":
         vals.append(d["iops"])
@@ -302,11 +333,17 @@ v = sum(vals) / len(vals)
 print(sys.argv[2], f'{v:.0f}' if sys.argv[2] == "iops" else f'{v:.1f}')
 if p99s:
     print("p99_us", f'{sum(p99s) / len(p99s):.1f}')
+if len(sys.argv) > 4 and ios:
+    # The daemons' CPU over fio's whole run (ramp included) per write, counting the ramp's writes
+    # at the measured rate: an estimate, good to compare columns.
+    cpu, wall = float(sys.argv[3]), float(sys.argv[4])
+    runtime = (job["job_runtime"] or 1) / 1000
+    print("cpu_us", f'{cpu * 1e6 / (ios * wall / runtime):.1f}')
 PY
 )
             while read -r m value; do
                 echo "$name $m $s $round $value" >> "$results"
-                echo "  $name round $round $s: $value $m" >&2
+                echo "  $name round $round $s: $value $m (load, runnable before: $run_load)" >&2
             done <<<"$values"
         done
     done
@@ -339,7 +376,7 @@ for (name, metric), by in rows.items():
             if not b or not v:
                 continue
             # For latency lower is better: base/s so that > 1 always means "s is better".
-            ratios.append(b / v if metric in ("lat_us", "p99_us") else v / b)
+            ratios.append(b / v if metric in ("lat_us", "p99_us", "cpu_us") else v / b)
         if ratios:
             cell = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         else:

@@ -189,7 +189,7 @@ struct Node {
     stopped: Option<StopOutcome>,
     /// The latency breakdown's per-write instants.
     timing: timing::Timing,
-    /// Spins instead of sleeping while writes are in flight (`TWINBLK_POLL_US`; off by default).
+    /// Spins instead of sleeping while few writes are in flight, where that pays (`poll`).
     poll: poll::Poller,
 }
 
@@ -816,6 +816,16 @@ impl Node {
                 } else {
                     info!("stopped: {}", outcome.drain);
                 }
+                if self.poll.enabled() {
+                    let p = self.poll.stats;
+                    info!(
+                        hits = p.hits,
+                        misses = p.misses,
+                        contended = p.contended,
+                        rounds = p.rounds,
+                        "busy-poll"
+                    );
+                }
                 let r = outcome.persisted.map_err(|e| e.to_string());
                 if let Some(reply) = stopping.take() {
                     let _ = reply.send(r);
@@ -826,8 +836,15 @@ impl Node {
                 self.sync_connector();
             }
             let poll = self.poll.enabled() && {
-                let busy = !self.obs.disk_writes.is_empty() || !self.obs.unacked.is_empty();
-                self.poll.active(busy, Instant::now())
+                // Writes in flight at this node: a Primary's client writes, its extents not yet
+                // acked, either node's disk writes.
+                let depth = self
+                    .obs
+                    .writes
+                    .len()
+                    .max(self.obs.disk_writes.len())
+                    .max(self.obs.unacked.len());
+                self.poll.active(depth, Instant::now())
             };
             let input = tokio::select! {
                 i = rx.recv() => match i {
@@ -849,11 +866,12 @@ impl Node {
                     self.connected(conn);
                     continue;
                 }
-                // `TWINBLK_POLL_US` (see `poll`): round again instead of sleeping (a yield is
+                // Busy-polling (see `poll`): round again instead of sleeping (a yield is
                 // pending at its first poll, so whatever else is ready wins); to the kernel too,
                 // so a client or peer process waiting for this CPU runs first.
                 () = tokio::task::yield_now(), if poll => {
                     std::thread::yield_now();
+                    self.poll.round();
                     continue;
                 }
             };

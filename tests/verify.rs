@@ -84,6 +84,8 @@ fn verify_reports_exactly_the_corrupted_blocks_and_reconnect_repairs_them() {
         assert_eq!(v["differing_blocks"], 4, "{s}");
         assert_eq!(v["first_ranges"], expect, "{s}");
         assert_eq!(v["aborted"], serde_json::Value::Null, "{s}");
+        assert_eq!(v["aborted_code"], serde_json::Value::Null, "{s}");
+        assert_eq!(v["aborted_peer_code"], serde_json::Value::Null, "{s}");
         assert_eq!(s["out_of_sync_bytes"], 16384, "marked on both nodes: {s}");
         let human = text(&ok(&p, i, &["status"]));
         assert!(human.contains("4 blocks differ"), "{human}");

@@ -202,7 +202,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 pub use reason::{
     AdminError, AdminErrorCode, ClientsCommand, CloseReason, ConnLoss, LinkLoss, Refusal,
-    SplitBrainCause, Violation,
+    SplitBrainCause, VerifyAbort, VerifyRefusal, Violation,
 };
 
 use bytes::Bytes;
@@ -210,7 +210,7 @@ use bytes::Bytes;
 pub use crate::wire::PromoteVerdict;
 pub use crate::wire::{
     AckTiming, AfterSb0Pri, AfterSb1Pri, DataOp, DiskState, Extent, Hello, PeerMsg, PeerState,
-    RefusalCode, ResyncEnd, Role, FLAG_FUA,
+    RefusalCode, ResyncEnd, Role, VerifyAbortCode, VerifyAborted, FLAG_FUA,
 };
 use activity::ActivityLog;
 use bitmap::{Bitmap, BLOCK};
@@ -812,7 +812,7 @@ pub enum StateChange {
     VerifyFinished {
         differing_blocks: u64,
         first_ranges: Vec<(u64, u64)>,
-        aborted: Option<String>,
+        aborted: Option<VerifyAbort>,
     },
 }
 
@@ -3005,7 +3005,7 @@ impl Replica {
                 _ => self.new_generation(),
             }
         }
-        self.verify_abort(&format!("connection lost: {reason}"), false, out);
+        self.verify_abort(VerifyAbort::ConnectionLost(reason.clone()), false, out);
         self.flush_bitmap(out);
         out.push(Action::Emit(StateChange::ConnectionLost {
             reason: reason.clone(),

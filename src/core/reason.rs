@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use super::{DiskFailure, DiskState, RefusalCode};
+use super::{DiskFailure, DiskState, RefusalCode, ReplState, VerifyAbortCode};
 
 /// Why this node closed its connection to the peer ([`super::Action::CloseConnection`]). The
 /// driver sends the text to the peer as the close reason.
@@ -406,8 +406,8 @@ pub enum AdminError {
     InvalidatePrimary,
     /// `connect --discard-my-data` on a Primary.
     DiscardOnPrimary,
-    /// `verify` cannot run now (why, for people).
-    Verify(String),
+    /// `verify` cannot run now.
+    Verify(VerifyRefusal),
     /// Frontend clients have the device open (`secondary` or `down` without `--force`).
     ClientsOpen {
         resource: String,
@@ -557,7 +557,7 @@ impl fmt::Display for AdminError {
                 "this node is Primary: demote it first (`twinblk secondary`), then discard its \
                  data",
             ),
-            AdminError::Verify(why) => f.write_str(why),
+            AdminError::Verify(why) => why.fmt(f),
             AdminError::ClientsOpen {
                 resource,
                 command,
@@ -589,6 +589,134 @@ impl fmt::Display for AdminError {
             ),
             AdminError::ShuttingDown => f.write_str("this node is shutting down (twinblk down)"),
             AdminError::ShutDown => f.write_str("this node has shut down (twinblk down)"),
+        }
+    }
+}
+
+/// Why a verify cannot run now: `twinblk verify`'s refusal ([`AdminError::Verify`]), or this
+/// node's answer to the peer's `VerifyAsk` or `VerifyStart` (a `VerifyStop` with its code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyRefusal {
+    /// Not connected, or a resync runs.
+    NotEstablished { repl: ReplState },
+    /// A disk (this node's or the peer's) is not UpToDate.
+    NotBothUpToDate,
+    /// A verify runs on this node already.
+    AlreadyRunning,
+    /// Asked to drive, but this node is not the peer of a Primary.
+    NotPrimarysPeer,
+    /// Asked to compare, but this node is Primary: the Primary drives (see `core/verify.rs`).
+    PrimaryDrives,
+}
+
+impl VerifyRefusal {
+    /// The name the peer is told ([`crate::wire::PeerMsg::VerifyStop`]).
+    pub fn wire_code(&self) -> VerifyAbortCode {
+        match self {
+            VerifyRefusal::NotEstablished { .. } => VerifyAbortCode::NotEstablished,
+            VerifyRefusal::NotBothUpToDate => VerifyAbortCode::NotBothUpToDate,
+            VerifyRefusal::AlreadyRunning => VerifyAbortCode::AlreadyRunning,
+            VerifyRefusal::NotPrimarysPeer => VerifyAbortCode::NotPrimarysPeer,
+            VerifyRefusal::PrimaryDrives => VerifyAbortCode::PrimaryDrives,
+        }
+    }
+}
+
+impl fmt::Display for VerifyRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyRefusal::NotEstablished { repl } => write!(
+                f,
+                "replication is {repl:?}, not Established: verify needs a connected peer and no \
+                 resync running (see `twinblk status`)"
+            ),
+            VerifyRefusal::NotBothUpToDate => {
+                f.write_str("both disks must be UpToDate to verify (see `twinblk status`)")
+            }
+            VerifyRefusal::AlreadyRunning => {
+                f.write_str("a verify is already running: wait for it (`twinblk verify --wait`)")
+            }
+            VerifyRefusal::NotPrimarysPeer => {
+                f.write_str("this node is not the Primary's peer to drive a verify")
+            }
+            VerifyRefusal::PrimaryDrives => {
+                f.write_str("this node is Primary: the Primary drives a verify")
+            }
+        }
+    }
+}
+
+/// Why a verify stopped early ([`super::verify::VerifyStatus::aborted`],
+/// [`super::StateChange::VerifyFinished`]). The peer is told its [`VerifyAbortCode`] and the
+/// text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyAbort {
+    /// A node changed its role: the driver might no longer be the node that writes.
+    RoleChanged,
+    /// The connection to the peer ended.
+    ConnectionLost(ConnLoss),
+    /// A verify read of this node's disk failed.
+    ReadFailed { offset: u64, errno: i32 },
+    /// A verify read returned fewer bytes than asked: a driver bug.
+    ShortRead,
+    /// Both nodes started a verify at once.
+    BothStarted,
+    /// The peer stopped it, or refused to take part: why by name (what code matches), and
+    /// in its words (for people).
+    ByPeer { code: VerifyAbortCode, why: String },
+}
+
+impl VerifyAbort {
+    /// A stable kebab-case name (`status --json`'s `verify.aborted_code`, the
+    /// `verify-finished` event's `code`): the abort's [`VerifyAbortCode`], or `by-peer` when
+    /// the peer stopped it (its code is `verify.aborted_peer_code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            VerifyAbort::ByPeer { .. } => "by-peer",
+            other => other.wire_code().as_str(),
+        }
+    }
+
+    /// The name the peer is told; an abort by the peer keeps the peer's.
+    pub fn wire_code(&self) -> VerifyAbortCode {
+        match self {
+            VerifyAbort::RoleChanged => VerifyAbortCode::RoleChanged,
+            VerifyAbort::ConnectionLost(_) => VerifyAbortCode::ConnectionLost,
+            VerifyAbort::ReadFailed { .. } => VerifyAbortCode::ReadFailed,
+            VerifyAbort::ShortRead => VerifyAbortCode::ShortRead,
+            VerifyAbort::BothStarted => VerifyAbortCode::BothStarted,
+            VerifyAbort::ByPeer { code, .. } => *code,
+        }
+    }
+
+    /// What the peer is told: the code and this node's words.
+    pub fn to_wire(&self) -> crate::wire::VerifyAborted {
+        crate::wire::VerifyAborted {
+            code: self.wire_code(),
+            why: self.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for VerifyAbort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyAbort::RoleChanged => {
+                f.write_str("a node changed its role during the verify; run it again")
+            }
+            VerifyAbort::ConnectionLost(loss) => write!(f, "connection lost: {loss}"),
+            VerifyAbort::ReadFailed { offset, errno } => write!(
+                f,
+                "verify read failed at offset {offset} (errno {errno}): check this node's \
+                 backing disk"
+            ),
+            VerifyAbort::ShortRead => {
+                f.write_str("verify read returned a short buffer: driver bug")
+            }
+            VerifyAbort::BothStarted => {
+                f.write_str("both nodes started a verify at once; run it again on one node")
+            }
+            VerifyAbort::ByPeer { why, .. } => write!(f, "stopped by the peer: {why}"),
         }
     }
 }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use super::{
     digest, overlap, Action, AdminError, IoKind, Issue, PeerMsg, ReplState, Replica, Role,
-    StateChange, Violation,
+    StateChange, VerifyAbort, VerifyAborted, VerifyRefusal, Violation,
 };
 use crate::wire::DiskState;
 
@@ -52,7 +52,7 @@ pub struct VerifyStatus {
     /// The first differing ranges found, as `(byte offset, bytes)`, adjacent ones merged.
     pub first_ranges: Vec<(u64, u64)>,
     /// Why it stopped early.
-    pub aborted: Option<String>,
+    pub aborted: Option<VerifyAbort>,
 }
 
 /// Verify bookkeeping on one node.
@@ -193,7 +193,7 @@ impl Verify {
     }
 
     /// The verify is over; `aborted` says why if it stopped early.
-    pub fn end(&mut self, aborted: Option<String>) {
+    pub fn end(&mut self, aborted: Option<VerifyAbort>) {
         self.st.running = false;
         self.st.aborted = aborted;
         self.in_flight.clear();
@@ -231,26 +231,31 @@ impl Replica {
     }
 
     /// Why a verify cannot run now, if it cannot.
-    fn verify_refusal(&self) -> Option<String> {
+    fn verify_refusal(&self) -> Option<VerifyRefusal> {
         let c = self.conn.as_ref();
         if !c.is_some_and(|c| c.decided) || self.repl != ReplState::Established {
-            return Some(format!(
-                "replication is {:?}, not Established: verify needs a connected peer and no \
-                 resync running (see `twinblk status`)",
-                self.repl
-            ));
+            return Some(VerifyRefusal::NotEstablished { repl: self.repl });
         }
         if self.disk != DiskState::UpToDate
             || c.and_then(|c| c.peer_disk) != Some(DiskState::UpToDate)
         {
-            return Some("both disks must be UpToDate to verify (see `twinblk status`)".to_owned());
+            return Some(VerifyRefusal::NotBothUpToDate);
         }
         if self.verify_running() {
-            return Some(
-                "a verify is already running: wait for it (`twinblk verify --wait`)".into(),
-            );
+            return Some(VerifyRefusal::AlreadyRunning);
         }
         None
+    }
+
+    /// Tells the peer this node takes no part in its verify, and why.
+    fn verify_refuse_peer(&mut self, why: VerifyRefusal, out: &mut Vec<Action>) {
+        self.send(
+            PeerMsg::VerifyStop {
+                code: why.wire_code(),
+                reason: why.to_string(),
+            },
+            out,
+        );
     }
 
     fn next_verify_run(&mut self) -> u64 {
@@ -309,17 +314,23 @@ impl Replica {
     }
 
     /// Stops a running verify; `tell_peer` when the peer should stop too.
-    pub(super) fn verify_abort(&mut self, reason: &str, tell_peer: bool, out: &mut Vec<Action>) {
+    pub(super) fn verify_abort(
+        &mut self,
+        reason: VerifyAbort,
+        tell_peer: bool,
+        out: &mut Vec<Action>,
+    ) {
         let Some(v) = self.verify.as_mut() else {
             return;
         };
         if !v.running() {
             return;
         }
-        v.end(Some(reason.to_owned()));
+        tracing::warn!(resource = %self.cfg.resource, reason = %reason, code = reason.code(), "verify stopped");
+        let wire = reason.to_wire();
+        v.end(Some(reason));
         let side = v.side();
         let v = v.clone();
-        tracing::warn!(resource = %self.cfg.resource, reason, "verify stopped");
         emit_finished(&v, out);
         if tell_peer && self.conn.as_ref().is_some_and(|c| c.decided) {
             match side {
@@ -328,14 +339,15 @@ impl Replica {
                     self.send(
                         PeerMsg::VerifyEnd {
                             seq,
-                            aborted: Some(reason.to_owned()),
+                            aborted: Some(wire),
                         },
                         out,
                     );
                 }
                 VerifySide::Comparer => self.send(
                     PeerMsg::VerifyStop {
-                        reason: reason.to_owned(),
+                        code: wire.code,
+                        reason: wire.why,
                     },
                     out,
                 ),
@@ -345,11 +357,7 @@ impl Replica {
 
     /// A role changed on either node: the driver might no longer be the node that writes.
     pub(super) fn verify_role_changed(&mut self, out: &mut Vec<Action>) {
-        self.verify_abort(
-            "a node changed its role during the verify; run it again",
-            true,
-            out,
-        );
+        self.verify_abort(VerifyAbort::RoleChanged, true, out);
     }
 
     /// Driver: keeps the verify window full. A chunk overlapping a client write in flight or
@@ -410,12 +418,8 @@ impl Replica {
                     out,
                 );
             }
-            Ok(_) => self.verify_abort("verify read returned a short buffer: driver bug", true, out),
-            Err(e) => self.verify_abort(
-                &format!("verify read failed at offset {offset} (errno {e}): check this node's backing disk"),
-                true,
-                out,
-            ),
+            Ok(_) => self.verify_abort(VerifyAbort::ShortRead, true, out),
+            Err(errno) => self.verify_abort(VerifyAbort::ReadFailed { offset, errno }, true, out),
         }
     }
 
@@ -458,21 +462,12 @@ impl Replica {
             .as_ref()
             .is_some_and(|v| v.running() && v.side() == VerifySide::Driver)
         {
-            self.verify_abort(
-                "both nodes started a verify at once; run it again on one node",
-                true,
-                out,
-            );
+            self.verify_abort(VerifyAbort::BothStarted, true, out);
             return;
         }
         if self.role == Role::Primary {
             // The Primary must drive (see the module docs); roles changed under the peer.
-            self.send(
-                PeerMsg::VerifyStop {
-                    reason: "this node is Primary: the Primary drives a verify".into(),
-                },
-                out,
-            );
+            self.verify_refuse_peer(VerifyRefusal::PrimaryDrives, out);
             return;
         }
         let pending = self
@@ -485,15 +480,21 @@ impl Replica {
     }
 
     /// Comparer: the sequenced end of the peer's verify.
-    pub(super) fn verify_peer_ended(&mut self, aborted: Option<String>, out: &mut Vec<Action>) {
+    pub(super) fn verify_peer_ended(
+        &mut self,
+        aborted: Option<VerifyAborted>,
+        out: &mut Vec<Action>,
+    ) {
         let Some(v) = self.verify.as_mut() else {
             return;
         };
         if !(v.running() && v.side() == VerifySide::Comparer) {
             return;
         }
-        let aborted = aborted.map(|r| format!("stopped by the peer: {r}"));
-        v.end(aborted);
+        v.end(aborted.map(|a| VerifyAbort::ByPeer {
+            code: a.code,
+            why: a.why,
+        }));
         let v = v.clone();
         emit_finished(&v, out);
     }
@@ -516,18 +517,11 @@ impl Replica {
         let data = match result {
             Ok(Some(d)) if d.len() as u64 == len => d,
             Ok(_) => {
-                self.verify_abort("verify read returned a short buffer: driver bug", true, out);
+                self.verify_abort(VerifyAbort::ShortRead, true, out);
                 return;
             }
-            Err(e) => {
-                self.verify_abort(
-                    &format!(
-                        "verify read failed at offset {offset} (errno {e}): check this node's \
-                         backing disk"
-                    ),
-                    true,
-                    out,
-                );
+            Err(errno) => {
+                self.verify_abort(VerifyAbort::ReadFailed { offset, errno }, true, out);
                 return;
             }
         };
@@ -589,21 +583,31 @@ impl Replica {
     pub(super) fn verify_peer_msg(&mut self, msg: PeerMsg, out: &mut Vec<Action>) {
         match msg {
             PeerMsg::VerifyAsk => {
+                // The asker shows a comparer pending since its ask. A verify this node drives
+                // already sent its start before the ask arrived, so the asker compares that
+                // one: nothing to answer. (A refusal stopped the asker's comparer, and this
+                // driver then waited forever for the replies to the requests it dropped.)
+                if self
+                    .verify
+                    .as_ref()
+                    .is_some_and(|v| v.running() && v.side() == VerifySide::Driver)
+                {
+                    return;
+                }
                 let why = self.verify_refusal().or_else(|| {
                     (self.role != Role::Primary
                         && self.conn.as_ref().and_then(|c| c.peer_role) == Some(Role::Primary))
-                    .then(|| "this node is not the Primary's peer to drive a verify".to_owned())
+                    .then_some(VerifyRefusal::NotPrimarysPeer)
                 });
                 match why {
-                    Some(reason) => self.send(PeerMsg::VerifyStop { reason }, out),
+                    Some(why) => self.verify_refuse_peer(why, out),
                     None => self.start_verify_driver(out),
                 }
             }
-            PeerMsg::VerifyStop { reason } if self.verify_running() => {
-                let reason = format!("stopped by the peer: {reason}");
+            PeerMsg::VerifyStop { code, reason } if self.verify_running() => {
                 // The driver tells the comparer (sequenced) so late requests are dropped.
                 let driver = self.verify.as_ref().map(Verify::side) == Some(VerifySide::Driver);
-                self.verify_abort(&reason, driver, out);
+                self.verify_abort(VerifyAbort::ByPeer { code, why: reason }, driver, out);
             }
             PeerMsg::VerifyReply {
                 offset,

@@ -14,6 +14,9 @@ pub(super) struct Described {
     pub kind: &'static str,
     pub from: Option<String>,
     pub to: Option<String>,
+    /// The stable name of the reason, where the change has one (`refused`: the refusal's
+    /// code; `verify-finished` that stopped early: the abort's code), for scripts.
+    pub code: Option<&'static str>,
     pub text: String,
 }
 
@@ -23,6 +26,7 @@ pub(super) fn describe(change: &StateChange, block: u64) -> Described {
         kind,
         from,
         to,
+        code: None,
         text,
     };
     let name = |x: &dyn std::fmt::Debug| format!("{x:?}");
@@ -82,12 +86,15 @@ pub(super) fn describe(change: &StateChange, block: u64) -> Described {
         StateChange::DiskFailed { failure } => {
             d("disk-failed", None, None, format!("disk failed: {failure}"))
         }
-        StateChange::Refused { reason } => d(
-            "refused",
-            None,
-            None,
-            format!("connection refused: {reason}"),
-        ),
+        StateChange::Refused { reason } => Described {
+            code: Some(reason.code()),
+            ..d(
+                "refused",
+                None,
+                None,
+                format!("connection refused: {reason}"),
+            )
+        },
         StateChange::ConnectionLost { reason } => d(
             "connection-lost",
             None,
@@ -113,17 +120,20 @@ pub(super) fn describe(change: &StateChange, block: u64) -> Described {
             differing_blocks,
             first_ranges: _,
             aborted,
-        } => d(
-            "verify-finished",
-            None,
-            None,
-            match aborted {
-                Some(why) => {
-                    format!("verify stopped early ({why}); {differing_blocks} blocks differ so far")
-                }
-                None => format!("verify finished: {differing_blocks} blocks differ"),
-            },
-        ),
+        } => Described {
+            code: aborted.as_ref().map(|a| a.code()),
+            ..d(
+                "verify-finished",
+                None,
+                None,
+                match aborted {
+                    Some(why) => format!(
+                        "verify stopped early ({why}); {differing_blocks} blocks differ so far"
+                    ),
+                    None => format!("verify finished: {differing_blocks} blocks differ"),
+                },
+            )
+        },
     }
 }
 
@@ -142,6 +152,9 @@ impl Described {
             if let Some(t) = &self.to {
                 m.insert("to".into(), t.clone().into());
             }
+            if let Some(c) = self.code {
+                m.insert("code".into(), c.into());
+            }
         }
         o
     }
@@ -150,7 +163,7 @@ impl Described {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::ReplState;
+    use crate::core::{Refusal, ReplState, VerifyAbort, VerifyAbortCode};
 
     /// Issue 18: `status --json` showed `"Repl { from: StandAlone, to: Connecting }"`.
     #[test]
@@ -177,5 +190,39 @@ mod tests {
         assert_eq!(p.text, "full resync started: 1.0 MiB");
         let l = describe(&StateChange::PeerDisk { to: None }, 4096);
         assert_eq!((l.from, l.to.as_deref()), (None, Some("unknown")));
+    }
+
+    /// A verify that stopped early and a refusal carry their reason's stable name as `code`
+    /// (scripts match it, never the sentence); a verify that finished has none.
+    #[test]
+    fn reasons_carry_their_code() {
+        let stopped = |aborted| StateChange::VerifyFinished {
+            differing_blocks: 2,
+            first_ranges: vec![],
+            aborted,
+        };
+        let j = describe(&stopped(Some(VerifyAbort::RoleChanged)), 4096).json(1);
+        assert_eq!(j["code"], "role-changed", "{j}");
+        assert_eq!(
+            j["change"],
+            "verify stopped early (a node changed its role during the verify; run it again); 2 \
+             blocks differ so far"
+        );
+        let by_peer = VerifyAbort::ByPeer {
+            code: VerifyAbortCode::ReadFailed,
+            why: "verify read failed".into(),
+        };
+        let j = describe(&stopped(Some(by_peer)), 4096).json(1);
+        assert_eq!(j["code"], "by-peer", "{j}");
+        let j = describe(&stopped(None), 4096).json(1);
+        assert_eq!(j.get("code"), None, "{j}");
+        let j = describe(
+            &StateChange::Refused {
+                reason: Refusal::NoUpToDate,
+            },
+            4096,
+        )
+        .json(1);
+        assert_eq!(j["code"], "no-up-to-date", "{j}");
     }
 }

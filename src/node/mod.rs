@@ -633,7 +633,14 @@ impl Node {
                 "first_ranges": v.first_ranges.iter()
                     .map(|&(offset, bytes)| json!({"offset": offset, "bytes": bytes}))
                     .collect::<Vec<_>>(),
-                "aborted": v.aborted,
+                "aborted": v.aborted.as_ref().map(ToString::to_string),
+                // Its stable name, for scripts (the text is for people): `by-peer` when the
+                // peer stopped it, with the peer's own code next to it.
+                "aborted_code": v.aborted.as_ref().map(crate::core::VerifyAbort::code),
+                "aborted_peer_code": match &v.aborted {
+                    Some(crate::core::VerifyAbort::ByPeer { code, .. }) => Some(code.as_str()),
+                    _ => None,
+                },
             })),
         });
         // Outside the macro: one more key there passes its recursion limit.
@@ -1037,14 +1044,14 @@ impl Node {
     }
 }
 
-/// One structured log line per state change: resource, node, kind, from/to where the change
-/// has them, and the sentence.
+/// One structured log line per state change: resource, node, kind, from/to and the reason's
+/// code where the change has them, and the sentence.
 fn log_change(resource: &str, node: &str, c: &change::Described) {
-    let (kind, from, to) = (c.kind, c.from.as_deref(), c.to.as_deref());
+    let (kind, from, to, code) = (c.kind, c.from.as_deref(), c.to.as_deref(), c.code);
     if c.kind == "refused" {
-        warn!(resource, node, kind, from, to, "{}", c.text);
+        warn!(resource, node, kind, from, to, code, "{}", c.text);
     } else {
-        info!(resource, node, kind, from, to, "{}", c.text);
+        info!(resource, node, kind, from, to, code, "{}", c.text);
     }
 }
 

@@ -35,7 +35,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// refusals apart by name, never by the words.
 /// 8: a connected node's promotion is agreed with the peer first ([`PeerMsg::PromoteAsk`],
 /// [`PeerMsg::PromoteAnswer`]): a version-7 node would promote on its own view of the peer.
-pub const VERSION: u16 = 8;
+/// 9: `VerifyEnd` and `VerifyStop` carry why the verify stopped as a [`VerifyAbortCode`] next
+/// to its text, so the receiver tells the causes apart by name, never by the words.
+pub const VERSION: u16 = 9;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -263,6 +265,75 @@ pub enum PromoteVerdict {
     NoPromoting,
 }
 
+/// Why a verify stopped early or could not start, by name: what [`PeerMsg::VerifyEnd`] and
+/// [`PeerMsg::VerifyStop`] carry (postcard: the variant's index, so a new variant goes last and
+/// bumps [`VERSION`]). The core's `VerifyAbort::wire_code` and `VerifyRefusal::wire_code` name
+/// each cause; the receiver keeps the code in `VerifyAbort::ByPeer` and matches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyAbortCode {
+    /// A node changed its role during the verify.
+    RoleChanged,
+    /// The connection was lost (never sent: the peer sees the loss itself).
+    ConnectionLost,
+    /// A verify read of the sender's disk failed.
+    ReadFailed,
+    /// A verify read returned fewer bytes than asked (a driver bug).
+    ShortRead,
+    /// Both nodes started a verify at once.
+    BothStarted,
+    /// The sender cannot take part: replication is not Established.
+    NotEstablished,
+    /// The sender cannot take part: a disk is not UpToDate.
+    NotBothUpToDate,
+    /// The sender cannot take part: it runs a verify already.
+    AlreadyRunning,
+    /// The sender was asked to drive but is not the Primary's peer.
+    NotPrimarysPeer,
+    /// The sender is Primary, so it must drive (it refuses to compare).
+    PrimaryDrives,
+}
+
+impl VerifyAbortCode {
+    /// Every code, for tests that must cover each.
+    pub const ALL: [VerifyAbortCode; 10] = [
+        VerifyAbortCode::RoleChanged,
+        VerifyAbortCode::ConnectionLost,
+        VerifyAbortCode::ReadFailed,
+        VerifyAbortCode::ShortRead,
+        VerifyAbortCode::BothStarted,
+        VerifyAbortCode::NotEstablished,
+        VerifyAbortCode::NotBothUpToDate,
+        VerifyAbortCode::AlreadyRunning,
+        VerifyAbortCode::NotPrimarysPeer,
+        VerifyAbortCode::PrimaryDrives,
+    ];
+
+    /// The stable kebab-case name (`status --json`'s `verify.aborted_code` and
+    /// `verify.aborted_peer_code`, the `verify-finished` event's `code`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyAbortCode::RoleChanged => "role-changed",
+            VerifyAbortCode::ConnectionLost => "connection-lost",
+            VerifyAbortCode::ReadFailed => "read-failed",
+            VerifyAbortCode::ShortRead => "short-read",
+            VerifyAbortCode::BothStarted => "both-started",
+            VerifyAbortCode::NotEstablished => "not-established",
+            VerifyAbortCode::NotBothUpToDate => "not-both-up-to-date",
+            VerifyAbortCode::AlreadyRunning => "already-running",
+            VerifyAbortCode::NotPrimarysPeer => "not-primarys-peer",
+            VerifyAbortCode::PrimaryDrives => "primary-drives",
+        }
+    }
+}
+
+/// Why the sender's verify stopped early, by name and in its words ([`PeerMsg::VerifyEnd`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyAborted {
+    pub code: VerifyAbortCode,
+    /// For people only (`status`, logs).
+    pub why: String,
+}
+
 /// A peer message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMsg {
@@ -352,7 +423,7 @@ pub enum PeerMsg {
     /// for the reason in `aborted`.
     VerifyEnd {
         seq: u64,
-        aborted: Option<String>,
+        aborted: Option<VerifyAborted>,
     },
     /// Verify, comparer -> driver: the blocks of the request at `offset` that differ, as runs
     /// `(first block, blocks)`; the comparer has already marked them out of sync.
@@ -364,8 +435,10 @@ pub enum PeerMsg {
     /// `twinblk verify` ran on the node that must not read first (the Secondary of a
     /// Primary): asks the receiver to drive a verify.
     VerifyAsk,
-    /// Verify, either side: stop the verify (or refuse a `VerifyAsk`), for `reason`.
+    /// Verify, either side: stop the verify (or refuse a `VerifyAsk`): `code` says why (the
+    /// receiver matches it), `reason` in the sender's words (for `status` and logs only).
     VerifyStop {
+        code: VerifyAbortCode,
         reason: String,
     },
     /// Checksum resync, source -> target: send your digests of this range.
@@ -627,7 +700,7 @@ struct DigestsBody {
 #[derive(Serialize, Deserialize)]
 struct VerifyEndBody {
     seq: u64,
-    aborted: Option<String>,
+    aborted: Option<VerifyAborted>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -638,6 +711,7 @@ struct RefuseBody {
 
 #[derive(Serialize, Deserialize)]
 struct VerifyStopBody {
+    code: VerifyAbortCode,
     reason: String,
 }
 
@@ -895,8 +969,9 @@ pub fn encode_parts(msg: &PeerMsg) -> Result<(BytesMut, Bytes), WireError> {
             })?)
         }
         PeerMsg::VerifyAsk => {}
-        PeerMsg::VerifyStop { reason } => {
+        PeerMsg::VerifyStop { code, reason } => {
             body.extend_from_slice(&postcard_body(&VerifyStopBody {
+                code: *code,
                 reason: reason.clone(),
             })?)
         }
@@ -1186,9 +1261,13 @@ fn decode_body(kind: Kind, body: Bytes) -> Result<PeerMsg, WireError> {
             }
             PeerMsg::VerifyAsk
         }
-        Kind::VerifyStop => PeerMsg::VerifyStop {
-            reason: control::<VerifyStopBody>(&body, "verify-stop")?.reason,
-        },
+        Kind::VerifyStop => {
+            let b: VerifyStopBody = control(&body, "verify-stop")?;
+            PeerMsg::VerifyStop {
+                code: b.code,
+                reason: b.reason,
+            }
+        }
         Kind::CsumRequest => {
             let b: RangeBody = control(&body, "csum-request")?;
             PeerMsg::CsumRequest {

@@ -141,10 +141,14 @@ fn every_kind_roundtrips() {
         },
         PeerMsg::VerifyEnd {
             seq: 11,
-            aborted: Some("role changed".into()),
+            aborted: Some(VerifyAborted {
+                code: VerifyAbortCode::RoleChanged,
+                why: "role changed".into(),
+            }),
         },
         PeerMsg::VerifyAsk,
         PeerMsg::VerifyStop {
+            code: VerifyAbortCode::NotEstablished,
             reason: "not connected".into(),
         },
         PeerMsg::CsumRequest {
@@ -206,10 +210,11 @@ fn rejects_bad_magic_version_kind_and_huge_length() {
         Err(WireError::BadMagic(_))
     ));
     let mut b = good.to_vec();
-    b[4] = 9;
+    // A version other than this build's (the one before it).
+    b[4] = (VERSION - 1) as u8;
     assert!(matches!(
         decode(&Bytes::from(b)),
-        Err(WireError::BadVersion(9))
+        Err(WireError::BadVersion(v)) if v == VERSION - 1
     ));
     let mut b = good.to_vec();
     b[6] = 200;
@@ -377,10 +382,22 @@ fn arb_msg() -> impl Strategy<Value = PeerMsg> {
                 len,
                 differ
             }),
-        (any::<u64>(), proptest::option::of(".{0,40}"))
-            .prop_map(|(seq, aborted)| PeerMsg::VerifyEnd { seq, aborted }),
+        (
+            any::<u64>(),
+            proptest::option::of((0..VerifyAbortCode::ALL.len(), ".{0,40}"))
+        )
+            .prop_map(|(seq, aborted)| PeerMsg::VerifyEnd {
+                seq,
+                aborted: aborted.map(|(i, why)| VerifyAborted {
+                    code: VerifyAbortCode::ALL[i],
+                    why
+                }),
+            }),
         any::<u64>().prop_map(|seq| PeerMsg::VerifyStart { seq }),
-        ".{0,40}".prop_map(|reason| PeerMsg::VerifyStop { reason }),
+        (0..VerifyAbortCode::ALL.len(), ".{0,40}").prop_map(|(i, reason)| PeerMsg::VerifyStop {
+            code: VerifyAbortCode::ALL[i],
+            reason
+        }),
         (
             any::<u64>(),
             any::<u32>(),
@@ -465,4 +482,56 @@ fn an_unknown_refusal_code_is_malformed() {
     .expect("encode");
     body[0] = 100;
     assert!(decode_body(Kind::Refuse, Bytes::from(body)).is_err());
+}
+
+/// Every verify-abort code crosses the wire unchanged, in both messages that carry one, and
+/// each has its own stable name.
+#[test]
+fn every_verify_abort_code_roundtrips() {
+    let mut names = std::collections::HashSet::new();
+    for code in VerifyAbortCode::ALL {
+        roundtrip(&PeerMsg::VerifyStop {
+            code,
+            reason: code.as_str().into(),
+        });
+        roundtrip(&PeerMsg::VerifyEnd {
+            seq: 3,
+            aborted: Some(VerifyAborted {
+                code,
+                why: String::new(),
+            }),
+        });
+        assert!(names.insert(code.as_str()), "{code:?} shares its name");
+    }
+}
+
+/// A verify-abort code this build does not know (a newer peer's; the version check refuses
+/// such a peer first) is a malformed frame, not a panic.
+#[test]
+fn an_unknown_verify_abort_code_is_malformed() {
+    let mut body = postcard::to_stdvec(&VerifyStopBody {
+        code: VerifyAbortCode::PrimaryDrives,
+        reason: "x".into(),
+    })
+    .expect("encode");
+    body[0] = 100;
+    assert!(matches!(
+        decode_body(Kind::VerifyStop, Bytes::from(body)),
+        Err(WireError::Malformed { .. })
+    ));
+    // In `VerifyEnd`: the seq (1), the option's tag (1), then the code.
+    let mut body = postcard::to_stdvec(&VerifyEndBody {
+        seq: 1,
+        aborted: Some(VerifyAborted {
+            code: VerifyAbortCode::RoleChanged,
+            why: "x".into(),
+        }),
+    })
+    .expect("encode");
+    assert_eq!(body[2], 0, "the code's byte");
+    body[2] = 100;
+    assert!(matches!(
+        decode_body(Kind::VerifyEnd, Bytes::from(body)),
+        Err(WireError::Malformed { .. })
+    ));
 }

@@ -27,6 +27,8 @@
 # line on stderr has the load average and the runnable tasks before it.
 # BENCH_LATENCY=FILE appends the pairs' `status --latency` after each run to FILE, and with
 # BENCH_LOG_LEVEL=info (the pairs' log level, default warn) their busy-poll counts.
+# A server written SERVER@BINARY (e.g. twinblk-sync@/var/tmp/twinblk-before) runs that twinblk
+# binary instead of TWINBLK: two builds compared in the same run, alternating within each round.
 # Needs: fio (with the nbd engine), qemu-nbd, python3, a release build of twinblk;
 # qemu-storage-daemon for qemu-mirror.
 set -euo pipefail
@@ -46,6 +48,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 twinblk=${TWINBLK:-$root/target/release/twinblk}
+default_twinblk=$twinblk
 for tool in fio qemu-nbd python3; do
     command -v "$tool" >/dev/null || { echo "bench.sh: $tool is missing (apt-get install fio qemu-utils python3)" >&2; exit 1; }
 done
@@ -302,14 +305,19 @@ for w in "${workloads[@]}"; do
                     # shellcheck disable=SC2086
                     fio --ioengine=io_uring --direct=1 $args "${common[@]}" "${jobs[@]}" ;;
                 *)
-                    start_server "$s"
+                    # SERVER@BINARY: that server run by another build (see the header).
+                    twinblk=$default_twinblk
+                    kind=${s%%@*}
+                    [ "$kind" != "$s" ] && twinblk=${s#*@}
+                    [ -x "$twinblk" ] || { echo "bench.sh: $s: $twinblk is not an executable" >&2; exit 2; }
+                    start_server "$kind"
                     cpu_before=$(daemon_ticks)
                     t_before=$(date +%s.%N)
                     # shellcheck disable=SC2086
                     fio --name="$name" --ioengine=nbd --uri="$uri" $args "${common[@]}"
                     cpu_run=$(python3 -c "import sys; print((int(sys.argv[1]) - int(sys.argv[2])) / $clk_tck, float(sys.argv[4]) - float(sys.argv[3]))" \
                         "$(daemon_ticks)" "$cpu_before" "$t_before" "$(date +%s.%N)")
-                    breakdown "$name" "$s" "$round"
+                    breakdown "$name" "$kind" "$round"
                     stop_server ;;
             esac
             # The value per job, averaged over the jobs (two-writers runs two).

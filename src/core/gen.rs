@@ -19,6 +19,7 @@
 //! | #  | condition                                                  | decision                 |
 //! |----|------------------------------------------------------------|--------------------------|
 //! | 0  | one side Inconsistent, or UpToDate/Outdated with a clean bitmap (trusted bitmap), at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below |
+//! | 0b | one side good that moved on (its `bitmap`) from a generation the other's `resync_end` names as the target's, the other's bitmap relative to the generation sent | read the other (the source) at that generation, then the rules below |
 //! | 1  | resource, size or node id conflict; both Primary           | refuse                   |
 //! | 2  | neither disk UpToDate/Outdated                             | refuse                   |
 //! | 3  | same `current`, neither changed anything since              | no sync                  |
@@ -87,8 +88,9 @@ pub fn decide(me: &Hello, peer: &Hello) -> Decision {
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Decision::Refuse(Refusal::BothPrimary);
     }
-    // Rule 0.
+    // Rule 0, then its mirror (0b) for a target that moved on without the end.
     let (me, peer) = (&*at_resync_end(me, peer), &*at_resync_end(peer, me));
+    let (me, peer) = (&*before_resync_end(me, peer), &*before_resync_end(peer, me));
     let raw = match raw_decide(me, peer) {
         Decision::SplitBrain(why) => {
             resolve_split_brain(me, peer).unwrap_or(Decision::SplitBrain(why))
@@ -142,6 +144,50 @@ fn at_resync_end<'a>(tgt: &'a Hello, src: &Hello) -> Cow<'a, Hello> {
     }
     let mut read = tgt.clone();
     read.current_gen = gen;
+    Cow::Owned(read)
+}
+
+/// Rule 0b: `src` as the handshake reads it against a `tgt` that never applied the end `src`
+/// sent and moved on from a generation that end names as the target's (promoted and written
+/// there: its `bitmap` is that generation). Such a target is good (UpToDate or Outdated), so it
+/// never became the target of that resync (a target turns Inconsistent, durably, before any
+/// resync data, and only the end or a forced promotion, which starts an unrelated generation,
+/// makes it good again); so the resync moved nothing (a block's bit goes only once the target
+/// made it stable): it was a pull-ahead's that ended with nothing marked, which the source
+/// ends at once, without a word from the target. The generation the source started on going
+/// Ahead then names no data the target lacks, and the source's bitmap, relative to the
+/// generation sent, names all it changed since the target's: read the source at the target's
+/// generation. Simulator seed 6392 (failovers on): the Primary went Ahead, the peer's acks
+/// drained the link before the write that made it go Ahead was marked, the empty resync ended,
+/// and the Primary crashed before the peer heard of any of it; the peer, in sync as far as
+/// anyone could know, was promoted and written, and the returning crashed Primary saw a split
+/// brain (rule 12) where an ordinary failover's rule 7 applies. A source that did change data
+/// since (its `current` moved on from the generation sent) still meets rule 8: a split brain.
+fn before_resync_end<'a>(src: &'a Hello, tgt: &Hello) -> Cow<'a, Hello> {
+    let Some(ResyncEnd { gen, target_gens }) = src.resync_end else {
+        return Cow::Borrowed(src);
+    };
+    let Some(had) = tgt
+        .bitmap_gen
+        .filter(|&g| g != 0 && g != gen && g != tgt.current_gen && target_gens.contains(&g))
+    else {
+        return Cow::Borrowed(src);
+    };
+    let applies = good(tgt.disk)
+        && tgt.current_gen != gen
+        && good(src.disk)
+        && src.bitmap_known
+        && (src.current_gen == gen || src.bitmap_gen == Some(gen));
+    if !applies {
+        return Cow::Borrowed(src);
+    }
+    let mut read = src.clone();
+    if read.current_gen == gen {
+        read.current_gen = had;
+    }
+    if read.bitmap_gen == Some(gen) {
+        read.bitmap_gen = Some(had);
+    }
     Cow::Owned(read)
 }
 
@@ -600,6 +646,56 @@ mod tests {
         a.dirty = true;
         a.bitmap_gen = Some(0x30001);
         assert!(matches!(check(&b, &a), Decision::SplitBrain(_)));
+    }
+
+    /// Rule 0b, simulator seed 6392: A went Ahead (0x20001 from 0x10001) and ended its empty
+    /// resync at once; it crashed before B heard of it. B, UpToDate at 0x10001, was promoted
+    /// and wrote (0x20002). A's changes since 0x10001 are its crash's tail: B is the source, by
+    /// bitmaps, as in any failover.
+    #[test]
+    fn a_target_promoted_before_it_heard_of_an_empty_ahead_resync_is_its_source() {
+        let mut a = h(1, Role::Secondary, DiskState::UpToDate, 0x20001);
+        a.crashed_primary = true;
+        a.dirty = true;
+        a.bitmap_gen = Some(0x20001);
+        a.history = [0x10001, 0x5];
+        a.resync_end = Some(ResyncEnd {
+            gen: 0x20001,
+            target_gens: [0x10001, 0x10001],
+        });
+        let mut b = h(2, Role::Primary, DiskState::UpToDate, 0x20002);
+        b.bitmap_gen = Some(0x10001);
+        b.history = [0x5, 0];
+        b.dirty = true;
+        assert_eq!(check(&b, &a), Decision::Source { full: false });
+        // Without the end (the old behaviour): a split brain nobody made (rule 12).
+        let mut old = a.clone();
+        old.resync_end = None;
+        assert!(matches!(check(&b, &old), Decision::SplitBrain(_)));
+        // A that changed data since it sent the end (a loss with writes B may lack moved it
+        // on): both changed since 0x10001, a split brain as before.
+        let mut moved = a.clone();
+        moved.current_gen = 0x30001;
+        moved.crashed_primary = false;
+        assert!(matches!(check(&b, &moved), Decision::SplitBrain(_)));
+        // A B that moved on from a generation the end does not name: not this end's.
+        let mut other = b.clone();
+        other.bitmap_gen = Some(0x5);
+        other.history = [0, 0];
+        assert_eq!(
+            decide(&other, &a),
+            decide(&other, &old),
+            "the end changes nothing"
+        );
+        // A B that is not good was a target of that resync (or forced): not this rule's.
+        let mut bad = b.clone();
+        bad.role = Role::Secondary;
+        bad.disk = DiskState::Inconsistent;
+        assert_eq!(
+            decide(&bad, &a),
+            decide(&bad, &old),
+            "the end changes nothing"
+        );
     }
 
     #[test]

@@ -1114,6 +1114,10 @@ struct Duo {
     stopped: [Option<StopOutcome>; 2],
     /// Each node's [`Action::FencePeer`] requests: (episode, attempt).
     fence_requests: [Vec<(u64, u32)>; 2],
+    /// Activity-log transactions are left in flight (their ids kept here) instead of
+    /// completing at once. Off unless a test turns it on.
+    hold_al: bool,
+    held_al: Vec<(usize, IoId)>,
 }
 
 impl Duo {
@@ -1146,6 +1150,8 @@ impl Duo {
             undo: Default::default(),
             stopped: Default::default(),
             fence_requests: Default::default(),
+            hold_al: false,
+            held_al: Vec::new(),
         }
     }
 
@@ -1238,6 +1244,9 @@ impl Duo {
                             bm.resize(end, 0);
                         }
                         bm[first_word as usize..end].copy_from_slice(&words);
+                    }
+                    Action::SaveActivityLog { io, .. } if self.hold_al => {
+                        self.held_al.push((n, io))
                     }
                     Action::SaveActivityLog { io, extents } => {
                         self.saved[n].activity_log = extents;
@@ -1600,6 +1609,7 @@ fn lose(d: &mut Duo, n: usize) {
 }
 
 mod adjust;
+mod pull_ahead;
 mod stop;
 mod switchover;
 mod verify;

@@ -431,6 +431,9 @@ fn checker_catches_a_stop_that_saves_not_primary_before_the_bitmap() {
 fn with_fencing(seed: u64) -> SimConfig {
     let mut cfg = SimConfig::for_seed(seed);
     cfg.fencing = true;
+    // The seeds these checks were found with had neither (an adjust may turn fencing off).
+    cfg.adjusts = false;
+    cfg.stonith = false;
     cfg
 }
 
@@ -498,5 +501,45 @@ fn checker_catches_a_reconnect_after_a_failed_peer_write() {
                 .iter()
                 .all(|m| m.contains("after a write of the peer's data failed")),
         "no seed caught a reconnect after a failed peer write: {msgs:?}"
+    );
+}
+
+fn with_adjusts(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.adjusts = true;
+    // Fencing starts off: the operator's adjust turns it on.
+    cfg.fencing = false;
+    cfg
+}
+
+/// The operator's `adjust` mid-run changes the running core's settings: an adjust that
+/// answers Ok and applies nothing leaves a node whose `on-peer-lost` was turned on going on
+/// alone after losing its peer, acknowledging writes before the peer is fenced.
+#[test]
+fn checker_catches_an_adjust_that_applies_nothing() {
+    let msgs = caught_with(InjectedBug::AdjustIgnored, 200, with_adjusts);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("before the peer was fenced")),
+        "no seed caught an adjust that applied nothing: {msgs:?}"
+    );
+}
+
+fn with_stonith(seed: u64) -> SimConfig {
+    let mut cfg = SimConfig::for_seed(seed);
+    cfg.fencing = true;
+    cfg.stonith = true;
+    cfg
+}
+
+/// STONITH: the fence kills the peer and reports success; the frozen Primary must resume
+/// (the peer cannot return the writes to it: it is dead).
+#[test]
+fn checker_catches_a_primary_that_stays_frozen_after_stonith() {
+    let msgs = caught_with(InjectedBug::FenceSuccessIgnored, 100, with_stonith);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("stays frozen after its fence killed the peer")),
+        "no seed caught a Primary frozen after its fence killed the peer: {msgs:?}"
     );
 }

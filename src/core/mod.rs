@@ -296,12 +296,18 @@ pub enum InjectedBug {
     /// behaviour), without asking the peer: a State (Primary) still on its way then makes a
     /// false "both nodes are Primary" refusal (simulator sync seed 7162, flush faults on).
     PromoteWithoutAsking,
+    /// `adjust` answers Ok and applies nothing: the node keeps its old settings (a turned-on
+    /// `on-peer-lost` never freezes).
+    AdjustIgnored,
+    /// A successful fence does not end the freeze: the Primary stays frozen though the peer is
+    /// fenced (with STONITH, dead) until it connects again.
+    FenceSuccessIgnored,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 18] = {
+    pub const ALL: [InjectedBug; 20] = {
         use InjectedBug::*;
         [
             None,
@@ -322,6 +328,8 @@ impl InjectedBug {
             NoFenceOnCoreClose,
             ReconnectAfterPeerWriteError,
             PromoteWithoutAsking,
+            AdjustIgnored,
+            FenceSuccessIgnored,
         ]
     };
 
@@ -347,6 +355,8 @@ impl InjectedBug {
             NoFenceOnCoreClose => 15,
             ReconnectAfterPeerWriteError => 16,
             PromoteWithoutAsking => 17,
+            AdjustIgnored => 18,
+            FenceSuccessIgnored => 19,
         }
     }
 
@@ -4090,6 +4100,9 @@ impl Replica {
         if a.fencing == Fencing::Off && self.freeze.is_some() {
             return Err(AdminError::FencingStillNeeded);
         }
+        if self.cfg.bug == InjectedBug::AdjustIgnored {
+            return Ok(());
+        }
         self.cfg.resync_rate = a.resync_rate;
         self.cfg.after_sb_0pri = a.after_sb_0pri;
         self.cfg.after_sb_1pri = a.after_sb_1pri;
@@ -4105,6 +4118,7 @@ impl Replica {
             return;
         };
         match result {
+            Ok(()) if self.cfg.bug == InjectedBug::FenceSuccessIgnored => {}
             Ok(()) => {
                 tracing::info!(resource = %self.cfg.resource, "the peer is fenced: going on without it");
                 self.unfreeze(out);

@@ -105,6 +105,13 @@ pub struct SimConfig {
     /// demotion the crash cut off (`crash` ends it, as for sync seed 8908).
     /// `TWINBLK_SIM_FLUSH_FAULTS=0|1` overrides it for `random_workloads_with_faults`.
     pub flush_faults: bool,
+    /// The operator's `adjust` now and then on a running node: the resync rates and
+    /// `on-peer-lost` (fencing on or off) change live, as the real `adjust` does; turning
+    /// fencing off while writes wait for it must be refused (`fencing-still-needed`).
+    pub adjusts: bool,
+    /// Fencing is STONITH: a successful fence kills the peer (its disk loses what it had not
+    /// made stable), then the Primary resumes; the peer restarts as Secondary.
+    pub stonith: bool,
 }
 
 impl SimConfig {
@@ -144,6 +151,9 @@ impl SimConfig {
             downs: r.one_in(2),
             stop_drain: r.range(200 * US, 4000 * US),
             flush_faults: true,
+            // Drawn last, so the seeds of every earlier configuration replay as before.
+            adjusts: r.one_in(3),
+            stonith: r.one_in(2),
         }
     }
 }
@@ -331,6 +341,8 @@ struct Switch {
 /// Admin tags of the switchover's commands, so their (possibly later) answers are recognised.
 const SWITCH_DEMOTE: u64 = 0x5717_0001;
 const SWITCH_PROMOTE: u64 = 0x5717_0002;
+/// The admin tag of the simulated operator's `adjust`.
+const ADJUST: u64 = 0x5717_0003;
 
 struct Scheduled {
     at: u64,
@@ -415,6 +427,9 @@ pub struct World {
     discarded: std::collections::HashSet<u64>,
     /// The client stops issuing (the operator is about to change roles).
     client_paused: bool,
+    /// The split-brain resolution paused the client (its loser is the Primary) and waits for
+    /// the I/O in flight; lifted when it resolves, or when the split ends otherwise first.
+    resolve_paused: bool,
     /// A forced promotion, or one of a survivor that was not in sync with the Primary when it
     /// died (it may lack what the Primary wrote alone: a stale node, as DRBD's without
     /// fencing), happened and the nodes have not been in sync since: the returning node may be
@@ -454,6 +469,16 @@ pub struct World {
     /// (the hook's success, the peer connecting again, `disconnect`): no write may be
     /// acknowledged.
     unfenced: [bool; 2],
+    /// Each node's latest fencing episode (its last [`Action::FencePeer`]): a hook's answer for
+    /// an older one comes after that freeze ended, and the core rightly ignores it.
+    fence_episode: [Option<u64>; 2],
+    /// Each node's `on-peer-lost` as the operator last adjusted it (the resource file a restart
+    /// reads too): starts as `SimConfig::fencing`.
+    fencing: [bool; 2],
+    /// Each node's resync rates (max, min) as last adjusted.
+    rates: [(u64, u64); 2],
+    /// The answer to the operator's last `adjust`.
+    adjusted: Option<Result<(), AdminError>>,
     /// Frames scheduled for delivery and not yet delivered (or dropped), per connection: at 0
     /// on a decided connection, each node's view of its peer's state is the peer's truth.
     frames_in_flight: HashMap<u64, u64>,
@@ -511,6 +536,7 @@ impl World {
             rogue_out: HashMap::new(),
             discarded: Default::default(),
             client_paused: false,
+            resolve_paused: false,
             forced_failover: false,
             survivor_in_sync: false,
             failed_disk_takeover: false,
@@ -525,6 +551,10 @@ impl World {
             was_down: [false; 2],
             peer_write_failed: [false; 2],
             unfenced: [false; 2],
+            fence_episode: [None; 2],
+            fencing: [cfg.fencing; 2],
+            rates: [cfg.resync_rate; 2],
+            adjusted: None,
             frames_in_flight: HashMap::new(),
             trace: Vec::new(),
             events: 0,
@@ -573,8 +603,8 @@ impl World {
         cfg.send_buffer = 6 * BS as u64;
         cfg.resync_chunk = 4 * BS as u64;
         cfg.resync_rate.fill_target = 3 * 4 * BS as u64;
-        cfg.resync_rate.max_rate = self.cfg.resync_rate.0;
-        cfg.resync_rate.min_rate = self.cfg.resync_rate.1;
+        cfg.resync_rate.max_rate = self.rates[node].0;
+        cfg.resync_rate.min_rate = self.rates[node].1;
         cfg.resync_rate.plan_ahead = 2000 * US;
         if self.cfg.pull_ahead {
             cfg.congestion = Congestion {
@@ -599,7 +629,7 @@ impl World {
         cfg.al_updates = self.cfg.al_updates;
         cfg.stop_drain = self.cfg.stop_drain;
         cfg.fence_retry = 500 * US;
-        if self.cfg.fencing {
+        if self.fencing[node] {
             cfg.fencing = twinblk::core::Fencing::FreezeUntilFenced;
         }
         self.peer_write_failed[node] = false;
@@ -685,7 +715,7 @@ impl World {
             .iter()
             .any(|a| matches!(a, Action::CloseConnection { .. }));
         let core_close = closes && !transport_loss && !operator;
-        if self.cfg.fencing
+        if self.fencing[node]
             && had_up_to_date_peer
             && (transport_loss || core_close)
             && r.status().peer_disk.is_none()
@@ -1129,6 +1159,9 @@ impl World {
                 if let Err(e) = &result {
                     self.log(format!("node {node} admin refused: {e}"));
                 }
+                if tag == ADJUST {
+                    self.adjusted = Some(result.clone());
+                }
                 if let Some(sw) = self.switching.as_mut() {
                     match tag {
                         SWITCH_DEMOTE => sw.demoted = Some(result),
@@ -1146,7 +1179,10 @@ impl World {
                         "fence: retried"
                     })
                     .or_default() += 1;
-                self.log(format!("node {node} fences its peer (attempt {attempt})"));
+                self.log(format!(
+                    "node {node} fences its peer (episode {episode}, attempt {attempt})"
+                ));
+                self.fence_episode[node] = Some(episode);
                 if attempt == 1 && self.status(node).is_some_and(|s| s.stopping) {
                     *self.stats.entry("fence: loss during a stop").or_default() += 1;
                 }
@@ -1387,6 +1423,7 @@ impl World {
         }
         self.nodes[node].replica = None;
         self.unfenced[node] = false;
+        self.fence_episode[node] = None;
         if self.down_node == Some(node) {
             // Crashed while draining (or before its stop began): the client goes on.
             self.down_node = None;
@@ -1918,6 +1955,12 @@ impl World {
     fn resolve(&mut self) {
         let incs = [self.nodes[A].inc, self.nodes[B].inc];
         let Some(sp) = self.split.as_mut() else {
+            // The split ended while this waited for I/O in flight (a shared policy's handshake
+            // decided it): the pause for the command it never ran goes too. Sync seed 5834
+            // (with adjusts) paused the client for good, and the workload never finished.
+            if std::mem::take(&mut self.resolve_paused) {
+                self.client_paused = false;
+            }
             return;
         };
         sp.resolve_scheduled = false;
@@ -2004,6 +2047,7 @@ impl World {
         let winner = 1 - loser;
         if loser == self.prim {
             self.client_paused = true;
+            self.resolve_paused = true;
         }
         let busy = !self.outstanding.is_empty()
             || !self.rogue_out.is_empty()
@@ -2046,6 +2090,7 @@ impl World {
             self.take_over(winner, "split-brain winner's disk", false);
         }
         self.client_paused = false;
+        self.resolve_paused = false;
     }
 
     fn discard(&mut self, ids: &[u64]) {
@@ -2366,6 +2411,11 @@ impl World {
             }
             return;
         }
+        // The operator's `adjust` (only seeds with it draw here, so others replay as before).
+        if self.cfg.adjusts && self.rng.one_in(4) {
+            self.adjust();
+            return;
+        }
         // The operator's episodes take no crashes (their outcome is what they check).
         let episode = self.stale.is_some() || self.switching.is_some();
         match self.rng.below(10) {
@@ -2378,7 +2428,11 @@ impl World {
                 self.partitioned_until = self.now + d;
                 self.drop_connection("simulated partition");
             }
+            // Not during the operator's episodes, which take no crashes: a stop's power failure
+            // is one (seed 2499 with adjusts: a switchover's old Primary crashed in its stop,
+            // and the switchover waited for it for ever).
             9 if self.cfg.downs
+                && !episode
                 && self.down_node.is_none()
                 && self.split.is_none()
                 && !self.failover_pending =>
@@ -2416,6 +2470,134 @@ impl World {
         }
     }
 
+    /// STONITH (`SimConfig::stonith`): the fence of `node`, a Primary frozen by the loss of
+    /// its peer, powers the peer off before it reports success. Only a Secondary peer outside
+    /// the operator's episodes (which take no crashes) and outside a split brain (whose rogue
+    /// Primary the checks follow) is killed; otherwise the fence succeeds as a plain hook.
+    fn stonith_kills_peer(&mut self, node: usize) -> bool {
+        let peer = 1 - node;
+        let frozen_primary = self
+            .status(node)
+            .is_some_and(|s| s.role == Role::Primary && s.frozen.is_some());
+        // A node whose own disk failed froze at its own close (it gave its disk up; the peer's
+        // is the data): killing the peer then takes the only good copy, a double failure no
+        // replication survives (async seed 9912: the peer lost the writes it had not flushed,
+        // which the failed disk could not resync). The fence succeeds as a plain hook (a
+        // constraint) instead. Whether such a node should fence at all is the core's open
+        // question, not this check's.
+        let own_disk_failed = self.status(node).is_some_and(|s| s.disk_failure.is_some());
+        if !self.cfg.stonith
+            || node != self.prim
+            || own_disk_failed
+            || !frozen_primary
+            || !self.alive(peer)
+            || self.status(peer).is_some_and(|s| s.role == Role::Primary)
+            || self.split.is_some()
+            || self.stale.is_some()
+            || self.switching.is_some()
+            || self.failover_pending
+        {
+            return false;
+        }
+        *self
+            .stats
+            .entry("stonith: fence killed the peer")
+            .or_default() += 1;
+        self.log(format!("STONITH: node {node}'s fence kills node {peer}"));
+        self.crash(peer);
+        true
+    }
+
+    /// The operator's `adjust` on a running node (`SimConfig::adjusts`): new resync rates and
+    /// `on-peer-lost` turned on or off, the split-brain policies as they are (the checks of a
+    /// split brain follow `SimConfig::sb_policy`). Turning fencing off while the node's writes
+    /// wait for a fence must be refused, and a refused adjust applies nothing.
+    fn adjust(&mut self) {
+        let node = if self.rng.one_in(2) { A } else { B };
+        let Some(cur) = self.nodes[node]
+            .replica
+            .as_ref()
+            .map(|r| r.config().clone())
+        else {
+            return;
+        };
+        let frozen = self.status(node).is_some_and(|s| s.frozen.is_some());
+        let fencing = if frozen && self.rng.one_in(2) {
+            false
+        } else {
+            self.rng.one_in(2)
+        };
+        let rates = match self.rng.below(4) {
+            0 => (0, 0),
+            1 => (0, 64 << 20),
+            2 => (32 << 20, 8 << 20),
+            _ => (256 << 20, 0),
+        };
+        let mut rate = cur.resync_rate;
+        rate.max_rate = rates.0;
+        rate.min_rate = rates.1;
+        let a = twinblk::core::Adjustable {
+            resync_rate: rate,
+            after_sb_0pri: cur.after_sb_0pri,
+            after_sb_1pri: cur.after_sb_1pri,
+            fencing: if fencing {
+                twinblk::core::Fencing::FreezeUntilFenced
+            } else {
+                twinblk::core::Fencing::Off
+            },
+        };
+        self.log(format!(
+            "OPERATOR: adjust node {node}: fencing {fencing}, rates {rates:?}"
+        ));
+        self.adjusted = None;
+        self.feed(
+            node,
+            Event::Admin {
+                tag: ADJUST,
+                cmd: AdminCmd::Adjust(a),
+            },
+        );
+        match self.adjusted.take() {
+            Some(Ok(())) if frozen && !fencing => self.fail(format!(
+                "node {node}: adjust turned fencing off while writes wait for the fence"
+            )),
+            Some(Ok(())) => {
+                *self
+                    .stats
+                    .entry(match (self.fencing[node], fencing) {
+                        (false, true) => "adjust: fencing turned on",
+                        (true, false) => "adjust: fencing turned off",
+                        (false, false) | (true, true) => "adjust: rates only",
+                    })
+                    .or_default() += 1;
+                self.fencing[node] = fencing;
+                self.rates[node] = rates;
+            }
+            Some(Err(AdminError::FencingStillNeeded)) if frozen && !fencing => {
+                *self
+                    .stats
+                    .entry("adjust: fencing-still-needed refused")
+                    .or_default() += 1;
+                let kept = self.nodes[node].replica.as_ref().map(|r| {
+                    let c = r.config();
+                    (c.resync_rate, c.fencing)
+                });
+                if kept != Some((cur.resync_rate, cur.fencing)) {
+                    self.fail(format!("node {node}: a refused adjust applied something"));
+                }
+            }
+            // A node that is going down takes no more commands.
+            Some(Err(AdminError::ShuttingDown | AdminError::ShutDown)) => {
+                *self
+                    .stats
+                    .entry("adjust: refused while stopping")
+                    .or_default() += 1;
+            }
+            Some(Err(e)) => self.fail(format!("node {node}: adjust refused: {e}")),
+            None => self.fail(format!("node {node}: adjust not answered in its step")),
+        }
+    }
+
     /// An operator episode (stale promotion, switchover) may start: nothing else is going on.
     fn may_start_episode(&self) -> bool {
         let established = |n| {
@@ -2424,6 +2606,7 @@ impl World {
         };
         self.stale.is_none()
             && self.switching.is_none()
+            && self.down_node.is_none()
             && self.split.is_none()
             && !self.failover_pending
             && !self.client_paused
@@ -3030,7 +3213,24 @@ impl World {
                     } else {
                         Err("simulated hook: exit status: 1".into())
                     };
+                    let stonith = ok && self.stonith_kills_peer(node);
+                    // Only the answer for the freeze the node is in must end it. A hook of an
+                    // episode that ended otherwise (the peer connected again, then was lost
+                    // again: a new freeze) still kills the peer, as a real STONITH does, but
+                    // the core waits for its current episode's fence (FAILOVERS=1 seed 6382:
+                    // the first freeze's hook answered during the second freeze).
+                    let current = self.fence_episode[node] == Some(episode);
+                    self.log(format!(
+                        "node {node}'s fence (episode {episode}) answers {}{}",
+                        if ok { "ok" } else { "failed" },
+                        if current { "" } else { " (an older episode)" }
+                    ));
                     self.feed(node, Event::Fenced { episode, result });
+                    if stonith && current && self.status(node).is_some_and(|s| s.frozen.is_some()) {
+                        self.fail(format!(
+                            "node {node} stays frozen after its fence killed the peer"
+                        ));
+                    }
                 }
             }
         }

@@ -77,6 +77,12 @@ pub struct Metrics {
     pub may_promote: Gauge,
     pub state_changes: Counter,
     pub events_dropped: Counter,
+    /// The event loop's busy-poll (`node::poll`): spins that saw their event, spins that gave
+    /// up, waits that did not spin because another task waited for a CPU, poll rounds.
+    pub busy_poll_hits: Counter,
+    pub busy_poll_misses: Counter,
+    pub busy_poll_contended: Counter,
+    pub busy_poll_rounds: Counter,
 }
 
 fn stage_buckets() -> Histogram {
@@ -122,6 +128,10 @@ impl Metrics {
             may_promote: Gauge::default(),
             state_changes: Counter::default(),
             events_dropped: Counter::default(),
+            busy_poll_hits: Counter::default(),
+            busy_poll_misses: Counter::default(),
+            busy_poll_contended: Counter::default(),
+            busy_poll_rounds: Counter::default(),
         };
         let labels = [
             (Cow::Borrowed("resource"), Cow::Owned(resource.to_owned())),
@@ -266,6 +276,26 @@ impl Metrics {
             "events_dropped",
             "State-change events dropped for slow `twinblk events` readers",
             m.events_dropped.clone(),
+        );
+        r.register(
+            "busy_poll_hits",
+            "Busy-poll spins that saw their event within their budget (TWINBLK_POLL_US)",
+            m.busy_poll_hits.clone(),
+        );
+        r.register(
+            "busy_poll_misses",
+            "Busy-poll spins that gave up (budget spent) before their event",
+            m.busy_poll_misses.clone(),
+        );
+        r.register(
+            "busy_poll_contended",
+            "Waits that did not busy-poll, or stopped, because another task waited for a CPU",
+            m.busy_poll_contended.clone(),
+        );
+        r.register(
+            "busy_poll_rounds",
+            "Busy-poll rounds (the event loop yielded instead of sleeping)",
+            m.busy_poll_rounds.clone(),
         );
         (m, r)
     }

@@ -110,6 +110,9 @@ fn metrics_of_a_replicating_pair() {
     assert_eq!(v("twinblk_reads_total"), Some(2.0), "{t}");
     assert_eq!(v("twinblk_read_bytes_total"), Some(4096.0 + 65536.0), "{t}");
     assert_eq!(v("twinblk_io_errors_total"), Some(0.0), "{t}");
+    // The event loop's busy-poll is exported, and off by default: not one round.
+    assert_eq!(v("twinblk_busy_poll_rounds_total"), Some(0.0), "{t}");
+    assert_eq!(v("twinblk_busy_poll_hits_total"), Some(0.0), "{t}");
     // Sync protocol: every write's latency was observed end to end, and each hit the disk.
     assert_eq!(v("twinblk_write_latency_seconds_count"), Some(16.0), "{t}");
     assert!(

@@ -257,7 +257,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         nbd_clients: clients.clone(),
         stopped: None,
         timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
-        poll: super::poll::Poller::from_env(),
+        poll: super::poll::Poller::from_env(super::poll::Stats::of(&metrics)),
     };
     // Ends (with an error) when the event loop task does, whether it returned or panicked.
     let (loop_alive, mut loop_ended) = oneshot::channel::<()>();

@@ -824,12 +824,12 @@ impl Node {
                     info!("stopped: {}", outcome.drain);
                 }
                 if self.poll.enabled() {
-                    let p = self.poll.stats;
+                    let p = &self.poll.stats;
                     info!(
-                        hits = p.hits,
-                        misses = p.misses,
-                        contended = p.contended,
-                        rounds = p.rounds,
+                        hits = p.hits.get(),
+                        misses = p.misses.get(),
+                        contended = p.contended.get(),
+                        rounds = p.rounds.get(),
                         "busy-poll"
                     );
                 }

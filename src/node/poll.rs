@@ -30,6 +30,8 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+
 /// Deeper than this, the loop does not spin: completions arrive back to back.
 pub(super) const MAX_DEPTH: usize = 2;
 /// The window and longest spin when `TWINBLK_POLL_US` is unset (adaptive mode).
@@ -174,14 +176,25 @@ struct Spin {
     over: bool,
 }
 
-/// Counters for the daemon's stop line (what the adaptive mode did).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What the poll did: the `twinblk_busy_poll_*` metrics and the daemon's stop line.
+#[derive(Debug, Default, Clone)]
 pub(super) struct Stats {
-    pub hits: u64,
-    pub misses: u64,
+    pub hits: Counter,
+    pub misses: Counter,
     /// Spins ended, or not begun, because another task waited for a CPU.
-    pub contended: u64,
-    pub rounds: u64,
+    pub contended: Counter,
+    pub rounds: Counter,
+}
+
+impl Stats {
+    pub fn of(m: &crate::metrics::Metrics) -> Stats {
+        Stats {
+            hits: m.busy_poll_hits.clone(),
+            misses: m.busy_poll_misses.clone(),
+            contended: m.busy_poll_contended.clone(),
+            rounds: m.busy_poll_rounds.clone(),
+        }
+    }
 }
 
 pub(super) struct Poller {
@@ -201,7 +214,7 @@ pub(super) struct Poller {
 impl Poller {
     /// `TWINBLK_POLL_US` (microseconds: 0 never polls; unset or unreadable: the default) and
     /// `TWINBLK_POLL_MODE` (`adaptive`, the default, or `always`).
-    pub fn from_env() -> Poller {
+    pub fn from_env(stats: Stats) -> Poller {
         let us: Option<u64> = std::env::var("TWINBLK_POLL_US")
             .ok()
             .and_then(|v| v.parse().ok());
@@ -221,7 +234,7 @@ impl Poller {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-        Poller::new(mode, window, Box::new(LoadAvg::open()), max_running)
+        Poller::new(mode, window, Box::new(LoadAvg::open()), max_running, stats)
     }
 
     pub fn new(
@@ -229,6 +242,7 @@ impl Poller {
         window: Duration,
         runq: Box<dyn RunQueue + Send>,
         max_running: u32,
+        stats: Stats,
     ) -> Poller {
         let mode = if window.is_zero() { Mode::Off } else { mode };
         Poller {
@@ -240,7 +254,7 @@ impl Poller {
             after: Tracker::new(),
             runq,
             max_running,
-            stats: Stats::default(),
+            stats,
         }
     }
 
@@ -270,7 +284,7 @@ impl Poller {
 
     /// A poll round ran (the loop yielded instead of sleeping).
     pub fn round(&mut self) {
-        self.stats.rounds += 1;
+        self.stats.rounds.inc();
         if let Some(s) = &mut self.spin {
             s.rounds += 1;
         }
@@ -336,7 +350,7 @@ impl Poller {
             Some(n) if n <= self.max_running => true,
             _ => {
                 // Someone waits for a CPU (or we cannot tell): sleep; neither hit nor miss.
-                self.stats.contended += 1;
+                self.stats.contended.inc();
                 if let Some(s) = &mut self.spin {
                     s.over = true;
                 }
@@ -360,9 +374,9 @@ impl Poller {
 
     fn count(&mut self, kind: Kind, hit: bool, now: Instant) {
         if hit {
-            self.stats.hits += 1;
+            self.stats.hits.inc();
         } else {
-            self.stats.misses += 1;
+            self.stats.misses.inc();
         }
         self.tracker(kind).spun(hit, now);
     }
@@ -402,7 +416,10 @@ mod tests {
 
     fn poller(mode: Mode) -> (Poller, Arc<AtomicU32>) {
         let n = Arc::new(AtomicU32::new(1));
-        (Poller::new(mode, W, Box::new(Fake(n.clone())), 2), n)
+        (
+            Poller::new(mode, W, Box::new(Fake(n.clone())), 2, Stats::default()),
+            n,
+        )
     }
 
     /// Spins (rounds while active) from `t` until the event at `t + gap`; returns whether it
@@ -425,7 +442,7 @@ mod tests {
     #[test]
     fn off_never_polls() {
         let (mut p, _) = poller(Mode::Adaptive);
-        p = Poller::new(Mode::Adaptive, Duration::ZERO, p.runq, 2);
+        p = Poller::new(Mode::Adaptive, Duration::ZERO, p.runq, 2, p.stats);
         let t = Instant::now();
         p.touch(t);
         assert!(!p.active(1, t));
@@ -471,7 +488,7 @@ mod tests {
         let t = Instant::now();
         n.store(3, Ordering::Relaxed);
         assert!(!p.active(1, t));
-        assert_eq!(p.stats.contended, 1);
+        assert_eq!(p.stats.contended.get(), 1);
         // The spin is over for this wait, even once the CPU frees up: the loop sleeps until
         // its next event.
         n.store(2, Ordering::Relaxed);
@@ -483,7 +500,7 @@ mod tests {
         p.touch(t + 4 * US);
         assert!(!p.active(1, t + 5 * US));
         // Neither counts as a miss: contention does not back off the next spins.
-        assert_eq!(p.stats.misses, 0);
+        assert_eq!(p.stats.misses.get(), 0);
     }
 
     #[test]
@@ -494,13 +511,13 @@ mod tests {
             assert!(wait(&mut p, 1, t, 10 * US), "a 10 us gap is a hit");
             t += W;
         }
-        assert!(p.stats.hits >= 32 && p.stats.misses == 0);
+        assert!(p.stats.hits.get() >= 32 && p.stats.misses.get() == 0);
         // The average gap is 10 us: a spin lasts about 20 us, then the loop sleeps.
         assert!(p.active(1, t));
         p.round();
         assert!(p.active(1, t + 19 * US));
         assert!(!p.active(1, t + 21 * US));
-        assert_eq!(p.stats.misses, 1);
+        assert_eq!(p.stats.misses.get(), 1);
         // The window after an event has a record of its own: no gaps yet, the whole window.
         p.touch(t + 30 * US);
         assert!(p.active(0, t + 30 * US + W - US));
@@ -519,14 +536,14 @@ mod tests {
             t += 4 * W;
         }
         assert_eq!(spun, 0);
-        assert!(p.stats.misses >= 4);
+        assert!(p.stats.misses.get() >= 4);
         // Backed off: the next waits sleep at once, for at least MIN_BACKOFF.
-        let misses = p.stats.misses;
+        let misses = p.stats.misses.get();
         assert!(!p.active(1, t));
         p.touch(t + US);
         assert!(!p.active(1, t + 2 * US));
         p.touch(t + 3 * US);
-        assert_eq!(p.stats.misses, misses, "a backed-off wait is no spin");
+        assert_eq!(p.stats.misses.get(), misses, "a backed-off wait is no spin");
         // The window after an event is another kind of wait: not backed off.
         assert!(p.active(0, t + 4 * US));
         // After the back-off, a probe spins again with the whole window.

@@ -80,8 +80,9 @@
 //!   its own pending. The peer cannot become Primary after its yes before it hears this node's
 //!   new role (its own promotion must ask this node, which refuses while Primary or asking), so
 //!   two connected nodes are never both Primary, and a role change still on its way (a stale
-//!   view of the peer) refuses cleanly instead of making a false split-brain report. Asks that
-//!   cross are both refused ([`AdminError::PromotionConflict`]); a connection loss before the
+//!   view of the peer) refuses cleanly instead of making a false split-brain report. Of two
+//!   asks that cross, the lower node id's goes ahead and the other node's `primary` fails
+//!   ([`AdminError::PromotionConflict`], see `answer_promotion`); a connection loss before the
 //!   answer fails the promotion (still Secondary). A node not connected, or still handshaking
 //!   (the promotion restarts the handshake, which compares roles), promotes on its own.
 //! * protocol `Async` (DRBD A): a write completes once local and queued; the bytes sent but not
@@ -302,12 +303,18 @@ pub enum InjectedBug {
     /// A successful fence does not end the freeze: the Primary stays frozen though the peer is
     /// fenced (with STONITH, dead) until it connects again.
     FenceSuccessIgnored,
+    /// Promotions asked at the same moment are both refused (the old rule) instead of the
+    /// lower node id's going ahead: `primary` on both nodes at once promotes neither.
+    CrossingPromotionsBothRefused,
+    /// A node whose own promotion waits says yes to the peer's and keeps its own: both
+    /// commit, two connected Primaries.
+    YesWhilePromoting,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 20] = {
+    pub const ALL: [InjectedBug; 22] = {
         use InjectedBug::*;
         [
             None,
@@ -330,6 +337,8 @@ impl InjectedBug {
             PromoteWithoutAsking,
             AdjustIgnored,
             FenceSuccessIgnored,
+            CrossingPromotionsBothRefused,
+            YesWhilePromoting,
         ]
     };
 
@@ -357,6 +366,8 @@ impl InjectedBug {
             PromoteWithoutAsking => 17,
             AdjustIgnored => 18,
             FenceSuccessIgnored => 19,
+            CrossingPromotionsBothRefused => 20,
+            YesWhilePromoting => 21,
         }
     }
 
@@ -1209,6 +1220,9 @@ struct Conn {
     decided: bool,
     peer_role: Option<Role>,
     peer_disk: Option<DiskState>,
+    /// The peer's node id, from its hello: it breaks the tie between promotions asked at the
+    /// same moment (see `answer_promotion`).
+    peer_node_id: Option<u64>,
     /// The generation the peer's disk carries as far as this node knows: its hello's, then
     /// that of each resync end it confirmed.
     peer_gen: u64,
@@ -2876,6 +2890,7 @@ impl Replica {
             decided: false,
             peer_role: None,
             peer_disk: None,
+            peer_node_id: None,
             peer_gen: 0,
             send_seq: 0,
             recv_next: 1,
@@ -3260,6 +3275,7 @@ impl Replica {
         }
         c.peer_role = Some(h.role);
         c.peer_disk = Some(h.disk);
+        c.peer_node_id = Some(h.node_id);
         c.peer_gen = h.current_gen;
         let mine = c.sent_hello.clone();
         self.max_peer_gen = self.max_peer_gen.max(h.current_gen);
@@ -4402,18 +4418,53 @@ impl Replica {
             && self.may_promote(force, true).is_ok()
     }
 
-    /// The peer asks to become Primary: yes only if this node is not Primary and is not asking
+    /// The peer asks to become Primary: no if this node is Primary; yes if it is not asking
     /// itself. After a yes this node cannot become Primary before it hears the asker's new
     /// role: its own ask would reach the asker after the yes, and be refused.
+    ///
+    /// Asks that cross (`primary` on both nodes at once): both nodes see the other's ask while
+    /// their own waits, and both apply the same rule, so exactly one goes ahead: the lower node
+    /// id (the node listed first in the resource file; the handshake refuses equal ids). It
+    /// refuses the peer's ask and waits for the peer's answer to its own; the other abandons its
+    /// own ask (its `primary` fails, naming the winner) and only then answers yes. Whatever
+    /// the winner answers to the abandoned ask changes nothing (no ask waits for it), and the
+    /// winner received that ask before the yes (one control stream), so it refused it while its
+    /// own still waited: never two yeses, never two Primaries.
     fn answer_promotion(&mut self, id: u64, out: &mut Vec<Action>) {
         let verdict = if self.role == Role::Primary {
             PromoteVerdict::NoPrimary
-        } else if self.promoting.is_some() {
-            PromoteVerdict::NoPromoting
+        } else if let Some(mine) = self.promoting {
+            match self.cfg.bug {
+                // Both refuse (the old rule), or both say yes and keep their own ask.
+                InjectedBug::CrossingPromotionsBothRefused => PromoteVerdict::NoPromoting,
+                InjectedBug::YesWhilePromoting => PromoteVerdict::Yes,
+                _ if self.wins_crossing_promotion() => PromoteVerdict::NoPromoting,
+                _ => {
+                    self.promoting = None;
+                    out.push(Action::AdminDone {
+                        tag: mine.tag,
+                        result: Err(AdminError::PromotionConflict {
+                            peer: self.peer_name(),
+                            resource: self.cfg.resource.clone(),
+                        }),
+                    });
+                    PromoteVerdict::Yes
+                }
+            }
         } else {
             PromoteVerdict::Yes
         };
         self.send(PeerMsg::PromoteAnswer { id, verdict }, out);
+    }
+
+    /// Of two promotions asked at the same moment, this node's goes ahead: its node id is the
+    /// lower one. (Without the peer's id, which a connection past its handshake always has,
+    /// it refuses: both refusing is safe.)
+    fn wins_crossing_promotion(&self) -> bool {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.peer_node_id)
+            .map_or(true, |peer| self.cfg.node_id < peer)
     }
 
     /// The peer answered this node's ask: the promotion commits on its yes (if this node may

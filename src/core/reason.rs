@@ -374,8 +374,9 @@ pub enum AdminError {
         peer: String,
         resource: String,
     },
-    /// The peer asked to be promoted at the same moment (`primary` on both nodes): the peer
-    /// refused this node's ask, and this node refuses the peer's.
+    /// The peer asked to be promoted at the same moment (`primary` on both nodes), and its
+    /// promotion goes ahead (the lower node id): this node answered it yes and stays
+    /// Secondary.
     PromotionConflict {
         peer: String,
         resource: String,
@@ -508,9 +509,10 @@ impl fmt::Display for AdminError {
             ),
             AdminError::PromotionConflict { peer, resource } => write!(
                 f,
-                "{peer} asked to become Primary at the same moment: refused, so that the two \
-                 never both are (check `twinblk status {resource}` for who is Primary now, then \
-                 run `twinblk primary {resource}` on one node only)"
+                "{peer} asked to become Primary at the same moment, and {peer} goes ahead (of \
+                 two promotions at once, the node listed first in the resource file wins): this \
+                 node stays Secondary (`twinblk status {resource}` shows {peer} Primary once it \
+                 is; run `twinblk primary {resource}` on one node only)"
             ),
             AdminError::PromotionPeerLost { loss } => write!(
                 f,

@@ -37,7 +37,9 @@ pub const MAGIC: u32 = 0x4b42_5754;
 /// [`PeerMsg::PromoteAnswer`]): a version-7 node would promote on its own view of the peer.
 /// 9: `VerifyEnd` and `VerifyStop` carry why the verify stopped as a [`VerifyAbortCode`] next
 /// to its text, so the receiver tells the causes apart by name, never by the words.
-pub const VERSION: u16 = 9;
+/// 10: of two [`PeerMsg::PromoteAsk`]s that cross, the lower node id's goes ahead (the other
+/// node answers yes and drops its own); a version-9 node refuses both.
+pub const VERSION: u16 = 10;
 /// Largest payload carried by one data message.
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Largest body accepted: the largest payload plus room for the body header.
@@ -261,7 +263,8 @@ pub enum PromoteVerdict {
     Yes,
     /// The answerer is Primary (its `State` saying so precedes this answer).
     NoPrimary,
-    /// The answerer asked to be promoted too: both asks are refused.
+    /// The answerer asked to be promoted too, and its ask goes ahead (the lower node id; the
+    /// asker, seeing the answerer's ask, has dropped its own and answered it yes).
     NoPromoting,
 }
 

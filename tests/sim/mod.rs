@@ -336,6 +336,12 @@ struct Switch {
     /// Started right after the switchover before it finished (back to the node that was
     /// Primary before): the state changes of the first may still be on their way.
     back_to_back: bool,
+    /// Once the demotion answered, the operator runs `primary` on both nodes at once (a
+    /// DRBD user's habit): their asks cross, and exactly one must go ahead (the lower node
+    /// id, node A), the other's `primary` failing.
+    both: bool,
+    /// The answer to the old Primary's `primary` (with `both`).
+    promoted_old: Option<Result<(), AdminError>>,
 }
 
 /// Admin tags of the switchover's commands, so their (possibly later) answers are recognised.
@@ -343,6 +349,7 @@ const SWITCH_DEMOTE: u64 = 0x5717_0001;
 const SWITCH_PROMOTE: u64 = 0x5717_0002;
 /// The admin tag of the simulated operator's `adjust`.
 const ADJUST: u64 = 0x5717_0003;
+const SWITCH_PROMOTE_OLD: u64 = 0x5717_0004;
 
 struct Scheduled {
     at: u64,
@@ -397,6 +404,9 @@ pub enum ClientReq {
 pub struct World {
     pub cfg: SimConfig,
     rng: Rng,
+    /// Draws for `primary` on both nodes at once (`Switch::both`), apart from `rng`, so the
+    /// seeds whose switchovers never take that turn replay as before it existed.
+    both_rng: Rng,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Scheduled>,
@@ -513,6 +523,7 @@ impl World {
         };
         let mut w = World {
             rng: Rng::new(cfg.seed.wrapping_mul(31).wrapping_add(7)),
+            both_rng: Rng::new(cfg.seed ^ 0x5717_b07b),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -775,6 +786,29 @@ impl World {
         if let Err(e) = self.check_peer_views() {
             self.fail(e);
         }
+        if let Err(e) = self.check_one_primary() {
+            self.fail(e);
+        }
+    }
+
+    /// Never two Primaries on a connection both nodes decided: a connected promotion is agreed
+    /// with the peer, two Primaries meeting at a handshake are refused before it decides, and
+    /// the split brains the simulator makes are made while partitioned. (Checked after every
+    /// event, before the core itself would refuse the connection on the peer's State.)
+    fn check_one_primary(&self) -> Result<(), String> {
+        let (Some(a), Some(b)) = (self.status(A), self.status(B)) else {
+            return Ok(());
+        };
+        let decided = |s: &twinblk::core::Status| {
+            !matches!(s.repl, ReplState::StandAlone | ReplState::Connecting)
+        };
+        if a.role == Role::Primary && b.role == Role::Primary && decided(&a) && decided(&b) {
+            return Err(format!(
+                "two Primaries on one connection (node {A} {:?}, node {B} {:?})",
+                a.repl, b.repl
+            ));
+        }
+        Ok(())
     }
 
     /// Issue 17, defect 8: on a connection both nodes decided, once every frame sent on it was
@@ -1166,6 +1200,7 @@ impl World {
                     match tag {
                         SWITCH_DEMOTE => sw.demoted = Some(result),
                         SWITCH_PROMOTE => sw.promoted = Some(result),
+                        SWITCH_PROMOTE_OLD => sw.promoted_old = Some(result),
                         _ => {}
                     }
                 }
@@ -1436,6 +1471,21 @@ impl World {
             self.outstanding.clear();
             if disk_gave_up && self.alive(sec) && self.split.is_none() {
                 self.peer_takes_over_a_failed_disk(sec);
+            } else if disk_gave_up && self.split.is_none() {
+                // The peer crashed before this Primary's disk failed (sync seed 3209, a
+                // switchover that left the old Primary Primary again): its disk, as its crash
+                // left it, is still the data, the failed one is not (it resyncs from the peer
+                // once both are back), as for a peer that crashed before taking over (async
+                // seed 12174, `failover`). The writes acknowledged since the peer was lost
+                // lived only on the failed disk: a double failure loses them.
+                *self
+                    .stats
+                    .entry("disk failed: the peer had crashed before")
+                    .or_default() += 1;
+                self.log(format!(
+                    "node {sec} crashed before the Primary's disk failed: its disk is the data"
+                ));
+                self.take_over(sec, "crashed peer's disk", false);
             } else if let Err(e) = self.oracle.check_primary_crash(&self.nodes[node].disk) {
                 self.fail(format!("when the primary was killed: {e}"));
             } else if let Err(e) = self.oracle.rebase(&self.nodes[node].disk, false) {
@@ -2813,6 +2863,7 @@ impl World {
 
     fn start_switchover(&mut self, back_to_back: bool) {
         self.client_paused = true;
+        let both = !back_to_back && self.both_rng.one_in(3);
         self.switching = Some(Switch {
             old: self.prim,
             demote_sent: false,
@@ -2821,11 +2872,14 @@ impl World {
             promoted: None,
             retries: 0,
             back_to_back,
+            both,
+            promoted_old: None,
         });
         self.log(format!(
-            "SWITCHOVER: from node {}{}",
+            "SWITCHOVER: from node {}{}{}",
             self.prim,
-            if back_to_back { " (back to back)" } else { "" }
+            if back_to_back { " (back to back)" } else { "" },
+            if both { " (primary on both nodes)" } else { "" }
         ));
         *self
             .stats
@@ -2912,6 +2966,7 @@ impl World {
             return;
         };
         sw.demoted = Some(Ok(()));
+        let both = sw.both;
         if !sw.promote_sent {
             sw.promote_sent = true;
             self.feed(
@@ -2921,10 +2976,31 @@ impl World {
                     cmd: AdminCmd::Promote { force: false },
                 },
             );
+            if both {
+                // At the same instant: the two asks cross on the network.
+                self.feed(
+                    old,
+                    Event::Admin {
+                        tag: SWITCH_PROMOTE_OLD,
+                        cmd: AdminCmd::Promote { force: false },
+                    },
+                );
+            }
         }
         let Some(sw) = self.switching.as_mut() else {
             return;
         };
+        if both {
+            // A node a `down` (its process exit) took meanwhile never answers: the other's
+            // answer decides, as in a switchover of one `primary`.
+            let (n, o) = (sw.promoted.clone(), sw.promoted_old.clone());
+            if (n.is_none() && self.alive(new)) || (o.is_none() && self.alive(old)) {
+                self.schedule(50 * US, Ev::Switchover);
+                return;
+            }
+            self.both_promoted(old, n, o);
+            return;
+        }
         let Some(result) = sw.promoted.take() else {
             self.schedule(50 * US, Ev::Switchover);
             return;
@@ -2970,6 +3046,89 @@ impl World {
             self.end_switchover("switchover: promotion refused, old Primary back");
             return;
         }
+        self.switched(new);
+    }
+
+    /// `primary` ran on both nodes at once (`Switch::both`): `new`'s and `old`'s answers.
+    /// Exactly one may be Primary (the check after every step catches two); neither only for a
+    /// reason other than the tie (a node refusing at once because writes are still landing,
+    /// the winner's own refusal when the yes arrives, a lost connection): then the old Primary
+    /// is promoted again.
+    fn both_promoted(
+        &mut self,
+        old: usize,
+        on_new: Option<Result<(), AdminError>>,
+        on_old: Option<Result<(), AdminError>>,
+    ) {
+        let new = 1 - old;
+        // A node that went down answered nothing (`None`): it is not promoted.
+        let gone = || Err(AdminError::ShutDown);
+        let (on_new, on_old) = (on_new.unwrap_or_else(gone), on_old.unwrap_or_else(gone));
+        for (n, result) in [(new, &on_new), (old, &on_old)] {
+            let Some(st) = self.status(n) else {
+                continue;
+            };
+            let primary = st.role == Role::Primary;
+            if result.is_ok() != primary {
+                self.fail(format!(
+                    "node {n}'s `primary` (on both nodes) answered {result:?}, but it is {}",
+                    if primary { "Primary" } else { "not Primary" }
+                ));
+            }
+        }
+        let conflict =
+            |r: &Result<(), AdminError>| matches!(r, Err(AdminError::PromotionConflict { .. }));
+        let winner = match (&on_new, &on_old) {
+            (Ok(()), Ok(())) => {
+                self.fail("`primary` on both nodes at once succeeded on both: two Primaries".into())
+            }
+            (Err(_), Err(_)) if conflict(&on_new) && conflict(&on_old) => self.fail(format!(
+                "`primary` on both nodes at once promoted neither: both refused as a \
+                 conflict ({on_new:?}, {on_old:?})"
+            )),
+            (Err(a), Err(b)) => {
+                self.log(format!(
+                    "SWITCHOVER: primary on both nodes, neither promoted: {a}; {b}"
+                ));
+                let landing = |e: &AdminError| matches!(e, AdminError::PeerWritesLanding { .. });
+                self.admin(old, AdminCmd::Promote { force: false });
+                self.end_switchover(if landing(a) || landing(b) {
+                    "switchover: primary on both nodes, neither went ahead (writes landing)"
+                } else {
+                    "switchover: primary on both nodes, neither went ahead"
+                });
+                return;
+            }
+            (Ok(()), Err(_)) => new,
+            (Err(_), Ok(())) => old,
+        };
+        let loser = if winner == new { &on_old } else { &on_new };
+        if conflict(loser) && winner != A {
+            self.fail(format!(
+                "crossing promotions: node {winner} went ahead, not the lower node id (node {A})"
+            ));
+        }
+        *self
+            .stats
+            .entry(match (winner == new, conflict(loser)) {
+                (true, true) => "switchover: primary on both nodes, crossed, new went ahead",
+                (false, true) => "switchover: primary on both nodes, crossed, old went ahead",
+                (true, false) => "switchover: primary on both nodes, new went ahead",
+                (false, false) => "switchover: primary on both nodes, old went ahead",
+            })
+            .or_default() += 1;
+        if winner == old {
+            // The old Primary's disk is still the history (its demotion made it stable on
+            // both, and nothing was written since).
+            self.end_switchover("switchover: the old Primary is Primary again");
+            return;
+        }
+        self.switched(new);
+    }
+
+    /// The switchover made `new` the Primary: it holds every acknowledged write, and takes
+    /// over.
+    fn switched(&mut self, new: usize) {
         if let Err(e) = self.oracle.check_completed(&self.nodes[new].disk.volatile) {
             self.fail(format!(
                 "a planned switchover lost an acknowledged write on the new Primary {new}: {e}"

@@ -531,30 +531,198 @@ fn a_stale_view_of_the_peer_never_makes_a_false_split_brain_report() {
     }
 }
 
-/// `primary` on both nodes at once: the asks cross, each node refuses the other's, and neither
-/// becomes Primary.
+/// `primary` on both nodes at once: the asks cross, and exactly one node is promoted, the
+/// lower node id (A, node 1), whichever ask arrives first. B gives up its own ask as soon as it
+/// sees A's (its `primary` fails then, naming A) and answers A yes; A refuses B's ask, and
+/// that answer finds nothing waiting on B.
 #[test]
-fn crossing_promotions_are_both_refused() {
-    let (mut a, mut b) = pair(Protocol::Async);
-    deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
-    let ask_a = sends(&admin(&mut a, 2, AdminCmd::Promote { force: false }));
-    let ask_b = sends(&admin(&mut b, 3, AdminCmd::Promote { force: false }));
-    let no_b = sends(&deliver(&mut b, ask_a));
-    let no_a = sends(&deliver(&mut a, ask_b));
-    let out_a = deliver(&mut a, no_b);
-    let out_b = deliver(&mut b, no_a);
-    for (out, tag) in [(&out_a, 2), (&out_b, 3)] {
-        let err = answer(out, tag).expect("answered").expect_err("refused");
+fn crossing_promotions_promote_exactly_the_lower_node_id() {
+    for a_hears_first in [true, false] {
+        let (mut a, mut b) = pair(Protocol::Async);
+        deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+        let ask_a = sends(&admin(&mut a, 2, AdminCmd::Promote { force: false }));
+        let ask_b = sends(&admin(&mut b, 3, AdminCmd::Promote { force: false }));
+        let (to_a, to_b) = if a_hears_first {
+            let no = sends(&deliver(&mut a, ask_b));
+            let out_b = deliver(&mut b, ask_a);
+            (out_b, no)
+        } else {
+            let out_b = deliver(&mut b, ask_a);
+            let no = sends(&deliver(&mut a, ask_b));
+            (out_b, no)
+        };
+        // B gave up at A's ask: its `primary` fails, naming A and the rule.
+        let err = answer(&to_a, 3).expect("answered").expect_err("refused");
         assert_eq!(err.code(), AdminErrorCode::PromotionConflict);
+        let text = err.to_string();
+        assert!(text.contains("listed first"), "{text}");
+        assert_eq!(
+            sends(&to_a),
+            vec![PeerMsg::PromoteAnswer {
+                id: 1,
+                verdict: PromoteVerdict::Yes
+            }],
+            "a_hears_first {a_hears_first}"
+        );
+        assert_eq!(
+            to_b,
+            vec![PeerMsg::PromoteAnswer {
+                id: 1,
+                verdict: PromoteVerdict::NoPromoting
+            }]
+        );
+        // A's refusal of B's dropped ask changes nothing on B.
+        let out = deliver(&mut b, to_b);
+        assert_eq!(answer(&out, 3), None);
+        assert_eq!(b.status().role, Role::Secondary);
+        let out = deliver(&mut a, sends(&to_a));
+        assert_eq!(
+            answer(&out, 2),
+            Some(Ok(())),
+            "a_hears_first {a_hears_first}"
+        );
+        deliver(&mut b, sends(&out));
+        let (sa, sb) = (a.status(), b.status());
+        assert_eq!((sa.role, sb.role), (Role::Primary, Role::Secondary));
+        assert_eq!(sb.peer_role, Some(Role::Primary));
+        assert_eq!((sa.last_refusal, sb.last_refusal), (None, None));
+        assert_eq!(sa.repl, ReplState::Established);
+        // B's `primary` now: refused, naming the Primary.
+        let out = deliver(
+            &mut a,
+            sends(&admin(&mut b, 4, AdminCmd::Promote { force: false })),
+        );
+        let out = deliver(&mut b, sends(&out));
+        let err = answer(&out, 4).expect("answered").expect_err("refused");
+        assert_eq!(err.code(), AdminErrorCode::PeerIsPrimary);
     }
-    assert_eq!(
-        (a.status().role, b.status().role),
-        (Role::Secondary, Role::Secondary)
-    );
-    // Then once, on one node, it goes through.
-    let ask = sends(&admin(&mut a, 4, AdminCmd::Promote { force: false }));
-    let out = deliver(&mut a, sends(&deliver(&mut b, ask)));
-    assert_eq!(answer(&out, 4), Some(Ok(())));
+}
+
+/// Every interleaving of `primary` on both connected Secondaries with the delivery of what
+/// each sends (each direction in order, as one control stream): never two Primaries at any
+/// point, and at the end exactly one, whose `primary` succeeded; the other's failed, as a
+/// conflict only if the asks crossed, and then A (the lower node id) won. The injected bugs
+/// break it (both refused; both say yes: two Primaries).
+#[test]
+fn simultaneous_promotions_never_make_two_primaries_in_any_interleaving() {
+    assert_eq!(explore_promotions(InjectedBug::None), Ok(()));
+    let err = explore_promotions(InjectedBug::CrossingPromotionsBothRefused).expect_err("caught");
+    assert!(err.contains("no Primary"), "{err}");
+    let err = explore_promotions(InjectedBug::YesWhilePromoting).expect_err("caught");
+    assert!(err.contains("two Primaries"), "{err}");
+}
+
+/// One path of [`explore_promotions`]: the two nodes, what travels each way, which `primary`
+/// ran, and the answers.
+struct PromotionRun {
+    r: [Replica; 2],
+    net: [std::collections::VecDeque<PeerMsg>; 2],
+    asked: [bool; 2],
+    answers: [Option<Result<(), AdminError>>; 2],
+}
+
+impl PromotionRun {
+    fn new(bug: InjectedBug) -> PromotionRun {
+        let (mut a, mut b) = pair(Protocol::Sync);
+        deliver(&mut b, sends(&admin(&mut a, 1, AdminCmd::Demote)));
+        for r in [&mut a, &mut b] {
+            r.cfg.bug = bug;
+        }
+        PromotionRun {
+            r: [a, b],
+            net: Default::default(),
+            asked: [false; 2],
+            answers: [None, None],
+        }
+    }
+
+    fn take(&mut self, n: usize, out: Vec<Action>) {
+        for x in out {
+            match x {
+                Action::Send(m) => self.net[1 - n].push_back(m),
+                Action::AdminDone { tag: 7, result } => self.answers[n] = Some(result),
+                _ => {}
+            }
+        }
+    }
+
+    /// The steps possible now: 0/1 `primary` on that node, 2/3 the next message to that node.
+    fn choices(&self) -> Vec<u8> {
+        let mut c = Vec::new();
+        for n in 0..2 {
+            if !self.asked[n] {
+                c.push(n as u8);
+            }
+            if !self.net[n].is_empty() {
+                c.push(2 + n as u8);
+            }
+        }
+        c
+    }
+
+    fn step(&mut self, choice: u8) {
+        let n = usize::from(choice % 2);
+        let out = if choice < 2 {
+            self.asked[n] = true;
+            admin(&mut self.r[n], 7, AdminCmd::Promote { force: false })
+        } else {
+            let m = self.net[n].pop_front().expect("a message");
+            deliver(&mut self.r[n], vec![m])
+        };
+        self.take(n, out);
+    }
+}
+
+fn explore_promotions(bug: InjectedBug) -> Result<(), String> {
+    let mut paths = 0;
+    let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+    while let Some(path) = stack.pop() {
+        let mut run = PromotionRun::new(bug);
+        for &c in &path {
+            run.step(c);
+        }
+        let roles = run.r.each_ref().map(|r| r.status().role);
+        if roles == [Role::Primary; 2] {
+            return Err(format!("two Primaries after {path:?}"));
+        }
+        let next = run.choices();
+        if !next.is_empty() {
+            for c in next {
+                let mut p = path.clone();
+                p.push(c);
+                stack.push(p);
+            }
+            continue;
+        }
+        paths += 1;
+        let Some(winner) = roles.iter().position(|&r| r == Role::Primary) else {
+            return Err(format!("no Primary after {path:?}: {:?}", run.answers));
+        };
+        let [a, b] = &run.answers;
+        let (won, lost) = if winner == 0 { (a, b) } else { (b, a) };
+        if won != &Some(Ok(())) {
+            return Err(format!(
+                "node {winner} is Primary, its answer {won:?} ({path:?})"
+            ));
+        }
+        match lost {
+            Some(Err(AdminError::PromotionConflict { .. })) if winner == 0 => {}
+            Some(Err(AdminError::PeerIsPrimary { .. })) => {}
+            other => return Err(format!("the other node's answer {other:?} ({path:?})")),
+        }
+        // Both Established, each seeing the other as it is.
+        for n in 0..2 {
+            let s = run.r[n].status();
+            if s.repl != ReplState::Established || s.peer_role != Some(roles[1 - n]) {
+                return Err(format!(
+                    "node {n} {:?} sees {:?} ({path:?})",
+                    s.repl, s.peer_role
+                ));
+            }
+        }
+    }
+    assert!(paths > 10, "{paths} paths");
+    Ok(())
 }
 
 /// A connection loss before the answer fails the promotion (still Secondary); an answer that

@@ -35,15 +35,43 @@ pub enum ReadEnd {
     Finished,
     /// The stream or connection failed; quinn's error text.
     Failed(String),
-    /// The peer broke the framing: too large, or finished mid-frame.
-    Protocol(String),
+    /// The peer broke the framing.
+    Protocol(Framing),
+}
+
+/// How the peer broke the stream's framing (the connection is closed with this text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// A frame header announced more than [`MAX_FRAME`] bytes.
+    TooLarge { len: usize },
+    /// The stream finished after `have` of the `len` bytes of a frame (its header or its
+    /// body; `have` 0: right after the header).
+    FinishedInside { have: usize, len: usize },
+}
+
+impl std::fmt::Display for Framing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Framing::TooLarge { len } => write!(
+                f,
+                "peer sent a frame of {len} bytes, over the {MAX_FRAME}-byte limit"
+            ),
+            Framing::FinishedInside { have: 0, len } => {
+                write!(f, "stream finished inside a {len}-byte frame")
+            }
+            Framing::FinishedInside { have, len } => {
+                write!(f, "stream finished inside a frame ({have} of {len} bytes)")
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for ReadEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReadEnd::Finished => f.write_str("the peer finished the stream"),
-            ReadEnd::Failed(e) | ReadEnd::Protocol(e) => f.write_str(e),
+            ReadEnd::Failed(e) => f.write_str(e),
+            ReadEnd::Protocol(e) => e.fmt(f),
         }
     }
 }
@@ -117,15 +145,11 @@ impl<S: ChunkSource> FrameReader<S> {
         };
         let len = hdr.get_u32_le() as usize;
         if len > MAX_FRAME {
-            return Err(ReadEnd::Protocol(format!(
-                "peer sent a frame of {len} bytes, over the {MAX_FRAME}-byte limit"
-            )));
+            return Err(ReadEnd::Protocol(Framing::TooLarge { len }));
         }
         match self.take(len).await? {
             Some(b) => Ok(b),
-            None => Err(ReadEnd::Protocol(format!(
-                "stream finished inside a {len}-byte frame"
-            ))),
+            None => Err(ReadEnd::Protocol(Framing::FinishedInside { have: 0, len })),
         }
     }
 
@@ -179,11 +203,7 @@ impl<S: ChunkSource> FrameReader<S> {
             }
             next = match self.chunk().await? {
                 Some(c) => c,
-                None => {
-                    return Err(ReadEnd::Protocol(format!(
-                        "stream finished inside a frame ({have} of {n} bytes)"
-                    )))
-                }
+                None => return Err(ReadEnd::Protocol(Framing::FinishedInside { have, len: n })),
             };
         }
     }
@@ -323,14 +343,14 @@ mod tests {
                 let (got, e) = read_all(cut(&stream[..end], &[1, 3]), |_| 0);
                 assert!(got.is_empty());
                 assert!(
-                    matches!(e, ReadEnd::Protocol(ref m) if m.contains("finished inside")),
+                    matches!(e, ReadEnd::Protocol(Framing::FinishedInside { .. })),
                     "{e:?}"
                 );
             }
         }
         let (_, e) = read_all(cut(&header(MAX_FRAME + 1), &[]), |_| 0);
         assert!(
-            matches!(e, ReadEnd::Protocol(ref m) if m.contains("limit")),
+            matches!(e, ReadEnd::Protocol(Framing::TooLarge { len }) if len == MAX_FRAME + 1),
             "{e:?}"
         );
     }

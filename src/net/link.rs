@@ -1114,7 +1114,10 @@ where
             Err(ReadEnd::Protocol(e)) => {
                 // A broken stream means lost frames: end the connection rather than go on.
                 tracing::warn!("closing the connection: {e}");
-                conn.close(VarInt::from_u32(close_code::PROTOCOL), e.as_bytes());
+                conn.close(
+                    VarInt::from_u32(close_code::PROTOCOL),
+                    e.to_string().as_bytes(),
+                );
                 return;
             }
         }
@@ -1162,6 +1165,7 @@ fn set_socket_buffers(sock: &UdpSocket, size: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::frame::Framing;
     use crate::net::keys::keygen;
 
     /// Two endpoints with a raw, authenticated QUIC connection (no setup exchange), so a test can
@@ -1205,7 +1209,7 @@ mod tests {
     async fn read_after(
         bytes: &[u8],
         payload_offset: fn(&[u8]) -> usize,
-    ) -> Vec<Result<Bytes, String>> {
+    ) -> Vec<Result<Bytes, ReadEnd>> {
         let (ca, cb, _a, _b) = raw_pair().await;
         let mut s = ca.open_uni().await.unwrap();
         s.write_all(bytes).await.unwrap();
@@ -1217,7 +1221,7 @@ mod tests {
                 Ok(b) => out.push(Ok(b)),
                 Err(ReadEnd::Finished) => return out,
                 Err(e) => {
-                    out.push(Err(e.to_string()));
+                    out.push(Err(e));
                     return out;
                 }
             }
@@ -1248,13 +1252,28 @@ mod tests {
         let too_big = ((MAX_FRAME + 1) as u32).to_le_bytes();
         let got = read_after(&too_big, |_| 0).await;
         let e = got[0].as_ref().unwrap_err();
-        assert!(e.contains("over the") && e.contains("limit"), "{e}");
+        assert_eq!(
+            e,
+            &ReadEnd::Protocol(Framing::TooLarge { len: MAX_FRAME + 1 })
+        );
+        // The text names the size and the limit (it is the connection's close reason).
+        let text = e.to_string();
+        assert!(
+            text.contains("over the") && text.contains("limit"),
+            "{text}"
+        );
 
         let mut cut = 10u32.to_le_bytes().to_vec();
         cut.extend_from_slice(b"12345");
         let got = read_after(&cut, |_| 0).await;
         let e = got[0].as_ref().unwrap_err();
-        assert!(e.contains("finished inside"), "{e}");
+        assert!(
+            matches!(
+                e,
+                ReadEnd::Protocol(Framing::FinishedInside { len: 10, .. })
+            ),
+            "{e:?}"
+        );
 
         // Cut inside a frame big enough to be assembled in aligned memory.
         let mut cut = 100_000u32.to_le_bytes().to_vec();
@@ -1262,13 +1281,20 @@ mod tests {
         let got = read_after(&cut, |_| 0).await;
         let e = got[0].as_ref().unwrap_err();
         assert!(
-            e.contains("finished inside") && e.contains("of 100000"),
-            "{e}"
+            matches!(
+                e,
+                ReadEnd::Protocol(Framing::FinishedInside { len: 100_000, .. })
+            ),
+            "{e:?}"
         );
 
+        // Inside the header.
         let got = read_after(&[1, 0], |_| 0).await;
         let e = got[0].as_ref().unwrap_err();
-        assert!(e.contains("finished inside"), "{e}");
+        assert_eq!(
+            e,
+            &ReadEnd::Protocol(Framing::FinishedInside { have: 2, len: 4 })
+        );
     }
 
     #[test]

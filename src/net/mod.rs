@@ -24,7 +24,7 @@ pub mod keys;
 mod link;
 mod tls;
 
-pub use frame::{ChunkSource, Chunks, FrameReader, ReadEnd};
+pub use frame::{ChunkSource, Chunks, FrameReader, Framing, ReadEnd};
 pub use keys::{keygen, load_cert, load_key, pin_of_cert_file, pin_of_der, Identity, KeyError};
 pub use link::{
     close_code, CloseReason, ConnHandle, Connector, ConnectorStatus, Frame, FrameRx, FrameSender,

@@ -209,3 +209,57 @@ fn stale_promotion_after_a_partition_without_writes_keeps_the_acknowledged_write
 fn stale_promotion_after_a_partition_with_writes_is_a_split_brain() {
     stale_promotion(true);
 }
+
+/// `primary` on both connected nodes at once (a DRBD user's habit): exactly one becomes
+/// Primary, whichever way the two asks meet (crossing, the node listed first goes ahead; one
+/// after the other, the second finds the first Primary); the other's command fails naming the
+/// winner or the Primary, and the nodes stay connected with the roles they report. (Two CLI
+/// processes started together rarely make the asks cross on a local link: in the runs so far
+/// the second always found the first Primary. The crossing itself is covered by the core tests
+/// and the simulator's switchovers.)
+#[test]
+fn primary_on_both_nodes_at_once_promotes_exactly_one() {
+    let mut p = Pair::configure(SIZE, ["", ""]);
+    for i in 0..2 {
+        p.start_and_wait(i);
+    }
+    p.primary_force();
+    p.wait_in_sync();
+    let mut primary = 0;
+    for round in 0..4 {
+        ok(&p, primary, &["secondary"]);
+        p.wait(1 - primary, "the peer is Secondary", |s| {
+            s["peer_role"] == "Secondary"
+        });
+        let children = [0, 1].map(|i| {
+            p.command(i, &["primary"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run twinblk primary")
+        });
+        let outs = children.map(|c| c.wait_with_output().expect("twinblk primary"));
+        let won: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round}: {} / {}\n{}",
+            text(&outs[0]),
+            text(&outs[1]),
+            p.logs()
+        );
+        primary = won[0];
+        let lost = text(&outs[1 - primary]);
+        assert!(
+            lost.contains(NAMES[primary])
+                && (lost.contains("goes ahead") || lost.contains("is Primary")),
+            "round {round}: {lost}"
+        );
+        p.wait(primary, "Primary, Established", |s| {
+            s["role"] == "Primary" && s["repl"] == "Established"
+        });
+        p.wait(1 - primary, "Secondary of the Primary", |s| {
+            s["role"] == "Secondary" && s["peer_role"] == "Primary" && s["repl"] == "Established"
+        });
+    }
+}

@@ -309,12 +309,16 @@ pub enum InjectedBug {
     /// A node whose own promotion waits says yes to the peer's and keeps its own: both
     /// commit, two connected Primaries.
     YesWhilePromoting,
+    /// A Secondary issues a flush barrier's flush while the peer's writes before it are still
+    /// in flight (it skips the drain): the barrier's ack vouches for writes its flush did not
+    /// cover, and the Primary forgets them.
+    FlushBarrierBeforeItsWrites,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 22] = {
+    pub const ALL: [InjectedBug; 23] = {
         use InjectedBug::*;
         [
             None,
@@ -339,6 +343,7 @@ impl InjectedBug {
             FenceSuccessIgnored,
             CrossingPromotionsBothRefused,
             YesWhilePromoting,
+            FlushBarrierBeforeItsWrites,
         ]
     };
 
@@ -368,6 +373,7 @@ impl InjectedBug {
             FenceSuccessIgnored => 19,
             CrossingPromotionsBothRefused => 20,
             YesWhilePromoting => 21,
+            FlushBarrierBeforeItsWrites => 22,
         }
     }
 
@@ -3847,9 +3853,12 @@ impl Replica {
                         continue;
                     }
                     // A fence: only at the front, with no peer write still in flight (drained).
-                    let peer_writes_in_flight = self.inflight.values().any(|io| {
-                        matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
-                    });
+                    let skip_drain = self.cfg.bug == InjectedBug::FlushBarrierBeforeItsWrites
+                        && matches!(item, Apply::Barrier { flush: true, .. });
+                    let peer_writes_in_flight = !skip_drain
+                        && self.inflight.values().any(|io| {
+                            matches!(io.kind, IoKind::Peer { .. } | IoKind::PeerResync { .. })
+                        });
                     if i != 0 || c.fence_in_flight || peer_writes_in_flight {
                         break;
                     }

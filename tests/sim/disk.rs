@@ -8,8 +8,12 @@ pub const BS: usize = 4096;
 pub struct SimDisk {
     pub volatile: Vec<u8>,
     pub durable: Vec<u8>,
-    /// Cached (not yet stable) block writes, oldest first: (block, contents).
-    cache: Vec<(usize, Vec<u8>)>,
+    /// Cached (not yet stable) block writes, oldest first: (completion number, block,
+    /// contents).
+    cache: Vec<(u64, usize, Vec<u8>)>,
+    /// Block writes completed so far, numbering the cache's entries: a flush makes stable the
+    /// ones completed before it was issued ([`SimDisk::flush_upto`]).
+    completed: u64,
     /// Writes in flight: (io, offset, len), to check the core never overlaps two.
     pub writes_in_flight: Vec<(u64, u64, u64)>,
     /// A flush failed: every later one fails too, until the node restarts (the disk layer's
@@ -23,6 +27,7 @@ impl SimDisk {
             volatile: vec![0; blocks * BS],
             durable: vec![0; blocks * BS],
             cache: Vec::new(),
+            completed: 0,
             writes_in_flight: Vec::new(),
             flush_failed: false,
         }
@@ -32,7 +37,7 @@ impl SimDisk {
     pub fn crash_candidates(&self) -> impl Iterator<Item = &[u8]> {
         self.durable
             .chunks(BS)
-            .chain(self.cache.iter().map(|(_, c)| c.as_slice()))
+            .chain(self.cache.iter().map(|(_, _, c)| c.as_slice()))
     }
     pub fn block(img: &[u8], b: usize) -> &[u8] {
         &img[b * BS..(b + 1) * BS]
@@ -44,10 +49,11 @@ impl SimDisk {
         for (i, chunk) in data.chunks(BS).enumerate() {
             let b = off / BS + i;
             if fua {
-                self.cache.retain(|(cb, _)| *cb != b);
+                self.cache.retain(|(_, cb, _)| *cb != b);
                 self.durable[b * BS..(b + 1) * BS].copy_from_slice(chunk);
             } else {
-                self.cache.push((b, chunk.to_vec()));
+                self.completed += 1;
+                self.cache.push((self.completed, b, chunk.to_vec()));
             }
         }
     }
@@ -75,15 +81,33 @@ impl SimDisk {
     pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
         self.volatile[offset as usize..(offset + len) as usize].to_vec()
     }
+    /// Makes every completed write stable (a flush issued now and completing at once).
     pub fn flush(&mut self) {
-        for (b, data) in self.cache.drain(..) {
-            self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
+        self.flush_upto(self.completed);
+    }
+    /// Where a flush issued now stands: it covers the writes completed so far.
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+    /// A flush issued when `upto` writes had completed completes: those are stable, the ones
+    /// completed while it ran may still be lost (the driver contract: `DiskFlush` covers what
+    /// completed before it was issued, and no more; a flush that also covered later writes
+    /// would hide a core that issues it before a write it must cover completed).
+    pub fn flush_upto(&mut self, upto: u64) {
+        let mut kept = Vec::with_capacity(self.cache.len());
+        for (n, b, data) in self.cache.drain(..) {
+            if n <= upto {
+                self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
+            } else {
+                kept.push((n, b, data));
+            }
         }
+        self.cache = kept;
     }
     /// A flush failed: the cached writes were written back or dropped, each as it happened
     /// (reads now return what the device holds, maybe older data), and the error is sticky.
     pub fn fail_flush(&mut self, rng: &mut Rng) {
-        for (b, data) in self.cache.drain(..) {
+        for (_, b, data) in self.cache.drain(..) {
             if rng.one_in(2) {
                 self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
             }
@@ -94,7 +118,7 @@ impl SimDisk {
     /// Power loss: each cached block write independently survives or not.
     pub fn crash(&mut self, rng: &mut Rng) {
         self.flush_failed = false;
-        for (b, data) in self.cache.drain(..) {
+        for (_, b, data) in self.cache.drain(..) {
             if rng.one_in(2) {
                 self.durable[b * BS..(b + 1) * BS].copy_from_slice(&data);
             }

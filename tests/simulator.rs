@@ -576,6 +576,29 @@ fn checker_catches_an_adjust_that_applies_nothing() {
     );
 }
 
+/// A Primary whose own disk failed while its peer held everything gives the disk up: the peer
+/// is the data. Fencing that peer on the connection loss that follows (with STONITH: killing
+/// the only good copy) is caught where the fence is asked for. The scenario is rare (a client
+/// FLUSH failing on a connected Primary with `on-peer-lost`), so the seeds are scanned with
+/// fencing on until one catches it, rather than pinned (schedule changes move them: seed 556,
+/// then 1891).
+#[test]
+fn checker_catches_a_primary_that_fences_the_peer_holding_the_only_good_copy() {
+    let caught = (1..=8000).find_map(|seed| {
+        let mut cfg = SimConfig::for_seed(seed);
+        cfg.fencing = true;
+        cfg.bug = InjectedBug::FenceAfterOwnDiskFailed;
+        let p = std::panic::catch_unwind(move || run_seed(cfg).events).err()?;
+        let m = p.downcast_ref::<String>().cloned().unwrap_or_default();
+        m.contains("after giving its own failed disk up")
+            .then_some(seed)
+    });
+    assert!(
+        caught.is_some(),
+        "no seed of 8,000 caught a fence of the only good copy"
+    );
+}
+
 fn with_stonith(seed: u64) -> SimConfig {
     let mut cfg = SimConfig::for_seed(seed);
     cfg.fencing = true;

@@ -168,7 +168,9 @@
 //!   says the peer is fenced, the peer connects again (the handshake then compares
 //!   generations), or the operator runs `disconnect`. The loss itself is processed at once
 //!   (the transfer log goes to the bitmap), so a stop or crash during the freeze forgets
-//!   nothing. A failed fence is asked again after [`Config::fence_retry`].
+//!   nothing. A failed fence is asked again after [`Config::fence_retry`]. A Primary that gave
+//!   its own failed disk up (its peer held everything) neither freezes nor fences: the peer is
+//!   the good copy to promote, and the writes still waiting for it fail (EIO).
 //! * Graceful stop ([`Event::Stop`]): no new connection or request is accepted; a stability
 //!   point goes out at once, and the stop waits until the local I/O is done and the peer acked
 //!   and made stable everything it was sent, or the connection is lost, or
@@ -313,12 +315,17 @@ pub enum InjectedBug {
     /// in flight (it skips the drain): the barrier's ack vouches for writes its flush did not
     /// cover, and the Primary forgets them.
     FlushBarrierBeforeItsWrites,
+    /// A Primary whose own disk failed while its peer held everything (it gave its disk up)
+    /// freezes and fences that peer on the connection loss that follows, and completes the
+    /// writes still waiting for the peer's ack (the old behaviour): the fence takes the only
+    /// good copy, and the writes may be on the given-up disk only.
+    FenceAfterOwnDiskFailed,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 23] = {
+    pub const ALL: [InjectedBug; 24] = {
         use InjectedBug::*;
         [
             None,
@@ -344,6 +351,7 @@ impl InjectedBug {
             CrossingPromotionsBothRefused,
             YesWhilePromoting,
             FlushBarrierBeforeItsWrites,
+            FenceAfterOwnDiskFailed,
         ]
     };
 
@@ -374,6 +382,7 @@ impl InjectedBug {
             CrossingPromotionsBothRefused => 20,
             YesWhilePromoting => 21,
             FlushBarrierBeforeItsWrites => 22,
+            FenceAfterOwnDiskFailed => 23,
         }
     }
 
@@ -2581,10 +2590,20 @@ impl Replica {
                 if r.write {
                     self.completion_seen = true;
                 }
-                out.push(Action::CompleteClient {
-                    req,
-                    result: r.err.map_or(Ok(()), Err),
-                });
+                // A write or flush finishing after this node gave its failed disk up is on
+                // that disk only, for all it knows (the peer did not confirm it before the
+                // connection closed, or an async write was never waited for): the promoted
+                // peer may lack it, so it must not be acknowledged (EIO: it may or may not
+                // have happened; simulator seed 13692: a flush whose barrier the peer had not
+                // acked).
+                let unconfirmed =
+                    self.disk_given_up() && self.cfg.bug != InjectedBug::FenceAfterOwnDiskFailed;
+                let result = match r.err {
+                    Some(e) => Err(e),
+                    None if unconfirmed => Err(EIO),
+                    None => Ok(()),
+                };
+                out.push(Action::CompleteClient { req, result });
             }
         }
     }
@@ -2777,6 +2796,12 @@ impl Replica {
     /// here, and Linux would let a later flush succeed without them. The node stops using the
     /// disk: client I/O fails, the connection closes and stays closed, no promotion. What the
     /// disk becomes: see [`DiskFailure`].
+    /// This node's disk failed while the peer held everything, so it gave the disk up
+    /// (Inconsistent, [`Self::disk_failed`]): the peer's disk is the data.
+    fn disk_given_up(&self) -> bool {
+        self.disk_failure.is_some() && self.disk == DiskState::Inconsistent
+    }
+
     fn disk_failed(&mut self, io: FailedIo, errno: i32, out: &mut Vec<Action>) {
         if self.disk_failure.is_some() {
             return;
@@ -2952,7 +2977,15 @@ impl Replica {
                 why.may_fence() && self.cfg.bug != InjectedBug::NoFenceOnCoreClose
             }
         };
+        // Except when this node gave its own disk up (it failed while the peer held
+        // everything): the peer's disk is the data and must be promoted. A fence would take
+        // the only good copy (STONITH) or forbid that promotion (a constraint), and this node
+        // acknowledges nothing more to protect: its client I/O fails from now on, and so do
+        // the writes still waiting for the peer or their local write (`try_complete`).
+        let gave_up_disk =
+            self.disk_given_up() && self.cfg.bug != InjectedBug::FenceAfterOwnDiskFailed;
         if may_fence
+            && !gave_up_disk
             && self.cfg.fencing == Fencing::FreezeUntilFenced
             && self.cfg.bug != InjectedBug::NoFreezeOnPeerLost
             && self.role == Role::Primary

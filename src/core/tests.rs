@@ -70,8 +70,13 @@ fn deliver(to: &mut Replica, msgs: Vec<PeerMsg>) -> Vec<Action> {
 
 /// Two nodes with identical data, A Primary, connected and Established.
 fn pair(protocol: Protocol) -> (Replica, Replica) {
-    let mut a = Replica::new(cfg(1, protocol), synced_meta());
-    let mut b = Replica::new(cfg(2, protocol), synced_meta());
+    pair_of(cfg(1, protocol), cfg(2, protocol))
+}
+
+/// [`pair`] with each node's configuration given.
+fn pair_of(ca: Config, cb: Config) -> (Replica, Replica) {
+    let mut a = Replica::new(ca, synced_meta());
+    let mut b = Replica::new(cb, synced_meta());
     a.handle_vec(
         Event::Admin {
             tag: 1,
@@ -2412,6 +2417,52 @@ fn a_failed_flush_detaches_a_primary_whose_peer_has_everything() {
         .iter()
         .any(|x| matches!(x, Action::AdminDone { result: Err(e @ AdminError::DiskFailed(_)), .. } if e.to_string().contains("restart"))));
     assert!(!a.status().want_connection);
+}
+
+/// A Primary whose own disk failed while its peer held everything gave its disk up: the
+/// peer's is the data, and the cluster manager must promote it. So the loss of the connection
+/// that follows must not freeze and fence (with `on-peer-lost`): a STONITH hook would kill the
+/// only good copy (simulator async seed 9912: the peer lost what it had not flushed), a
+/// constraint would forbid the promotion that must follow. And a write or flush still waiting
+/// for the peer's ack fails (EIO) instead of completing: its data is on the given-up disk
+/// only, for all this node knows, so an OK would promise what the promoted peer may lack.
+#[test]
+fn a_primary_whose_disk_failed_neither_fences_its_peer_nor_acks_what_the_peer_lacks() {
+    let mut ca = fencing_cfg(1);
+    ca.protocol = Protocol::Sync;
+    let mut cb = fencing_cfg(2);
+    cb.protocol = Protocol::Sync;
+    let (mut a, _b) = pair_of(ca, cb);
+    let out = write(&mut a, 7, 3, 1);
+    let local = writes(&out)[0].0;
+    assert!(
+        completions(&done(&mut a, local)).is_empty(),
+        "waits for the peer"
+    );
+    // A flush made stable here, waiting for the peer's barrier ack (simulator seed 13692).
+    let out = a.handle_vec(Event::ClientFlush { req: 49 }, 0);
+    let flush = flushes(&out)[0];
+    assert!(
+        completions(&done(&mut a, flush)).is_empty(),
+        "waits for the peer"
+    );
+    let out = failed_client_flush(&mut a);
+    assert!(
+        !out.iter().any(|x| matches!(x, Action::FencePeer { .. })),
+        "fenced the peer that holds the only good copy: {out:?}"
+    );
+    assert_eq!(a.status().frozen, None);
+    let mut c = completions(&out);
+    c.sort();
+    assert_eq!(
+        c,
+        vec![
+            (7, Err(libc::EIO)),
+            (49, Err(libc::EIO)),
+            (50, Err(libc::EIO))
+        ]
+    );
+    assert_eq!(a.status().disk, DiskState::Inconsistent);
 }
 
 /// Without an UpToDate peer the failed disk is still the best copy: it keeps its state, but

@@ -1228,6 +1228,15 @@ impl World {
                     "node {node} fences its peer (episode {episode}, attempt {attempt})"
                 ));
                 self.fence_episode[node] = Some(episode);
+                if self
+                    .status(node)
+                    .is_some_and(|s| s.disk_failure.is_some() && s.disk == DiskState::Inconsistent)
+                {
+                    self.fail(format!(
+                        "node {node} fences its peer after giving its own failed disk up: the \
+                         peer's disk is the only good copy, to be promoted, not fenced"
+                    ));
+                }
                 if attempt == 1 && self.status(node).is_some_and(|s| s.stopping) {
                     *self.stats.entry("fence: loss during a stop").or_default() += 1;
                 }
@@ -2551,16 +2560,11 @@ impl World {
         let frozen_primary = self
             .status(node)
             .is_some_and(|s| s.role == Role::Primary && s.frozen.is_some());
-        // A node whose own disk failed froze at its own close (it gave its disk up; the peer's
-        // is the data): killing the peer then takes the only good copy, a double failure no
-        // replication survives (async seed 9912: the peer lost the writes it had not flushed,
-        // which the failed disk could not resync). The fence succeeds as a plain hook (a
-        // constraint) instead. Whether such a node should fence at all is the core's open
-        // question, not this check's.
-        let own_disk_failed = self.status(node).is_some_and(|s| s.disk_failure.is_some());
+        // (A node whose own disk failed while the peer held everything never freezes: the core
+        // does not fence the only good copy, and the fence check below fails a node that
+        // does. Before, its STONITH killed that copy: async seed 9912.)
         if !self.cfg.stonith
             || node != self.prim
-            || own_disk_failed
             || !frozen_primary
             || !self.alive(peer)
             || self.status(peer).is_some_and(|s| s.role == Role::Primary)

@@ -111,13 +111,8 @@ fn verify_needs_a_connected_up_to_date_peer() {
     assert_eq!(err.map(|e| e.code()), Some(AdminErrorCode::VerifyRefused));
 }
 
-/// `verify` on two connected Secondaries at once: each drives, each finds the peer's start
-/// and stops, by name.
-#[test]
-fn verifies_started_on_both_nodes_at_once_both_stop() {
-    let mut d = Duo::new();
-    d.connect();
-    assert_eq!(d.st(0).repl, ReplState::Established);
+/// `verify` on both nodes at the same moment, then every message and disk I/O delivered.
+fn verify_on_both(d: &mut Duo) {
     for n in [0, 1] {
         d.feed(
             n,
@@ -128,6 +123,16 @@ fn verifies_started_on_both_nodes_at_once_both_stop() {
         );
     }
     d.settle();
+}
+
+/// `verify` on two connected Secondaries at once: each drives, each finds the peer's start
+/// and stops, by name.
+#[test]
+fn verifies_started_on_both_nodes_at_once_both_stop() {
+    let mut d = Duo::new();
+    d.connect();
+    assert_eq!(d.st(0).repl, ReplState::Established);
+    verify_on_both(&mut d);
     for n in [0, 1] {
         let v = d.st(n).verify.expect("status");
         assert!(!v.running, "node {n}: {v:?}");
@@ -145,16 +150,7 @@ fn verifies_started_on_both_nodes_at_once_both_stop() {
 fn a_verify_asked_for_while_one_runs_joins_it() {
     let mut d = established_duo();
     corrupt(&mut d, 1, 3);
-    for n in [0, 1] {
-        d.feed(
-            n,
-            Event::Admin {
-                tag: 1,
-                cmd: AdminCmd::Verify,
-            },
-        );
-    }
-    d.settle();
+    verify_on_both(&mut d);
     for n in [0, 1] {
         let v = d.st(n).verify.expect("status");
         assert!(!v.running, "node {n}: {v:?}");

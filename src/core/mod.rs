@@ -2596,11 +2596,9 @@ impl Replica {
                 // peer may lack it, so it must not be acknowledged (EIO: it may or may not
                 // have happened; simulator seed 13692: a flush whose barrier the peer had not
                 // acked).
-                let unconfirmed =
-                    self.disk_given_up() && self.cfg.bug != InjectedBug::FenceAfterOwnDiskFailed;
                 let result = match r.err {
                     Some(e) => Err(e),
-                    None if unconfirmed => Err(EIO),
+                    None if self.disk_given_up() => Err(EIO),
                     None => Ok(()),
                 };
                 out.push(Action::CompleteClient { req, result });
@@ -2792,16 +2790,21 @@ impl Replica {
         }
     }
 
-    /// A flush of this disk failed (see [`DiskFailure`]): the writes it covered may be lost
-    /// here, and Linux would let a later flush succeed without them. The node stops using the
-    /// disk: client I/O fails, the connection closes and stays closed, no promotion. What the
-    /// disk becomes: see [`DiskFailure`].
     /// This node's disk failed while the peer held everything, so it gave the disk up
-    /// (Inconsistent, [`Self::disk_failed`]): the peer's disk is the data.
+    /// (Inconsistent, [`Self::disk_failed`]): the peer's disk is the data, so this node
+    /// neither fences it nor acknowledges anything more. (Under
+    /// [`InjectedBug::FenceAfterOwnDiskFailed`], the old behaviour, it never counts as given
+    /// up.)
     fn disk_given_up(&self) -> bool {
-        self.disk_failure.is_some() && self.disk == DiskState::Inconsistent
+        self.disk_failure.is_some()
+            && self.disk == DiskState::Inconsistent
+            && self.cfg.bug != InjectedBug::FenceAfterOwnDiskFailed
     }
 
+    /// An I/O of this disk failed (see [`DiskFailure`]): a flush (the writes it covered may be
+    /// lost here, and Linux would let a later flush succeed without them) or a write of the
+    /// peer's data. The node stops using the disk: client I/O fails, the connection closes and
+    /// stays closed, no promotion. What the disk becomes: see [`DiskFailure`].
     fn disk_failed(&mut self, io: FailedIo, errno: i32, out: &mut Vec<Action>) {
         if self.disk_failure.is_some() {
             return;
@@ -2982,10 +2985,8 @@ impl Replica {
         // the only good copy (STONITH) or forbid that promotion (a constraint), and this node
         // acknowledges nothing more to protect: its client I/O fails from now on, and so do
         // the writes still waiting for the peer or their local write (`try_complete`).
-        let gave_up_disk =
-            self.disk_given_up() && self.cfg.bug != InjectedBug::FenceAfterOwnDiskFailed;
         if may_fence
-            && !gave_up_disk
+            && !self.disk_given_up()
             && self.cfg.fencing == Fencing::FreezeUntilFenced
             && self.cfg.bug != InjectedBug::NoFreezeOnPeerLost
             && self.role == Role::Primary
@@ -4439,6 +4440,13 @@ impl Replica {
         }
     }
 
+    fn promotion_conflict(&self) -> AdminError {
+        AdminError::PromotionConflict {
+            peer: self.peer_name(),
+            resource: self.cfg.resource.clone(),
+        }
+    }
+
     /// `primary` on a node connected past the handshake: the peer must agree first (see the
     /// module docs). The command is answered with the peer's answer, or the connection's loss.
     fn ask_promotion(&mut self, tag: u64, force: bool, out: &mut Vec<Action>) {
@@ -4485,10 +4493,7 @@ impl Replica {
                     self.promoting = None;
                     out.push(Action::AdminDone {
                         tag: mine.tag,
-                        result: Err(AdminError::PromotionConflict {
-                            peer: self.peer_name(),
-                            resource: self.cfg.resource.clone(),
-                        }),
+                        result: Err(self.promotion_conflict()),
                     });
                     PromoteVerdict::Yes
                 }
@@ -4521,10 +4526,7 @@ impl Replica {
                 .may_promote(p.force, false)
                 .map(|()| self.promote(p.force, out)),
             PromoteVerdict::NoPrimary => Err(self.peer_is_primary()),
-            PromoteVerdict::NoPromoting => Err(AdminError::PromotionConflict {
-                peer: self.peer_name(),
-                resource: self.cfg.resource.clone(),
-            }),
+            PromoteVerdict::NoPromoting => Err(self.promotion_conflict()),
         };
         if self.role == Role::Primary {
             self.verify_role_changed(out);

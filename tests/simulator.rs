@@ -131,25 +131,29 @@ fn fault_free_runs_converge() {
     }
 }
 
+/// The checker's message if the seed failed; `None` if it ran clean.
+fn failure_of(cfg: SimConfig) -> Option<String> {
+    let p = std::panic::catch_unwind(move || run_seed(cfg).events).err()?;
+    Some(
+        p.downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "non-string panic".into()),
+    )
+}
+
 /// Runs seeds with a deliberately broken core; returns the checker's messages for the seeds it
 /// caught.
 fn caught(bug: InjectedBug, sync_only: bool, seeds: u64) -> Vec<String> {
-    let mut msgs = Vec::new();
-    for seed in 1..=seeds {
-        let mut cfg = SimConfig::for_seed(seed);
-        cfg.bug = bug;
-        if sync_only {
-            cfg.protocol = twinblk::core::Protocol::Sync;
-        }
-        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
-            let m = p
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| "non-string panic".into());
-            msgs.push(m);
-        }
-    }
-    msgs
+    (1..=seeds)
+        .filter_map(|seed| {
+            let mut cfg = SimConfig::for_seed(seed);
+            cfg.bug = bug;
+            if sync_only {
+                cfg.protocol = twinblk::core::Protocol::Sync;
+            }
+            failure_of(cfg)
+        })
+        .collect()
 }
 
 #[test]
@@ -178,19 +182,13 @@ fn with_split_brains(seed: u64) -> SimConfig {
 }
 
 fn caught_with(bug: InjectedBug, seeds: u64, mk: fn(u64) -> SimConfig) -> Vec<String> {
-    let mut msgs = Vec::new();
-    for seed in 1..=seeds {
-        let mut cfg = mk(seed);
-        cfg.bug = bug;
-        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
-            msgs.push(
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| "non-string panic".into()),
-            );
-        }
-    }
-    msgs
+    (1..=seeds)
+        .filter_map(|seed| {
+            let mut cfg = mk(seed);
+            cfg.bug = bug;
+            failure_of(cfg)
+        })
+        .collect()
 }
 
 #[test]
@@ -244,11 +242,8 @@ fn checker_catches_a_promotion_without_sync() {
         // Its known seeds are found with flush faults off (on, they draw differently).
         cfg.flush_faults = false;
         cfg.bug = InjectedBug::NoSyncAtPromotion;
-        if let Err(p) = std::panic::catch_unwind(move || run_seed(cfg).events) {
-            let m = p.downcast_ref::<String>().cloned().unwrap_or_default();
-            if m.contains("took back stable data") {
-                caught.push(seed);
-            }
+        if failure_of(cfg).is_some_and(|m| m.contains("took back stable data")) {
+            caught.push(seed);
         }
     }
     println!("seeds caught: {caught:?}");
@@ -584,14 +579,11 @@ fn checker_catches_an_adjust_that_applies_nothing() {
 /// then 1891).
 #[test]
 fn checker_catches_a_primary_that_fences_the_peer_holding_the_only_good_copy() {
-    let caught = (1..=8000).find_map(|seed| {
+    let caught = (1..=8000).find(|&seed| {
         let mut cfg = SimConfig::for_seed(seed);
         cfg.fencing = true;
         cfg.bug = InjectedBug::FenceAfterOwnDiskFailed;
-        let p = std::panic::catch_unwind(move || run_seed(cfg).events).err()?;
-        let m = p.downcast_ref::<String>().cloned().unwrap_or_default();
-        m.contains("after giving its own failed disk up")
-            .then_some(seed)
+        failure_of(cfg).is_some_and(|m| m.contains("after giving its own failed disk up"))
     });
     assert!(
         caught.is_some(),

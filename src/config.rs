@@ -58,6 +58,13 @@ pub const DEFAULT_C_PLAN_AHEAD: Duration =
 /// Default `c-min-rate`: the resync rate kept while applications do I/O (bytes/s).
 pub const DEFAULT_C_MIN_RATE: u64 = crate::core::ratectl::DEFAULT_MIN_RATE;
 
+/// Default `idle-poll`: idle CPUs keep polling this long after the last replicated write
+/// (`node::idle_poll`), so a client writing every few milliseconds keeps the fast wake-ups
+/// while a quiet device costs nothing.
+pub const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(10);
+/// Longest `idle-poll`.
+pub const MAX_IDLE_POLL: Duration = Duration::from_secs(60);
+
 /// Default `max-mtu`: upper bound of QUIC path MTU discovery (UDP payload bytes). Discovery
 /// probes up to it and keeps what the path carries: on 1500-byte Ethernet a larger probe fails
 /// (EMSGSIZE locally, or is dropped on the way) and the connection stays near 1452, at no
@@ -136,6 +143,9 @@ pub struct Resource {
     pub on_congestion: crate::core::congestion::OnCongestion,
     /// `congestion-fill`: the send-buffer mark where pull-ahead starts (0 = off).
     pub congestion_fill: u64,
+    /// `idle-poll`: how long after the last replicated write idle CPUs keep polling
+    /// (`node::idle_poll`); zero (`"off"`) never.
+    pub idle_poll: Duration,
 }
 
 impl Resource {
@@ -236,6 +246,7 @@ struct RawResource {
     c_min_rate: Option<String>,
     on_congestion: Option<String>,
     congestion_fill: Option<String>,
+    idle_poll: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +503,27 @@ impl Config {
                 "set on-congestion = \"pull-ahead\" (async), or remove congestion-fill",
             ));
         }
+        let idle_poll = match r.idle_poll.as_deref() {
+            None => DEFAULT_IDLE_POLL,
+            Some("off") => Duration::ZERO,
+            Some(s) => match parse_duration(s) {
+                Ok(d) if d <= MAX_IDLE_POLL => d,
+                Ok(d) => {
+                    return Err(bad(
+                        "resource.idle-poll",
+                        format!("{d:?} is longer than {MAX_IDLE_POLL:?}"),
+                        "give how long idle CPUs keep polling after the last write, such as \"10ms\" (at most \"60s\"), or \"off\"",
+                    ))
+                }
+                Err(p) => {
+                    return Err(bad(
+                        "resource.idle-poll",
+                        p,
+                        "give a duration such as \"10ms\", or \"off\"",
+                    ))
+                }
+            },
+        };
         let resource = Resource {
             name: r.name,
             protocol,
@@ -513,6 +545,7 @@ impl Config {
             c_min_rate,
             on_congestion,
             congestion_fill,
+            idle_poll,
         };
 
         if raw.node.len() != 2 {

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub busy_poll_misses: Counter,
     pub busy_poll_contended: Counter,
     pub busy_poll_rounds: Counter,
+    /// The idle poll (`node::idle_poll`): 1 while the daemon holds its CPU latency request,
+    /// and how many times it took it.
+    pub idle_poll_held: Gauge,
+    pub idle_poll_holds: Counter,
 }
 
 fn stage_buckets() -> Histogram {
@@ -132,6 +136,8 @@ impl Metrics {
             busy_poll_misses: Counter::default(),
             busy_poll_contended: Counter::default(),
             busy_poll_rounds: Counter::default(),
+            idle_poll_held: Gauge::default(),
+            idle_poll_holds: Counter::default(),
         };
         let labels = [
             (Cow::Borrowed("resource"), Cow::Owned(resource.to_owned())),
@@ -296,6 +302,16 @@ impl Metrics {
             "busy_poll_rounds",
             "Busy-poll rounds (the event loop yielded instead of sleeping)",
             m.busy_poll_rounds.clone(),
+        );
+        r.register(
+            "idle_poll_held",
+            "1 while idle CPUs are kept polling for replicated writes (idle-poll, /dev/cpu_dma_latency)",
+            m.idle_poll_held.clone(),
+        );
+        r.register(
+            "idle_poll_holds",
+            "Times the idle poll's CPU latency request was taken (after idle-poll without writes, it is released)",
+            m.idle_poll_holds.clone(),
         );
         (m, r)
     }

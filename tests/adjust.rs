@@ -54,6 +54,7 @@ fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
     assert_eq!(s["on_peer_lost"], serde_json::Value::Null, "{s}");
     assert_eq!(s["fencing"], false, "{s}");
     assert_eq!(s["timeout_ms"], 5000, "{s}");
+    assert_eq!(s["idle_poll_ms"], 10, "the default linger: {s}");
 
     let out = adjust(&p, 0);
     assert!(out.contains("nothing changed"), "{out}");
@@ -66,7 +67,7 @@ fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
         "protocol = \"sync\"",
         &format!(
             "protocol = \"async\"\nafter-sb-0pri = \"discard-zero-changes\"\n\
-             on-peer-lost = \"{}\"",
+             idle-poll = \"off\"\non-peer-lost = \"{}\"",
             hook.display()
         ),
     );
@@ -75,6 +76,7 @@ fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
         "c-max-rate: applied live",
         "after-sb-0pri: applied live",
         "on-peer-lost: applied live",
+        "idle-poll: applied live",
         "timeout: applied for the next connection",
         "protocol: needs a restart",
     ] {
@@ -92,6 +94,11 @@ fn adjust_applies_rates_policies_timeouts_and_the_hook_without_a_restart() {
     assert_eq!(s["fencing"], true, "{s}");
     assert_eq!(st["peer_lost_hook"]["command"], hook.display().to_string());
     assert_eq!(s["timeout_ms"], 3000, "{s}");
+    assert_eq!(
+        (&s["idle_poll_ms"], &s["idle_poll_active"]),
+        (&0.into(), &false.into()),
+        "{s}"
+    );
     assert_eq!(
         st["peer_timeout_secs"], 5,
         "the open connection keeps its timeout: {st}"

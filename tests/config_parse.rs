@@ -423,3 +423,23 @@ fn al_updates_defaults_on_and_reads_false() {
         &["al-updates"],
     );
 }
+
+#[test]
+fn idle_poll_defaults_to_10ms_and_reads_off_and_durations() {
+    let c = Config::from_str(&with("", NODE_A, NODE_B)).unwrap();
+    assert_eq!(c.resource.idle_poll, Duration::from_millis(10));
+    let c = Config::from_str(&with("idle-poll = \"off\"", NODE_A, NODE_B)).unwrap();
+    assert_eq!(c.resource.idle_poll, Duration::ZERO);
+    let c = Config::from_str(&with("idle-poll = \"0ms\"", NODE_A, NODE_B)).unwrap();
+    assert_eq!(c.resource.idle_poll, Duration::ZERO);
+    let c = Config::from_str(&with("idle-poll = \"250ms\"", NODE_A, NODE_B)).unwrap();
+    assert_eq!(c.resource.idle_poll, Duration::from_millis(250));
+    assert_has(
+        &err(&with("idle-poll = \"2m\"", NODE_A, NODE_B)),
+        &["resource.idle-poll", "longer than", "\"off\""],
+    );
+    assert_has(
+        &err(&with("idle-poll = \"fast\"", NODE_A, NODE_B)),
+        &["resource.idle-poll", "\"10ms\"", "\"off\""],
+    );
+}

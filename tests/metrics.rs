@@ -127,6 +127,25 @@ fn metrics_of_a_replicating_pair() {
         );
         assert!(n.is_some_and(|c| c >= 16.0), "{stage}: {t}");
     }
+    // The idle poll (`idle-poll`, on by default) took its CPU latency request for the writes on
+    // both nodes, and released it once they stopped; a daemon that may not open the device
+    // (not root) said why instead.
+    let may_hold = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .is_ok();
+    for (port, labels) in [(ports[0], A), (ports[1], B)] {
+        let t = wait_value(port, &format!("twinblk_idle_poll_held{labels}}}"), |v| {
+            v == 0.0
+        });
+        let holds = value(&t, &format!("twinblk_idle_poll_holds_total{labels}}}"));
+        if may_hold {
+            assert!(holds.is_some_and(|n| n >= 1.0), "{t}");
+        } else {
+            assert_eq!(holds, Some(0.0), "{t}");
+            assert!(p.logs().contains("idle-poll: cannot open"), "{}", p.logs());
+        }
+    }
     // All acked: nothing in flight to the peer.
     assert_eq!(v("twinblk_peer_inflight_requests"), Some(0.0), "{t}");
     assert_eq!(v("twinblk_peer_inflight_bytes"), Some(0.0), "{t}");

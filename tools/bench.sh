@@ -13,7 +13,9 @@
 # (TWINBLK_POLL_US=${BENCH_POLL_US:-100} and $BENCH_POLL_ENV: the adaptive busy-poll, see
 # src/node/poll.rs), twinblk-sync-poll (the same with TWINBLK_POLL_MODE=always: spin whenever a
 # write is in flight), twinblk-sync-dpoll (TWINBLK_DISK_POLL_US=${BENCH_POLL_US:-100}:
-# the disk engine's deep-queue polling, as `serve` has it), qemu-mirror
+# the disk engine's deep-queue polling, as `serve` has it), twinblk-sync-noidle and
+# twinblk-async-noidle (the pair with idle-poll = "off": idle CPUs halt between a write's steps;
+# BENCH_IDLE_POLL sets idle-poll for the other pair columns, see src/node/idle_poll.rs), qemu-mirror
 # (qemu's own replication in userspace: qemu-storage-daemon exports the file over NBD with an
 # active blockdev-mirror, copy-mode=write-blocking, to a qemu-nbd secondary on a second file:
 # a write completes once both have it, as in protocol sync). Two columns are not
@@ -55,7 +57,7 @@ done
 [ -x "$twinblk" ] || (cd "$root" && cargo build --release --quiet)
 
 work=$(mktemp -d /var/tmp/twinblk-bench.XXXXXX)
-server_pid="" peer_pid="" nolat="" pair_env=""
+server_pid="" peer_pid="" nolat="" pair_env="" idle_poll=""
 cleanup() {
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
     [ -n "$peer_pid" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
@@ -112,6 +114,10 @@ start_server() {
             nolat=1 start_pair sync; return ;;
         twinblk-sync-nopoll)
             pair_env="TWINBLK_POLL_US=0" start_pair sync; return ;;
+        twinblk-sync-noidle)
+            idle_poll=off start_pair sync; return ;;
+        twinblk-async-noidle)
+            idle_poll=off start_pair async; return ;;
         twinblk-sync-apoll)
             pair_env="TWINBLK_POLL_US=${BENCH_POLL_US:-100} ${BENCH_POLL_ENV:-}" start_pair sync; return ;;
         twinblk-sync-poll)
@@ -132,6 +138,9 @@ start_server() {
 # 6500 on loopback; 1452 models a 1500-byte Ethernet replication link).
 start_pair() {
     local proto=$1 p0=$((20000 + RANDOM % 20000)) n
+    # idle-poll: the daemon's default unless a column or BENCH_IDLE_POLL sets it (unset, the
+    # file also suits a SERVER@BINARY build older than the key).
+    local idle=${idle_poll:-${BENCH_IDLE_POLL:-}}
     [ -f "$work/alpha.key" ] || for n in alpha beta; do
         "$twinblk" keygen --name "$n" --out "$work" >/dev/null 2>&1
     done
@@ -140,6 +149,7 @@ start_pair() {
 name = "r0"
 protocol = "$proto"
 max-mtu = ${BENCH_MTU:-6500}
+${idle:+idle-poll = \"$idle\"}
 [node.alpha]
 address = "127.0.0.1:$p0"
 disk = "$file"
@@ -233,7 +243,7 @@ PY
 # over the run to FILE (the breakdown of where its writes' time went).
 breakdown() {
     [ -n "${BENCH_LATENCY:-}" ] && [ -f "$work/r0.toml" ] && [ -n "$peer_pid" ] || return 0
-    case "$2" in twinblk-sync*|twinblk-async) ;; *) return 0 ;; esac
+    case "$2" in twinblk-sync*|twinblk-async*) ;; *) return 0 ;; esac
     {
         echo "== $1 round $3 $2"
         for n in alpha beta; do

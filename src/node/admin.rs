@@ -162,6 +162,7 @@ fn changes(old: &crate::config::Config, new: &crate::config::Config) -> Vec<(Str
         c_min_rate,
         on_congestion,
         congestion_fill,
+        idle_poll,
     } = &old.resource;
     let n = &new.resource;
     let mut out = Vec::new();
@@ -246,6 +247,11 @@ fn changes(old: &crate::config::Config, new: &crate::config::Config) -> Vec<(Str
             "the fencing policy through the core, the command in the daemon: from the next loss \
              of the peer, and a freeze in progress retries with the new command",
         ),
+    );
+    key(
+        *idle_poll != n.idle_poll,
+        "idle-poll",
+        Effect::Live("from the next write (\"off\": released at once)"),
     );
     key(
         *csums != n.csums,
@@ -362,6 +368,7 @@ impl Admin {
                     window: r.window,
                 },
                 on_peer_lost: r.on_peer_lost.clone(),
+                idle_poll: r.idle_poll,
             };
             let (reply, rx) = oneshot::channel();
             if self.tx.send(Input::Adjust { adjust, reply }).is_err() {
@@ -389,6 +396,7 @@ impl Admin {
             o.after_sb_0pri = n.after_sb_0pri;
             o.after_sb_1pri = n.after_sb_1pri;
             o.on_peer_lost = n.on_peer_lost.clone();
+            o.idle_poll = n.idle_poll;
         }
         let mut message = format!("re-read {file}");
         for (key, effect) in &changed {

@@ -258,6 +258,10 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         stopped: None,
         timing: super::timing::Timing::new(latency.clone(), protocol == core::Protocol::Sync),
         poll: super::poll::Poller::from_env(super::poll::Stats::of(&metrics)),
+        idle: super::idle_poll::IdlePoll::open(
+            cfg.resource.idle_poll,
+            super::idle_poll::Stats::of(&metrics),
+        ),
     };
     // Ends (with an error) when the event loop task does, whether it returned or panicked.
     let (loop_alive, mut loop_ended) = oneshot::channel::<()>();

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod events;
 mod frontend;
 mod hook;
+mod idle_poll;
 mod io;
 pub mod notify;
 mod peer;
@@ -154,6 +155,8 @@ pub(super) struct Adjust {
     /// `timeout`, `ping-interval`, `connect-retry`, `window`.
     pub link: crate::net::Live,
     pub on_peer_lost: Option<std::path::PathBuf>,
+    /// `idle-poll` (zero: off).
+    pub idle_poll: std::time::Duration,
 }
 
 struct Node {
@@ -191,6 +194,8 @@ struct Node {
     timing: timing::Timing,
     /// Spins instead of sleeping while few writes are in flight, where that pays (`poll`).
     poll: poll::Poller,
+    /// Keeps idle CPUs polling while replicated writes flow (`idle_poll`, `idle-poll`).
+    idle: idle_poll::IdlePoll,
 }
 
 /// A client request's answer, and (for a timed write) when the core completed it: the
@@ -675,6 +680,8 @@ impl Node {
             "c_max_rate": c.resync_rate.max_rate,
             "c_fill_target": c.resync_rate.fill_target,
             "c_plan_ahead_ms": c.resync_rate.plan_ahead / 1_000_000,
+            "idle_poll_ms": ms(self.idle.linger()),
+            "idle_poll_active": self.idle.active(),
             "c_min_rate": c.resync_rate.min_rate,
         })
     }
@@ -708,6 +715,7 @@ impl Node {
         self.link.retune(retune);
         self.retry_after = a.link.retry_max;
         self.peer_lost.set_command(a.on_peer_lost);
+        self.idle.set_linger(a.idle_poll);
         Ok(())
     }
 
@@ -812,6 +820,10 @@ impl Node {
         let mut stopping: Option<oneshot::Sender<Result<(), String>>> = None;
         let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The idle poll's release check: armed when the request is taken, re-armed at each
+        // deadline while write events keep coming (not at every event: see `idle_poll`).
+        let mut linger = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
+        let mut linger_armed = false;
         loop {
             if let Some(outcome) = self.stopped.take() {
                 if let Some(c) = self.current.take() {
@@ -881,14 +893,29 @@ impl Node {
                     self.poll.round();
                     continue;
                 }
+                () = &mut linger, if linger_armed => {
+                    linger_armed = match self.idle.expire(Instant::now()) {
+                        Some(due) => {
+                            linger.as_mut().reset(due.into());
+                            true
+                        }
+                        None => false,
+                    };
+                    continue;
+                }
             };
-            if self.poll.enabled()
-                && matches!(
-                    input,
-                    Input::Client { .. } | Input::DiskDone { .. } | Input::Peer { .. }
-                )
-            {
-                self.poll.touch(Instant::now());
+            if matches!(
+                input,
+                Input::Client { .. } | Input::DiskDone { .. } | Input::Peer { .. }
+            ) {
+                let now = Instant::now();
+                if self.poll.enabled() {
+                    self.poll.touch(now);
+                }
+                if let Some(due) = self.idle.touch(now) {
+                    linger.as_mut().reset(due.into());
+                    linger_armed = true;
+                }
             }
             match input {
                 Input::Client { op, reply, at } => self.client(op, reply, at),

@@ -3636,14 +3636,19 @@ impl Replica {
 
     /// Moves in-order messages from the reorder buffer to the apply queue.
     fn drain_reorder(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
+        if !self.conn.as_ref().is_some_and(|c| c.decided) {
+            return Ok(());
+        }
         // Resync messages are legal once this node is SyncTarget, or will be when a queued
-        // Ahead resync start is applied.
-        let mut sync_target = match self.conn.as_ref() {
-            Some(c) if c.decided => {
-                self.repl == ReplState::SyncTarget
-                    || c.apply_q.iter().any(|a| matches!(a, Apply::AheadResync))
-            }
-            _ => return Ok(()),
+        // Ahead resync start is applied. Found out at the first resync message only: the scan
+        // of the apply queue, at every event, cost an async Secondary with a backlog (up to
+        // send-buffer / 4 KiB items) more CPU the further it fell behind.
+        let mut sync_target: Option<bool> = None;
+        let resync_legal = |s: &Self| {
+            s.repl == ReplState::SyncTarget
+                || s.conn
+                    .as_ref()
+                    .is_some_and(|c| c.apply_q.iter().any(|a| matches!(a, Apply::AheadResync)))
         };
         loop {
             let m = {
@@ -3662,27 +3667,27 @@ impl Replica {
             let item = match m {
                 PeerMsg::Data(e) => Apply::Write(e),
                 PeerMsg::ResyncData { offset, data, .. } => {
-                    if !sync_target {
+                    if !*sync_target.get_or_insert_with(|| resync_legal(self)) {
                         return Err("peer sent resync data, but this node is not SyncTarget");
                     }
                     Apply::Resync { offset, data }
                 }
                 PeerMsg::ResyncZero { offset, len, .. } => {
-                    if !sync_target {
+                    if !*sync_target.get_or_insert_with(|| resync_legal(self)) {
                         return Err("peer sent resync zeroes, but this node is not SyncTarget");
                     }
                     Apply::ResyncZero { offset, len }
                 }
                 PeerMsg::Barrier { epoch, flush, .. } => Apply::Barrier { epoch, flush },
                 PeerMsg::ResyncDone { gen, .. } => {
-                    if !sync_target {
+                    if !*sync_target.get_or_insert_with(|| resync_legal(self)) {
                         return Err("peer ended a resync this node is not part of");
                     }
                     Apply::Done { gen }
                 }
                 PeerMsg::Ahead { .. } => Apply::Ahead,
                 PeerMsg::AheadResync { .. } => {
-                    sync_target = true;
+                    sync_target = Some(true);
                     Apply::AheadResync
                 }
                 // Verify bookkeeping needs no disk: done in sequence order right here.

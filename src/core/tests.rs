@@ -2569,3 +2569,47 @@ fn a_failed_peer_write_detaches_the_secondarys_disk_and_the_primarys_write_compl
     assert_eq!(completions(&out), vec![(7, Ok(()))]);
     assert!(a.bitmap().get(3) && a.bitmap().get(4));
 }
+
+/// Resync data reaches a disk only on a SyncTarget (or behind a queued Ahead resync start): an
+/// Established Secondary that gets some closes the connection as a protocol violation, and
+/// writes nothing. (`drain_reorder` decides this at the first resync message it meets.)
+#[test]
+fn resync_data_to_a_node_that_is_not_sync_target_closes_the_connection() {
+    let (mut a, mut b) = pair(Protocol::Async);
+    let msgs = sends(&write(&mut a, 1, 3, 1));
+    let seq = msgs
+        .iter()
+        .find_map(|m| match m {
+            PeerMsg::Data(e) => Some(e.seq),
+            _ => None,
+        })
+        .expect("the write's extent");
+    let out = deliver(&mut b, msgs);
+    assert_eq!(writes(&out).len(), 1, "the write is applied");
+    let data = Bytes::from(vec![7u8; BLOCK as usize]);
+    let out = deliver(
+        &mut b,
+        vec![PeerMsg::ResyncData {
+            seq: seq + 1,
+            offset: 5 * BLOCK,
+            crc32: crc32fast::hash(&data),
+            data,
+        }],
+    );
+    assert!(
+        writes(&out).is_empty(),
+        "resync data never reaches the disk"
+    );
+    assert!(
+        out.iter().any(|x| matches!(
+            x,
+            Action::CloseConnection {
+                reason: CloseReason::Protocol(Violation::Unexpected(
+                    "peer sent resync data, but this node is not SyncTarget"
+                )),
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+}

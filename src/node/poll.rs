@@ -389,9 +389,10 @@ impl Poller {
     }
 }
 
-/// The mode when `TWINBLK_POLL_US` is unset: off until the adaptive mode is measured to win on
-/// an idle machine as well as not to lose on a loaded one (the README's Benchmarks: under load it
-/// never spins, so it ties with off there; its idle run is still to be made).
+/// The mode when `TWINBLK_POLL_US` is unset: off. Under load the adaptive mode never spins (a tie
+/// with off), and with the idle poll (`idle_poll`, on by default) spinning loses even on an idle
+/// machine: sync qd1 149.6-182.9 µs adaptive against 125.7-126.0 with the idle poll alone (the
+/// README's Benchmarks).
 pub(super) const DEFAULT_MODE: Mode = Mode::Off;
 
 #[cfg(test)]

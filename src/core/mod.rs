@@ -3636,9 +3636,6 @@ impl Replica {
 
     /// Moves in-order messages from the reorder buffer to the apply queue.
     fn drain_reorder(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
-        if !self.conn.as_ref().is_some_and(|c| c.decided) {
-            return Ok(());
-        }
         // Resync messages are legal once this node is SyncTarget, or will be when a queued
         // Ahead resync start is applied. Found out at the first resync message only: the scan
         // of the apply queue, at every event, cost an async Secondary with a backlog (up to

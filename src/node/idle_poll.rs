@@ -129,7 +129,7 @@ impl IdlePoll {
 
     /// A write event (a client request, a disk completion, a peer's message): hold the
     /// request, or keep holding it. Returns the deadline to check at when it was just taken
-    /// (the caller arms its timer then, and only then).
+    /// (the caller resets its timer then, and only then; the timer runs while [`Self::held`]).
     pub fn touch(&mut self, now: Instant) -> Option<Instant> {
         match &mut self.state {
             State::Off => None,
@@ -167,6 +167,11 @@ impl IdlePoll {
     /// The linger in effect (`idle-poll`; zero: off).
     pub fn linger(&self) -> Duration {
         self.linger
+    }
+
+    /// Whether the request is held (the event loop's release timer runs only then).
+    pub fn held(&self) -> bool {
+        matches!(self.state, State::Held { .. })
     }
 
     /// Whether write events take the request: on, and the device is open.
@@ -264,6 +269,7 @@ mod tests {
             "one write to the device per hold"
         );
         assert_eq!(p.stats.held.get(), 1);
+        assert!(p.held(), "the release timer runs");
         assert_eq!(p.stats.holds.get(), 1);
         // The timer fires at the first deadline: the last event was 6 ms in, so not yet.
         assert_eq!(p.expire(t0 + LINGER), Some(t0 + 6 * MS + LINGER));
@@ -272,6 +278,7 @@ mod tests {
         assert_eq!(p.expire(t0 + 6 * MS + LINGER), None);
         assert_eq!(writes(&r), vec![HOLD_US, RELEASE_US]);
         assert_eq!(p.stats.held.get(), 0);
+        assert!(!p.held(), "no timer once released");
         // The next write event holds again.
         let t1 = t0 + 100 * MS;
         assert_eq!(p.touch(t1), Some(t1 + LINGER));

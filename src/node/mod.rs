@@ -824,10 +824,10 @@ impl Node {
         let mut stopping: Option<oneshot::Sender<Result<(), String>>> = None;
         let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The idle poll's release check: armed when the request is taken, re-armed at each
-        // deadline while write events keep coming (not at every event: see `idle_poll`).
+        // The idle poll's release check, running while the request is held: set when it is
+        // taken, moved at each deadline while write events keep coming (not at every event:
+        // see `idle_poll`).
         let mut linger = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
-        let mut linger_armed = false;
         loop {
             if let Some(outcome) = self.stopped.take() {
                 if let Some(c) = self.current.take() {
@@ -897,14 +897,10 @@ impl Node {
                     self.poll.round();
                     continue;
                 }
-                () = &mut linger, if linger_armed => {
-                    linger_armed = match self.idle.expire(Instant::now()) {
-                        Some(due) => {
-                            linger.as_mut().reset(due.into());
-                            true
-                        }
-                        None => false,
-                    };
+                () = &mut linger, if self.idle.held() => {
+                    if let Some(due) = self.idle.expire(Instant::now()) {
+                        linger.as_mut().reset(due.into());
+                    }
                     continue;
                 }
             };
@@ -918,7 +914,6 @@ impl Node {
                 }
                 if let Some(due) = self.idle.touch(now) {
                     linger.as_mut().reset(due.into());
-                    linger_armed = true;
                 }
             }
             match input {

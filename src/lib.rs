@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod disk;
+pub mod idmap;
 pub mod latency;
 pub mod meta;
 pub mod metrics;

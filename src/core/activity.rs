@@ -8,13 +8,13 @@
 //! A write to an already-active extent costs one hash lookup; only the first write to an
 //! inactive extent costs a transaction (and, when the log is full, an eviction).
 
-use std::collections::HashMap;
+use crate::idmap::IdMap;
 
 #[derive(Debug, Clone)]
 pub struct ActivityLog {
     capacity: usize,
     /// extent -> last-use stamp (larger = more recent).
-    active: HashMap<u64, u64>,
+    active: IdMap<u64, u64>,
     tick: u64,
 }
 
@@ -29,7 +29,7 @@ impl ActivityLog {
     pub fn new(capacity: usize) -> ActivityLog {
         ActivityLog {
             capacity: capacity.max(1),
-            active: HashMap::new(),
+            active: IdMap::default(),
             tick: 0,
         }
     }

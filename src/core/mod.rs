@@ -201,7 +201,8 @@ mod reason;
 pub mod resync;
 pub mod verify;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use crate::idmap::{IdMap, IdSet};
+use std::collections::{BTreeMap, VecDeque};
 
 pub use reason::{
     AdminError, AdminErrorCode, ClientsCommand, CloseReason, ConnLoss, LinkLoss, Refusal,
@@ -1251,7 +1252,7 @@ struct Conn {
     /// Async buffer: payload bytes sent and not yet acked.
     sendbuf: u64,
     /// seq -> (client request waiting for this ack, payload bytes).
-    awaiting_ack: HashMap<u64, (Option<ReqId>, u64)>,
+    awaiting_ack: IdMap<u64, (Option<ReqId>, u64)>,
     barrier_waiters: BTreeMap<u64, Vec<ReqId>>,
     /// Writes and payload bytes sent since the last flush barrier.
     unflushed_writes: usize,
@@ -1308,7 +1309,7 @@ pub struct Replica {
     needs_gen_bump: bool,
     max_peer_gen: u64,
     last_refusal: Option<Refusal>,
-    reqs: HashMap<ReqId, ClientReq>,
+    reqs: IdMap<ReqId, ClientReq>,
     /// Requests waiting for admission, each with "a write completed since the previous
     /// submission" (an epoch boundary is decided at submission, not at admission).
     admit_q: VecDeque<(ReqId, Op, bool)>,
@@ -1317,7 +1318,7 @@ pub struct Replica {
     epoch_has_writes: bool,
     completion_seen: bool,
     next_io: IoId,
-    inflight: HashMap<IoId, Io>,
+    inflight: IdMap<IoId, Io>,
     conn: Option<Conn>,
     /// Transfer log: (seq, offset, len) of writes sent but not yet stable on the peer (no
     /// flush barrier after them acked yet), in seq order.
@@ -1338,7 +1339,7 @@ pub struct Replica {
     /// The activity-log transaction in flight (group commit: at most one), by its io id.
     al_txn: Option<IoId>,
     /// Extents it adds: active in `al`, but no write may use them before it is durable.
-    al_uncommitted: std::collections::HashSet<u64>,
+    al_uncommitted: IdSet<u64>,
     /// A write waits for room in the full activity log: look again after the next event
     /// (a write completing or a flush barrier acked may unpin an extent).
     al_full: bool,
@@ -1424,14 +1425,14 @@ impl Replica {
             needs_gen_bump: true,
             max_peer_gen: 0,
             last_refusal: None,
-            reqs: HashMap::new(),
+            reqs: IdMap::default(),
             admit_q: VecDeque::new(),
             issue_q: VecDeque::new(),
             epoch: 1,
             epoch_has_writes: false,
             completion_seen: false,
             next_io: 1,
-            inflight: HashMap::new(),
+            inflight: IdMap::default(),
             conn: None,
             tl: VecDeque::new(),
             resync: None,
@@ -2487,12 +2488,7 @@ impl Replica {
     /// Extents that must stay in the activity log: (those of a local client write in flight,
     /// those of a write sent to the peer and not yet stable there). The latter have no flush
     /// barrier acked after them: they may be missing there after a crash of either node.
-    fn pinned_extents(
-        &self,
-    ) -> (
-        std::collections::HashSet<u64>,
-        std::collections::HashSet<u64>,
-    ) {
+    fn pinned_extents(&self) -> (IdSet<u64>, IdSet<u64>) {
         let writing = self
             .inflight
             .values()
@@ -2933,7 +2929,7 @@ impl Replica {
             apply_q: VecDeque::new(),
             fence_in_flight: false,
             sendbuf: 0,
-            awaiting_ack: HashMap::new(),
+            awaiting_ack: IdMap::default(),
             barrier_waiters: BTreeMap::new(),
             unflushed_writes: 0,
             unflushed_bytes: 0,

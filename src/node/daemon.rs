@@ -230,7 +230,7 @@ async fn up(cfg: Config, name: &str) -> Result<(), UpError> {
         protocol: pname,
         tx: tx.clone(),
         start: Instant::now(),
-        clients: HashMap::new(),
+        clients: Default::default(),
         admins: HashMap::new(),
         next_req: 1,
         next_tag: 1,

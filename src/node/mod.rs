@@ -29,6 +29,7 @@ mod peer;
 mod poll;
 mod timing;
 
+use crate::idmap::IdMap;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -169,7 +170,7 @@ struct Node {
     protocol: &'static str,
     tx: mpsc::UnboundedSender<Input>,
     start: Instant,
-    clients: HashMap<ReqId, oneshot::Sender<Answer>>,
+    clients: IdMap<ReqId, oneshot::Sender<Answer>>,
     admins: HashMap<u64, oneshot::Sender<Result<(), AdminError>>>,
     next_req: ReqId,
     next_tag: u64,
@@ -210,11 +211,11 @@ pub(super) struct Observe {
     pub bus: events::Bus,
     pub metrics: crate::metrics::Metrics,
     /// Client writes in flight: when they were submitted.
-    pub writes: HashMap<ReqId, Instant>,
+    pub writes: IdMap<ReqId, Instant>,
     /// Local disk writes in flight: when they were started.
-    pub disk_writes: HashMap<IoId, Instant>,
+    pub disk_writes: IdMap<IoId, Instant>,
     /// Write extents sent to the peer and not yet acked: their payload size.
-    pub unacked: HashMap<u64, u64>,
+    pub unacked: IdMap<u64, u64>,
     pub send_buffer: u64,
     /// An Emit happened in the current batch: refresh the objects once it is done.
     pub dirty: bool,
@@ -241,9 +242,9 @@ impl Observe {
             peer: peer.to_owned(),
             bus: events::Bus::new(resource, node),
             metrics,
-            writes: HashMap::new(),
-            disk_writes: HashMap::new(),
-            unacked: HashMap::new(),
+            writes: IdMap::default(),
+            disk_writes: IdMap::default(),
+            unacked: IdMap::default(),
             send_buffer,
             dirty: true,
             rate_sample: (Instant::now(), 0),

@@ -12,7 +12,7 @@
 //! drops what can no longer be answered, and the maps are cleared outright if they ever grow
 //! past [`MAX_TRACKED`] (a bug here must not grow the daemon).
 
-use std::collections::HashMap;
+use crate::idmap::IdMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,13 +88,13 @@ pub(super) struct Timing {
     pub rec: Recorder,
     /// Protocol sync: a completion waits for the ack too.
     sync: bool,
-    writes: HashMap<ReqId, Write>,
-    io_req: HashMap<IoId, ReqId>,
-    seq_req: HashMap<u64, ReqId>,
+    writes: IdMap<ReqId, Write>,
+    io_req: IdMap<IoId, ReqId>,
+    seq_req: IdMap<u64, ReqId>,
     /// The client write whose `DiskWrite` ran last in this batch: its `Send` follows.
     last_submit: Option<(u64, ReqId)>,
-    applies: HashMap<u64, Apply>,
-    io_seq: HashMap<IoId, u64>,
+    applies: IdMap<u64, Apply>,
+    io_seq: IdMap<IoId, u64>,
 }
 
 fn ns32(d: Duration) -> u32 {
@@ -106,12 +106,12 @@ impl Timing {
         Timing {
             rec,
             sync,
-            writes: HashMap::new(),
-            io_req: HashMap::new(),
-            seq_req: HashMap::new(),
+            writes: IdMap::default(),
+            io_req: IdMap::default(),
+            seq_req: IdMap::default(),
             last_submit: None,
-            applies: HashMap::new(),
-            io_seq: HashMap::new(),
+            applies: IdMap::default(),
+            io_seq: IdMap::default(),
         }
     }
 

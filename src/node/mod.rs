@@ -3,7 +3,8 @@
 //!
 //! * `frontend`: the replicated device the NBD server serves (requests → core events).
 //! * `io`: `Disk*` actions on the local disk, answered as `DiskDone`.
-//! * `peer`: the QUIC connection pump (frames ↔ `PeerMsg`).
+//! * `peer`: the current QUIC connection (`PeerMsg` → stream writers; frames read and decoded
+//!   by the event loop itself).
 //! * `admin`: the admin socket handler (`twinblk status`, `primary`, …).
 //! * `hook`: runs the `on-peer-lost` hook when the core asks to fence the peer
 //!   (`Action::FencePeer`), and reports its exit (`Event::Fenced`).
@@ -524,7 +525,7 @@ impl Node {
         self.next_conn += 1;
         let id = self.next_conn;
         info!(conn = id, peer = %conn.peer, remote = %conn.remote_addr, "peer connected");
-        self.current = Some(Current::start(id, conn, self.tx.clone()));
+        self.current = Some(Current::start(id, conn));
         self.feed(Event::ConnectionUp { conn: id });
     }
 
@@ -870,11 +871,16 @@ impl Node {
                     .max(self.obs.unacked.len());
                 self.poll.active(depth, Instant::now())
             };
+            let reading = self.current.as_ref().is_some_and(Current::reading);
             let input = tokio::select! {
                 i = rx.recv() => match i {
                     Some(i) => i,
                     None => return,
                 },
+                // The peer's messages, read here rather than forwarded by a task (see
+                // `Current::recv`); `None` (the streams ended) leaves the loss to come as
+                // `ConnDown` on `rx`.
+                Some(i) = recv_peer(&mut self.current, &self.tx), if reading => i,
                 _ = ticker.tick() => {
                     self.tick();
                     continue;
@@ -1096,5 +1102,16 @@ async fn next_conn(c: &mut Option<Connector>) -> Option<PeerConn> {
     match c {
         Some(c) => c.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The current connection's next message (see [`Current::recv`]); `None` without one.
+async fn recv_peer(
+    c: &mut Option<Current>,
+    events: &mpsc::UnboundedSender<Input>,
+) -> Option<Input> {
+    match c {
+        Some(c) => c.recv(events).await,
+        None => None,
     }
 }

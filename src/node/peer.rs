@@ -1,14 +1,14 @@
-//! The connection pump: outgoing messages are queued straight to each stream's writer (sending
-//! never waits, so the event loop never waits for QUIC flow control, and each stream keeps its
-//! order); one task decodes incoming frames into `Input::Peer`, ending with `Input::ConnDown` and
-//! the reason.
+//! The current peer connection as the event loop drives it: outgoing messages are queued
+//! straight to each stream's writer (sending never waits, so the event loop never waits for QUIC
+//! flow control, and each stream keeps its order); incoming frames are read and decoded by the
+//! event loop itself ([`Current::recv`]), ending with `Input::ConnDown` and the reason.
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Input;
 use crate::core::{LinkLoss, PeerMsg};
-use crate::net::{close_code, ConnHandle, FrameSender, PeerConn};
+use crate::net::{close_code, ConnHandle, FrameRx, FrameSender, PeerConn};
 use crate::wire::{self, Stream};
 
 /// The current connection as the event loop sees it.
@@ -19,6 +19,8 @@ pub(super) struct Current {
     pub id: u64,
     control: FrameSender,
     data: Vec<FrameSender>,
+    /// The frames received; `None` once they ended or one did not decode.
+    rx: Option<FrameRx>,
     handle: ConnHandle,
     /// UDP datagrams received so far, and when that count last grew: when the peer was last
     /// heard (keep-alives included), for `status` while a dead peer is not yet timed out.
@@ -44,60 +46,80 @@ impl Current {
         at.elapsed()
     }
 
-    /// Take over `conn` as connection `id`: start its senders and its receive pump.
-    pub fn start(id: u64, conn: PeerConn, events: mpsc::UnboundedSender<Input>) -> Current {
+    /// Take over `conn` as connection `id`. Its frames are read by the event loop itself
+    /// ([`Current::recv`]); its senders are the stream writers `conn` started.
+    pub fn start(id: u64, conn: PeerConn) -> Current {
         let PeerConn {
             control,
             data,
-            mut rx,
+            rx,
             handle,
             idle_timeout,
             ..
         } = conn;
-        let current = Current {
+        Current {
             id,
             control,
             data,
-            handle: handle.clone(),
+            rx: Some(rx),
+            handle,
             heard: std::cell::Cell::new((0, std::time::Instant::now())),
             timeout: idle_timeout,
+        }
+    }
+
+    /// Whether frames may still come ([`Current::recv`] has something to wait for).
+    pub fn reading(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    /// The next message from the peer, decoded, as the event loop's input; for its `select!`
+    /// (cancel-safe: it only awaits [`FrameRx::recv`]).
+    ///
+    /// The loop reads the frames itself, with no task between: a forwarding task cost a task
+    /// wake and a channel hop per message, on both nodes, on the path every sync write waits
+    /// for (the extent at the Secondary, its ack at the Primary). The frame queues stay bounded
+    /// (`Tuning::recv_queue`), so a peer that sends faster than this node handles waits in
+    /// QUIC flow control rather than in memory here.
+    ///
+    /// A frame that does not decode ends the connection: `ConnDown` with the reason, at once.
+    /// When the streams end (the connection is going away), `None`, and the loss is reported
+    /// as `ConnDown` through `events` once QUIC says why.
+    pub async fn recv(&mut self, events: &mpsc::UnboundedSender<Input>) -> Option<Input> {
+        let rx = self.rx.as_mut()?;
+        let Some(frame) = rx.recv().await else {
+            self.rx = None;
+            let (id, handle, events) = (self.id, self.handle.clone(), events.clone());
+            tokio::spawn(async move {
+                let reason = link_loss(handle.closed().await);
+                let _ = events.send(Input::ConnDown { conn: id, reason });
+            });
+            return None;
         };
-        tokio::spawn(async move {
-            let mut reason = None;
-            while let Some(frame) = rx.recv().await {
-                match wire::decode(&frame.bytes) {
-                    Ok(Some((msg, _))) => {
-                        let at = frame.at;
-                        if events.send(Input::Peer { conn: id, msg, at }).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        reason = Some("a truncated message".to_owned());
-                        break;
-                    }
-                    Err(e) => {
-                        reason = Some(e.to_string());
-                        break;
-                    }
-                }
+        let undecodable = match wire::decode(&frame.bytes) {
+            Ok(Some((msg, _))) => {
+                return Some(Input::Peer {
+                    conn: self.id,
+                    msg,
+                    at: frame.at,
+                })
             }
-            let reason = match reason {
-                Some(r) => {
-                    let loss = LinkLoss::Undecodable(r);
-                    warn!(conn = id, "closing the connection: {loss}");
-                    handle.disconnect(close_code::PROTOCOL, &loss.to_string());
-                    loss
-                }
-                None => link_loss(handle.closed().await),
-            };
-            let _ = events.send(Input::ConnDown { conn: id, reason });
-        });
-        current
+            Ok(None) => "a truncated message".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.rx = None;
+        let loss = LinkLoss::Undecodable(undecodable);
+        warn!(conn = self.id, "closing the connection: {loss}");
+        self.handle
+            .disconnect(close_code::PROTOCOL, &loss.to_string());
+        Some(Input::ConnDown {
+            conn: self.id,
+            reason: loss,
+        })
     }
 
     /// Queue `msg` on the stream it belongs to. Errors mean the connection is going away; its
-    /// loss is reported by the pump.
+    /// loss comes as `ConnDown` (see [`Current::recv`]).
     pub fn send(&self, msg: &PeerMsg) {
         // Frames go as (head, payload): the payload is the client's buffer, never copied on its
         // way to QUIC.
@@ -135,6 +157,7 @@ impl Current {
             handle,
             control,
             data,
+            rx,
             ..
         } = self;
         // Nothing new is queued; the stream writers drain what is and then finish their streams.
@@ -143,6 +166,10 @@ impl Current {
         tokio::spawn(async move {
             tokio::time::sleep(CLOSE_GRACE).await;
             handle.disconnect(close_code::DISCONNECT, &reason);
+            // Held until now: the last owner of a connection's parts closes it when dropped,
+            // and that would cut the grace short. Nothing reads it: the core is done with this
+            // connection, and would ignore what came.
+            drop(rx);
         });
     }
 }

@@ -406,6 +406,24 @@ fn checker_catches_a_promotion_on_a_stale_view_of_the_peer() {
     }
 }
 
+/// `primary` during a handshake waits for its outcome (the real daemons promoted a node that
+/// lacked acknowledged writes, a moment before the hello that would have made it the sync
+/// target: `tests/switchover.rs`). The old behaviour, promoting at once on the node's own view
+/// and restarting the handshake, must be caught by the check after every event.
+#[test]
+fn checker_catches_a_promotion_during_a_handshake() {
+    let msgs = caught_with(
+        InjectedBug::PromoteDuringHandshake,
+        400,
+        SimConfig::for_seed,
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("was promoted during its connection's handshake")),
+        "no seed caught a promotion during a handshake: {msgs:?}"
+    );
+}
+
 /// `primary` on both connected nodes at once (a third of the switchovers, once the demotion
 /// answered): the asks cross. A node that says yes to the peer's ask while keeping its own
 /// makes two Primaries on one connection, which the check after every step catches.

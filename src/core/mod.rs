@@ -321,12 +321,16 @@ pub enum InjectedBug {
     /// writes still waiting for the peer's ack (the old behaviour): the fence takes the only
     /// good copy, and the writes may be on the given-up disk only.
     FenceAfterOwnDiskFailed,
+    /// `primary` during the connection's handshake promotes at once (the old behaviour) and
+    /// restarts the handshake, instead of waiting for its outcome: a node whose peer, a moment
+    /// from its hello, holds acknowledged writes it lacks becomes Primary without them.
+    PromoteDuringHandshake,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 24] = {
+    pub const ALL: [InjectedBug; 25] = {
         use InjectedBug::*;
         [
             None,
@@ -353,6 +357,7 @@ impl InjectedBug {
             YesWhilePromoting,
             FlushBarrierBeforeItsWrites,
             FenceAfterOwnDiskFailed,
+            PromoteDuringHandshake,
         ]
     };
 
@@ -384,6 +389,7 @@ impl InjectedBug {
             YesWhilePromoting => 21,
             FlushBarrierBeforeItsWrites => 22,
             FenceAfterOwnDiskFailed => 23,
+            PromoteDuringHandshake => 24,
         }
     }
 
@@ -1100,6 +1106,11 @@ pub struct Status {
     pub stopping: bool,
     /// A flush failed: the node no longer uses its disk until restarted.
     pub disk_failure: Option<DiskFailure>,
+    /// A `primary` command waits: for the connection's handshake to decide, or for the peer's
+    /// answer. It is answered then.
+    pub promoting: bool,
+    /// A connection is up and its handshake has not decided yet.
+    pub handshaking: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1222,11 +1233,20 @@ impl Apply {
 /// A promotion asked of the peer ([`PeerMsg::PromoteAsk`]), committed on its yes.
 #[derive(Debug, Clone, Copy)]
 struct PendingPromotion {
-    /// The `primary` command's admin tag, answered when the peer answers.
+    /// The `primary` command's admin tag, answered once what it waits for is over.
     tag: u64,
     force: bool,
-    /// The ask's number, echoed by the answer.
-    id: u64,
+    phase: PromotionPhase,
+}
+
+/// What a `primary` command waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PromotionPhase {
+    /// The connection's handshake, which was running when it was asked: its outcome decides
+    /// by which rules it goes on (see `promotion_must_wait`).
+    Handshake,
+    /// The peer's answer to `PromoteAsk { id }`.
+    Asked { id: u64 },
 }
 
 #[derive(Debug)]
@@ -1523,6 +1543,8 @@ impl Replica {
             }),
             stopping: self.stop != StopState::Running,
             disk_failure: self.disk_failure,
+            promoting: self.promoting.is_some(),
+            handshaking: self.handshaking(),
         }
     }
 
@@ -1607,6 +1629,16 @@ impl Replica {
                 cmd: AdminCmd::Demote,
             } if self.demotion_must_wait() && self.frontend_clients.is_empty() => {
                 self.start_demotion(tag, out)
+            }
+            Event::Admin {
+                tag,
+                cmd: AdminCmd::Promote { force },
+            } if self.promotion_must_wait() => {
+                self.promoting = Some(PendingPromotion {
+                    tag,
+                    force,
+                    phase: PromotionPhase::Handshake,
+                });
             }
             Event::Admin {
                 tag,
@@ -3092,7 +3124,13 @@ impl Replica {
                 }),
             });
         }
-        self.fail_promotion(AdminError::PromotionPeerLost { loss: reason }, out);
+        // One that waited for the handshake goes on without the connection; one that asked
+        // the peer fails (the answer may have been a yes the peer acted on).
+        if self.promoting.map(|p| p.phase) == Some(PromotionPhase::Handshake) {
+            self.resume_promotion(out);
+        } else {
+            self.fail_promotion(AdminError::PromotionPeerLost { loss: reason }, out);
+        }
         self.admit(out);
     }
 
@@ -3425,6 +3463,7 @@ impl Replica {
         out.push(Action::Emit(StateChange::PeerDisk { to: peer_disk }));
         self.pump_apply(out);
         self.admit(out);
+        self.resume_promotion(out);
     }
 
     fn note_progress(&mut self, total: u64, left: u64, out: &mut Vec<Action>) {
@@ -4450,8 +4489,62 @@ impl Replica {
     fn ask_promotion(&mut self, tag: u64, force: bool, out: &mut Vec<Action>) {
         self.promote_asks += 1;
         let id = self.promote_asks;
-        self.promoting = Some(PendingPromotion { tag, force, id });
+        self.promoting = Some(PendingPromotion {
+            tag,
+            force,
+            phase: PromotionPhase::Asked { id },
+        });
         self.send(PeerMsg::PromoteAsk { id }, out);
+    }
+
+    /// `primary` on a Secondary whose connection is in its handshake waits for the handshake's
+    /// outcome (it is bounded by the handshake timeout) instead of promoting on what it knows
+    /// alone. The peer's hello may be a moment away and say that it holds writes this node
+    /// lacks: a Primary that lost this node, wrote on (acknowledging those writes), and was
+    /// demoted, so that the operator now fails over to this node. Promoted before the hello,
+    /// this node would serve data without those acknowledged writes (the real daemons did, in
+    /// `tests/switchover.rs`, once a stalled Secondary timed out). Once the handshake decided,
+    /// the connected rules apply (the peer is asked; a sync target is refused); if it ends
+    /// without a decision (refused, cut, timed out), the rules of a node without a connection
+    /// do, as if the command had come a moment later. DRBD likewise runs a role change only
+    /// once a connection's state change is done.
+    fn promotion_must_wait(&self) -> bool {
+        self.cfg.bug != InjectedBug::PromoteDuringHandshake
+            && self.stop == StopState::Running
+            && self.role == Role::Secondary
+            && self.promoting.is_none()
+            && self.handshaking()
+    }
+
+    /// A promotion that waited for the handshake goes on by the rules that hold now: connected
+    /// past the handshake, it asks the peer; otherwise it is decided here (promoted, or
+    /// refused with the reason, e.g. this node became the sync target).
+    fn resume_promotion(&mut self, out: &mut Vec<Action>) {
+        let Some(p) = self
+            .promoting
+            .filter(|p| p.phase == PromotionPhase::Handshake)
+        else {
+            return;
+        };
+        self.promoting = None;
+        if self.stop != StopState::Running {
+            out.push(Action::AdminDone {
+                tag: p.tag,
+                result: Err(AdminError::ShuttingDown),
+            });
+            return;
+        }
+        if self.promotion_must_ask(p.force) {
+            self.ask_promotion(p.tag, p.force, out);
+            return;
+        }
+        let result = self
+            .may_promote(p.force, false)
+            .map(|()| self.promote(p.force, out));
+        if self.role == Role::Primary {
+            self.verify_role_changed(out);
+        }
+        out.push(Action::AdminDone { tag: p.tag, result });
     }
 
     /// `primary` asks the peer: this Secondary is connected past the handshake and may be
@@ -4515,7 +4608,10 @@ impl Replica {
     /// The peer answered this node's ask: the promotion commits on its yes (if this node may
     /// still be promoted), else the command fails with the peer's reason.
     fn promotion_answered(&mut self, id: u64, verdict: PromoteVerdict, out: &mut Vec<Action>) {
-        let Some(p) = self.promoting.filter(|p| p.id == id) else {
+        let Some(p) = self
+            .promoting
+            .filter(|p| p.phase == PromotionPhase::Asked { id })
+        else {
             return;
         };
         self.promoting = None;
@@ -4562,7 +4658,9 @@ impl Replica {
             self.set_disk(DiskState::UpToDate, out);
         }
         // The peer decides from the hello already sent (role, disk, generation): it
-        // could make this Primary its sync target. Start the handshake over.
+        // could make this Primary its sync target. Start the handshake over. (Only with
+        // `InjectedBug::PromoteDuringHandshake`: a promotion asked during a handshake waits
+        // for its outcome, see `promotion_must_wait`.)
         if self.handshaking() {
             self.close(CloseReason::PromotedDuringHandshake, out);
         }

@@ -1515,7 +1515,7 @@ fn demoted_primary_that_crashes_keeps_its_unreplicated_writes_in_the_bitmap() {
 }
 
 #[test]
-fn promotion_during_a_handshake_restarts_it() {
+fn a_forced_promotion_during_the_handshake_waits_for_it_and_goes_on_alone_when_it_ends() {
     let mut r = Replica::new(cfg(2, Protocol::Sync), Meta::new_device());
     r.handle_vec(
         Event::Admin {
@@ -1525,8 +1525,8 @@ fn promotion_during_a_handshake_restarts_it() {
         0,
     );
     r.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
-    // The hello (Secondary, Inconsistent) is on its way: the peer would make this node, now
-    // Primary, its sync target.
+    // The first `primary --force` of a new pair, while the nodes are in their handshake
+    // (neither has good data, so it will be refused): it waits for the outcome.
     let out = r.handle_vec(
         Event::Admin {
             tag: 2,
@@ -1534,14 +1534,135 @@ fn promotion_during_a_handshake_restarts_it() {
         },
         0,
     );
-    // The handshake starts over with the new role.
     assert!(
-        out.iter()
-            .any(|a| matches!(a, Action::CloseConnection { conn: 1, .. })),
+        !out.iter().any(|a| matches!(a, Action::AdminDone { .. })),
+        "answered before the handshake's outcome: {out:?}"
+    );
+    assert_eq!(r.status().role, Role::Secondary);
+    // The handshake ends without a decision: the promotion goes on as without a connection.
+    let out = r.handle_vec(
+        Event::ConnectionDown {
+            conn: 1,
+            reason: LinkLoss::TimedOut,
+        },
+        0,
+    );
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::AdminDone {
+                tag: 2,
+                result: Ok(())
+            }
+        )),
         "{out:?}"
     );
     assert_eq!(r.status().role, Role::Primary);
     assert!(r.status().want_connection);
+}
+
+fn al_cfg_promoting_during_handshakes(node: u64) -> Config {
+    let mut c = al_cfg(node);
+    c.bug = InjectedBug::PromoteDuringHandshake;
+    c
+}
+
+/// The switchover that lost acknowledged writes on real daemons (`tests/switchover.rs` once a
+/// stalled Secondary timed out): the Primary lost its peer, wrote on alone (acknowledged), was
+/// demoted; the peer reconnected, and the operator's `primary` reached it during that
+/// handshake. Promoted at once, it served data without those writes; waiting for the
+/// handshake, it learns it is the sync target and is refused.
+#[test]
+fn a_promotion_during_the_handshake_waits_and_a_node_that_lacks_writes_is_refused() {
+    for bug in [false, true] {
+        let mut d = if bug {
+            Duo::with(al_cfg_promoting_during_handshakes)
+        } else {
+            Duo::new()
+        };
+        d.admin(0, AdminCmd::Promote { force: false });
+        d.connect();
+        d.write(0, 1, 0xaa);
+        d.cut();
+        d.write(0, 2, 0xbb);
+        assert_eq!(
+            d.completed.last().map(|c| c.1),
+            Some(Ok(())),
+            "acknowledged"
+        );
+        d.admin(0, AdminCmd::Demote);
+        assert_eq!(d.st(0).role, Role::Secondary);
+        d.connect_unsettled();
+        d.feed(
+            1,
+            Event::Admin {
+                tag: 77,
+                cmd: AdminCmd::Promote { force: false },
+            },
+        );
+        let answer = |d: &Duo| {
+            d.admin_done
+                .iter()
+                .find(|(n, tag, _)| *n == 1 && *tag == 77)
+                .map(|(_, _, r)| r.clone())
+        };
+        if bug {
+            // The old behaviour: Primary at once, without block 2.
+            assert_eq!(d.st(1).role, Role::Primary);
+            assert_eq!(answer(&d), Some(Ok(())));
+            continue;
+        }
+        assert_eq!(d.st(1).role, Role::Secondary, "promoted before the hello");
+        assert_eq!(answer(&d), None, "answered before the handshake decided");
+        d.settle();
+        assert!(
+            matches!(answer(&d), Some(Err(AdminError::ResyncTarget))),
+            "{:?}",
+            answer(&d)
+        );
+        assert_eq!(d.st(1).role, Role::Secondary);
+        assert_eq!(d.st(0).repl, ReplState::Established, "the resync ran");
+        assert!(d.disk[0] == d.disk[1], "B got block 2");
+        // Now it may be promoted, with every acknowledged write.
+        d.admin(1, AdminCmd::Promote { force: false });
+        assert_eq!(d.st(1).role, Role::Primary);
+    }
+}
+
+/// A promotion that waited for a handshake which then decided for it goes on by the connected
+/// rules: it asks the peer, which agrees.
+#[test]
+fn a_promotion_during_the_handshake_of_an_up_to_date_node_asks_the_peer_after_it() {
+    let mut d = Duo::new();
+    d.admin(0, AdminCmd::Promote { force: false });
+    d.connect();
+    d.write(0, 1, 0xaa);
+    d.admin(0, AdminCmd::Demote);
+    d.cut();
+    d.connect_unsettled();
+    d.feed(
+        1,
+        Event::Admin {
+            tag: 78,
+            cmd: AdminCmd::Promote { force: false },
+        },
+    );
+    assert_eq!(d.st(1).role, Role::Secondary);
+    d.settle();
+    assert!(
+        d.admin_done
+            .iter()
+            .any(|(n, tag, r)| *n == 1 && *tag == 78 && r.is_ok()),
+        "{:?}",
+        d.admin_done
+    );
+    assert_eq!(d.st(1).role, Role::Primary);
+    assert_eq!(
+        d.st(0).peer_role,
+        Some(Role::Primary),
+        "the peer heard of it"
+    );
+    assert_eq!(d.st(1).repl, ReplState::Established);
 }
 
 #[test]

@@ -184,6 +184,10 @@ struct Split {
     /// The rogue's persisted generation, when its promotion left it as it was (a plain
     /// promotion: the new generation starts, durably, with the first write).
     gen_unbumped: Option<u64>,
+    /// The rogue's `primary` waits for its connection's handshake (the partition had not
+    /// reached it yet): its generation before that command, and whether it was forced on a
+    /// node that never learnt what it lacks (see `failover`).
+    waited: Option<(u64, bool)>,
     /// The operator's resolution was issued: `connect --discard-my-data` on this node.
     resolved_by: Option<usize>,
     /// A data write reached each node's disk since the partition. The core moves the
@@ -669,6 +673,17 @@ impl World {
         self.feed(node, Event::Admin { tag: 0, cmd });
     }
 
+    /// After a `primary` on `node`: whether it waits (for the node's handshake to decide, or the
+    /// peer's answer) rather than answered at once. The operator's flow then comes back later,
+    /// as the CLI waits for the answer; counted under `what`.
+    fn promotion_waits(&mut self, node: usize, what: &'static str) -> bool {
+        let waits = self.status(node).is_some_and(|s| s.promoting);
+        if waits {
+            *self.stats.entry(what).or_default() += 1;
+        }
+        waits
+    }
+
     fn alive(&self, node: usize) -> bool {
         self.nodes[node].replica.is_some()
     }
@@ -722,8 +737,27 @@ impl World {
                     ..
                 }
         );
+        // `primary` never promotes on this node's own view while its connection's handshake
+        // is undecided (connected, still Connecting): the peer's hello, a moment away, may
+        // name it the sync target (`InjectedBug::PromoteDuringHandshake`). It waits, and goes
+        // on at the handshake's outcome (a later event).
+        let handshaking_secondary = matches!(
+            ev,
+            Event::Admin {
+                cmd: AdminCmd::Promote { .. },
+                ..
+            }
+        ) && {
+            let s = r.status();
+            self.conn.is_some() && s.role == Role::Secondary && s.repl == ReplState::Connecting
+        };
         let mut out = Vec::new();
         r.handle(ev, self.now, &mut out);
+        if handshaking_secondary && r.status().role == Role::Primary {
+            self.fail(format!(
+                "node {node} was promoted during its connection's handshake, on its own view"
+            ));
+        }
         if ends_freeze {
             self.unfenced[node] = false;
         }
@@ -1705,6 +1739,12 @@ impl World {
             return;
         };
         self.failed_disk_takeover = takeover;
+        if st.promoting {
+            // The operator's `primary` is still running: it waits for the node's handshake to
+            // decide (or for the peer's answer), as the CLI does.
+            self.schedule(50 * US, Ev::Failover);
+            return;
+        }
         let noticed = matches!(st.repl, ReplState::StandAlone | ReplState::Connecting);
         if !noticed || !self.nodes[s].disk.writes_in_flight.is_empty() {
             self.schedule(50 * US, Ev::Failover);
@@ -1740,6 +1780,10 @@ impl World {
         // (`Action::SyncData`; seed 6208 lost them in a crash right after).
         let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
         self.admin(s, AdminCmd::Promote { force: false });
+        if self.promotion_waits(s, "failover: primary waited for a handshake") {
+            self.schedule(50 * US, Ev::Failover);
+            return;
+        }
         let mut forced = false;
         if self.status(s).is_some_and(|x| x.role != Role::Primary) {
             if was_up_to_date {
@@ -1749,6 +1793,10 @@ impl World {
                 ));
             }
             self.admin(s, AdminCmd::Promote { force: true });
+            if self.promotion_waits(s, "failover: primary --force waited for a handshake") {
+                self.schedule(50 * US, Ev::Failover);
+                return;
+            }
             forced = true;
         }
         if self.status(s).is_some_and(|x| x.role != Role::Primary) {
@@ -1851,16 +1899,40 @@ impl World {
                 }
                 return;
             }
+            if st.promoting {
+                // Its `primary` still waits for the handshake to end (see `failover`).
+                self.schedule(50 * US, Ev::RogueWrite);
+                return;
+            }
             // See `failover`: untrusted only if it never learnt what it lacks.
+            let waited = self.split.as_mut().and_then(|sp| sp.waited.take());
             let untrusted = st.disk == DiskState::Inconsistent && !st.bitmap_known;
-            let gen_before = self.nodes[r].meta.current_gen;
+            let gen_before = waited.map_or(self.nodes[r].meta.current_gen, |w| w.0);
+            if waited.is_some_and(|w| w.1) && st.role == Role::Primary {
+                // The forced promotion that waited went through.
+                self.untrusted_promotion = true;
+            }
             self.admin(r, AdminCmd::Promote { force: false });
+            if self.promotion_waits(r, "split: the rogue's primary waited for a handshake") {
+                if let Some(sp) = self.split.as_mut() {
+                    sp.waited = Some((gen_before, false));
+                }
+                self.schedule(50 * US, Ev::RogueWrite);
+                return;
+            }
             let gen_after = self.nodes[r].meta.current_gen;
             if let Some(sp) = self.split.as_mut() {
                 sp.gen_unbumped = (gen_before == gen_after).then_some(gen_after);
             }
             if self.status(r).is_some_and(|x| x.role != Role::Primary) {
                 self.admin(r, AdminCmd::Promote { force: true });
+                if self.promotion_waits(r, "split: the rogue's primary waited for a handshake") {
+                    if let Some(sp) = self.split.as_mut() {
+                        sp.waited = Some((gen_before, untrusted));
+                    }
+                    self.schedule(50 * US, Ev::RogueWrite);
+                    return;
+                }
                 // As after a forced failover: no bitmap describes this node's data now.
                 self.untrusted_promotion |= untrusted;
             }
@@ -2762,9 +2834,12 @@ impl World {
             self.end_stale("stale: reconnected before the operator acted");
             return;
         }
+        // (Not while a node's handshake is still undecided: the partition has not reached it,
+        // and a `primary` then would wait for that handshake's outcome.)
         let noticed = |w: &World, n| {
-            w.status(n)
-                .is_some_and(|s| matches!(s.repl, ReplState::StandAlone | ReplState::Connecting))
+            w.status(n).is_some_and(|s| {
+                matches!(s.repl, ReplState::StandAlone | ReplState::Connecting) && !s.handshaking
+            })
         };
         if !self.outstanding.is_empty()
             || !noticed(self, old)

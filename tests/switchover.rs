@@ -21,8 +21,16 @@ fn signal(p: &Pair, i: usize, s: Signal) {
     kill(Pid::from_raw(pid as i32), s).expect("signal the daemon");
 }
 
+/// An async pair whose send buffer outlasts the writer while the Secondary is held: with the
+/// default 64M, a fast machine filled it within the hold, the Primary's writes then waited
+/// for acks (back-pressure, as configured), the writer could not stop, and the hold outlasted
+/// the 5 s `timeout`: a different scenario (a lost connection) from the one tested here.
 fn async_pair() -> Pair {
-    let mut p = Pair::configure_with(SIZE, "protocol = \"async\"\n", ["", ""]);
+    let mut p = Pair::configure_with(
+        SIZE,
+        "protocol = \"async\"\nsend-buffer = \"1G\"\n",
+        ["", ""],
+    );
     for i in 0..2 {
         p.start_and_wait(i);
     }

@@ -7,7 +7,10 @@
 //! Variants: baseline (quinn's default windows, 1 data stream, system socket buffers),
 //! tuned (the crate defaults), tuned+mtu6500 (MTU discovery up to jumbo frames, = config max-mtu 6500), and `+` modifiers (see `tuning`),
 //! tcp (reference). Each reports MB/s and messages/s for 1 MiB and 4 KiB messages and the
-//! round-trip time of a 4 KiB ping-pong on the control stream.
+//! round-trip time of a 4 KiB ping-pong on the control stream; then, per QUIC variant, a sync
+//! write's round trip as two daemons see it (`quic_extent_ack`: each end on its own
+//! current-thread runtime, a 4 KiB extent out, a 40-byte ack back). `--idle-poll` holds the CPU
+//! latency request the daemons' `idle-poll` takes while writes flow (needs root).
 //!
 //! Findings (2 shared cores, load 6-8 from other jobs, so wall-clock rates vary 2x run to run;
 //! the CPU seconds per GiB, both ends together, are steadier):
@@ -59,7 +62,8 @@ fn tuning(variant: &str) -> Tuning {
     t
 }
 
-async fn quic_pair(dir: &std::path::Path, t: Tuning) -> (PeerConn, PeerConn, PeerLink, PeerLink) {
+/// Both ends' link configs, with fresh keys in `dir`, on two bound loopback sockets.
+fn pair_configs(dir: &std::path::Path, t: Tuning) -> [(LinkConfig, UdpSocket); 2] {
     let load = |name: &str| {
         let (k, c, pin) = keygen(name, dir, true).unwrap();
         (Identity::load(&c, &k).unwrap(), pin)
@@ -83,10 +87,80 @@ async fn quic_pair(dir: &std::path::Path, t: Tuning) -> (PeerConn, PeerConn, Pee
         alpn: ALPN.to_vec(),
         tuning: t.clone(),
     };
-    let a = PeerLink::from_socket(cfg("alpha", aa, ia, "beta", ab, pb), sa).unwrap();
-    let b = PeerLink::from_socket(cfg("beta", ab, ib, "alpha", aa, pa), sb).unwrap();
+    [
+        (cfg("alpha", aa, ia, "beta", ab, pb), sa),
+        (cfg("beta", ab, ib, "alpha", aa, pa), sb),
+    ]
+}
+
+async fn quic_pair(dir: &std::path::Path, t: Tuning) -> (PeerConn, PeerConn, PeerLink, PeerLink) {
+    let [(ca, sa), (cb, sb)] = pair_configs(dir, t);
+    let a = PeerLink::from_socket(ca, sa).unwrap();
+    let b = PeerLink::from_socket(cb, sb).unwrap();
     let (ca, cb) = tokio::join!(a.connect(), b.accept());
     (ca.unwrap(), cb.unwrap(), a, b)
+}
+
+/// A sync write's round trip as two daemons see it: each end on its own thread with a
+/// current-thread runtime (as `twinblk up` runs), a 4 KiB extent (plus a 48-byte head) on a
+/// data stream, a 40-byte ack back on the control stream.
+fn quic_extent_ack(t: Tuning, rounds: usize) -> Vec<Duration> {
+    let dir = tempfile::tempdir().unwrap();
+    let [(ca, sa), (cb, sb)] = pair_configs(dir.path(), t);
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let secondary = std::thread::spawn(move || {
+        rt().block_on(async move {
+            let link = PeerLink::from_socket(cb, sb).unwrap();
+            let mut c = link.accept().await.unwrap();
+            let ack = Bytes::from(vec![7u8; 40]);
+            while c.rx.recv().await.is_some() {
+                if c.control.send(ack.clone()).is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let rtts = rt().block_on(async move {
+        let link = PeerLink::from_socket(ca, sa).unwrap();
+        let mut c = link.connect().await.unwrap();
+        let extent = Bytes::from(vec![1u8; 4096 + 48]);
+        let mut rtts = Vec::with_capacity(rounds);
+        for i in 0..rounds + rounds / 10 {
+            let t0 = Instant::now();
+            c.data[0].send(extent.clone()).unwrap();
+            c.rx.recv().await.unwrap();
+            // The first tenth warms up (MTU discovery, congestion window).
+            if i >= rounds / 10 {
+                rtts.push(t0.elapsed());
+            }
+        }
+        c.handle.disconnect(0, "done");
+        rtts
+    });
+    secondary.join().unwrap();
+    rtts
+}
+
+/// Holds a 0 µs CPU latency request (what `idle-poll` does in the daemons while writes flow)
+/// until dropped; `None` (with a note) where it cannot.
+fn hold_idle_poll() -> Option<std::fs::File> {
+    use std::io::Write;
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|()| f));
+    match held {
+        Ok(f) => Some(f),
+        Err(e) => {
+            println!("--idle-poll: /dev/cpu_dma_latency: {e}; measuring without it");
+            None
+        }
+    }
 }
 
 struct Result {
@@ -236,6 +310,9 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    let idle_poll = args.iter().any(|a| a == "--idle-poll");
+    args.retain(|a| a != "--idle-poll");
+    let _held = idle_poll.then(hold_idle_poll).flatten();
     let mut mib = 1024usize;
     if let Some(i) = args.iter().position(|a| a == "--mib") {
         mib = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(mib);
@@ -283,4 +360,14 @@ fn main() {
             );
         }
     });
+    for v in variants.iter().filter(|v| *v != "tcp") {
+        let mut rtts = quic_extent_ack(tuning(v), 20_000);
+        let mean = rtts.iter().map(Duration::as_secs_f64).sum::<f64>() / rtts.len() as f64;
+        println!(
+            "{v:<14} extent/ack round trip, two current-thread runtimes: mean {:>5.1} us p50 {:>5.1} us p99 {:>6.1} us",
+            mean * 1e6,
+            pct(&mut rtts, 0.5),
+            pct(&mut rtts, 0.99)
+        );
+    }
 }

@@ -1723,15 +1723,20 @@ impl Replica {
         if conn.is_some() && !decided && self.repl != ReplState::Connecting {
             return Err(format!("handshaking while {:?}", self.repl));
         }
-        // A promotion waits for the peer's answer only on the connection it was asked on, by
-        // a Secondary that is not stopping: the loss, the stop or the answer ends it.
-        if self.promoting.is_some()
-            && (self.role != Role::Secondary || !decided || self.stop != StopState::Running)
-        {
-            return Err(format!(
-                "a promotion waits for the peer as {:?}, {:?}, {:?}",
-                self.role, self.repl, self.stop
-            ));
+        // A promotion waits only on a Secondary that is not stopping, for the peer's answer on
+        // a decided connection or for the handshake of an undecided one: the loss, the stop,
+        // the answer or the decision ends it.
+        if let Some(p) = self.promoting {
+            let waits_right = match p.phase {
+                PromotionPhase::Asked { .. } => decided,
+                PromotionPhase::Handshake => conn.is_some() && !decided,
+            };
+            if self.role != Role::Secondary || !waits_right || self.stop != StopState::Running {
+                return Err(format!(
+                    "a promotion waits ({:?}) as {:?}, {:?}, {:?}",
+                    p.phase, self.role, self.repl, self.stop
+                ));
+            }
         }
         if self.role == Role::Primary
             && self.disk != DiskState::UpToDate

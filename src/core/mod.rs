@@ -4543,13 +4543,29 @@ impl Replica {
             self.ask_promotion(p.tag, p.force, out);
             return;
         }
-        let result = self
-            .may_promote(p.force, false)
-            .map(|()| self.promote(p.force, out));
+        let result = self.promote_if_allowed(p.force, out);
+        self.answer_promotion_command(p.tag, result, out);
+    }
+
+    /// Promotes this node if it may be promoted on its own (the checks of a node without a
+    /// connection, or after the peer's yes).
+    fn promote_if_allowed(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), AdminError> {
+        self.may_promote(force, false)?;
+        self.promote(force, out);
+        Ok(())
+    }
+
+    /// Answers a `primary` command that waited (for the handshake, or the peer's answer).
+    fn answer_promotion_command(
+        &mut self,
+        tag: u64,
+        result: Result<(), AdminError>,
+        out: &mut Vec<Action>,
+    ) {
         if self.role == Role::Primary {
             self.verify_role_changed(out);
         }
-        out.push(Action::AdminDone { tag: p.tag, result });
+        out.push(Action::AdminDone { tag, result });
     }
 
     /// `primary` asks the peer: this Secondary is connected past the handshake and may be
@@ -4621,16 +4637,11 @@ impl Replica {
         };
         self.promoting = None;
         let result = match verdict {
-            PromoteVerdict::Yes => self
-                .may_promote(p.force, false)
-                .map(|()| self.promote(p.force, out)),
+            PromoteVerdict::Yes => self.promote_if_allowed(p.force, out),
             PromoteVerdict::NoPrimary => Err(self.peer_is_primary()),
             PromoteVerdict::NoPromoting => Err(self.promotion_conflict()),
         };
-        if self.role == Role::Primary {
-            self.verify_role_changed(out);
-        }
-        out.push(Action::AdminDone { tag: p.tag, result });
+        self.answer_promotion_command(p.tag, result, out);
     }
 
     /// The waiting promotion fails (the connection was lost, or the node stops).
@@ -4704,10 +4715,8 @@ impl Replica {
                 if self.promoting.is_some() {
                     return Err(AdminError::PromotionPending);
                 }
-                self.may_promote(force, false)?;
                 // (Connected, it asked the peer instead: see `promotion_must_ask`.)
-                self.promote(force, out);
-                Ok(())
+                self.promote_if_allowed(force, out)
             }
             AdminCmd::Demote => {
                 if self.promoting.is_some() {

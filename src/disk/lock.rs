@@ -114,17 +114,26 @@ impl RangeLock {
 
     /// Locks blocks `start..end` for a whole-block write.
     pub async fn shared(&self, start: u64, end: u64) -> RangeGuard {
+        match self.try_shared() {
+            Some(g) => g,
+            None => self.slow(start, end, None).await,
+        }
+    }
+
+    /// A shared lock on any blocks, if no read-modify-write exists (the hot path of
+    /// [`RangeLock::shared`]); `None` when the caller must wait with `shared`.
+    pub fn try_shared(&self) -> Option<RangeGuard> {
         let sh = &self.inner;
         sh.fast.fetch_add(1, SeqCst);
         if sh.exclusive.load(SeqCst) == 0 {
-            return RangeGuard {
+            return Some(RangeGuard {
                 shared: sh.clone(),
                 kind: GuardKind::Fast,
                 _token: None,
-            };
+            });
         }
         sh.fast_release();
-        self.slow(start, end, None).await
+        None
     }
 
     /// Locks blocks `start..end` for a read-modify-write.

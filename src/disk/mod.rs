@@ -39,7 +39,8 @@ use tokio::sync::oneshot;
 
 pub use buf::{IoBuf, BUF_ALIGN};
 use lock::RangeLock;
-use op::{Done, Op, OpKind};
+pub use op::SubmitOrder;
+use op::{Done, Op, OpKind, Reply};
 
 /// How the page cache is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -345,6 +346,63 @@ impl Disk {
         res.map_err(|e| self.io_error("write", offset, len, e))
     }
 
+    /// Starts a write and calls `done` with its result, without a task of its own when it can: an
+    /// aligned write with no read-modify-write in the way is queued on the engine from the
+    /// caller, and `done` runs on the engine's completion path (see [`Reply::Call`]: short, no
+    /// waiting). Anything else (unaligned, out of range, read-only, a partial-block write holding
+    /// its blocks) runs [`Disk::write`] in a spawned task, so the caller needs a tokio runtime.
+    /// The node's event loop writes this way: a task per write, and the channel hop of its
+    /// completion, were a measurable part of a replicated write's CPU.
+    ///
+    /// If the engine stops with the write queued, `done` is dropped uncalled.
+    pub fn write_then(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+        order: SubmitOrder,
+        done: impl FnOnce(Result<(), DiskError>) + Send + 'static,
+    ) {
+        let len = buf.len() as u64;
+        let a = self.inner.io_align;
+        let direct = !self.inner.read_only
+            && len > 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.inner.size)
+            && offset % a == 0
+            && len % a == 0
+            && (buf.addr() as u64) % a == 0
+            && (order == SubmitOrder::Now || matches!(self.inner.engine, Engine::UringInline(_)));
+        let guard = if direct {
+            self.inner.lock.try_shared()
+        } else {
+            None
+        };
+        let Some(guard) = guard else {
+            let disk = self.clone();
+            tokio::spawn(async move {
+                if order == SubmitOrder::AfterWokenTasks {
+                    tokio::task::yield_now().await;
+                }
+                done(disk.write(offset, buf, fua).await);
+            });
+            return;
+        };
+        let disk = self.clone();
+        let reply = move |d: Done| {
+            // As in `exec`: counted before the caller learns of the completion.
+            disk.inner.flusher.completed_one();
+            drop(guard);
+            done(d.res.map_err(|e| disk.io_error("write", offset, len, e)));
+        };
+        self.inner.engine.submit(Op {
+            kind: OpKind::Write { offset, buf, fua },
+            done: Reply::Call(Box::new(reply)),
+            order,
+        });
+    }
+
     /// Writes `data` at an unaligned `offset`/length: reads the partial head and tail blocks,
     /// patches them, writes the whole aligned span, holding its blocks exclusively throughout.
     async fn read_modify_write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
@@ -541,7 +599,11 @@ impl Disk {
     async fn exec(&self, kind: OpKind) -> (Option<IoBuf>, io::Result<()>) {
         let mutating = kind.is_mutating();
         let (tx, rx) = oneshot::channel();
-        self.inner.engine.submit(Op { kind, done: tx });
+        self.inner.engine.submit(Op {
+            kind,
+            done: Reply::Channel(tx),
+            order: SubmitOrder::Now,
+        });
         let r = match rx.await {
             Ok(Done { buf, res }) => (buf, res),
             Err(_) => (None, Err(io::Error::other("disk engine stopped"))),

@@ -47,7 +47,32 @@ impl OpKind {
 /// touch it, and hands it back in `Done`.
 pub struct Op {
     pub kind: OpKind,
-    pub done: oneshot::Sender<Done>,
+    pub done: Reply,
+    pub order: SubmitOrder,
+}
+
+/// Where an op's completion goes.
+pub enum Reply {
+    /// A caller awaiting it (the `Disk`'s async methods).
+    Channel(oneshot::Sender<Done>),
+    /// A callback for a caller that started the op without a task of its own
+    /// ([`super::Disk::write_then`]). It runs on the engine's completion path (the ring's driver
+    /// task, or a worker thread), so it must be short and must not wait or submit disk I/O.
+    /// Dropped uncalled only if the engine drops the op (it stopped): the callback's captures
+    /// must report that themselves.
+    Call(Box<dyn FnOnce(Done) + Send>),
+}
+
+/// When the in-runtime io_uring engine may enter the kernel for an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitOrder {
+    /// With the next burst.
+    Now,
+    /// Only after the tasks already woken on this runtime have run: a sync write's extent goes
+    /// on the wire (the stream writer, then quinn's connection driver) before its local
+    /// submission (`io_uring_enter`, a VM exit here) holds the thread. The other engines submit
+    /// from their own threads and ignore it.
+    AfterWokenTasks,
 }
 
 pub struct Done {
@@ -57,11 +82,18 @@ pub struct Done {
 
 impl Op {
     pub fn complete(self, res: io::Result<()>) {
-        // The receiver may be gone (caller cancelled); the buffer then simply returns to the pool.
-        let _ = self.done.send(Done {
+        let done = Done {
             buf: self.kind.into_buf(),
             res,
-        });
+        };
+        match self.done {
+            // The receiver may be gone (caller cancelled); the buffer then simply returns to the
+            // pool.
+            Reply::Channel(tx) => {
+                let _ = tx.send(done);
+            }
+            Reply::Call(f) => f(done),
+        }
     }
 }
 

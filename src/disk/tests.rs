@@ -475,6 +475,140 @@ fn writeback_mode(engine: EngineKind) {
     });
 }
 
+/// `write_then`, the event loop's way to write: each write reports once, with its own result;
+/// the data lands; a flush asked after a reported write covers it; unaligned and out-of-range
+/// writes go the slow way with the same result as `write`; and a write never overtakes a
+/// read-modify-write holding its blocks.
+fn write_then_reports_each_write(engine: EngineKind) {
+    let f = tmpfile();
+    let d = open(f.path(), engine, 1 << 20);
+    let rt = rt();
+    rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let report = |id: u64| {
+            let tx = tx.clone();
+            move |r: Result<(), DiskError>| {
+                let _ = tx.send((id, r.map_err(|e| e.errno())));
+            }
+        };
+        for i in 0..8u64 {
+            let order = if i % 2 == 0 {
+                SubmitOrder::Now
+            } else {
+                SubmitOrder::AfterWokenTasks
+            };
+            d.write_then(
+                i * 4096,
+                buf(&d, &pattern(i, 4096)),
+                i == 7,
+                order,
+                report(i),
+            );
+        }
+        // Unaligned (a read-modify-write underneath) and out of range.
+        d.write_then(
+            8 * 4096 + 3,
+            buf(&d, &pattern(8, 100)),
+            false,
+            SubmitOrder::Now,
+            report(8),
+        );
+        d.write_then(
+            1 << 20,
+            buf(&d, &pattern(9, 4096)),
+            false,
+            SubmitOrder::Now,
+            report(9),
+        );
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            got.push(rx.recv().await.unwrap());
+        }
+        got.sort();
+        let want: Vec<_> = (0..9u64)
+            .map(|i| (i, Ok(())))
+            .chain([(9, Err(libc::EINVAL))])
+            .collect();
+        assert_eq!(got, want);
+        assert!(rx.try_recv().is_err(), "a write reported twice");
+        for i in 0..8u64 {
+            assert_eq!(
+                &d.read(i * 4096, 4096).await.unwrap()[..],
+                &pattern(i, 4096)[..]
+            );
+        }
+        assert_eq!(
+            &d.read(8 * 4096 + 3, 100).await.unwrap()[..],
+            &pattern(8, 100)[..]
+        );
+        // A reported write counts for the next flush: it runs an fdatasync.
+        d.flush().await.unwrap();
+        let before = d.flushes_issued();
+        d.write_then(
+            10 * 4096,
+            buf(&d, &pattern(10, 4096)),
+            false,
+            SubmitOrder::Now,
+            report(10),
+        );
+        assert_eq!(rx.recv().await.unwrap(), (10, Ok(())));
+        d.flush().await.unwrap();
+        assert_eq!(
+            d.flushes_issued(),
+            before + 1,
+            "the flush thought nothing was written"
+        );
+
+        // A partial-block write holds block 16: a whole-block write there waits for it.
+        let a = d.inner.io_align;
+        let held = d.inner.lock.exclusive(16 * 4096 / a, 17 * 4096 / a).await;
+        d.write_then(
+            16 * 4096,
+            buf(&d, &pattern(16, 4096)),
+            false,
+            SubmitOrder::Now,
+            report(16),
+        );
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "the write overtook the read-modify-write"
+        );
+        assert!(
+            d.read(16 * 4096, 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0),
+            "the write landed under the read-modify-write"
+        );
+        drop(held);
+        assert_eq!(rx.recv().await.unwrap(), (16, Ok(())));
+        assert_eq!(
+            &d.read(16 * 4096, 4096).await.unwrap()[..],
+            &pattern(16, 4096)[..]
+        );
+    });
+    // A read-only disk refuses, through the callback.
+    drop(d);
+    let o = DiskOptions {
+        engine,
+        read_only: true,
+        ..Default::default()
+    };
+    let d = open_disk(f.path(), &o).unwrap();
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        d.write_then(0, d.alloc(4096), false, SubmitOrder::Now, move |r| {
+            let _ = tx.send(r.map_err(|e| e.errno()));
+        });
+        assert_eq!(rx.await.unwrap(), Err(libc::EPERM));
+    });
+}
+
 macro_rules! for_each_engine {
     ($($name:ident),* $(,)?) => {
         mod uring_engine {
@@ -503,6 +637,7 @@ for_each_engine!(
     block_device_512,
     enospc_maps_to_enospc,
     writeback_mode,
+    write_then_reports_each_write,
 );
 
 // ---------------------------------------------------------------- open, size, alignment

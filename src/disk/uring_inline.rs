@@ -32,7 +32,7 @@ use io_uring::IoUring;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use super::op::Op;
+use super::op::{Op, SubmitOrder};
 use super::ring::{check_and_register, RingCore, RING_ENTRIES};
 use super::threads::Threads;
 
@@ -52,6 +52,9 @@ struct State {
     core: RingCore,
     /// The driver was kicked and has not taken the queue yet: later ops ride along.
     kicked: bool,
+    /// A queued op asked for `SubmitOrder::AfterWokenTasks`: the driver yields to the runtime
+    /// once before it enters the kernel.
+    defer: bool,
     shutdown: bool,
 }
 
@@ -92,6 +95,7 @@ impl UringInline {
             state: Mutex::new(State {
                 core: RingCore::new(ring, file),
                 kicked: false,
+                defer: false,
                 shutdown: false,
             }),
             kick: Notify::new(),
@@ -114,6 +118,7 @@ impl UringInline {
             op.complete(Err(io::Error::other("disk engine stopped")));
             return;
         }
+        st.defer |= op.order == SubmitOrder::AfterWokenTasks;
         st.core.queue(op);
         let kick = !std::mem::replace(&mut st.kicked, true);
         drop(st);
@@ -138,6 +143,11 @@ async fn driver(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>, poll: Duration) {
     let mut last_event: Option<Instant> = None;
     let mut depth = Depth::default();
     loop {
+        if std::mem::take(&mut shared.lock().defer) {
+            // Behind the tasks woken before us (a current-thread runtime runs them in order);
+            // `kicked` stays set, so ops queued meanwhile ride along without another kick.
+            tokio::task::yield_now().await;
+        }
         let (active, inflight);
         {
             let mut st = shared.lock();

@@ -1,21 +1,22 @@
-//! Executes the core's `Disk*` actions on the local disk, each in its own task (the core never
-//! emits overlapping writes at once), and reports each as one `DiskDone`.
+//! Executes the core's `Disk*` actions on the local disk, and reports each as one `DiskDone`.
+//! Writes, the hot path, start from the event loop without a task of their own
+//! ([`Disk::write_then`]); the rest run each in its own task. The core never emits overlapping
+//! writes at once, so the order they start in does not matter.
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::Input;
 use crate::core::{Action, IoId};
-use crate::disk::{Disk, IoBuf};
+use crate::disk::{Disk, IoBuf, SubmitOrder};
 
 /// Start `action` if it is a disk action; false if it is not one.
 ///
-/// `after_send`: a client write whose extent the same batch sends to the peer. Its task yields
-/// once before submitting, so the extent's frame goes out first: in protocol sync the peer's
-/// path (the round trip plus the peer's disk) is the longer one, and the local submission
-/// (`io_uring_enter`, and in a VM the exit that tells the virtual disk) otherwise runs on the
-/// one thread before the frame leaves. The write still starts in this batch's order among the
-/// disk actions (each is a task; the core never emits overlapping writes at once).
+/// `after_send`: a client write whose extent the same batch sends to the peer. It enters the
+/// kernel only after the tasks already woken have run ([`SubmitOrder::AfterWokenTasks`]), so the
+/// extent's frame goes out first: in protocol sync the peer's path (the round trip plus the
+/// peer's disk) is the longer one, and the local submission (`io_uring_enter`, and in a VM the
+/// exit that tells the virtual disk) otherwise runs on the one thread before the frame leaves.
 pub(super) fn start(
     disk: &Disk,
     action: &Action,
@@ -35,15 +36,15 @@ pub(super) fn start(
             fua,
         } => {
             let (done, offset, fua) = (done(*io), *offset, *fua);
-            let data = data.clone();
-            tokio::spawn(async move {
-                if after_send {
-                    tokio::task::yield_now().await;
-                }
-                // No copy when the data already sits in aligned memory (a client's NBD payload
-                // on the Primary); the disk copies a network buffer that does not.
-                let buf = IoBuf::from_bytes(data);
-                let r = disk.write(offset, buf, fua).await;
+            let order = if after_send {
+                SubmitOrder::AfterWokenTasks
+            } else {
+                SubmitOrder::Now
+            };
+            // No copy when the data already sits in aligned memory (a client's NBD payload on
+            // the Primary); the disk copies a network buffer that does not.
+            let buf = IoBuf::from_bytes(data.clone());
+            disk.write_then(offset, buf, fua, order, move |r| {
                 done.report(r.map(|()| None).map_err(|e| e.errno()));
             });
         }

@@ -347,8 +347,8 @@ impl Disk {
     }
 
     /// Starts a write and calls `done` with its result, without a task of its own when it can: an
-    /// aligned write with no read-modify-write in the way is queued on the engine from the
-    /// caller, and `done` runs on the engine's completion path (see [`Reply::Call`]: short, no
+    /// aligned write (offset and length; the buffer is copied if it is not) with no
+    /// read-modify-write in the way is queued on the engine from the caller, and `done` runs on the engine's completion path (see [`Reply::Call`]: short, no
     /// waiting). Anything else (unaligned, out of range, read-only, a partial-block write holding
     /// its blocks) runs [`Disk::write`] in a spawned task, so the caller needs a tokio runtime.
     /// The node's event loop writes this way: a task per write, and the channel hop of its
@@ -372,7 +372,6 @@ impl Disk {
                 .is_some_and(|end| end <= self.inner.size)
             && offset % a == 0
             && len % a == 0
-            && (buf.addr() as u64) % a == 0
             && (order == SubmitOrder::Now || matches!(self.inner.engine, Engine::UringInline(_)));
         let guard = if direct {
             self.inner.lock.try_shared()
@@ -388,6 +387,13 @@ impl Disk {
                 done(disk.write(offset, buf, fua).await);
             });
             return;
+        };
+        // As in `write`: a buffer not in aligned memory (a network frame sliced from quinn's
+        // chunk) is copied once.
+        let buf = if (buf.addr() as u64) % a == 0 {
+            buf
+        } else {
+            IoBuf::copy_from(&buf)
         };
         let disk = self.clone();
         let reply = move |d: Done| {

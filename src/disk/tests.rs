@@ -505,6 +505,11 @@ fn write_then_reports_each_write(engine: EngineKind) {
                 report(i),
             );
         }
+        // A network frame's payload: in unaligned memory (copied, then written directly).
+        let mut frame = vec![0u8; 4097];
+        frame[1..].copy_from_slice(&pattern(11, 4096));
+        let payload = IoBuf::from_bytes(bytes::Bytes::from(frame).slice(1..));
+        d.write_then(11 * 4096, payload, false, SubmitOrder::Now, report(11));
         // Unaligned (a read-modify-write underneath) and out of range.
         d.write_then(
             8 * 4096 + 3,
@@ -521,17 +526,17 @@ fn write_then_reports_each_write(engine: EngineKind) {
             report(9),
         );
         let mut got = Vec::new();
-        for _ in 0..10 {
+        for _ in 0..11 {
             got.push(rx.recv().await.unwrap());
         }
         got.sort();
         let want: Vec<_> = (0..9u64)
             .map(|i| (i, Ok(())))
-            .chain([(9, Err(libc::EINVAL))])
+            .chain([(9, Err(libc::EINVAL)), (11, Ok(()))])
             .collect();
         assert_eq!(got, want);
         assert!(rx.try_recv().is_err(), "a write reported twice");
-        for i in 0..8u64 {
+        for i in (0..8u64).chain([11]) {
             assert_eq!(
                 &d.read(i * 4096, 4096).await.unwrap()[..],
                 &pattern(i, 4096)[..]

@@ -18,7 +18,6 @@ use futures_util::FutureExt;
 use quinn::{RecvStream, SendStream};
 use std::collections::VecDeque;
 use std::future::Future;
-use tokio::sync::mpsc;
 
 /// Payloads up to this size are copied into the coalescing buffer with their heads (acks and
 /// other small messages: one chunk for many); a bigger one, a write extent from 4 KiB on, goes
@@ -26,8 +25,6 @@ use tokio::sync::mpsc;
 /// 16 KiB, so every 4 KiB extent was copied twice; the copy here was 0.6 % of the Primary's CPU
 /// at 4 KiB queue depth 32.)
 const COALESCE_MAX: usize = 1024;
-/// Bytes gathered before one write call; bounds the latency a batch adds.
-const BATCH_BYTES: usize = 1 << 20;
 /// Frames from this size on are assembled in aligned pool memory (below it, a payload is not
 /// worth the pool's 4 KiB minimum).
 const ALIGNED_MIN: usize = 4096;
@@ -243,41 +240,154 @@ impl OutFrame {
     pub(crate) fn len(&self) -> usize {
         self.head.len() + self.payload.len()
     }
+
+    /// The frame as stream chunks: its length header and head, with a small payload copied in
+    /// (one chunk), then a large payload as it is.
+    fn chunks(self) -> ([Bytes; 2], usize) {
+        let copy = self.payload.len() <= COALESCE_MAX;
+        let mut b = BytesMut::with_capacity(
+            4 + self.head.len() + if copy { self.payload.len() } else { 0 },
+        );
+        b.put_slice(&header(self.len()));
+        b.put(self.head);
+        if copy {
+            b.put(self.payload);
+            ([b.freeze(), Bytes::new()], 1)
+        } else {
+            ([b.freeze(), self.payload], 2)
+        }
+    }
 }
 
-/// Drains `rx` onto `stream` until the channel closes (then finishes the stream) or a write fails.
-pub(crate) async fn writer_task(mut stream: SendStream, mut rx: mpsc::UnboundedReceiver<OutFrame>) {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
-    let mut small = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        let mut pending = 0usize;
-        let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            let len = frame.len();
-            pending += 4 + len;
-            small.reserve(4 + frame.head.len());
-            small.put_slice(&header(len));
-            small.put(frame.head);
-            if frame.payload.len() <= COALESCE_MAX {
-                small.put(frame.payload);
-            } else {
-                chunks.push(small.split().freeze());
-                chunks.push(frame.payload);
-            }
-            if pending < BATCH_BYTES && chunks.len() < 62 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !small.is_empty() {
-            chunks.push(small.split().freeze());
-        }
-        if let Err(e) = stream.write_all_chunks(&mut chunks).await {
-            tracing::debug!("data stream write ended: {e}");
-            return;
-        }
-        chunks.clear();
+/// The frames queued on one send stream, written by whoever sends while nothing waits (the
+/// node's event loop, straight into quinn: no task wake per frame), and by the stream's writer
+/// task ([`writer_task`]) once QUIC flow control has made frames wait, until they are out. One
+/// mutex keeps the order: a sender writes itself only behind an empty queue.
+pub(crate) struct Outbox {
+    state: std::sync::Mutex<OutState>,
+}
+
+struct OutState {
+    stream: SendStream,
+    /// Chunks quinn has not taken yet, in stream order.
+    queue: VecDeque<Bytes>,
+    /// Every sender is gone: finish the stream once the queue is written.
+    closed: bool,
+    /// A write failed (the stream or the connection is gone): nothing more goes out.
+    failed: bool,
+    /// The writer task, parked while the queue is empty.
+    writer: Option<std::task::Waker>,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug)]
+pub(crate) struct OutboxFailed;
+
+impl Outbox {
+    pub(crate) fn new(stream: SendStream) -> std::sync::Arc<Outbox> {
+        std::sync::Arc::new(Outbox {
+            state: std::sync::Mutex::new(OutState {
+                stream,
+                queue: VecDeque::new(),
+                closed: false,
+                failed: false,
+                writer: None,
+            }),
+        })
     }
-    let _ = stream.finish();
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        // Every update below is complete between statements; a panic elsewhere leaves a usable
+        // state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `frame`, writing it into quinn at once if nothing waits before it. Never waits.
+    pub(crate) fn send(&self, frame: OutFrame) -> Result<(), OutboxFailed> {
+        let (mut chunks, n) = frame.chunks();
+        let mut st = self.lock();
+        let st = &mut *st;
+        if st.failed {
+            return Err(OutboxFailed);
+        }
+        let mut rest = &mut chunks[..n];
+        if st.queue.is_empty() {
+            while !rest.is_empty() {
+                // Written now or not at all: a blocked stream leaves the rest to the writer task.
+                match st.stream.write_chunks(rest).now_or_never() {
+                    Some(Ok(w)) if w.bytes > 0 => rest = &mut rest[w.chunks..],
+                    Some(Err(e)) => {
+                        tracing::debug!("data stream write ended: {e}");
+                        st.failed = true;
+                        st.queue.clear();
+                        return Err(OutboxFailed);
+                    }
+                    Some(Ok(_)) | None => break,
+                }
+            }
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+        st.queue.extend(rest.iter_mut().map(std::mem::take));
+        let writer = st.writer.take();
+        if let Some(w) = writer {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// The senders are gone: the writer finishes the stream once the queue is out.
+    pub(crate) fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Writes the queue into quinn as far as flow control lets it; ready once the stream is
+    /// finished (after `close`) or failed.
+    fn poll_drain(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let mut st = self.lock();
+        let st = &mut *st;
+        loop {
+            if st.failed {
+                return Poll::Ready(());
+            }
+            if st.queue.is_empty() {
+                if st.closed {
+                    let _ = st.stream.finish();
+                    return Poll::Ready(());
+                }
+                st.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let written = {
+                let write = st.stream.write_chunks(st.queue.make_contiguous());
+                std::pin::pin!(write).poll(cx)
+            };
+            match written {
+                Poll::Ready(Ok(w)) => {
+                    st.queue.drain(..w.chunks.min(st.queue.len()));
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!("data stream write ended: {e}");
+                    st.failed = true;
+                    st.queue.clear();
+                    return Poll::Ready(());
+                }
+                // quinn wakes us when the stream can take more.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Writes what waits in `out` whenever there is some, until the stream is finished or fails.
+pub(crate) async fn writer_task(out: std::sync::Arc<Outbox>) {
+    std::future::poll_fn(|cx| out.poll_drain(cx)).await
 }
 
 #[cfg(test)]

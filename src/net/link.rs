@@ -1,6 +1,6 @@
 //! The QUIC endpoint, connection setup, per-connection stream tasks and the reconnect loop.
 
-use super::frame::{write_frame, writer_task, FrameReader, OutFrame, ReadEnd};
+use super::frame::{write_frame, writer_task, FrameReader, OutFrame, Outbox, ReadEnd};
 use super::keys::Identity;
 use super::tls::{self, AuthLog};
 use super::{NetError, ALPN, MAX_FRAME};
@@ -44,9 +44,6 @@ pub struct Tuning {
     pub stream_window: u64,
     /// Connection receive window and send window. Default 2 x `window`.
     pub conn_window: u64,
-    /// Received frames buffered (control and data each) before readers stop reading and QUIC
-    /// flow control holds the peer back. Default 64.
-    pub recv_queue: usize,
     /// Upper bound for path MTU discovery (UDP payload, `max-mtu`), clamped to 1200..=6500 (see
     /// `config::MAX_MAX_MTU`). Default `config::DEFAULT_MAX_MTU` (discovery finds what the path
     /// carries below it).
@@ -71,7 +68,6 @@ impl Default for Tuning {
             data_streams: c::DEFAULT_DATA_STREAMS,
             stream_window: c::DEFAULT_WINDOW,
             conn_window: 2 * c::DEFAULT_WINDOW,
-            recv_queue: 64,
             mtu_upper_bound: crate::config::DEFAULT_MAX_MTU,
             socket_buffer: 8 << 20,
             payload_offset: crate::wire::payload_offset,
@@ -290,13 +286,80 @@ pub struct Frame {
     pub at: Option<std::time::Instant>,
 }
 
-/// Received frames from all streams. Control frames are delivered before queued data frames, so
-/// acks and state changes are not stuck behind a backlog of extents.
-#[derive(Debug)]
+/// Received frames from all streams, read by whoever awaits [`FrameRx::recv`] (the node's
+/// event loop) with no task in between: a reader task per stream cost a task wake and a channel
+/// hop per message, on both nodes, on the path every sync write waits for (the extent at the
+/// Secondary, its ack at the Primary). A peer that sends faster than the receiver reads waits in
+/// QUIC flow control (the stream and connection windows), not in memory here.
+///
+/// Control frames come before data frames that are ready at the same time, so acks and state
+/// changes are not stuck behind a backlog of extents; the data streams take turns.
 pub struct FrameRx {
-    control: mpsc::Receiver<(Bytes, Option<std::time::Instant>)>,
-    data: mpsc::Receiver<(u8, Bytes, Option<std::time::Instant>)>,
+    control: StreamRead,
+    /// Each data stream with its index (from its first frame).
+    data: Vec<(u8, StreamRead)>,
+    /// The data stream asked first next time.
+    next_data: usize,
+    conn: quinn::Connection,
+    /// Stamp frames with their arrival (the latency breakdown is on).
+    timed: bool,
     _guard: Arc<CloseOnDrop>,
+}
+
+impl fmt::Debug for FrameRx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameRx")
+            .field("data_streams", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
+type ReadFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (FrameReader, Result<Bytes, ReadEnd>)> + Send>,
+>;
+
+/// One stream's reading as [`FrameRx`] polls it. A read in progress owns its reader inside the
+/// boxed future (a frame may span chunks, and `FrameReader::next` is not cancel-safe), so a
+/// `recv` dropped by a `select!` loses no bytes: the read goes on at the next `recv`.
+enum StreamRead {
+    Idle(FrameReader),
+    Reading(ReadFuture),
+    Ended,
+}
+
+impl StreamRead {
+    /// The stream's next frame, or why it ended; `None` once it has ended.
+    fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Bytes, ReadEnd>>> {
+        use std::task::Poll;
+        loop {
+            match std::mem::replace(self, StreamRead::Ended) {
+                StreamRead::Idle(mut r) => {
+                    *self = StreamRead::Reading(Box::pin(async move {
+                        let got = r.next().await;
+                        (r, got)
+                    }));
+                }
+                StreamRead::Reading(mut read) => {
+                    return match read.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            *self = StreamRead::Reading(read);
+                            Poll::Pending
+                        }
+                        Poll::Ready((r, Ok(bytes))) => {
+                            *self = StreamRead::Idle(r);
+                            Poll::Ready(Some(Ok(bytes)))
+                        }
+                        // Stays `Ended`.
+                        Poll::Ready((_, Err(end))) => Poll::Ready(Some(Err(end))),
+                    };
+                }
+                StreamRead::Ended => return Poll::Ready(None),
+            }
+        }
+    }
 }
 
 /// Closes the connection when the last of `PeerConn`, its senders and its `FrameRx` is dropped,
@@ -317,11 +380,65 @@ impl FrameRx {
     /// The next frame, control first; `None` once the connection is gone and all frames are read.
     /// Cancel-safe (usable in `select!`).
     pub async fn recv(&mut self) -> Option<Frame> {
-        tokio::select! {
-            biased;
-            Some((bytes, at)) = self.control.recv() => Some(Frame { stream: StreamKind::Control, bytes, at }),
-            Some((i, bytes, at)) = self.data.recv() => Some(Frame { stream: StreamKind::Data(i), bytes, at }),
-            else => None,
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Frame>> {
+        use std::task::Poll;
+        let mut open = false;
+        match self.control.poll_frame(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                return Poll::Ready(Some(self.frame(StreamKind::Control, bytes)))
+            }
+            Poll::Ready(Some(Err(end))) => self.stream_ended(&end),
+            Poll::Ready(None) => {}
+            Poll::Pending => open = true,
+        }
+        let n = self.data.len();
+        for k in 0..n {
+            let i = (self.next_data + k) % n;
+            let Some((idx, stream)) = self.data.get_mut(i) else {
+                continue;
+            };
+            let idx = *idx;
+            match stream.poll_frame(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.next_data = (i + 1) % n;
+                    return Poll::Ready(Some(self.frame(StreamKind::Data(idx), bytes)));
+                }
+                Poll::Ready(Some(Err(end))) => self.stream_ended(&end),
+                Poll::Ready(None) => {}
+                Poll::Pending => open = true,
+            }
+        }
+        if open {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    fn frame(&self, stream: StreamKind, bytes: Bytes) -> Frame {
+        Frame {
+            stream,
+            bytes,
+            at: self.timed.then(std::time::Instant::now),
+        }
+    }
+
+    /// A stream stopped yielding frames. A broken one means lost frames: the connection ends
+    /// rather than going on without them.
+    fn stream_ended(&self, end: &ReadEnd) {
+        match end {
+            ReadEnd::Finished => {}
+            ReadEnd::Failed(e) => tracing::debug!("stream ended: {e}"),
+            ReadEnd::Protocol(e) => {
+                tracing::warn!("closing the connection: {e}");
+                self.conn.close(
+                    VarInt::from_u32(close_code::PROTOCOL),
+                    e.to_string().as_bytes(),
+                );
+            }
         }
     }
 }
@@ -329,21 +446,38 @@ impl FrameRx {
 /// Sends frames on one stream. Frames on one sender arrive in order; there is no order between
 /// senders. Cloneable; the stream is finished when the last clone is dropped.
 ///
-/// Sending never waits: the queue in front of the stream's writer is unbounded, so the caller
-/// (the node's event loop) never blocks on QUIC flow control, and the amount in flight is bounded
-/// above, by the core (client queue depth, the async send buffer, the resync window). A frame
-/// used to pass through a forwarding task as well; queueing straight to the writer saves a task
-/// wake per frame.
+/// Sending never waits, so the caller (the node's event loop) never blocks on QUIC flow
+/// control; the amount in flight is bounded above, by the core (client queue depth, the async
+/// send buffer, the resync window). A frame goes into quinn from the caller when nothing waits
+/// before it, and otherwise queues for the stream's writer task ([`Outbox`]). Every frame used
+/// to go through the writer task: a task wake per message, on both nodes, on the path every
+/// sync write waits for (the extent, then its ack).
 #[derive(Debug, Clone)]
 pub struct FrameSender {
-    tx: mpsc::UnboundedSender<OutFrame>,
+    out: Arc<SenderHold>,
     conn: quinn::Connection,
     peer: Arc<str>,
     _guard: Arc<CloseOnDrop>,
 }
 
+/// The senders' share of a stream's [`Outbox`]: when the last sender drops it, the stream is
+/// finished once what is queued is out.
+struct SenderHold(Arc<Outbox>);
+
+impl fmt::Debug for SenderHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SenderHold")
+    }
+}
+
+impl Drop for SenderHold {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 impl FrameSender {
-    /// Queues a frame. The payload is not copied if it is larger than 16 KiB.
+    /// Queues a frame. The payload is not copied if it is larger than 1 KiB.
     pub fn send(&self, frame: Bytes) -> Result<(), NetError> {
         self.send_parts(frame, Bytes::new())
     }
@@ -356,7 +490,7 @@ impl FrameSender {
         if self.conn.close_reason().is_some() {
             return Err(self.closed_err());
         }
-        self.tx.send(frame).map_err(|_| self.closed_err())
+        self.out.0.send(frame).map_err(|_| self.closed_err())
     }
 
     fn closed_err(&self) -> NetError {
@@ -887,15 +1021,15 @@ impl PeerLink {
             }
         }
 
-        // From here on, tasks own the streams.
-        let t = &c.tuning;
+        // From here on, the senders' writer tasks own the send streams, and whoever awaits
+        // `FrameRx::recv` reads the receive streams.
         let peer: Arc<str> = Arc::from(c.peer_name.as_str());
         let guard = Arc::new(CloseOnDrop(conn.clone()));
         let sender = |stream: quinn::SendStream| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(writer_task(stream, rx));
+            let out = Outbox::new(stream);
+            tokio::spawn(writer_task(out.clone()));
             FrameSender {
-                tx,
+                out: Arc::new(SenderHold(out)),
                 conn: conn.clone(),
                 peer: peer.clone(),
                 _guard: guard.clone(),
@@ -903,27 +1037,15 @@ impl PeerLink {
         };
         let control = sender(ctl_send);
         let data = data_send.into_iter().map(sender).collect();
-        let (ctl_tx, ctl_rx) = mpsc::channel(t.recv_queue.max(1));
-        let (data_tx, data_rx) = mpsc::channel(t.recv_queue.max(1));
-        let timed = crate::latency::enabled();
-        let now = move || timed.then(std::time::Instant::now);
-        tokio::spawn(reader_task(ctl_reader, conn.clone(), move |bytes| {
-            let tx = ctl_tx.clone();
-            let at = now();
-            async move { tx.send((bytes, at)).await.is_ok() }
-        }));
-        for (i, r) in data_recv {
-            let tx = data_tx.clone();
-            tokio::spawn(reader_task(r, conn.clone(), move |bytes| {
-                let tx = tx.clone();
-                let at = now();
-                async move { tx.send((i, bytes, at)).await.is_ok() }
-            }));
-        }
-        drop(data_tx);
         let rx = FrameRx {
-            control: ctl_rx,
-            data: data_rx,
+            control: StreamRead::Idle(ctl_reader),
+            data: data_recv
+                .into_iter()
+                .map(|(i, r)| (i, StreamRead::Idle(r)))
+                .collect(),
+            next_data: 0,
+            conn: conn.clone(),
+            timed: crate::latency::enabled(),
             _guard: guard.clone(),
         };
         tracing::info!(peer = %c.peer_name, remote = %conn.remote_address(), dialer, "connected");
@@ -1090,37 +1212,6 @@ impl Connector {
 impl Drop for Connector {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// Reads frames from one stream and hands each to `deliver` until it returns false.
-async fn reader_task<F, Fut>(mut r: FrameReader, conn: quinn::Connection, deliver: F)
-where
-    F: Fn(Bytes) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    loop {
-        match r.next().await {
-            Ok(bytes) => {
-                if !deliver(bytes).await {
-                    return;
-                }
-            }
-            Err(ReadEnd::Finished) => return,
-            Err(ReadEnd::Failed(e)) => {
-                tracing::debug!("stream ended: {e}");
-                return;
-            }
-            Err(ReadEnd::Protocol(e)) => {
-                // A broken stream means lost frames: end the connection rather than go on.
-                tracing::warn!("closing the connection: {e}");
-                conn.close(
-                    VarInt::from_u32(close_code::PROTOCOL),
-                    e.to_string().as_bytes(),
-                );
-                return;
-            }
-        }
     }
 }
 

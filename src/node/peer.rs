@@ -1,7 +1,8 @@
 //! The current peer connection as the event loop drives it: outgoing messages are queued
 //! straight to each stream's writer (sending never waits, so the event loop never waits for QUIC
-//! flow control, and each stream keeps its order); incoming frames are read and decoded by the
-//! event loop itself ([`Current::recv`]), ending with `Input::ConnDown` and the reason.
+//! flow control, and each stream keeps its order); incoming frames are read from the streams and
+//! decoded by the event loop itself ([`Current::recv`]), ending with `Input::ConnDown` and the
+//! reason.
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -76,11 +77,11 @@ impl Current {
     /// The next message from the peer, decoded, as the event loop's input; for its `select!`
     /// (cancel-safe: it only awaits [`FrameRx::recv`]).
     ///
-    /// The loop reads the frames itself, with no task between: a forwarding task cost a task
-    /// wake and a channel hop per message, on both nodes, on the path every sync write waits
-    /// for (the extent at the Secondary, its ack at the Primary). The frame queues stay bounded
-    /// (`Tuning::recv_queue`), so a peer that sends faster than this node handles waits in
-    /// QUIC flow control rather than in memory here.
+    /// The loop reads the frames itself, straight from the QUIC streams ([`FrameRx`]), with no
+    /// task between: a forwarding task cost a task wake and a channel hop per message, on both
+    /// nodes, on the path every sync write waits for (the extent at the Secondary, its ack at
+    /// the Primary). A peer that sends faster than this node handles waits in QUIC flow control
+    /// (the stream and connection windows) rather than in memory here.
     ///
     /// A frame that does not decode ends the connection: `ConnDown` with the reason, at once.
     /// When the streams end (the connection is going away), `None`, and the loss is reported

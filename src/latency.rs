@@ -17,7 +17,10 @@
 //! ```
 //!
 //! `transport` is the send-to-ack time minus the peer's own time (frame read to ack queued):
-//! both QUIC stacks, their tasks and the kernel's UDP, each way. Local disk and the peer's path
+//! both QUIC stacks, their tasks and the kernel's UDP, each way. The event loops read their
+//! frames from the QUIC streams themselves, so a frame is "read" when its event loop takes it:
+//! the `*_receive` stages are the decode and hand-over to the core (well under a microsecond),
+//! and a frame's wait for its event loop counts as `transport`. Local disk and the peer's path
 //! run side by side: in protocol sync the slower of the two is what the client waits for.
 //!
 //! Always on; its cost (a handful of clock reads and histogram updates per write, about a

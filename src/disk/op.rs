@@ -69,8 +69,8 @@ pub enum SubmitOrder {
     /// With the next burst.
     Now,
     /// Only after the tasks already woken on this runtime have run: a sync write's extent goes
-    /// on the wire (the stream writer, then quinn's connection driver) before its local
-    /// submission (`io_uring_enter`, a VM exit here) holds the thread. The other engines submit
+    /// on the wire (quinn's connection driver, woken when the event loop wrote the frame into the
+    /// stream) before its local submission (`io_uring_enter`, a VM exit here) holds the thread. The other engines submit
     /// from their own threads and ignore it.
     AfterWokenTasks,
 }

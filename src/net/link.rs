@@ -907,18 +907,22 @@ impl PeerLink {
 
     fn setup_failed(&self, conn: &quinn::Connection, detail: String) -> NetError {
         // A close the peer sent explains more than our failed read does.
-        let detail = match conn.close_reason() {
-            Some(quinn::ConnectionError::LocallyClosed) => detail,
-            Some(r) => format!("{}; while {detail}", CloseReason::from(r)),
+        let (detail, reason) = match conn.close_reason() {
+            Some(quinn::ConnectionError::LocallyClosed) => (detail, None),
+            Some(r) => {
+                let r = CloseReason::from(r);
+                (format!("{r}; while {detail}"), Some(r))
+            }
             // A mismatch closed the connection itself (with `close_code::MISMATCH`).
             None => {
                 conn.close(VarInt::from_u32(close_code::PROTOCOL), detail.as_bytes());
-                detail
+                (detail, None)
             }
         };
         let e = NetError::Setup {
             peer: self.inner.cfg.peer_name.clone(),
             detail,
+            reason,
         };
         tracing::warn!("{e}");
         e

@@ -59,8 +59,14 @@ pub enum NetError {
     },
     #[error("accepting a connection: {0}")]
     Accept(CloseReason),
+    /// `reason`: how the peer closed the connection, when it did (a refused certificate, a
+    /// mismatch); `detail` says it too, with what this node was doing.
     #[error("connection setup with {peer} failed: {detail}")]
-    Setup { peer: String, detail: String },
+    Setup {
+        peer: String,
+        detail: String,
+        reason: Option<CloseReason>,
+    },
     #[error("connection to {peer} is closed: {reason}")]
     Closed { peer: String, reason: CloseReason },
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]

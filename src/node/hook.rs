@@ -31,6 +31,8 @@ use crate::core::FreezeStatus;
 pub(crate) struct Report {
     pub episode: u64,
     pub result: Result<(), String>,
+    /// The command's exit code, if it ran and exited (not killed by a signal, not unstartable).
+    pub exit_code: Option<i32>,
 }
 
 #[derive(Clone)]
@@ -43,6 +45,7 @@ enum State {
     Failed {
         attempt: u32,
         error: String,
+        exit_code: Option<i32>,
     },
     Succeeded {
         attempt: u32,
@@ -110,6 +113,7 @@ impl PeerLost {
             let _ = tx.send(Input::Hook(Report {
                 episode,
                 result: Err("no on-peer-lost hook is configured".into()),
+                exit_code: None,
             }));
             return;
         };
@@ -121,13 +125,15 @@ impl PeerLost {
         let spawned = std::thread::Builder::new()
             .name("on-peer-lost".into())
             .spawn(move || {
-                let result = Command::new(&cmd)
+                let output = Command::new(&cmd)
                     .arg(&resource)
                     .arg(&peer)
                     .env("TWINBLK_RESOURCE", &resource)
                     .env("TWINBLK_PEER", &peer)
                     .stdin(Stdio::null())
-                    .output()
+                    .output();
+                let exit_code = output.as_ref().ok().and_then(|o| o.status.code());
+                let result = output
                     .map_err(|e| format!("cannot run {}: {e}", cmd.display()))
                     .and_then(|o| {
                         if o.status.success() {
@@ -142,12 +148,17 @@ impl PeerLost {
                             ))
                         }
                     });
-                let _ = thread_tx.send(Input::Hook(Report { episode, result }));
+                let _ = thread_tx.send(Input::Hook(Report {
+                    episode,
+                    result,
+                    exit_code,
+                }));
             });
         if let Err(e) = spawned {
             let _ = tx.send(Input::Hook(Report {
                 episode,
                 result: Err(format!("cannot start a thread for the hook: {e}")),
+                exit_code: None,
             }));
         }
     }
@@ -177,6 +188,7 @@ impl PeerLost {
                 State::Failed {
                     attempt,
                     error: e.clone(),
+                    exit_code: r.exit_code,
                 }
             }
         };
@@ -184,17 +196,22 @@ impl PeerLost {
 
     /// `status --json`'s `peer_lost_hook`; `frozen` is the core's freeze.
     pub(super) fn status(&self, frozen: Option<&FreezeStatus>) -> serde_json::Value {
-        let (state, attempts, err) = match &self.state {
-            State::Idle => ("idle", 0, None),
-            State::Running { attempt } => ("running", *attempt, None),
-            State::Failed { attempt, error } => ("failed", *attempt, Some(error.clone())),
-            State::Succeeded { attempt } => ("succeeded", *attempt, None),
+        let (state, attempts, err, code) = match &self.state {
+            State::Idle => ("idle", 0, None, None),
+            State::Running { attempt } => ("running", *attempt, None, None),
+            State::Failed {
+                attempt,
+                error,
+                exit_code,
+            } => ("failed", *attempt, Some(error.clone()), *exit_code),
+            State::Succeeded { attempt } => ("succeeded", *attempt, None, None),
         };
         json!({
             "command": self.command.as_ref().map(|c| c.display().to_string()),
             "state": state,
             "attempts": attempts,
             "last_error": err,
+            "last_exit_code": code,
             "frozen": frozen.is_some(),
             "frozen_since": frozen.and(self.since.map(|(_, t)| t)),
         })

@@ -331,13 +331,8 @@ impl Disk {
             return if fua { self.flush().await } else { Ok(()) };
         }
         let a = self.inner.io_align;
-        let aligned = offset % a == 0 && len % a == 0;
-        let res = if aligned {
-            let buf = if (buf.addr() as u64) % a == 0 {
-                buf
-            } else {
-                IoBuf::copy_from(&buf) // e.g. a sub-slice of an unaligned read
-            };
+        let res = if self.is_aligned(offset, len) {
+            let buf = self.in_aligned_memory(buf);
             let _g = self.inner.lock.shared(offset / a, (offset + len) / a).await;
             self.exec(OpKind::Write { offset, buf, fua }).await.1
         } else {
@@ -364,14 +359,10 @@ impl Disk {
         done: impl FnOnce(Result<(), DiskError>) + Send + 'static,
     ) {
         let len = buf.len() as u64;
-        let a = self.inner.io_align;
-        let direct = !self.inner.read_only
+        let direct = self.check_writable("write").is_ok()
+            && self.check_range("write", offset, len).is_ok()
             && len > 0
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.inner.size)
-            && offset % a == 0
-            && len % a == 0
+            && self.is_aligned(offset, len)
             && (order == SubmitOrder::Now || matches!(self.inner.engine, Engine::UringInline(_)));
         let guard = if direct {
             self.inner.lock.try_shared()
@@ -388,13 +379,7 @@ impl Disk {
             });
             return;
         };
-        // As in `write`: a buffer not in aligned memory (a network frame sliced from quinn's
-        // chunk) is copied once.
-        let buf = if (buf.addr() as u64) % a == 0 {
-            buf
-        } else {
-            IoBuf::copy_from(&buf)
-        };
+        let buf = self.in_aligned_memory(buf);
         let disk = self.clone();
         let reply = move |d: Done| {
             // As in `exec`: counted before the caller learns of the completion.
@@ -620,6 +605,23 @@ impl Disk {
             self.inner.flusher.completed_one();
         }
         r
+    }
+
+    /// Whether a write at `offset` of `len` bytes covers whole blocks (else it is a
+    /// read-modify-write).
+    fn is_aligned(&self, offset: u64, len: u64) -> bool {
+        let a = self.inner.io_align;
+        offset % a == 0 && len % a == 0
+    }
+
+    /// `buf` in memory O_DIRECT accepts: as it is, or copied once (a sub-slice of an unaligned
+    /// read, a network frame sliced from quinn's chunk).
+    fn in_aligned_memory(&self, buf: IoBuf) -> IoBuf {
+        if (buf.addr() as u64) % self.inner.io_align == 0 {
+            buf
+        } else {
+            IoBuf::copy_from(&buf)
+        }
     }
 
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DiskError> {

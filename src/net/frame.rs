@@ -304,34 +304,25 @@ impl Outbox {
 
     /// Queues `frame`, writing it into quinn at once if nothing waits before it. Never waits.
     pub(crate) fn send(&self, frame: OutFrame) -> Result<(), OutboxFailed> {
-        let (mut chunks, n) = frame.chunks();
+        let (chunks, n) = frame.chunks();
         let mut st = self.lock();
         let st = &mut *st;
         if st.failed {
             return Err(OutboxFailed);
         }
-        let mut rest = &mut chunks[..n];
-        if st.queue.is_empty() {
-            while !rest.is_empty() {
-                // Written now or not at all: a blocked stream leaves the rest to the writer task.
-                match st.stream.write_chunks(rest).now_or_never() {
-                    Some(Ok(w)) if w.bytes > 0 => rest = &mut rest[w.chunks..],
-                    Some(Err(e)) => {
-                        tracing::debug!("data stream write ended: {e}");
-                        st.failed = true;
-                        st.queue.clear();
-                        return Err(OutboxFailed);
-                    }
-                    Some(Ok(_)) | None => break,
-                }
-            }
-            if rest.is_empty() {
-                return Ok(());
+        let behind = !st.queue.is_empty();
+        st.queue.extend(chunks.into_iter().take(n));
+        if !behind {
+            // Written now or not at all: a blocked stream leaves the rest to the writer task,
+            // which registers its own waker with quinn when it polls.
+            let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+            match st.write_queued(&mut cx) {
+                std::task::Poll::Ready(true) => return Ok(()),
+                std::task::Poll::Ready(false) => return Err(OutboxFailed),
+                std::task::Poll::Pending => {}
             }
         }
-        st.queue.extend(rest.iter_mut().map(std::mem::take));
-        let writer = st.writer.take();
-        if let Some(w) = writer {
+        if let Some(w) = st.writer.take() {
             w.wake();
         }
         Ok(())
@@ -351,37 +342,50 @@ impl Outbox {
     fn poll_drain(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         use std::task::Poll;
         let mut st = self.lock();
-        let st = &mut *st;
-        loop {
-            if st.failed {
-                return Poll::Ready(());
+        if st.failed {
+            return Poll::Ready(());
+        }
+        match st.write_queued(cx) {
+            // quinn wakes us when the stream can take more.
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(false) => Poll::Ready(()),
+            Poll::Ready(true) if st.closed => {
+                let _ = st.stream.finish();
+                Poll::Ready(())
             }
-            if st.queue.is_empty() {
-                if st.closed {
-                    let _ = st.stream.finish();
-                    return Poll::Ready(());
-                }
+            Poll::Ready(true) => {
                 st.writer = Some(cx.waker().clone());
-                return Poll::Pending;
+                Poll::Pending
             }
+        }
+    }
+}
+
+impl OutState {
+    /// Writes the queue into quinn until it is empty (`true`), a write fails (`false`: the
+    /// stream is marked failed and the queue dropped), or flow control blocks it (quinn then
+    /// wakes `cx`).
+    fn write_queued(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+        use std::task::Poll;
+        while !self.queue.is_empty() {
             let written = {
-                let write = st.stream.write_chunks(st.queue.make_contiguous());
+                let write = self.stream.write_chunks(self.queue.make_contiguous());
                 std::pin::pin!(write).poll(cx)
             };
             match written {
                 Poll::Ready(Ok(w)) => {
-                    st.queue.drain(..w.chunks.min(st.queue.len()));
+                    self.queue.drain(..w.chunks.min(self.queue.len()));
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!("data stream write ended: {e}");
-                    st.failed = true;
-                    st.queue.clear();
-                    return Poll::Ready(());
+                    self.failed = true;
+                    self.queue.clear();
+                    return Poll::Ready(false);
                 }
-                // quinn wakes us when the stream can take more.
                 Poll::Pending => return Poll::Pending,
             }
         }
+        Poll::Ready(true)
     }
 }
 

@@ -300,10 +300,10 @@ pub struct FrameRx {
     data: Vec<(u8, StreamRead)>,
     /// The data stream asked first next time.
     next_data: usize,
-    conn: quinn::Connection,
     /// Stamp frames with their arrival (the latency breakdown is on).
     timed: bool,
-    _guard: Arc<CloseOnDrop>,
+    /// The connection (closed on a broken stream), kept open while this lives.
+    guard: Arc<CloseOnDrop>,
 }
 
 impl fmt::Debug for FrameRx {
@@ -434,7 +434,7 @@ impl FrameRx {
             ReadEnd::Failed(e) => tracing::debug!("stream ended: {e}"),
             ReadEnd::Protocol(e) => {
                 tracing::warn!("closing the connection: {e}");
-                self.conn.close(
+                self.guard.0.close(
                     VarInt::from_u32(close_code::PROTOCOL),
                     e.to_string().as_bytes(),
                 );
@@ -1048,9 +1048,8 @@ impl PeerLink {
                 .map(|(i, r)| (i, StreamRead::Idle(r)))
                 .collect(),
             next_data: 0,
-            conn: conn.clone(),
             timed: crate::latency::enabled(),
-            _guard: guard.clone(),
+            guard: guard.clone(),
         };
         tracing::info!(peer = %c.peer_name, remote = %conn.remote_address(), dialer, "connected");
         Ok(PeerConn {

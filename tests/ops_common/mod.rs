@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod acked;
+pub mod netns;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -1049,6 +1049,9 @@ impl Node {
                                     "stream_frames_rx": st.frame_rx.stream,
                                     "packets_sent": st.path.sent_packets,
                                     "rtt_us": st.path.rtt.as_micros() as u64,
+                                    "cwnd": st.path.cwnd,
+                                    "lost_packets": st.path.lost_packets,
+                                    "congestion_events": st.path.congestion_events,
                                 })
                             }),
                         );

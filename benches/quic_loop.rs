@@ -1,23 +1,25 @@
 //! How fast could a sync write's round trip be if the node drove QUIC itself? A measurement for
 //! issue 19, not a transport: the same exchange as `net_throughput`'s `quic_extent_ack` (a 4 KiB
 //! extent plus a 48-byte head out on a uni stream, a 40-byte ack back), with `quinn-proto` driven
-//! by one plain loop per side (blocking UDP socket, no tokio, no tasks), against quinn as the
-//! daemons use it (endpoint, connection and stream tasks on a current-thread runtime, through
-//! twinblk's own link) and a bare UDP ping-pong of the same sizes.
+//! by one plain loop per side (blocking UDP socket, no tokio, no tasks) or one tokio task per
+//! side; through quinn's API with its endpoint and connection drivers as tokio tasks, and with
+//! those same driver futures polled inside the application's one task (a `quinn::Runtime` that
+//! keeps its spawns); and a bare UDP ping-pong of the same sizes.
 //!
 //! cargo bench --bench quic_loop                 # 20,000 round trips each
 //! cargo bench --bench quic_loop -- --idle-poll  # holding /dev/cpu_dma_latency, as the daemons do
 //!
-//! The proto loops use the same TLS 1.3 suite (ring, AES-128-GCM) and MTU discovery up to 6500,
-//! but no certificate check (loopback, a benchmark). Compare with `cargo bench --bench
-//! net_throughput -- --idle-poll tuned`, whose last line is the daemons' way.
+//! The loops use the same TLS 1.3 suite (ring, AES-128-GCM) and MTU discovery up to 6500, but
+//! no certificate check (loopback, a benchmark). Compare with `cargo bench --bench
+//! net_throughput -- --idle-poll tuned`, whose last line is twinblk's link.
 //!
-//! Measured (2 vCPUs, idle, `--idle-poll`, three runs): UDP 10.2-11.4 µs mean; quinn-proto in a
-//! blocking loop 17.1-18.6; quinn-proto in one tokio task per side 19.2-24.7; quinn as the
-//! daemons drive it (its endpoint and connection driver tasks around the node's event loop)
-//! 27.2-32.2. So several µs of a sync write's round trip are quinn's task structure, and driving
-//! `quinn-proto` from the node's event loop is the lever left for queue-depth-1 latency; QUIC's
-//! own packet work costs about 7 µs over bare UDP.
+//! Measured (2 vCPUs, idle, `--idle-poll`, four runs): UDP 10.4-10.5 µs mean; quinn-proto in a
+//! blocking loop 17.1-20.3; quinn-proto in one tokio task per side 19.7-23.6; quinn with its
+//! driver tasks 24.5-30.1; quinn with its drivers in the app's task 24.0-29.5 (0.5 more to 1.5
+//! less than with tasks, in the same run). So quinn's task structure costs nothing measurable
+//! here; its layering over quinn-proto costs about 5 µs a round trip (4.7-6.5 in the same run),
+//! which is what driving quinn-proto from the node's event loop could save; QUIC's own packet
+//! work costs about 7 µs over bare UDP.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -373,6 +375,162 @@ fn proto_round_trips(rounds: usize, tokio_rt: bool) -> Vec<Duration> {
     })
 }
 
+/// quinn's runtime with its spawns kept: the endpoint's and the connections' driver futures go
+/// into a set that [`with_drivers`] polls inside the application's own task, instead of a tokio
+/// task each. Timers and sockets are tokio's, as with [`quinn::TokioRuntime`].
+#[derive(Debug, Clone, Default)]
+struct OneTask(Arc<std::sync::Mutex<Spawned>>);
+
+type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+#[derive(Default)]
+struct Spawned {
+    new: Vec<Driver>,
+    waker: Option<std::task::Waker>,
+}
+
+impl std::fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} new drivers", self.new.len())
+    }
+}
+
+impl quinn::Runtime for OneTask {
+    fn new_timer(&self, i: Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        quinn::TokioRuntime.new_timer(i)
+    }
+
+    fn spawn(&self, future: Driver) {
+        let mut s = self.0.lock().unwrap();
+        s.new.push(future);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wrap_udp_socket(&self, t: UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        quinn::TokioRuntime.wrap_udp_socket(t)
+    }
+}
+
+/// Runs `f` with `rt`'s drivers polled in the same task, before and after `f` each time.
+async fn with_drivers<F: std::future::Future>(rt: OneTask, f: F) -> F::Output {
+    use futures_util::StreamExt;
+    let mut set = futures_util::stream::FuturesUnordered::<Driver>::new();
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(move |cx| {
+        let mut drive = |cx: &mut std::task::Context<'_>| {
+            {
+                let mut s = rt.0.lock().unwrap();
+                s.waker = Some(cx.waker().clone());
+                set.extend(s.new.drain(..));
+            }
+            while let std::task::Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+        };
+        drive(cx);
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+            return std::task::Poll::Ready(v);
+        }
+        // What `f` just wrote is sent now, not after a trip through tokio's run queue.
+        drive(cx);
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The same exchange through quinn's API: its endpoint and connection drivers as tokio tasks
+/// (`one_task` false, quinn's own runtime), or polled inside the one task of each side.
+fn quinn_round_trips(rounds: usize, one_task: bool) -> Vec<Duration> {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = configs(dir.path());
+    let sa = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sb = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr_b: SocketAddr = sb.local_addr().unwrap();
+    let endpoint_config = || {
+        let mut c = quinn::EndpointConfig::default();
+        c.max_udp_payload_size(6500).unwrap();
+        c
+    };
+    let side = move |sock: UdpSocket,
+                     server: Option<qp::ServerConfig>|
+          -> (quinn::Endpoint, Option<OneTask>) {
+        let (rt, one): (Arc<dyn quinn::Runtime>, Option<OneTask>) = if one_task {
+            let r = OneTask::default();
+            (Arc::new(r.clone()), Some(r))
+        } else {
+            (Arc::new(quinn::TokioRuntime), None)
+        };
+        let sock = rt.wrap_udp_socket(sock).unwrap();
+        let ep =
+            quinn::Endpoint::new_with_abstract_socket(endpoint_config(), server, sock, rt).unwrap();
+        (ep, one)
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    async fn maybe_with<F: std::future::Future>(one: Option<OneTask>, f: F) -> F::Output {
+        match one {
+            Some(rt) => with_drivers(rt, f).await,
+            None => f.await,
+        }
+    }
+    let secondary = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let (ep, one) = side(sb, Some(server));
+            maybe_with(one, async move {
+                let conn = ep.accept().await.unwrap().await.unwrap();
+                let mut data = conn.accept_uni().await.unwrap();
+                let mut acks = conn.open_uni().await.unwrap();
+                let ack = vec![7u8; ACK];
+                let mut buf = vec![0u8; EXTENT];
+                while data.read_exact(&mut buf).await.is_ok() {
+                    if acks.write_all(&ack).await.is_err() {
+                        break;
+                    }
+                }
+                conn.closed().await;
+            })
+            .await
+        })
+    });
+    let rtts = runtime().block_on(async move {
+        let (ep, one) = side(sa, None);
+        maybe_with(one, async move {
+            let conn = ep
+                .connect_with(client, addr_b, "beta")
+                .unwrap()
+                .await
+                .unwrap();
+            let mut data = conn.open_uni().await.unwrap();
+            let extent = vec![1u8; EXTENT];
+            let mut buf = vec![0u8; ACK];
+            let mut acks = None;
+            let mut rtts = Vec::with_capacity(rounds);
+            for i in 0..rounds + rounds / 10 {
+                let t0 = Instant::now();
+                data.write_all(&extent).await.unwrap();
+                if acks.is_none() {
+                    acks = Some(conn.accept_uni().await.unwrap());
+                }
+                let a: &mut quinn::RecvStream = acks.as_mut().unwrap();
+                a.read_exact(&mut buf).await.unwrap();
+                if i >= rounds / 10 {
+                    rtts.push(t0.elapsed());
+                }
+            }
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            rtts
+        })
+        .await
+    });
+    let _ = secondary.join();
+    rtts
+}
+
 fn udp_round_trips(rounds: usize) -> Vec<Duration> {
     let sa = UdpSocket::bind("127.0.0.1:0").unwrap();
     let sb = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -438,6 +596,14 @@ fn main() {
     report(
         "quinn-proto, one tokio task per side",
         proto_round_trips(rounds, true),
+    );
+    report(
+        "quinn, its driver tasks (quinn's own runtime)",
+        quinn_round_trips(rounds, false),
+    );
+    report(
+        "quinn, its drivers polled in the app's task",
+        quinn_round_trips(rounds, true),
     );
     let runs = 2 * (rounds + rounds / 10);
     println!(

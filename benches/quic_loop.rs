@@ -294,11 +294,24 @@ fn sock(s: UdpSocket, tokio_rt: bool) -> Sock {
     }
 }
 
-fn proto_round_trips(rounds: usize, tokio_rt: bool) -> Vec<Duration> {
+/// What both QUIC exchanges start from: keys (in a directory that lives as long as the
+/// returned guard), both ends' configs, and two bound loopback sockets.
+fn setup() -> (
+    tempfile::TempDir,
+    qp::ServerConfig,
+    qp::ClientConfig,
+    UdpSocket,
+    UdpSocket,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = configs(dir.path());
     let sa = UdpSocket::bind("127.0.0.1:0").unwrap();
     let sb = UdpSocket::bind("127.0.0.1:0").unwrap();
+    (dir, server, client, sa, sb)
+}
+
+fn proto_round_trips(rounds: usize, tokio_rt: bool) -> Vec<Duration> {
+    let (_dir, server, client, sa, sb) = setup();
     let addr_b: SocketAddr = sb.local_addr().unwrap();
     let secondary = std::thread::spawn(move || {
         run(tokio_rt, async move {
@@ -441,10 +454,7 @@ async fn with_drivers<F: std::future::Future>(rt: OneTask, f: F) -> F::Output {
 /// The same exchange through quinn's API: its endpoint and connection drivers as tokio tasks
 /// (`one_task` false, quinn's own runtime), or polled inside the one task of each side.
 fn quinn_round_trips(rounds: usize, one_task: bool) -> Vec<Duration> {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, client) = configs(dir.path());
-    let sa = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let sb = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (_dir, server, client, sa, sb) = setup();
     let addr_b: SocketAddr = sb.local_addr().unwrap();
     let endpoint_config = || {
         let mut c = quinn::EndpointConfig::default();

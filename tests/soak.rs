@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use ops_common::acked::{check_image, check_node, AckLog, Writer};
+use ops_common::acked::{block, check_image, check_node, AckLog, Writer, BS};
 use ops_common::netns::Link;
 use ops_common::{text, Pair, NAMES};
 
@@ -267,4 +267,35 @@ fn sync_pair_loses_no_acknowledged_write_through_random_operator_actions_and_cra
 #[test]
 fn async_pair_loses_no_acknowledged_write_through_random_operator_actions_and_crashes() {
     soak("async", "sa");
+}
+
+/// The soak's verdict is the checker's: it must report an acknowledged write that is missing
+/// (an older version in its place), a torn block, and a version that was never sent.
+#[test]
+fn checker_reports_a_lost_torn_or_foreign_block() {
+    let mut log = AckLog::default();
+    log.sent.insert(1, vec![4, 5]);
+    log.acked.insert(1, 5);
+    log.acks = 1;
+    let image = |b1: &[u8]| {
+        let mut img = vec![0u8; 2 * BS];
+        img[BS..].copy_from_slice(b1);
+        img
+    };
+    assert_eq!(check_image(&image(&block(1, 5)), &log, "t"), Ok(1));
+    // Sent after the acknowledged one, its answer lost: allowed.
+    log.sent.get_mut(&1).expect("sent").push(6);
+    assert_eq!(check_image(&image(&block(1, 6)), &log, "t"), Ok(1));
+    let lost = check_image(&image(&block(1, 4)), &log, "t").expect_err("an older version");
+    assert!(lost.contains("version 5 was acknowledged"), "{lost}");
+    let never = check_image(&vec![0u8; 2 * BS], &log, "t").expect_err("never written");
+    assert!(never.contains("holds version 0"), "{never}");
+    let mut torn = block(1, 5);
+    torn[BS / 2..].copy_from_slice(&block(1, 4)[BS / 2..]);
+    assert!(
+        check_image(&image(&torn), &log, "t").is_err(),
+        "a torn block"
+    );
+    let foreign = check_image(&image(&block(1, 9)), &log, "t").expect_err("never sent");
+    assert!(foreign.contains("holds version 9"), "{foreign}");
 }

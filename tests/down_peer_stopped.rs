@@ -61,11 +61,6 @@ impl Acked {
     }
 }
 
-fn signal(p: &Pair, i: usize, sig: nix::sys::signal::Signal) {
-    let pid = p.children[i].as_ref().expect("running").id();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
-}
-
 /// Async (writes complete once local and queued), with `on-peer-lost` configured: when the
 /// stopped peer's connection times out during the drain, fencing freezes the loss, which is
 /// the path where `down` used to save a bitmap without the writes the peer lacked.
@@ -93,7 +88,7 @@ fn down_while_the_peer_is_stopped_resyncs_what_it_lacked_after_restart() {
     assert_eq!(c.reply(0).expect("flush").1, 0);
 
     // The peer stops; the next writes are acknowledged (async) but never reach it.
-    signal(&p, 1, nix::sys::signal::Signal::SIGSTOP);
+    p.signal(1, nix::sys::signal::Signal::SIGSTOP);
     acked.write(&mut c, 32..160, 1000);
     drop(c);
     let s = p.status(0).expect("status");
@@ -119,7 +114,7 @@ fn down_while_the_peer_is_stopped_resyncs_what_it_lacked_after_restart() {
     // Inconsistent target that never learnt what it lacks, which the next handshake can only
     // fully resync (the one full resync seen in CI: 64 MiB instead of these 640 KiB).
     ok(&p, 0, &["primary"]);
-    signal(&p, 1, nix::sys::signal::Signal::SIGCONT);
+    p.signal(1, nix::sys::signal::Signal::SIGCONT);
     p.wait_in_sync();
     // alpha.log began at the restart; state changes other than progress are all logged.
     let log = std::fs::read_to_string(p.path("alpha.log")).expect("alpha.log");

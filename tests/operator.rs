@@ -258,13 +258,12 @@ fn a_silent_peer_shows_when_it_was_last_heard() {
     let p = Pair::new("16M", ["", ""]);
     p.primary_force();
     p.wait_in_sync();
-    let pid = nix::unistd::Pid::from_raw(p.children[0].as_ref().expect("alpha").id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    p.signal(0, nix::sys::signal::Signal::SIGSTOP);
     let s = p.wait(1, "the frozen peer to be silent for 2 s", |s| {
         s["peer_last_heard_secs"].as_u64().is_some_and(|a| a >= 2)
     });
     let human = text(&p.cli(1, &["status"]));
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    p.signal(0, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(s["connected"], true, "{s}");
     assert!(
         s["peer_timeout_secs"].as_u64().is_some_and(|t| t >= 2),

@@ -23,8 +23,7 @@ mod ops_common;
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use ops_common::acked::{block, check_image, check_node, AckLog, Writer, BS};
 use ops_common::netns::Link;
 use ops_common::{text, Pair, NAMES};
@@ -98,11 +97,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn signal(p: &Pair, i: usize, s: Signal) {
-    let pid = p.children[i].as_ref().expect("daemon runs").id();
-    kill(Pid::from_raw(pid as i32), s).expect("signal the daemon");
 }
 
 /// Runs `args` on node i until it succeeds: a command refused while the node still sees the
@@ -217,9 +211,9 @@ fn soak(protocol: &str, tag: &str) {
                 w.stop()
             }
             Action::StallSecondary => {
-                signal(&s.p, sec, Signal::SIGSTOP);
+                s.p.signal(sec, Signal::SIGSTOP);
                 std::thread::sleep(Duration::from_millis(1000));
-                signal(&s.p, sec, Signal::SIGCONT);
+                s.p.signal(sec, Signal::SIGCONT);
                 std::thread::sleep(Duration::from_millis(300));
                 w.stop()
             }

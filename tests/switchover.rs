@@ -8,18 +8,12 @@ mod ops_common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use ops_common::acked::{check_image, check_node, Writer};
 use ops_common::{ok, text, Pair, NAMES};
 
 const SIZE: &str = "64M";
 const BLOCKS: u64 = (64 << 20) / 4096;
-
-fn signal(p: &Pair, i: usize, s: Signal) {
-    let pid = p.children[i].as_ref().expect("daemon runs").id();
-    kill(Pid::from_raw(pid as i32), s).expect("signal the daemon");
-}
 
 /// An async pair whose send buffer outlasts the writer while the Secondary is held: with the
 /// default 64M, a fast machine filled it within the hold, the Primary's writes then waited
@@ -50,7 +44,7 @@ fn async_switchover_under_a_writer_keeps_every_acknowledged_write() {
     let mut p = async_pair();
     let w = Writer::start(&p.nbd_socket(0), BLOCKS, 16, 1 << 40);
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&p, 1, Signal::SIGSTOP);
+    p.signal(1, Signal::SIGSTOP);
     std::thread::sleep(Duration::from_millis(600));
     let log = w.stop();
     assert!(
@@ -71,7 +65,7 @@ fn async_switchover_under_a_writer_keeps_every_acknowledged_write() {
         .expect("run twinblk secondary");
     std::thread::sleep(Duration::from_millis(800));
     let answered_early = demote.try_wait().expect("try_wait").is_some();
-    signal(&p, 1, Signal::SIGCONT);
+    p.signal(1, Signal::SIGCONT);
     let o = demote.wait_with_output().expect("secondary");
     assert!(o.status.success(), "secondary: {}\n{}", text(&o), p.logs());
     if unstable > 0 {
@@ -122,7 +116,7 @@ fn stale_promotion(beta_writes: bool) {
     // The tail: writes alpha acknowledges (async: local and queued) while beta is held, fewer
     // than the send buffer holds, so none waits and none is issued after the cut (which
     // would move the generation by itself); then the client stops, and the link is cut.
-    signal(&p, 1, Signal::SIGSTOP);
+    p.signal(1, Signal::SIGSTOP);
     let w = Writer::start_n(&p.nbd_socket(0), BLOCKS, 16, 3 << 40, 400);
     let start = Instant::now();
     while !w.finished() {
@@ -141,7 +135,7 @@ fn stale_promotion(beta_writes: bool) {
     );
     log.merge(&tail);
     ok(&p, 0, &["disconnect"]);
-    signal(&p, 1, Signal::SIGCONT);
+    p.signal(1, Signal::SIGCONT);
     ok(&p, 1, &["disconnect"]);
     for i in 0..2 {
         p.wait(i, "StandAlone", |s| s["repl"] == "StandAlone");

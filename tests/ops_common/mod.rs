@@ -194,6 +194,12 @@ impl Pair {
         self.wait(i, "the daemon answers status", |_| true);
     }
 
+    /// Send `sig` to node i's daemon (SIGSTOP/SIGCONT: a stalled node), which must be running.
+    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let pid = self.children[i].as_ref().expect("daemon runs").id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+    }
+
     /// SIGKILL node i (a crash) and reap it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {

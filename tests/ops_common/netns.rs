@@ -10,7 +10,7 @@ use super::text;
 /// A network namespace with one end of a veth pair (`10.NET.0.2`), the other end on the host
 /// (`10.NET.0.1`); removed on drop.
 pub struct Link {
-    pub ns: String,
+    ns: String,
     host_if: String,
     net: u8,
 }

@@ -343,9 +343,10 @@ impl Disk {
 
     /// Starts a write and calls `done` with its result, without a task of its own when it can: an
     /// aligned write (offset and length; the buffer is copied if it is not) with no
-    /// read-modify-write in the way is queued on the engine from the caller, and `done` runs on the engine's completion path (see [`Reply::Call`]: short, no
-    /// waiting). Anything else (unaligned, out of range, read-only, a partial-block write holding
-    /// its blocks) runs [`Disk::write`] in a spawned task, so the caller needs a tokio runtime.
+    /// read-modify-write in the way is queued on the engine from the caller, and `done` runs on
+    /// the engine's completion path (see [`Reply::Call`]: short, no waiting). Anything else
+    /// (unaligned, out of range, read-only, a partial-block write holding its blocks) runs
+    /// [`Disk::write`] in a spawned task, so the caller needs a tokio runtime.
     /// The node's event loop writes this way: a task per write, and the channel hop of its
     /// completion, were a measurable part of a replicated write's CPU.
     ///

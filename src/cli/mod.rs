@@ -589,6 +589,13 @@ fn human_status(s: &serde_json::Value, verbose: bool) -> String {
     if let Some(dev) = s.get("ublk_device").and_then(|d| d.as_str()) {
         let _ = writeln!(o, "  device:      {dev}");
     }
+    if let Some(h) = s
+        .get("handover")
+        .and_then(|h| h.get("message"))
+        .and_then(|m| m.as_str())
+    {
+        let _ = writeln!(o, "  handover:    {h}");
+    }
     let _ = writeln!(o, "  out of sync: {}", size("out_of_sync_bytes"));
     if let Some(p) = s
         .get("resync")

@@ -170,7 +170,10 @@
 //!   (the transfer log goes to the bitmap), so a stop or crash during the freeze forgets
 //!   nothing. A failed fence is asked again after [`Config::fence_retry`]. A Primary that gave
 //!   its own failed disk up (its peer held everything) neither freezes nor fences: the peer is
-//!   the good copy to promote, and the writes still waiting for it fail (EIO).
+//!   the good copy to promote, and the writes still waiting for it fail (EIO). In async that
+//!   peer may still lack writes the Primary completed: it first hands them over ([`Handover`]:
+//!   the connection stays until the peer made everything sent stable, or
+//!   [`Config::stop_drain`]).
 //! * Graceful stop ([`Event::Stop`]): no new connection or request is accepted; a stability
 //!   point goes out at once, and the stop waits until the local I/O is done and the peer acked
 //!   and made stable everything it was sent, or the connection is lost, or
@@ -325,12 +328,17 @@ pub enum InjectedBug {
     /// restarts the handshake, instead of waiting for its outcome: a node whose peer, a moment
     /// from its hello, holds acknowledged writes it lacks becomes Primary without them.
     PromoteDuringHandshake,
+    /// An async Primary whose disk failed while its peer was UpToDate hangs up at once (the old
+    /// behaviour) instead of handing over: the writes it acknowledged (completed locally, FUA
+    /// or flushed ones included) that were still on their way to the peer are lost when the
+    /// peer is promoted, as the failure's message tells the operator to do.
+    HangUpOnDiskFailure,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 25] = {
+    pub const ALL: [InjectedBug; 26] = {
         use InjectedBug::*;
         [
             None,
@@ -358,6 +366,7 @@ impl InjectedBug {
             FlushBarrierBeforeItsWrites,
             FenceAfterOwnDiskFailed,
             PromoteDuringHandshake,
+            HangUpOnDiskFailure,
         ]
     };
 
@@ -390,6 +399,7 @@ impl InjectedBug {
             FlushBarrierBeforeItsWrites => 22,
             FenceAfterOwnDiskFailed => 23,
             PromoteDuringHandshake => 24,
+            HangUpOnDiskFailure => 25,
         }
     }
 
@@ -728,6 +738,9 @@ pub enum TimerKind {
     StopDrain,
     /// Ask again to fence the peer after a failed attempt of freeze `episode`.
     FenceRetry { episode: u64 },
+    /// The handover of a failed disk on connection `conn` ends ([`Config::stop_drain`]):
+    /// see [`Handover`].
+    Handover { conn: u64 },
 }
 
 /// Input to the core.
@@ -1006,6 +1019,49 @@ impl std::fmt::Display for StopIncomplete {
     }
 }
 
+/// An async Primary whose disk failed while its peer was UpToDate hands over before it hangs up
+/// (see `disk_failed`): writes it acknowledged (completed on the local disk, FUA and flushed
+/// ones included) may still be on their way to the peer, and the peer is the copy the
+/// operator is told to promote. The disk is given up at once (Inconsistent, client I/O fails);
+/// only the connection stays, until the peer acked and made stable every write it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The connection `conn` stays open for it.
+    Running { conn: u64 },
+    /// The peer acked and made stable every write it was sent, then the connection closed: it
+    /// holds every write this node acknowledged.
+    Done,
+    /// The connection ended first (lost, or closed at [`Config::stop_drain`]): the peer may
+    /// lack writes this node acknowledged, which are lost with this disk.
+    Cut,
+}
+
+impl Handover {
+    /// The stable name programs read (`status --json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Handover::Running { .. } => "running",
+            Handover::Done => "done",
+            Handover::Cut => "cut",
+        }
+    }
+}
+
+impl std::fmt::Display for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handover::Running { .. } => {
+                f.write_str("handing the writes the peer lacks over before disconnecting")
+            }
+            Handover::Done => f.write_str("the peer got every write this node acknowledged"),
+            Handover::Cut => f.write_str(
+                "the connection ended before the peer had every write this node acknowledged: \
+                 promoting the peer loses them",
+            ),
+        }
+    }
+}
+
 /// Where a graceful stop is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopState {
@@ -1106,6 +1162,9 @@ pub struct Status {
     pub stopping: bool,
     /// A flush failed: the node no longer uses its disk until restarted.
     pub disk_failure: Option<DiskFailure>,
+    /// After such a failure of an async Primary: whether the peer got every write this node
+    /// acknowledged before the connection closed ([`Handover`]).
+    pub handover: Option<Handover>,
     /// A `primary` command waits: for the connection's handshake to decide, or for the peer's
     /// answer. It is answered then.
     pub promoting: bool,
@@ -1387,8 +1446,10 @@ pub struct Replica {
     admin_disconnected: bool,
     /// The frontend clients that have the device open, by the driver's id: their names.
     frontend_clients: BTreeMap<u64, String>,
-    /// A flush failed: no client I/O, no connection, no promotion until a restart.
+    /// A flush failed: no client I/O, no connection (once handed over), no promotion until a
+    /// restart.
     disk_failure: Option<DiskFailure>,
+    handover: Option<Handover>,
 }
 
 impl Replica {
@@ -1478,6 +1539,7 @@ impl Replica {
             admin_disconnected: false,
             frontend_clients: BTreeMap::new(),
             disk_failure: None,
+            handover: None,
             cfg,
         }
     }
@@ -1543,6 +1605,7 @@ impl Replica {
             }),
             stopping: self.stop != StopState::Running,
             disk_failure: self.disk_failure,
+            handover: self.handover,
             promoting: self.promoting.is_some(),
             handshaking: self.handshaking(),
         }
@@ -1649,6 +1712,11 @@ impl Replica {
                     *expired = true;
                 }
             }
+            Event::Timer(TimerKind::Handover { conn }) => {
+                if self.handover == Some(Handover::Running { conn }) {
+                    self.try_finish_handover(true, out);
+                }
+            }
             Event::Timer(TimerKind::FenceRetry { episode }) => {
                 if let Some(f) = self.freeze.as_mut().filter(|f| f.episode == episode) {
                     f.attempt += 1;
@@ -1686,8 +1754,13 @@ impl Replica {
             self.al_full = false;
             self.pump_issue(out);
         }
+        // Before the stop's: a stop that drained closes the connection, which is the handover's
+        // end too, and it ended drained.
+        self.try_finish_handover(false, out);
         if matches!(self.stop, StopState::Draining { .. }) {
             self.try_finish_stop(out);
+            // An expired stop closes the connection without the drain: cut.
+            self.try_finish_handover(false, out);
         }
         #[cfg(debug_assertions)]
         if let Err(e) = self.check_invariants() {
@@ -1744,7 +1817,23 @@ impl Replica {
         {
             return Err(format!("Primary with a {:?} disk", self.disk));
         }
-        if self.disk_failure.is_some() && (self.want_connect || self.conn.is_some()) {
+        let handing_over = match self.handover {
+            Some(Handover::Running { conn }) => {
+                if self.conn.as_ref().map(|c| c.id) != Some(conn) {
+                    return Err(format!(
+                        "a handover on connection {conn}, not the current one"
+                    ));
+                }
+                if self.disk_failure.is_none() || self.role != Role::Primary {
+                    return Err("a handover without a failed Primary disk".into());
+                }
+                true
+            }
+            Some(Handover::Done | Handover::Cut) | None => false,
+        };
+        if self.disk_failure.is_some()
+            && (self.want_connect || (self.conn.is_some() && !handing_over))
+        {
             return Err("a failed disk still connects".into());
         }
         if self.role == Role::Primary && self.repl == ReplState::SyncTarget {
@@ -2866,6 +2955,16 @@ impl Replica {
         out.push(Action::Emit(StateChange::DiskFailed { failure }));
         let peer_has_all = self.replicating()
             && self.conn.as_ref().and_then(|c| c.peer_disk) == Some(DiskState::UpToDate);
+        // "Has all" in state: an async peer may still lack writes this node completed (FUA
+        // and flushed ones too: their flushes were local). They are sent or queued here, so
+        // the connection stays until the peer made them stable (simulator async seed 42766:
+        // the peer, promoted as the failure's message says, lacked a FUA write).
+        let hand_over = peer_has_all
+            && self.role == Role::Primary
+            && self.cfg.protocol == Protocol::Async
+            && self.conn.as_ref().is_some_and(|c| c.decided)
+            && !self.peer_drained()
+            && self.cfg.bug != InjectedBug::HangUpOnDiskFailure;
         if peer_has_all || self.role == Role::Secondary {
             // The peer is the good copy (a Secondary's flushes all come from its peer). A
             // failed write lost only itself, unacked: the peer's bitmap still names what this
@@ -2888,7 +2987,55 @@ impl Replica {
         }
         self.want_connect = false;
         self.last_refusal = Some(Refusal::DiskFailed(failure));
+        if let (true, Some((conn, unflushed))) = (
+            hand_over,
+            self.conn.as_ref().map(|c| (c.id, c.unflushed_writes)),
+        ) {
+            tracing::warn!(
+                resource = %self.cfg.resource,
+                "handing the writes the peer lacks over before disconnecting"
+            );
+            self.handover = Some(Handover::Running { conn });
+            // The peer sees this disk as it is now (it must not count on it meanwhile).
+            self.send_state(out);
+            // A flush barrier behind everything sent: its ack says the peer has it all.
+            if unflushed > 0 {
+                self.stability_point();
+                self.pump_issue(out);
+            }
+            out.push(Action::ArmTimer {
+                kind: TimerKind::Handover { conn },
+                at: self.now.saturating_add(self.cfg.stop_drain),
+            });
+            return;
+        }
         if self.conn.is_some() {
+            self.close(CloseReason::DiskFailed(failure), out);
+        }
+        self.set_repl(ReplState::StandAlone, out);
+    }
+
+    /// Ends a running [`Handover`]: done once the peer acked and made stable everything it was
+    /// sent, cut if the connection ended first or `expired`. Either way the connection closes
+    /// and stays closed, as at any disk failure.
+    fn try_finish_handover(&mut self, expired: bool, out: &mut Vec<Action>) {
+        let Some(Handover::Running { conn }) = self.handover else {
+            return;
+        };
+        let connected = self.conn.as_ref().is_some_and(|c| c.id == conn);
+        let outcome = if !connected || (expired && !self.peer_drained()) {
+            Handover::Cut
+        } else if self.peer_drained() {
+            Handover::Done
+        } else {
+            return;
+        };
+        self.handover = Some(outcome);
+        match outcome {
+            Handover::Cut => tracing::error!(resource = %self.cfg.resource, "{outcome}"),
+            _ => tracing::info!(resource = %self.cfg.resource, "{outcome}"),
+        }
+        if let Some(failure) = self.disk_failure {
             self.close(CloseReason::DiskFailed(failure), out);
         }
         self.set_repl(ReplState::StandAlone, out);

@@ -2603,6 +2603,125 @@ fn a_failed_flush_on_a_lone_primary_marks_every_block() {
     assert_eq!(completions(&write(&mut a, 61, 0, 1)), vec![(61, Err(EIO))]);
 }
 
+/// An async Primary whose client write completed (on the local disk alone) and whose flush
+/// then failed: the peer is UpToDate but lacks that write, still on its way.
+fn async_failure_with_a_write_on_its_way() -> (Replica, Replica, Vec<PeerMsg>, Vec<Action>) {
+    let (mut a, b) = pair(Protocol::Async);
+    let out = write(&mut a, 7, 3, 1);
+    let mut to_peer = sends(&out);
+    assert_eq!(
+        completions(&done(&mut a, writes(&out)[0].0)),
+        vec![(7, Ok(()))],
+        "async: the local disk is enough"
+    );
+    let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
+    to_peer.extend(sends(&out));
+    let io = flushes(&out)[0];
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    (a, b, to_peer, out)
+}
+
+/// The write an async Primary completed may still be on its way when its disk fails with the
+/// peer UpToDate, and the failure's message tells the operator to promote that peer
+/// (simulator async seed 42766: it lacked a FUA write, completed on the failed disk). So the
+/// Primary gives its disk up at once but keeps the connection until the peer acked and made
+/// stable everything it was sent, and only then hangs up.
+#[test]
+fn an_async_primary_whose_disk_failed_hands_its_writes_over_before_it_hangs_up() {
+    let (mut a, mut b, mut to_peer, out) = async_failure_with_a_write_on_its_way();
+    assert_eq!(completions(&out), vec![(50, Err(libc::EIO))]);
+    assert!(
+        !out.iter()
+            .any(|x| matches!(x, Action::CloseConnection { .. })),
+        "hung up with a completed write on its way: {out:?}"
+    );
+    let st = a.status();
+    assert_eq!(st.handover, Some(Handover::Running { conn: 1 }));
+    assert_eq!(st.disk, DiskState::Inconsistent);
+    assert_eq!(st.repl, ReplState::Established);
+    assert!(!st.want_connection);
+    // Client I/O fails meanwhile.
+    assert_eq!(completions(&write(&mut a, 51, 0, 1)), vec![(51, Err(EIO))]);
+    to_peer.extend(sends(&out));
+    assert!(
+        to_peer.iter().any(|m| matches!(
+            m,
+            PeerMsg::State(PeerState {
+                disk: DiskState::Inconsistent,
+                ..
+            })
+        )),
+        "the peer is told the disk was given up: {to_peer:?}"
+    );
+    let back = peer_applies(&mut b, to_peer);
+    assert!(
+        back.iter().any(|m| matches!(m, PeerMsg::BarrierAck { .. })),
+        "a flush barrier covers what was sent: {back:?}"
+    );
+    let b_disk: Vec<_> = b.status().peer_disk.into_iter().collect();
+    assert_eq!(b_disk, vec![DiskState::Inconsistent]);
+    let out = deliver(&mut a, back);
+    assert!(out.iter().any(|x| matches!(
+        x,
+        Action::CloseConnection {
+            reason: CloseReason::DiskFailed(_),
+            ..
+        }
+    )));
+    let st = a.status();
+    assert_eq!(st.handover, Some(Handover::Done));
+    assert_eq!(st.repl, ReplState::StandAlone);
+    assert!(st
+        .handover
+        .is_some_and(|h| h.to_string().contains("every write")));
+}
+
+/// A handover the peer does not finish (its acks never come) ends at the stop-drain deadline,
+/// and the status says the peer may lack acknowledged writes.
+#[test]
+fn a_handover_that_the_peer_does_not_finish_is_cut_at_its_deadline() {
+    let (mut a, _b, _to_peer, out) = async_failure_with_a_write_on_its_way();
+    let deadline = out
+        .iter()
+        .find_map(|x| match x {
+            Action::ArmTimer {
+                kind: TimerKind::Handover { conn },
+                ..
+            } => Some(*conn),
+            _ => None,
+        })
+        .expect("a deadline for the handover");
+    let out = a.handle_vec(Event::Timer(TimerKind::Handover { conn: deadline }), 0);
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::CloseConnection { .. })));
+    let st = a.status();
+    assert_eq!(st.handover, Some(Handover::Cut));
+    assert_eq!(st.repl, ReplState::StandAlone);
+    assert!(st
+        .handover
+        .is_some_and(|h| h.to_string().contains("promoting the peer loses them")));
+}
+
+/// With nothing on its way (the peer acked and made stable everything), there is nothing to
+/// hand over: the connection closes at once, as in sync.
+#[test]
+fn an_async_primary_whose_peer_has_everything_hangs_up_at_once() {
+    let (mut a, _b) = pair(Protocol::Async);
+    let out = failed_client_flush(&mut a);
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::CloseConnection { .. })));
+    assert_eq!(a.status().handover, None);
+    assert_eq!(a.status().repl, ReplState::StandAlone);
+}
+
 /// `InjectedBug::ALL` lists every variant once, in `position` order, so `TWINBLK_SIM_BUG` can
 /// replay any of them by name.
 #[test]

@@ -583,6 +583,9 @@ impl Node {
             .map_or(self.link.live().idle_timeout, |c| c.timeout)
             .as_secs();
         let last_refusal = s.last_refusal.as_ref().map(|r| r.to_string());
+        let handover = s
+            .handover
+            .map(|h| json!({"state": h.name(), "message": h.to_string()}));
         let mut status = json!({
             "resource": self.replica.config().resource,
             "protocol": self.protocol,
@@ -665,6 +668,7 @@ impl Node {
             None
         };
         status["last_refusal_peer_code"] = peer_code.into();
+        status["handover"] = handover.into();
         status
     }
 

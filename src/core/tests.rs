@@ -2667,19 +2667,26 @@ fn an_async_primary_whose_disk_failed_hands_its_writes_over_before_it_hangs_up()
     let b_disk: Vec<_> = b.status().peer_disk.into_iter().collect();
     assert_eq!(b_disk, vec![DiskState::Inconsistent]);
     let out = deliver(&mut a, back);
-    assert!(out.iter().any(|x| matches!(
-        x,
-        Action::CloseConnection {
-            reason: CloseReason::DiskFailed(_),
-            ..
-        }
-    )));
+    assert_handover_ended(&a, &out, Handover::Done, "every write");
+}
+
+/// The handover is over as `outcome`: the connection closed for the disk failure, the node
+/// stands alone, and its status says `says`.
+fn assert_handover_ended(a: &Replica, out: &[Action], outcome: Handover, says: &str) {
+    assert!(
+        out.iter().any(|x| matches!(
+            x,
+            Action::CloseConnection {
+                reason: CloseReason::DiskFailed(_),
+                ..
+            }
+        )),
+        "no hang-up: {out:?}"
+    );
     let st = a.status();
-    assert_eq!(st.handover, Some(Handover::Done));
+    assert_eq!(st.handover, Some(outcome));
     assert_eq!(st.repl, ReplState::StandAlone);
-    assert!(st
-        .handover
-        .is_some_and(|h| h.to_string().contains("every write")));
+    assert!(outcome.to_string().contains(says), "{outcome}");
 }
 
 /// A handover the peer does not finish (its acks never come) ends at the stop-drain deadline,
@@ -2698,15 +2705,7 @@ fn a_handover_that_the_peer_does_not_finish_is_cut_at_its_deadline() {
         })
         .expect("a deadline for the handover");
     let out = a.handle_vec(Event::Timer(TimerKind::Handover { conn: deadline }), 0);
-    assert!(out
-        .iter()
-        .any(|x| matches!(x, Action::CloseConnection { .. })));
-    let st = a.status();
-    assert_eq!(st.handover, Some(Handover::Cut));
-    assert_eq!(st.repl, ReplState::StandAlone);
-    assert!(st
-        .handover
-        .is_some_and(|h| h.to_string().contains("promoting the peer loses them")));
+    assert_handover_ended(&a, &out, Handover::Cut, "promoting the peer loses them");
 }
 
 /// With nothing on its way (the peer acked and made stable everything), there is nothing to

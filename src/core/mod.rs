@@ -2996,6 +2996,25 @@ impl Replica {
                 "handing the writes the peer lacks over before disconnecting"
             );
             self.handover = Some(Handover::Running { conn });
+            // Writes still queued never start: they would need this disk, and maybe an
+            // activity-log transaction on it, whose failed flush stops the node and cuts the
+            // handover short (simulator async seed 186). Never acknowledged, they fail.
+            let queued: Vec<ReqId> = self
+                .issue_q
+                .iter()
+                .filter_map(|i| match i {
+                    Issue::Write { req, .. } => Some(*req),
+                    Issue::Barrier { .. } => None,
+                })
+                .collect();
+            self.issue_q.retain(|i| matches!(i, Issue::Barrier { .. }));
+            for req in queued {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.unissued = false;
+                    r.err = Some(EIO);
+                }
+                self.try_complete(req, out);
+            }
             // The peer sees this disk as it is now (it must not count on it meanwhile).
             self.send_state(out);
             // A flush barrier behind everything sent: its ack says the peer has it all.

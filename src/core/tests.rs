@@ -2708,6 +2708,43 @@ fn a_handover_that_the_peer_does_not_finish_is_cut_at_its_deadline() {
     assert_handover_ended(&a, &out, Handover::Cut, "promoting the peer loses them");
 }
 
+/// A write still queued when the disk fails never starts during the handover: it would need
+/// the given-up disk, and maybe an activity-log transaction on it whose failed flush stops the
+/// node, cutting the handover short (simulator async seed 186). Never acknowledged, it fails.
+#[test]
+fn a_handover_fails_the_writes_still_queued_at_once() {
+    let (mut a, _b) = pair(Protocol::Async);
+    let first = write(&mut a, 7, 3, 1);
+    assert_eq!(writes(&first).len(), 1);
+    let queued = write(&mut a, 8, 3, 1);
+    assert!(
+        writes(&queued).is_empty(),
+        "waits for the overlapping write"
+    );
+    let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
+    let io = flushes(&out)[0];
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    assert!(matches!(
+        a.status().handover,
+        Some(Handover::Running { .. })
+    ));
+    assert!(
+        completions(&out).contains(&(8, Err(EIO))),
+        "{:?}",
+        completions(&out)
+    );
+    assert!(writes(&out).is_empty(), "a queued write started: {out:?}");
+    // Its overlapping predecessor finishing does not start it either.
+    let out = done(&mut a, writes(&first)[0].0);
+    assert!(writes(&out).is_empty(), "{out:?}");
+}
+
 /// With nothing on its way (the peer acked and made stable everything), there is nothing to
 /// hand over: the connection closes at once, as in sync.
 #[test]

@@ -2558,15 +2558,21 @@ impl Replica {
                 }
                 Issue::Barrier { .. } => true,
             });
-            for req in failed {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.unissued = false;
-                    r.err = Some(e);
-                }
-                self.try_complete(req, out);
-            }
+            self.fail_unissued(failed, e, out);
         }
         self.pump_issue(out);
+    }
+
+    /// Client requests taken out of the issue queue before they started: they fail with
+    /// `errno` (never acknowledged, never sent).
+    fn fail_unissued(&mut self, reqs: Vec<ReqId>, errno: i32, out: &mut Vec<Action>) {
+        for req in reqs {
+            if let Some(r) = self.reqs.get_mut(&req) {
+                r.unissued = false;
+                r.err = Some(errno);
+            }
+            self.try_complete(req, out);
+        }
     }
 
     /// The activity log is full and some of its extents wait only for the peer to make writes
@@ -3008,13 +3014,7 @@ impl Replica {
                 })
                 .collect();
             self.issue_q.retain(|i| matches!(i, Issue::Barrier { .. }));
-            for req in queued {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.unissued = false;
-                    r.err = Some(EIO);
-                }
-                self.try_complete(req, out);
-            }
+            self.fail_unissued(queued, EIO, out);
             // The peer sees this disk as it is now (it must not count on it meanwhile).
             self.send_state(out);
             // A flush barrier behind everything sent: its ack says the peer has it all.

@@ -1680,10 +1680,7 @@ impl Replica {
             Event::Timer(TimerKind::Stability { conn }) => {
                 if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
                     c.stability_armed = false;
-                    if c.unflushed_writes > 0 {
-                        self.stability_point();
-                        self.pump_issue(out);
-                    }
+                    self.stabilize_sent(out);
                 }
             }
             // (With frontend clients open, `admin` refuses it first.)
@@ -2327,6 +2324,15 @@ impl Replica {
         self.epoch += 1;
         self.epoch_has_writes = false;
         self.reset_unflushed();
+    }
+
+    /// A stability point now, if writes went to the peer since the last one: a wait for the
+    /// peer to make everything sent stable ends at its ack, not at the next interval.
+    fn stabilize_sent(&mut self, out: &mut Vec<Action>) {
+        if self.conn.as_ref().is_some_and(|c| c.unflushed_writes > 0) {
+            self.stability_point();
+            self.pump_issue(out);
+        }
     }
 
     fn reset_unflushed(&mut self) {
@@ -2993,10 +2999,7 @@ impl Replica {
         }
         self.want_connect = false;
         self.last_refusal = Some(Refusal::DiskFailed(failure));
-        if let (true, Some((conn, unflushed))) = (
-            hand_over,
-            self.conn.as_ref().map(|c| (c.id, c.unflushed_writes)),
-        ) {
+        if let (true, Some(conn)) = (hand_over, self.conn.as_ref().map(|c| c.id)) {
             tracing::warn!(
                 resource = %self.cfg.resource,
                 "handing the writes the peer lacks over before disconnecting"
@@ -3018,10 +3021,7 @@ impl Replica {
             // The peer sees this disk as it is now (it must not count on it meanwhile).
             self.send_state(out);
             // A flush barrier behind everything sent: its ack says the peer has it all.
-            if unflushed > 0 {
-                self.stability_point();
-                self.pump_issue(out);
-            }
+            self.stabilize_sent(out);
             out.push(Action::ArmTimer {
                 kind: TimerKind::Handover { conn },
                 at: self.now.saturating_add(self.cfg.stop_drain),
@@ -3041,11 +3041,12 @@ impl Replica {
         let Some(Handover::Running { conn }) = self.handover else {
             return;
         };
-        let connected = self.conn.as_ref().is_some_and(|c| c.id == conn);
-        let outcome = if !connected || (expired && !self.peer_drained()) {
+        let outcome = if !self.conn.as_ref().is_some_and(|c| c.id == conn) {
             Handover::Cut
         } else if self.peer_drained() {
             Handover::Done
+        } else if expired {
+            Handover::Cut
         } else {
             return;
         };
@@ -4444,9 +4445,8 @@ impl Replica {
             kind: TimerKind::StopDrain,
             at: self.now.saturating_add(self.cfg.stop_drain),
         });
-        if self.replicating() && self.conn.as_ref().is_some_and(|c| c.unflushed_writes > 0) {
-            self.stability_point();
-            self.pump_issue(out);
+        if self.replicating() {
+            self.stabilize_sent(out);
         }
     }
 

@@ -583,9 +583,6 @@ impl Node {
             .map_or(self.link.live().idle_timeout, |c| c.timeout)
             .as_secs();
         let last_refusal = s.last_refusal.as_ref().map(|r| r.to_string());
-        let handover = s
-            .handover
-            .map(|h| json!({"state": h.name(), "message": h.to_string()}));
         let mut status = json!({
             "resource": self.replica.config().resource,
             "protocol": self.protocol,
@@ -668,7 +665,10 @@ impl Node {
             None
         };
         status["last_refusal_peer_code"] = peer_code.into();
-        status["handover"] = handover.into();
+        status["handover"] = s
+            .handover
+            .map(|h| json!({"state": h.name(), "message": h.to_string()}))
+            .into();
         status
     }
 

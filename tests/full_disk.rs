@@ -332,3 +332,110 @@ fn serve_on_a_full_disk_answers_enospc() {
         logs()
     );
 }
+
+/// One nbdsh call on `uri` running `code` (Python, the handle is `h`), bounded; its stdout, or
+/// the error it printed.
+fn nbdsh(uri: &str, code: &str, logs: impl Fn() -> String) -> String {
+    let mut cmd = Command::new("/usr/bin/nbdsh");
+    // nbdsh runs `env python3`: the system one, which has libnbd's module.
+    cmd.env("PATH", "/usr/bin:/bin")
+        .args(["-u", uri, "-c", code]);
+    let o = bounded(cmd, "nbdsh", logs);
+    text(&o)
+}
+
+/// The activity log's transaction fails (here its write to the metadata: the log's ring on a
+/// full file system, ENOSPC). That is a disk failure like a failed flush, not the daemon's
+/// exit (which in async cut a failed Primary's handover of its writes short): the write
+/// waiting for the transaction fails, the Primary, whose peer holds everything, gives its disk
+/// up and stays up to say why, and the peer is promoted with every acknowledged write.
+#[test]
+fn a_failed_activity_log_write_detaches_the_disk_and_the_daemon_stays() {
+    if !is_root() {
+        eprintln!("skipping: mounting a tiny tmpfs needs root");
+        return;
+    }
+    if !Path::new("/usr/bin/nbdsh").exists() {
+        panic!("/usr/bin/nbdsh not found: install the Debian package `nbdsh` (libnbd)");
+    }
+    let mut p = Pair::configure_with("32M", "protocol = \"sync\"\n", ["", ""]);
+    // Alpha's metadata (only) moves onto a small file system.
+    let fs = Tmpfs::mount(&p.path("small"), "2m");
+    let meta = p.path("alpha.img.twinblk-meta");
+    let moved = fs.0.join("alpha.meta");
+    std::fs::copy(&meta, &moved).expect("copy metadata");
+    std::fs::remove_file(&meta).expect("remove metadata");
+    std::os::unix::fs::symlink(&moved, &meta).expect("symlink metadata");
+    let md = p.cli(0, &["dump-md", "--json"]);
+    assert!(md.status.success(), "dump-md: {}", text(&md));
+    let md: serde_json::Value = serde_json::from_slice(&md.stdout).expect("dump-md json");
+    let ring = md["al_ring_blocks"].as_u64().expect("al_ring_blocks") * 4096;
+    start_in_sync(&mut p);
+    let logs = || p.logs();
+    // Acknowledged on both nodes; its extent (the first) is in the log from here on.
+    let out = nbdsh(
+        &p.nbd_uri(0),
+        "h.pwrite(b'A' * 4096, 0); h.flush(); print('ok')",
+        logs,
+    );
+    assert!(out.contains("ok"), "the first write: {out}\n{}", p.logs());
+    // The log's ring becomes holes (it is the area's end) and the file system fills: the next
+    // transaction's write needs a block it cannot get.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&moved)
+        .expect("open metadata");
+    let len = f.metadata().expect("stat").len();
+    // SAFETY: fallocate on an open descriptor; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (len - ring) as libc::off_t,
+            ring as libc::off_t,
+        )
+    };
+    assert_eq!(r, 0, "punch the ring: {}", std::io::Error::last_os_error());
+    fs.fill(None);
+    // A write to another extent (8 MiB in) waits for a transaction, which fails.
+    let out = nbdsh(
+        &p.nbd_uri(0),
+        "try:\n    h.pwrite(b'B' * 4096, 8 << 20)\n    print('wrote')\n\
+         except Exception as e:\n    print('error', e)",
+        logs,
+    );
+    assert!(
+        out.contains("error") && !out.contains("wrote"),
+        "a write without its activity-log transaction succeeded: {out}\n{}",
+        p.logs()
+    );
+    let a = p.wait(0, "alpha gives its disk up and says why", |s| {
+        !s["disk_failure"].is_null() && s["disk"] == "Inconsistent" && s["repl"] == "StandAlone"
+    });
+    let why = a["disk_failure"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("activity-log transaction")
+            && why.contains("No space left on device")
+            && why.contains("Free space"),
+        "alpha's disk_failure: {a}"
+    );
+    // The peer holds every acknowledged write: promoted, it serves the first one.
+    p.wait(1, "beta sees alpha gone", |s| s["repl"] != "Established");
+    let o = p.cli(1, &["primary"]);
+    assert!(
+        o.status.success(),
+        "primary on beta: {}\n{}",
+        text(&o),
+        p.logs()
+    );
+    let out = nbdsh(
+        &p.nbd_uri(1),
+        "print('same' if h.pread(4096, 0) == b'A' * 4096 else 'differs')",
+        logs,
+    );
+    assert!(out.contains("same"), "beta's block 0: {out}\n{}", p.logs());
+    // Alpha was up all along, and stops cleanly.
+    for i in [0, 1] {
+        stop(&mut p, i);
+    }
+}

@@ -67,6 +67,13 @@ fn random_workloads_with_faults() {
             Ok(other) => panic!("TWINBLK_SIM_FLUSH_FAULTS={other}: 0 or 1"),
             Err(_) => {}
         }
+        // `TWINBLK_SIM_DISK_FAULTS=N`: about one disk I/O in N fails (400 by default).
+        if let Ok(n) = std::env::var("TWINBLK_SIM_DISK_FAULTS") {
+            cfg.disk_fault_rate = n
+                .trim()
+                .parse()
+                .expect("TWINBLK_SIM_DISK_FAULTS must be a number");
+        }
         // `TWINBLK_SIM_PROTOCOL=sync|async`: every seed in one protocol mode.
         match std::env::var("TWINBLK_SIM_PROTOCOL").as_deref() {
             Ok("sync") => cfg.protocol = twinblk::core::Protocol::Sync,
@@ -635,6 +642,61 @@ fn checker_catches_a_failed_async_primary_that_hangs_up_before_its_peer_has_its_
         failure_of(cfg()),
         None,
         "async seed {seed} with the handover"
+    );
+}
+
+/// A pull-ahead's empty resync ended at once and the cut took its `ResyncDone`; at the next
+/// handshake nothing was left to resync, and the peer stayed Outdated at the old generation
+/// while Established (async seed 21680 with graceful stops, reached at 21,680 seeds): the
+/// handshake must apply the end. Pinned, and must run clean without the bug; when schedule
+/// changes move it, find another with `TWINBLK_SIM_BUG=NoSyncIgnoresResyncEnd
+/// TWINBLK_SIM_DOWNS=1 TWINBLK_SIM_PROTOCOL=async TWINBLK_SIM_SEEDS=40000 cargo test --release
+/// --test simulator random_workloads_with_faults`.
+#[test]
+fn checker_catches_a_handshake_that_leaves_a_target_outdated_after_a_lost_resync_end() {
+    let seed = 21680;
+    let cfg = || {
+        let mut cfg = SimConfig::for_seed(seed);
+        cfg.protocol = twinblk::core::Protocol::Async;
+        cfg.downs = true;
+        cfg
+    };
+    let mut broken = cfg();
+    broken.bug = InjectedBug::NoSyncIgnoresResyncEnd;
+    let msg = failure_of(broken).unwrap_or_default();
+    assert!(
+        msg.contains("never converged") && msg.contains("peer_disk: Some(Outdated)"),
+        "async seed {seed} did not catch a target left Outdated: {msg:?}"
+    );
+    assert_eq!(
+        failure_of(cfg()),
+        None,
+        "async seed {seed} with the end applied"
+    );
+}
+
+/// The operator's `connect --discard-my-data` on a split brain's loser, given while a
+/// handshake was under way: the hello already sent lacked it, the decision cleared it, and the
+/// shared policy discarded the peer's data instead (seed 3584, reached at 20,000 seeds once
+/// failed activity-log transactions stopped stopping the daemon). The core refuses it there;
+/// the operator waits for the handshake and looks again. Pinned, and must run clean without
+/// the bug; when schedule changes move it, find another with
+/// `TWINBLK_SIM_BUG=DiscardDuringHandshake TWINBLK_SIM_SEEDS=40000 cargo test --release --test
+/// simulator random_workloads_with_faults`.
+#[test]
+fn checker_catches_a_discard_my_data_lost_in_a_handshake() {
+    let seed = 3584;
+    let mut broken = SimConfig::for_seed(seed);
+    broken.bug = InjectedBug::DiscardDuringHandshake;
+    let msg = failure_of(broken).unwrap_or_default();
+    assert!(
+        msg.contains("secondary is not a prefix of epochs"),
+        "seed {seed} did not catch a lost --discard-my-data: {msg:?}"
+    );
+    assert_eq!(
+        failure_of(SimConfig::for_seed(seed)),
+        None,
+        "seed {seed} with the refusal"
     );
 }
 

@@ -18,7 +18,7 @@
 //!
 //! | #  | condition                                                  | decision                 |
 //! |----|------------------------------------------------------------|--------------------------|
-//! | 0  | one side Inconsistent, or UpToDate/Outdated with a clean bitmap (trusted bitmap), at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below |
+//! | 0  | one side Inconsistent, or UpToDate/Outdated with a clean bitmap (trusted bitmap), at a generation the other's `resync_end` names, whose bitmap is relative to the generation sent (its `current` or `bitmap`) | read the first as at the generation sent, then the rules below (rule 3: the end applies, [`read_at_resync_end`]) |
 //! | 0b | one side good that moved on (its `bitmap`) from a generation the other's `resync_end` names as the target's, the other's bitmap relative to the generation sent | read the other (the source) at that generation, then the rules below |
 //! | 1  | resource, size or node id conflict; both Primary           | refuse                   |
 //! | 2  | neither disk UpToDate/Outdated                             | refuse                   |
@@ -145,6 +145,14 @@ fn at_resync_end<'a>(tgt: &'a Hello, src: &Hello) -> Cow<'a, Hello> {
     let mut read = tgt.clone();
     read.current_gen = gen;
     Cow::Owned(read)
+}
+
+/// The generation rule 0 reads `me` at against `peer` (the end `peer` sent before a cut names
+/// `me`'s generation as the target's), if it does. When the handshake then finds nothing to
+/// resync, that end applies now, as its `ResyncDone` would have.
+pub fn read_at_resync_end(me: &Hello, peer: &Hello) -> Option<u64> {
+    let read = at_resync_end(me, peer);
+    (read.current_gen != me.current_gen).then_some(read.current_gen)
 }
 
 /// Rule 0b: `src` as the handshake reads it against a `tgt` that never applied the end `src`

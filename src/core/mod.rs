@@ -41,9 +41,11 @@
 //!   background (not blocking other events): first make every data write completed so far
 //!   stable (flush the data device, DRBD's pre-flush: an extent leaves the log only when
 //!   nothing is in flight in it, and its data must then survive a crash), then write the
-//!   transaction durably, then report [`Event::DiskDone`] for `io` (`Ok(None)`, or `Err(errno)`:
-//!   the writes waiting for it fail). At most one is in flight (group commit: writes missing the
-//!   log meanwhile wait in the core and share the next one); the writes it covers are issued
+//!   transaction durably, then report [`Event::DiskDone`] for `io` (`Ok(None)`, or `Err(errno)`
+//!   if either step failed: the writes waiting for it fail and the disk is failed,
+//!   [`FailedIo::ActivityLog`]; never exit instead, see [`Handover`]). At most one is in
+//!   flight (group commit: writes missing the log meanwhile wait in the core and share the
+//!   next one); the writes it covers are issued
 //!   only after its `DiskDone`. A crash before that = the transaction did not happen. The
 //!   [`Action::SaveBitmap`]s before it in the batch (evicted extents) are durable before it.
 //!   Start a restarted node with [`Replica::restore`] from what was persisted.
@@ -333,12 +335,19 @@ pub enum InjectedBug {
     /// or flushed ones included) that were still on their way to the peer are lost when the
     /// peer is promoted, as the failure's message tells the operator to do.
     HangUpOnDiskFailure,
+    /// A handshake that finds nothing to resync leaves a node it read at a cut resync's end
+    /// (rule 0) as it was (the old behaviour): a target that was Outdated stays Outdated at
+    /// the old generation while Established, so a failover needs `--force`.
+    NoSyncIgnoresResyncEnd,
+    /// `connect --discard-my-data` during a handshake is accepted (the old behaviour): the
+    /// hello already sent lacks it, and the decision clears it unapplied.
+    DiscardDuringHandshake,
 }
 
 impl InjectedBug {
     /// Every variant, for replaying a seed by name (`TWINBLK_SIM_BUG`). `position` matches
     /// exhaustively, so a new variant is a compile error there until it is listed here too.
-    pub const ALL: [InjectedBug; 26] = {
+    pub const ALL: [InjectedBug; 28] = {
         use InjectedBug::*;
         [
             None,
@@ -367,6 +376,8 @@ impl InjectedBug {
             FenceAfterOwnDiskFailed,
             PromoteDuringHandshake,
             HangUpOnDiskFailure,
+            NoSyncIgnoresResyncEnd,
+            DiscardDuringHandshake,
         ]
     };
 
@@ -400,6 +411,8 @@ impl InjectedBug {
             FenceAfterOwnDiskFailed => 23,
             PromoteDuringHandshake => 24,
             HangUpOnDiskFailure => 25,
+            NoSyncIgnoresResyncEnd => 26,
+            DiscardDuringHandshake => 27,
         }
     }
 
@@ -594,6 +607,9 @@ pub enum FailedIo {
     ResyncEnd,
     /// A write of the peer's data (replicated or resync) on this node, at `offset`.
     PeerWrite { offset: u64 },
+    /// An activity-log transaction on the Primary: the flush of the data written so far that
+    /// comes before it, or its write to the metadata (the driver reports either as one error).
+    ActivityLog,
 }
 
 impl FailedIo {
@@ -610,6 +626,9 @@ impl std::fmt::Display for FailedIo {
             FailedIo::Client => f.write_str("a client FLUSH"),
             FailedIo::PeerBarrier => f.write_str("a flush barrier from the peer"),
             FailedIo::ResyncEnd => f.write_str("the flush ending a resync"),
+            FailedIo::ActivityLog => f.write_str(
+                "an activity-log transaction (the data flush before it, or its metadata write)",
+            ),
             FailedIo::PeerWrite { offset } => {
                 write!(f, "a write of the peer's data at offset {offset}")
             }
@@ -643,12 +662,17 @@ impl std::fmt::Display for DiskFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let error = std::io::Error::from_raw_os_error(self.errno);
         if self.io.loses_acked_writes() {
+            let fix = if self.errno == libc::ENOSPC {
+                "Free space where the disk and its metadata live"
+            } else {
+                "Check the backing device"
+            };
             write!(
                 f,
                 "{} failed on this node's disk ({error}): writes it covered may be lost \
-                 there; this node stopped using the disk. Check the backing device, then \
-                 restart the node (`twinblk down` and `up`); if the peer is UpToDate, promote \
-                 the peer meanwhile",
+                 there; this node stopped using the disk. {fix}, then restart the node \
+                 (`twinblk down` and `up`); if the peer is UpToDate, promote the peer \
+                 meanwhile",
                 self.io
             )
         } else {
@@ -2534,7 +2558,8 @@ impl Replica {
 
     /// The activity-log transaction `io` finished. Done: the writes it covers go to the disk,
     /// and the ones that missed meanwhile form the next transaction. Failed: its extents are not
-    /// durable, so they leave the log and the writes waiting for them fail.
+    /// durable, so they leave the log and the writes waiting for them fail; and the disk failed
+    /// ([`FailedIo::ActivityLog`]), as at a failed client FLUSH.
     fn al_txn_done(&mut self, io: IoId, result: Result<(), i32>, out: &mut Vec<Action>) {
         self.al_txn = None;
         let added = std::mem::take(&mut self.al_uncommitted);
@@ -2542,8 +2567,7 @@ impl Replica {
             tracing::error!(
                 io,
                 errno = e,
-                "activity-log transaction failed: failing the writes waiting for it; \
-                 check the metadata device"
+                "activity-log transaction failed: failing the writes waiting for it"
             );
             for &x in &added {
                 self.al.remove(x);
@@ -2565,6 +2589,13 @@ impl Replica {
                 Issue::Barrier { .. } => true,
             });
             self.fail_unissued(failed, e, out);
+            // The pre-flush failed (writes completed before it may be lost here, and Linux
+            // would let a later flush pass without them), or the metadata write did: either
+            // way the disk is failing (DRBD's `on-io-error` covers metadata I/O too). The
+            // driver used to exit here, which cut an async handover short and lost what the
+            // peer still lacked (simulator async seed 186); as a disk failure the node stays,
+            // hands over, and says what happened.
+            self.disk_failed(FailedIo::ActivityLog, e, out);
         }
         self.pump_issue(out);
     }
@@ -2936,9 +2967,10 @@ impl Replica {
     }
 
     /// An I/O of this disk failed (see [`DiskFailure`]): a flush (the writes it covered may be
-    /// lost here, and Linux would let a later flush succeed without them) or a write of the
-    /// peer's data. The node stops using the disk: client I/O fails, the connection closes and
-    /// stays closed, no promotion. What the disk becomes: see [`DiskFailure`].
+    /// lost here, and Linux would let a later flush succeed without them), an activity-log
+    /// transaction, or a write of the peer's data. The node stops using the disk: client I/O
+    /// fails, the connection closes and stays closed, no promotion. What the disk becomes: see
+    /// [`DiskFailure`].
     fn disk_failed(&mut self, io: FailedIo, errno: i32, out: &mut Vec<Action>) {
         if self.disk_failure.is_some() {
             return;
@@ -2948,10 +2980,11 @@ impl Replica {
             _ => self.cfg.bug == InjectedBug::FlushFailureIgnored,
         };
         if old_behaviour {
-            // A failed client FLUSH only failed that request; anything else made the disk
+            // A failed client FLUSH only failed that request (and a failed activity-log
+            // transaction the writes waiting for it); anything else made the disk
             // Inconsistent and reconnected.
             match io {
-                FailedIo::Client => {}
+                FailedIo::Client | FailedIo::ActivityLog => {}
                 FailedIo::PeerWrite { offset } => {
                     self.inconsistent_and_reconnect(offset, errno, out)
                 }
@@ -3576,6 +3609,37 @@ impl Replica {
                 }
                 self.crashed_primary = false;
                 self.bitmap_known = true;
+                // Read at the end of a resync whose `ResyncDone` a cut took (rule 0), with
+                // nothing changed on either side since: the end applies now, as that message
+                // would have (its generation, and UpToDate from an UpToDate source). Without
+                // this a target that was Outdated (a pull-ahead's empty resync) stayed so,
+                // Established at the old generation, promotable only with `--force`
+                // (simulator async seed 21680 with graceful stops). Both sides derive it from
+                // the two hellos, so no message is needed.
+                let applies = self.cfg.bug != InjectedBug::NoSyncIgnoresResyncEnd;
+                let up = |from: DiskState, source: DiskState| {
+                    if from == DiskState::Outdated && source == DiskState::UpToDate {
+                        DiskState::UpToDate
+                    } else {
+                        from
+                    }
+                };
+                if let Some(gen) = gen::read_at_resync_end(&mine, &h).filter(|_| applies) {
+                    if self.current_gen != gen {
+                        self.push_history(self.current_gen);
+                    }
+                    self.current_gen = gen;
+                    let to = up(self.disk, h.disk);
+                    if to != self.disk {
+                        self.set_disk(to, out);
+                    }
+                }
+                if let Some(gen) = gen::read_at_resync_end(&h, &mine).filter(|_| applies) {
+                    if let Some(c) = self.conn.as_mut() {
+                        c.peer_gen = gen;
+                        c.peer_disk = Some(up(h.disk, mine.disk));
+                    }
+                }
                 self.set_repl(ReplState::Established, out);
                 self.save_meta(out);
             }
@@ -4946,6 +5010,12 @@ impl Replica {
             AdminCmd::DiscardMyData => {
                 if self.role == Role::Primary {
                     return Err(AdminError::DiscardOnPrimary);
+                }
+                // Too late for this handshake: its hello went out without the flag, and the
+                // decision would clear it. Silently, the operator's "discard my data" then lost
+                // to a policy that discarded the peer's (simulator seed 3584).
+                if self.handshaking() && self.cfg.bug != InjectedBug::DiscardDuringHandshake {
+                    return Err(AdminError::DiscardDuringHandshake);
                 }
                 self.discard_my_data = true;
                 Ok(())

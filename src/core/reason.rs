@@ -407,6 +407,8 @@ pub enum AdminError {
     InvalidatePrimary,
     /// `connect --discard-my-data` on a Primary.
     DiscardOnPrimary,
+    /// `connect --discard-my-data` during a handshake: this node's hello went out without it.
+    DiscardDuringHandshake,
     /// `verify` cannot run now.
     Verify(VerifyRefusal),
     /// Frontend clients have the device open (`secondary` or `down` without `--force`).
@@ -442,6 +444,7 @@ impl AdminError {
             AdminError::RequestsInFlight { .. } => AdminErrorCode::RequestsInFlight,
             AdminError::InvalidatePrimary => AdminErrorCode::InvalidatePrimary,
             AdminError::DiscardOnPrimary => AdminErrorCode::DiscardOnPrimary,
+            AdminError::DiscardDuringHandshake => AdminErrorCode::DiscardDuringHandshake,
             AdminError::Verify(_) => AdminErrorCode::VerifyRefused,
             AdminError::ClientsOpen { .. } => AdminErrorCode::ClientsOpen,
             AdminError::FencingStillNeeded => AdminErrorCode::FencingStillNeeded,
@@ -478,6 +481,7 @@ pub enum AdminErrorCode {
     RequestsInFlight,
     InvalidatePrimary,
     DiscardOnPrimary,
+    DiscardDuringHandshake,
     VerifyRefused,
     FencingStillNeeded,
     ShuttingDown,
@@ -558,6 +562,11 @@ impl fmt::Display for AdminError {
             AdminError::DiscardOnPrimary => f.write_str(
                 "this node is Primary: demote it first (`twinblk secondary`), then discard its \
                  data",
+            ),
+            AdminError::DiscardDuringHandshake => f.write_str(
+                "a handshake with the peer is under way, and it decides on what this node \
+                 already sent (without --discard-my-data): run `twinblk disconnect`, then \
+                 `twinblk connect --discard-my-data` again",
             ),
             AdminError::Verify(why) => why.fmt(f),
             AdminError::ClientsOpen {

@@ -937,8 +937,13 @@ fn a_full_log_makes_a_write_wait_and_asks_the_peer_for_stability_instead_of_grow
     assert_eq!(writes(&out).len(), 1, "{out:?}");
 }
 
+/// A failed activity-log transaction (its pre-flush of the data, or its metadata write) fails
+/// the writes waiting for it, and the disk: its writes completed before may be lost there, and
+/// Linux would let a later flush pass without them. Alone, this Primary's disk is still the
+/// best copy: it keeps it, marks every block (the next resync from it is full), and stops
+/// serving. The driver used to exit instead.
 #[test]
-fn a_failed_activity_log_transaction_fails_its_writes_and_the_next_retries() {
+fn a_failed_activity_log_transaction_fails_its_writes_and_the_disk() {
     let mut a = primary_alone(al_cfg(1), synced_meta());
     let out = write_raw(&mut a, 1, 0, 1);
     let (io, _) = al_txns(&out)[0].clone();
@@ -951,11 +956,193 @@ fn a_failed_activity_log_transaction_fails_its_writes_and_the_next_retries() {
     );
     assert_eq!(completions(&out), vec![(1, Err(libc::EIO))]);
     assert!(writes(&out).is_empty());
-    // The extent is not in the log: the next write to it asks again.
+    let st = a.status();
+    assert_eq!(
+        st.disk_failure.map(|f| f.io),
+        Some(FailedIo::ActivityLog),
+        "{st:?}"
+    );
+    assert_eq!(st.disk, DiskState::UpToDate, "still the best copy");
+    assert_eq!(st.role, Role::Primary);
+    assert_eq!(st.dirty_blocks, SIZE / BLOCK, "the next resync is full");
+    assert!(
+        out.iter().any(|x| matches!(x, Action::SaveMeta(_))),
+        "{out:?}"
+    );
+    // No write starts on that disk again, and none asks for the log.
     let out = write_raw(&mut a, 2, 0, 1);
-    assert_eq!(al_txns(&out).len(), 1);
-    let out = done(&mut a, al_txns(&out)[0].0);
-    assert_eq!(writes(&out).len(), 1);
+    assert_eq!(completions(&out), vec![(2, Err(libc::EIO))]);
+    assert!(
+        al_txns(&out).is_empty() && writes(&out).is_empty(),
+        "{out:?}"
+    );
+}
+
+/// Connected to an UpToDate peer (sync: it has every write this node acknowledged), the
+/// Primary gives the failed disk up, as at a failed client FLUSH: Inconsistent, and it hangs
+/// up for good.
+#[test]
+fn a_sync_primary_whose_activity_log_fails_gives_its_disk_up_to_its_peer() {
+    let (mut a, _b) = pair_of(al_cfg(1), al_cfg(2));
+    let out = write_raw(&mut a, 1, 0, 1);
+    let (io, _) = al_txns(&out)[0].clone();
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    assert_eq!(completions(&out), vec![(1, Err(libc::EIO))]);
+    assert!(
+        out.iter().any(|x| matches!(
+            x,
+            Action::CloseConnection {
+                reason: CloseReason::DiskFailed(DiskFailure {
+                    io: FailedIo::ActivityLog,
+                    ..
+                }),
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    let st = a.status();
+    assert_eq!(st.disk, DiskState::Inconsistent);
+    assert_eq!(st.repl, ReplState::StandAlone);
+    assert!(!st.want_connection);
+    assert!(st
+        .disk_failure
+        .is_some_and(|f| f.to_string().contains("activity-log transaction")));
+}
+
+/// Simulator async seed 21680 (graceful stops): the Primary went Ahead (a new generation, the
+/// peer Behind and Outdated), its resync found nothing to send and ended at once, and the cut
+/// took the `ResyncDone`. At the next handshake rule 0 reads the peer at the end's generation,
+/// and nothing is left to resync: the end applies there and then, on both sides. Before, the
+/// peer stayed Outdated at the old generation while Established, so a failover to it needed
+/// `--force`.
+#[test]
+fn a_handshake_with_nothing_to_resync_applies_the_end_a_cut_took() {
+    let src_meta = Meta {
+        current_gen: 0x20001,
+        history: [0x10001, 0],
+        resync_end: Some(ResyncEnd {
+            gen: 0x20001,
+            target_gens: [0x10001, 0x10001],
+        }),
+        ..synced_meta()
+    };
+    let tgt_meta = Meta {
+        disk: DiskState::Outdated,
+        ..synced_meta()
+    };
+    let handshake = |bug: InjectedBug| {
+        let (mut ca, mut cb) = (cfg(1, Protocol::Async), cfg(2, Protocol::Async));
+        ca.bug = bug;
+        cb.bug = bug;
+        // Restarted (a graceful stop): a bitmap it trusts, as the running nodes had.
+        let restored = |meta| Restored {
+            meta,
+            bitmap: Vec::new(),
+            activity_log: Vec::new(),
+        };
+        let mut a = Replica::restore(ca, restored(src_meta));
+        let mut b = Replica::restore(cb, restored(tgt_meta));
+        a.handle_vec(
+            Event::Admin {
+                tag: 3,
+                cmd: AdminCmd::Promote { force: false },
+            },
+            0,
+        );
+        for (tag, r) in [(1, &mut a), (2, &mut b)] {
+            r.handle_vec(
+                Event::Admin {
+                    tag,
+                    cmd: AdminCmd::Connect,
+                },
+                0,
+            );
+        }
+        let ha = sends(&a.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+        let hb = sends(&b.handle_vec(Event::ConnectionUp { conn: 1 }, 0));
+        let on_b = deliver(&mut b, ha);
+        deliver(&mut a, hb);
+        (a, b, on_b)
+    };
+    let (a, b, on_b) = handshake(InjectedBug::None);
+    let (sa, sb) = (a.status(), b.status());
+    assert_eq!(
+        (sa.repl, sb.repl),
+        (ReplState::Established, ReplState::Established)
+    );
+    assert_eq!(sb.disk, DiskState::UpToDate, "{sb:?}");
+    assert_eq!(sb.current_gen, 0x20001);
+    assert_eq!(sb.history[0], 0x10001);
+    assert_eq!(
+        sa.peer_disk,
+        Some(DiskState::UpToDate),
+        "the source derives it too"
+    );
+    assert!(
+        on_b.iter()
+            .any(|x| matches!(x, Action::SaveMeta(m) if m.current_gen == 0x20001 && m.disk == DiskState::UpToDate)),
+        "{on_b:?}"
+    );
+    // The old behaviour, for the simulator's check.
+    let (_, b, _) = handshake(InjectedBug::NoSyncIgnoresResyncEnd);
+    assert_eq!(b.status().disk, DiskState::Outdated);
+}
+
+/// `connect --discard-my-data` while a handshake is under way comes too late for it: the hello
+/// went out without the flag, and the decision clears it. Refused, with what to do; accepted
+/// (the old behaviour), a shared split-brain policy silently discarded the peer's data instead
+/// (simulator seed 3584).
+#[test]
+fn discard_my_data_during_a_handshake_is_refused() {
+    let mut b = Replica::new(cfg(2, Protocol::Sync), synced_meta());
+    b.handle_vec(
+        Event::Admin {
+            tag: 1,
+            cmd: AdminCmd::Connect,
+        },
+        0,
+    );
+    b.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    let out = b.handle_vec(
+        Event::Admin {
+            tag: 2,
+            cmd: AdminCmd::DiscardMyData,
+        },
+        0,
+    );
+    let refused = out.iter().find_map(|x| match x {
+        Action::AdminDone { tag: 2, result } => Some(result.clone()),
+        _ => None,
+    });
+    let Some(Err(e)) = refused else {
+        panic!("accepted during the handshake: {out:?}");
+    };
+    assert_eq!(e.code(), AdminErrorCode::DiscardDuringHandshake);
+    assert!(e.to_string().contains("twinblk disconnect"), "{e}");
+    assert!(!b.status().discard_my_data);
+    // StandAlone again, it is taken for the next handshake.
+    b.handle_vec(
+        Event::Admin {
+            tag: 3,
+            cmd: AdminCmd::Disconnect,
+        },
+        0,
+    );
+    b.handle_vec(
+        Event::Admin {
+            tag: 4,
+            cmd: AdminCmd::DiscardMyData,
+        },
+        0,
+    );
+    assert!(b.status().discard_my_data);
 }
 
 fn no_al_cfg(node: u64) -> Config {
@@ -2743,6 +2930,74 @@ fn a_handover_fails_the_writes_still_queued_at_once() {
     // Its overlapping predecessor finishing does not start it either.
     let out = done(&mut a, writes(&first)[0].0);
     assert!(writes(&out).is_empty(), "{out:?}");
+}
+
+/// An activity-log transaction in flight when the disk fails fails too (its pre-flush runs on
+/// the failed disk). That fails the write waiting for it and nothing else: the handover goes
+/// on until the peer has everything (simulator async seed 186: the driver exited there and
+/// cut it short).
+#[test]
+fn an_activity_log_transaction_failing_during_a_handover_does_not_cut_it() {
+    let async_al = |node| {
+        let mut c = al_cfg(node);
+        c.protocol = Protocol::Async;
+        c
+    };
+    let (mut a, mut b) = pair_of(async_al(1), async_al(2));
+    let out = write(&mut a, 7, 0, 1);
+    let mut to_peer = sends(&out);
+    assert_eq!(
+        completions(&done(&mut a, writes(&out)[0].0)),
+        vec![(7, Ok(()))]
+    );
+    // A write to the next extent waits for its transaction.
+    let waiting = write_raw(&mut a, 8, 8, 1);
+    let (al_io, _) = al_txns(&waiting)[0].clone();
+    assert!(writes(&waiting).is_empty());
+    let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
+    to_peer.extend(sends(&out));
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io: flushes(&out)[0],
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    to_peer.extend(sends(&out));
+    assert!(matches!(
+        a.status().handover,
+        Some(Handover::Running { .. })
+    ));
+    let out = a.handle_vec(
+        Event::DiskDone {
+            io: al_io,
+            result: Err(libc::EIO),
+        },
+        0,
+    );
+    assert!(
+        !out.iter()
+            .any(|x| matches!(x, Action::CloseConnection { .. })),
+        "the failed transaction cut the handover: {out:?}"
+    );
+    assert!(
+        writes(&out).is_empty() && al_txns(&out).is_empty(),
+        "{out:?}"
+    );
+    to_peer.extend(sends(&out));
+    let st = a.status();
+    assert!(
+        matches!(st.handover, Some(Handover::Running { .. })),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.disk_failure.map(|f| f.io),
+        Some(FailedIo::Client),
+        "the first failure is the one reported"
+    );
+    let back = peer_applies(&mut b, to_peer);
+    let out = deliver(&mut a, back);
+    assert_handover_ended(&a, &out, Handover::Done, "every write");
 }
 
 /// With nothing on its way (the peer acked and made stable everything), there is nothing to

@@ -91,6 +91,20 @@ pub enum MetaError {
     Invalid { path: PathBuf, detail: String },
 }
 
+impl MetaError {
+    /// The errno of a failed metadata write, for the core's disk failure: ENOSPC for a full
+    /// file system, EIO for everything else.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MetaError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+                _ => libc::EIO,
+            },
+            _ => libc::EIO,
+        }
+    }
+}
+
 /// Everything `dump-md` shows: the area as found, unchecked against any resource file.
 #[derive(Debug, Clone)]
 pub struct Inspection {

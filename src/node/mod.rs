@@ -9,8 +9,9 @@
 //! * `hook`: runs the `on-peer-lost` hook when the core asks to fence the peer
 //!   (`Action::FencePeer`), and reports its exit (`Event::Fenced`).
 //! * `SaveMeta` / `SaveBitmap` go to the node's [`MetaStore`] (meta/), synchronously: each is
-//!   durable before the next action runs. `SaveActivityLog` (data-disk sync, then the
-//!   transaction) runs on a blocking thread and is answered as `DiskDone`.
+//!   durable before the next action runs (a failed one stops the daemon). `SaveActivityLog`
+//!   (data-disk sync, then the transaction) runs on a blocking thread and is answered as
+//!   `DiskDone`, an error included (the core then fails the disk).
 //! * `daemon`: process setup, listeners and signals. The graceful shutdown is the core's
 //!   (`Event::Stop` ... `Action::Stopped`): the driver only stops its clients first, then
 //!   executes what the core decides and exits.
@@ -367,26 +368,26 @@ impl Node {
                 tokio::task::spawn_blocking(move || {
                     // The contract: completed writes are stable before a transaction drops
                     // their extent from the log, or a crash could lose a write no bitmap names.
-                    if let Err(e) = disk.sync_now() {
-                        tracing::error!(
-                            "{e}; stopping before the activity log forgets its extents"
-                        );
-                        std::process::exit(1);
-                    }
-                    let r = match al.lock() {
-                        Ok(mut w) => w.save(&extents),
-                        Err(p) => p.into_inner().save(&extents),
+                    // Either step failing is the core's to handle (it fails the writes waiting
+                    // for the log and stops using the disk); exiting here instead would cut an
+                    // async Primary's handover of its writes short.
+                    let result = match disk.sync_now() {
+                        Err(e) => {
+                            tracing::error!("{e}: the activity-log transaction fails");
+                            Err(e.errno())
+                        }
+                        Ok(()) => {
+                            let r = match al.lock() {
+                                Ok(mut w) => w.save(&extents),
+                                Err(p) => p.into_inner().save(&extents),
+                            };
+                            r.map(|()| None).map_err(|e| {
+                                tracing::error!("{e}: the activity-log transaction fails");
+                                e.errno()
+                            })
+                        }
                     };
-                    if let Err(e) = r {
-                        // As for every metadata write: stop rather than let data reach the
-                        // disk that the saved state does not cover.
-                        tracing::error!("{e}; stopping so no write runs without its activity log");
-                        std::process::exit(1);
-                    }
-                    let _ = tx.send(Input::DiskDone {
-                        io,
-                        result: Ok(None),
-                    });
+                    let _ = tx.send(Input::DiskDone { io, result });
                 });
             }
             Action::SyncData => {

@@ -94,7 +94,8 @@ pub struct SimConfig {
     /// none of its 200 seeds catches its bug). Async seed 922 was the oracle's: a Primary whose
     /// flush failed with its peer UpToDate gives its disk up (Inconsistent), so the peer's disk is
     /// the data, not the failed one (`peer_takes_over_a_failed_disk`). The activity log's
-    /// pre-flush fails too (the driver exits, `exit_on_failed_flush`), which moved every seed
+    /// pre-flush fails too (then the driver exited; since session 20 the core fails the disk,
+    /// `FailedIo::ActivityLog`), which moved every seed
     /// again; 20,000 seeds per protocol then found: async 10732 (and 6890 before), a core
     /// bug: a false split brain over "unrelated" data after a cut at a pull-ahead's resync
     /// end, fixed in `gen::at_resync_end`; async 12174, the oracle's: the peer of a Primary
@@ -102,7 +103,10 @@ pub struct SimConfig {
     /// async 15081, the stale-promotion check's: a policy's source that decided before a cut
     /// had moved its bitmap generation, so the divergence must stay known; sync 16112, the
     /// switchover's: begun during a stop's drain, it waited for ever for the answer of a
-    /// demotion the crash cut off (`crash` ends it, as for sync seed 8908).
+    /// demotion the crash cut off (`crash` ends it, as for sync seed 8908). At 100,000 async
+    /// seeds: 42766, a core bug (`InjectedBug::HangUpOnDiskFailure`); 98062, the simulator's:
+    /// both disks failed, the Primary's first, and it took the peer's failed disk for "the data"
+    /// without the forced promotion an operator needs there (`force_on_restart`).
     /// `TWINBLK_SIM_FLUSH_FAULTS=0|1` overrides it for `random_workloads_with_faults`.
     pub flush_faults: bool,
     /// The operator's `adjust` now and then on a running node: the resync rates and
@@ -112,6 +116,10 @@ pub struct SimConfig {
     /// Fencing is STONITH: a successful fence kills the peer (its disk loses what it had not
     /// made stable), then the Primary resumes; the peer restarts as Secondary.
     pub stonith: bool,
+    /// With faults on, about one disk I/O in this many fails (400; flushes twice as often,
+    /// other writes a quarter as often). Lower reaches disk-failure schedules faster
+    /// (`TWINBLK_SIM_DISK_FAULTS=N`).
+    pub disk_fault_rate: u64,
 }
 
 impl SimConfig {
@@ -154,6 +162,8 @@ impl SimConfig {
             // Drawn last, so the seeds of every earlier configuration replay as before.
             adjusts: r.one_in(3),
             stonith: r.one_in(2),
+            // Not drawn: every seed replays as before.
+            disk_fault_rate: 400,
         }
     }
 }
@@ -484,6 +494,8 @@ pub struct World {
     /// last started: it must not connect again before a restart (DRBD's `on-io-error
     /// detach`; reconnecting resyncs into the same failing disk, a storm while a disk is full).
     peer_write_failed: [bool; 2],
+    /// Both disks failed (the Primary's first): the operator forces this node when it is back.
+    force_on_restart: [bool; 2],
     /// Fencing: the node, Primary, lost its UpToDate peer and nothing since ended the freeze
     /// (the hook's success, the peer connecting again, `disconnect`): no write may be
     /// acknowledged.
@@ -570,6 +582,7 @@ impl World {
             exiting: [false; 2],
             was_down: [false; 2],
             peer_write_failed: [false; 2],
+            force_on_restart: [false; 2],
             unfenced: [false; 2],
             fence_episode: [None; 2],
             fencing: [cfg.fencing; 2],
@@ -941,7 +954,7 @@ impl World {
         let inc = self.nodes[node].inc;
         let a_is_trim = matches!(a, Action::DiskTrim { .. });
         let fail_rate = if self.cfg.faults && !self.healing {
-            400
+            self.cfg.disk_fault_rate.max(2)
         } else {
             0
         };
@@ -1100,6 +1113,12 @@ impl World {
                         }
                         (FailedIo::PeerWrite { .. }, false) => {
                             "disk failed: peer write on the Secondary"
+                        }
+                        (FailedIo::ActivityLog, true) => {
+                            "disk failed: activity-log transaction on the Primary"
+                        }
+                        (FailedIo::ActivityLog, false) => {
+                            "disk failed: activity-log transaction on a Secondary"
                         }
                     };
                     *self.stats.entry(k).or_default() += 1;
@@ -1529,6 +1548,29 @@ impl World {
             self.outstanding.clear();
             if disk_gave_up && self.alive(sec) && self.split.is_none() {
                 self.peer_takes_over_a_failed_disk(sec, handover_cut);
+            } else if disk_gave_up
+                && self.split.is_none()
+                && self.nodes[sec].meta.disk == DiskState::Inconsistent
+            {
+                // The peer's disk failed too, after this one's (it was UpToDate then, or this
+                // disk would have been kept): a double disk failure (async seed 98062: the
+                // Primary's client FLUSH, then 79 us later the peer's flush barrier). Neither
+                // copy is complete, so each node refuses the other ("neither node has
+                // UpToDate data"), and the operator forces one: the peer, whose disk then is
+                // the data, what a crash or its failed flush lost included.
+                *self
+                    .stats
+                    .entry("disk failed on both nodes: the peer forced")
+                    .or_default() += 1;
+                self.log(format!(
+                    "both disks failed: the operator forces node {sec} once it is back"
+                ));
+                self.force_on_restart[sec] = true;
+                self.forced_failover = true;
+                // It may never have learnt what it lacked (a sync target): nothing describes
+                // its data once forced, so the next sync is full.
+                self.untrusted_promotion = true;
+                self.take_over(sec, "forced peer's disk after a double disk failure", false);
             } else if disk_gave_up && self.split.is_none() {
                 // The peer crashed before this Primary's disk failed (sync seed 3209, a
                 // switchover that left the old Primary Primary again): its disk, as its crash
@@ -1600,30 +1642,6 @@ impl World {
         self.schedule(d, Ev::Restart { node });
     }
 
-    /// An internal flush (the activity log's pre-flush) failed: the node's
-    /// driver exits (node/mod.rs), with the disk's cache written back or dropped as the flush
-    /// left it (`SimDisk::fail_flush`), then whatever a crash leaves of the rest.
-    fn exit_on_failed_flush(&mut self, node: usize) {
-        if node == self.prim {
-            *self
-                .stats
-                .entry("flush failed: internal, on the Primary")
-                .or_default() += 1;
-        } else {
-            *self
-                .stats
-                .entry("flush failed: internal, on the Secondary")
-                .or_default() += 1;
-        }
-        self.log(format!(
-            "node {node}: an internal flush failed, the node exits"
-        ));
-        let mut rng = self.rng.clone();
-        self.nodes[node].disk.fail_flush(&mut rng);
-        self.rng = rng;
-        self.crash(node);
-    }
-
     fn restart(&mut self, node: usize) {
         if self.alive(node) {
             return;
@@ -1639,7 +1657,13 @@ impl World {
         self.start(node);
         if node == self.prim {
             self.conn_epoch += 1;
-            self.admin(node, AdminCmd::Promote { force: false });
+            let force = std::mem::take(&mut self.force_on_restart[node]);
+            self.admin(node, AdminCmd::Promote { force });
+            if force && self.status(node).is_some_and(|s| s.role != Role::Primary) {
+                self.fail(format!(
+                    "node {node} refused a forced promotion after both disks failed"
+                ));
+            }
         }
         self.admin(node, AdminCmd::Connect);
     }
@@ -1690,6 +1714,12 @@ impl World {
             .stats
             .entry("disk failed: the peer takes over")
             .or_default() += 1;
+        if self.switching.is_some() {
+            // The operator's takeover replaces a switchover under way: its promotion may have
+            // failed with the connection the failed Primary closed (async seed 3418, once a
+            // failed activity-log transaction no longer stopped the daemon).
+            self.end_switchover("switchover: overtaken by a failed disk's takeover");
+        }
         if handover_cut {
             *self
                 .stats
@@ -2240,10 +2270,23 @@ impl World {
             retry(self, 200 * US);
             return;
         }
+        self.admin(loser, AdminCmd::DiscardMyData);
+        if self.status(loser).is_some_and(|x| !x.discard_my_data) {
+            // Refused (`discard-during-handshake`): a handshake is under way and decides on
+            // the hello already sent, maybe resolving the split brain by a shared policy. The
+            // operator waits for it and looks again (seed 3584: accepted, the flag was lost
+            // and the policy discarded the peer's data instead).
+            *self
+                .stats
+                .entry("split brain: discard refused during a handshake")
+                .or_default() += 1;
+            self.log("resolve waits: a handshake is under way".into());
+            retry(self, 1000 * US);
+            return;
+        }
         self.log(format!(
             "RESOLVE: node {loser} discards its data (reported {reported:?})"
         ));
-        self.admin(loser, AdminCmd::DiscardMyData);
         self.admin(loser, AdminCmd::Connect);
         self.admin(winner, AdminCmd::Connect);
         *self
@@ -3298,19 +3341,6 @@ impl World {
                     };
                     self.log(format!("node {node} disk io {io} done: {d}"));
                 }
-                if matches!(op, DiskOp::AlTxn { .. })
-                    && (fail.is_some() || self.nodes[node].disk.flush_failed)
-                {
-                    // The activity log's pre-flush failed: the driver stops the node before
-                    // the transaction drops an extent whose data may not be stable
-                    // (`SaveActivityLog` in node/mod.rs); the core never hears of it.
-                    *self
-                        .stats
-                        .entry("flush failed: activity-log pre-flush (the node exits)")
-                        .or_default() += 1;
-                    self.exit_on_failed_flush(node);
-                    return true;
-                }
                 let mut al_saved = None;
                 let is_write = matches!(op, DiskOp::Write { .. });
                 let mut rng = self.rng.clone();
@@ -3318,7 +3348,8 @@ impl World {
                 disk.writes_in_flight.retain(|&(i, _, _)| i != io);
                 let sticky = disk.flush_failed;
                 let result = match (fail, op) {
-                    (Some(e), DiskOp::Flush { .. }) => {
+                    // An activity-log transaction's pre-flush fails like any flush.
+                    (Some(e), DiskOp::Flush { .. } | DiskOp::AlTxn { .. }) => {
                         disk.fail_flush(&mut rng);
                         Err(e)
                     }

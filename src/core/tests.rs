@@ -1095,21 +1095,27 @@ fn a_handshake_with_nothing_to_resync_applies_the_end_a_cut_took() {
     assert_eq!(b.status().disk, DiskState::Outdated);
 }
 
-/// `connect --discard-my-data` while a handshake is under way comes too late for it: the hello
-/// went out without the flag, and the decision clears it. Refused, with what to do; accepted
-/// (the old behaviour), a shared split-brain policy silently discarded the peer's data instead
-/// (simulator seed 3584).
-#[test]
-fn discard_my_data_during_a_handshake_is_refused() {
-    let mut b = Replica::new(cfg(2, Protocol::Sync), synced_meta());
-    b.handle_vec(
+/// A node told to connect, its connection up and its hello sent: in its handshake.
+fn in_handshake(c: Config, meta: Meta) -> Replica {
+    let mut r = Replica::new(c, meta);
+    r.handle_vec(
         Event::Admin {
             tag: 1,
             cmd: AdminCmd::Connect,
         },
         0,
     );
-    b.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    r.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    r
+}
+
+/// `connect --discard-my-data` while a handshake is under way comes too late for it: the hello
+/// went out without the flag, and the decision clears it. Refused, with what to do; accepted
+/// (the old behaviour), a shared split-brain policy silently discarded the peer's data instead
+/// (simulator seed 3584).
+#[test]
+fn discard_my_data_during_a_handshake_is_refused() {
+    let mut b = in_handshake(cfg(2, Protocol::Sync), synced_meta());
     let out = b.handle_vec(
         Event::Admin {
             tag: 2,
@@ -1703,15 +1709,7 @@ fn demoted_primary_that_crashes_keeps_its_unreplicated_writes_in_the_bitmap() {
 
 #[test]
 fn a_forced_promotion_during_the_handshake_waits_for_it_and_goes_on_alone_when_it_ends() {
-    let mut r = Replica::new(cfg(2, Protocol::Sync), Meta::new_device());
-    r.handle_vec(
-        Event::Admin {
-            tag: 1,
-            cmd: AdminCmd::Connect,
-        },
-        0,
-    );
-    r.handle_vec(Event::ConnectionUp { conn: 1 }, 0);
+    let mut r = in_handshake(cfg(2, Protocol::Sync), Meta::new_device());
     // The first `primary --force` of a new pair, while the nodes are in their handshake
     // (neither has good data, so it will be refused): it waits for the outcome.
     let out = r.handle_vec(

@@ -958,6 +958,7 @@ impl World {
         } else {
             0
         };
+
         match a {
             Action::DiskWrite {
                 io,
@@ -2678,7 +2679,11 @@ impl World {
                     && self.ops_left > 20
                     && self.conn.is_some()
                     && self.alive(A)
-                    && self.alive(B) =>
+                    && self.alive(B)
+                    // A Primary whose disk failed is no side of a split brain: promoting its
+                    // peer is what the failure's message asks for (async seed 40252: the
+                    // "rogue" got the whole device from the failed Primary's peer, rightly).
+                    && self.status(self.prim).is_some_and(|s| s.disk_failure.is_none()) =>
             {
                 self.start_split()
             }
@@ -3341,6 +3346,16 @@ impl World {
                     };
                     self.log(format!("node {node} disk io {io} done: {d}"));
                 }
+                // No flush of the Primary fails while a split brain is made and resolved: one
+                // that fails before the Primary noticed the partition gives its disk up (its
+                // peer held everything), and the split then has a side without data, which
+                // this model of a split brain does not follow (sync seed 71219;
+                // `start_split` likewise waits for a failed Primary).
+                let fail = fail.filter(|_| {
+                    !(node == self.prim
+                        && self.split.is_some()
+                        && matches!(op, DiskOp::Flush { .. } | DiskOp::AlTxn { .. }))
+                });
                 let mut al_saved = None;
                 let is_write = matches!(op, DiskOp::Write { .. });
                 let mut rng = self.rng.clone();

@@ -3039,8 +3039,8 @@ impl Replica {
             );
             self.handover = Some(Handover::Running { conn });
             // Writes still queued never start: they would need this disk, and maybe an
-            // activity-log transaction on it, whose failed flush stops the node and cuts the
-            // handover short (simulator async seed 186). Never acknowledged, they fail.
+            // activity-log transaction on it (whose failed flush once stopped the node and cut
+            // the handover short: simulator async seed 186). Never acknowledged, they fail.
             let queued: Vec<ReqId> = self
                 .issue_q
                 .iter()

@@ -2894,8 +2894,9 @@ fn a_handover_that_the_peer_does_not_finish_is_cut_at_its_deadline() {
 }
 
 /// A write still queued when the disk fails never starts during the handover: it would need
-/// the given-up disk, and maybe an activity-log transaction on it whose failed flush stops the
-/// node, cutting the handover short (simulator async seed 186). Never acknowledged, it fails.
+/// the given-up disk, and maybe an activity-log transaction on it (whose failed flush once
+/// stopped the node, cutting the handover short: simulator async seed 186). Never
+/// acknowledged, it fails.
 #[test]
 fn a_handover_fails_the_writes_still_queued_at_once() {
     let (mut a, _b) = pair(Protocol::Async);

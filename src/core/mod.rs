@@ -1386,6 +1386,25 @@ const PRESSURE_EPOCH: u64 = 1 << 63;
 const REORDER_MAX_MSGS: usize = 1 << 16;
 const REORDER_MAX_BYTES: u64 = 256 << 20;
 
+/// Takes the queued writes `pick` chooses (by offset and length) out of the issue queue, in
+/// order, and returns their requests; barriers stay.
+fn take_queued_writes(
+    q: &mut VecDeque<Issue>,
+    mut pick: impl FnMut(u64, u32) -> bool,
+) -> Vec<ReqId> {
+    let mut taken = Vec::new();
+    q.retain(|item| match item {
+        Issue::Write {
+            req, offset, len, ..
+        } if pick(*offset, *len) => {
+            taken.push(*req);
+            false
+        }
+        Issue::Write { .. } | Issue::Barrier { .. } => true,
+    });
+    taken
+}
+
 fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.1 > 0 && b.1 > 0 && a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }
@@ -2572,21 +2591,11 @@ impl Replica {
             for &x in &added {
                 self.al.remove(x);
             }
-            let mut failed = Vec::new();
             let ext = self.cfg.al_extent.max(1);
             let al = &self.al;
-            self.issue_q.retain(|item| match item {
-                Issue::Write {
-                    req, offset, len, ..
-                } => {
-                    let last = offset.saturating_add((*len as u64).max(1) - 1) / ext;
-                    let waits = (offset / ext..=last).any(|x| !al.contains(x));
-                    if waits {
-                        failed.push(*req);
-                    }
-                    !waits
-                }
-                Issue::Barrier { .. } => true,
+            let failed = take_queued_writes(&mut self.issue_q, |offset, len| {
+                let last = offset.saturating_add(u64::from(len).max(1) - 1) / ext;
+                (offset / ext..=last).any(|x| !al.contains(x))
             });
             self.fail_unissued(failed, e, out);
             // The pre-flush failed (writes completed before it may be lost here, and Linux
@@ -2600,8 +2609,8 @@ impl Replica {
         self.pump_issue(out);
     }
 
-    /// Client requests taken out of the issue queue before they started: they fail with
-    /// `errno` (never acknowledged, never sent).
+    /// Client requests taken out of the issue queue ([`take_queued_writes`]) before they
+    /// started: they fail with `errno` (never acknowledged, never sent).
     fn fail_unissued(&mut self, reqs: Vec<ReqId>, errno: i32, out: &mut Vec<Action>) {
         for req in reqs {
             if let Some(r) = self.reqs.get_mut(&req) {
@@ -3041,15 +3050,7 @@ impl Replica {
             // Writes still queued never start: they would need this disk, and maybe an
             // activity-log transaction on it (whose failed flush once stopped the node and cut
             // the handover short: simulator async seed 186). Never acknowledged, they fail.
-            let queued: Vec<ReqId> = self
-                .issue_q
-                .iter()
-                .filter_map(|i| match i {
-                    Issue::Write { req, .. } => Some(*req),
-                    Issue::Barrier { .. } => None,
-                })
-                .collect();
-            self.issue_q.retain(|i| matches!(i, Issue::Barrier { .. }));
+            let queued = take_queued_writes(&mut self.issue_q, |_, _| true);
             self.fail_unissued(queued, EIO, out);
             // The peer sees this disk as it is now (it must not count on it meanwhile).
             self.send_state(out);

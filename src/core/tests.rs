@@ -145,6 +145,17 @@ fn done(r: &mut Replica, io: IoId) -> Vec<Action> {
     )
 }
 
+/// Disk I/O `io` fails with EIO.
+fn failed(r: &mut Replica, io: IoId) -> Vec<Action> {
+    r.handle_vec(
+        Event::DiskDone {
+            io,
+            result: Err(libc::EIO),
+        },
+        0,
+    )
+}
+
 /// `a` becomes Primary, both connect (connection 1), and the hellos are exchanged.
 fn promote_a_and_connect(a: &mut Replica, b: &mut Replica) {
     a.handle_vec(
@@ -947,13 +958,7 @@ fn a_failed_activity_log_transaction_fails_its_writes_and_the_disk() {
     let mut a = primary_alone(al_cfg(1), synced_meta());
     let out = write_raw(&mut a, 1, 0, 1);
     let (io, _) = al_txns(&out)[0].clone();
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, io);
     assert_eq!(completions(&out), vec![(1, Err(libc::EIO))]);
     assert!(writes(&out).is_empty());
     let st = a.status();
@@ -986,13 +991,7 @@ fn a_sync_primary_whose_activity_log_fails_gives_its_disk_up_to_its_peer() {
     let (mut a, _b) = pair_of(al_cfg(1), al_cfg(2));
     let out = write_raw(&mut a, 1, 0, 1);
     let (io, _) = al_txns(&out)[0].clone();
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, io);
     assert_eq!(completions(&out), vec![(1, Err(libc::EIO))]);
     assert!(
         out.iter().any(|x| matches!(
@@ -2680,13 +2679,7 @@ fn invariant_checks_catch_broken_states() {
 fn failed_client_flush(a: &mut Replica) -> Vec<Action> {
     let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
     let io = flushes(&out)[0];
-    let mut out = a.handle_vec(
-        Event::DiskDone {
-            io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let mut out = failed(a, io);
     // The peer's barrier ack, if one was sent, no longer matters.
     out.retain(|x| !matches!(x, Action::Send(_)));
     out
@@ -2802,13 +2795,7 @@ fn async_failure_with_a_write_on_its_way() -> (Replica, Replica, Vec<PeerMsg>, V
     let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
     to_peer.extend(sends(&out));
     let io = flushes(&out)[0];
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, io);
     (a, b, to_peer, out)
 }
 
@@ -2909,13 +2896,7 @@ fn a_handover_fails_the_writes_still_queued_at_once() {
     );
     let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
     let io = flushes(&out)[0];
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, io);
     assert!(matches!(
         a.status().handover,
         Some(Handover::Running { .. })
@@ -2955,25 +2936,13 @@ fn an_activity_log_transaction_failing_during_a_handover_does_not_cut_it() {
     assert!(writes(&waiting).is_empty());
     let out = a.handle_vec(Event::ClientFlush { req: 50 }, 0);
     to_peer.extend(sends(&out));
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io: flushes(&out)[0],
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, flushes(&out)[0]);
     to_peer.extend(sends(&out));
     assert!(matches!(
         a.status().handover,
         Some(Handover::Running { .. })
     ));
-    let out = a.handle_vec(
-        Event::DiskDone {
-            io: al_io,
-            result: Err(libc::EIO),
-        },
-        0,
-    );
+    let out = failed(&mut a, al_io);
     assert!(
         !out.iter()
             .any(|x| matches!(x, Action::CloseConnection { .. })),
